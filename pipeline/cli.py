@@ -1,0 +1,71 @@
+"""Command-line entry point: ``python -m pipeline <command> [options]``.
+
+Each command lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``.
+Modules are imported lazily so ``--help`` and small commands stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from pipeline.errors import PipelineError
+
+# command name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train-prior": ("pipeline.commands.train_prior", "train a diffusion prior from a config"),
+    "sample-prior": ("pipeline.commands.sample_prior", "draw samples from a trained prior into FITS"),
+    "sources": ("pipeline.commands.sources", "build the source-galaxy FITS cube (GalSim, HST, user)"),
+    "simulate": ("pipeline.commands.simulate", "simulate lensed observations as FITS files"),
+    "simulate-prior-set": ("pipeline.commands.simulate_prior_set",
+                           "simulate observations whose truths are drawn from the trained prior chain"),
+    "inspect": ("pipeline.commands.inspect", "validate and summarise an observation FITS file"),
+    "finetune-posterior": ("pipeline.commands.finetune_posterior",
+                           "fine-tune the prior into a posterior sampler with RTB"),
+    "sample": ("pipeline.commands.sample", "sample posteriors for observations with one method"),
+    "calibrate": ("pipeline.commands.calibrate", "TARP, interval coverage, chi2 and log Z of posteriors"),
+    "report": ("pipeline.commands.report", "write the markdown report with figures and tables"),
+    "bench": ("pipeline.commands.bench", "benchmarks: gmm, rtb-memory, vision"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = build_parser()
+    # Find the command name; everything after it belongs to the command's own parser.
+    idx = next((i for i, a in enumerate(argv) if a in COMMANDS), None)
+    if idx is None:
+        top.parse_args(argv)  # handles --help / errors
+        top.print_help()
+        return 2
+    top_args = top.parse_args(argv[:idx])
+    name = argv[idx]
+    logging.basicConfig(level=logging.DEBUG if top_args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    module_name, help_text = COMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            print(f"error: command '{name}' is not available in this version", file=sys.stderr)
+            return 2
+        raise
+    parser = argparse.ArgumentParser(prog=f"python -m pipeline {name}", description=help_text)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[idx + 1:])
+    try:
+        return int(module.run(args) or 0)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

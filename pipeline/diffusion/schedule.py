@@ -1,0 +1,133 @@
+"""VP/DDPM noise schedule and the strided K-step reverse chain.
+
+Conventions (used everywhere in the package):
+
+* The *training* schedule has T steps (default 1000) with linear betas (1e-4 .. 0.02).
+  ``alpha_bar(t) = prod_{s<=t} (1 - beta_s)`` for t = 1..T and ``alpha_bar(0) = 1`` (clean data).
+  The forward process is ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``.
+* A *chain* uses K of those timesteps, ``0 = t_0 < t_1 < ... < t_K = T``. Chain states are
+  ``x_K -> ... -> x_1``; every transition ``p(x_{k-1} | x_k)``, k = 2..K, is Gaussian with a mean from
+  the eps-prediction and a fixed variance, so it has an exact log-density. The sample is
+  ``x_0 = f(x_1)``, the deterministic final denoise ``(x_1 - sqrt(1-abar_1) eps(x_1)) / sqrt(abar_1)``
+  (DESIGN section 3.1: no step is scored as a fake narrow Gaussian).
+* Strided kernels between consecutive chain states: ``a_k = abar_k / abar_{k-1}``, ``b_k = 1 - a_k``;
+  forward ``q(x_k | x_{k-1}) = N(sqrt(a_k) x_{k-1}, b_k I)``.
+* Reverse variance: ``"small"`` is the DDPM posterior variance
+  ``b_k (1 - abar_{k-1}) / (1 - abar_k)`` (beta-tilde), ``"large"`` is ``b_k``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """Linear-beta VP schedule over ``T`` training steps."""
+
+    T: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+    def __post_init__(self):
+        if self.T < 2:
+            raise ValueError(f"schedule T must be >= 2, got {self.T}")
+        if not 0 < self.beta_start <= self.beta_end < 1:
+            raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {self.beta_start}, {self.beta_end}")
+
+    @property
+    def betas(self) -> torch.Tensor:
+        """beta_t for t = 1..T, as a float64 tensor of length T (index t-1)."""
+        return torch.linspace(self.beta_start, self.beta_end, self.T, dtype=torch.float64)
+
+    @property
+    def alpha_bar(self) -> torch.Tensor:
+        """abar_t for t = 0..T (length T+1, abar_0 = 1), float64."""
+        return torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1.0 - self.betas, 0)])
+
+    def abar(self, t) -> torch.Tensor:
+        """abar at integer timesteps ``t`` (tensor or int), float64."""
+        return self.alpha_bar[torch.as_tensor(t, dtype=torch.long)]
+
+    def chain(self, K: int, variance: str = "small") -> "Chain":
+        return Chain(self, K, variance)
+
+    def to_dict(self) -> dict:
+        return {"T": self.T, "beta_start": self.beta_start, "beta_end": self.beta_end}
+
+
+class Chain:
+    """A strided K-step reverse chain on a :class:`NoiseSchedule`.
+
+    Index ``k`` runs 0..K; ``t[k]`` is the training timestep of chain state k (``t[0] = 0``,
+    ``t[K] = T``), evenly spaced. All coefficient tensors are float64 of length K+1 and
+    indexed by k (entries that do not apply at k = 0 are NaN).
+    """
+
+    def __init__(self, schedule: NoiseSchedule, K: int, variance: str = "small"):
+        if not 2 <= K <= schedule.T:
+            raise ValueError(f"chain length K must be in [2, T={schedule.T}], got {K}")
+        if variance not in ("small", "large"):
+            raise ValueError(f"chain variance must be 'small' or 'large', got {variance!r}")
+        self.schedule, self.K, self.variance = schedule, K, variance
+        t = torch.round(torch.linspace(0, schedule.T, K + 1, dtype=torch.float64)).long()
+        if len(torch.unique(t)) != K + 1:
+            raise ValueError(f"K={K} gives repeated timesteps on T={schedule.T}")
+        self.t = t
+        self.abar = schedule.alpha_bar[t]
+        nan = torch.tensor([float("nan")], dtype=torch.float64)
+        a = self.abar[1:] / self.abar[:-1]
+        self.a = torch.cat([nan, a])  # strided alpha a_k
+        self.b = 1.0 - self.a  # strided beta b_k
+        post_var = self.b[1:] * (1.0 - self.abar[:-1]) / (1.0 - self.abar[1:])
+        self.var_small = torch.cat([nan, post_var])
+        self.reverse_var = self.var_small if variance == "small" else self.b
+
+    def describe(self) -> dict:
+        return {"K": self.K, "variance": self.variance, "schedule": self.schedule.to_dict(),
+                "timesteps": self.t.tolist()}
+
+    # -- reverse transitions --------------------------------------------------------------
+    def x0_from_eps(self, x: torch.Tensor, eps: torch.Tensor, k: int) -> torch.Tensor:
+        """Tweedie/denoised estimate x0_hat = (x_k - sqrt(1-abar_k) eps) / sqrt(abar_k)."""
+        ab = float(self.abar[k])
+        return (x - math.sqrt(1.0 - ab) * eps) / math.sqrt(ab)
+
+    def reverse_mean(self, x: torch.Tensor, eps: torch.Tensor, k: int) -> torch.Tensor:
+        """Mean of p(x_{k-1} | x_k) for k >= 2: (x_k - b_k / sqrt(1-abar_k) eps) / sqrt(a_k)."""
+        if not 2 <= k <= self.K:
+            raise IndexError(f"reverse transition index k={k} outside 2..{self.K}")
+        a, b, ab = float(self.a[k]), float(self.b[k]), float(self.abar[k])
+        return (x - (b / math.sqrt(1.0 - ab)) * eps) / math.sqrt(a)
+
+    def reverse_std(self, k: int) -> float:
+        return math.sqrt(float(self.reverse_var[k]))
+
+    def final_denoise(self, x1: torch.Tensor, eps1: torch.Tensor) -> torch.Tensor:
+        """f(x_1): the deterministic last step, x0 = x0_hat(x_1)."""
+        return self.x0_from_eps(x1, eps1, 1)
+
+    # -- forward (noising) kernels --------------------------------------------------------
+    def forward_step(self, x_prev: torch.Tensor, k: int, generator=None) -> torch.Tensor:
+        """Draw x_k ~ q(x_k | x_{k-1}) = N(sqrt(a_k) x_{k-1}, b_k I), k = 1..K."""
+        a, b = float(self.a[k]), float(self.b[k])
+        noise = torch.randn(x_prev.shape, generator=generator, dtype=x_prev.dtype, device="cpu").to(x_prev.device)
+        return math.sqrt(a) * x_prev + math.sqrt(b) * noise
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std) -> torch.Tensor:
+    """Sum over event dims of log N(x; mean, std^2), computed in float64 (DESIGN 3.11).
+
+    ``std`` is a float or a tensor broadcastable to x. Returns shape (B,).
+    """
+    x64, m64 = x.double(), mean.double()
+    std64 = torch.as_tensor(std, dtype=torch.float64, device=x.device)
+    z = (x64 - m64) / std64
+    per = -0.5 * z * z - torch.log(std64) - 0.5 * LOG_2PI
+    per = per.expand_as(x64)
+    return per.reshape(x.shape[0], -1).sum(1)
