@@ -1,0 +1,147 @@
+"""Typed config sections with one-line errors that name the file and the field.
+
+Each command reads one section of the pipeline's YAML config into a dataclass. Field metadata
+states ranges and choices: ``field(default=..., metadata={"min": 0, "max": 1, "choices": [...]})``.
+Unknown keys, wrong types and out-of-range values raise :class:`pipeline.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from pipeline.errors import ConfigError, InputFileError
+
+T = TypeVar("T")
+
+
+def load_yaml(path) -> dict:
+    """Read a YAML mapping; a missing or unparsable file is a one-line InputFileError."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(path, "config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise InputFileError(path, f"not valid YAML{where}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InputFileError(path, "top level must be a mapping")
+    return data
+
+
+def _check_scalar(value, typ, source, name):
+    if typ is bool:
+        ok = isinstance(value, bool)
+    elif typ is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif typ is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif typ is str:
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise ConfigError(source, name, f"expected {typ.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _convert(value, typ, source, name):
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], source, name)
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(source, name, f"expected a mapping, got {type(value).__name__}")
+        return from_mapping(typ, value, source, prefix=name + ".")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(source, name, f"expected a list, got {type(value).__name__} {value!r}")
+        args = typing.get_args(typ)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(source, name, f"expected {len(args)} values, got {len(value)}")
+            return tuple(_convert(v, a, source, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        out = [_convert(v, inner, source, f"{name}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or typ is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(source, name, f"expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if typ is Any:
+        return value
+    return _check_scalar(value, typ, source, name)
+
+
+def _check_range(value, meta, source, name):
+    if value is None:
+        return
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for v in items:
+        if "choices" in meta and v not in meta["choices"]:
+            raise ConfigError(source, name, f"must be one of {list(meta['choices'])}, got {v!r}")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if "min" in meta and v < meta["min"]:
+                raise ConfigError(source, name, f"must be >= {meta['min']}, got {v}")
+            if "max" in meta and v > meta["max"]:
+                raise ConfigError(source, name, f"must be <= {meta['max']}, got {v}")
+            if "gt" in meta and not v > meta["gt"]:
+                raise ConfigError(source, name, f"must be > {meta['gt']}, got {v}")
+
+
+def from_mapping(cls: type[T], data: dict | None, source="<config>", prefix: str = "") -> T:
+    """Build dataclass ``cls`` from ``data`` (missing keys take defaults), validating every field."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(source, prefix + unknown[0], f"unknown field (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        if f.name in data:
+            value = _convert(data[f.name], hints[f.name], source, name)
+            _check_range(value, f.metadata, source, name)
+            kwargs[f.name] = value
+    try:
+        obj = cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(source, prefix.rstrip(".") or cls.__name__, str(exc)) from None
+    check = getattr(obj, "validate", None)
+    if callable(check):
+        check(source, prefix)
+    return obj
+
+
+def load_section(path, section: str, cls: type[T], required: bool = False) -> T:
+    """Read ``section`` of the YAML file at ``path`` into ``cls``."""
+    data = load_yaml(path)
+    if section not in data:
+        if required:
+            raise ConfigError(path, section, "section missing")
+        return from_mapping(cls, {}, path, prefix=section + ".")
+    return from_mapping(cls, data[section], path, prefix=section + ".")
+
+
+def config_hash(obj) -> str:
+    """Stable short hash of a config (dataclass or mapping) for provenance and resume checks."""
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
