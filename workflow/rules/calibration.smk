@@ -1,0 +1,31 @@
+# Calibration per set (TARP, interval coverage, chi2, log Z) and the report.
+
+
+rule calibrate:
+    input:
+        cfg=CONFIG,
+        obs="results/observations/{set}",
+        posteriors=posterior_dirs,
+    output:
+        summary="results/calibration/{set}/summary.json",
+    params:
+        outdir="results/calibration/{set}",
+    log:
+        "logs/calibrate_{set}.log",
+    benchmark:
+        "benchmarks/calibrate_{set}.tsv"
+    shell:
+        "{PY} -m pipeline calibrate --config {input.cfg} --set {wildcards.set}"
+        " --observations {input.obs} --posteriors {input.posteriors}"
+        " --out {params.outdir} > {log} 2>&1"
+
+
+rule report:
+    input:
+        summaries=expand("results/calibration/{set}/summary.json", set=SETS),
+    output:
+        "results/report.md",
+    log:
+        "logs/report.log",
+    shell:
+        "{PY} -m pipeline report --calibration results/calibration --out {output} > {log} 2>&1"

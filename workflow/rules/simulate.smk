@@ -1,0 +1,32 @@
+# Lensed observations: held-out galaxies (prior misspecification included) and truths drawn from the
+# trained prior's exact chain (where exact calibration is expected).
+
+
+rule simulate:
+    input:
+        cfg=CONFIG,
+        sources="results/sources/sources.fits",
+    output:
+        directory("results/observations/heldout"),
+    params:
+        n=config["calibration"]["n_obs"],
+    log:
+        "logs/simulate_heldout.log",
+    shell:
+        "{PY} -m pipeline simulate --config {input.cfg} --sources {input.sources} --split TEST"
+        " --n {params.n} --out {output} > {log} 2>&1"
+
+
+rule simulate_prior_set:
+    input:
+        cfg=CONFIG,
+        prior="results/prior/model",
+    output:
+        directory("results/observations/prior"),
+    params:
+        n=config["calibration"]["n_obs"],
+    log:
+        "logs/simulate_prior_set.log",
+    shell:
+        "{PY} -m pipeline simulate-prior-set --config {input.cfg} --checkpoint {input.prior}"
+        " --n {params.n} --out {output} > {log} 2>&1"
