@@ -1,0 +1,275 @@
+"""Posterior FITS files: one file per observation and method (DESIGN sections 6 and 8).
+
+Layout (``write_posterior`` / ``read_posterior``):
+
+- Primary HDU, no data: ``METHOD``, ``NSAMPLE``, log Z (``LOGZAVL`` T/F, ``LOGZELBO``, ``LOGZSE``,
+  ``LOGZIW``; absent keys mean "not available", e.g. for particle methods), ``CHI2NU`` (median
+  chi2_nu over samples), ``SAMPSEC`` (sampling wall seconds for this observation), ``OBSFILE``
+  (the observation file's name), provenance (``PIPEVER``, ``SEED``, ``CFGHASH`` and the whole
+  provenance mapping as JSON in ``PROVJSON``).
+- ``SAMPLES`` (n_samples, ny, nx) float32: equally weighted draws (particle methods: resampled).
+- ``MEAN``, ``STD`` (ny, nx): weighted over ``PARTICLES`` when particles and weights are given.
+- optional ``TRUTH``, ``OBS`` (the observed image, image-plane), ``PARTICLES`` (n_p, ny, nx),
+  ``WEIGHTS`` (n_p,) normalised float64, ``CHI2`` (n_samples,) per-sample chi2_nu.
+
+Source-plane images carry a linear WCS in arcsec: ``CTYPE1/2 = OFFSET-X/Y``, ``CUNIT = arcsec``,
+``CDELT = SRCPIXSC``, ``CRPIX = (n+1)/2``, ``CRVAL = 0`` (the array centre is the origin, +x along
+columns, +y along rows: the array frame of DESIGN section 6). Files are written atomically (temp file
+then ``os.replace``) with FITS checksums; ``read_posterior`` verifies them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from pipeline.errors import InputFileError
+
+SOURCE_HDUS = ("SAMPLES", "MEAN", "STD", "TRUTH", "PARTICLES")
+_PROV_KEYS = {"version": "PIPEVER", "seed": "SEED", "config_hash": "CFGHASH"}
+
+
+def _as_numpy(a, dtype=np.float32) -> np.ndarray | None:
+    if a is None:
+        return None
+    if hasattr(a, "detach"):  # torch tensor on any device
+        a = a.detach().cpu().numpy()
+    return np.ascontiguousarray(np.asarray(a, dtype=dtype))
+
+
+def _image_stack(a, name: str) -> np.ndarray:
+    """(n, ny, nx) from (n, ny, nx) or (n, 1, ny, nx) (a single channel is squeezed)."""
+    a = _as_numpy(a)
+    if a.ndim == 4 and a.shape[1] == 1:
+        a = a[:, 0]
+    if a.ndim != 3:
+        raise ValueError(f"{name} must have shape (n, ny, nx) or (n, 1, ny, nx), got {a.shape}")
+    return a
+
+
+def _image(a, name: str, shape=None) -> np.ndarray | None:
+    a = _as_numpy(a)
+    if a is None:
+        return None
+    a = np.squeeze(a) if a.ndim > 2 else a
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D image, got shape {a.shape}")
+    if shape is not None and a.shape != tuple(shape):
+        raise ValueError(f"{name} has shape {a.shape}, expected {tuple(shape)}")
+    return a
+
+
+def weighted_moments(particles: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted per-pixel mean and std of particles (n_p, ...) with non-negative weights (n_p,)."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    p = particles.astype(np.float64)
+    mean = np.tensordot(w, p, axes=1)
+    var = np.tensordot(w, (p - mean) ** 2, axes=1)
+    return mean.astype(np.float32), np.sqrt(np.maximum(var, 0.0)).astype(np.float32)
+
+
+def source_wcs(header: fits.Header, shape, pixscale: float, cube: bool = False) -> None:
+    """Add the source-plane linear WCS (arcsec, CRPIX=(n+1)/2, origin at the array centre)."""
+    ny, nx = shape[-2:]
+    header["CTYPE1"], header["CTYPE2"] = "OFFSET-X", "OFFSET-Y"
+    header["CUNIT1"], header["CUNIT2"] = "arcsec", "arcsec"
+    header["CDELT1"] = (float(pixscale), "arcsec/pixel")
+    header["CDELT2"] = (float(pixscale), "arcsec/pixel")
+    header["CRPIX1"], header["CRPIX2"] = (nx + 1) / 2.0, (ny + 1) / 2.0
+    header["CRVAL1"], header["CRVAL2"] = 0.0, 0.0
+    header["SRCPIXSC"] = (float(pixscale), "source pixel scale [arcsec/pixel]")
+    if cube:
+        header["CTYPE3"] = "SAMPLE"
+        header["CUNIT3"] = ""
+        header["CRPIX3"], header["CDELT3"], header["CRVAL3"] = 1.0, 1.0, 0.0
+
+
+def _finite_or_none(v):
+    if v is None:
+        return None
+    v = float(v)
+    return v if np.isfinite(v) else None
+
+
+def write_posterior(path, samples, *, mean=None, std=None, truth=None, obs=None, particles=None,
+                    weights=None, logz: dict | None = None, chi2=None, src_pixscale: float,
+                    method: str, provenance: dict | None = None, seconds: float | None = None,
+                    obs_file: str | None = None, obs_pixscale: float | None = None,
+                    bunit: str = "", extra_header: dict | None = None) -> Path:
+    """Write one observation's posterior to ``path`` (atomically, with checksums).
+
+    samples: (n, ny, nx) or (n, 1, ny, nx) equally weighted draws, in the units named by ``bunit``.
+    mean/std: default to the weighted moments of ``particles`` when ``weights`` is given, else to
+    the sample moments. particles/weights: raw particles (n_p, ny, nx) and their non-negative weights
+    (normalised on write). logz: ``{"elbo", "elbo_se", "iw"}``, each a float or None (not
+    available); ``None`` means no estimate at all. chi2: per-sample chi2_nu values (n,).
+    src_pixscale: source pixel scale [arcsec/pixel]; obs_pixscale: the image's, for OBS.
+    seconds: sampling wall time for this observation. provenance: JSON-serialisable mapping
+    (``version``, ``seed``, ``config_hash`` get their own keys). Returns the path.
+    """
+    path = Path(path)
+    if not (src_pixscale and float(src_pixscale) > 0):
+        raise ValueError("src_pixscale must be > 0 (arcsec/pixel)")
+    s = _image_stack(samples, "samples")
+    shape = s.shape[1:]
+    p = None if particles is None else _image_stack(particles, "particles")
+    w = None
+    if weights is not None:
+        w = np.asarray(_as_numpy(weights, np.float64)).reshape(-1)
+        if p is None or w.shape[0] != p.shape[0]:
+            raise ValueError("weights need particles with the same leading length")
+        if not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
+            raise ValueError("weights must be finite, non-negative and not all zero")
+        w = w / w.sum()
+    if mean is None or std is None:
+        if p is not None and w is not None:
+            m_, s_ = weighted_moments(p, w)
+        else:
+            m_, s_ = s.mean(0, dtype=np.float64).astype(np.float32), s.std(0, dtype=np.float64).astype(np.float32)
+        mean = m_ if mean is None else mean
+        std = s_ if std is None else std
+    mean, std = _image(mean, "mean", shape), _image(std, "std", shape)
+    truth = _image(truth, "truth", shape)
+    obs = _image(obs, "obs")
+
+    prim = fits.PrimaryHDU()
+    h = prim.header
+    h["METHOD"] = (str(method), "posterior sampler")
+    h["NSAMPLE"] = (int(s.shape[0]), "equally weighted samples in SAMPLES")
+    h["SRCPIXSC"] = (float(src_pixscale), "source pixel scale [arcsec/pixel]")
+    if bunit:
+        h["BUNIT"] = bunit
+    if obs_file:
+        h["OBSFILE"] = (os.path.basename(str(obs_file)), "observation file")
+    if seconds is not None:
+        h["SAMPSEC"] = (float(seconds), "sampling wall time for this observation [s]")
+    # log Z: FITS headers cannot hold NaN, so a missing estimate is an absent key plus LOGZAVL.
+    logz = dict(logz or {})
+    elbo, se, iw = (_finite_or_none(logz.get(k)) for k in ("elbo", "elbo_se", "iw"))
+    h["LOGZAVL"] = (elbo is not None or iw is not None, "log Z estimate available")
+    if elbo is not None:
+        h["LOGZELBO"] = (elbo, "ELBO log Z estimate [nat, SCI units]")
+    if se is not None:
+        h["LOGZSE"] = (se, "standard error of LOGZELBO [nat]")
+    if iw is not None:
+        h["LOGZIW"] = (iw, "importance-weighted log Z estimate [nat]")
+    chi2_arr = None
+    if chi2 is not None:
+        chi2_arr = np.asarray(_as_numpy(chi2, np.float64)).reshape(-1)
+        fin = chi2_arr[np.isfinite(chi2_arr)]
+        if fin.size:
+            h["CHI2NU"] = (float(np.median(fin)), "median chi2_nu over samples")
+    prov = dict(provenance or {})
+    for key, card in _PROV_KEYS.items():
+        if prov.get(key) is not None:
+            h[card] = prov[key]
+    if prov:
+        h["PROVJSON"] = json.dumps(prov, sort_keys=True, default=str)
+    for k, v in (extra_header or {}).items():
+        h[k] = v
+
+    hdus = [prim]
+
+    def add(data, name, cube=False, source=True, pixscale=None):
+        hdu = fits.ImageHDU(data=data, name=name)
+        if source:
+            source_wcs(hdu.header, data.shape, float(src_pixscale), cube=cube)
+        elif pixscale:
+            source_wcs(hdu.header, data.shape, float(pixscale), cube=cube)
+            del hdu.header["SRCPIXSC"]
+            hdu.header["PIXSCALE"] = (float(pixscale), "image pixel scale [arcsec/pixel]")
+        if bunit:
+            hdu.header["BUNIT"] = bunit
+        hdus.append(hdu)
+
+    add(s, "SAMPLES", cube=True)
+    add(mean, "MEAN")
+    add(std, "STD")
+    if truth is not None:
+        add(truth, "TRUTH")
+    if obs is not None:
+        add(obs, "OBS", source=False, pixscale=obs_pixscale)
+    if p is not None:
+        add(p, "PARTICLES", cube=True)
+    if w is not None:
+        hdus.append(fits.ImageHDU(data=w.astype(np.float64), name="WEIGHTS"))
+    if chi2_arr is not None:
+        hdus.append(fits.ImageHDU(data=chi2_arr, name="CHI2"))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        fits.HDUList(hdus).writeto(tmp, overwrite=True, checksum=True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_posterior(path) -> dict:
+    """Read a posterior file written by :func:`write_posterior`; arrays come back native float32
+    (WEIGHTS and CHI2 float64). Returns a dict with keys samples, mean, std, truth, obs, particles,
+    weights, chi2 (arrays or None), method, n_samples, src_pixscale, logz (dict elbo/elbo_se/iw,
+    None where not available), chi2_median, seconds, obs_file, provenance, header.
+    A missing, truncated or checksum-failing file raises :class:`InputFileError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(path, "posterior file not found")
+    out: dict = {}
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with fits.open(path, checksum=True, memmap=False) as hdul:
+                hdul.verify("exception")
+                names = [hdu.name for hdu in hdul]
+                if "SAMPLES" not in names:
+                    raise InputFileError(path, "no SAMPLES HDU: not a posterior file", "SAMPLES")
+                h = hdul[0].header.copy()
+                for name in ("SAMPLES", "MEAN", "STD", "TRUTH", "OBS", "PARTICLES"):
+                    out[name.lower()] = (np.asarray(hdul[name].data, dtype=np.float32)
+                                         if name in names else None)
+                for name in ("WEIGHTS", "CHI2"):
+                    out[name.lower()] = (np.asarray(hdul[name].data, dtype=np.float64)
+                                         if name in names else None)
+                sh = hdul["SAMPLES"].header
+                out["header"] = h
+                out["samples_header"] = sh.copy()
+        bad = [str(w.message) for w in caught if "checksum" in str(w.message).lower()
+               or "datasum" in str(w.message).lower()]
+        if bad:
+            raise InputFileError(path, f"checksum verification failed ({bad[0]})")
+    except InputFileError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, fits.VerifyError) as exc:
+        raise InputFileError(path, f"unreadable posterior FITS ({type(exc).__name__}: {exc})") from None
+    if out["samples"].ndim != 3:
+        raise InputFileError(path, f"SAMPLES must be (n, ny, nx), got {out['samples'].shape}", "SAMPLES")
+    pix = h.get("SRCPIXSC", sh.get("SRCPIXSC", sh.get("CDELT1")))
+    if pix is None or not float(pix) > 0:
+        raise InputFileError(path, "missing or non-positive source pixel scale", "SRCPIXSC")
+    out["src_pixscale"] = float(pix)
+    out["method"] = str(h.get("METHOD", ""))
+    out["n_samples"] = int(out["samples"].shape[0])
+    out["logz"] = {"elbo": h.get("LOGZELBO"), "elbo_se": h.get("LOGZSE"), "iw": h.get("LOGZIW")}
+    out["logz_available"] = bool(h.get("LOGZAVL", False))
+    out["chi2_median"] = h.get("CHI2NU")
+    out["seconds"] = h.get("SAMPSEC")
+    out["obs_file"] = h.get("OBSFILE")
+    out["bunit"] = h.get("BUNIT", "")
+    prov = {}
+    if "PROVJSON" in h:
+        try:
+            prov = json.loads(h["PROVJSON"])
+        except json.JSONDecodeError:
+            raise InputFileError(path, "PROVJSON is not valid JSON", "PROVJSON") from None
+    out["provenance"] = prov
+    return out
