@@ -16,7 +16,8 @@ import torch
 
 @torch.no_grad()
 def chi2_per_sample(problem, samples, y, *, batch: int = 64) -> dict:
-    """Returns numpy float64 arrays (n,): ``chi2_nu``, ``chi2_arc_nu`` (NaN where a sample has no
+    """y: (*y_shape), shared by all samples, or (n, *y_shape), one per sample.
+    Returns numpy float64 arrays (n,): ``chi2_nu``, ``chi2_arc_nu`` (NaN where a sample has no
     arc pixel) and ``n_arc``; plus ``nu`` (int)."""
     sigma = problem.sigma
     device = sigma.device
@@ -26,10 +27,12 @@ def chi2_per_sample(problem, samples, y, *, batch: int = 64) -> dict:
     mask = problem.mask.to(device)
     s64 = sigma.double()
     nu = int(mask.sum())
+    per_sample_y = y.dim() == mask.dim() + 1
     chi, chi_arc, n_arc = [], [], []
     for i in range(0, x.shape[0], batch):
         model = problem.forward(x[i:i + batch]).double()
-        r2 = ((y - model) / s64) ** 2
+        yb = y[i:i + batch] if per_sample_y else y
+        r2 = ((yb - model) / s64) ** 2
         r2 = torch.where(mask, r2, torch.zeros((), dtype=r2.dtype, device=device))
         arc = (model > s64) & mask
         flat = r2.reshape(r2.shape[0], -1)

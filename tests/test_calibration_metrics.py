@@ -1,0 +1,110 @@
+"""Interval coverage, chi2_nu and sharpness on exact linear-Gaussian posteriors (closed form)."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.metrics.chi2 import chi2_per_sample, normalised_residual
+from pipeline.metrics.coverage import footprint, interval_coverage, rank_statistic
+from pipeline.metrics.sharpness import mean_error, prior_std_map, sharpness
+from pipeline.problems import DenseLinearProblem
+
+
+def linear_gaussian(seed=0, d_x=20, d_y=40, n_obs=150, n_s=60, width=1.0):
+    """Prior N(0, C); y = M x + sigma n on unmasked rows; exact posterior samples (or width x too wide)."""
+    rng = np.random.default_rng(seed)
+    L = rng.normal(size=(d_x, d_x)) / np.sqrt(d_x)
+    C = L @ L.T + 0.2 * np.eye(d_x)
+    M = rng.normal(size=(d_y, d_x)) / np.sqrt(d_x)
+    sigma = rng.uniform(0.2, 0.5, size=d_y)
+    mask = np.ones(d_y, bool)
+    mask[:4] = False
+    prob = DenseLinearProblem(M, torch.tensor(sigma), torch.tensor(mask))
+    Mm, Si = M[mask], 1.0 / sigma[mask] ** 2
+    cov = np.linalg.inv(np.linalg.inv(C) + Mm.T @ (Si[:, None] * Mm))
+    Lp = np.linalg.cholesky(cov)
+    Lc = np.linalg.cholesky(C)
+    truths = (Lc @ rng.normal(size=(d_x, n_obs))).T
+    ys = truths @ M.T + sigma * rng.normal(size=(n_obs, d_y))
+    ys[:, ~mask] = 0.0
+    means = (cov @ (Mm.T @ (Si[:, None] * ys[:, mask].T))).T
+    samples = means[:, None] + width * np.einsum("ij,onj->oni", Lp, rng.normal(size=(n_obs, n_s, d_x)))
+    prior = (Lc @ rng.normal(size=(d_x, 4000))).T
+    return prob, ys, truths, samples, means, cov, C, prior
+
+
+def test_coverage_exact_gaussian():
+    _, _, truths, samples, *_ = linear_gaussian()
+    cov = interval_coverage(samples, truths)
+    # 3000 pixel-observation pairs, correlated within an observation: se ~ 0.01; rank grid error 1/61
+    assert cov[0.68] == pytest.approx(0.68, abs=0.035)
+    assert cov[0.95] == pytest.approx(0.95, abs=0.02)
+    _, _, truths2, narrow, *_ = linear_gaussian(width=0.5)
+    cov_n = interval_coverage(narrow, truths2)
+    assert cov_n[0.68] < 0.45 and cov_n[0.95] < 0.75
+    u = rank_statistic(samples, truths)
+    assert u.min() > 0 and u.max() < 1 and abs(u.mean() - 0.5) < 0.02
+
+
+def test_rank_statistic_ties_and_footprint():
+    s = np.zeros((1, 9, 2))
+    s[0, :, 1] = np.arange(9)
+    t = np.array([[0.0, 100.0]])
+    u = rank_statistic(s, t)
+    assert u[0, 0] == pytest.approx(0.5) and u[0, 1] == pytest.approx(9.5 / 10)
+    truths = np.array([[[0.0, 0.05], [0.5, 1.0]], [[-1.0, -2.0], [-3.0, -4.0]]])
+    fp = footprint(truths, frac=0.1)
+    np.testing.assert_array_equal(fp[0], [[False, False], [True, True]])
+    assert not fp[1].any()  # no positive peak: empty footprint
+    cov = interval_coverage(np.zeros((2, 5, 2, 2)), truths, mask=np.zeros((2, 2, 2), bool))
+    assert np.isnan(cov[0.68])
+
+
+def test_chi2_exact_posterior_is_one_and_prior_is_not():
+    prob, ys, truths, samples, means, cov, C, prior = linear_gaussian(n_obs=120, n_s=40)
+    chis, arcs = [], []
+    for i in range(len(ys)):
+        out = chi2_per_sample(prob, torch.tensor(samples[i], dtype=torch.float32), torch.tensor(ys[i]), batch=16)
+        assert out["nu"] == 36 and out["chi2_nu"].shape == (40,) and out["chi2_nu"].dtype == np.float64
+        chis.append(out["chi2_nu"])
+        arcs.append(out["chi2_arc_nu"])
+    chis, arcs = np.array(chis), np.array(arcs)
+    # E[chi2_nu] = 1 exactly (exchangeability); Var(chi2_nu) = 2/36 per observation, 120 observations
+    assert chis.mean() == pytest.approx(1.0, abs=0.07)
+    assert np.nanmean(arcs) == pytest.approx(1.0, abs=0.1)
+    # the truth itself: chi2_nu of the truth has the same law
+    t_out = chi2_per_sample(prob, torch.tensor(truths, dtype=torch.float32), torch.tensor(ys))
+    # (each truth against its own y: rows of ys broadcast per sample)
+    assert t_out["chi2_nu"].mean() == pytest.approx(1.0, abs=0.08)
+    # prior draws ignore y: their residuals are much larger than the noise
+    p_out = chi2_per_sample(prob, torch.tensor(prior[:40], dtype=torch.float32), torch.tensor(ys[0]))
+    assert np.median(p_out["chi2_nu"]) > 2.0
+    r = normalised_residual(prob, truths[0], torch.tensor(ys[0]))
+    assert np.isnan(r[:4]).all() and np.isfinite(r[4:]).all()
+    np.testing.assert_allclose(np.nansum(r ** 2) / 36, t_out["chi2_nu"][0], rtol=1e-5)
+
+
+def test_arc_defined_from_each_samples_model():
+    M = np.eye(3)
+    prob = DenseLinearProblem(M, torch.tensor([1.0, 1.0, 1.0]))
+    x = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    y = torch.tensor([3.0, 5.0, 0.0])  # pixel 1 is bright in the data but not in either model
+    out = chi2_per_sample(prob, x, y)
+    assert out["n_arc"].tolist() == [1, 0]
+    assert out["chi2_arc_nu"][0] == pytest.approx(1.0) and np.isnan(out["chi2_arc_nu"][1])
+    assert out["chi2_nu"][0] == pytest.approx((1 + 25 + 0) / 3)
+
+
+def test_sharpness_and_mean_error():
+    prob, ys, truths, samples, means, cov, C, prior = linear_gaussian()
+    ps = prior_std_map(prior)
+    np.testing.assert_allclose(ps, np.sqrt(np.diag(C)), rtol=0.08)
+    sh = sharpness(samples.std(1), ps)
+    expected = np.sqrt(np.trace(cov) / np.trace(C))
+    assert sh.shape == (150,) and np.median(sh) == pytest.approx(expected, rel=0.1)
+    assert np.median(sharpness(prior[:60].std(0), ps)) == pytest.approx(1.0, abs=0.1)
+    err = mean_error(samples.mean(1), truths)
+    # E[err^2] = tr(cov)/d (+ MC error of the mean tr(cov)/(d n_s))
+    assert np.sqrt(np.mean(err ** 2)) == pytest.approx(np.sqrt(np.trace(cov) / 20 * (1 + 1 / 60)), rel=0.1)
+    with pytest.raises(ValueError):
+        sharpness(samples.std(1), np.zeros(20))
