@@ -1,0 +1,71 @@
+"""The trained network behind the :class:`~pipeline.diffusion.prior.Prior` interface.
+
+Units: the network works in *network units* ``x``; physical images (the units of the training FITS
+file and of the likelihood) are ``x_phys = scale * x + offset`` (DESIGN section 6, brightness scale).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.diffusion.prior import Prior
+from pipeline.diffusion.schedule import NoiseSchedule
+from pipeline.diffusion.unet import UNet
+
+
+class NetworkPrior(Prior):
+    """A frozen eps-prediction U-Net + its noise schedule + the brightness map.
+
+    ``eps(x, t, cond=None)`` runs the net in eval mode under the caller's grad mode (DPS-style
+    guidance needs d eps / d x); the net's own parameters are frozen (``requires_grad=False``):
+    fine-tuning works on a copy (``copy.deepcopy(prior.net)``).
+
+    ``cond`` is ``None``, a tensor (extra input channels, shape (B, cond_channels, H, W)) or a dict with
+    keys ``image`` and/or ``vec`` (the UNet's ``cond_image`` / ``cond_vec``).
+    """
+
+    def __init__(self, net: UNet, schedule: NoiseSchedule, event_shape, scale: float = 1.0,
+                 offset: float = 0.0, meta: dict | None = None):
+        if scale <= 0:
+            raise ValueError(f"brightness scale must be > 0, got {scale}")
+        self.net = net.eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.schedule = schedule
+        self.event_shape = tuple(int(s) for s in event_shape)
+        self.scale, self.offset = float(scale), float(offset)
+        self.meta = dict(meta or {})
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def to(self, device) -> "NetworkPrior":
+        self.net.to(device)
+        return self
+
+    def eps(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
+        """eps-prediction at integer training timestep(s) t (scalar or (B,)); x in network units."""
+        dev = self.device
+        t = torch.as_tensor(t, dtype=torch.long, device=dev)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        cond_image = cond_vec = None
+        if isinstance(cond, dict):
+            cond_image, cond_vec = cond.get("image"), cond.get("vec")
+        elif cond is not None:
+            cond_image = cond
+        if self.net.training:
+            self.net.eval()
+        out = self.net(x.to(device=dev, dtype=torch.float32), t,
+                       None if cond_image is None else cond_image.to(dev),
+                       None if cond_vec is None else cond_vec.to(dev))
+        return out.to(dtype=x.dtype, device=x.device)
+
+    def to_physical(self, x: torch.Tensor) -> torch.Tensor:
+        """Network units -> physical units: scale * x + offset."""
+        return self.scale * x + self.offset
+
+    def to_network(self, x_phys: torch.Tensor) -> torch.Tensor:
+        """Physical units -> network units: (x_phys - offset) / scale."""
+        return (x_phys - self.offset) / self.scale

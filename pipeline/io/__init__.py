@@ -1,0 +1,2 @@
+"""File formats: FITS helpers (:mod:`pipeline.io.fits`) and checkpoint directories
+(:mod:`pipeline.io.checkpoint`)."""
