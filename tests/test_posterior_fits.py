@@ -37,7 +37,7 @@ def test_round_trip_equal_weights(tmp_path):
     assert d["logz"] == {"elbo": -123.5, "elbo_se": 0.25, "iw": -120.0} and d["logz_available"]
     assert d["chi2_median"] == pytest.approx(1.1)  # median of the finite values
     assert d["seconds"] == 3.5 and d["obs_file"] == "obs-0001.fits"
-    assert d["provenance"] == prov
+    assert d["provenance"] == prov and d["units"] == "physical" and d["obs_pixscale"] == 0.1
     assert d["header"]["PIPEVER"] == "0.1.0" and d["header"]["SEED"] == 7 and d["header"]["CFGHASH"] == "abc123"
     sh = d["samples_header"]
     assert sh["CRPIX1"] == 5.5 and sh["CRPIX2"] == 4.5 and sh["CDELT1"] == 0.05 and sh["CUNIT1"] == "arcsec"
@@ -63,6 +63,8 @@ def test_particles_weighted_moments_and_missing_logz(tmp_path):
     np.testing.assert_allclose(d["weights"], wn, rtol=1e-12)
     assert d["logz"] == {"elbo": None, "elbo_se": None, "iw": None} and not d["logz_available"]
     assert d["chi2_median"] is None and d["seconds"] is None
+    p2 = write_posterior(tmp_path / "n.fits", s, src_pixscale=0.05, method="rtb", units="network")
+    assert read_posterior(p2)["units"] == "network"
 
 
 def test_bad_inputs_and_corruption(tmp_path):
@@ -70,6 +72,8 @@ def test_bad_inputs_and_corruption(tmp_path):
     s = _arrays(rng)
     with pytest.raises(ValueError, match="src_pixscale"):
         write_posterior(tmp_path / "x.fits", s, src_pixscale=0, method="m")
+    with pytest.raises(ValueError, match="units"):
+        write_posterior(tmp_path / "x.fits", s, src_pixscale=0.1, method="m", units="adu")
     with pytest.raises(ValueError, match="truth"):
         write_posterior(tmp_path / "x.fits", s, truth=np.zeros((3, 3)), src_pixscale=0.1, method="m")
     assert not (tmp_path / "x.fits").exists()

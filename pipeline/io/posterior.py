@@ -3,8 +3,8 @@
 Layout (``write_posterior`` / ``read_posterior``):
 
 - Primary HDU, no data: ``METHOD``, ``NSAMPLE``, log Z (``LOGZAVL`` T/F, ``LOGZELBO``, ``LOGZSE``,
-  ``LOGZIW``; absent keys mean "not available", e.g. for particle methods), ``CHI2NU`` (median
-  chi2_nu over samples), ``SAMPSEC`` (sampling wall seconds for this observation), ``OBSFILE``
+  ``LOGZIW``; absent keys mean "not available", e.g. for particle methods), ``XUNITS`` (``physical`` or
+  ``network`` source units), ``CHI2NU`` (median chi2_nu over samples), ``SAMPSEC`` (sampling wall seconds for this observation), ``OBSFILE``
   (the observation file's name), provenance (``PIPEVER``, ``SEED``, ``CFGHASH`` and the whole
   provenance mapping as JSON in ``PROVJSON``).
 - ``SAMPLES`` (n_samples, ny, nx) float32: equally weighted draws (particle methods: resampled).
@@ -102,7 +102,7 @@ def write_posterior(path, samples, *, mean=None, std=None, truth=None, obs=None,
                     weights=None, logz: dict | None = None, chi2=None, src_pixscale: float,
                     method: str, provenance: dict | None = None, seconds: float | None = None,
                     obs_file: str | None = None, obs_pixscale: float | None = None,
-                    bunit: str = "", extra_header: dict | None = None) -> Path:
+                    bunit: str = "", units: str = "physical", extra_header: dict | None = None) -> Path:
     """Write one observation's posterior to ``path`` (atomically, with checksums).
 
     samples: (n, ny, nx) or (n, 1, ny, nx) equally weighted draws, in the units named by ``bunit``.
@@ -111,7 +111,9 @@ def write_posterior(path, samples, *, mean=None, std=None, truth=None, obs=None,
     (normalised on write). logz: ``{"elbo", "elbo_se", "iw"}``, each a float or None (not
     available); ``None`` means no estimate at all. chi2: per-sample chi2_nu values (n,).
     src_pixscale: source pixel scale [arcsec/pixel]; obs_pixscale: the image's, for OBS.
-    seconds: sampling wall time for this observation. provenance: JSON-serialisable mapping
+    units: ``physical`` (x_phys = s*x + b, the SCI brightness units; the default and the
+    recommendation) or ``network`` (the prior's own units); stored as ``XUNITS`` so calibration
+    applies the right forward model. seconds: sampling wall time for this observation. provenance: JSON-serialisable mapping
     (``version``, ``seed``, ``config_hash`` get their own keys). Returns the path.
     """
     path = Path(path)
@@ -139,8 +141,11 @@ def write_posterior(path, samples, *, mean=None, std=None, truth=None, obs=None,
     truth = _image(truth, "truth", shape)
     obs = _image(obs, "obs")
 
+    if units not in ("physical", "network"):
+        raise ValueError(f"units must be 'physical' or 'network', got {units!r}")
     prim = fits.PrimaryHDU()
     h = prim.header
+    h["XUNITS"] = (units, "source units: physical (s*x+b) or network")
     h["METHOD"] = (str(method), "posterior sampler")
     h["NSAMPLE"] = (int(s.shape[0]), "equally weighted samples in SAMPLES")
     h["SRCPIXSC"] = (float(src_pixscale), "source pixel scale [arcsec/pixel]")
@@ -218,7 +223,7 @@ def write_posterior(path, samples, *, mean=None, std=None, truth=None, obs=None,
 def read_posterior(path) -> dict:
     """Read a posterior file written by :func:`write_posterior`; arrays come back native float32
     (WEIGHTS and CHI2 float64). Returns a dict with keys samples, mean, std, truth, obs, particles,
-    weights, chi2 (arrays or None), method, n_samples, src_pixscale, logz (dict elbo/elbo_se/iw,
+    weights, chi2 (arrays or None), obs_pixscale, method, n_samples, src_pixscale, logz (dict elbo/elbo_se/iw,
     None where not available), chi2_median, seconds, obs_file, provenance, header.
     A missing, truncated or checksum-failing file raises :class:`InputFileError`."""
     path = Path(path)
@@ -241,6 +246,7 @@ def read_posterior(path) -> dict:
                     out[name.lower()] = (np.asarray(hdul[name].data, dtype=np.float64)
                                          if name in names else None)
                 sh = hdul["SAMPLES"].header
+                out["obs_pixscale"] = (hdul["OBS"].header.get("PIXSCALE") if "OBS" in names else None)
                 out["header"] = h
                 out["samples_header"] = sh.copy()
         bad = [str(w.message) for w in caught if "checksum" in str(w.message).lower()
@@ -265,6 +271,7 @@ def read_posterior(path) -> dict:
     out["seconds"] = h.get("SAMPSEC")
     out["obs_file"] = h.get("OBSFILE")
     out["bunit"] = h.get("BUNIT", "")
+    out["units"] = str(h.get("XUNITS", "physical"))
     prov = {}
     if "PROVJSON" in h:
         try:

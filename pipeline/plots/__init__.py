@@ -1,0 +1,10 @@
+"""Figures (matplotlib, Agg backend): per-lens posterior panels and the coverage figure.
+
+Images use an asinh stretch (astropy ``AsinhStretch``, shared between truth, mean and samples) and
+arcsec axes from the pixel scales, origin at the array centre (DESIGN section 6 array frame).
+"""
+
+from pipeline.plots.coverage import plot_coverage
+from pipeline.plots.lens import plot_lens, plot_posterior_file
+
+__all__ = ["plot_lens", "plot_posterior_file", "plot_coverage"]

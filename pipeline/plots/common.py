@@ -1,0 +1,47 @@
+"""Shared plotting helpers: Agg backend, atomic PNG writes, asinh norms, arcsec extents."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # rules and tests run without a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from astropy.visualization import AsinhStretch, ImageNormalize, ManualInterval  # noqa: E402
+
+
+def extent(shape, pixscale: float):
+    """imshow extent in arcsec with the origin at the array centre (+x along columns)."""
+    ny, nx = shape[-2:]
+    return [-nx * pixscale / 2, nx * pixscale / 2, -ny * pixscale / 2, ny * pixscale / 2]
+
+
+def asinh_norm(*images, a: float = 0.1, percent: float = 99.5) -> ImageNormalize:
+    """One asinh norm for several images: from the lowest 0.5th-percentile-ish value to the
+    ``percent`` percentile over all of them (so truth, mean and samples share a colour scale)."""
+    vals = np.concatenate([np.asarray(im, dtype=np.float64)[np.isfinite(im)].ravel() for im in images])
+    lo = np.percentile(vals, 100 - percent) if vals.size else 0.0
+    hi = np.percentile(vals, percent) if vals.size else 1.0
+    if not hi > lo:
+        hi = lo + 1.0
+    return ImageNormalize(vmin=lo, vmax=hi, interval=ManualInterval(lo, hi), stretch=AsinhStretch(a=a))
+
+
+def save_figure(fig, path, dpi: int = 110) -> Path:
+    """Write ``fig`` to ``path`` atomically (temp file + os.replace) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
