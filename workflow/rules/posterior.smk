@@ -4,12 +4,12 @@
 rule finetune_posterior:
     input:
         cfg=CONFIG,
-        prior="results/prior/model",
+        prior="results/prior/run/final",
     output:
-        directory("results/posterior/model"),
+        directory("results/posterior/run/final"),
     params:
-        # rolling checkpoints outside output: (Snakemake deletes outputs of failed jobs); resumed on rerun
-        run_dir="results/posterior/checkpoints",
+        # rolling step-N/ checkpoints beside the output (Snakemake deletes outputs of failed jobs)
+        run_dir="results/posterior/run",
     resources:
         gpu=1,
     log:
@@ -25,8 +25,8 @@ rule sample:
     """One job per method and set: imports and model loading are paid once for many observations."""
     input:
         cfg=CONFIG,
-        prior="results/prior/model",
-        posterior="results/posterior/model",
+        prior="results/prior/run/final",
+        posterior="results/posterior/run/final",
         obs="results/observations/{set}",
     output:
         directory("results/posteriors/{set}/{method}"),

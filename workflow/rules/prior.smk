@@ -19,10 +19,11 @@ rule train_prior:
         cfg=CONFIG,
         data="results/sources/sources.fits",
     output:
-        directory("results/prior/model"),
+        # only the final export is an output: Snakemake deletes outputs of failed jobs, and the
+        # rolling step-N/ checkpoints beside it must survive so the rerun resumes from them
+        directory("results/prior/run/final"),
     params:
-        # rolling checkpoints live outside output: so a failed job keeps them and the rerun resumes
-        run_dir="results/prior/checkpoints",
+        run_dir="results/prior/run",
     resources:
         gpu=1,
     log:
@@ -31,4 +32,4 @@ rule train_prior:
         "benchmarks/train_prior.tsv"
     shell:
         "{PY} -m pipeline train-prior --config {input.cfg} --data {input.data}"
-        " --out {params.run_dir} --export {output} > {log} 2>&1"
+        " --out {params.run_dir} > {log} 2>&1"

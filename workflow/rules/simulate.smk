@@ -20,7 +20,7 @@ rule simulate:
 rule simulate_prior_set:
     input:
         cfg=CONFIG,
-        prior="results/prior/model",
+        prior="results/prior/run/final",
     output:
         directory("results/observations/prior"),
     params:

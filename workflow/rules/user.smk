@@ -29,8 +29,8 @@ rule user:
 rule sample_user:
     input:
         cfg=CONFIG,
-        prior="results/prior/model",
-        posterior="results/posterior/model",
+        prior="results/prior/run/final",
+        posterior="results/posterior/run/final",
         obs=user_obs_file,
     output:
         fits="results/user/{obs}/posterior.fits",
