@@ -121,8 +121,11 @@ def tarp_null_ranks(n_obs: int, n_samples: int, *, n_bins: int, rng: np.random.G
 
 
 def tarp_summary(samples, truths, *, n_bins: int, rng: np.random.Generator, n_boot: int = 500,
-                 n_null: int = 300, band=(2.5, 97.5)) -> dict:
+                 n_null: int = 300, band=(2.5, 97.5), null=None) -> dict:
     """Everything the calibration report needs for one method and set (JSON-serialisable).
+
+    null: optional precomputed ``tarp_null(...)`` result (ecp, max_dev) for the same n_obs,
+    n_samples and n_bins, so that several methods on the same set share one null distribution.
 
     Keys: alpha, ecp, ecp_band (lo, hi bootstrap percentiles), null_band (percentiles of null ECP),
     tarp_max_dev, tarp_max_dev_ci (bootstrap percentiles), tarp_null_p50/p95, f (credibilities),
@@ -136,7 +139,11 @@ def tarp_summary(samples, truths, *, n_bins: int, rng: np.random.Generator, n_bo
     a = alpha_grid(n_bins)
     ecp = ecp_at(f, a)
     boot, boot_dev = bootstrap_ecp(f, n_bins, rng=rng, n_boot=n_boot)
-    null_ecp, null_dev = tarp_null(n_obs, n_s, truths.shape[1], n_bins=n_bins, rng=rng, n_sim=n_null)
+    if null is None:
+        null = tarp_null(n_obs, n_s, truths.shape[1], n_bins=n_bins, rng=rng, n_sim=n_null)
+    null_ecp, null_dev = null
+    if null_ecp.shape[1] != a.size:
+        raise ValueError("null distribution was computed for another number of alpha bins")
     return {
         "alpha": a.tolist(),
         "ecp": ecp.tolist(),

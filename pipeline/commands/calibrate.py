@@ -1,0 +1,358 @@
+"""``python -m pipeline calibrate``: calibration of posterior samplers on one observation set.
+
+For every method (one posterior FITS per observation, :mod:`pipeline.io.posterior`) it computes
+TARP expected coverage with bootstrap bands and the null distribution of max|ECP - alpha| for the
+same (n_obs, n_samples, alpha bins), rank-based per-pixel 68 %/95 % interval coverage (all pixels
+and inside the truth's footprint), chi2_nu per sample over the image and inside the arc, sharpness
+(posterior std / prior std) and the posterior-mean error, log Z per observation, and the figures.
+
+Output (one JSON per set; ``report`` merges every ``summary.json`` below its ``--calibration`` dir):
+``OUT/summary.json`` = ``{"sets": {SET: {METHOD: {...metrics...}}}, "figures": {SET: {...}},
+"settings": {...}}``; with ``--merge`` an existing ``OUT/summary.json`` keeps its other sets (one
+job at a time: the read-modify-write is not safe under concurrent jobs). Figures:
+``OUT/coverage_SET.png`` and ``OUT/lenses/SET_METHOD_OBS.png``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import InputFileError, PipelineError
+
+log = logging.getLogger(__name__)
+
+# nominal levels of the per-pixel coverage curve (0.68 and 0.95 are the reported ones)
+PIXEL_LEVELS = sorted({round(float(c), 2) for c in np.linspace(0.05, 0.95, 19)} | {0.68, 0.95})
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--posteriors", nargs="+", required=True, metavar="DIR_OR_GLOB",
+                        help="posterior FITS files, directories of them or globs; several methods at once "
+                             "(the method is the file's METHOD keyword, else its directory name)")
+    parser.add_argument("--observations", required=True, metavar="DIR",
+                        help="directory of the observation FITS files the posteriors were drawn for "
+                             "(matched by the posterior's OBSFILE keyword, else by file name)")
+    parser.add_argument("--set", required=True, choices=["prior", "heldout"], dest="set_name",
+                        help="prior: truths drawn from the trained prior's chain; heldout: held-out galaxies")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (summary.json, PNGs)")
+    parser.add_argument("--config", metavar="FILE", help="pipeline YAML (its lensing: section reads observations)")
+    parser.add_argument("--prior-samples", metavar="FITS_OR_DIR",
+                        help="prior draws for the sharpness denominator: a FITS file with a SAMPLES HDU "
+                             "(sample-prior output) or a directory of observations whose TRUTH HDUs are prior "
+                             "draws. Default: for --set prior, the truths of this set; else sharpness is null")
+    parser.add_argument("--alpha-bins", type=int, default=10, help="number of TARP alpha bins (fixed; default 10)")
+    parser.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples for TARP bands (default 500)")
+    parser.add_argument("--n-null", type=int, default=300,
+                        help="simulated calibrated sets for the TARP null distribution (default 300)")
+    parser.add_argument("--footprint-frac", type=float, default=0.1,
+                        help="footprint = truth > FRAC * peak(truth) (default 0.1)")
+    parser.add_argument("--lens-figures", type=int, default=2,
+                        help="per-lens figures per method (first N observations; default 2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the TARP references, bootstrap and null")
+    parser.add_argument("--merge", action="store_true",
+                        help="merge into an existing OUT/summary.json instead of replacing it")
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def expand_posteriors(specs) -> list[Path]:
+    """Files from directories (``*.fits`` inside), globs or plain paths; sorted, unique."""
+    files: list[Path] = []
+    for spec in specs:
+        p = Path(spec)
+        if p.is_dir():
+            found = sorted(p.glob("*.fits"))
+        elif p.is_file():
+            found = [p]
+        else:
+            found = sorted(Path(f) for f in glob.glob(str(spec)) if f.endswith(".fits"))
+        if not found:
+            raise InputFileError(spec, "no posterior FITS files found", "--posteriors")
+        files.extend(found)
+    seen, out = set(), []
+    for f in files:
+        if f.resolve() not in seen:
+            seen.add(f.resolve())
+            out.append(f)
+    return out
+
+
+def default_loader(config_path=None):
+    """Observation loader: path -> (problem, y (torch), truth (numpy or None)).
+
+    Uses :func:`pipeline.lensing.observation.load_observation` with the config's ``lensing:``
+    section, and the observation's TRUTH HDU when present."""
+    from pipeline.io.fits import hdu_names, read_image_hdu
+    from pipeline.lensing.config import LensingConfig, load_lensing_config
+    from pipeline.lensing.observation import load_observation
+
+    cfg = load_lensing_config(config_path) if config_path else LensingConfig()
+
+    def load(path):
+        problem, y, _meta = load_observation(path, cfg)
+        truth = read_image_hdu(path, "TRUTH") if "TRUTH" in hdu_names(path) else None
+        return problem, y, truth
+
+    return load
+
+
+class _PhysicalView:
+    """The forward model on physical-unit sources (x_phys = s*x + b): ``LensingProblem``'s
+    ``physical_forward``; problems without it take their inputs as they are."""
+
+    def __init__(self, problem):
+        self.problem, self.sigma, self.mask = problem, problem.sigma, problem.mask
+
+    def forward(self, x):
+        return self.problem.physical_forward(x.reshape(x.shape[0], *self.problem.x_shape)).reshape(
+            x.shape[0], *self.problem.sigma.shape)
+
+
+def forward_view(problem, units: str):
+    if units == "physical" and hasattr(problem, "physical_forward"):
+        return _PhysicalView(problem)
+    return problem
+
+
+def load_prior_samples(spec) -> np.ndarray:
+    from pipeline.io.fits import hdu_names, read_image_hdu
+
+    p = Path(spec)
+    if p.is_dir():
+        files = sorted(p.glob("*.fits"))
+        arr = [read_image_hdu(f, "TRUTH") for f in files if "TRUTH" in hdu_names(f)]
+        if len(arr) < 2:
+            raise InputFileError(p, "need >= 2 observation files with a TRUTH HDU", "--prior-samples")
+        return np.stack(arr)
+    arr = read_image_hdu(p, "SAMPLES")
+    if arr.ndim == 4 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 3 or arr.shape[0] < 2:
+        raise InputFileError(p, f"SAMPLES must be (n>=2, ny, nx), got {arr.shape}", "SAMPLES")
+    return arr
+
+
+# ---------------------------------------------------------------------------------------- metrics
+def _nan_to_none(obj):
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return _nan_to_none(obj.item())
+    return obj
+
+
+def evaluate_method(records: list[dict], *, prior_std, n_bins: int, rng: np.random.Generator,
+                    n_boot: int, null, footprint_frac: float) -> dict:
+    """Metrics of one method on one set. ``records``: per observation, dicts with samples
+    (n_s, ny, nx), mean, std, truth, chi2 (dict from chi2_per_sample or None), logz, seconds, obs."""
+    from pipeline.metrics.coverage import footprint, interval_coverage
+    from pipeline.metrics.sharpness import mean_error, sharpness
+    from pipeline.metrics.tarp import tarp_summary
+
+    samples = np.stack([r["samples"] for r in records])
+    truths = np.stack([r["truth"] for r in records])
+    n_obs, n_s = samples.shape[:2]
+    t = tarp_summary(samples.reshape(n_obs, n_s, -1), truths.reshape(n_obs, -1), n_bins=n_bins, rng=rng,
+                     n_boot=n_boot, null=null)
+    fp = footprint(truths, footprint_frac)
+    cov = interval_coverage(samples, truths, levels=PIXEL_LEVELS)
+    cov_fp = interval_coverage(samples, truths, levels=PIXEL_LEVELS, mask=fp)
+    t["pixel_curve"] = {"levels": PIXEL_LEVELS, "all": [cov[c] for c in PIXEL_LEVELS],
+                        "footprint": [cov_fp[c] for c in PIXEL_LEVELS]}
+    chis = [r["chi2"] for r in records if r.get("chi2") is not None]
+    chi_all = np.concatenate([c["chi2_nu"] for c in chis]) if chis else np.array([])
+    chi_arc = np.concatenate([c["chi2_arc_nu"] for c in chis]) if chis else np.array([])
+    means = np.stack([r["mean"] for r in records])
+    stds = np.stack([r["std"] for r in records])
+    err = mean_error(means, truths)
+    out = {
+        "n_obs": int(n_obs),
+        "n_samples": int(n_s),
+        "n_alpha_bins": int(n_bins),
+        "tarp_max_dev": t["tarp_max_dev"],
+        "tarp_max_dev_ci": t["tarp_max_dev_ci"],
+        "tarp_null_p50": t["tarp_null_p50"],
+        "tarp_null_p95": t["tarp_null_p95"],
+        "coverage68": cov[0.68],
+        "coverage95": cov[0.95],
+        "coverage68_footprint": cov_fp[0.68],
+        "coverage95_footprint": cov_fp[0.95],
+        "footprint_frac": footprint_frac,
+        "footprint_pixels": int(fp.sum()),
+        "chi2_median": float(np.median(chi_all)) if chi_all.size else None,
+        "chi2_arc_median": float(np.nanmedian(chi_arc)) if np.isfinite(chi_arc).any() else None,
+        "chi2_n_obs": len(chis),
+        "sharpness": None,
+        "mean_err": float(np.mean(err)),
+        "mean_err_rel": None,
+        "logz": [r["logz"] for r in records],
+        "seconds": (float(np.sum([r["seconds"] for r in records]))
+                    if all(r["seconds"] is not None for r in records) else None),
+        "observations": [r["obs"] for r in records],
+        "per_obs": {
+            "mean_err": err.tolist(),
+            "chi2_median": [float(np.median(r["chi2"]["chi2_nu"])) if r.get("chi2") else None for r in records],
+            "chi2_arc_median": [float(np.nanmedian(r["chi2"]["chi2_arc_nu"]))
+                                if r.get("chi2") and np.isfinite(r["chi2"]["chi2_arc_nu"]).any() else None
+                                for r in records],
+        },
+        "tarp": {k: t[k] for k in ("alpha", "ecp", "ecp_band", "null_band", "f", "pixel_curve")},
+    }
+    if prior_std is not None:
+        sh = sharpness(stds, prior_std)
+        out["sharpness"] = float(np.median(sh))
+        out["per_obs"]["sharpness"] = sh.tolist()
+        out["mean_err_rel"] = float(np.mean(err) / np.sqrt(np.mean(np.asarray(prior_std, float) ** 2)))
+    return out
+
+
+def _write_json_atomic(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(_nan_to_none(data), fh, indent=1, allow_nan=False)
+    os.replace(tmp, path)
+
+
+def run_calibration(posteriors, observations, set_name: str, out_dir, *, loader=None, config=None,
+                    prior_samples=None, n_bins: int = 10, n_boot: int = 500, n_null: int = 300,
+                    footprint_frac: float = 0.1, lens_figures: int = 2, seed: int = 0,
+                    merge: bool = False) -> dict:
+    """Library form of the command; ``loader(path) -> (problem, y, truth)`` reads an observation
+    (default: :func:`default_loader`). Returns the summary written to ``out_dir/summary.json``."""
+    import torch
+
+    from pipeline.io.posterior import read_posterior
+    from pipeline.metrics.chi2 import chi2_per_sample, normalised_residual
+    from pipeline.metrics.sharpness import prior_std_map
+    from pipeline.metrics.tarp import tarp_null
+    from pipeline.plots import plot_coverage, plot_lens
+
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    obs_dir = Path(observations)
+    if not obs_dir.is_dir():
+        raise InputFileError(obs_dir, "observation directory not found", "--observations")
+    if n_bins < 1:
+        raise PipelineError(f"--alpha-bins must be >= 1, got {n_bins}")
+    files = expand_posteriors(posteriors)
+    loader = loader or default_loader(config)
+    cache: dict[Path, tuple] = {}
+    by_method: dict[str, list[dict]] = {}
+    for f in files:
+        d = read_posterior(f)
+        method = d["method"] or f.parent.name
+        obs_path = obs_dir / (d["obs_file"] or f.name)
+        if not obs_path.is_file():
+            raise InputFileError(f, f"its observation {obs_path.name} is not in {obs_dir}", "OBSFILE")
+        if obs_path not in cache:
+            cache[obs_path] = loader(obs_path)
+        problem, y, obs_truth = cache[obs_path]
+        truth = d["truth"] if d["truth"] is not None else obs_truth
+        if truth is None:
+            log.warning("%s: no truth (TRUTH HDU) in the posterior or the observation: skipped", f)
+            continue
+        if truth.shape != d["samples"].shape[1:]:
+            raise InputFileError(f, f"TRUTH {truth.shape} and SAMPLES {d['samples'].shape[1:]} differ", "TRUTH")
+        chi = None
+        if problem is not None:
+            view = forward_view(problem, d["units"])
+            chi = chi2_per_sample(view, torch.from_numpy(d["samples"]), y)
+        by_method.setdefault(method, []).append({
+            "samples": d["samples"], "mean": d["mean"], "std": d["std"], "truth": np.asarray(truth, np.float32),
+            "chi2": chi, "logz": (d["logz"] if d["logz_available"] else None), "seconds": d["seconds"],
+            "obs": obs_path.name, "file": f, "src_pixscale": d["src_pixscale"], "units": d["units"],
+        })
+    if not by_method:
+        raise PipelineError("no posterior with a known truth: nothing to calibrate")
+
+    prior_source = None
+    prior_std = None
+    if prior_samples:
+        prior_std = prior_std_map(load_prior_samples(prior_samples))
+        prior_source = str(prior_samples)
+    elif set_name == "prior":
+        truths = {r["obs"]: r["truth"] for recs in by_method.values() for r in recs}
+        if len(truths) >= 2:
+            prior_std = prior_std_map(np.stack(list(truths.values())))
+            prior_source = "truths of the prior set"
+
+    rng = np.random.default_rng(seed)
+    nulls: dict[tuple, tuple] = {}
+    results, lens_pngs = {}, {}
+    for method, recs in sorted(by_method.items()):
+        recs.sort(key=lambda r: r["obs"])
+        n_s = min(r["samples"].shape[0] for r in recs)
+        if any(r["samples"].shape[0] != n_s for r in recs):
+            log.warning("%s: sample counts differ between observations; using the first %d of each", method, n_s)
+            for r in recs:
+                r["samples"] = r["samples"][:n_s]
+        key = (len(recs), n_s, int(np.prod(recs[0]["truth"].shape)))
+        if key not in nulls:  # methods on the same set share one null distribution
+            nulls[key] = tarp_null(key[0], key[1], key[2], n_bins=n_bins, rng=rng, n_sim=n_null)
+        log.info("%s: %d observations x %d samples", method, len(recs), n_s)
+        results[method] = evaluate_method(recs, prior_std=prior_std, n_bins=n_bins, rng=rng, n_boot=n_boot,
+                                          null=nulls[key], footprint_frac=footprint_frac)
+        results[method]["prior_std_source"] = prior_source
+        pngs = []
+        for r in recs[:max(0, lens_figures)]:
+            problem, y, _ = cache[obs_dir / r["obs"]]
+            res, obs_img, obs_pix = None, None, None
+            if problem is not None:
+                view = forward_view(problem, r["units"])
+                res = normalised_residual(view, r["mean"], y)
+                obs_img = np.asarray(y.detach().cpu() if hasattr(y, "detach") else y, dtype=np.float64)
+                obs_pix = getattr(problem, "meta", {}).get("image_pixscale") if hasattr(problem, "meta") else None
+            if obs_img is not None and obs_img.ndim != 2:
+                obs_img, res = None, None  # not an image (e.g. a vector-valued toy problem)
+            med = np.median(r["chi2"]["chi2_nu"]) if r["chi2"] is not None else None
+            png = out_dir / "lenses" / f"{set_name}_{method}_{Path(r['obs']).stem}.png"
+            plot_lens(png, mean=r["mean"], std=r["std"], samples=r["samples"], truth=r["truth"], obs=obs_img,
+                      obs_pixscale=obs_pix, residual=res, src_pixscale=r["src_pixscale"],
+                      title=f"{set_name} set, {method}: {r['obs']}", chi2=med)
+            pngs.append(str(png.relative_to(out_dir)))
+        lens_pngs[method] = pngs
+    cov_png = out_dir / f"coverage_{set_name}.png"
+    plot_coverage(cov_png, {m: {**r["tarp"], **{k: r[k] for k in ("tarp_max_dev", "tarp_null_p95", "n_obs",
+                                                                   "n_samples", "n_alpha_bins")}}
+                            for m, r in results.items()},
+                  title=f"{set_name} set")
+    summary_path = out_dir / "summary.json"
+    summary = {"sets": {}, "figures": {}, "settings": {}}
+    if merge and summary_path.is_file():
+        try:
+            summary = json.loads(summary_path.read_text())
+        except json.JSONDecodeError:
+            raise InputFileError(summary_path, "existing summary is not valid JSON (remove it or drop --merge)")
+    summary.setdefault("sets", {})[set_name] = results
+    summary.setdefault("figures", {})[set_name] = {"coverage": cov_png.name, "lenses": lens_pngs}
+    summary.setdefault("settings", {})[set_name] = {
+        "n_alpha_bins": n_bins, "n_boot": n_boot, "n_null": n_null, "seed": seed, "footprint_frac": footprint_frac,
+        "pixel_levels": PIXEL_LEVELS, "tarp_band_percentiles": [2.5, 97.5], "prior_std_source": prior_source,
+        "seconds_calibrate": round(time.time() - t0, 2),
+    }
+    _write_json_atomic(summary_path, summary)
+    log.info("wrote %s (%d methods, %.1f s)", summary_path, len(results), time.time() - t0)
+    return summary
+
+
+def run(args) -> int:
+    from pipeline.runtime import configure_threads
+
+    configure_threads()
+    run_calibration(args.posteriors, args.observations, args.set_name, args.out, config=args.config,
+                    prior_samples=args.prior_samples, n_bins=args.alpha_bins, n_boot=args.n_boot,
+                    n_null=args.n_null, footprint_frac=args.footprint_frac, lens_figures=args.lens_figures,
+                    seed=args.seed, merge=args.merge)
+    return 0

@@ -1,0 +1,115 @@
+"""The calibrate command end to end on an exact linear-Gaussian image problem (injected loader)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from astropy.io import fits
+
+from pipeline.cli import main
+from pipeline.commands.calibrate import run_calibration
+from pipeline.io.posterior import write_posterior
+from pipeline.problems import LinearInverseProblem
+
+NS, NI = 6, 8  # source and image sizes (pixels)
+
+
+class ImageProblem(LinearInverseProblem):
+    """y (NI, NI) = M vec(x) + noise for sources x (NS, NS)."""
+
+    def __init__(self, M, sigma):
+        super().__init__(torch.as_tensor(sigma, dtype=torch.float32))
+        self.M = torch.as_tensor(M, dtype=torch.float64)
+        self.x_shape, self.y_shape = (NS, NS), (NI, NI)
+
+    def A(self, x):
+        return (x.reshape(x.shape[0], -1) @ self.M.to(x.dtype).T).reshape(x.shape[0], NI, NI)
+
+    def AT(self, r):
+        return (r.reshape(r.shape[0], -1) @ self.M.to(r.dtype)).reshape(r.shape[0], NS, NS)
+
+
+def _world(tmp_path, n_obs=40, n_s=48, seed=0):
+    rng = np.random.default_rng(seed)
+    d, m = NS * NS, NI * NI
+    yy, xx = np.mgrid[:NS, :NS]
+    dist2 = (yy.ravel()[:, None] - yy.ravel()) ** 2 + (xx.ravel()[:, None] - xx.ravel()) ** 2
+    C = 0.5 * np.exp(-dist2 / 4.0) + 0.05 * np.eye(d)  # smooth GP prior on the source
+    M = rng.normal(size=(m, d)) * (rng.uniform(size=(m, d)) < 0.2)
+    sigma = np.full((NI, NI), 0.3)
+    Si = 1 / sigma.ravel() ** 2
+    cov = np.linalg.inv(np.linalg.inv(C) + M.T @ (Si[:, None] * M))
+    Lp, Lc = np.linalg.cholesky(cov), np.linalg.cholesky(C)
+    obs_dir = tmp_path / "obs"
+    obs_dir.mkdir()
+    problem = ImageProblem(M, sigma)
+    post = {"exact": tmp_path / "post" / "exact", "narrow": tmp_path / "post" / "narrow"}
+    for i in range(n_obs):
+        truth = (Lc @ rng.normal(size=d)) + 0.3
+        y = M @ truth + sigma.ravel() * rng.normal(size=m)
+        name = f"obs-{i:04d}.fits"
+        fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(y.reshape(NI, NI).astype(np.float32), name="SCI"),
+                      fits.ImageHDU(truth.reshape(NS, NS).astype(np.float32), name="TRUTH")]).writeto(obs_dir / name)
+        mean = cov @ (M.T @ (Si * y))
+        z = rng.normal(size=(n_s, d))
+        for method, width in (("exact", 1.0), ("narrow", 0.5)):
+            s = (mean + width * z @ Lp.T).reshape(n_s, NS, NS)
+            write_posterior(post[method] / name, s, src_pixscale=0.05, method=method, obs_file=name,
+                            logz={"elbo": -10.0 - i, "elbo_se": 0.1, "iw": None} if method == "exact" else None,
+                            seconds=0.5, provenance={"seed": i})
+
+    def loader(path):
+        from pipeline.io.fits import read_image_hdu
+        return problem, torch.from_numpy(read_image_hdu(path, "SCI")), read_image_hdu(path, "TRUTH")
+
+    return obs_dir, post, loader, C, cov
+
+
+def test_calibrate_exact_vs_narrow(tmp_path):
+    obs_dir, post, loader, C, cov = _world(tmp_path)
+    out = tmp_path / "cal"
+    s = run_calibration([str(post["exact"]), str(post["narrow"] / "*.fits")], obs_dir, "prior", out,
+                        loader=loader, n_bins=10, n_boot=200, n_null=150, lens_figures=1, seed=3)
+    on_disk = json.loads((out / "summary.json").read_text())
+    ex, nr = on_disk["sets"]["prior"]["exact"], on_disk["sets"]["prior"]["narrow"]
+    for key in ("tarp_max_dev", "tarp_null_p95", "coverage68", "coverage95", "coverage68_footprint",
+                "coverage95_footprint", "chi2_median", "chi2_arc_median", "sharpness", "mean_err", "logz",
+                "n_obs", "n_samples", "seconds", "n_alpha_bins"):
+        assert key in ex and key in nr
+    assert ex["n_obs"] == 40 and ex["n_samples"] == 48 and ex["n_alpha_bins"] == 10
+    assert ex["seconds"] == pytest.approx(20.0)
+    assert ex["logz"][0] == {"elbo": -10.0, "elbo_se": 0.1, "iw": None} and nr["logz"][0] is None
+    # exact posteriors: calibrated, chi2 ~ 1 (median of chi2_nu with nu=64 sits ~1% below its mean)
+    assert ex["tarp_max_dev"] <= ex["tarp_null_p95"]
+    assert ex["coverage68"] == pytest.approx(0.68, abs=0.05) and ex["coverage95"] == pytest.approx(0.95, abs=0.03)
+    assert ex["coverage68_footprint"] == pytest.approx(0.68, abs=0.07)
+    assert ex["chi2_median"] == pytest.approx(1.0, abs=0.1)
+    assert ex["chi2_arc_median"] == pytest.approx(1.0, abs=0.15)
+    # sharpness: RMS posterior std / RMS prior std (the prior std estimated from the 40 truths)
+    assert ex["sharpness"] == pytest.approx(np.sqrt(np.trace(cov) / np.trace(C)), rel=0.2)
+    assert nr["sharpness"] == pytest.approx(0.5 * ex["sharpness"], rel=0.05)
+    # too narrow: under-covers, fails TARP relative to the same null
+    assert nr["coverage68"] < 0.5 and nr["coverage95"] < 0.8
+    assert nr["tarp_null_p95"] == ex["tarp_null_p95"]  # one shared null per set
+    assert nr["tarp_max_dev"] > ex["tarp_max_dev"] and nr["tarp_max_dev"] >= nr["tarp_null_p95"]
+    assert (out / "coverage_prior.png").stat().st_size > 10_000
+    assert len(on_disk["figures"]["prior"]["lenses"]["exact"]) == 1
+    assert (out / on_disk["figures"]["prior"]["lenses"]["exact"][0]).is_file()
+    # a second set merges into the same summary
+    run_calibration([str(post["exact"])], obs_dir, "heldout", out, loader=loader, n_bins=10, n_boot=50,
+                    n_null=30, lens_figures=0, merge=True)
+    both = json.loads((out / "summary.json").read_text())
+    assert set(both["sets"]) == {"prior", "heldout"}
+    assert both["sets"]["heldout"]["exact"]["sharpness"] is None  # no prior draws given for heldout
+
+
+def test_calibrate_cli_errors(tmp_path, capsys):
+    rc = main(["calibrate", "--posteriors", str(tmp_path / "none"), "--observations", str(tmp_path),
+               "--set", "prior", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--posteriors" in err[0] and "none" in err[0]
+    rc = main(["calibrate", "--posteriors", str(tmp_path), "--observations", str(tmp_path / "missing"),
+               "--set", "prior", "--out", str(tmp_path / "out")])
+    assert rc == 2 and "--observations" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
