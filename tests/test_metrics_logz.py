@@ -56,14 +56,14 @@ def test_plain_start_weights_vary_by_log_h():
     prior, chain, problem, y, h = _setup()
     s = h.sample(4000, torch.Generator().manual_seed(1), tilted_start=False)
     lw = _package_log_weights(prior, chain, problem, y, s)
-    # the weights are log Z - log h_K(x_K) + const: not constant; the ELBO is a lower bound in expectation
+    # the weights are log h_K(x_K) + const: not constant; the ELBO is a lower bound in expectation
     assert float(lw.std()) > 1e-3
     est = estimate_logz(lw)
     assert est.elbo < h.log_z() + 3 * est.elbo_se
     # the spread matches the quadratic log h_K(x_K) (up to its additive constant)
     xK = s["xs"][chain.K]
     log_h = -0.5 * ((xK @ h.P[chain.K]) * xK).sum(1) + xK @ h.eta[chain.K]
-    resid = lw + log_h
+    resid = lw - log_h
     assert float(resid.std()) < 1e-8
 
 
