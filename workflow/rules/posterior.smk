@@ -5,6 +5,7 @@ rule finetune_posterior:
     input:
         cfg=CONFIG,
         prior="results/prior/run/final",
+        sources="results/sources/sources.fits",
     output:
         directory("results/posterior/run/final"),
     params:
@@ -18,7 +19,7 @@ rule finetune_posterior:
         "benchmarks/finetune_posterior.tsv"
     shell:
         "{PY} -m pipeline finetune-posterior --config {input.cfg} --prior {input.prior}"
-        " --run-dir {params.run_dir} --out {output} > {log} 2>&1"
+        " --sources {input.sources} --run-dir {params.run_dir} --out {output} > {log} 2>&1"
 
 
 rule sample:

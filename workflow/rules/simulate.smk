@@ -21,6 +21,7 @@ rule simulate_prior_set:
     input:
         cfg=CONFIG,
         prior="results/prior/run/final",
+        sources="results/sources/sources.fits",
     output:
         directory("results/observations/prior"),
     params:
@@ -29,4 +30,5 @@ rule simulate_prior_set:
         "logs/simulate_prior_set.log",
     shell:
         "{PY} -m pipeline simulate-prior-set --config {input.cfg} --checkpoint {input.prior}"
+        " --sources {input.sources}"
         " --n {params.n} --out {output} > {log} 2>&1"

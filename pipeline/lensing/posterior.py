@@ -1,0 +1,318 @@
+"""Lensing posteriors: amortized RTB fine-tuning over the prior predictive, and sampling any method.
+
+Section ``posterior:`` of the pipeline config (:class:`PosteriorConfig`) holds the lensing-specific
+settings; the RTB optimisation settings are in ``rtb:`` (:class:`pipeline.rtb.config.RTBConfig`).
+
+Amortized training data (the default, ``rtb_amortized``): each training observation is drawn from the
+prior predictive - a truth from the trained prior's chain (the exact K-step chain RTB targets), a lens
+from the configured ranges (a pool of ``n_lenses`` assembled sparse operators) and Gaussian noise at
+the fixed noise level (independent of the truth, DESIGN 6). The network sees the observation through
+source-plane features (:meth:`pipeline.lensing.amortized.MultiLensProblem.features`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.diffusion.sampling import sample_prior
+from pipeline.errors import ConfigError, InputFileError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PosteriorConfig:
+    """Section ``posterior:``: amortized training set-up and sampling defaults for lensing."""
+
+    n_lenses: int = field(default=32, metadata={"min": 1})        # pool of lens operators for training
+    n_truths: int = field(default=256, metadata={"min": 1})       # pool of prior-chain truths for training
+    n_samples: int = field(default=64, metadata={"min": 2})       # posterior samples per observation
+    batch_size: int = field(default=64, metadata={"min": 1})      # sampling batch
+    particles: int = field(default=8, metadata={"min": 1})        # FPS-SMC particles per returned sample
+    guidance_scales: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0],
+                                         metadata={"gt": 0})    # DPS / DPS+CLA grid, tuned on a separate seed
+    tune_seed: int = field(default=987654, metadata={"min": 0})
+    seed: int = field(default=0, metadata={"min": 0})
+    device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda"]})
+
+
+def resolve_noise_sigma(lcfg, sources_path) -> float:
+    """The fixed noise level in SCI units: ``lensing.noise.sigma`` or the population rule of
+    :func:`pipeline.lensing.simulate.typical_noise_sigma` on the TRAIN sources (never one truth)."""
+    if lcfg.noise.sigma is not None:
+        return float(lcfg.noise.sigma)
+    from pipeline.lensing.simulate import typical_noise_sigma
+    from pipeline.lensing.sources import read_sources
+
+    if sources_path is None:
+        raise ConfigError("<config>", "lensing.noise.sigma", "not set and no --sources file to derive it from")
+    train, _ = read_sources(sources_path, "TRAIN")
+    return typical_noise_sigma(train, lcfg.geometry, lcfg.lens, lcfg.noise.target_peak_snr)
+
+
+def check_chain_matches(prior, rtb_cfg, config_path):
+    """RTB targets the prior's chain, and the prior-drawn calibration set is drawn from it: one chain."""
+    K, var = int(prior.meta.get("sample_K", rtb_cfg.K)), prior.meta.get("sample_variance", rtb_cfg.variance)
+    if (rtb_cfg.K, rtb_cfg.variance) != (K, var):
+        raise ConfigError(config_path, "rtb.K", f"rtb.K/variance ({rtb_cfg.K}, {rtb_cfg.variance}) must equal the "
+                          f"prior's chain (prior.sample_K/sample_variance = {K}, {var})")
+    return prior.schedule.chain(K, var)
+
+
+def build_lens_pool(lcfg, sigma: float, n: int, seed: int, scale: float, offset: float, device):
+    from pipeline.lensing.amortized import MultiLensProblem
+    from pipeline.lensing.simulate import draw_lens, make_problem
+
+    rng = np.random.default_rng(seed)
+    t0 = time.time()
+    probs = []
+    for _ in range(n):
+        p = make_problem(draw_lens(lcfg.lens, rng), lcfg.geometry, sigma=sigma, device=device)
+        probs.append(p.set_brightness(scale, offset))
+    log.info("assembled %d lens operators in %.1f s", n, time.time() - t0)
+    return MultiLensProblem(probs)
+
+
+def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=None) -> dict:
+    """Amortized RTB over the prior predictive; resumes from ``run_dir``; exports to ``out_dir``."""
+    from pipeline.config import load_section
+    from pipeline.io.checkpoint import load_checkpoint, write_checkpoint_dir
+    from pipeline.lensing.config import load_lensing_config
+    from pipeline.rtb.config import RTBConfig
+    from pipeline.rtb.posterior import build_posterior, posterior_spec
+    from pipeline.rtb.trainer import RTBTrainer
+
+    lcfg = load_lensing_config(config_path)
+    pcfg = load_section(config_path, "posterior", PosteriorConfig)
+    rcfg = load_section(config_path, "rtb", RTBConfig)
+    if not rcfg.amortized:
+        raise ConfigError(config_path, "rtb.amortized", "the lensing posterior is amortized: set it to true")
+    chain = check_chain_matches(prior, rcfg, config_path)
+    device = prior.device
+    sigma = resolve_noise_sigma(lcfg, sources_path)
+    pool = build_lens_pool(lcfg, sigma, pcfg.n_lenses, pcfg.seed, prior.scale, prior.offset, device)
+    gen = torch.Generator().manual_seed(pcfg.seed)
+    t0 = time.time()
+    truths = sample_prior(prior, chain, pcfg.n_truths, generator=gen, batch_size=pcfg.batch_size)
+    log.info("drew %d prior-chain truths in %.1f s", pcfg.n_truths, time.time() - t0)
+
+    def obs_sampler(G, generator):
+        li = torch.randint(len(pool), (G,), generator=generator)
+        ti = torch.randint(truths.shape[0], (G,), generator=generator)
+        ys = [pool.simulate_packed(int(i), truths[int(j)][None], generator=generator)[0] for i, j in zip(li, ti)]
+        return torch.stack(ys)
+
+    spec = posterior_spec(prior, rcfg, cond_channels=2)
+    post = build_posterior(prior, pool, spec)
+    run_dir = Path(run_dir)
+    trainer = RTBTrainer(post, rcfg, obs_sampler=obs_sampler, cond_fn=pool.features, run_dir=run_dir,
+                         metrics_path=run_dir / "metrics.jsonl", spec=spec)
+    if trainer.resume():
+        log.info("resuming fine-tuning at step %d", trainer.step_idx)
+    t0 = time.time()
+    summary = trainer.train(steps)
+    summary["seconds"] = time.time() - t0
+    trainer.save()
+    if trainer.diverged:
+        log.error("RTB fine-tuning diverged after %d rollbacks; exporting anyway, flagged", trainer.rollbacks)
+    ck = load_checkpoint(run_dir)
+    hp = dict(ck.hparams)
+    hp["lensing"] = {"noise_sigma": sigma, "geometry": vars(lcfg.geometry), "lens_ranges": vars(lcfg.lens),
+                     "n_lenses": pcfg.n_lenses, "n_truths": pcfg.n_truths}
+    hp["prior_checkpoint"] = str(prior.meta.get("checkpoint"))
+    states = {k: v for k, v in ck.states.items() if k in ("model", "ema")}
+    write_checkpoint_dir(out_dir, states, hp, {**ck.state, "summary": summary})
+    return summary
+
+
+def load_amortized(posterior_dir, prior, problem):
+    """Load the exported amortized posterior for ONE observation's problem.
+
+    Returns (posterior, MultiLensProblem of that one lens, hparams)."""
+    from pipeline.lensing.amortized import MultiLensProblem
+    from pipeline.rtb.trainer import load_posterior
+
+    single = MultiLensProblem([problem])
+    post, hp = load_posterior(posterior_dir, prior, single)
+    return post, single, hp
+
+
+def check_in_trained_range(meta_lens, hp, path):
+    """Warn when an observation's lens falls outside the ranges the amortized posterior saw."""
+    ranges = (hp.get("lensing") or {}).get("lens_ranges") or {}
+    for key, attr in (("rein", "rein"), ("q", "q")):
+        lo_hi = ranges.get(key)
+        if lo_hi is None:
+            continue
+        v = getattr(meta_lens, attr, None)
+        if v is not None and not (lo_hi[0] - 1e-9 <= v <= lo_hi[1] + 1e-9):
+            log.warning("%s: lens %s=%.3f outside the trained range %s: the amortized posterior may be "
+                        "unreliable", path, key, v, list(lo_hi))
+
+
+# ------------------------------------------------------------------------------------ sampling
+def rtb_amortized_samples(post, single, y, n, generator, batch_size):
+    """Posterior samples of the amortized RTB network for one observation (network units)."""
+    from pipeline.rtb.objective import policy_rollout
+    from pipeline.samplers.base import Samples
+
+    post.problem = single
+    post.eval()
+    yp = single.pack(0, y)
+    cond = single.features(yp[None])[0]
+    x0, lr, lq, lp = [], [], [], []
+    for s in range(0, n, batch_size):
+        m = min(batch_size, n - s)
+        b = policy_rollout(post, m, yp, cond, generator=generator)
+        x0.append(b.x0)
+        lr.append(b.log_r)
+        lq.append(b.log_q())
+        lp.append(b.log_p())
+    K = post.chain.K
+    return Samples(x0=torch.cat(x0), log_r=torch.cat(lr), log_q_traj=torch.cat(lq), log_p_traj=torch.cat(lp),
+                   nfe=2 * K)  # prior eps + correction head per step
+
+
+def tune_guidance_scale(method, prior, chain, lcfg, pcfg, sigma, device, n_tune: int = 16) -> dict:
+    """Choose the heuristic DPS / DPS+CLA scale on a SEPARATE seed (a tuning observation that is not in
+    any evaluated set): the grid value with the best ELBO, frozen and recorded."""
+    from pipeline.lensing.simulate import draw_lens, make_problem
+    from pipeline.metrics.logz import estimate_logz_samples
+    from pipeline.samplers import make_sampler
+
+    rng = np.random.default_rng(pcfg.tune_seed)
+    gen = torch.Generator().manual_seed(pcfg.tune_seed)
+    problem = make_problem(draw_lens(lcfg.lens, rng), lcfg.geometry, sigma=sigma, device=device)
+    problem.set_brightness(prior.scale, prior.offset)
+    truth = sample_prior(prior, chain, 1, generator=gen)
+    y = problem.simulate(truth.to(device), generator=gen)[0]
+    record = {"method": method, "tune_seed": pcfg.tune_seed, "grid": list(pcfg.guidance_scales), "elbo": []}
+    best, best_elbo = None, -float("inf")
+    for scale in pcfg.guidance_scales:
+        smp = make_sampler(method, prior, chain, scale=scale, device=device).sample(problem, y, n_tune, generator=gen)
+        try:
+            elbo = estimate_logz_samples(smp).elbo
+        except ValueError:
+            elbo = float("nan")
+        record["elbo"].append(elbo)
+        if np.isfinite(elbo) and elbo > best_elbo:
+            best, best_elbo = scale, elbo
+    if best is None:
+        raise RuntimeError(f"{method}: no guidance scale in {pcfg.guidance_scales} gave a finite ELBO")
+    record["scale"] = best
+    log.info("%s: tuned scale %.3g (ELBO by scale %s)", method, best, record["elbo"])
+    return record
+
+
+def observation_files(specs) -> list[Path]:
+    files: list[Path] = []
+    for spec in specs:
+        p = Path(spec)
+        if p.is_dir():
+            files += sorted(f for f in p.glob("*.fits"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise InputFileError(p, "observation file or directory not found", field="--obs")
+    if not files:
+        raise InputFileError(specs[0] if specs else "--obs", "no observation FITS files found", field="--obs")
+    return files
+
+
+def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs, out_dir=None, *, out_file=None,
+                        png=None, n=None, seed=None) -> list[dict]:
+    """Sample ``method``'s posterior for every observation; one posterior FITS per observation.
+
+    Imports, models and the tuned guidance scale are set up once for all observations.
+    """
+    import pipeline
+    from pipeline.config import config_hash, load_section, load_yaml
+    from pipeline.io.checkpoint import load_prior
+    from pipeline.io.posterior import write_posterior
+    from pipeline.lensing.config import BrightnessConfig, load_lensing_config
+    from pipeline.lensing.observation import load_observation
+    from pipeline.metrics.chi2 import chi2_per_sample
+    from pipeline.metrics.logz import estimate_logz_samples
+    from pipeline.runtime import choose_device
+    from pipeline.samplers import PARTICLE_METHODS, RTB_METHODS, make_sampler
+
+    lcfg = load_lensing_config(config_path)
+    pcfg = load_section(config_path, "posterior", PosteriorConfig)
+    device = choose_device(pcfg.device)
+    prior = load_prior(prior_dir, device=device)
+    K, var = int(prior.meta.get("sample_K", 50)), prior.meta.get("sample_variance", "small")
+    chain = prior.schedule.chain(K, var)
+    n = n or pcfg.n_samples
+    seed = pcfg.seed if seed is None else seed
+    files = observation_files(obs_specs)
+    brightness = BrightnessConfig(scale=prior.scale, offset=prior.offset)
+    provenance = {"version": pipeline.__version__, "seed": seed, "config_hash": config_hash(load_yaml(config_path)),
+                  "prior": str(prior_dir), "K": K, "variance": var}
+
+    post = tuning = sampler = None
+    if method in RTB_METHODS:
+        if method != "rtb_amortized":
+            raise ConfigError(config_path, "methods", f"lensing samples the amortized RTB posterior "
+                              f"('rtb_amortized'); '{method}' needs one fine-tuning per observation")
+        if posterior_dir is None:
+            raise InputFileError("--posterior", "rtb_amortized needs the fine-tuned posterior directory")
+        provenance["posterior"] = str(posterior_dir)
+    else:
+        opts = {"device": device}
+        if method in ("dps", "dps_cla"):
+            sigma_ref = float(load_observation(files[0], lcfg, device=device, brightness=brightness)[0].sigma.max())
+            tuning = tune_guidance_scale(method, prior, chain, lcfg, pcfg, sigma_ref, device)
+            opts["scale"] = tuning["scale"]
+        if method == "fps_smc":
+            opts["particles"] = pcfg.particles
+        if method == "prior_is":
+            opts["particles"] = pcfg.particles
+        sampler = make_sampler(method, prior, chain, **opts)
+        provenance["options"] = {k: v for k, v in opts.items() if k != "device"}
+    if tuning:
+        provenance["tuning"] = tuning
+
+    results = []
+    for i, path in enumerate(files):
+        problem, y, meta = load_observation(path, lcfg, device=device, brightness=brightness)
+        gen = torch.Generator().manual_seed(seed * 100003 + i)
+        t0 = time.time()
+        if method == "rtb_amortized":
+            if post is None:
+                post, single, hp = load_amortized(posterior_dir, prior, problem)
+            from pipeline.lensing.amortized import MultiLensProblem
+            check_in_trained_range(meta.get("lens"), hp, path)
+            smp = rtb_amortized_samples(post, MultiLensProblem([problem]), y, n, gen, pcfg.batch_size)
+        else:
+            smp = sampler.sample(problem, y, n, generator=gen)
+        seconds = time.time() - t0
+        x_net = smp.x0.reshape(n, *problem.x_shape)
+        x_phys = prior.to_physical(x_net).reshape(n, *problem.x_shape[-2:])
+        logz = None
+        if method not in PARTICLE_METHODS:
+            try:
+                est = estimate_logz_samples(smp)
+                logz = {"elbo": est.elbo, "elbo_se": est.elbo_se, "iw": est.iw}
+            except ValueError:
+                logz = None
+        chi = chi2_per_sample(problem, x_net, y)
+        truth = meta.get("truth")
+        name = path.stem
+        target = Path(out_file) if out_file else Path(out_dir) / f"{name}.fits"
+        write_posterior(target, x_phys.cpu().numpy(), truth=truth, obs=y.cpu().numpy(), logz=logz,
+                        chi2=chi["chi2_nu"], src_pixscale=lcfg.geometry.source_pixscale, method=method,
+                        provenance=provenance, seconds=seconds, obs_file=str(path),
+                        obs_pixscale=meta.get("pixscale"), bunit=lcfg.sources.bunit)
+        results.append({"obs": str(path), "out": str(target), "seconds": seconds, "logz": logz,
+                        "chi2_median": float(np.median(chi["chi2_nu"]))})
+        log.info("%s %s: %.1f s, chi2_nu median %.3f, log Z %s", method, name, seconds,
+                 results[-1]["chi2_median"], None if logz is None else round(logz["elbo"], 2))
+        if png:
+            from pipeline.plots import lens_figure  # noqa: F401  (optional per-observation figure)
+    return results
