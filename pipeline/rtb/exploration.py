@@ -1,0 +1,100 @@
+"""Off-policy exploration for RTB: a reward-prioritised replay buffer and backtracking.
+
+* :class:`ReplayBuffer` stores terminal states x_1 (never x0: the sample is f(x_1), DESIGN 3.1)
+  with log r(f(x_1)) at beta = 1 and, for amortized posteriors, the observation they belong to.
+  FIFO eviction at capacity; sampling mixes uniform draws with rank-based priority
+  ``P(i) ~ 1 / (kappa N + rank_i)`` (rank 0 = highest reward), which is invariant to the scale of
+  log r (rewards of thousands of pixels span hundreds of nats, so ``exp(log r)`` priorities would
+  pick one entry).
+* :func:`backtrack` noises x_1 -> x_2 -> ... -> x_K step by step with the strided forward kernels
+  ``q(x_k | x_{k-1}) = N(sqrt(a_k) x_{k-1}, b_k I)`` (a Markov chain with fresh noise each step,
+  unlike the reference code's one fixed eps), so the reversed trajectory is evaluated at each
+  state's own chain index k.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ReplayBuffer:
+    """Terminal states x_1 with log rewards (and optional per-entry observation y and cond)."""
+
+    def __init__(self, capacity: int, priority_frac: float = 0.5, kappa: float = 0.01):
+        if capacity < 1:
+            raise ValueError("replay buffer capacity must be >= 1")
+        if not 0.0 <= priority_frac <= 1.0:
+            raise ValueError("priority_frac must be in [0, 1]")
+        self.capacity, self.priority_frac, self.kappa = capacity, priority_frac, kappa
+        self.x1: torch.Tensor | None = None
+        self.log_r: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None
+        self.cond: torch.Tensor | None = None
+        self.n_added = 0
+
+    def __len__(self) -> int:
+        return 0 if self.x1 is None else self.x1.shape[0]
+
+    def add(self, x1: torch.Tensor, log_r: torch.Tensor, y: torch.Tensor | None = None,
+            cond: torch.Tensor | None = None) -> None:
+        """Append entries (detached, stored on CPU); non-finite rewards are dropped; the oldest
+        entries are evicted beyond capacity."""
+        keep = torch.isfinite(log_r.detach().cpu())
+        x1, log_r = x1.detach().cpu()[keep], log_r.detach().cpu().double()[keep]
+        y = None if y is None else y.detach().cpu()[keep]
+        cond = None if cond is None else cond.detach().cpu()[keep]
+        self.n_added += int(keep.sum())
+
+        def cat(old, new):
+            if new is None:
+                return old
+            return new if old is None else torch.cat([old, new])
+
+        self.x1, self.log_r = cat(self.x1, x1), cat(self.log_r, log_r)
+        self.y, self.cond = cat(self.y, y), cat(self.cond, cond)
+        if len(self) > self.capacity:
+            cut = len(self) - self.capacity
+            self.x1, self.log_r = self.x1[cut:], self.log_r[cut:]
+            self.y = None if self.y is None else self.y[cut:]
+            self.cond = None if self.cond is None else self.cond[cut:]
+
+    def priorities(self) -> torch.Tensor:
+        """Rank-based sampling probabilities of the prioritised part (sum to 1)."""
+        n = len(self)
+        order = torch.argsort(self.log_r, descending=True)
+        rank = torch.empty(n, dtype=torch.float64)
+        rank[order] = torch.arange(n, dtype=torch.float64)
+        w = 1.0 / (self.kappa * n + rank)
+        return w / w.sum()
+
+    def sample_indices(self, n: int, generator=None) -> torch.Tensor:
+        if len(self) == 0:
+            raise ValueError("replay buffer is empty")
+        n_pri = int(round(self.priority_frac * n))
+        idx_pri = torch.multinomial(self.priorities(), n_pri, replacement=True, generator=generator) if n_pri else \
+            torch.empty(0, dtype=torch.long)
+        idx_uni = torch.randint(0, len(self), (n - n_pri,), generator=generator)
+        return torch.cat([idx_pri, idx_uni])
+
+    def sample(self, n: int, generator=None) -> dict:
+        """n entries: dict with x1, log_r, y, cond (None where not stored), idx."""
+        idx = self.sample_indices(n, generator)
+        return {"x1": self.x1[idx], "log_r": self.log_r[idx], "idx": idx,
+                "y": None if self.y is None else self.y[idx], "cond": None if self.cond is None else self.cond[idx]}
+
+    def state_dict(self) -> dict:
+        return {"x1": self.x1, "log_r": self.log_r, "y": self.y, "cond": self.cond, "n_added": self.n_added,
+                "capacity": self.capacity}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.x1, self.log_r, self.y, self.cond = state["x1"], state["log_r"], state["y"], state["cond"]
+        self.n_added = state["n_added"]
+
+
+@torch.no_grad()
+def backtrack(chain, x1: torch.Tensor, generator=None) -> dict[int, torch.Tensor]:
+    """States {k: x_k} for k = 1..K with x_k ~ q(x_k | x_{k-1}) drawn step by step from x_1."""
+    xs = {1: x1}
+    for k in range(2, chain.K + 1):
+        xs[k] = chain.forward_step(xs[k - 1], k, generator=generator)
+    return xs

@@ -1,0 +1,289 @@
+"""The RTB objective and its two-pass gradient (DESIGN sections 1 and 3.5).
+
+For a trajectory tau = (x_K -> ... -> x_1), sample x0 = f(x_1):
+
+    delta(tau) = log Z + sum_{k=2..K} [log q_phi(x_{k-1}|x_k) - log p_theta(x_{k-1}|x_k)] - beta log r(f(x_1))
+    loss       = mean_b 1/2 delta_b^2        (optionally with a dead-zone: 1/2 relu(delta^2 - c))
+
+The start terms log N(x_K; 0, I) of q and p cancel. States are always detached: only log q_phi of
+fixed transitions is differentiated (reference bug 4).
+
+Two-pass gradient (memory independent of K): pass 1 computes delta per trajectory without grad;
+pass 2 recomputes each step's log q_phi with grad, a chunk of steps at a time, and backprops
+``(delta_b / B) * log q_phi(step)``. log Z's gradient ``mean_b delta_b`` is added once, after the
+chunk loop (the reference code added it once per chunk, bug 6). ``sync_context(is_last)`` lets a DDP
+wrapper skip the all-reduce for every chunk but the last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.diffusion.sampling import prior_eps, rollout
+from pipeline.diffusion.schedule import gaussian_log_prob
+
+
+@dataclass
+class RTBBatch:
+    """Detached trajectories with everything both passes need (O(K B d) memory).
+
+    ``xs[k]`` k = 1..K states (``xs[0]`` = f(x_1)); ``eps_p[k]`` the frozen prior's eps at x_k;
+    ``guide[k]`` the cached guidance offset of q's mean (or None); ``log_p_steps``/``log_q_steps``
+    for k = 2..K (float64, no grad); ``log_r`` = log p(y | f(x_1)) at beta = 1 (float64);
+    ``y``/``cond`` per sample (B, ...) or None; ``groups`` the observation index per sample.
+    """
+
+    xs: dict
+    eps_p: dict
+    guide: dict
+    log_p_steps: dict
+    log_q_steps: dict
+    log_r: torch.Tensor
+    y: torch.Tensor | None = None
+    cond: torch.Tensor | None = None
+    groups: torch.Tensor | None = None
+    source: str = "policy"
+    info: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return self.xs[1].shape[0]
+
+    @property
+    def K(self) -> int:
+        return max(self.xs)
+
+    @property
+    def x0(self) -> torch.Tensor:
+        return self.xs[0]
+
+    @property
+    def x1(self) -> torch.Tensor:
+        return self.xs[1]
+
+    def log_ratio(self) -> torch.Tensor:
+        """sum_k (log q - log p), (B,) float64."""
+        return sum(self.log_q_steps[k] - self.log_p_steps[k] for k in self.log_q_steps)
+
+    def log_q(self) -> torch.Tensor:
+        return sum(self.log_q_steps.values())
+
+    def log_p(self) -> torch.Tensor:
+        return sum(self.log_p_steps.values())
+
+    @staticmethod
+    def cat(batches: list["RTBBatch"]) -> "RTBBatch":
+        """Concatenate batches along the sample axis (all must share K and y/cond presence)."""
+        def cat_d(name):
+            keys = getattr(batches[0], name).keys()
+            out = {}
+            for k in keys:
+                vals = [getattr(b, name)[k] for b in batches]
+                out[k] = None if vals[0] is None else torch.cat(vals)
+            return out
+
+        def cat_t(name):
+            vals = [getattr(b, name) for b in batches]
+            return None if vals[0] is None else torch.cat(vals)
+
+        return RTBBatch(xs=cat_d("xs"), eps_p=cat_d("eps_p"), guide=cat_d("guide"),
+                        log_p_steps=cat_d("log_p_steps"), log_q_steps=cat_d("log_q_steps"),
+                        log_r=cat_t("log_r"), y=cat_t("y"), cond=cat_t("cond"), groups=cat_t("groups"),
+                        source="+".join(sorted({b.source for b in batches})))
+
+
+def _expand(v, n):
+    """Per-sample copy (n, ...) of an observation/cond given per sample or once."""
+    if v is None:
+        return None
+    return v if v.shape[0] == n and v.ndim >= 2 else v.unsqueeze(0).expand(n, *v.shape)
+
+
+def expand_obs(problem, y, n):
+    """y of shape y_shape or (n, *y_shape) -> (n, *y_shape)."""
+    if y is None:
+        return None
+    y = torch.as_tensor(y)
+    if problem is not None and tuple(y.shape) == tuple(problem.y_shape):
+        return y.unsqueeze(0).expand(n, *y.shape)
+    if y.shape[0] != n:
+        raise ValueError(f"y has batch {y.shape[0]}, expected {n}")
+    return y
+
+
+@torch.no_grad()
+def evaluate_states(posterior, xs: dict, y=None, cond=None, *, eps_p=None, guide=None, log_p_steps=None,
+                    log_q_steps=None, groups=None, source="offpolicy") -> RTBBatch:
+    """Score given detached states x_K..x_1 under p_theta and the current q_phi (no grad).
+
+    Missing cached pieces are computed: prior eps at every state, guidance offsets, step log-probs,
+    x0 = f(x_1) and log r(x0) at beta = 1.
+    """
+    chain, prior, problem = posterior.chain, posterior.prior, posterior.problem
+    K = chain.K
+    n = xs[1].shape[0]
+    y = expand_obs(problem, y, n)
+    cond = _expand(cond, n) if cond is not None else None
+    eps_p = dict(eps_p or {})
+    for k in range(1, K + 1):
+        if k not in eps_p:
+            eps_p[k] = prior_eps(prior, chain, xs[k], k)
+    guide = dict(guide or {})
+    for k in range(2, K + 1):
+        if k not in guide:
+            with torch.enable_grad():
+                guide[k] = posterior.guide(xs[k], k, eps_p[k], y)
+    log_p_steps = dict(log_p_steps or {})
+    log_q_steps = dict(log_q_steps or {})
+    for k in range(2, K + 1):
+        std = chain.reverse_std(k)
+        if k not in log_p_steps:
+            log_p_steps[k] = gaussian_log_prob(xs[k - 1], chain.reverse_mean(xs[k], eps_p[k], k), std)
+        if k not in log_q_steps:
+            mq = posterior.mean_q(xs[k], k, eps_p[k], y, cond, guide[k])
+            log_q_steps[k] = gaussian_log_prob(xs[k - 1], mq, std)
+    xs = dict(xs)
+    xs[0] = chain.final_denoise(xs[1], eps_p[1])
+    log_r = problem.log_likelihood(xs[0], y) if problem is not None else torch.zeros(n, dtype=torch.float64)
+    return RTBBatch(xs=xs, eps_p=eps_p, guide=guide, log_p_steps=log_p_steps, log_q_steps=log_q_steps,
+                    log_r=log_r.double(), y=y, cond=cond, groups=groups, source=source)
+
+
+@torch.no_grad()
+def policy_rollout(posterior, n: int, y=None, cond=None, *, generator=None, std_scale: float = 1.0,
+                   behaviour=None, groups=None, device=None, source=None, dtype=torch.float32) -> RTBBatch:
+    """Roll out q_phi (tempered by ``std_scale``; log q scored untempered) and score it.
+
+    ``behaviour``: optional extra mean offset ``(x, k, eps_p, y) -> offset`` added during the rollout
+    only (e.g. DPS guidance as an exploration policy); the trajectory is then re-scored under q_phi.
+    """
+    chain, problem = posterior.chain, posterior.problem
+    y_n = expand_obs(problem, y, n)
+    cond_n = _expand(cond, n) if cond is not None else None
+    guides: dict = {}
+
+    def mean_fn(x, k, eps_p):
+        with torch.enable_grad():
+            g = posterior.guide(x, k, eps_p, y_n)
+        guides[k] = g
+        m = posterior.mean_q(x, k, eps_p, y_n, cond_n, g)
+        if behaviour is not None:
+            with torch.enable_grad():
+                m = m + behaviour(x, k, eps_p, y_n).detach()
+        return m
+
+    traj = rollout(posterior.prior, chain, n, mean_fn, generator=generator, device=device, std_scale=std_scale,
+                   dtype=dtype)
+    xs = {k: v for k, v in traj.xs.items() if k >= 1}
+    # rollout's log q is that of the (untempered) mean_fn policy: exact for q_phi unless a behaviour
+    # offset was added, in which case log q is recomputed for q_phi itself.
+    log_q = None if behaviour is not None else traj.log_q_steps
+    src = source or ("policy" if std_scale == 1.0 and behaviour is None else "explore")
+    return evaluate_states(posterior, xs, y_n, cond_n, eps_p=traj.eps_prior, guide=guides,
+                           log_p_steps=traj.log_p_steps, log_q_steps=log_q, groups=groups, source=src)
+
+
+@torch.no_grad()
+def prior_rollout(posterior, n: int, y=None, cond=None, *, generator=None, groups=None, device=None,
+                  dtype=torch.float32) -> RTBBatch:
+    """Trajectories of the frozen prior chain, scored under q_phi (off-policy exploration)."""
+    traj = rollout(posterior.prior, posterior.chain, n, generator=generator, device=device, dtype=dtype)
+    xs = {k: v for k, v in traj.xs.items() if k >= 1}
+    return evaluate_states(posterior, xs, y, cond, eps_p=traj.eps_prior, log_p_steps=traj.log_p_steps,
+                           groups=groups, source="prior")
+
+
+# -- deltas -----------------------------------------------------------------------------------
+def deltas_scalar(batch: RTBBatch, log_z: torch.Tensor | float, beta: float = 1.0) -> torch.Tensor:
+    """delta_b = log Z + sum(log q - log p) - beta log r, float64 (B,), detached."""
+    return (torch.as_tensor(log_z, dtype=torch.float64).detach() + batch.log_ratio() - beta * batch.log_r).detach()
+
+
+def deltas_vargrad(batch: RTBBatch, beta: float = 1.0, groups=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """VarGrad: per y-group, log Z_g = mean_g(beta log r - sum(log q - log p)) (detached), and
+    delta_b = log Z_g + sum(log q - log p) - beta log r. Returns (delta (B,), log Z per group (G,)).
+    Groups with a single trajectory give delta = 0 (no signal)."""
+    g = batch.groups if groups is None else groups
+    if g is None:
+        g = torch.zeros(batch.n, dtype=torch.long)
+    g = torch.as_tensor(g, dtype=torch.long).cpu()
+    s = (batch.log_ratio() - beta * batch.log_r).cpu()
+    _, inv = torch.unique(g, return_inverse=True)
+    G = int(inv.max()) + 1
+    sums = torch.zeros(G, dtype=torch.float64).index_add_(0, inv, s)
+    counts = torch.zeros(G, dtype=torch.float64).index_add_(0, inv, torch.ones_like(s))
+    log_z = -sums / counts
+    return (s + log_z[inv]).to(batch.log_r.device), log_z
+
+
+def dead_zone_mask(delta: torch.Tensor, dead_zone: float) -> torch.Tensor:
+    """1 where delta^2 > dead_zone (the gradient of 1/2 relu(delta^2 - c) is delta there)."""
+    if dead_zone <= 0:
+        return torch.ones_like(delta)
+    return (delta * delta > dead_zone).to(delta.dtype)
+
+
+def loss_value(delta: torch.Tensor, dead_zone: float = 0.0) -> float:
+    d2 = delta.double() ** 2
+    return float(0.5 * torch.clamp(d2 - dead_zone, min=0.0).mean()) if dead_zone > 0 else float(0.5 * d2.mean())
+
+
+# -- gradients --------------------------------------------------------------------------------
+def _stack_chunk(batch: RTBBatch, ks: list[int]):
+    x = torch.cat([batch.xs[k] for k in ks])
+    x_prev = torch.cat([batch.xs[k - 1] for k in ks])
+    eps = torch.cat([batch.eps_p[k] for k in ks])
+    kk = torch.cat([torch.full((batch.n,), k, dtype=torch.long, device=x.device) for k in ks])
+    guide = None if batch.guide.get(ks[0]) is None else torch.cat([batch.guide[k] for k in ks])
+    y = None if batch.y is None else batch.y.repeat(len(ks), *([1] * (batch.y.ndim - 1)))
+    cond = None if batch.cond is None else batch.cond.repeat(len(ks), *([1] * (batch.cond.ndim - 1)))
+    return x, x_prev, eps, kk, guide, y, cond
+
+
+def two_pass_backward(posterior, batch: RTBBatch, delta: torch.Tensor, *, chunk_size: int = 8,
+                      dead_zone: float = 0.0, learn_log_z: bool = True, sync_context=None) -> float:
+    """Accumulate the exact gradient of mean_b 1/2 delta_b^2 into the parameters (pass 2).
+
+    ``delta`` comes from pass 1 (detached, (B,)). Steps k = 2..K are processed ``chunk_size`` at a
+    time (stacked into one batch of chunk_size * B), each chunk's graph freed after its backward, so
+    activation memory does not grow with K. ``learn_log_z``: add d loss / d log Z = mean(delta)
+    once (False for VarGrad, where log Z is not a parameter). ``sync_context(is_last)`` returns a
+    context manager (DDP ``no_sync`` for all but the last chunk). Returns the loss value.
+    """
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be >= 1")
+    B = batch.n
+    w = (delta.double() * dead_zone_mask(delta.double(), dead_zone) / B).detach()
+    ks = list(range(batch.K, 1, -1))
+    chunks = [ks[i:i + chunk_size] for i in range(0, len(ks), chunk_size)]
+    ctx = sync_context or (lambda is_last: contextlib.nullcontext())
+    for i, ck in enumerate(chunks):
+        with ctx(i == len(chunks) - 1):
+            x, x_prev, eps, kk, guide, y, cond = _stack_chunk(batch, ck)
+            lq = posterior.log_q_steps_batched(x, x_prev, kk, eps, y, cond, guide)  # (c*B,)
+            surrogate = (lq.reshape(len(ck), B) * w[None, :]).sum()
+            surrogate.backward()
+    if learn_log_z:
+        g = w.sum().to(posterior.log_z.dtype)
+        posterior.log_z.grad = g.clone() if posterior.log_z.grad is None else posterior.log_z.grad + g
+    return loss_value(delta, dead_zone)
+
+
+def naive_loss(posterior, batch: RTBBatch, beta: float = 1.0, log_z=None) -> torch.Tensor:
+    """One graph for mean_b 1/2 (log Z + sum log q - sum log p - beta log r)^2, detached states.
+
+    The reference the two-pass gradient is tested against, and the "naive" arm of the memory
+    benchmark. ``log_z``: a tensor (default: the posterior's learnable scalar).
+    """
+    log_z = posterior.log_z if log_z is None else log_z
+    total = 0.0
+    for k in range(batch.K, 1, -1):
+        kk = torch.full((batch.n,), k, dtype=torch.long, device=batch.xs[k].device)
+        lq = posterior.log_q_steps_batched(batch.xs[k], batch.xs[k - 1], kk, batch.eps_p[k], batch.y,
+                                           batch.cond, batch.guide.get(k))
+        total = total + lq - batch.log_p_steps[k]
+    delta = log_z + total - beta * batch.log_r
+    return 0.5 * (delta ** 2).mean()

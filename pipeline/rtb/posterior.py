@@ -1,0 +1,278 @@
+"""The RTB posterior policy q_phi over the strided chain (DESIGN sections 1, 3.1 and 10).
+
+Every reverse step k = 2..K of q_phi is Gaussian with the prior chain's fixed variance and the mean
+
+    mean_q(x_k) = reverse_mean(x_k, eps_q, k) + g_k(x_k),
+
+where ``g_k`` is an optional *guidance* mean offset computed from the FROZEN prior (DPS, DPS+CLA),
+detached and cached from the rollout, and ``eps_q`` is either
+
+* ``residual`` mode: ``eps_prior(x_k, t_k) + c_phi(x_k, t_k, cond, feats)`` with a zero-initialised
+  correction ``c_phi`` (an MLP for vector priors, a small zero-init U-Net head for images). The
+  prior's eps at every visited state is computed once in the rollout and reused for log p, the
+  mean and the gradient pass, so the gradient pass backpropagates only through the head; or
+* ``replace`` mode: ``e_phi(x_k, t_k, ...)``, a full trainable copy of the prior network
+  (initialised as the prior, so q = p at initialisation too).
+
+The sample is ``x0 = f(x_1)``, the frozen prior's deterministic final denoise. The posterior is
+unconditioned (one observation) or amortized (``cond`` carries the observation per sample).
+
+Features for the correction (no backprop through the prior needed): ``x0hat`` = Tweedie estimate
+from the cached prior eps, and ``grad`` = sqrt(1 - abar_k) * grad log p(y | x0hat) (a sparse
+product A^T r for linear problems), scaled so its size does not blow up at low noise.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from pipeline.diffusion.schedule import Chain, gaussian_log_prob
+
+FEATURES = ("x0hat", "grad")
+
+
+def time_features(t: torch.Tensor, T: int, dim: int = 32) -> torch.Tensor:
+    """Sinusoidal embedding of t/T in [0, 1] (B,) -> (B, dim), float32."""
+    half = dim // 2
+    freqs = torch.exp(torch.linspace(0.0, math.log(1000.0), half, device=t.device))
+    arg = (t.float() / T)[:, None] * freqs[None] * math.pi
+    return torch.cat([torch.cos(arg), torch.sin(arg)], 1)
+
+
+class MLPCorrection(nn.Module):
+    """Zero-initialised MLP correction c(x, t, cond, feats) -> (B, d) for vector-valued priors.
+
+    ``in_scale`` divides x and the x0hat feature (a fixed input normalisation, network units).
+    """
+
+    def __init__(self, dim: int, cond_dim: int = 0, feat_dim: int = 0, hidden: int = 128, layers: int = 3,
+                 emb_dim: int = 32, T: int = 1000, in_scale: float = 1.0):
+        super().__init__()
+        if layers < 1 or hidden < 1:
+            raise ValueError("MLPCorrection needs layers >= 1 and hidden >= 1")
+        self.dim, self.cond_dim, self.feat_dim, self.emb_dim, self.T = dim, cond_dim, feat_dim, emb_dim, T
+        self.in_scale = float(in_scale)
+        n_in = dim + cond_dim + feat_dim + emb_dim
+        mods: list[nn.Module] = []
+        for i in range(layers):
+            mods += [nn.Linear(n_in if i == 0 else hidden, hidden), nn.SiLU()]
+        self.body = nn.Sequential(*mods)
+        self.out = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.out.weight)  # q = p at initialisation
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x, t, cond=None, feats=None):
+        parts = [x.reshape(x.shape[0], -1) / self.in_scale, time_features(t, self.T, self.emb_dim).to(x.dtype)]
+        if self.cond_dim:
+            if cond is None:
+                raise ValueError(f"this correction needs cond of size {self.cond_dim}")
+            parts.append(cond.reshape(x.shape[0], -1).to(x.dtype))
+        if self.feat_dim:
+            parts.append(feats.reshape(x.shape[0], -1).to(x.dtype))
+        return self.out(self.body(torch.cat(parts, 1))).reshape(x.shape)
+
+
+class UNetCorrection(nn.Module):
+    """Zero-initialised U-Net correction head for image priors (C, H, W).
+
+    Feature images (x0hat, grad: ``feat_channels``) and an observation mapped to the source plane
+    (``cond_channels``) enter as extra input channels.
+    """
+
+    def __init__(self, channels: int, feat_channels: int = 0, cond_channels: int = 0, preset: str = "tiny",
+                 **overrides):
+        super().__init__()
+        from pipeline.diffusion.unet import build_unet
+
+        self.feat_channels, self.cond_channels = feat_channels, cond_channels
+        extra = feat_channels + cond_channels
+        self.net = build_unet(preset, in_channels=channels, cond_channels=extra, zero_init_output=True, **overrides)
+
+    def forward(self, x, t, cond=None, feats=None):
+        extra = [v for v in (feats, cond) if v is not None]
+        img = torch.cat(extra, 1) if extra else None
+        return self.net(x, t, cond_image=img)
+
+
+class RTBPosterior(nn.Module):
+    """q_phi over ``chain`` with a frozen ``prior`` (see module docstring).
+
+    ``model``: the correction (residual mode) or the full eps-network copy (replace mode), called as
+    ``model(x, t, cond, feats)``. ``problem``: the inverse problem, needed for the ``grad`` feature
+    and for guidance. ``guidance``: optional callable ``(x, k, eps_prior, y) -> mean offset`` built
+    from the frozen prior (see :mod:`pipeline.rtb.guidance`). ``log_z`` is a learnable scalar (single
+    observation; the amortized posterior uses VarGrad per y-group instead, see the trainer).
+    """
+
+    def __init__(self, prior, chain: Chain, model: nn.Module, *, mode: str = "residual", problem=None,
+                 features: tuple[str, ...] = (), guidance=None):
+        super().__init__()
+        if mode not in ("residual", "replace"):
+            raise ValueError(f"posterior mode must be 'residual' or 'replace', got {mode!r}")
+        bad = [f for f in features if f not in FEATURES]
+        if bad:
+            raise ValueError(f"unknown posterior features {bad} (known: {FEATURES})")
+        if "grad" in features and problem is None:
+            raise ValueError("the 'grad' feature needs the inverse problem")
+        # The frozen prior is deliberately NOT registered as a submodule: its weights stay out of
+        # the posterior's parameters and checkpoints (they live in the prior's own checkpoint).
+        self.__dict__["prior"] = prior
+        self.chain, self.model, self.mode = chain, model, mode
+        self.problem, self.features, self.guidance = problem, tuple(features), guidance
+        self.log_z = nn.Parameter(torch.zeros((), dtype=torch.float64))
+        self.eval()  # deterministic everywhere (pass 1 and pass 2 must agree)
+
+    # -- pieces ------------------------------------------------------------------------------
+    def timesteps(self, k: int | torch.Tensor, n: int, device) -> torch.Tensor:
+        if isinstance(k, torch.Tensor):
+            return self.chain.t.to(device)[k.to(device)]
+        return torch.full((n,), int(self.chain.t[k]), dtype=torch.long, device=device)
+
+    def feats(self, x, k, eps_p, y):
+        """Likelihood features at x_k from the cached prior eps (no grad). k: int or (B,) tensor."""
+        if not self.features:
+            return None
+        with torch.no_grad():
+            ab = self._abar(k, x)
+            x0hat = (x - (1 - ab).sqrt() * eps_p) / ab.sqrt()
+            out = []
+            if "x0hat" in self.features:
+                out.append(x0hat)
+            if "grad" in self.features:
+                g = self.problem.grad_log_likelihood(x0hat, y)
+                out.append((1 - ab).sqrt() * g.to(x.dtype))
+            return torch.cat(out, 1)
+
+    def _abar(self, k, x):
+        """abar_k broadcastable to x (k int or (B,) tensor), in x's dtype."""
+        ab = self.chain.abar.to(x.device)[k] if isinstance(k, torch.Tensor) else self.chain.abar[k]
+        ab = torch.as_tensor(ab, dtype=x.dtype, device=x.device)
+        return ab.reshape(-1, *([1] * (x.ndim - 1))) if ab.ndim else ab
+
+    def eps_q(self, x, k, eps_p, y=None, cond=None):
+        t = self.timesteps(k, x.shape[0], x.device)
+        f = self.feats(x, k, eps_p, y)
+        out = self.model(x, t, cond, f)
+        return eps_p + out if self.mode == "residual" else out
+
+    def mean_q(self, x, k, eps_p, y=None, cond=None, guide=None):
+        """Mean of q(x_{k-1} | x_k) at a single chain index k (int)."""
+        m = self.chain.reverse_mean(x, self.eps_q(x, k, eps_p, y, cond), k)
+        return m if guide is None else m + guide
+
+    def mean_q_batched(self, x, ks: torch.Tensor, eps_p, y=None, cond=None, guide=None):
+        """Same as :meth:`mean_q` with a per-sample chain index ks (B,) (for stacked step chunks)."""
+        eps = self.eps_q(x, ks, eps_p, y, cond)
+        shape = (-1, *([1] * (x.ndim - 1)))
+        a = self.chain.a.to(x.device)[ks].to(x.dtype).reshape(shape)
+        b = self.chain.b.to(x.device)[ks].to(x.dtype).reshape(shape)
+        ab = self.chain.abar.to(x.device)[ks].to(x.dtype).reshape(shape)
+        m = (x - (b / (1 - ab).sqrt()) * eps) / a.sqrt()
+        return m if guide is None else m + guide
+
+    def log_q_steps_batched(self, x, x_prev, ks, eps_p, y=None, cond=None, guide=None):
+        """log q(x_{k-1} | x_k) per sample (B,) float64, with grad w.r.t. the model."""
+        mean = self.mean_q_batched(x, ks, eps_p, y, cond, guide)
+        std = torch.sqrt(self.chain.reverse_var.to(x.device)[ks]).reshape(-1, *([1] * (x.ndim - 1)))
+        return gaussian_log_prob(x_prev, mean, std)
+
+    def guide(self, x, k, eps_p, y):
+        """Guidance mean offset at x_k (detached) or None."""
+        if self.guidance is None:
+            return None
+        return self.guidance(x, k, eps_p, y).detach()
+
+    def trainable_parameters(self):
+        return [p for n, p in self.named_parameters() if p.requires_grad and n != "log_z"]
+
+
+def copy_network(net: nn.Module) -> nn.Module:
+    """A trainable deep copy of a prior eps-network (for ``replace`` mode)."""
+    new = copy.deepcopy(net)
+    for p in new.parameters():
+        p.requires_grad_(True)
+    return new
+
+
+class EpsNetModel(nn.Module):
+    """Adapter: a U-Net eps-network ``net(x, t, cond_image, cond_vec)`` as ``model(x, t, cond, feats)``.
+
+    Used for ``replace`` mode (a full trainable copy of the prior network). Feature/cond images are
+    only passed if the copied net was built with the matching ``cond_channels``.
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, t, cond=None, feats=None):
+        extra = [v for v in (feats, cond) if v is not None]
+        img = torch.cat(extra, 1) if extra and getattr(self.net, "cond_channels", 0) else None
+        return self.net(x, t, img)
+
+
+def make_frozen_guidance(method: str, chain: Chain, problem, scale: float):
+    """Guidance hook ``(x, k, eps_prior, y) -> mean offset`` from the frozen prior's detached x0_hat
+    (``pipeline.samplers.guidance.frozen_guidance_shift``; no backprop through any network)."""
+    from pipeline.samplers.guidance import frozen_guidance_shift
+
+    def guide(x, k, eps_p, y):
+        return frozen_guidance_shift(method, chain, problem, y, x, eps_p, k, scale)
+
+    return guide
+
+
+def make_posterior(prior, problem, cfg, cond_dim: int = 0, cond_channels: int = 0) -> RTBPosterior:
+    """Build q_phi from an :class:`~pipeline.rtb.config.RTBConfig` (see :func:`posterior_spec`)."""
+    return build_posterior(prior, problem, posterior_spec(prior, cfg, cond_dim, cond_channels))
+
+
+def posterior_spec(prior, cfg, cond_dim: int = 0, cond_channels: int = 0) -> dict:
+    """JSON-able description from which :func:`build_posterior` rebuilds q_phi (stored in checkpoints)."""
+    features = list(cfg.features)
+    shape = tuple(prior.event_shape)
+    if cfg.parameterisation == "full":
+        model = {"type": "copy"}
+        mode = "replace"
+        features = []
+    elif len(shape) == 1:
+        model = {"type": "mlp", "dim": shape[0], "cond_dim": cond_dim, "feat_dim": shape[0] * len(features),
+                 "hidden": cfg.head_hidden, "layers": cfg.head_layers, "T": prior.schedule.T,
+                 "in_scale": cfg.in_scale}
+        mode = "residual"
+    else:
+        model = {"type": "unet_head", "channels": shape[0], "feat_channels": shape[0] * len(features),
+                 "cond_channels": cond_channels, "preset": cfg.head_preset}
+        mode = "residual"
+    return {"model": model, "mode": mode, "features": features, "K": cfg.K, "variance": cfg.variance,
+            "guidance": cfg.guidance, "guidance_scale": cfg.guidance_scale}
+
+
+def build_model(spec: dict, prior=None) -> nn.Module:
+    kind = spec["type"]
+    kw = {k: v for k, v in spec.items() if k != "type"}
+    if kind == "mlp":
+        return MLPCorrection(**kw)
+    if kind == "unet_head":
+        return UNetCorrection(**kw)
+    if kind == "copy":
+        if prior is None or not hasattr(prior, "net"):
+            raise ValueError("parameterisation 'full' needs a network prior (with .net) to copy")
+        return EpsNetModel(copy_network(prior.net))
+    raise ValueError(f"unknown posterior model type {kind!r}")
+
+
+def build_posterior(prior, problem, spec: dict) -> RTBPosterior:
+    chain = prior.schedule.chain(spec["K"], spec["variance"])
+    model = build_model(spec["model"], prior)
+    if hasattr(prior, "device"):
+        model = model.to(prior.device)
+    guidance = None
+    if spec.get("guidance", "none") != "none":
+        guidance = make_frozen_guidance(spec["guidance"], chain, problem, spec["guidance_scale"])
+    return RTBPosterior(prior, chain, model, mode=spec["mode"], problem=problem, features=tuple(spec["features"]),
+                        guidance=guidance)

@@ -1,0 +1,431 @@
+"""The RTB trainer: exploration, two-pass gradient, stability guards, logging, checkpoints.
+
+One iteration:
+
+1. pick a behaviour policy (probabilities from :class:`~pipeline.rtb.config.RTBConfig`: replay via
+   backtracking from the reward-prioritised buffer, prior rollouts, tempered-noise rollouts, DPS-guided
+   rollouts; on-policy otherwise) and draw a batch of detached trajectories, scored under q_phi and p;
+2. pass 1: delta per trajectory with log Z (learned scalar, or VarGrad per y-group for amortized
+   posteriors) and the temperature beta (ramped to 1; logged);
+3. pass 2: the chunked exact gradient (:func:`~pipeline.rtb.objective.two_pass_backward`), grad-norm
+   clipping, Adam step (separate learning rate for log Z);
+4. guards: a non-finite delta / gradient / parameter, or a loss spike (loss > ``spike_factor`` x the
+   running median of the same behaviour source), restores the last good snapshot and lowers the
+   learning rate (a *rollback*). Needing more than ``max_rollbacks`` rollbacks marks the run diverged,
+   as does ending with |log Z_IW - log Z_ref| > ``diverged_logz_tol`` when a reference is given.
+
+Why VarGrad for the amortized posterior: Z depends on y, so a shared scalar is wrong (reference bug
+6); a network log Z_psi(y) adds a second regression problem whose error enters every delta, while
+the VarGrad estimate (mean over trajectories of one y of beta log r - sum(log q - log p)) is the
+loss-minimising log Z for that group, needs no parameters, and is exact in the limit of a perfect
+posterior. Each batch therefore holds ``batch_size / group_size`` observations with ``group_size``
+trajectories each. The per-y evidence is then reported by the IW/ELBO estimators.
+
+Checkpoints (``pipeline.io.checkpoint``) hold the model, EMA, optimizer, log Z, replay buffer, all
+RNG states, step, rollback count, learning-rate scale and the config hash; a resume with a
+different model/objective config is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import statistics
+import time
+from collections import defaultdict, deque
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pipeline import distributed
+from pipeline.config import config_hash
+from pipeline.errors import InputFileError
+from pipeline.metrics.logz import estimate_logz, estimate_logz_grouped, log_weights
+from pipeline.rtb.config import RTBConfig
+from pipeline.rtb.exploration import ReplayBuffer, backtrack
+from pipeline.rtb.objective import (RTBBatch, deltas_scalar, deltas_vargrad, evaluate_states, loss_value,
+                                    policy_rollout, prior_rollout, two_pass_backward)
+from pipeline.runtime import tqdm_disable
+
+log = logging.getLogger(__name__)
+
+
+class RTBTrainer:
+    """Fine-tunes ``posterior`` (an :class:`~pipeline.rtb.posterior.RTBPosterior`).
+
+    Single observation: pass ``y`` (shape ``problem.y_shape``). Amortized (``cfg.amortized``): pass
+    ``obs_sampler(G, generator) -> y (G, *y_shape)`` (e.g. prior-predictive draws or a fixed set) and
+    ``cond_fn(y) -> cond`` (default: y flattened). ``run_dir``: rolling checkpoints; ``metrics_path``:
+    JSONL log; ``log_z_ref``: the reference evidence for the divergence criterion (optional).
+    ``spec``: the posterior spec (:func:`~pipeline.rtb.posterior.posterior_spec`) stored in checkpoints.
+    """
+
+    def __init__(self, posterior, cfg: RTBConfig, *, y=None, obs_sampler=None, cond_fn=None, run_dir=None,
+                 metrics_path=None, log_z_ref: float | None = None, spec: dict | None = None, dtype=torch.float32):
+        self.post, self.cfg, self.spec = posterior, cfg, spec or {}
+        if cfg.amortized:
+            if obs_sampler is None:
+                raise ValueError("an amortized posterior needs obs_sampler")
+        elif y is None:
+            raise ValueError("a single-observation posterior needs y")
+        self.y, self.obs_sampler = y, obs_sampler
+        self.cond_fn = cond_fn or (lambda yy: yy.reshape(yy.shape[0], -1))
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.metrics_path = Path(metrics_path) if metrics_path else None
+        self.log_z_ref, self.dtype = log_z_ref, dtype
+        self.device = posterior.prior.device
+        rank = distributed.rank()
+        self.gen = torch.Generator().manual_seed(cfg.seed * 7919 + 17 + 1000003 * rank)
+        # under DDP only the correction model is wrapped; log Z is all-reduced by hand
+        self.post.model = distributed.wrap(self.post.model)
+        self.opt = torch.optim.Adam([{"params": posterior.trainable_parameters(), "lr": cfg.lr},
+                                     {"params": [posterior.log_z], "lr": cfg.lr_logz}])
+        self.buffer = ReplayBuffer(cfg.replay_capacity, cfg.replay_priority_frac)
+        self.ema = ({n: p.detach().clone() for n, p in self._model().named_parameters()}
+                    if cfg.ema_decay > 0 else None)
+        self.step_idx, self.rollbacks, self.diverged = 0, 0, False
+        self.lr_scale, self.log_z_init = 1.0, False
+        self.loss_hist: dict[str, deque] = defaultdict(lambda: deque(maxlen=100))
+        self._snapshot = None
+        self.history: list[dict] = []
+        self._dps_behaviour = None
+        if cfg.dps_rate > 0:
+            self._dps_behaviour = self._make_dps_behaviour()
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _model(self):
+        return distributed.unwrap(self.post.model)
+
+    def beta(self, step: int | None = None) -> float:
+        s = self.step_idx if step is None else step
+        if self.cfg.beta_ramp_steps <= 0:
+            return 1.0
+        f = min(1.0, s / self.cfg.beta_ramp_steps)
+        return self.cfg.beta_start + (1.0 - self.cfg.beta_start) * f
+
+    def _make_dps_behaviour(self):
+        """DPS guidance through the frozen prior as an exploration-only mean offset."""
+        from pipeline.samplers.guidance import dps_guidance
+
+        post = self.post
+
+        def behaviour(x, k, eps_p, y):
+            return dps_guidance(post.prior, post.chain, post.problem, y, x, k, self.cfg.dps_scale).shift
+
+        return behaviour
+
+    def _observations(self):
+        """(y per sample, cond per sample, groups) for one batch."""
+        B = self.cfg.batch_size
+        if not self.cfg.amortized:
+            return self.y, None, torch.zeros(B, dtype=torch.long)
+        G = B // self.cfg.group_size
+        yg = self.obs_sampler(G, self.gen).to(self.device)
+        ys = yg.repeat_interleave(self.cfg.group_size, 0)
+        return ys, self.cond_fn(ys), torch.arange(G).repeat_interleave(self.cfg.group_size)
+
+    def _choose_source(self) -> str:
+        c = self.cfg
+        u = float(torch.rand((), generator=self.gen))
+        for name, rate in (("replay", c.replay_rate), ("prior", c.prior_rate), ("tempered", c.tempered_rate),
+                           ("dps", c.dps_rate)):
+            if u < rate:
+                if name == "replay" and len(self.buffer) == 0:
+                    return "policy"
+                return name
+            u -= rate
+        return "policy"
+
+    def draw_batch(self, source: str) -> RTBBatch:
+        c, B = self.cfg, self.cfg.batch_size
+        kw = dict(generator=self.gen, dtype=self.dtype)
+        if source == "replay":
+            n_draw = B // c.group_size if c.amortized else B
+            ent = self.buffer.sample(n_draw, self.gen)
+            rep = c.group_size if c.amortized else 1
+            x1 = ent["x1"].repeat_interleave(rep, 0).to(self.device, self.dtype)
+            ys = ent["y"].repeat_interleave(rep, 0).to(self.device) if c.amortized else self.y
+            cond = ent["cond"].repeat_interleave(rep, 0).to(self.device) if c.amortized else None
+            groups = torch.arange(n_draw).repeat_interleave(rep) if c.amortized else torch.zeros(B, dtype=torch.long)
+            xs = backtrack(self.post.chain, x1, generator=self.gen)
+            return evaluate_states(self.post, xs, ys, cond, groups=groups, source="replay")
+        ys, cond, groups = self._observations()
+        if source == "prior":
+            return prior_rollout(self.post, B, ys, cond, groups=groups, **kw)
+        if source == "tempered":
+            return policy_rollout(self.post, B, ys, cond, std_scale=c.tempered_std_scale, groups=groups,
+                                  source="tempered", **kw)
+        if source == "dps":
+            return policy_rollout(self.post, B, ys, cond, behaviour=self._dps_behaviour, groups=groups,
+                                  source="dps", **kw)
+        return policy_rollout(self.post, B, ys, cond, groups=groups, **kw)
+
+    # -- snapshots and rollback -------------------------------------------------------------------
+    def _take_snapshot(self):
+        self._snapshot = {"model": copy.deepcopy(self._model().state_dict()),
+                          "optim": copy.deepcopy(self.opt.state_dict()),
+                          "log_z": self.post.log_z.detach().clone(),
+                          "ema": copy.deepcopy(self.ema), "step": self.step_idx}
+
+    def _params_finite(self) -> bool:
+        if not torch.isfinite(self.post.log_z).all():
+            return False
+        return all(torch.isfinite(p).all() for p in self.post.trainable_parameters())
+
+    def _set_lr(self):
+        self.opt.param_groups[0]["lr"] = self.cfg.lr * self.lr_scale
+        self.opt.param_groups[1]["lr"] = self.cfg.lr_logz * self.lr_scale
+
+    def rollback(self, reason: str) -> None:
+        """Restore the last good snapshot and lower the learning rate; mark divergence when the
+        rollback budget is spent."""
+        if self.rollbacks >= self.cfg.max_rollbacks:
+            self.diverged = True
+            log.warning("step %d: %s after %d rollbacks: run diverged", self.step_idx, reason, self.rollbacks)
+            self._write({"step": self.step_idx, "event": "diverged", "reason": reason, "rollbacks": self.rollbacks})
+            return
+        self.rollbacks += 1
+        self.lr_scale *= self.cfg.rollback_lr_factor
+        if self._snapshot is not None:
+            self._model().load_state_dict(self._snapshot["model"])
+            self.opt.load_state_dict(self._snapshot["optim"])
+            with torch.no_grad():
+                self.post.log_z.copy_(self._snapshot["log_z"])
+            self.ema = copy.deepcopy(self._snapshot["ema"])
+        self._set_lr()
+        self.opt.zero_grad(set_to_none=True)
+        log.warning("step %d: %s -> rollback %d to step %s, lr x%.3g", self.step_idx, reason, self.rollbacks,
+                    None if self._snapshot is None else self._snapshot["step"], self.lr_scale)
+        self._write({"step": self.step_idx, "event": "rollback", "reason": reason, "rollbacks": self.rollbacks,
+                     "lr_scale": self.lr_scale})
+
+    # -- one iteration ----------------------------------------------------------------------------
+    def train_step(self) -> dict | None:
+        """One iteration; returns its log record (None if it was rolled back)."""
+        c = self.cfg
+        t0 = time.perf_counter()
+        if self._snapshot is None:
+            self._take_snapshot()
+        beta = self.beta()
+        source = self._choose_source()
+        batch = self.draw_batch(source)
+        vargrad = c.logz == "vargrad"
+        if vargrad:
+            delta, logz_groups = deltas_vargrad(batch, beta)
+            log_z_learned = float(logz_groups.mean())
+        else:
+            if not self.log_z_init:
+                # start log Z at the batch's VarGrad value: avoids a huge first delta
+                with torch.no_grad():
+                    self.post.log_z.fill_(float(deltas_vargrad(batch, beta)[1].mean()))
+                self.log_z_init = True
+            delta = deltas_scalar(batch, self.post.log_z, beta)
+            log_z_learned = float(self.post.log_z.detach())
+        if not torch.isfinite(delta).all():
+            self.rollback(f"non-finite delta ({source})")
+            return None
+        loss = loss_value(delta, c.dead_zone)
+        hist = self.loss_hist[source]
+        if (c.spike_factor > 0 and self.step_idx >= c.spike_warmup and len(hist) >= 10
+                and loss > c.spike_factor * max(statistics.median(hist), 1e-8)):
+            self.rollback(f"loss spike {loss:.3g} > {c.spike_factor:g} x median {statistics.median(hist):.3g}")
+            return None
+        self.opt.zero_grad(set_to_none=True)
+        model = self.post.model
+        two_pass_backward(self.post, batch, delta, chunk_size=c.chunk_size, dead_zone=c.dead_zone,
+                          learn_log_z=not vargrad,
+                          sync_context=lambda last: distributed.sync_context(model, last))
+        if self.post.log_z.grad is not None:
+            distributed.all_reduce_mean_(self.post.log_z.grad)
+        params = self.post.trainable_parameters()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(params, c.grad_clip))
+        if not math.isfinite(gnorm):
+            self.rollback("non-finite gradient")
+            return None
+        self.opt.step()
+        if not self._params_finite():
+            self.rollback("non-finite parameters")
+            return None
+        if self.ema is not None:
+            with torch.no_grad():
+                for n, p in self._model().named_parameters():
+                    self.ema[n].lerp_(p.detach(), 1.0 - c.ema_decay)
+        hist.append(loss)
+        if source != "replay":
+            self.buffer.add(batch.x1, batch.log_r, batch.y if c.amortized else None,
+                            batch.cond if c.amortized else None)
+        self.step_idx += 1
+        if self.step_idx % c.snapshot_every == 0:
+            self._take_snapshot()
+        rec = {"step": self.step_idx, "source": source, "loss": loss, "mean_log_r": float(batch.log_r.mean()),
+               "log_z": log_z_learned, "beta": beta, "grad_norm": gnorm, "rollbacks": self.rollbacks,
+               "lr": self.opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+        if source == "policy":
+            est = self._batch_estimates(batch)
+            rec.update(est)
+        return rec
+
+    def _batch_estimates(self, batch: RTBBatch) -> dict:
+        """IW log Z and ESS fraction (beta = 1) of an on-policy batch, averaged over its y-groups."""
+        lw = log_weights(batch.log_r, batch.log_p(), batch.log_q())
+        groups = batch.groups if batch.groups is not None else torch.zeros(batch.n, dtype=torch.long)
+        per = estimate_logz_grouped(lw, groups)
+        return {"log_z_iw": statistics.fmean(e.iw for e in per.values()),
+                "log_z_elbo": statistics.fmean(e.elbo for e in per.values()),
+                "ess_frac": statistics.fmean(e.ess / e.n for e in per.values())}
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def train(self, steps: int | None = None) -> dict:
+        """Train up to ``steps`` (default cfg.steps) total iterations (a resumed run continues)."""
+        total = self.cfg.steps if steps is None else steps
+        bar = tqdm(total=total, initial=self.step_idx, disable=tqdm_disable(), desc="rtb")
+        while self.step_idx < total and not self.diverged:
+            rec = self.train_step()
+            if rec is None:
+                continue
+            bar.update(1)
+            self.history.append(rec)
+            if self.step_idx % self.cfg.log_every == 0 or self.step_idx == total:
+                self._write(rec)
+            if self.run_dir and (self.step_idx % self.cfg.checkpoint_every == 0 or self.step_idx == total):
+                self.save()
+        bar.close()
+        return self.summary()
+
+    def summary(self) -> dict:
+        return {"steps": self.step_idx, "rollbacks": self.rollbacks, "diverged": self.diverged,
+                "log_z": float(self.post.log_z.detach()) if self.cfg.logz == "scalar" else None}
+
+    def _write(self, rec: dict) -> None:
+        if self.metrics_path is None or not distributed.is_main():
+            return
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
+    # -- evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, n: int | None = None, y=None, cond=None, batch_size: int = 4096):
+        """On-policy samples for one observation (default: the trainer's y) at beta = 1.
+
+        Returns (x0, LogZEstimate). Updates ``diverged`` against ``log_z_ref`` when one is set.
+        """
+        n = n or self.cfg.eval_samples
+        y = self.y if y is None else y
+        if self.cfg.amortized and cond is None:
+            cond = self.cond_fn(torch.as_tensor(y).reshape(1, *self.post.problem.y_shape))[0]
+        with self.ema_weights():
+            x0s, lws = [], []
+            for s in range(0, n, batch_size):
+                m = min(batch_size, n - s)
+                b = policy_rollout(self.post, m, y, cond, generator=self.gen, dtype=self.dtype)
+                x0s.append(b.x0)
+                lws.append(log_weights(b.log_r, b.log_p(), b.log_q()))
+        est = estimate_logz(torch.cat(lws))
+        if self.log_z_ref is not None and (not math.isfinite(est.iw)
+                                           or abs(est.iw - self.log_z_ref) > self.cfg.diverged_logz_tol):
+            self.diverged = True
+        return torch.cat(x0s), est
+
+    def ema_weights(self):
+        """Context manager that swaps the EMA weights in (no-op without EMA)."""
+        trainer = self
+
+        class _Swap:
+            def __enter__(self_inner):
+                if trainer.ema is None:
+                    return
+                self_inner.saved = {n: p.detach().clone() for n, p in trainer._model().named_parameters()}
+                with torch.no_grad():
+                    for n, p in trainer._model().named_parameters():
+                        p.copy_(trainer.ema[n])
+
+            def __exit__(self_inner, *exc):
+                if trainer.ema is None:
+                    return False
+                with torch.no_grad():
+                    for n, p in trainer._model().named_parameters():
+                        p.copy_(self_inner.saved[n])
+                return False
+
+        return _Swap()
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def config_hash(self) -> str:
+        return config_hash(self.cfg.hash_fields())
+
+    def hparams(self) -> dict:
+        return {"kind": "rtb_posterior", "spec": self.spec, "config": asdict(self.cfg),
+                "config_hash": self.config_hash()}
+
+    def save(self) -> Path | None:
+        """Write a rolling checkpoint ``run_dir/step-N`` (main rank only)."""
+        if self.run_dir is None or not distributed.is_main():
+            return None
+        from pipeline.io.checkpoint import rng_state, save_checkpoint
+
+        states = {"model": self._model().state_dict(), "optim": self.opt.state_dict(),
+                  "buffer": self.buffer.state_dict()}
+        if self.ema is not None:
+            states["ema"] = self.ema
+        state = {"log_z": self.post.log_z.detach().cpu(), "rng": rng_state({"train": self.gen}),
+                 "rollbacks": self.rollbacks, "lr_scale": self.lr_scale, "diverged": self.diverged,
+                 "log_z_init": self.log_z_init, "config_hash": self.config_hash()}
+        return save_checkpoint(self.run_dir, self.step_idx, states, self.hparams(), state,
+                               keep=self.cfg.keep_checkpoints)
+
+    def resume(self) -> bool:
+        """Restore everything from the newest readable checkpoint in ``run_dir``; False if none."""
+        if self.run_dir is None:
+            return False
+        from pipeline.io.checkpoint import has_checkpoints, load_checkpoint, restore_rng_state
+
+        if not has_checkpoints(self.run_dir):
+            return False
+        ck = load_checkpoint(self.run_dir, map_location="cpu")
+        if ck.state.get("config_hash") != self.config_hash():
+            raise InputFileError(ck.path, f"checkpoint was written with a different rtb config (hash "
+                                 f"{ck.state.get('config_hash')} != {self.config_hash()}); use a new run dir",
+                                 field="config_hash")
+        self._model().load_state_dict(ck.states["model"])
+        self.opt.load_state_dict(ck.states["optim"])
+        self.buffer.load_state_dict(ck.states["buffer"])
+        if self.ema is not None and "ema" in ck.states:
+            self.ema = {n: v.to(self.device) for n, v in ck.states["ema"].items()}
+        with torch.no_grad():
+            self.post.log_z.copy_(ck.state["log_z"])
+        restore_rng_state(ck.state["rng"], {"train": self.gen})
+        self.rollbacks, self.lr_scale = int(ck.state["rollbacks"]), float(ck.state["lr_scale"])
+        self.diverged, self.log_z_init = bool(ck.state["diverged"]), bool(ck.state["log_z_init"])
+        self.step_idx = ck.step
+        self._set_lr()
+        self._snapshot = None
+        log.info("resumed RTB training from %s (step %d, log Z %.4f)", ck.path, ck.step, float(self.post.log_z.detach()))
+        return True
+
+
+def load_posterior(run_dir, prior, problem, use_ema: bool = True):
+    """Rebuild a trained :class:`~pipeline.rtb.posterior.RTBPosterior` from a checkpoint alone.
+
+    Returns (posterior, hparams). EMA weights are used when present and ``use_ema``.
+    """
+    from pipeline.io.checkpoint import load_checkpoint
+    from pipeline.rtb.posterior import build_posterior
+
+    ck = load_checkpoint(run_dir, map_location="cpu")
+    if ck.hparams.get("kind") != "rtb_posterior":
+        raise InputFileError(ck.path, "not an RTB posterior checkpoint", field="kind")
+    post = build_posterior(prior, problem, ck.hparams["spec"])
+    sd = ck.states["model"]
+    if use_ema and "ema" in ck.states:
+        sd = dict(sd)
+        sd.update(ck.states["ema"])
+    post.model.load_state_dict(sd)
+    with torch.no_grad():
+        post.log_z.copy_(ck.state["log_z"])
+    post.to(prior.device)
+    return post, ck.hparams
