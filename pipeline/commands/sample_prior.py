@@ -100,7 +100,7 @@ def run(args) -> int:
     hdr["ORIGIN"] = ("lensing-rtb-pipeline", "software that wrote this file")
     hdr["PKGVER"] = (pipeline.__version__, "pipeline package version")
     hdr["COMMAND"] = "sample-prior"
-    hdr["CKPT"] = (str(Path(args.checkpoint).resolve()), "prior checkpoint")
+    hdr["CKPT"] = str(Path(args.checkpoint).resolve())  # may be long: no comment, CONTINUE cards
     hdr["CKSTEP"] = (int(prior.meta.get("step", -1)), "training step of the checkpoint")
     hdr["CFGHASH"] = (str(prior.meta.get("config_hash", "")), "prior config hash")
     hdr["SEED"] = (args.seed, "sampling seed")
