@@ -113,3 +113,26 @@ def test_calibrate_cli_errors(tmp_path, capsys):
                "--set", "prior", "--out", str(tmp_path / "out")])
     assert rc == 2 and "--observations" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_calibrate_then_report(tmp_path):
+    obs_dir, post, loader, C, cov = _world(tmp_path, n_obs=20, n_s=24, seed=1)
+    for set_name in ("prior", "heldout"):
+        run_calibration([str(post["exact"]), str(post["narrow"])], obs_dir, set_name, tmp_path / "cal" / set_name,
+                        loader=loader, n_bins=5, n_boot=50, n_null=40, lens_figures=1)
+    rep = tmp_path / "results" / "report.md"
+    rc = main(["report", "--calibration", str(tmp_path / "cal"), "--out", str(rep),
+               "--html", str(tmp_path / "results" / "report.html")])
+    assert rc == 0
+    text = rep.read_text()
+    table = [l for l in text.splitlines() if l.startswith("| prior") or l.startswith("| heldout")]
+    assert len(table) == 4
+    assert "20 observations, 24 posterior samples" in text and "5 fixed alpha bins" in text
+    assert "conditional on the given lens model" in text
+    assert "not ranked" in text or "TARP order" in text
+    imgs = [l[l.index("(") + 1:-1] for l in text.splitlines() if l.startswith("![")]
+    assert len(imgs) == 2 + 4  # two coverage figures, one lens figure per method and set
+    for rel in imgs:
+        assert (rep.parent / rel).is_file()
+    html = (tmp_path / "results" / "report.html").read_text()
+    assert html.count("<img") == 6 and "<table>" in html
