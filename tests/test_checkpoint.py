@@ -129,3 +129,17 @@ def test_load_prior_rebuilds_the_network_from_hparams_alone(tmp_path):
     export_prior(tmp_path / "bad", net.state_dict(), bad)
     with pytest.raises(InputFileError, match="does not match"):
         load_prior(tmp_path / "bad")
+
+
+def test_load_prior_falls_back_from_a_truncated_final_export(tmp_path, caplog):
+    torch.manual_seed(0)
+    net = build_unet("tiny", base_channels=8)
+    sched = NoiseSchedule(T=100)
+    h = prior_hparams(net, sched, (1, 16, 16), 1.0, 0.0)
+    save_checkpoint(tmp_path, 4, {"ema": net.state_dict(), "model": net.state_dict()}, h)
+    export_prior(tmp_path / "final", net.state_dict(), h)
+    data = (tmp_path / "final" / "ema.pt").read_bytes()
+    (tmp_path / "final" / "ema.pt").write_bytes(data[:-10])
+    with caplog.at_level(logging.WARNING):
+        prior = load_prior(tmp_path)
+    assert prior.meta["step"] == 4 and "falling back" in caplog.text

@@ -333,10 +333,18 @@ def load_prior(path, device="cpu", use_ema: bool = True):
     from pipeline.diffusion.unet import UNet
 
     path = Path(path)
-    if (path / "final").is_dir() and is_checkpoint_dir(path / "final") and not is_checkpoint_dir(path):
-        path = path / "final"
     name = "ema" if use_ema else "model"
-    ckpt = load_checkpoint(path, names=[name], map_location="cpu")
+    final = path / "final"
+    if final.is_dir() and is_checkpoint_dir(final) and not is_checkpoint_dir(path) and use_ema:
+        try:
+            ckpt = load_checkpoint(final, names=[name], map_location="cpu")
+        except InputFileError as exc:
+            if not has_checkpoints(path):
+                raise
+            log.warning("%s; falling back to the newest readable step checkpoint", exc)
+            ckpt = load_checkpoint(path, names=[name], map_location="cpu")
+    else:
+        ckpt = load_checkpoint(path, names=[name], map_location="cpu")
     h = ckpt.hparams
     if h.get("kind") != "network_prior":
         raise InputFileError(ckpt.path / "hparams.json", f"not a diffusion prior checkpoint (kind={h.get('kind')!r})",

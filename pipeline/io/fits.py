@@ -83,3 +83,8 @@ def write_fits_atomic(path, hdul: fits.HDUList | list) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def open_fits(path) -> fits.HDUList:
+    """Open and verify a FITS file (caller closes it); one-line InputFileError if missing/unreadable."""
+    return _open(path)
