@@ -118,10 +118,11 @@ def resample_psf(psf: np.ndarray, from_scale: float, to_scale: float, npix: int 
 # ------------------------------------------------------------------------------------ caustics
 def build_simulator(lens: LensParams, image_shape: tuple[int, int], image_pixscale: float,
                     source_npix: int, source_pixscale: float, supersample: int, psf: np.ndarray | None,
-                    psf_mode: str = "fft", dtype=torch.float32, device="cpu"):
+                    psf_mode: str = "fft", dtype=torch.float32, device="cpu", source=None):
     """A caustics ``LensSource`` whose only dynamic parameter is the source image (``sim([src])``).
 
-    ``psf`` is at the supersampled scale ``image_pixscale / supersample`` (or None for no PSF)."""
+    ``psf`` is at the supersampled scale ``image_pixscale / supersample`` (or None for no PSF).
+    ``source`` replaces the pixelated source by another (static) caustics light model (tests)."""
     import caustics
 
     ny, nx = image_shape
@@ -137,8 +138,8 @@ def build_simulator(lens: LensParams, image_shape: tuple[int, int], image_pixsca
                                    gamma_1=lens.g1, gamma_2=lens.g2)
     system = caustics.SinglePlane(cosmology=cosmo, lenses=[main, shear], name="lens",
                                   z_l=lens.z_lens, z_s=lens.z_source)
-    src = caustics.Pixelated(name="src", image=None, shape=(source_npix, source_npix), x0=0.0, y0=0.0,
-                             pixelscale=source_pixscale)
+    src = source if source is not None else caustics.Pixelated(
+        name="src", image=None, shape=(source_npix, source_npix), x0=0.0, y0=0.0, pixelscale=source_pixscale)
     if psf is None:
         psf = np.ones((1, 1))
     sim = caustics.LensSource(lens=system, source=src, pixelscale=image_pixscale, pixels_x=nx, pixels_y=ny,
@@ -202,6 +203,10 @@ class LensingProblem(LinearInverseProblem):
         self.y_shape = self.image_shape
         if matrix.shape != (math.prod(self.image_shape), self.d):
             raise ValueError(f"matrix shape {tuple(matrix.shape)} != ({math.prod(self.image_shape)}, {self.d})")
+        if matrix.layout == torch.sparse_csr:
+            matrix = matrix.to_sparse_coo()
+        elif matrix.layout == torch.strided:
+            matrix = matrix.to_sparse()
         coo = matrix.coalesce().to(torch.float32)
         with warnings.catch_warnings():  # "sparse CSR support is in beta": matmul is all we use
             warnings.simplefilter("ignore", UserWarning)
