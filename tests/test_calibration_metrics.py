@@ -108,3 +108,18 @@ def test_sharpness_and_mean_error():
     assert np.sqrt(np.mean(err ** 2)) == pytest.approx(np.sqrt(np.trace(cov) / 20 * (1 + 1 / 60)), rel=0.1)
     with pytest.raises(ValueError):
         sharpness(samples.std(1), np.zeros(20))
+
+
+def test_forward_view_uses_physical_forward():
+    from pipeline.metrics.chi2 import forward_view
+
+    class P(DenseLinearProblem):
+        def physical_forward(self, x):  # x_phys = 2 x_net: the physical model is half the network one
+            return 0.5 * self.A(x)
+
+    prob = P(np.eye(3), torch.ones(3))
+    x = torch.tensor([[2.0, 4.0, 6.0]])
+    assert torch.allclose(forward_view(prob, "physical").forward(x), torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float32))
+    assert forward_view(prob, "network") is prob
+    out = chi2_per_sample(forward_view(prob, "physical"), x, torch.tensor([1.0, 2.0, 3.0]))
+    assert out["chi2_nu"][0] == pytest.approx(0.0)

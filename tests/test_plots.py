@@ -48,3 +48,27 @@ def test_coverage_figure(tmp_path):
     with pytest.raises((KeyError, ValueError)):
         plot_coverage(tmp_path / "bad.png", {"x": {"alpha": [0, 1]}})
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_posterior_file_residual_from_problem(tmp_path):
+    import torch
+
+    from pipeline.problems import LinearInverseProblem
+
+    class Identity(LinearInverseProblem):
+        def __init__(self):
+            super().__init__(torch.full((16, 16), 0.5))
+            self.x_shape = self.y_shape = (16, 16)
+
+        def A(self, x):
+            return x
+
+        def AT(self, r):
+            return r
+
+    rng = np.random.default_rng(2)
+    s = rng.normal(size=(4, 16, 16))
+    p = write_posterior(tmp_path / "p.fits", s, obs=np.zeros((16, 16)), src_pixscale=0.05, method="dps",
+                        units="network")
+    out = plot_posterior_file(p, tmp_path / "r.png", problem=Identity(), y=torch.zeros(16, 16))
+    _png_ok(out)

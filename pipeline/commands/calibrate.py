@@ -103,24 +103,6 @@ def default_loader(config_path=None):
     return load
 
 
-class _PhysicalView:
-    """The forward model on physical-unit sources (x_phys = s*x + b): ``LensingProblem``'s
-    ``physical_forward``; problems without it take their inputs as they are."""
-
-    def __init__(self, problem):
-        self.problem, self.sigma, self.mask = problem, problem.sigma, problem.mask
-
-    def forward(self, x):
-        return self.problem.physical_forward(x.reshape(x.shape[0], *self.problem.x_shape)).reshape(
-            x.shape[0], *self.problem.sigma.shape)
-
-
-def forward_view(problem, units: str):
-    if units == "physical" and hasattr(problem, "physical_forward"):
-        return _PhysicalView(problem)
-    return problem
-
-
 def load_prior_samples(spec) -> np.ndarray:
     from pipeline.io.fits import hdu_names, read_image_hdu
 
@@ -234,7 +216,7 @@ def run_calibration(posteriors, observations, set_name: str, out_dir, *, loader=
     import torch
 
     from pipeline.io.posterior import read_posterior
-    from pipeline.metrics.chi2 import chi2_per_sample, normalised_residual
+    from pipeline.metrics.chi2 import chi2_per_sample, forward_view, normalised_residual
     from pipeline.metrics.sharpness import prior_std_map
     from pipeline.metrics.tarp import tarp_null
     from pipeline.plots import plot_coverage, plot_lens

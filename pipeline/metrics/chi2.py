@@ -14,6 +14,26 @@ import numpy as np
 import torch
 
 
+class PhysicalView:
+    """The forward model on physical-unit sources (x_phys = s*x + b): a ``LensingProblem``'s
+    ``physical_forward`` with the same ``sigma`` and ``mask``."""
+
+    def __init__(self, problem):
+        self.problem, self.sigma, self.mask = problem, problem.sigma, problem.mask
+
+    def forward(self, x):
+        x = x.reshape(x.shape[0], *self.problem.x_shape)
+        return self.problem.physical_forward(x).reshape(x.shape[0], *self.sigma.shape)
+
+
+def forward_view(problem, units: str = "physical"):
+    """What to call ``forward`` on for sources in ``units`` (a posterior file's ``XUNITS``):
+    physical units use ``physical_forward`` when the problem has one; otherwise the problem itself."""
+    if units == "physical" and hasattr(problem, "physical_forward"):
+        return PhysicalView(problem)
+    return problem
+
+
 @torch.no_grad()
 def chi2_per_sample(problem, samples, y, *, batch: int = 64) -> dict:
     """y: (*y_shape), shared by all samples, or (n, *y_shape), one per sample.

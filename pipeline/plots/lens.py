@@ -59,14 +59,20 @@ def plot_lens(path, *, mean, std, samples, src_pixscale: float, truth=None, obs=
     return save_figure(fig, path)
 
 
-def plot_posterior_file(posterior_path, out_path, *, residual=None, obs_pixscale=None, n_show: int = 3):
+def plot_posterior_file(posterior_path, out_path, *, problem=None, y=None, residual=None, obs_pixscale=None,
+                        n_show: int = 3):
     """Plot a posterior FITS file written by :func:`pipeline.io.posterior.write_posterior`.
 
-    ``residual`` (image plane, from :func:`pipeline.metrics.chi2.normalised_residual`) needs the
-    forward model, which the caller holds; without it the panel is left out."""
+    The residual panel (y - A(mean)) / sigma needs the forward model: pass ``problem`` and ``y``
+    (e.g. from ``load_observation``; the file's XUNITS picks ``physical_forward`` or ``forward``),
+    or a precomputed image-plane ``residual``; without either the panel is left out."""
     from pipeline.io.posterior import read_posterior
 
     d = read_posterior(posterior_path)
+    if residual is None and problem is not None and y is not None:
+        from pipeline.metrics.chi2 import forward_view, normalised_residual
+
+        residual = normalised_residual(forward_view(problem, d["units"]), d["mean"], y)
     pix = obs_pixscale if obs_pixscale is not None else d["obs_pixscale"]
     name = d["obs_file"] or str(posterior_path)
     return plot_lens(out_path, mean=d["mean"], std=d["std"], samples=d["samples"], truth=d["truth"],
