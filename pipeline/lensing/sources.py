@@ -20,6 +20,7 @@ central pixels (as caustics and GalSim's true centre).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -108,6 +109,24 @@ def hst_stamps(npix: int, cfg: HSTConfig, pixscale: float, seed: int, n_max: int
     3 px, Gaussian-smoothed by 1 px) so neighbours and sky noise are removed; centred on the
     flux-weighted centroid with a sub-pixel shift; negatives clipped; flux log-uniform in ``cfg.flux``.
     """
+    stamps, nlab = _hdf_candidates(npix, cfg.min_area, cfg.max_masked_fraction)
+    rng = np.random.default_rng(seed)
+    # a seeded shuffle so that n_max picks a random subset
+    order = rng.permutation(len(stamps))
+    if n_max >= 0:
+        order = order[:n_max]
+    out = np.zeros((len(order), npix, npix), np.float32)
+    for i, j in enumerate(order):
+        flux = _loguniform(rng, *cfg.flux)
+        out[i] = stamps[j] / stamps[j].sum() * flux / pixscale ** 2
+    log.info("HST deep field: %d labelled objects, %d usable %dx%d stamps", nlab, len(stamps), npix, npix)
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _hdf_candidates(npix: int, min_area: int, max_masked_fraction: float) -> tuple[tuple, int]:
+    """The usable stamps (unnormalised, deterministic order) and the number of detections; cached
+    because detection is the slow part and several callers ask for the same grid."""
     from scipy import ndimage as ndi
 
     grey, peak = _hdf_image()
@@ -125,10 +144,9 @@ def hst_stamps(npix: int, cfg: HSTConfig, pixscale: float, seed: int, n_max: int
     areas = ndi.sum_labels(np.ones_like(lab), lab, index=np.arange(1, nlab + 1))
     grown = ndi.grey_dilation(lab, size=(5, 5))  # every segment dilated by 2 px, labels kept
     half = npix // 2
-    rng = np.random.default_rng(seed)
     stamps = []
     for k, sl in enumerate(slices, start=1):
-        if sl is None or areas[k - 1] < cfg.min_area:
+        if sl is None or areas[k - 1] < min_area:
             continue
         h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
         if max(h, w) > 0.7 * npix:
@@ -146,7 +164,7 @@ def hst_stamps(npix: int, cfg: HSTConfig, pixscale: float, seed: int, n_max: int
             continue
         target_grown = ndi.binary_dilation(target, iterations=3)
         others = (grown[r0:r1, c0:c1] > 0) & (grown[r0:r1, c0:c1] != k)
-        if (others & target_grown).sum() >= cfg.max_masked_fraction * target_grown.sum():
+        if (others & target_grown).sum() >= max_masked_fraction * target_grown.sum():
             continue
         weight = ndi.gaussian_filter((target_grown & ~others).astype(np.float64), 1.0)
         stamp = res[r0:r1, c0:c1] * weight
@@ -157,16 +175,7 @@ def hst_stamps(npix: int, cfg: HSTConfig, pixscale: float, seed: int, n_max: int
         if stamp.sum() <= 0:
             continue
         stamps.append(stamp)
-    # a seeded shuffle so that n_max picks a random subset
-    order = rng.permutation(len(stamps))
-    if n_max >= 0:
-        order = order[:n_max]
-    out = np.zeros((len(order), npix, npix), np.float32)
-    for i, j in enumerate(order):
-        flux = _loguniform(rng, *cfg.flux)
-        out[i] = stamps[j] / stamps[j].sum() * flux / pixscale ** 2
-    log.info("HST deep field: %d labelled objects, %d usable %dx%d stamps", nlab, len(stamps), npix, npix)
-    return out
+    return tuple(stamps), nlab
 
 
 # --------------------------------------------------------------------------------------------- user
