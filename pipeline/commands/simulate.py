@@ -40,6 +40,10 @@ def run(args) -> int:
     seed = cfg.simulate_seed if args.seed is None else args.seed
     sources, sh = read_sources(args.sources, args.split)
     g = cfg.geometry
+    if len(sources) == 0:
+        from pipeline.errors import InputFileError
+
+        raise InputFileError(args.sources, "the split holds no sources", field=args.split)
     if sources.shape[1:] != (g.source_npix, g.source_npix):
         from pipeline.errors import InputFileError
 
@@ -57,7 +61,7 @@ def run(args) -> int:
         cfg.noise.sigma = typical_noise_sigma(ref, g, cfg.lens, cfg.noise.target_peak_snr)
         log.info("noise sigma %.4g %s from the TRAIN population (target peak SNR %.1f)", cfg.noise.sigma,
                  cfg.noise.bunit, cfg.noise.target_peak_snr)
-    extra = {"SPLIT": (args.split, "source split"), "SRCFILE": (str(args.sources)[-60:], "sources file"),
+    extra = {"SPLIT": (args.split, "source split"), "SRCFILE": (str(args.sources)[-48:], "sources"),
              "CFGHASH": (config_hash(cfg), "lensing config hash")}
     entries = simulate_set(sources, args.n, args.out, g, cfg.lens, cfg.noise, seed, extra=extra,
                            source_bunit=str(sh.get("BUNIT", cfg.sources.bunit)))
