@@ -336,7 +336,9 @@ def write_training_fits(path, ds: VisionDataset, *, overwrite: bool = True) -> P
     hdr = fits.Header()
     hdr["DATASET"] = (ds.name, "dataset name")
     hdr["STANDIN"] = (bool(ds.standin), "True: not the real dataset (stand-in)")
-    hdr["SOURCE"] = (ds.source[:68], "where the pixels came from")
+    hdr["SOURCE"] = ds.source[:60]  # full text in the HISTORY cards below
+    for i in range(0, len(ds.source), 70):
+        hdr.add_history(ds.source[i:i + 70])
     hdr["VMIN"], hdr["VMAX"] = (-1.0, "pixel range low"), (1.0, "pixel range high")
     hdus = [fits.PrimaryHDU(header=hdr)]
     for split in ("train", "valid", "test"):

@@ -17,7 +17,9 @@ mask, kernel or random draw comes from an explicit integer seed at construction,
 * :class:`NonlinearDeblur` -- **choice made here**: a fixed random motion-blur kernel (a seeded random
   walk, normalised to sum 1, replicate padding) applied to ``u = (x + 1) / 2``, then a saturating
   camera-response curve ``g(b) = 2 (1 - exp(-a b)) / (1 - exp(-a)) - 1`` (a = ``crf_strength``)
-  mapping [0, 1] back to [-1, 1]. Smooth and monotone, so gradients exist everywhere.
+  mapping [0, 1] back to [-1, 1]. Smooth and monotone, so gradients exist everywhere. The blurred
+  irradiance is clipped to [-0.5, 1.5] first: images in [-1, 1] never reach the clip, but a wild
+  sample of an untrained prior would otherwise overflow exp() to inf.
 
 :func:`make_operator` builds one by task name; it is how the bench and configs call them.
 """
@@ -190,6 +192,7 @@ class NonlinearDeblur(InverseProblem):
 
     def camera_response(self, b: torch.Tensor) -> torch.Tensor:
         a = self.crf_strength
+        b = b.clamp(-0.5, 1.5)
         return 2.0 * (1.0 - torch.exp(-a * b)) / (1.0 - math.exp(-a)) - 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
