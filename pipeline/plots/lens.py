@@ -33,8 +33,10 @@ def plot_lens(path, *, mean, std, samples, src_pixscale: float, truth=None, obs=
         panels.append((lab, residual, "res"))
     ncol = 4
     nrow = int(np.ceil(len(panels) / ncol))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.1 * ncol, 2.9 * nrow), squeeze=False,
-                             constrained_layout=True)
+    # a fixed grid: constrained_layout costs ~1 s per figure with eight colour bars
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.1 * ncol, 2.9 * nrow + 0.3), squeeze=False)
+    fig.subplots_adjust(left=0.06, right=0.97, bottom=0.08, top=0.88 if nrow == 1 else 0.92, wspace=0.55,
+                        hspace=0.45)
     for ax, (label, img, kind) in zip(axes.flat, panels):
         img = np.asarray(img, dtype=np.float64)
         if kind == "src":
@@ -51,7 +53,7 @@ def plot_lens(path, *, mean, std, samples, src_pixscale: float, truth=None, obs=
         ax.set_xlabel("x [arcsec]", fontsize=8)
         ax.set_ylabel("y [arcsec]", fontsize=8)
         ax.tick_params(labelsize=7)
-        fig.colorbar(im, ax=ax, shrink=0.8)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_axis_off()
     if title:
