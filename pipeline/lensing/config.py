@@ -91,7 +91,7 @@ class SourcesConfig:
 
     seed: int = 0
     n_galsim: int = field(default=400, metadata={"min": 0})
-    n_hst: int = field(default=-1, metadata={"min": -1})   # -1 = every usable stamp, 0 = none
+    n_hst: int = field(default=400, metadata={"min": -1})  # -1 = every usable stamp, 0 = none
     user_cube: str | None = None                          # FITS cube (N, ny, nx) with PIXSCALE
     user_hdu: str | None = None                           # HDU name (default: first image HDU)
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)   # TRAIN, VALID, TEST

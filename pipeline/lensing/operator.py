@@ -159,12 +159,13 @@ def caustics_forward(sim, src: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     return torch.cat(outs)
 
 
-def assemble_matrix(sim, source_npix: int, chunk: int = 256, device="cpu") -> torch.Tensor:
-    """The linear map of ``sim`` as a sparse COO matrix (m = ny*nx, d = n_s^2), float32.
+def assemble_matrix_probe(sim, source_npix: int, chunk: int = 256, device="cpu") -> torch.Tensor:
+    """The linear map of ``sim`` as a sparse COO matrix (m = ny*nx, d = n_s^2), float32, by probing.
 
-    Columns are probed with unit source images through caustics itself (with ``psf_mode='conv2d'``,
-    whose zeros outside the PSF support are exact), so the matrix carries caustics' conventions
-    (interpolation, padding, pooling) by construction. Cost: d / chunk vmapped forwards."""
+    Columns are unit source images sent through caustics itself (build ``sim`` with
+    ``psf_mode='conv2d'``, whose zeros outside the PSF support are exact). Cost: d / chunk vmapped
+    forwards (seconds at 32^2, ~20 s at 64^2 on one CPU thread); the reference for
+    :func:`assemble_matrix`."""
     d = source_npix * source_npix
     idx_rows, idx_cols, vals = [], [], []
     with torch.no_grad():
@@ -180,6 +181,66 @@ def assemble_matrix(sim, source_npix: int, chunk: int = 256, device="cpu") -> to
     m = cols.shape[1]
     ind = torch.stack([torch.cat(idx_rows), torch.cat(idx_cols)])
     return torch.sparse_coo_tensor(ind, torch.cat(vals), (m, d), check_invariants=False).coalesce()
+
+
+def assemble_matrix(lens: LensParams, image_shape: tuple[int, int], image_pixscale: float, source_npix: int,
+                    source_pixscale: float, supersample: int, psf: np.ndarray | None) -> torch.Tensor:
+    """The caustics ``LensSource`` map as a sparse COO matrix (m = ny*nx, d = n_s^2), float32, built
+    directly: M = Pool . Crop . Conv(PSF) . W, where W holds the bilinear weights of caustics' Pixelated
+    source (``interp2d``, align_corners=False, linear extrapolation inside the outer half-pixel, zero
+    beyond) at the ray-traced positions of the PSF-padded supersampled grid (traced by caustics in
+    float64), Conv is the true convolution with the normalised PSF (caustics' conv2d/fft modes) and Pool
+    the ss x ss average. Matches caustics to ~1e-7 relative (tested) at a cost of milliseconds."""
+    import scipy.sparse as sp
+
+    ny, nx = image_shape
+    ss = int(supersample)
+    k = np.ones((1, 1)) if psf is None else np.asarray(psf, np.float64)
+    k = k / k.sum()
+    hy, hx = k.shape[0] // 2, k.shape[1] // 2
+    Ny, Nx = ny * ss + 2 * hy, nx * ss + 2 * hx           # the padded supersampled grid
+    sim = build_simulator(lens, image_shape, image_pixscale, source_npix, source_pixscale, ss, k,
+                          psf_mode="conv2d", dtype=torch.float64)
+    d_sub = image_pixscale / ss
+    xs = (np.arange(Nx) - (Nx - 1) / 2) * d_sub
+    ys = (np.arange(Ny) - (Ny - 1) / 2) * d_sub
+    gx, gy = np.meshgrid(xs, ys, indexing="xy")
+    with torch.no_grad():
+        bx, by = sim.lens.raytrace(torch.as_tensor(gx.ravel()), torch.as_tensor(gy.ravel()))
+    bx, by = bx.double().numpy(), by.double().numpy()
+    # --- W: caustics interp2d on the source image (h = w = n_s), coordinates normalised to [-1, 1]
+    n = source_npix
+    fov = source_pixscale * n
+    u, v = bx / fov * 2, by / fov * 2
+    inside = (np.abs(u) <= 1) & (np.abs(v) <= 1)
+    px, py = 0.5 * ((u + 1) * n - 1), 0.5 * ((v + 1) * n - 1)
+    x0 = np.clip(np.floor(px), 0, n - 2).astype(np.int64)
+    y0 = np.clip(np.floor(py), 0, n - 2).astype(np.int64)
+    dx0, dy0 = px - x0, py - y0
+    dx1, dy1 = 1 - dx0, 1 - dy0
+    rows = np.nonzero(inside)[0]
+    x0, y0, dx0, dy0, dx1, dy1 = (a[rows] for a in (x0, y0, dx0, dy0, dx1, dy1))
+    W = sp.coo_matrix((np.concatenate([dx1 * dy1, dx1 * dy0, dx0 * dy1, dx0 * dy0]),
+                       (np.tile(rows, 4), np.concatenate([y0 * n + x0, (y0 + 1) * n + x0, y0 * n + x0 + 1,
+                                                          (y0 + 1) * n + x0 + 1]))),
+                      shape=(Ny * Nx, n * n)).tocsr()
+    # --- K = Pool . Crop . Conv: image pixel (i, j) <- sub-pixel (hy + i ss + a - qy, hx + j ss + b - qx)
+    ii, jj = np.meshgrid(np.arange(ny), np.arange(nx), indexing="ij")
+    a, b = np.meshgrid(np.arange(ss), np.arange(ss), indexing="ij")
+    qy, qx = np.meshgrid(np.arange(-hy, hy + 1), np.arange(-hx, hx + 1), indexing="ij")
+    r = (hy + ii[:, :, None, None, None, None] * ss + a[None, None, :, :, None, None]
+         - qy[None, None, None, None, :, :])
+    c = (hx + jj[:, :, None, None, None, None] * ss + b[None, None, :, :, None, None]
+         - qx[None, None, None, None, :, :])
+    wts = np.broadcast_to(k[None, None, None, None, :, :] / (ss * ss), r.shape)
+    out_idx = np.broadcast_to((ii * nx + jj)[:, :, None, None, None, None], r.shape)
+    ok = (r >= 0) & (r < Ny) & (c >= 0) & (c < Nx) & (wts != 0)
+    K = sp.coo_matrix((wts[ok], (out_idx[ok], (r * Nx + c)[ok])), shape=(ny * nx, Ny * Nx)).tocsr()
+    M = (K @ W).tocoo()
+    M.eliminate_zeros()
+    ind = torch.as_tensor(np.stack([M.row, M.col]).astype(np.int64))
+    return torch.sparse_coo_tensor(ind, torch.as_tensor(M.data, dtype=torch.float32), (ny * nx, n * n),
+                                   check_invariants=False).coalesce()
 
 
 # ------------------------------------------------------------------------------- the problem
@@ -225,9 +286,8 @@ class LensingProblem(LinearInverseProblem):
                   device="cpu", meta: dict | None = None) -> "LensingProblem":
         """Assemble the sparse operator for ``lens`` once. ``psf`` is at the supersampled scale;
         ``unit_factor`` multiplies caustics' mean surface brightness (pixel area for flux per pixel)."""
-        sim = build_simulator(lens, tuple(image_shape), image_pixscale, source_npix, source_pixscale,
-                              supersample, psf, psf_mode="conv2d", device=device)
-        M = assemble_matrix(sim, source_npix, device=device)
+        M = assemble_matrix(lens, tuple(image_shape), image_pixscale, source_npix, source_pixscale, supersample,
+                            psf).to(device)
         if unit_factor != 1.0:
             M = torch.sparse_coo_tensor(M.indices(), M.values() * float(unit_factor), M.shape,
                                         check_invariants=False).coalesce()
