@@ -130,10 +130,10 @@ class LensConfig:
 
 @dataclass
 class NoiseConfig:
-    """Noise map. ``sigma`` fixed in SCI units (flux per pixel), or null: sigma = (median over TRAIN
-    sources of the peak of the noiseless lensed image, for lenses at the middle of the ranges) /
-    ``target_peak_snr``. Either way sigma is independent of each truth (DESIGN 6). ``poisson`` adds the
-    source's Poisson variance (realism sets only: it leaks the truth into NOISE)."""
+    """Noise map. ``sigma`` fixed in SCI units (flux per pixel), or null: sigma = median over up to 128
+    TRAIN sources (each lensed by a lens drawn from the ranges with a fixed seed) of the noiseless image
+    peak / ``target_peak_snr``. Either way sigma is independent of each truth (DESIGN 6). ``poisson``
+    adds the source's Poisson variance (realism sets only: it leaks the truth into NOISE)."""
 
     sigma: float | None = field(default=None, metadata={"gt": 0})
     target_peak_snr: float = field(default=25.0, metadata={"gt": 0})
