@@ -52,6 +52,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples for TARP bands (default 500)")
     parser.add_argument("--n-null", type=int, default=300,
                         help="simulated calibrated sets for the TARP null distribution (default 300)")
+    parser.add_argument("--tarp-norm", default="pooled", choices=["pooled", "truths", "none"],
+                        help="TARP coordinate normalisation: pooled min/max of samples and truths (default; keeps "
+                             "the null exact for few observations), truths only (the tarp package), or none")
     parser.add_argument("--footprint-frac", type=float, default=0.1,
                         help="footprint = truth > FRAC * peak(truth) (default 0.1)")
     parser.add_argument("--lens-figures", type=int, default=2,
@@ -135,7 +138,7 @@ def _nan_to_none(obj):
 
 
 def evaluate_method(records: list[dict], *, prior_std, n_bins: int, rng: np.random.Generator,
-                    n_boot: int, null, footprint_frac: float) -> dict:
+                    n_boot: int, null, footprint_frac: float, tarp_norm: str = "pooled") -> dict:
     """Metrics of one method on one set. ``records``: per observation, dicts with samples
     (n_s, ny, nx), mean, std, truth, chi2 (dict from chi2_per_sample or None), logz, seconds, obs."""
     from pipeline.metrics.coverage import footprint, interval_coverage
@@ -146,7 +149,7 @@ def evaluate_method(records: list[dict], *, prior_std, n_bins: int, rng: np.rand
     truths = np.stack([r["truth"] for r in records])
     n_obs, n_s = samples.shape[:2]
     t = tarp_summary(samples.reshape(n_obs, n_s, -1), truths.reshape(n_obs, -1), n_bins=n_bins, rng=rng,
-                     n_boot=n_boot, null=null)
+                     n_boot=n_boot, null=null, norm=tarp_norm)
     fp = footprint(truths, footprint_frac)
     cov = interval_coverage(samples, truths, levels=PIXEL_LEVELS)
     cov_fp = interval_coverage(samples, truths, levels=PIXEL_LEVELS, mask=fp)
@@ -210,7 +213,7 @@ def _write_json_atomic(path: Path, data) -> None:
 def run_calibration(posteriors, observations, set_name: str, out_dir, *, loader=None, config=None,
                     prior_samples=None, n_bins: int = 10, n_boot: int = 500, n_null: int = 300,
                     footprint_frac: float = 0.1, lens_figures: int = 2, seed: int = 0,
-                    merge: bool = False) -> dict:
+                    merge: bool = False, tarp_norm: str = "pooled") -> dict:
     """Library form of the command; ``loader(path) -> (problem, y, truth)`` reads an observation
     (default: :func:`default_loader`). Returns the summary written to ``out_dir/summary.json``."""
     import torch
@@ -282,10 +285,11 @@ def run_calibration(posteriors, observations, set_name: str, out_dir, *, loader=
                 r["samples"] = r["samples"][:n_s]
         key = (len(recs), n_s, int(np.prod(recs[0]["truth"].shape)))
         if key not in nulls:  # methods on the same set share one null distribution
-            nulls[key] = tarp_null(key[0], key[1], key[2], n_bins=n_bins, rng=rng, n_sim=n_null)
+            nulls[key] = tarp_null(key[0], key[1], key[2], n_bins=n_bins, rng=rng, n_sim=n_null, norm=tarp_norm,
+                                   max_dims=key[2] if tarp_norm == "truths" else 256)
         log.info("%s: %d observations x %d samples", method, len(recs), n_s)
         results[method] = evaluate_method(recs, prior_std=prior_std, n_bins=n_bins, rng=rng, n_boot=n_boot,
-                                          null=nulls[key], footprint_frac=footprint_frac)
+                                          null=nulls[key], footprint_frac=footprint_frac, tarp_norm=tarp_norm)
         results[method]["prior_std_source"] = prior_source
         pngs = []
         for r in recs[:max(0, lens_figures)]:
@@ -320,7 +324,7 @@ def run_calibration(posteriors, observations, set_name: str, out_dir, *, loader=
     summary.setdefault("sets", {})[set_name] = results
     summary.setdefault("figures", {})[set_name] = {"coverage": cov_png.name, "lenses": lens_pngs}
     summary.setdefault("settings", {})[set_name] = {
-        "n_alpha_bins": n_bins, "n_boot": n_boot, "n_null": n_null, "seed": seed, "footprint_frac": footprint_frac,
+        "n_alpha_bins": n_bins, "tarp_norm": tarp_norm, "n_boot": n_boot, "n_null": n_null, "seed": seed, "footprint_frac": footprint_frac,
         "pixel_levels": PIXEL_LEVELS, "tarp_band_percentiles": [2.5, 97.5], "prior_std_source": prior_source,
         "seconds_calibrate": round(time.time() - t0, 2),
     }
@@ -336,5 +340,5 @@ def run(args) -> int:
     run_calibration(args.posteriors, args.observations, args.set_name, args.out, config=args.config,
                     prior_samples=args.prior_samples, n_bins=args.alpha_bins, n_boot=args.n_boot,
                     n_null=args.n_null, footprint_frac=args.footprint_frac, lens_figures=args.lens_figures,
-                    seed=args.seed, merge=args.merge)
+                    seed=args.seed, merge=args.merge, tarp_norm=args.tarp_norm)
     return 0
