@@ -314,5 +314,7 @@ def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs
         log.info("%s %s: %.1f s, chi2_nu median %.3f, log Z %s", method, name, seconds,
                  results[-1]["chi2_median"], None if logz is None else round(logz["elbo"], 2))
         if png:
-            from pipeline.plots import lens_figure  # noqa: F401  (optional per-observation figure)
+            from pipeline.plots.lens import plot_posterior_file
+
+            plot_posterior_file(target, png, obs_pixscale=meta.get("pixscale"))
     return results

@@ -31,6 +31,8 @@ rule sample:
         obs="results/observations/{set}",
     output:
         directory("results/posteriors/{set}/{method}"),
+    params:
+        n=config["calibration"]["n_samples"],
     log:
         "logs/sample/{set}_{method}.log",
     benchmark:
@@ -38,4 +40,4 @@ rule sample:
     shell:
         "{PY} -m pipeline sample --config {input.cfg} --method {wildcards.method}"
         " --prior {input.prior} --posterior {input.posterior} --obs {input.obs}"
-        " --out {output} > {log} 2>&1"
+        " --n {params.n} --out {output} > {log} 2>&1"
