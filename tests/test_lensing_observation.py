@@ -182,6 +182,29 @@ def test_nan_pixels_masked_with_warning_and_user_mask(obs_file, tmp_path, caplog
     assert prob2.n_data == 16
 
 
+def test_lens_light_hdu_is_subtracted(obs_file, tmp_path):
+    path, _ = obs_file
+    yy, xx = np.mgrid[:16, :16]
+    light = (5.0 * np.exp(-((xx - 7.5) ** 2 + (yy - 7.5) ** 2) / 8.0)).astype(np.float32)
+
+    def add(hl):
+        hl["SCI"].data = hl["SCI"].data + light
+        hl.append(fits.ImageHDU(light, name="LENSLIGHT"))
+
+    f = _edit(path, tmp_path / "light.fits", add)
+    p1, y1, m1 = load_observation(path, CFG)
+    p2, y2, m2 = load_observation(f, CFG)
+    assert m2["lens_light_subtracted"] and not m1["lens_light_subtracted"]
+    assert torch.allclose(y1, y2, atol=1e-5)
+
+    def bad(hl):
+        hl["LENSLIGHT"].data = hl["LENSLIGHT"].data[:4]
+
+    g = _edit(f, tmp_path / "badlight.fits", bad)
+    with pytest.raises(InputFileError, match=r"\[LENSLIGHT\].*shape"):
+        load_observation(g, CFG)
+
+
 def test_lens_from_yaml_beside_file(obs_file, tmp_path):
     path, _ = obs_file
 

@@ -1,6 +1,7 @@
 """Reading an observation FITS file into a :class:`LensingProblem` (the contract with users).
 
-File: ImageHDUs ``SCI`` (lens-light-subtracted image), ``NOISE`` (1 sigma, SCI's unit, uncorrelated),
+File: ImageHDUs ``SCI`` (lens-light-subtracted image, or with an optional ``LENSLIGHT`` HDU holding the
+lens light model in SCI's units, which is subtracted on read), ``NOISE`` (1 sigma, SCI's unit, uncorrelated),
 ``PSF`` (odd, sums to 1, ``PSFSAMP`` [arcsec/px]; the optical PSF *without* pixel response, resampled
 to the supersampled scale by :func:`pipeline.lensing.operator.resample_psf`; it is in SCI's pixel
 orientation), optional ``MASK`` (``MASKTYPE`` 'GOOD' (default): nonzero = used; 'BAD': nonzero = ignored),
@@ -231,6 +232,19 @@ def load_observation(path, config: LensingConfig | None = None, *, device="cpu",
     if not bunit:
         warn("SCI has no BUNIT: taken as flux per pixel")
 
+    lens_light = False
+    if "LENSLIGHT" in hdus and hdus["LENSLIGHT"][0] is not None:
+        ll, llh = hdus["LENSLIGHT"]
+        if ll.shape != sci.shape:
+            raise InputFileError(path, f"LENSLIGHT shape {ll.shape} != SCI shape {sci.shape}", field="LENSLIGHT")
+        if not np.isfinite(ll).all():
+            raise InputFileError(path, "LENSLIGHT contains NaN or inf", field="LENSLIGHT")
+        lb = str(llh.get("BUNIT", bunit)).strip()
+        if lb != bunit:
+            raise InputFileError(path, f"LENSLIGHT BUNIT {lb!r} differs from SCI BUNIT {bunit!r}", field="LENSLIGHT.BUNIT")
+        sci = sci - ll
+        lens_light = True
+
     # mask ----------------------------------------------------------------------------------------
     mask = np.ones(sci.shape, bool)
     if "MASK" in hdus and hdus["MASK"][0] is not None:
@@ -327,7 +341,7 @@ def load_observation(path, config: LensingConfig | None = None, *, device="cpu",
         "psf_shape": tuple(psf.shape), "psfsamp": psfsamp, "psf_fwhm": psf_fwhm(psf, psfsamp),
         "psf_used": psf_used, "mask": mask, "mask_fraction": float(1 - mask.mean()),
         "n_nan": int(bad.sum()), "peak_snr_data": float(snr.max()), "truth": truth,
-        "header_source_grid": (hdr_ns, hdr_sps), "warnings": warnings,
+        "header_source_grid": (hdr_ns, hdr_sps), "lens_light_subtracted": lens_light, "warnings": warnings,
     }
     if truth is not None:
         model = problem.physical_forward(torch.as_tensor(truth, device=problem.device)[None])[0].cpu().numpy()
