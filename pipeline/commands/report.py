@@ -224,7 +224,8 @@ def build_report(cal_dir, out_path, *, figures=(), sections=(), title="Calibrati
         doc.p(f"Set **{s}**: {any_r['n_obs']} observations, {any_r['n_samples']} posterior samples per "
               f"observation and method, TARP with {any_r['n_alpha_bins']} fixed alpha bins "
               f"(null distribution from {settings.get(s, {}).get('n_null', 'n/a')} simulated calibrated sets "
-              f"of the same size; bands are 95 % bootstrap intervals over observations).")
+              f"of the same size; bands are 95 % bootstrap intervals over observations; coordinates normalised "
+              f"by the {settings.get(s, {}).get('tarp_norm', 'pooled')} min/max).")
     doc.h(2, "Results")
     rows = []
     for s in set_order:
@@ -237,7 +238,7 @@ def build_report(cal_dir, out_path, *, figures=(), sections=(), title="Calibrati
                          _fmt(acc["tarp"]), _fmt(r.get("coverage68")), _fmt(r.get("coverage95")),
                          _fmt(r.get("coverage68_footprint")), _fmt(r.get("coverage95_footprint")),
                          _fmt(r.get("chi2_median")), _fmt(r.get("chi2_arc_median")), _fmt(r.get("sharpness")),
-                         _fmt(r.get("mean_err")), logz_summary(r.get("logz")), _fmt(r.get("seconds"), 4)])
+                         _fmt(r.get("mean_err")), logz_summary(r.get("logz")), "n/a" if r.get("seconds") is None else f"{r['seconds']:.1f}"])
     doc.table(COLUMNS, rows)
     doc.p("Columns: TARP max dev = max|ECP - alpha| over the alpha grid (its 95 % bootstrap interval in brackets); "
           "null p95 = 95th percentile of the same statistic for exactly calibrated posteriors with this many "
