@@ -3,8 +3,10 @@
 ``encode(x)``: images (B, C, H, W) in [-1, 1] -> latents (B, latent_channels, H/f, W/f) with
 f = 2**n_down, divided by ``latent_scale`` so the latent training set has unit standard deviation
 (the diffusion prior's N(0, I) start then matches the data scale; Rombach et al.'s scale factor).
-``decode(z)``: latents -> images, approximately in [-1, 1] (a linear output layer: a tanh output
-saturated at the MNIST background and collapsed training to a constant image). The likelihood of a latent problem goes
+``decode(z)``: latents -> images ``OUT_BOUND * tanh(h / OUT_BOUND)`` with OUT_BOUND = 2: trained
+end to end, so images in [-1, 1] need only moderate pre-activations (a plain tanh saturated at the MNIST
+background and collapsed training to a constant image), while any latent, however wild, decodes to a
+bounded image (the likelihood through the decoder stays finite for samples of an untrained prior). The likelihood of a latent problem goes
 through ``decode`` (:class:`pipeline.vision.latent.LatentProblem`).
 
 Training is plain MSE reconstruction plus a small L2 penalty on the raw latents (keeps the latent
@@ -33,6 +35,13 @@ from pipeline.errors import InputFileError
 from pipeline.runtime import tqdm_disable
 
 log = logging.getLogger(__name__)
+
+
+OUT_BOUND = 2.0
+
+
+def _bound(h: torch.Tensor) -> torch.Tensor:
+    return OUT_BOUND * torch.tanh(h / OUT_BOUND)
 
 
 class _Res(nn.Module):
@@ -94,8 +103,8 @@ class AutoEncoder(nn.Module):
         return self.encoder(x) / self.latent_scale
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Normalised latents -> images (approximately in [-1, 1]; not clipped, so gradients flow)."""
-        return self.decoder(z * self.latent_scale)
+        """Normalised latents -> images (in [-1, 1] for codes of real images; bounded by +-OUT_BOUND)."""
+        return _bound(self.decoder(z * self.latent_scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
@@ -127,7 +136,7 @@ def train_autoencoder(images, *, latent_channels: int = 4, base_channels: int = 
         idx = torch.randint(0, len(x_all), (batch_size,), generator=g)
         x = x_all[idx].to(device)
         z = ae.encode_raw(x)
-        rec = ae.decoder(z)
+        rec = _bound(ae.decoder(z))
         mse = F.mse_loss(rec, x)
         loss = mse + latent_l2 * z.pow(2).mean()
         opt.zero_grad(set_to_none=True)

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import config_hash, from_mapping, load_section
+from pipeline.config import config_hash, from_mapping
 from pipeline.errors import ConfigError
 from pipeline.vision.config import QUICK, VisionConfig, method_applies
 
@@ -307,41 +307,81 @@ def tune_dps_scale(cfg: VisionConfig, task: Task, generator) -> tuple[float, lis
     return float(best["scale"]), rec
 
 
+def _cond_fn_for(task: Task):
+    """The observation enters RTB's head as extra image channels when it lives on x's grid (pixel-space
+    inpainting and deblurring); otherwise (phase retrieval, latent space) only through the likelihood-
+    gradient feature, and cond is an empty (B, 0, H, W) tensor so replay and batching still work."""
+    C, H, W = task.prior.event_shape
+    use_image = task.space == "pixel" and tuple(task.problem.y_shape) == tuple(task.problem.x_shape)
+
+    def cond_fn(y):
+        if use_image:
+            return y
+        return torch.zeros((y.shape[0], 0, H, W), dtype=y.dtype, device=y.device)
+
+    return cond_fn, (C if use_image else 0)
+
+
+def _rtb_config(cfg: VisionConfig, guidance: str, scale: float, dps_scale: float):
+    from pipeline.rtb.config import RTBConfig
+
+    return RTBConfig(K=cfg.K, variance=cfg.variance, parameterisation="head", head_preset=cfg.rtb_head,
+                     features=["x0hat", "grad"], guidance=guidance, guidance_scale=scale,
+                     amortized=True, logz="vargrad", group_size=cfg.rtb_group, steps=cfg.rtb_steps,
+                     batch_size=cfg.rtb_batch, lr=cfg.rtb_lr, replay_rate=cfg.rtb_replay_rate,
+                     prior_rate=0.0, tempered_rate=0.1,
+                     dps_rate=cfg.rtb_dps_rate if guidance == "none" else 0.0, dps_scale=dps_scale,
+                     seed=cfg.seed, device=cfg.device, log_every=max(1, cfg.rtb_steps // 20),
+                     checkpoint_every=max(1, cfg.rtb_steps), eval_samples=cfg.n_samples)
+
+
+def _policy_samples(post, cond_fn, y, n, generator, K):
+    from pipeline.rtb.objective import policy_rollout
+    from pipeline.samplers.base import Samples
+
+    cond = cond_fn(y[None])[0]
+    b = policy_rollout(post, n, y, cond, generator=generator)
+    return Samples(x0=b.x0, log_r=b.log_r, log_q_traj=b.log_q(), log_p_traj=b.log_p(), nfe=2 * K - 1,
+                   info={"prior_nfe": K, "head_nfe": K - 1})
+
+
+def tune_rtb_dps_scale(cfg: VisionConfig, task: Task, generator) -> tuple[float, list[dict]]:
+    """Scale of RTB+DPS's frozen (Jacobian-free) DPS guidance, picked by ELBO of the untrained policy
+    (q = prior + guidance: the head starts at zero) on the tuning observation. The frozen guidance uses
+    d x0_hat / d x_k ~ I / sqrt(abar_k), far stronger than the network's Jacobian at high noise, so the
+    network-DPS scale does not transfer."""
+    from pipeline.rtb.posterior import build_posterior, posterior_spec
+
+    cond_fn, cond_channels = _cond_fn_for(task)
+    y = task.ys[-1]
+    rec = []
+    for scale in cfg.rtb_dps_grid:
+        spec = posterior_spec(task.prior, _rtb_config(cfg, "dps", scale, scale), cond_channels=cond_channels)
+        post = build_posterior(task.prior, task.problem, spec)
+        s = _policy_samples(post, cond_fn, y, cfg.n_samples, generator, cfg.K)
+        lz = _logz_from_samples(s)
+        rec.append({"scale": scale, "mean_log_r": float(s.log_r.mean()), "elbo": lz["elbo"]})
+    best = max(rec, key=lambda r: -math.inf if r["elbo"] is None else r["elbo"])
+    return float(best["scale"]), rec
+
+
 class RTBMethod:
     """Amortized RTB posterior for one task (optionally with frozen DPS guidance): train, then sample."""
 
-    def __init__(self, cfg: VisionConfig, task: Task, ctx: Context, *, guidance: str, dps_scale: float):
-        from pipeline.rtb.config import RTBConfig
+    def __init__(self, cfg: VisionConfig, task: Task, ctx: Context, *, guidance: str, scale: float,
+                 dps_scale: float):
         from pipeline.rtb.posterior import build_posterior, posterior_spec
         from pipeline.rtb.trainer import RTBTrainer
 
         self.task, self.guidance = task, guidance
-        C = task.prior.event_shape[0]
-        # the observation enters as extra image channels when it lives on the same grid as x;
-        # otherwise (phase retrieval, latent) only through the likelihood-gradient feature
-        self.cond_image = task.space == "pixel" and tuple(task.problem.y_shape) == tuple(task.problem.x_shape)
-        cond_channels = C if self.cond_image else 0
-        H, W = task.prior.event_shape[1:]
-
-        def cond_fn(y):
-            if self.cond_image:
-                return y
-            return torch.zeros((y.shape[0], 0, H, W), dtype=y.dtype, device=y.device)
-
-        self.cond_fn = cond_fn
-        self.rcfg = RTBConfig(K=cfg.K, variance=cfg.variance, parameterisation="head", head_preset=cfg.rtb_head,
-                              features=["x0hat", "grad"], guidance=guidance, guidance_scale=dps_scale,
-                              amortized=True, logz="vargrad", group_size=cfg.rtb_group, steps=cfg.rtb_steps,
-                              batch_size=cfg.rtb_batch, lr=cfg.rtb_lr, replay_rate=cfg.rtb_replay_rate,
-                              prior_rate=0.0, tempered_rate=0.1,
-                              dps_rate=cfg.rtb_dps_rate if guidance == "none" else 0.0, dps_scale=dps_scale,
-                              seed=cfg.seed, device=cfg.device, log_every=max(1, cfg.rtb_steps // 20),
-                              checkpoint_every=max(1, cfg.rtb_steps), eval_samples=cfg.n_samples)
+        self.cond_fn, cond_channels = _cond_fn_for(task)
+        self.rcfg = _rtb_config(cfg, guidance, scale, dps_scale)
         spec = posterior_spec(task.prior, self.rcfg, cond_channels=cond_channels)
         self.post = build_posterior(task.prior, task.problem, spec)
         name = f"{task.ds_name}-{task.space}-{task.task}-{'rtb_dps' if guidance != 'none' else 'rtb'}"
-        run_dir = ctx.out / "rtb" / f"{name}-{config_hash(self.rcfg.hash_fields())}-{config_hash(spec)}"
-        self.trainer = RTBTrainer(self.post, self.rcfg, obs_sampler=task.obs_sampler, cond_fn=cond_fn,
+        prior_id = str(task.prior.meta.get("checkpoint", ""))
+        run_dir = ctx.out / "rtb" / f"{name}-{config_hash([self.rcfg.hash_fields(), spec, prior_id])}"
+        self.trainer = RTBTrainer(self.post, self.rcfg, obs_sampler=task.obs_sampler, cond_fn=self.cond_fn,
                                   run_dir=run_dir, metrics_path=run_dir / "metrics.jsonl", spec=spec)
         t0 = time.perf_counter()
         self.trainer.resume()
@@ -351,16 +391,9 @@ class RTBMethod:
         self.n_head_params = sum(p.numel() for p in self.post.trainable_parameters())
 
     def sample(self, y, n, generator):
-        from pipeline.rtb.objective import policy_rollout
-        from pipeline.samplers.base import Samples
-
-        y = y.to(self.task.truths.device)
-        cond = self.cond_fn(y[None])[0]
         with self.trainer.ema_weights():
-            b = policy_rollout(self.post, n, y, cond, generator=generator)
-        K = self.task.chain.K
-        return Samples(x0=b.x0, log_r=b.log_r, log_q_traj=b.log_q(), log_p_traj=b.log_p(), nfe=2 * K - 1,
-                       info={"prior_nfe": K, "head_nfe": K - 1})
+            return _policy_samples(self.post, self.cond_fn, y.to(self.task.truths.device), n, generator,
+                                   self.task.chain.K)
 
     def budget(self, cfg: VisionConfig) -> str:
         return (f"K={cfg.K}; train {self.summary['steps']} it x {cfg.rtb_batch} traj "
@@ -427,6 +460,12 @@ def run_bench(cfg: VisionConfig) -> dict:
             dps_scale, rec = tune_dps_scale(cfg, task, gen)
             tuning[task.key] = {"chosen": dps_scale, "metric": cfg.dps_tune_metric, "grid": rec}
             log.info("%s: DPS scale %.3g (by %s)", task.key, dps_scale, cfg.dps_tune_metric)
+        rtb_dps_scale = cfg.rtb_dps_scale
+        if cfg.dps_tune and "rtb_dps" in cfg.methods:
+            rtb_dps_scale, rec = tune_rtb_dps_scale(cfg, task, gen)
+            tuning[task.key + " (rtb_dps frozen guidance)"] = {"chosen": rtb_dps_scale, "metric": "elbo",
+                                                                "grid": rec}
+            log.info("%s: RTB+DPS guidance scale %.3g", task.key, rtb_dps_scale)
         fig_panels = {}
         for method in cfg.methods:
             if not method_applies(method, task_name, space):
@@ -434,7 +473,7 @@ def run_bench(cfg: VisionConfig) -> dict:
             t0 = time.perf_counter()
             if method in ("rtb_amortized", "rtb_dps"):
                 m = RTBMethod(cfg, task, ctx, guidance="none" if method == "rtb_amortized" else "dps",
-                              dps_scale=dps_scale)
+                              scale=rtb_dps_scale, dps_scale=dps_scale)
                 sample_fn, budget = m.sample, m.budget(cfg)
                 train_s = m.train_seconds
                 extra = {"rtb_summary": m.summary}

@@ -61,7 +61,10 @@ class VisionConfig:
     # baselines
     dps_scale: float = field(default=0.05, metadata={"min": 0.0})   # default if not tuned (whitened-norm units)
     dps_tune: bool = True                                          # pick the scale on a separate observation
-    dps_grid: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3], metadata={"min": 0.0})
+    dps_grid: list[float] = field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1], metadata={"min": 0.0})
+    rtb_dps_scale: float = field(default=0.001, metadata={"min": 0.0})  # frozen guidance of RTB+DPS if not tuned
+    rtb_dps_grid: list[float] = field(default_factory=lambda: [0.0001, 0.0003, 0.001, 0.003, 0.01],
+                                      metadata={"min": 0.0})
     dps_tune_metric: str = field(default="elbo", metadata={"choices": ["elbo", "log_r"]})
     dps_cla_scale: float = field(default=1.0, metadata={"min": 0.0})
     prior_is_particles: int = field(default=16, metadata={"min": 1})
@@ -89,12 +92,14 @@ class VisionConfig:
             raise ConfigError(source, prefix + "methods", "no method selected")
         if self.dps_tune and not self.dps_grid:
             raise ConfigError(source, prefix + "dps_grid", "dps_tune needs a non-empty grid")
+        if self.dps_tune and not self.rtb_dps_grid:
+            raise ConfigError(source, prefix + "rtb_dps_grid", "dps_tune needs a non-empty grid")
 
 
 QUICK = dict(datasets=["mnist"], tasks=["box_inpaint", "nonlinear_deblur"], latent_datasets=["mnist"],
              latent_tasks=["box_inpaint"], n_obs=2, n_samples=8, K=10, prior_unet="tiny", prior_steps=300,
              latent_prior_steps=300, ae_steps=200, rtb_steps=10, rtb_batch=8, rtb_group=4, prior_is_particles=8,
-             fps_smc_particles=4, dps_grid=[0.03, 0.3], figure_samples=3)
+             fps_smc_particles=4, dps_grid=[0.003, 0.03], rtb_dps_grid=[0.0003, 0.003], figure_samples=3)
 
 
 def method_applies(method: str, task: str, space: str) -> bool:
