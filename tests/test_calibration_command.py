@@ -136,3 +136,18 @@ def test_calibrate_then_report(tmp_path):
         assert (rep.parent / rel).is_file()
     html = (tmp_path / "results" / "report.html").read_text()
     assert html.count("<img") == 6 and "<table>" in html
+
+
+def test_no_truth_is_refused(tmp_path):
+    from pipeline.errors import PipelineError
+
+    obs_dir = tmp_path / "obs"
+    obs_dir.mkdir()
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(np.zeros((NI, NI), np.float32), name="SCI")]).writeto(
+        obs_dir / "user.fits")
+    write_posterior(tmp_path / "post" / "user.fits", np.zeros((4, NS, NS)), src_pixscale=0.05, method="rtb",
+                    obs_file="user.fits")
+    with pytest.raises(PipelineError, match="nothing to calibrate"):
+        run_calibration([str(tmp_path / "post")], obs_dir, "heldout", tmp_path / "cal",
+                        loader=lambda p: (None, None, None))
+    assert not (tmp_path / "cal").exists()

@@ -233,32 +233,57 @@ def run_calibration(posteriors, observations, set_name: str, out_dir, *, loader=
         raise PipelineError(f"--alpha-bins must be >= 1, got {n_bins}")
     files = expand_posteriors(posteriors)
     loader = loader or default_loader(config)
-    cache: dict[Path, tuple] = {}
     by_method: dict[str, list[dict]] = {}
+    by_obs: dict[Path, list[dict]] = {}
     for f in files:
         d = read_posterior(f)
         method = d["method"] or f.parent.name
         obs_path = obs_dir / (d["obs_file"] or f.name)
         if not obs_path.is_file():
             raise InputFileError(f, f"its observation {obs_path.name} is not in {obs_dir}", "OBSFILE")
-        if obs_path not in cache:
-            cache[obs_path] = loader(obs_path)
-        problem, y, obs_truth = cache[obs_path]
-        truth = d["truth"] if d["truth"] is not None else obs_truth
-        if truth is None:
-            log.warning("%s: no truth (TRUTH HDU) in the posterior or the observation: skipped", f)
-            continue
-        if truth.shape != d["samples"].shape[1:]:
-            raise InputFileError(f, f"TRUTH {truth.shape} and SAMPLES {d['samples'].shape[1:]} differ", "TRUTH")
-        chi = None
-        if problem is not None:
-            view = forward_view(problem, d["units"])
-            chi = chi2_per_sample(view, torch.from_numpy(d["samples"]), y)
-        by_method.setdefault(method, []).append({
-            "samples": d["samples"], "mean": d["mean"], "std": d["std"], "truth": np.asarray(truth, np.float32),
-            "chi2": chi, "logz": (d["logz"] if d["logz_available"] else None), "seconds": d["seconds"],
-            "obs": obs_path.name, "file": f, "src_pixscale": d["src_pixscale"], "units": d["units"],
-        })
+        rec = {"samples": d["samples"], "mean": d["mean"], "std": d["std"], "truth": d["truth"], "chi2": None,
+               "logz": (d["logz"] if d["logz_available"] else None), "seconds": d["seconds"],
+               "obs": obs_path.name, "file": f, "src_pixscale": d["src_pixscale"], "units": d["units"],
+               "method": method, "residual": None, "obs_img": None, "obs_pix": None}
+        by_method.setdefault(method, []).append(rec)
+        by_obs.setdefault(obs_path, []).append(rec)
+    # per-lens figures: the first N observations (sorted by name) of every method
+    figure_obs = {(m, o) for m, recs in by_method.items()
+                  for o in sorted(r["obs"] for r in recs)[:max(0, lens_figures)]}
+    # observation-major: each operator is built once and dropped before the next (a 64x64 sparse
+    # lensing operator can take hundreds of MB, so they are not all kept)
+    for obs_path in sorted(by_obs):
+        problem, y, obs_truth = loader(obs_path)
+        for rec in by_obs[obs_path]:
+            if rec["truth"] is None:
+                rec["truth"] = obs_truth
+            if rec["truth"] is None:
+                continue
+            rec["truth"] = np.asarray(rec["truth"], np.float32)
+            if rec["truth"].shape != rec["samples"].shape[1:]:
+                raise InputFileError(rec["file"], f"TRUTH {rec['truth'].shape} and SAMPLES "
+                                     f"{rec['samples'].shape[1:]} differ", "TRUTH")
+            if problem is None:
+                continue
+            view = forward_view(problem, rec["units"])
+            rec["chi2"] = chi2_per_sample(view, torch.from_numpy(rec["samples"]), y)
+            if (rec["method"], rec["obs"]) in figure_obs:
+                img = np.asarray(y.detach().cpu() if hasattr(y, "detach") else y, dtype=np.float64)
+                if img.ndim == 2:  # an image (not a vector-valued toy problem)
+                    rec["residual"] = normalised_residual(view, rec["mean"], y)
+                    rec["obs_img"] = img
+                    rec["obs_pix"] = (problem.meta.get("image_pixscale")
+                                      if isinstance(getattr(problem, "meta", None), dict) else None)
+        del problem
+    for method in list(by_method):
+        kept = [r for r in by_method[method] if r["truth"] is not None]
+        for r in by_method[method]:
+            if r["truth"] is None:
+                log.warning("%s: no truth (TRUTH HDU) in the posterior or the observation: skipped", r["file"])
+        if kept:
+            by_method[method] = kept
+        else:
+            del by_method[method]
     if not by_method:
         raise PipelineError("no posterior with a known truth: nothing to calibrate")
 
@@ -292,16 +317,10 @@ def run_calibration(posteriors, observations, set_name: str, out_dir, *, loader=
                                           null=nulls[key], footprint_frac=footprint_frac, tarp_norm=tarp_norm)
         results[method]["prior_std_source"] = prior_source
         pngs = []
-        for r in recs[:max(0, lens_figures)]:
-            problem, y, _ = cache[obs_dir / r["obs"]]
-            res, obs_img, obs_pix = None, None, None
-            if problem is not None:
-                view = forward_view(problem, r["units"])
-                res = normalised_residual(view, r["mean"], y)
-                obs_img = np.asarray(y.detach().cpu() if hasattr(y, "detach") else y, dtype=np.float64)
-                obs_pix = getattr(problem, "meta", {}).get("image_pixscale") if hasattr(problem, "meta") else None
-            if obs_img is not None and obs_img.ndim != 2:
-                obs_img, res = None, None  # not an image (e.g. a vector-valued toy problem)
+        for r in recs:
+            if (method, r["obs"]) not in figure_obs:
+                continue
+            res, obs_img, obs_pix = r["residual"], r["obs_img"], r["obs_pix"]
             med = np.median(r["chi2"]["chi2_nu"]) if r["chi2"] is not None else None
             png = out_dir / "lenses" / f"{set_name}_{method}_{Path(r['obs']).stem}.png"
             plot_lens(png, mean=r["mean"], std=r["std"], samples=r["samples"], truth=r["truth"], obs=obs_img,
