@@ -94,11 +94,20 @@ def test_sparse_matches_caustics(model):
     assert prob.nnz < 0.5 * N * N * NS * NS   # genuinely sparse
 
 
-@pytest.mark.parametrize("shape,with_psf", [((N, N), True), ((12, 18), False)])
-def test_direct_assembly_equals_probing_caustics(shape, with_psf):
+def _asymmetric_psf():
+    """An elongated, off-centre PSF: catches a flipped convolution."""
+    c = np.arange(9) - 4
+    g = np.exp(-((c[None, :] - 1.2) ** 2 / 3.0 + (c[:, None] + 0.5) ** 2 / 1.2))
+    g[0, 8] += 0.3 * g.max()
+    return g / g.sum()
+
+
+@pytest.mark.parametrize("shape,psf_kind", [((N, N), "gauss"), ((12, 18), None), ((N, N + 2), "asym")])
+def test_direct_assembly_equals_probing_caustics(shape, psf_kind):
     """The directly built matrix (bilinear weights x PSF x pooling) equals the one probed column by column
-    through caustics, for square and rectangular images, with and without PSF."""
-    psf = gaussian_psf(0.15, PIX / SS, 7) if with_psf else None
+    through caustics, for square and rectangular images, without PSF, with a Gaussian and with an
+    asymmetric PSF."""
+    psf = {"gauss": gaussian_psf(0.15, PIX / SS, 7), "asym": _asymmetric_psf(), None: None}[psf_kind]
     M = assemble_matrix(LENS, shape, PIX, NS, SPIX, SS, psf).to_dense()
     sim = build_simulator(LENS, shape, PIX, NS, SPIX, SS, psf, psf_mode="conv2d")
     P = assemble_matrix_probe(sim, NS).to_dense()

@@ -224,19 +224,25 @@ def assemble_matrix(lens: LensParams, image_shape: tuple[int, int], image_pixsca
                        (np.tile(rows, 4), np.concatenate([y0 * n + x0, (y0 + 1) * n + x0, y0 * n + x0 + 1,
                                                           (y0 + 1) * n + x0 + 1]))),
                       shape=(Ny * Nx, n * n)).tocsr()
-    # --- K = Pool . Crop . Conv: image pixel (i, j) <- sub-pixel (hy + i ss + a - qy, hx + j ss + b - qx)
-    ii, jj = np.meshgrid(np.arange(ny), np.arange(nx), indexing="ij")
-    a, b = np.meshgrid(np.arange(ss), np.arange(ss), indexing="ij")
-    qy, qx = np.meshgrid(np.arange(-hy, hy + 1), np.arange(-hx, hx + 1), indexing="ij")
-    r = (hy + ii[:, :, None, None, None, None] * ss + a[None, None, :, :, None, None]
-         - qy[None, None, None, None, :, :])
-    c = (hx + jj[:, :, None, None, None, None] * ss + b[None, None, :, :, None, None]
-         - qx[None, None, None, None, :, :])
-    wts = np.broadcast_to(k[None, None, None, None, :, :] / (ss * ss), r.shape)
-    out_idx = np.broadcast_to((ii * nx + jj)[:, :, None, None, None, None], r.shape)
-    ok = (r >= 0) & (r < Ny) & (c >= 0) & (c < Nx) & (wts != 0)
-    K = sp.coo_matrix((wts[ok], (out_idx[ok], (r * Nx + c)[ok])), shape=(ny * nx, Ny * Nx)).tocsr()
-    M = (K @ W).tocoo()
+    # --- K = Pool . Crop . Conv. Image pixel (i, j) averages sub-pixels (hy + i ss + a, hx + j ss + b) of the
+    # convolved grid; conv[p] = sum_q psf[h + q] mu[p - q]. Together: image(i, j) = sum_t Kc[t] mu[i ss + t]
+    # with the combined kernel Kc = box(ss)/ss^2 (*) psf reversed (full convolution, size ss + 2h).
+    from scipy.signal import convolve2d
+
+    Kc = convolve2d(np.full((ss, ss), 1.0 / (ss * ss)), k[::-1, ::-1], mode="full")
+    ty, tx = np.nonzero(Kc)
+    kw = Kc[ty, tx]
+    blocks = []
+    rows_per_block = max(1, 2_000_000 // max(1, nx * len(kw)))   # bounds the temporaries' memory
+    for i0 in range(0, ny, rows_per_block):
+        ii, jj = np.meshgrid(np.arange(i0, min(ny, i0 + rows_per_block)), np.arange(nx), indexing="ij")
+        r = (ii[..., None] * ss + ty).ravel()
+        c = (jj[..., None] * ss + tx).ravel()
+        out = np.broadcast_to(((ii - i0) * nx + jj)[..., None], ii.shape + (len(kw),)).ravel()
+        K = sp.coo_matrix((np.broadcast_to(kw, ii.shape + (len(kw),)).ravel(), (out, r * Nx + c)),
+                          shape=(ii.size, Ny * Nx)).tocsr()
+        blocks.append(K @ W)
+    M = sp.vstack(blocks).tocoo()
     M.eliminate_zeros()
     ind = torch.as_tensor(np.stack([M.row, M.col]).astype(np.int64))
     return torch.sparse_coo_tensor(ind, torch.as_tensor(M.data, dtype=torch.float32), (ny * nx, n * n),
