@@ -126,12 +126,13 @@ def systematic_resample(log_w: torch.Tensor, generator=None) -> torch.Tensor:
 @torch.no_grad()
 def fps_run(prior, chain, problem, y_runs: torch.Tensor, particles: int, *, c_rate: float = 0.95,
             ess_threshold: float = 0.5, generator=None, device=None, track_log_q: bool = False, cond=None,
-            dtype=torch.float32) -> dict:
+            dtype=torch.float32, bridge: dict | None = None) -> dict:
     """Run FPS(-SMC) for R = len(y_runs) independent runs of M particles each.
 
     Returns dict with ``x0`` (R, M, *x_shape), ``log_w`` (R, M) final log-weights, ``resamples`` (R,) counts,
     ``ess`` (R,) final effective sample size and, with ``track_log_q`` (M = 1 only), ``log_q``/``log_p``
-    (R*M,) trajectory log-probs (given the bridge).
+    (R*M,) trajectory log-probs (given the bridge), and ``bridge`` (the y_{1:K} used, U-coordinates).
+    A given ``bridge`` ({k: (R, r)} as returned by :func:`bridge_sequence`) replaces the random one.
     """
     require_linear(problem, "fps")
     device = torch.device(device) if device is not None else prior.device
@@ -141,7 +142,7 @@ def fps_run(prior, chain, problem, y_runs: torch.Tensor, particles: int, *, c_ra
     shape = (B, *prior.event_shape)
     yU, ynorm2 = alg.project_y(y_runs.to(device))
     perp0 = (ynorm2 - (yU * yU).sum(1)).clamp_min(0.0)
-    ys = bridge_sequence(alg, chain, yU, c_rate, generator)
+    ys = bridge if bridge is not None else bridge_sequence(alg, chain, yU, c_rate, generator)
     rep = lambda t: t.repeat_interleave(M, 0)  # noqa: E731  runs -> particles
     ab = chain.abar
     K = chain.K
@@ -184,7 +185,7 @@ def fps_run(prior, chain, problem, y_runs: torch.Tensor, particles: int, *, c_ra
     x0 = chain.final_denoise(x, eps1)
     w = torch.softmax(log_w, 1)
     out = {"x0": x0.reshape(R, M, *prior.event_shape), "log_w": log_w, "resamples": resamples,
-           "ess": 1.0 / (w * w).sum(1)}
+           "ess": 1.0 / (w * w).sum(1), "bridge": ys}
     if track_log_q:
         out["log_q"], out["log_p"] = log_q, log_p
     return out
