@@ -35,7 +35,7 @@ def plot_lens(path, *, mean, std, samples, src_pixscale: float, truth=None, obs=
     nrow = int(np.ceil(len(panels) / ncol))
     # a fixed grid: constrained_layout costs ~1 s per figure with eight colour bars
     fig, axes = plt.subplots(nrow, ncol, figsize=(3.1 * ncol, 2.9 * nrow + 0.3), squeeze=False)
-    fig.subplots_adjust(left=0.06, right=0.97, bottom=0.08, top=0.88 if nrow == 1 else 0.92, wspace=0.55,
+    fig.subplots_adjust(left=0.06, right=0.95, bottom=0.08, top=0.88 if nrow == 1 else 0.92, wspace=0.55,
                         hspace=0.45)
     for ax, (label, img, kind) in zip(axes.flat, panels):
         img = np.asarray(img, dtype=np.float64)
