@@ -58,6 +58,22 @@ def test_hst_stamps_centred_positive_and_scaled():
     assert np.median(st[:, ring].sum(1) / st.sum((1, 2))) < 0.02
 
 
+def test_hst_zoom_enlarges_the_same_stamps():
+    small = hst_stamps(16, HSTConfig(), PIX, seed=3, n_max=10)
+    big = hst_stamps(32, HSTConfig(zoom=2.0), PIX, seed=3, n_max=10)
+
+    def radius(img):
+        yy, xx = np.mgrid[: img.shape[0], : img.shape[1]]
+        cx, cy = _centroid(img)
+        c = (img.shape[0] - 1) / 2
+        return np.sqrt((img * ((xx - c - cx) ** 2 + (yy - c - cy) ** 2)).sum() / img.sum())
+
+    ratio = np.array([radius(b) / radius(s) for s, b in zip(small, big)])
+    assert np.all(np.abs(ratio - 2.0) < 0.2)
+    # flux per stamp is still drawn from the configured range
+    assert np.allclose(big.sum((1, 2)) * PIX ** 2, small.sum((1, 2)) * PIX ** 2, rtol=1e-4)
+
+
 def test_user_cube_resampled_and_validated(tmp_path):
     n, scale = 64, 0.025          # finer than the source grid: resampled to 32 x 0.05"
     c = (np.arange(n) - (n - 1) / 2) * scale

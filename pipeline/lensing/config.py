@@ -80,6 +80,7 @@ class HSTConfig:
     flux: tuple[float, float] = (20.0, 100.0)   # total flux [electron/s], log-uniform
     max_masked_fraction: float = field(default=0.2, metadata={"min": 0, "max": 1})
     min_area: int = field(default=20, metadata={"min": 1})  # detected pixels of the target
+    zoom: float = field(default=1.0, metadata={"min": 0.25, "max": 8})  # source pixels per HDF pixel
 
     def validate(self, source, prefix):
         _range(source, prefix + "flux", self.flux, lo=1e-12)

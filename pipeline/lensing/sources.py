@@ -108,8 +108,13 @@ def hst_stamps(npix: int, cfg: HSTConfig, pixscale: float, seed: int, n_max: int
     segment. The stamp is the background-subtracted image times a soft mask (target segment dilated by
     3 px, Gaussian-smoothed by 1 px) so neighbours and sky noise are removed; centred on the
     flux-weighted centroid with a sub-pixel shift; negatives clipped; flux log-uniform in ``cfg.flux``.
+    With ``cfg.zoom != 1`` stamps of round(npix / zoom) HDF pixels are cut and bilinearly resampled to
+    npix (zoom > 1 makes the galaxies larger on the source grid).
     """
-    stamps, nlab = _hdf_candidates(npix, cfg.min_area, cfg.max_masked_fraction)
+    cut = npix if cfg.zoom == 1 else max(8, 2 * int(round(npix / cfg.zoom / 2)))
+    stamps, nlab = _hdf_candidates(cut, cfg.min_area, cfg.max_masked_fraction)
+    if cut != npix:
+        stamps = tuple(np.clip(resample_image(st, 1.0, cut / npix, npix), 0, None) for st in stamps)
     rng = np.random.default_rng(seed)
     # a seeded shuffle so that n_max picks a random subset
     order = rng.permutation(len(stamps))
