@@ -3,19 +3,22 @@
 
 rule calibrate:
     input:
-        cfg=CONFIG,
+        cfg=CFG_LENSING,
         obs="results/observations/{set}",
         posteriors=posterior_dirs,
     output:
         summary="results/calibration/{set}/summary.json",
     params:
-        outdir="results/calibration/{set}",
+        py=PY,
+        outdir=output_dir,
+    conda:
+        "../../environment.yml"
     log:
         "logs/calibrate_{set}.log",
     benchmark:
         "benchmarks/calibrate_{set}.tsv"
     shell:
-        "{PY} -m pipeline calibrate --config {input.cfg} --set {wildcards.set}"
+        "{params.py} -m pipeline calibrate --config {input.cfg} --set {wildcards.set}"
         " --observations {input.obs} --posteriors {input.posteriors}"
         " --out {params.outdir} > {log} 2>&1"
 
@@ -25,7 +28,11 @@ rule report:
         summaries=expand("results/calibration/{set}/summary.json", set=SETS),
     output:
         "results/report.md",
+    params:
+        py=PY,
+    conda:
+        "../../environment.yml"
     log:
         "logs/report.log",
     shell:
-        "{PY} -m pipeline report --calibration results/calibration --out {output} > {log} 2>&1"
+        "{params.py} -m pipeline report --calibration results/calibration --out {output} > {log} 2>&1"

@@ -1,4 +1,5 @@
 # Shared helpers, constants and wildcard constraints (included first by the Snakefile).
+import glob as _glob
 import os
 import sys
 
@@ -6,8 +7,10 @@ import yaml
 
 BASEDIR = workflow.basedir
 DATA_DIR = os.path.join(BASEDIR, "data")
-# The interpreter running snakemake runs the package too (the venv locally, the conda env on clusters).
-PY = sys.executable
+# The interpreter running snakemake runs the package too (the venv locally, the env on clusters);
+# with `--sdm conda` each job runs in the environment.yml env, whose `python` is on PATH.
+_deploy = getattr(getattr(workflow, "deployment_settings", None), "deployment_method", ()) or ()
+PY = "python" if any("CONDA" in str(m).upper() for m in _deploy) else sys.executable
 
 SETS = ["prior", "heldout"]
 LENS_METHODS = list(config["methods"])
@@ -34,26 +37,63 @@ wildcard_constraints:
     obs=r"[A-Za-z0-9_.\-]+",
 
 
-def resolved_config_path():
-    """Write the merged, validated config (config file + --config overrides) to results/ once.
+def section_config(name, sections):
+    """Write the merged, validated config sections a rule family reads to results/config/NAME.yaml.
 
-    Commands read their section from this file. It is rewritten only when its content changes,
-    so an unchanged config never triggers reruns, and a changed one reruns the rules that read it.
+    Commands read their sections from this file. It is rewritten only when its content changes, so
+    an unchanged config never triggers reruns, and a change reruns only the rules that read the
+    changed sections (tuning rtb: does not retrain the prior).
     """
-    path = os.path.join("results", "config.yaml")
-    text = yaml.safe_dump(dict(config), sort_keys=True)
+    path = os.path.join("results", "config", f"{name}.yaml")
+    keep = {k: v for k, v in config.items() if k in sections or not isinstance(v, (dict, list))}
+    text = yaml.safe_dump(keep, sort_keys=True)
     old = open(path).read() if os.path.exists(path) else None
     if old != text:
-        os.makedirs("results", exist_ok=True)
-        tmp = path + ".tmp"
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp"
         with open(tmp, "w") as fh:
             fh.write(text)
         os.replace(tmp, path)
     return path
 
 
-CONFIG = resolved_config_path()
+CFG_LENSING = section_config("lensing", ["lensing"])
+CFG_PRIOR = section_config("prior", ["prior"])
+CFG_POSTERIOR = section_config("posterior", ["lensing", "rtb", "posterior"])
+CFG_SAMPLE = section_config("sample", ["lensing", "posterior"])
+CFG_ALL = section_config("all", list(config))
 
 
 def posterior_dirs(wildcards):
     return expand("results/posteriors/{set}/{method}", set=wildcards.set, method=LENS_METHODS)
+
+
+def parent_dir(wildcards, output):
+    """The directory holding a rule's first output (rolling checkpoints live there)."""
+    return os.path.dirname(output[0])
+
+
+def output_dir(wildcards, output):
+    return os.path.dirname(output[0])
+
+
+# -- the `user` target ----------------------------------------------------------------------
+
+
+def user_observations():
+    pattern = config.get("observations")
+    if not pattern:
+        return {}
+    if not os.path.isabs(pattern) and not _glob.glob(pattern):
+        pattern = os.path.join(BASEDIR, pattern)
+    files = sorted(_glob.glob(pattern))
+    return {os.path.splitext(os.path.basename(f))[0]: os.path.abspath(f) for f in files}
+
+
+USER_OBS = user_observations()
+
+
+def user_obs_file(wildcards):
+    return USER_OBS[wildcards.obs]
+
+

@@ -3,41 +3,47 @@
 
 rule finetune_posterior:
     input:
-        cfg=CONFIG,
+        cfg=CFG_POSTERIOR,
         prior="results/prior/run/final",
         sources="results/sources/sources.fits",
     output:
         directory("results/posterior/run/final"),
     params:
+        py=PY,
         # rolling step-N/ checkpoints beside the output (Snakemake deletes outputs of failed jobs)
-        run_dir="results/posterior/run",
+        run_dir=parent_dir,
     resources:
         gpu=1,
+    conda:
+        "../../environment.yml"
     log:
         "logs/finetune_posterior.log",
     benchmark:
         "benchmarks/finetune_posterior.tsv"
     shell:
-        "{PY} -m pipeline finetune-posterior --config {input.cfg} --prior {input.prior}"
+        "{params.py} -m pipeline finetune-posterior --config {input.cfg} --prior {input.prior}"
         " --sources {input.sources} --run-dir {params.run_dir} --out {output} > {log} 2>&1"
 
 
 rule sample:
     """One job per method and set: imports and model loading are paid once for many observations."""
     input:
-        cfg=CONFIG,
+        cfg=CFG_SAMPLE,
         prior="results/prior/run/final",
         posterior="results/posterior/run/final",
         obs="results/observations/{set}",
     output:
         directory("results/posteriors/{set}/{method}"),
     params:
+        py=PY,
         n=config["calibration"]["n_samples"],
+    conda:
+        "../../environment.yml"
     log:
         "logs/sample/{set}_{method}.log",
     benchmark:
         "benchmarks/sample_{set}_{method}.tsv"
     shell:
-        "{PY} -m pipeline sample --config {input.cfg} --method {wildcards.method}"
+        "{params.py} -m pipeline sample --config {input.cfg} --method {wildcards.method}"
         " --prior {input.prior} --posterior {input.posterior} --obs {input.obs}"
         " --n {params.n} --out {output} > {log} 2>&1"

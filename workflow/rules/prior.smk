@@ -3,33 +3,40 @@
 
 rule sources:
     input:
-        cfg=CONFIG,
+        cfg=CFG_LENSING,
     output:
         "results/sources/sources.fits",
+    params:
+        py=PY,
+    conda:
+        "../../environment.yml"
     log:
         "logs/sources.log",
     benchmark:
         "benchmarks/sources.tsv"
     shell:
-        "{PY} -m pipeline sources --config {input.cfg} --out {output} > {log} 2>&1"
+        "{params.py} -m pipeline sources --config {input.cfg} --out {output} > {log} 2>&1"
 
 
 rule train_prior:
     input:
-        cfg=CONFIG,
+        cfg=CFG_PRIOR,
         data="results/sources/sources.fits",
     output:
         # only the final export is an output: Snakemake deletes outputs of failed jobs, and the
         # rolling step-N/ checkpoints beside it must survive so the rerun resumes from them
         directory("results/prior/run/final"),
     params:
-        run_dir="results/prior/run",
+        py=PY,
+        run_dir=parent_dir,
     resources:
         gpu=1,
+    conda:
+        "../../environment.yml"
     log:
         "logs/train_prior.log",
     benchmark:
         "benchmarks/train_prior.tsv"
     shell:
-        "{PY} -m pipeline train-prior --config {input.cfg} --data {input.data}"
+        "{params.py} -m pipeline train-prior --config {input.cfg} --data {input.data}"
         " --out {params.run_dir} > {log} 2>&1"

@@ -4,31 +4,37 @@
 
 rule simulate:
     input:
-        cfg=CONFIG,
+        cfg=CFG_LENSING,
         sources="results/sources/sources.fits",
     output:
         directory("results/observations/heldout"),
     params:
+        py=PY,
         n=config["calibration"]["n_obs"],
+    conda:
+        "../../environment.yml"
     log:
         "logs/simulate_heldout.log",
     shell:
-        "{PY} -m pipeline simulate --config {input.cfg} --sources {input.sources} --split TEST"
+        "{params.py} -m pipeline simulate --config {input.cfg} --sources {input.sources} --split TEST"
         " --n {params.n} --out {output} > {log} 2>&1"
 
 
 rule simulate_prior_set:
     input:
-        cfg=CONFIG,
+        cfg=CFG_LENSING,
         prior="results/prior/run/final",
         sources="results/sources/sources.fits",
     output:
         directory("results/observations/prior"),
     params:
+        py=PY,
         n=config["calibration"]["n_obs"],
+    conda:
+        "../../environment.yml"
     log:
         "logs/simulate_prior_set.log",
     shell:
-        "{PY} -m pipeline simulate-prior-set --config {input.cfg} --checkpoint {input.prior}"
+        "{params.py} -m pipeline simulate-prior-set --config {input.cfg} --checkpoint {input.prior}"
         " --sources {input.sources}"
         " --n {params.n} --out {output} > {log} 2>&1"

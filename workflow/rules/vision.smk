@@ -8,16 +8,19 @@ rule vision:
 
 rule bench_vision:
     input:
-        cfg=CONFIG,
+        cfg=CFG_ALL,
     output:
         table="results/vision/table.md",
     params:
-        outdir="results/vision",
+        py=PY,
+        outdir=output_dir,
     resources:
         gpu=1,
+    conda:
+        "../../environment.yml"
     log:
         "logs/bench_vision.log",
     benchmark:
         "benchmarks/bench_vision.tsv"
     shell:
-        "{PY} -m pipeline bench vision --config {input.cfg} --out {params.outdir} > {log} 2>&1"
+        "{params.py} -m pipeline bench vision --config {input.cfg} --out {params.outdir} > {log} 2>&1"
