@@ -1,11 +1,11 @@
 """Reading an observation FITS file into a :class:`LensingProblem` (the contract with users).
 
 File: ImageHDUs ``SCI`` (lens-light-subtracted image, or with an optional ``LENSLIGHT`` HDU holding the
-lens light model in SCI's units, which is subtracted on read), ``NOISE`` (1 sigma, SCI's unit, uncorrelated),
-``PSF`` (odd, sums to 1, ``PSFSAMP`` [arcsec/px]; the optical PSF *without* pixel response, resampled
-to the supersampled scale by :func:`pipeline.lensing.operator.resample_psf`; it is in SCI's pixel
-orientation), optional ``MASK`` (``MASKTYPE`` 'GOOD' (default): nonzero = used; 'BAD': nonzero = ignored),
-optional ``TRUTH``. Pixel scale and orientation come from SCI's pixel->world matrix (CD, or PC*CDELT;
+lens light model in SCI's units, which is subtracted on read), ``NOISE`` (1 sigma, SCI's unit,
+uncorrelated), ``PSF`` (odd, sums to 1, ``PSFSAMP`` [arcsec/px], in SCI's pixel orientation; the optical
+PSF *without* pixel response (``PSFPIXR`` = T gives a warning), resampled to the supersampled scale by
+:func:`pipeline.lensing.operator.resample_psf`), optional ``MASK`` (``MASKTYPE`` 'GOOD' (default):
+nonzero = used; 'BAD': nonzero = ignored), optional ``TRUTH``. Pixel scale and orientation come from SCI's pixel->world matrix (CD, or PC*CDELT;
 CUNIT arcsec/arcmin/deg), or from ``PIXSCALE`` when there is no WCS; pixels must be square.
 
 Units: if SCI's ``BUNIT`` is a surface brightness (per arcsec^2 or per sr) the model is caustics' mean
@@ -293,6 +293,8 @@ def load_observation(path, config: LensingConfig | None = None, *, device="cpu",
     else:
         psfsamp = pix
         warn("PSF has no PSFSAMP: taken as sampled at the image pixel scale")
+    if bool(psf_h.get("PSFPIXR", False)):
+        warn("PSFPIXR = T: the PSF includes the pixel response, which the supersampled model applies again")
     target = pix / geom.supersample
     psf_used = resample_psf(psf, psfsamp, target)
 
