@@ -53,7 +53,7 @@ def save_grid_png(images: np.ndarray, path, max_images: int = 64, title: str | N
             ax.imshow(img, origin="lower", cmap="magma", interpolation="nearest")
     if title:
         fig.suptitle(title, fontsize=8)
-    fig.tight_layout(pad=0.1)
+    fig.tight_layout(pad=0.1, rect=(0, 0, 1, 1 - (0.25 / (1.2 * rows + 0.3) if title else 0)))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
