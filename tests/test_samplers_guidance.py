@@ -251,3 +251,21 @@ def test_linear_only_guidance_refuses_nonlinear_problem():
     # DPS works on a nonlinear operator
     out = dps_guidance(prior, chain, op, torch.ones(3), x.double(), 5, 0.1)
     assert torch.isfinite(out.shift).all()
+
+
+def test_exact_guidance_diagonal_fast_path_matches_general_path():
+    g = torch.Generator().manual_seed(9)
+    d, J = 5, 6
+    covs = torch.diag_embed(0.5 + torch.rand(J, d, generator=g))
+    prior = GaussianMixturePrior(torch.full((J,), 1.0 / J), 4 * torch.randn(J, d, generator=g), covs)
+    prob = _problem(d=d, m=2, masked=False)
+    chain = prior.schedule.chain(20)
+    fast = ExactGuidance(prior, chain, prob)
+    slow = ExactGuidance(prior, chain, prob)
+    assert fast.diagonal
+    slow.diagonal = False
+    slow.lam, slow.Q = torch.linalg.eigh(prior.covs)
+    x = 3 * torch.randn(7, d, dtype=torch.float64, generator=g)
+    y = torch.tensor([1.0, -1.0])
+    for k in (1, 5, 20):
+        assert torch.allclose(fast.score(x, y, k), slow.score(x, y, k), atol=1e-10)
