@@ -69,7 +69,7 @@ def test_pass_two_log_q_matches_pass_one():
                            dtype=torch.float64)
     for k in range(2, post.chain.K + 1):
         kk = torch.full((8,), k, dtype=torch.long)
-        lq = post.log_q_steps_batched(batch.xs[k], batch.xs[k - 1], kk, batch.eps_p[k], batch.y)
+        lq = post.log_q_step(batch.xs[k], batch.xs[k - 1], kk, batch.eps_p[k], batch.y)
         torch.testing.assert_close(lq.detach(), batch.log_q_steps[k], rtol=1e-12, atol=1e-10)
 
 

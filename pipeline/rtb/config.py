@@ -21,6 +21,7 @@ class RTBConfig:
     head_preset: str = field(default="tiny", metadata={"choices": ["tiny", "small", "medium", "paper"]})
     in_scale: float = field(default=1.0, metadata={"gt": 0})
     features: list[str] = field(default_factory=lambda: ["x0hat", "grad"], metadata={"choices": ["x0hat", "grad"]})
+    learn_variance: bool = True
     guidance: str = field(default="none", metadata={"choices": ["none", "dps", "dps_cla"]})
     guidance_scale: float = field(default=1.0, metadata={"min": 0})
     # objective
@@ -35,6 +36,7 @@ class RTBConfig:
     batch_size: int = field(default=64, metadata={"min": 1})
     lr: float = field(default=1e-3, metadata={"gt": 0})
     lr_logz: float = field(default=0.1, metadata={"gt": 0})
+    lr_final_frac: float = field(default=0.1, metadata={"gt": 0, "max": 1})
     grad_clip: float = field(default=10.0, metadata={"gt": 0})
     chunk_size: int = field(default=10, metadata={"min": 1})
     ema_decay: float = field(default=0.0, metadata={"min": 0, "max": 0.99999})

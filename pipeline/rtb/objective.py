@@ -143,8 +143,7 @@ def evaluate_states(posterior, xs: dict, y=None, cond=None, *, eps_p=None, guide
         if k not in log_p_steps:
             log_p_steps[k] = gaussian_log_prob(xs[k - 1], chain.reverse_mean(xs[k], eps_p[k], k), std)
         if k not in log_q_steps:
-            mq = posterior.mean_q(xs[k], k, eps_p[k], y, cond, guide[k])
-            log_q_steps[k] = gaussian_log_prob(xs[k - 1], mq, std)
+            log_q_steps[k] = posterior.log_q_step(xs[k], xs[k - 1], k, eps_p[k], y, cond, guide[k])
     xs = dict(xs)
     xs[0] = chain.final_denoise(xs[1], eps_p[1])
     log_r = problem.log_likelihood(xs[0], y) if problem is not None else torch.zeros(n, dtype=torch.float64)
@@ -155,35 +154,42 @@ def evaluate_states(posterior, xs: dict, y=None, cond=None, *, eps_p=None, guide
 @torch.no_grad()
 def policy_rollout(posterior, n: int, y=None, cond=None, *, generator=None, std_scale: float = 1.0,
                    behaviour=None, groups=None, device=None, source=None, dtype=torch.float32) -> RTBBatch:
-    """Roll out q_phi (tempered by ``std_scale``; log q scored untempered) and score it.
+    """Roll out q_phi from x_K ~ N(0, I) and score every step under q_phi and p_theta.
 
-    ``behaviour``: optional extra mean offset ``(x, k, eps_p, y) -> offset`` added during the rollout
-    only (e.g. DPS guidance as an exploration policy); the trajectory is then re-scored under q_phi.
+    ``std_scale`` tempers the step noise (exploration); ``behaviour``: an optional extra mean offset
+    ``(x, k, eps_p, y) -> offset`` (e.g. DPS guidance) used during this rollout only. In both cases
+    log q is that of the untempered, unguided q_phi, so the off-policy loss stays exact.
+    (This is :func:`pipeline.diffusion.sampling.rollout`'s loop with a per-step std, which q_phi
+    has when it learns its variance.)
     """
-    chain, problem = posterior.chain, posterior.problem
-    y_n = expand_obs(problem, y, n)
+    chain, prior = posterior.chain, posterior.prior
+    device = torch.device(device) if device is not None else prior.device
+    y_n = expand_obs(posterior.problem, y, n)
+    y_n = None if y_n is None else y_n.to(device)
     cond_n = _expand(cond, n) if cond is not None else None
-    guides: dict = {}
-
-    def mean_fn(x, k, eps_p):
+    cond_n = None if cond_n is None else cond_n.to(device)
+    shape = (n, *prior.event_shape)
+    x = torch.randn(shape, generator=generator, dtype=dtype).to(device)
+    xs, eps_c, guides, log_q, log_p = {}, {}, {}, {}, {}
+    for k in range(chain.K, 1, -1):
+        eps_p = prior_eps(prior, chain, x, k)
         with torch.enable_grad():
             g = posterior.guide(x, k, eps_p, y_n)
-        guides[k] = g
-        m = posterior.mean_q(x, k, eps_p, y_n, cond_n, g)
+        mean, std = posterior.step_params(x, k, eps_p, y_n, cond_n, g)
+        centre = mean
         if behaviour is not None:
             with torch.enable_grad():
-                m = m + behaviour(x, k, eps_p, y_n).detach()
-        return m
-
-    traj = rollout(posterior.prior, chain, n, mean_fn, generator=generator, device=device, std_scale=std_scale,
-                   dtype=dtype)
-    xs = {k: v for k, v in traj.xs.items() if k >= 1}
-    # rollout's log q is that of the (untempered) mean_fn policy: exact for q_phi unless a behaviour
-    # offset was added, in which case log q is recomputed for q_phi itself.
-    log_q = None if behaviour is not None else traj.log_q_steps
+                centre = mean + behaviour(x, k, eps_p, y_n).detach()
+        noise = torch.randn(shape, generator=generator, dtype=dtype).to(device)
+        x_new = (centre + std_scale * std * noise).detach()
+        log_q[k] = gaussian_log_prob(x_new, mean, std)
+        log_p[k] = gaussian_log_prob(x_new, chain.reverse_mean(x, eps_p, k), chain.reverse_std(k))
+        xs[k], eps_c[k], guides[k] = x, eps_p, g
+        x = x_new
+    xs[1] = x
     src = source or ("policy" if std_scale == 1.0 and behaviour is None else "explore")
-    return evaluate_states(posterior, xs, y_n, cond_n, eps_p=traj.eps_prior, guide=guides,
-                           log_p_steps=traj.log_p_steps, log_q_steps=log_q, groups=groups, source=src)
+    return evaluate_states(posterior, xs, y_n, cond_n, eps_p=eps_c, guide=guides, log_p_steps=log_p,
+                           log_q_steps=log_q, groups=groups, source=src)
 
 
 @torch.no_grad()
@@ -263,7 +269,7 @@ def two_pass_backward(posterior, batch: RTBBatch, delta: torch.Tensor, *, chunk_
     for i, ck in enumerate(chunks):
         with ctx(i == len(chunks) - 1):
             x, x_prev, eps, kk, guide, y, cond = _stack_chunk(batch, ck)
-            lq = posterior.log_q_steps_batched(x, x_prev, kk, eps, y, cond, guide)  # (c*B,)
+            lq = posterior.log_q_step(x, x_prev, kk, eps, y, cond, guide)  # (c*B,)
             surrogate = (lq.reshape(len(ck), B) * w[None, :]).sum()
             surrogate.backward()
     if learn_log_z:
@@ -282,7 +288,7 @@ def naive_loss(posterior, batch: RTBBatch, beta: float = 1.0, log_z=None) -> tor
     total = 0.0
     for k in range(batch.K, 1, -1):
         kk = torch.full((batch.n,), k, dtype=torch.long, device=batch.xs[k].device)
-        lq = posterior.log_q_steps_batched(batch.xs[k], batch.xs[k - 1], kk, batch.eps_p[k], batch.y,
+        lq = posterior.log_q_step(batch.xs[k], batch.xs[k - 1], kk, batch.eps_p[k], batch.y,
                                            batch.cond, batch.guide.get(k))
         total = total + lq - batch.log_p_steps[k]
     delta = log_z + total - beta * batch.log_r

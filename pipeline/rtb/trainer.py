@@ -176,9 +176,15 @@ class RTBTrainer:
             return False
         return all(torch.isfinite(p).all() for p in self.post.trainable_parameters())
 
+    def lr_factor(self) -> float:
+        """Cosine decay from 1 to ``lr_final_frac`` over ``steps``, times the rollback scale."""
+        c = self.cfg
+        f = min(1.0, self.step_idx / max(1, c.steps))
+        return self.lr_scale * (c.lr_final_frac + (1 - c.lr_final_frac) * 0.5 * (1 + math.cos(math.pi * f)))
+
     def _set_lr(self):
-        self.opt.param_groups[0]["lr"] = self.cfg.lr * self.lr_scale
-        self.opt.param_groups[1]["lr"] = self.cfg.lr_logz * self.lr_scale
+        self.opt.param_groups[0]["lr"] = self.cfg.lr * self.lr_factor()
+        self.opt.param_groups[1]["lr"] = self.cfg.lr_logz * self.lr_factor()
 
     def rollback(self, reason: str) -> None:
         """Restore the last good snapshot and lower the learning rate; mark divergence when the
@@ -235,6 +241,7 @@ class RTBTrainer:
             self.rollback(f"loss spike {loss:.3g} > {c.spike_factor:g} x median {statistics.median(hist):.3g}")
             return None
         self.opt.zero_grad(set_to_none=True)
+        self._set_lr()
         model = self.post.model
         two_pass_backward(self.post, batch, delta, chunk_size=c.chunk_size, dead_zone=c.dead_zone,
                           learn_log_z=not vargrad,
