@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pipeline.metrics.tarp import (alpha_grid, bootstrap_ecp, ecp_at, max_deviation, tarp_credibility,
-                                   tarp_null, tarp_null_ranks, tarp_summary)
+from pipeline.metrics.tarp import (alpha_grid, bootstrap_ecp, ecp_at, max_deviation, null_distribution,
+                                   tarp_credibility, tarp_null, tarp_null_ranks, tarp_summary)
 
 N_OBS, N_S, D, BINS = 200, 500, 16, 20
 
@@ -22,7 +22,7 @@ def test_calibrated_within_null_and_narrow_fails():
     samples, truths = gaussian_toy(rng)
     f = tarp_credibility(samples, truths, rng=rng)
     assert f.shape == (N_OBS,) and f.min() >= 0 and f.max() <= 1
-    _, null = tarp_null(N_OBS, N_S, D, n_bins=BINS, rng=np.random.default_rng(5), n_sim=200)
+    _, null = tarp_null_ranks(N_OBS, N_S, n_bins=BINS, rng=np.random.default_rng(5), n_sim=2000)
     p95 = np.percentile(null, 95)
     # DESIGN 8 measured null percentiles 0.05 (median) / 0.085 (p95) for this setup
     assert 0.06 < p95 < 0.11 and 0.035 < np.median(null) < 0.065
@@ -47,20 +47,26 @@ def test_ignoring_y_is_calibrated():
 
 def test_null_gaussian_agrees_with_exact_rank_null():
     rng = np.random.default_rng(0)
+    # pooled normalisation at a higher dimension: still the rank law
+    _, gp = tarp_null(50, 64, 128, n_bins=10, rng=rng, n_sim=200, norm="pooled")
+    ecp_r, rp = tarp_null_ranks(50, 64, n_bins=10, rng=rng, n_sim=3000)
+    assert abs(np.percentile(gp, 95) - np.percentile(rp, 95)) < 0.03
+    assert ecp_r.shape == (3000, 11) and np.all(ecp_r[:, 0] == 0) and np.all(ecp_r[:, -1] == 1)
+    assert np.abs(ecp_r.mean(0) - np.linspace(0, 1, 11)).max() < 0.01  # unbiased ECP under the null
     _, g = tarp_null(50, 64, 32, n_bins=10, rng=rng, n_sim=300, norm="none")
-    r = tarp_null_ranks(50, 64, n_bins=10, rng=rng, n_sim=3000)
+    _, r = tarp_null_ranks(50, 64, n_bins=10, rng=rng, n_sim=3000)
     # without normalisation both are the same law; MC error of a p95 from 300 draws is ~0.01
     assert abs(np.percentile(g, 95) - np.percentile(r, 95)) < 0.025
     assert abs(np.median(g) - np.median(r)) < 0.015
     # fewer observations -> wider null (DESIGN 8: ~0.25 at p95 for 20 observations, 20 bins)
-    r20 = tarp_null_ranks(20, 500, n_bins=20, rng=rng, n_sim=3000)
+    _, r20 = tarp_null_ranks(20, 500, n_bins=20, rng=rng, n_sim=3000)
     assert 0.2 < np.percentile(r20, 95) < 0.33
 
 
 def test_pooled_normalisation_keeps_exact_null_truths_normalisation_does_not():
     # few observations, many dimensions: the regime of the CPU demo (tens of lenses, 1024 pixels)
     rng = np.random.default_rng(8)
-    r = tarp_null_ranks(8, 32, n_bins=10, rng=rng, n_sim=3000)
+    _, r = tarp_null_ranks(8, 32, n_bins=10, rng=rng, n_sim=3000)
     _, pooled = tarp_null(8, 32, 256, n_bins=10, rng=rng, n_sim=200, norm="pooled")
     _, truths = tarp_null(8, 32, 256, n_bins=10, rng=rng, n_sim=200, norm="truths")
     assert abs(np.percentile(pooled, 95) - np.percentile(r, 95)) <= 0.05  # 0.4 vs 0.4 measured
@@ -96,6 +102,8 @@ def test_summary_keys_and_no_global_rng_use():
     assert s["norm"] == "pooled" and s["n_obs"] == 30 and s["n_samples"] == 40 and s["n_alpha_bins"] == 5 and len(s["ecp"]) == 6
     assert s["tarp_max_dev_ci"][0] <= s["tarp_max_dev_ci"][1]
     assert 0 < s["tarp_null_p50"] <= s["tarp_null_p95"] < 1
+    ecp_t, dev_t = null_distribution(30, 40, 8, n_bins=5, rng=np.random.default_rng(0), norm="truths", n_sim=20)
+    assert ecp_t.shape == (20, 6) and dev_t.shape == (20,)
 
 
 def test_cross_check_against_pypi_tarp():

@@ -223,8 +223,8 @@ def build_report(cal_dir, out_path, *, figures=(), sections=(), title="Calibrati
         any_r = next(iter(sets[s].values()))
         doc.p(f"Set **{s}**: {any_r['n_obs']} observations, {any_r['n_samples']} posterior samples per "
               f"observation and method, TARP with {any_r['n_alpha_bins']} fixed alpha bins "
-              f"(null distribution from {settings.get(s, {}).get('n_null', 'n/a')} simulated calibrated sets "
-              f"of the same size; bands are 95 % bootstrap intervals over observations; coordinates normalised "
+              f"(null distribution of max|ECP - alpha| for exactly calibrated posteriors of the same size: "
+              f"{settings.get(s, {}).get('n_null', 'n/a')} draws, {settings.get(s, {}).get('null_method', 'n/a')}; bands are 95 % bootstrap intervals over observations; coordinates normalised "
               f"by the {settings.get(s, {}).get('tarp_norm', 'pooled')} min/max).")
     doc.h(2, "Results")
     rows = []

@@ -64,12 +64,15 @@ def tarp_credibility(samples, truths, *, rng: np.random.Generator | None = None,
             raise ValueError("give rng (numpy Generator) or references")
         references = rng.uniform(0.0, 1.0, size=truths.shape)
     references = np.asarray(references, dtype=np.float64)
-    # squared distances are enough to compare; loop over observations to bound memory
-    f = np.empty(truths.shape[0])
-    for i in range(truths.shape[0]):
-        ds = ((samples[i] - references[i]) ** 2).sum(-1)
-        dt = ((truths[i] - references[i]) ** 2).sum()
-        f[i] = np.mean(ds < dt)
+    # squared distances are enough to compare; observations in chunks of ~64 MB of float64
+    n_obs, n_s, d = samples.shape
+    step = max(1, int(8e6 // max(1, n_s * d)))
+    f = np.empty(n_obs)
+    for i in range(0, n_obs, step):
+        r = references[i:i + step]
+        ds = ((samples[i:i + step] - r[:, None]) ** 2).sum(-1)
+        dt = ((truths[i:i + step] - r) ** 2).sum(-1)
+        f[i:i + step] = (ds < dt[:, None]).mean(1)
     return f
 
 
@@ -130,16 +133,31 @@ def tarp_null(n_obs: int, n_samples: int, n_dims: int, *, n_bins: int, rng: np.r
 
 
 def tarp_null_ranks(n_obs: int, n_samples: int, *, n_bins: int, rng: np.random.Generator,
-                    n_sim: int = 2000) -> np.ndarray:
-    """max|ECP - alpha| when f_i is exactly uniform on {0, 1/n, ..., 1} (TARP with pooled or no
-    normalisation on exact posteriors); a fast check of :func:`tarp_null`. Returns (n_sim,)."""
+                    n_sim: int = 2000):
+    """The same null without simulating posteriors: f_i uniform on {0, 1/n, ..., 1}, which is the
+    exact law of TARP's f for exact posteriors with pooled (or no) normalisation, whatever the
+    dimension (:func:`tarp_null` checks it by simulation). Returns (ecp (n_sim, n_bins+1),
+    max_dev (n_sim,))."""
     a = alpha_grid(n_bins)
     f = rng.integers(0, n_samples + 1, size=(n_sim, n_obs)) / n_samples
-    return np.array([np.abs(ecp_at(fi, a) - a).max() for fi in f])
+    ecp = (f[:, None, :] < a[None, :, None]).mean(2)
+    ecp[:, a >= 1.0] = 1.0
+    return ecp, np.abs(ecp - a).max(1)
+
+
+def null_distribution(n_obs: int, n_samples: int, n_dims: int, *, n_bins: int, rng: np.random.Generator,
+                      norm: str = "pooled", n_sim: int | None = None):
+    """The null used by the calibration: exact rank law (2000 draws) for pooled/no normalisation,
+    Gaussian simulation at the full dimension (300 draws) for ``truths`` normalisation, whose null
+    depends on the dimension."""
+    if norm == "truths":
+        return tarp_null(n_obs, n_samples, n_dims, n_bins=n_bins, rng=rng, n_sim=n_sim or 300,
+                         max_dims=n_dims, norm=norm)
+    return tarp_null_ranks(n_obs, n_samples, n_bins=n_bins, rng=rng, n_sim=n_sim or 2000)
 
 
 def tarp_summary(samples, truths, *, n_bins: int, rng: np.random.Generator, n_boot: int = 500,
-                 n_null: int = 300, band=(2.5, 97.5), null=None, norm: str = "pooled") -> dict:
+                 n_null: int | None = None, band=(2.5, 97.5), null=None, norm: str = "pooled") -> dict:
     """Everything the calibration report needs for one method and set (JSON-serialisable).
 
     null: optional precomputed ``tarp_null(...)`` result (ecp, max_dev) for the same n_obs,
@@ -158,8 +176,7 @@ def tarp_summary(samples, truths, *, n_bins: int, rng: np.random.Generator, n_bo
     ecp = ecp_at(f, a)
     boot, boot_dev = bootstrap_ecp(f, n_bins, rng=rng, n_boot=n_boot)
     if null is None:
-        null = tarp_null(n_obs, n_s, truths.shape[1], n_bins=n_bins, rng=rng, n_sim=n_null, norm=norm,
-                         max_dims=256 if norm != "truths" else truths.shape[1])
+        null = null_distribution(n_obs, n_s, truths.shape[1], n_bins=n_bins, rng=rng, norm=norm, n_sim=n_null)
     null_ecp, null_dev = null
     if null_ecp.shape[1] != a.size:
         raise ValueError("null distribution was computed for another number of alpha bins")
