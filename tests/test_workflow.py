@@ -23,9 +23,9 @@ CI_CONFIG = ROOT / "tests" / "config" / "ci.yaml"
 
 def snakemake(workdir, *args, timeout=900, check=True, config=CI_CONFIG):
     cmd = [SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir), "--cores", "2"]
-    if config is not None:
-        cmd += ["--configfile", str(config)]
     cmd += list(args)
+    if config is not None:  # last: --configfile takes several values and would swallow targets
+        cmd += ["--configfile", str(config)]
     env = dict(os.environ, PIPELINE_NUM_THREADS="1")
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     if check and res.returncode != 0:
@@ -86,6 +86,24 @@ def test_tiny_run_produces_report_and_is_idempotent(tiny_run):
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
+def _python_pids(command: str, cwd: Path) -> list[int]:
+    """PIDs of python processes running ``-m pipeline COMMAND`` in ``cwd`` (not the wrapping shell)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            here = os.path.realpath(proc / "cwd")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in argv if a]
+        if (args and "python" in Path(args[0]).name and command in args
+                and here == os.path.realpath(cwd)):
+            pids.append(int(proc.name))
+    return pids
+
+
 def _wait_for(predicate, timeout):
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -103,14 +121,13 @@ def test_finetune_resumes_after_kill_and_falls_back_from_truncated_checkpoint(tm
     snakemake(wd, "results/prior/run/final", config=cfg)
     run_dir = wd / "results" / "posterior" / "run"
     cmd = [SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), "--directory", str(wd), "--cores", "1",
-           "--configfile", str(cfg), "results/posterior/run/final"]
+           "results/posterior/run/final", "--configfile", str(cfg)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
                             start_new_session=True)
     try:
         assert _wait_for(lambda: len(list(run_dir.glob("step-*"))) >= 3, 300), "no checkpoints appeared"
         # kill -9 the fine-tuning python process itself (not snakemake)
-        out = subprocess.run(["pgrep", "-f", f"finetune-posterior.*{run_dir}"], capture_output=True, text=True)
-        pids = [int(p) for p in out.stdout.split()]
+        pids = _python_pids("finetune-posterior", wd)
         assert pids, "fine-tuning process not found"
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
@@ -129,5 +146,7 @@ def test_finetune_resumes_after_kill_and_falls_back_from_truncated_checkpoint(tm
     snakemake(wd, "--rerun-incomplete", "results/posterior/run/final", config=cfg)
     log = (wd / "logs" / "finetune_posterior.log").read_text()
     assert "falling back to the previous one" in log
-    assert f"resumed RTB training from {previous}" in log
+    prev_step = int(previous.name.split("-")[1])
+    assert f"resumed RTB training from results/posterior/run/{previous.name}" in log
+    assert f"resuming fine-tuning at step {prev_step}" in log
     assert (run_dir / "final" / "hparams.json").is_file()

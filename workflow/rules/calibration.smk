@@ -5,6 +5,8 @@ rule calibrate:
     input:
         cfg=CFG_LENSING,
         obs="results/observations/{set}",
+        # prior draws for the sharpness denominator (posterior std / prior std) on both sets
+        prior_draws="results/observations/prior",
         posteriors=posterior_dirs,
     output:
         summary="results/calibration/{set}/summary.json",
@@ -20,6 +22,7 @@ rule calibrate:
     shell:
         "{params.py} -m pipeline calibrate --config {input.cfg} --set {wildcards.set}"
         " --observations {input.obs} --posteriors {input.posteriors}"
+        " --prior-samples {input.prior_draws}"
         " --out {params.outdir} > {log} 2>&1"
 
 
