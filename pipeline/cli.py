@@ -16,6 +16,8 @@ from pipeline.errors import PipelineError
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train-prior": ("pipeline.commands.train_prior", "train a diffusion prior from a config"),
+    "install-prior": ("pipeline.commands.install_prior",
+                      "install a shipped, pipeline-trained prior checkpoint instead of training"),
     "sample-prior": ("pipeline.commands.sample_prior", "draw samples from a trained prior into FITS"),
     "sources": ("pipeline.commands.sources", "build the source-galaxy FITS cube (GalSim, HST, user)"),
     "simulate": ("pipeline.commands.simulate", "simulate lensed observations as FITS files"),

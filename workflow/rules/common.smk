@@ -45,7 +45,7 @@ def section_config(name, sections):
     changed sections (tuning rtb: does not retrain the prior).
     """
     path = os.path.join("results", "config", f"{name}.yaml")
-    keep = {k: v for k, v in config.items() if k in sections or not isinstance(v, (dict, list))}
+    keep = {k: v for k, v in config.items() if k in sections or k in ("seed", "device")}
     text = yaml.safe_dump(keep, sort_keys=True)
     old = open(path).read() if os.path.exists(path) else None
     if old != text:
@@ -58,10 +58,20 @@ def section_config(name, sections):
 
 
 CFG_LENSING = section_config("lensing", ["lensing"])
-CFG_PRIOR = section_config("prior", ["prior"])
+CFG_PRIOR = section_config("prior", ["prior", "prior_checkpoint"])
 CFG_POSTERIOR = section_config("posterior", ["lensing", "rtb", "posterior"])
 CFG_SAMPLE = section_config("sample", ["lensing", "posterior"])
 CFG_ALL = section_config("all", list(config))
+
+
+def train_prior_command(wildcards, input, output):
+    """train-prior, or install-prior when the config names a shipped checkpoint (DESIGN 10)."""
+    run_dir = os.path.dirname(output[0])
+    shipped = config.get("prior_checkpoint")
+    if shipped:
+        path = shipped if os.path.isabs(shipped) else os.path.join(BASEDIR, shipped)
+        return f"install-prior --checkpoint {path} --config {input.cfg} --out {run_dir}"
+    return f"train-prior --config {input.cfg} --data {input.data} --out {run_dir}"
 
 
 def posterior_dirs(wildcards):

@@ -29,6 +29,7 @@ rule train_prior:
     params:
         py=PY,
         run_dir=parent_dir,
+        command=train_prior_command,
     resources:
         gpu=1,
     conda:
@@ -38,5 +39,4 @@ rule train_prior:
     benchmark:
         "benchmarks/train_prior.tsv"
     shell:
-        "{params.py} -m pipeline train-prior --config {input.cfg} --data {input.data}"
-        " --out {params.run_dir} > {log} 2>&1"
+        "{params.py} -m pipeline {params.command} > {log} 2>&1"

@@ -1,0 +1,62 @@
+"""``python -m pipeline install-prior``: use a shipped, pipeline-trained prior instead of training one.
+
+Training the default prior takes longer than the 20-minute CPU demo allows, so a checkpoint made by
+``train-prior`` on this very config ships under ``data/pretrained/`` (its README gives the command).
+This command checks that the checkpoint loads (checksums), that it was trained with the same
+``prior:`` recipe as the config (the result hash), then installs it as ``RUN_DIR/final`` - the same
+layout ``train-prior`` produces - so the rest of the DAG cannot tell the difference. Set
+``prior_checkpoint: null`` in the config to train from scratch instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="shipped prior checkpoint directory")
+    parser.add_argument("--config", required=True, metavar="FILE", help="pipeline YAML config (section prior:)")
+    parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory; the prior goes to RUN_DIR/final")
+
+
+def run(args) -> int:
+    from pipeline.config import load_section
+    from pipeline.diffusion.train import PriorConfig
+    from pipeline.errors import ConfigError, InputFileError
+    from pipeline.io.checkpoint import load_prior
+
+    src = Path(args.checkpoint)
+    prior = load_prior(src)  # validates manifest checksums and rebuilds the network
+    cfg = load_section(args.config, "prior", PriorConfig)
+    meta = prior.meta
+    if meta.get("config_hash") != cfg.result_hash():
+        raise ConfigError(args.config, "prior", f"the shipped prior {src} was trained with another prior: recipe "
+                          f"(hash {meta.get('config_hash')} != {cfg.result_hash()}); set prior_checkpoint: null "
+                          "to train one")
+    for key, want in (("sample_K", cfg.sample_K), ("sample_variance", cfg.sample_variance)):
+        if meta.get(key) != want:
+            raise ConfigError(args.config, f"prior.{key}", f"the shipped prior uses {meta.get(key)!r}, config asks "
+                              f"{want!r}; set prior_checkpoint: null to train one")
+    if not (src / "hparams.json").is_file():
+        raise InputFileError(src, "not an exported prior directory (no hparams.json)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / "final"
+    tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=out))
+    try:
+        for f in src.iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    (out / "done").write_text(json.dumps({"installed_from": str(src), "step": meta.get("step")}) + "\n")
+    print(json.dumps({"installed": str(final), "from": str(src), "step": meta.get("step")}))
+    return 0
