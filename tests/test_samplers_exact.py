@@ -97,3 +97,49 @@ def test_tuned_dps_and_dps_cla_beat_the_prior_and_record_their_tuning():
         assert tuned.info["tuning"] is rec and tuned.nfe == 2 * 20 - 1
         # scale 0 is the prior chain: log q = log p for every trajectory
         assert torch.allclose(plain.log_q_traj, plain.log_p_traj)
+
+
+def test_chi2_tuning_target_holds_for_exact_posterior_samples():
+    # The chi2 objective assumes E[chi2(y, A x_s)] = m for exact posterior samples x_s and y from the prior
+    # predictive. Check with the chain's exact posterior (Gaussian conditioning of its x0 law) over 4000 y.
+    from pipeline.diffusion.gaussian_chain import propagate_gaussian_chain
+    from pipeline.samplers.tuning import _objective
+    from pipeline.samplers.base import Samples
+
+    case = gaussian_case(4, 2)
+    prob = case["problem"]
+    chain = case["prior"].schedule.chain(50)
+    law = propagate_gaussian_chain(chain, case["mu"], case["S"])
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    Lc = torch.linalg.cholesky(law["x0_cov"])
+    x_true = law["x0_mean"] + torch.randn(n, 4, generator=g, dtype=torch.float64) @ Lc.T
+    y = prob.simulate(x_true.float(), generator=g).double()
+    A, N = case["A"], torch.diag(case["sigma"] ** 2)
+    Sy = A @ law["x0_cov"] @ A.T + N
+    G = law["x0_cov"] @ A.T @ torch.linalg.inv(Sy)
+    P = law["x0_cov"] - G @ A @ law["x0_cov"]
+    post = law["x0_mean"] + (y - law["x0_mean"] @ A.T) @ G.T
+    xs = post + torch.randn(n, 4, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(0.5 * (P + P.T)).T
+    ratio = float(prob.residual_chi2(xs, y).mean()) / prob.n_data
+    assert ratio == pytest.approx(1.0, abs=0.05)
+    assert _objective(Samples(x0=xs), "chi2", prob, y) == pytest.approx(-abs(math.log(ratio)))
+    # an over-confident sampler (the posterior mean for every sample) is penalised
+    assert _objective(Samples(x0=post), "chi2", prob, y) < -0.3
+
+
+def test_tuning_objectives_and_errors():
+    from pipeline.errors import PipelineError
+    from pipeline.samplers.tuning import OBJECTIVES, tune_scale
+
+    case = gaussian_case(2, 1)
+    chain = case["prior"].schedule.chain(10)
+    for obj in OBJECTIVES:
+        scale, rec = tune_scale("dps", case["prior"], chain, case["problem"], case["y"], grid=[0.01, 0.1, 1.0],
+                                n=32, objective=obj, refine=False)
+        assert rec["objective"] == obj and rec["grid"] == [0.01, 0.1, 1.0] and scale in rec["grid"]
+        assert rec["n_obs"] == 1 and rec["n"] == 32
+    with pytest.raises(PipelineError, match="unknown tuning objective"):
+        tune_scale("dps", case["prior"], chain, case["problem"], case["y"], objective="fid")
+    with pytest.raises(PipelineError, match="grid"):
+        tune_scale("dps", case["prior"], chain, case["problem"], case["y"], grid=[-1.0])

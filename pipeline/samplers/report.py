@@ -181,6 +181,28 @@ def method_errors(K: int = 100, n: int = 20000, tune_n: int = 512, tuning_seed: 
     return rows
 
 
+def tuning_objective_comparison(K: int = 100, n: int = 4000, tuning_seed: int = 7, seed: int = 3,
+                                tune_n: int = 512) -> list[dict]:
+    """DPS and DPS+CLA tuned with each objective (chi2, elbo, log_r) on the tuning seed, then evaluated on
+    the Gaussian case: which scale each objective freezes and its W2 to the chain posterior."""
+    from pipeline.samplers import make_sampler
+    from pipeline.samplers.tuning import OBJECTIVES, tune_on_separate_seed
+
+    case = gaussian_case()
+    chain = case["prior"].schedule.chain(K)
+    cm, cc, _ = chain_posterior(case, chain)
+    rows = []
+    for name in ("dps", "dps_cla"):
+        for obj in OBJECTIVES:
+            scale, rec = tune_on_separate_seed(name, case["prior"], chain, case["problem"], tuning_seed,
+                                               n=tune_n, objective=obj)
+            out = make_sampler(name, case["prior"], chain, scale=scale).sample(
+                case["problem"], case["y"], n, generator=torch.Generator().manual_seed(seed))
+            rows.append({"method": name, "objective": obj, "scale": scale,
+                         "w2_chain": moment_errors(out.x0, cm, cc)["w2"]})
+    return rows
+
+
 def bimodal_case():
     """1-D two-mode prior 0.5 N(-2, 0.5^2) + 0.5 N(2, 0.5^2), y = x + n, sigma = 1, y = 0.6."""
     prior = GaussianMixturePrior([0.5, 0.5], torch.tensor([[-2.0], [2.0]]), torch.tensor([[[0.25]], [[0.25]]]))
@@ -281,6 +303,9 @@ def main(argv=None) -> int:
               f"{r.get('logz_elbo', float('nan')):9.3f} {r.get('logz_iw', float('nan')):9.3f} {r['nfe_per_sample']:5d} "
               f"{r['seconds']:6.1f}" + (f"  scale={r['scale']:.4g}" if "scale" in r else ""))
     print(f"log Z under the chain {res['methods'][0]['logz_chain']:.4f}, analytic {res['methods'][0]['logz_analytic']:.4f}")
+    res["tuning_objectives"] = tuning_objective_comparison(n=n // 5, tune_n=256 if args.quick else 512)
+    print("tuning objective -> frozen scale, W2 to the chain posterior:",
+          "; ".join(f"{r['method']}/{r['objective']}: {r['scale']:.4g}, {r['w2_chain']:.3f}" for r in res["tuning_objectives"]))
     res["fps_smc"] = fps_smc_sweep(n=1000 if args.quick else 2000)
     f = res["fps_smc"]
     print(f"FPS-SMC 2-D Gaussian (MC floor W2 {f['gaussian_2d_floor_w2']:.4f}):",
