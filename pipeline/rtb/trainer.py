@@ -225,9 +225,13 @@ class RTBTrainer:
             log_z_learned = float(logz_groups.mean())
         else:
             if not self.log_z_init:
-                # start log Z at the batch's VarGrad value: avoids a huge first delta
+                # start log Z at the batch's importance-weighted estimate logmeanexp(beta log r - log q/p):
+                # at q = p that is the prior-IS evidence, close to log Z. (The VarGrad value, the ELBO,
+                # can be tens of nats too low when the prior barely overlaps the posterior, and Adam
+                # moves log Z by about lr_logz per step.)
                 with torch.no_grad():
-                    self.post.log_z.fill_(float(deltas_vargrad(batch, beta)[1].mean()))
+                    s = (beta * batch.log_r - batch.log_ratio()).double()
+                    self.post.log_z.fill_(float(torch.logsumexp(s, 0) - math.log(s.numel())))
                 self.log_z_init = True
             delta = deltas_scalar(batch, self.post.log_z, beta)
             log_z_learned = float(self.post.log_z.detach())

@@ -1,0 +1,81 @@
+"""``python -m pipeline bench {gmm,rtb-memory,vision} ...``: the benchmarks.
+
+* ``gmm [--quick] --out DIR``: exact-posterior benchmark on Gaussian-mixture priors -> DIR/gmm.json,
+  DIR/gmm_2d.png, DIR/gmm_table.md (:mod:`pipeline.bench.gmm`).
+* ``rtb-memory --out DIR``: peak memory and step time of one RTB step, two-pass vs naive gradient ->
+  DIR/rtb_memory.json (:mod:`pipeline.bench.rtb_memory`).
+* ``vision ...``: the vision benchmarks (:mod:`pipeline.vision.bench`, imported lazily).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+
+from pipeline.runtime import configure_threads
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    g = sub.add_parser("gmm", help="exact-posterior benchmark on Gaussian-mixture priors")
+    g.add_argument("--out", required=True, help="output directory (gmm.json, figure, table)")
+    g.add_argument("--quick", action="store_true", help="2-D case, 3 seeds, every method at one setting")
+    g.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3 quick / 10 full)")
+    g.add_argument("--cases", nargs="+", default=None, help="cases (2d 8d_y1 8d_y2 8d_y4 80d_y1 80d_y2 80d_y4)")
+    g.add_argument("--methods", nargs="+", default=None, help="restrict to these method labels")
+    g.add_argument("--K", type=int, default=30, help="chain length for every method (default 30)")
+    g.add_argument("--n", type=int, default=2000, help="samples per method and seed (default 2000)")
+    m = sub.add_parser("rtb-memory", help="RTB step memory: two-pass vs naive gradient")
+    m.add_argument("--out", required=True, help="output directory (rtb_memory.json)")
+    m.add_argument("--K", type=int, nargs="+", default=[20, 50, 100, 200], help="chain lengths")
+    m.add_argument("--batch", type=int, default=16)
+    m.add_argument("--chunk", type=int, default=4, help="steps per chunk in the two-pass gradient")
+    m.add_argument("--preset", default="small", help="U-Net preset of the prior/posterior network")
+    m.add_argument("--image-size", type=int, default=32)
+    m.add_argument("--timeout", type=float, default=900.0, help="seconds per (method, K) subprocess")
+    m.add_argument("--memory-limit-gb", type=float, default=None,
+                   help="address-space limit per subprocess (an exceeded limit is recorded as OOM)")
+    v = sub.add_parser("vision", help="vision benchmarks (MNIST / CIFAR-10)", add_help=False)
+    v.add_argument("rest", nargs=argparse.REMAINDER)
+
+
+def run(args) -> int:
+    configure_threads()
+    if args.bench == "gmm":
+        from pipeline.bench.gmm import run_benchmark, table
+        from pathlib import Path
+
+        seeds = None if args.seeds is None else list(range(args.seeds))
+        cmd = "python -m pipeline " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        res = run_benchmark(args.out, quick=args.quick, seeds=seeds, cases=args.cases, methods=args.methods, K=args.K,
+                            n=args.n, command=cmd)
+        md = table(res)
+        path = Path(args.out) / "gmm_table.md"
+        path.write_text(f"Command: `{cmd}`; wall time {res['wall_seconds']:.0f} s\n\n{md}\n")
+        print(md)
+        print(f"targets: {res.get('targets')}")
+        print(f"wall time {res['wall_seconds']:.0f} s; wrote {Path(args.out) / 'gmm.json'}")
+        return 0
+    if args.bench == "rtb-memory":
+        from pipeline.bench.rtb_memory import run_memory_benchmark
+
+        res = run_memory_benchmark(args.out, Ks=args.K, batch=args.batch, chunk=args.chunk, preset=args.preset,
+                                   image_size=args.image_size, timeout=args.timeout,
+                                   memory_limit_gb=args.memory_limit_gb)
+        for r in res["runs"]:
+            print(f"{r['method']:8s} K={r['K']:4d} peak+{r.get('peak_mib', float('nan')):8.1f} MiB "
+                  f"step {r.get('step_seconds', float('nan')):7.2f} s {r.get('status')}")
+        print(f"checks: {res['checks']}")
+        return 0
+    if args.bench == "vision":
+        import importlib
+
+        mod = importlib.import_module("pipeline.vision.bench")
+        p = argparse.ArgumentParser(prog="python -m pipeline bench vision")
+        mod.add_arguments(p)
+        return int(mod.run(p.parse_args(args.rest)) or 0)
+    return 2
