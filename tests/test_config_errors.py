@@ -93,3 +93,35 @@ def test_missing_and_truncated_checkpoint_give_one_line_and_no_output(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "truncated" in err
     assert not out.exists() and not list(tmp_path.glob(".s.fits*"))
+
+
+def test_fits_helpers_native_float32_and_one_line_errors(tmp_path, blob_fits, monkeypatch):
+    import numpy as np
+    import torch
+    from astropy.io import fits
+
+    from pipeline.errors import InputFileError
+    from pipeline.io.fits import read_image_hdu, write_fits_atomic
+
+    arr = read_image_hdu(blob_fits, "train")  # HDU names are case-insensitive in FITS
+    assert arr.dtype == np.float32 and arr.dtype.isnative and arr.shape == (64, 16, 16)
+    assert torch.from_numpy(arr).shape == (64, 16, 16)  # refused for big-endian arrays
+    with pytest.raises(InputFileError) as err:
+        read_image_hdu(blob_fits, "PSF")
+    assert "PSF" in str(err.value) and str(blob_fits) in str(err.value) and "\n" not in str(err.value)
+    cut = tmp_path / "cut.fits"
+    cut.write_bytes(blob_fits.read_bytes()[:5000])
+    with pytest.raises(InputFileError) as err:
+        read_image_hdu(cut, "TRAIN")
+    assert str(cut) in str(err.value) and "truncated" in str(err.value) and "\n" not in str(err.value)
+
+    def failing_writeto(self, name, **kw):
+        with open(name, "wb") as fh:
+            fh.write(b"SIMPLE  =    partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fits.HDUList, "writeto", failing_writeto)
+    target = tmp_path / "out" / "x.fits"
+    with pytest.raises(OSError):
+        write_fits_atomic(target, [fits.PrimaryHDU()])
+    assert list((tmp_path / "out").iterdir()) == []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +22,19 @@ def _open(path):
     if not path.is_file():
         raise InputFileError(path, "FITS file not found")
     try:
-        hdul = fits.open(path, memmap=False)
-        hdul.verify("exception")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            hdul = fits.open(path, memmap=False)
+            hdul.verify("exception")
     except Exception as exc:  # astropy raises many types for truncated/garbled files
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputFileError(path, f"not a readable FITS file ({msg})") from None
+    for w in caught:  # astropy only *warns* about a truncated last HDU
+        text = str(w.message)
+        if "corrupted" in text or "truncated" in text or "not multiple of 2880" in text:
+            hdul.close()
+            raise InputFileError(path, "truncated or corrupted FITS file")
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return hdul
 
 
