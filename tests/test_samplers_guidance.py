@@ -269,3 +269,46 @@ def test_exact_guidance_diagonal_fast_path_matches_general_path():
     y = torch.tensor([1.0, -1.0])
     for k in (1, 5, 20):
         assert torch.allclose(fast.score(x, y, k), slow.score(x, y, k), atol=1e-10)
+
+
+class AffineProblem(DenseLinearProblem):
+    """y = M x + b + n: an affine model like lensing's brightness offset."""
+
+    def __init__(self, M, sigma, b):
+        super().__init__(M, sigma)
+        self.b = torch.as_tensor(b, dtype=torch.float32)
+
+    def forward(self, x):
+        return self.A(x) + self.b.to(x.device, x.dtype)
+
+
+def test_affine_forward_models_use_y_minus_offset():
+    g = torch.Generator().manual_seed(3)
+    M = torch.randn(3, 3, generator=g)
+    b = torch.tensor([5.0, -2.0, 1.0])
+    aff = AffineProblem(M, torch.tensor([0.5, 0.6, 0.7]), b)
+    lin = DenseLinearProblem(M, torch.tensor([0.5, 0.6, 0.7]))
+    prior = _mixture()
+    chain = prior.schedule.chain(20)
+    x = torch.randn(4, 3, dtype=torch.float64, generator=g)
+    y = torch.tensor([1.0, 2.0, 3.0])
+    for k in (2, 11):
+        assert torch.allclose(cla_score(chain, aff, y, x, k), cla_score(chain, lin, y - b, x, k), atol=1e-10)
+        assert torch.allclose(ExactGuidance(prior, chain, aff).score(x, y, k),
+                              ExactGuidance(prior, chain, lin).score(x, y - b, k), atol=1e-10)
+        assert torch.allclose(dps_cla_guidance(prior, chain, aff, y, x, k, 1.0).shift,
+                              dps_cla_guidance(prior, chain, lin, y - b, x, k, 1.0).shift, atol=1e-10)
+    pa, za = analytic_posterior(prior, aff, y)
+    pl, zl = analytic_posterior(prior, lin, y - b)
+    assert za == pytest.approx(zl) and torch.allclose(pa.means, pl.means)
+
+
+def test_algebra_cache_notices_in_place_changes():
+    from pipeline.samplers.guidance import linear_algebra_for
+
+    prob = _problem(masked=False)
+    a1 = linear_algebra_for(prob)
+    assert linear_algebra_for(prob) is a1
+    prob.M = 2 * prob.M
+    a2 = linear_algebra_for(prob)
+    assert a2 is not a1 and torch.allclose(a2.s, 2 * a1.s)

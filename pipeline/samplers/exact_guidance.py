@@ -30,16 +30,18 @@ from pipeline.diffusion.prior import GaussianMixturePrior
 from pipeline.errors import PipelineError
 from pipeline.samplers.base import Sampler, Samples
 from pipeline.samplers.common import guided_samples, resolve_device
-from pipeline.samplers.guidance import _flat, require_linear, score_to_mean_shift
+from pipeline.samplers.guidance import _flat, forward_offset, require_linear, score_to_mean_shift
 
 LOG_2PI = math.log(2 * math.pi)
 
 
 def _dense_masked(problem):
-    """(A_m (m, d), sigma_m (m,), mask flat) on the unmasked pixels, float64 CPU."""
+    """(A_m (m, d), sigma_m (m,), mask flat, offset b (all pixels)) on the unmasked pixels, float64 CPU.
+
+    ``forward(x) = A x + b``; the Gaussian algebra uses y - b."""
     A = problem.dense_matrix().double().cpu()
     mask = problem.mask.reshape(-1).cpu()
-    return A[mask], problem.sigma.reshape(-1).double().cpu()[mask], mask
+    return A[mask], problem.sigma.reshape(-1).double().cpu()[mask], mask, forward_offset(problem)
 
 
 class ExactGuidance:
@@ -51,7 +53,8 @@ class ExactGuidance:
                                 f"{type(prior).__name__} - use dps, cla or rtb for network priors")
         require_linear(problem, "exact_guidance")
         self.prior, self.chain, self.problem = prior, chain, problem
-        self.A, self.sig, self.mask = _dense_masked(problem)
+        self.A, self.sig, self.mask, offset = _dense_masked(problem)
+        self.offset_m = offset[self.mask]
         covs = prior.covs
         # diagonal covariances (the benchmarks' unit-covariance mixtures): eigenbasis = identity, O(B J d) per step
         self.diagonal = bool((covs - torch.diag_embed(torch.diagonal(covs, dim1=-2, dim2=-1))).abs().max() == 0)
@@ -94,7 +97,7 @@ class ExactGuidance:
         st = self._step(k)
         x64 = _flat(x).double().cpu()
         B, d = x64.shape
-        y64 = torch.as_tensor(y).double().cpu().reshape(-1, self.mask.numel())[:, self.mask]
+        y64 = torch.as_tensor(y).double().cpu().reshape(-1, self.mask.numel())[:, self.mask] - self.offset_m
         if y64.shape[0] == 1 and B > 1:
             y64 = y64.expand(B, -1)
         # prior component terms in each component's eigenbasis
@@ -139,8 +142,8 @@ def analytic_posterior(prior: GaussianMixturePrior, problem, y) -> tuple[Gaussia
     prior's schedule so its ``eps`` is the exact noised posterior eps.
     """
     require_linear(problem, "analytic posterior")
-    A, sig, mask = _dense_masked(problem)
-    yv = _flat(torch.as_tensor(y)[None]).double().cpu()[0, mask]
+    A, sig, mask, offset = _dense_masked(problem)
+    yv = (torch.as_tensor(y).double().cpu().reshape(-1) - offset)[mask]
     Sy = torch.diag(sig ** 2)
     S, m = prior.covs, prior.means
     SAt = S @ A.T                                                # (J, d, m)

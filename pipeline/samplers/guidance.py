@@ -72,8 +72,19 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # linear-Gaussian algebra through one SVD of the whitened operator
 # ----------------------------------------------------------------------------------------------
+def forward_offset(problem) -> torch.Tensor:
+    """b = forward(0), flattened over all pixels (float64, CPU): the constant part of an affine model
+    ``forward(x) = A x + b`` (zero for a purely linear operator). Closed-form algebra uses ``y - b``."""
+    zero = torch.zeros((1, *problem.x_shape), dtype=torch.float32, device=problem.sigma.device)
+    with torch.no_grad():
+        return problem.forward(zero).reshape(-1).double().cpu()
+
+
 class LinearGaussianAlgebra:
     """Thin SVD ``Sigma^{-1/2} A_m = U diag(s) V^T`` of a linear problem on its m unmasked pixels.
+
+    Observations are taken relative to ``forward(0)`` (affine models such as lensing with a brightness
+    offset); ``A`` is ``problem.dense_matrix()``, the linear part.
 
     U: (m, r), s: (r,), V: (d, r) with r = min(m, d), float64 on ``device``. Gives, for any
     (alpha, beta, gamma), the score in x of ``log N(alpha y; A x, beta Sigma + gamma A A^T)``
@@ -86,6 +97,8 @@ class LinearGaussianAlgebra:
         M = problem.dense_matrix().double().cpu()  # (m_all, d)
         mask = problem.mask.reshape(-1).cpu()
         sig = problem.sigma.reshape(-1).double().cpu()[mask]
+        # an affine forward model A x + b (e.g. lensing's brightness offset): the algebra works on y - b
+        self.offset_m = forward_offset(problem)[mask].to(device)
         W = M[mask] / sig[:, None]
         U, s, Vh = torch.linalg.svd(W, full_matrices=False)
         self.device = device
@@ -100,7 +113,7 @@ class LinearGaussianAlgebra:
     def whiten(self, y: torch.Tensor) -> torch.Tensor:
         """Sigma^{-1/2} y on unmasked pixels, (B, m) float64."""
         yf = torch.as_tensor(y).double().to(self.device).reshape(-1, self.mask.numel())
-        return yf[:, self.mask] / self.sigma_m
+        return (yf[:, self.mask] - self.offset_m) / self.sigma_m
 
     def project_y(self, y: torch.Tensor):
         """(U^T y~ (B, r), ||y~||^2 (B,)) of whitened observations."""
@@ -150,14 +163,33 @@ class LinearGaussianAlgebra:
 _ALGEBRA_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def _fingerprint(problem) -> tuple:
+    """Cheap identity of the operator's current state: forward of a fixed probe, sigma and mask."""
+    g = torch.Generator().manual_seed(12345)
+    probe = torch.randn((1, *problem.x_shape), generator=g).to(problem.sigma.device)
+    with torch.no_grad():
+        fx = problem.forward(probe).double().cpu()
+    return fx, problem.sigma.double().cpu().clone(), problem.mask.cpu().clone()
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return all(x.shape == y.shape and torch.allclose(x.double(), y.double(), rtol=1e-6, atol=0) for x, y in zip(a, b))
+
+
 def linear_algebra_for(problem, device=None) -> LinearGaussianAlgebra:
-    """Cached :class:`LinearGaussianAlgebra` of ``problem`` (one SVD per problem and device)."""
+    """Cached :class:`LinearGaussianAlgebra` of ``problem`` (one SVD per problem and device).
+
+    The cache is checked against a fingerprint (operator on a fixed probe, sigma, mask), so a problem that
+    is changed in place (e.g. a new brightness scale) gets a fresh SVD rather than a stale one.
+    """
     require_linear(problem, "linear-Gaussian guidance")
     device = torch.device(device) if device is not None else problem.sigma.device
     per = _ALGEBRA_CACHE.setdefault(problem, {})
-    if str(device) not in per:
-        per[str(device)] = LinearGaussianAlgebra(problem, device)
-    return per[str(device)]
+    fp = _fingerprint(problem)
+    hit = per.get(str(device))
+    if hit is None or not _same(hit[0], fp):
+        per[str(device)] = (fp, LinearGaussianAlgebra(problem, device))
+    return per[str(device)][1]
 
 
 # ----------------------------------------------------------------------------------------------
