@@ -62,6 +62,7 @@ def test_prior_is_recovers_chain_posterior_and_log_z():
     assert err["mean_err_std_max"] < 0.1
     assert 0.85 < err["eig_ratio_min"] and err["eig_ratio_max"] < 1.15
     assert out.info["logz_iw"] == pytest.approx(logz, abs=0.02)
+    assert out.info["prior_elbo"] < logz  # an ELBO: below log Z by KL(prior || posterior)
     assert out.nfe == 200 * 20 and torch.equal(out.log_w, torch.zeros(2000, dtype=out.log_w.dtype))
     # without resampling: every proposal, q = p, log_w = log r; the IW estimator gives the same evidence
     raw = make_sampler("prior_is", case["prior"], chain, resample=False).sample(

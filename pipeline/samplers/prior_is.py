@@ -7,7 +7,8 @@ resampled by its normalised weight. Budget: M * K network evaluations per return
 Returned ``Samples``: the resampled ``x0`` (equally weighted, ``log_w`` = 0) with their ``log_r``;
 ``info['logz_iw']`` is the importance-sampling estimate of the chain evidence from *all* n*M proposals,
 ``log Z ~ logmeanexp(log r)`` (unbiased in Z for the chain prior, one observation only), and
-``info['ess_mean']`` the mean effective sample size per run. With ``resample=False`` every proposal is
+``info['ess_mean']`` the mean effective sample size per run, ``info['prior_elbo']`` (``_se``) the prior
+proposal's ELBO, mean log r. With ``resample=False`` every proposal is
 returned with ``log_w = log r`` and its trajectory log-probs (q = p), so the shared log Z estimators apply.
 """
 
@@ -70,6 +71,9 @@ class PriorISSampler(Sampler):
         log_r_all = torch.cat(lw_all)
         info = {"method": self.name, "particles": self.M, "K": self.chain.K,
                 "logz_iw": float(torch.logsumexp(log_r_all, 0) - math.log(log_r_all.numel())),
+                # the prior proposal's ELBO (q = p): mean log r over all proposals, with its standard error
+                "prior_elbo": float(log_r_all.mean()),
+                "prior_elbo_se": float(log_r_all.std() / math.sqrt(log_r_all.numel())) if log_r_all.numel() > 1 else None,
                 "logz_iw_note": "pooled over all proposals: valid only when y is a single observation"}
         x0 = torch.cat(x_out)
         log_r = torch.cat(lr_out)
