@@ -234,7 +234,7 @@ class FPSSMCSampler(Sampler):
     name = "fps_smc"
 
     def __init__(self, prior, chain, *, particles: int = 20, c_rate: float = 0.95, ess_threshold: float = 0.5,
-                 mode: str = "runs", device=None, batch_size: int = 8192, cond=None):
+                 mode: str = "runs", device=None, batch_size: int = 2048, cond=None):
         if particles < 1:
             raise ValueError(f"fps_smc particles must be >= 1, got {particles}")
         if mode not in ("runs", "weighted"):

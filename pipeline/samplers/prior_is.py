@@ -36,7 +36,7 @@ class PriorISSampler(Sampler):
     name = "prior_is"
 
     def __init__(self, prior, chain, *, particles: int = 10, resample: bool = True, device=None,
-                 batch_size: int = 4096, cond=None):
+                 batch_size: int = 2048, cond=None):
         if particles < 1:
             raise ValueError(f"prior_is particles must be >= 1, got {particles}")
         self.prior, self.chain, self.M, self.resample = prior, chain, int(particles), bool(resample)
