@@ -192,47 +192,69 @@ def rtb_config(case: GMMCase, quick: bool, amortized: bool, seed: int):
     """The RTB settings used by the benchmark (recorded in gmm.json)."""
     from pipeline.rtb.config import RTBConfig
 
-    steps = 400 if case.d_x == 2 else 600
+    steps = int(os.environ.get("GMM_RTB_STEPS", 300 if quick else 600)) if case.d_x == 2 else 800
     if amortized:
-        steps = int(steps * 1.5)
+        steps = int(steps * 2)  # one network for the whole observation set
+    hidden = int(os.environ.get("GMM_RTB_HIDDEN", 64 if quick else 128)) if case.d_x < 80 else 256
     return RTBConfig(K=30, steps=steps, batch_size=256, lr=3e-3, lr_final_frac=0.05, lr_logz=0.1,
-                     head_hidden=128 if case.d_x < 80 else 256, head_layers=3, in_scale=8.0,
+                     head_hidden=hidden, head_layers=3, in_scale=8.0,
                      amortized=amortized, logz="vargrad" if amortized else "scalar", group_size=16,
                      replay_rate=0.1, prior_rate=0.05, tempered_rate=0.1, tempered_std_scale=1.5,
                      eval_samples=2000, seed=seed, log_every=50)
 
 
-def run_rtb(case: GMMCase, chain_K: int, y, seed: int, *, amortized: bool, quick: bool, n: int, logz_ref: float,
-            metrics_path=None):
-    """Train an RTB posterior (single-observation or amortized) and sample n at y.
+def train_rtb(case: GMMCase, chain_K: int, seed: int, *, quick: bool, y=None, obs_set=None, metrics_path=None,
+              guidance: str = "none", guidance_scale: float = 1.0, logz_ref: float | None = None):
+    """Train an RTB posterior: for one observation ``y``, or amortized over the observations
+    ``obs_set`` (G, d_y) (each batch holds several of them, VarGrad log Z per observation); optionally
+    with the frozen-prior DPS / DPS+CLA guidance inside the parameterisation.
 
-    Returns (Samples, trainer, cfg). The amortized network trains on prior-predictive observations.
+    Returns (posterior, trainer, cfg, cond_fn).
     """
     from pipeline.rtb.posterior import make_posterior
-    from pipeline.rtb.sampler import RTBSampler
     from pipeline.rtb.trainer import RTBTrainer
 
-    cfg = replace(rtb_config(case, quick, amortized, seed), K=chain_K)
+    amortized = obs_set is not None
+    cfg = replace(rtb_config(case, quick, amortized, seed), K=chain_K, guidance=guidance,
+                  guidance_scale=float(guidance_scale))
     torch.manual_seed(seed)
-    cond_scale = 8.0
+    cond_scale = 8.0  # y is O(10) on these cases: a fixed input normalisation
 
     def cond_fn(yy):
         return yy.reshape(yy.shape[0], -1) / cond_scale
 
     post = make_posterior(case.prior, case.problem, cfg, cond_dim=case.d_y if amortized else 0)
     if amortized:
-        def obs_sampler(G, gen):
-            x = case.prior.sample(G, generator=gen).float()
-            return case.problem.simulate(x, generator=gen)
+        obs = torch.as_tensor(obs_set).reshape(-1, case.d_y).float()
 
-        trainer = RTBTrainer(post, cfg, obs_sampler=obs_sampler, cond_fn=cond_fn, log_z_ref=logz_ref,
-                             metrics_path=metrics_path)
+        def obs_sampler(G, gen):
+            return obs[torch.randint(obs.shape[0], (G,), generator=gen)]
+
+        trainer = RTBTrainer(post, cfg, obs_sampler=obs_sampler, cond_fn=cond_fn, metrics_path=metrics_path)
     else:
         trainer = RTBTrainer(post, cfg, y=y, log_z_ref=logz_ref, metrics_path=metrics_path)
     trainer.train()
-    name = "rtb_amortized" if amortized else "rtb"
-    sampler = RTBSampler(post, name, cond_fn=cond_fn if amortized else None)
-    smp = sampler.sample(case.problem, y, n, generator=torch.Generator().manual_seed(30_000 + seed))
+    return post, trainer, cfg, cond_fn
+
+
+def sample_rtb(post, cfg, cond_fn, case: GMMCase, y, seed: int, n: int, name: str):
+    """n samples of a trained posterior at y (cond_fn for amortized ones), as Samples."""
+    from pipeline.rtb.sampler import RTBSampler
+
+    sampler = RTBSampler(post, name, cond_fn=cond_fn if name == "rtb_amortized" else None)
+    return sampler.sample(case.problem, y, n, generator=torch.Generator().manual_seed(30_000 + seed))
+
+
+def run_rtb(case: GMMCase, chain_K: int, y, seed: int, *, quick: bool, n: int, logz_ref: float, metrics_path=None,
+            guidance: str = "none", guidance_scale: float = 1.0):
+    """Single-observation RTB at y: train, sample n, flag divergence (|log Z_IW - log Z_ref| > tol).
+
+    Returns (Samples, trainer, cfg).
+    """
+    post, trainer, cfg, cond_fn = train_rtb(case, chain_K, seed, quick=quick, y=y, metrics_path=metrics_path,
+                                            guidance=guidance, guidance_scale=guidance_scale, logz_ref=logz_ref)
+    name = "rtb" if guidance == "none" else f"rtb_{guidance}"
+    smp = sample_rtb(post, cfg, cond_fn, case, y, seed, n, name)
     est = estimate_logz_samples(smp)
     if not math.isfinite(est.iw) or abs(est.iw - logz_ref) > cfg.diverged_logz_tol:
         trainer.diverged = True
@@ -322,7 +344,7 @@ def run_case(case: GMMCase, *, seeds, quick: bool, K: int, n: int, n_prop: int, 
     wanted = set(methods) if methods else None
     tuning = {}
     for label, m, opts in tf:
-        if m in ("dps", "dps_cla") and (wanted is None or label in wanted):
+        if m in ("dps", "dps_cla") and (wanted is None or label in wanted or f"rtb_{m}" in wanted):
             t0 = time.perf_counter()
             scale, rec = tune_on_separate_seed(m, case.prior, chain, case.problem, tuning_seed, n=256)
             rec["seconds"] = time.perf_counter() - t0
@@ -330,8 +352,15 @@ def run_case(case: GMMCase, *, seeds, quick: bool, K: int, n: int, n_prop: int, 
             log.info("[%s] tuned %s scale = %.4g on tuning seed %d", case.name, m, scale, tuning_seed)
     runs, refs = [], {}
     figure_samples = {}
+    observations = {seed: draw_observation(case, chain, seed)[0] for seed in seeds}
+    # the amortized posterior's training set: every evaluated observation plus prior-predictive draws
+    g_obs = torch.Generator().manual_seed(60_000)
+    extra = case.problem.simulate(case.prior.sample(max(0, 64 - len(seeds)), generator=g_obs).float(),
+                                  generator=g_obs)
+    obs_set = torch.cat([torch.stack([observations[s_] for s_ in seeds]), extra])
+    amortized, amortized_seconds = None, 0.0
     for seed in seeds:
-        y, x_true = draw_observation(case, chain, seed)
+        y = observations[seed]
         t0 = time.perf_counter()
         ref = chain_reference(case, chain, y, n, n_prop, seed)
         ref_seconds = time.perf_counter() - t0
@@ -343,7 +372,8 @@ def run_case(case: GMMCase, *, seeds, quick: bool, K: int, n: int, n_prop: int, 
                  [round(v, 3) for v in y.tolist()], ref["logz_ref"], la, ref["ref_ess"], ref_seconds)
         if seed == seeds[0]:
             figure_samples["reference"] = ref["ref1"]
-        todo = [("rtb", "rtb", {}), ("rtb_amortized", "rtb_amortized", {})] + tf
+        todo = [("rtb", "rtb", {}), ("rtb_amortized", "rtb_amortized", {}), ("rtb_dps", "rtb_dps", {}),
+                ("rtb_dps_cla", "rtb_dps_cla", {})] + tf
         for label, m, opts in todo:
             if wanted is not None and label not in wanted and m not in wanted:
                 continue
@@ -351,10 +381,32 @@ def run_case(case: GMMCase, *, seeds, quick: bool, K: int, n: int, n_prop: int, 
             rec = {"case": case.name, "method": label, "seed": seed, "K": K, "n_samples": n,
                    "particles": opts.get("particles")}
             try:
-                if m in ("rtb", "rtb_amortized"):
+                if m == "rtb_amortized":
+                    if amortized is None:
+                        # ONE network per case, trained over the set {y_seed} + prior-predictive draws
+                        t_tr = time.perf_counter()
+                        mp = (out_dir / f"rtb_metrics_{case.name}_{label}.jsonl") if out_dir else None
+                        amortized = train_rtb(case, K, seeds[0], quick=quick, obs_set=obs_set, metrics_path=mp)
+                        amortized_seconds = time.perf_counter() - t_tr
+                    post, trainer, cfg, cond_fn = amortized
+                    smp = sample_rtb(post, cfg, cond_fn, case, y, seed, n, "rtb_amortized")
+                    est = estimate_logz_samples(smp)
+                    div = trainer.diverged or not math.isfinite(est.iw) or \
+                        abs(est.iw - ref["logz_ref"]) > cfg.diverged_logz_tol
+                    rec.update(diverged=bool(div), rollbacks=trainer.rollbacks, train_steps=trainer.step_idx,
+                               train_seconds_shared=amortized_seconds, n_observations=int(obs_set.shape[0]))
+                    rec["config"] = {k: getattr(cfg, k) for k in ("K", "steps", "batch_size", "lr", "head_hidden",
+                                                                  "learn_variance", "logz", "group_size")}
+                elif m.startswith("rtb"):
                     mp = (out_dir / f"rtb_metrics_{case.name}_{label}_{seed}.jsonl") if out_dir else None
-                    smp, trainer, cfg = run_rtb(case, K, y, seed, amortized=(m == "rtb_amortized"), quick=quick,
-                                                n=n, logz_ref=ref["logz_ref"], metrics_path=mp)
+                    gname = {"rtb_dps": "dps", "rtb_dps_cla": "dps_cla"}.get(m, "none")
+                    if gname != "none" and gname not in tuning:
+                        raise RuntimeError(f"{m} needs the tuned {gname} scale (sampler {gname} unavailable)")
+                    gscale = tuning[gname]["scale"] if gname != "none" else 1.0
+                    smp, trainer, cfg = run_rtb(case, K, y, seed, quick=quick, n=n, logz_ref=ref["logz_ref"],
+                                                metrics_path=mp, guidance=gname, guidance_scale=gscale)
+                    if gname != "none":
+                        rec["scale"] = gscale
                     rec.update(diverged=trainer.diverged, rollbacks=trainer.rollbacks, train_steps=trainer.step_idx)
                     rec["config"] = {k: getattr(cfg, k) for k in ("K", "steps", "batch_size", "lr", "head_hidden",
                                                                   "learn_variance", "replay_rate", "prior_rate",
