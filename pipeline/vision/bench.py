@@ -126,10 +126,10 @@ def _finite(v):
     return None if v is None or not math.isfinite(v) else float(v)
 
 
-def _prior_config(cfg: VisionConfig, *, unet: str, steps: int, augment: str):
+def _prior_config(cfg: VisionConfig, *, unet: str, steps: int, augment: str, channel_mults=None):
     from pipeline.diffusion.train import PriorConfig
 
-    return PriorConfig(unet=unet, steps=steps, batch_size=cfg.prior_batch, lr=cfg.prior_lr, seed=cfg.seed,
+    return PriorConfig(unet=unet, channel_mults=channel_mults, steps=steps, batch_size=cfg.prior_batch, lr=cfg.prior_lr, seed=cfg.seed,
                        device=cfg.device, augment=augment, sample_K=cfg.K, sample_variance=cfg.variance,
                        warmup_steps=min(100, max(1, steps // 10)), checkpoint_every=max(100, steps // 4),
                        log_every=max(10, steps // 20), ema_decay=0.999 if steps >= 2000 else 0.99)
@@ -163,7 +163,8 @@ class Context:
 
             ds, path = self.dataset(name)
             augment = "none" if name == "mnist" else "flip"  # digits are not mirror-symmetric
-            pcfg = _prior_config(self.cfg, unet=self.cfg.prior_unet, steps=self.cfg.prior_steps, augment=augment)
+            pcfg = _prior_config(self.cfg, unet=self.cfg.prior_unet, steps=self.cfg.prior_steps, augment=augment,
+                                 channel_mults=self.cfg.prior_channel_mults)
             run_dir = self.out / "priors" / f"{ds.name}-{pcfg.result_hash()}"
             res = train_prior(pcfg, path, run_dir)
             if not res.completed:
@@ -573,7 +574,11 @@ def render_markdown(summary: dict) -> str:
         f"observations per task, {cfg['n_samples']} samples per observation and method; seed {cfg['seed']}.",
         "- log Z in nats, per observation then averaged over observations: ELBO +- SE (mean of "
         "log r + log p(tau) - log q(tau)) and IW (log-mean-exp). FPS-SMC: not available (SMC normaliser of "
-        "the bridged model). prior_is: IW over all proposals of the prior chain; ELBO n/a.",
+        "the bridged model). prior_is: IW over all proposals of the prior chain; ELBO n/a. FPS: its log q is "
+        "the density given the sample's own random bridge y_{1:K} (the marginal is intractable), so its "
+        "ELBO/IW are not guaranteed bounds on log Z and are shown for reference only.",
+        "- RTB rows: amortized posteriors (one per dataset x task), trained on observations simulated from "
+        "TRAIN images and evaluated on the held-out observations; the budget column gives their training.",
         "- PSNR/SSIM against the truth, images in [-1, 1] (SSIM on [0, 1]); phase retrieval samples are first "
         "aligned to the truth over shifts and the 180-degree rotation (|FFT| cannot see them).",
         "- NFE: network evaluations per sample (prior eps calls + DPS VJPs; RTB: K prior + K-1 head calls).",
