@@ -499,15 +499,22 @@ def run_bench(cfg: VisionConfig) -> dict:
             rows.append(_aggregate(obs_recs, budget=budget, train_seconds=train_s,
                                    total_seconds=time.perf_counter() - t0, **extra))
         figures.append(_figure(out, task, fig_panels))
-    summary = {"config": dataclasses.asdict(cfg), "config_hash": config_hash(cfg), "rows": rows,
-               "costs": ctx.costs, "dps_tuning": tuning, "figures": [str(f) for f in figures if f],
+        # written after every task, so a long run that is interrupted still leaves a (partial) table
+        summary = _write_outputs(cfg, out, ctx, rows, per_obs, tuning, figures, t_start,
+                                 complete=(dataset, space, task_name) == combos[-1])
+    log.info("vision bench done in %.0f s: %s", summary["seconds_total"], out / "table.md")
+    return summary
+
+
+def _write_outputs(cfg, out, ctx, rows, per_obs, tuning, figures, t_start, complete: bool) -> dict:
+    summary = {"config": dataclasses.asdict(cfg), "config_hash": config_hash(cfg), "complete": complete,
+               "rows": rows, "costs": ctx.costs, "dps_tuning": tuning, "figures": [str(f) for f in figures if f],
                "seconds_total": round(time.perf_counter() - t_start, 1),
                "datasets": {k: v[0].describe() for k, v in ctx._ds.items()}}
     summary["claim"] = claim_check(per_obs)
     _write_text_atomic(out / "table.json", json.dumps(summary, indent=2, default=str) + "\n")
     _write_text_atomic(out / "per_observation.jsonl", "".join(json.dumps(r) + "\n" for r in per_obs))
     _write_text_atomic(out / "table.md", render_markdown(summary))
-    log.info("vision bench done in %.0f s: %s", summary["seconds_total"], out / "table.md")
     return summary
 
 
@@ -566,6 +573,8 @@ def _fmt(v, spec=".1f"):
 def render_markdown(summary: dict) -> str:
     cfg = summary["config"]
     lines = ["# Vision benchmark (bench vision)", ""]
+    if not summary.get("complete", True):
+        lines += ["**PARTIAL: the run has not finished all tasks yet.**", ""]
     for name, d in summary["datasets"].items():
         tag = "**STAND-IN (not CIFAR-10)**: " if d["standin"] else ""
         lines.append(f"- {name}: {tag}{d['name']}, {d['image_shape']}, splits {d['n']}")
