@@ -22,6 +22,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--run-dir", required=True, metavar="DIR", help="rolling checkpoints + metrics.jsonl (resumed)")
     parser.add_argument("--out", required=True, metavar="DIR", help="exported final posterior")
     parser.add_argument("--steps", type=int, help="override rtb.steps")
+    parser.add_argument("--init-from", metavar="DIR",
+                        help="start an empty --run-dir from this shipped trainer checkpoint (same rtb: recipe)")
 
 
 def run(args) -> int:
@@ -38,7 +40,8 @@ def run(args) -> int:
     device = distributed.local_device(device)
     prior = load_prior(args.prior, device=device)
     try:
-        summary = finetune(args.config, prior, args.run_dir, args.out, sources_path=args.sources, steps=args.steps)
+        summary = finetune(args.config, prior, args.run_dir, args.out, sources_path=args.sources, steps=args.steps,
+                           init_from=args.init_from)
     finally:
         distributed.cleanup()
     print(json.dumps(summary, default=str))

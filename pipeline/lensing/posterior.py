@@ -35,8 +35,8 @@ class PosteriorConfig:
     n_samples: int = field(default=64, metadata={"min": 2})       # posterior samples per observation
     batch_size: int = field(default=64, metadata={"min": 1})      # sampling batch
     particles: int = field(default=8, metadata={"min": 1})        # FPS-SMC particles per returned sample
-    guidance_scales: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0],
-                                         metadata={"gt": 0})    # DPS / DPS+CLA grid, tuned on a separate seed
+    guidance_scales: list[float] = field(default_factory=lambda: [0.03, 0.1, 0.3, 1.0, 3.0],
+                                         metadata={"min": 0})   # DPS / DPS+CLA grid, tuned on a separate seed
     tune_seed: int = field(default=987654, metadata={"min": 0})
     seed: int = field(default=0, metadata={"min": 0})
     device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda"]})
@@ -79,8 +79,24 @@ def build_lens_pool(lcfg, sigma: float, n: int, seed: int, scale: float, offset:
     return MultiLensProblem(probs)
 
 
-def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=None) -> dict:
-    """Amortized RTB over the prior predictive; resumes from ``run_dir``; exports to ``out_dir``."""
+def seed_run_dir(run_dir, init_from) -> bool:
+    """Start an empty run directory from a shipped trainer checkpoint (a ``step-N`` directory written
+    by this command), so training resumes from it exactly; False if ``run_dir`` already has one."""
+    from pipeline.io.checkpoint import has_checkpoints, load_checkpoint, save_checkpoint
+
+    if has_checkpoints(run_dir):
+        return False
+    ck = load_checkpoint(init_from, map_location="cpu")  # checksums verified here
+    if ck.hparams.get("kind") != "rtb_posterior":
+        raise InputFileError(init_from, "not an RTB posterior trainer checkpoint", field="kind")
+    target = save_checkpoint(run_dir, ck.step, ck.states, ck.hparams, ck.state, keep=None)
+    log.info("run dir %s seeded from the shipped checkpoint %s (step %d)", run_dir, init_from, ck.step)
+    return target.is_dir()
+
+
+def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=None, init_from=None) -> dict:
+    """Amortized RTB over the prior predictive; resumes from ``run_dir`` (or starts it from the
+    shipped checkpoint ``init_from``); exports to ``out_dir``."""
     from pipeline.config import load_section
     from pipeline.io.checkpoint import load_checkpoint, write_checkpoint_dir
     from pipeline.lensing.config import load_lensing_config
@@ -111,6 +127,8 @@ def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=N
     spec = posterior_spec(prior, rcfg, cond_channels=2)
     post = build_posterior(prior, pool, spec)
     run_dir = Path(run_dir)
+    if init_from is not None:
+        seed_run_dir(run_dir, init_from)
     trainer = RTBTrainer(post, rcfg, obs_sampler=obs_sampler, cond_fn=pool.features, run_dir=run_dir,
                          metrics_path=run_dir / "metrics.jsonl", spec=spec)
     if trainer.resume():
@@ -179,34 +197,21 @@ def rtb_amortized_samples(post, single, y, n, generator, batch_size):
                    nfe=2 * K)  # prior eps + correction head per step
 
 
-def tune_guidance_scale(method, prior, chain, lcfg, pcfg, sigma, device, n_tune: int = 16) -> dict:
-    """Choose the heuristic DPS / DPS+CLA scale on a SEPARATE seed (a tuning observation that is not in
-    any evaluated set): the grid value with the best ELBO, frozen and recorded."""
+def tune_guidance_scale(method, prior, chain, lcfg, pcfg, sigma, device, n_obs: int = 4, n: int = 32) -> dict:
+    """Tune the heuristic DPS / DPS+CLA scale on a SEPARATE seed (:mod:`pipeline.samplers.tuning`,
+    chi2-calibration objective): tuning observations from the prior predictive under a lens drawn from
+    ``posterior.tune_seed``, none of them in an evaluated set. The frozen scale and its record go into
+    every posterior file's provenance."""
     from pipeline.lensing.simulate import draw_lens, make_problem
-    from pipeline.metrics.logz import estimate_logz_samples
-    from pipeline.samplers import make_sampler
+    from pipeline.samplers.tuning import tune_on_separate_seed
 
     rng = np.random.default_rng(pcfg.tune_seed)
-    gen = torch.Generator().manual_seed(pcfg.tune_seed)
     problem = make_problem(draw_lens(lcfg.lens, rng), lcfg.geometry, sigma=sigma, device=device)
     problem.set_brightness(prior.scale, prior.offset)
-    truth = sample_prior(prior, chain, 1, generator=gen)
-    y = problem.simulate(truth.to(device), generator=gen)[0]
-    record = {"method": method, "tune_seed": pcfg.tune_seed, "grid": list(pcfg.guidance_scales), "elbo": []}
-    best, best_elbo = None, -float("inf")
-    for scale in pcfg.guidance_scales:
-        smp = make_sampler(method, prior, chain, scale=scale, device=device).sample(problem, y, n_tune, generator=gen)
-        try:
-            elbo = estimate_logz_samples(smp).elbo
-        except ValueError:
-            elbo = float("nan")
-        record["elbo"].append(elbo)
-        if np.isfinite(elbo) and elbo > best_elbo:
-            best, best_elbo = scale, elbo
-    if best is None:
-        raise RuntimeError(f"{method}: no guidance scale in {pcfg.guidance_scales} gave a finite ELBO")
-    record["scale"] = best
-    log.info("%s: tuned scale %.3g (ELBO by scale %s)", method, best, record["elbo"])
+    scale, record = tune_on_separate_seed(method, prior, chain, problem, pcfg.tune_seed, n_obs=n_obs,
+                                          grid=list(pcfg.guidance_scales), n=n, seed=pcfg.tune_seed,
+                                          refine=False, sampler_opts={"device": device})
+    log.info("%s: tuned scale %.3g on seed %d (%s)", method, scale, pcfg.tune_seed, record.get("objective"))
     return record
 
 

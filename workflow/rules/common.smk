@@ -59,7 +59,7 @@ def section_config(name, sections):
 
 CFG_LENSING = section_config("lensing", ["lensing"])
 CFG_PRIOR = section_config("prior", ["prior", "prior_checkpoint"])
-CFG_POSTERIOR = section_config("posterior", ["lensing", "rtb", "posterior"])
+CFG_POSTERIOR = section_config("posterior", ["lensing", "rtb", "posterior", "posterior_checkpoint"])
 CFG_SAMPLE = section_config("sample", ["lensing", "posterior"])
 CFG_ALL = section_config("all", list(config))
 
@@ -72,6 +72,15 @@ def train_prior_command(wildcards, input, output):
         path = shipped if os.path.isabs(shipped) else os.path.join(BASEDIR, shipped)
         return f"install-prior --checkpoint {path} --config {input.cfg} --out {run_dir}"
     return f"train-prior --config {input.cfg} --data {input.data} --out {run_dir}"
+
+
+def finetune_init_arg(wildcards):
+    """--init-from the shipped posterior trainer checkpoint, when the config names one."""
+    shipped = config.get("posterior_checkpoint")
+    if not shipped:
+        return ""
+    path = shipped if os.path.isabs(shipped) else os.path.join(BASEDIR, shipped)
+    return f"--init-from {path}"
 
 
 def posterior_dirs(wildcards):

@@ -12,6 +12,7 @@ rule finetune_posterior:
         py=PY,
         # rolling step-N/ checkpoints beside the output (Snakemake deletes outputs of failed jobs)
         run_dir=parent_dir,
+        init=finetune_init_arg,
     resources:
         gpu=1,
     conda:
@@ -22,7 +23,8 @@ rule finetune_posterior:
         "benchmarks/finetune_posterior.tsv"
     shell:
         "{params.py} -m pipeline finetune-posterior --config {input.cfg} --prior {input.prior}"
-        " --sources {input.sources} --run-dir {params.run_dir} --out {output} > {log} 2>&1"
+        " --sources {input.sources} --run-dir {params.run_dir} --out {output} {params.init}"
+        " > {log} 2>&1"
 
 
 rule sample:
