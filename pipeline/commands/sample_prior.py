@@ -53,7 +53,8 @@ def save_grid_png(images: np.ndarray, path, max_images: int = 64, title: str | N
             ax.imshow(img, origin="lower", cmap="magma", interpolation="nearest")
     if title:
         fig.suptitle(title, fontsize=8)
-    fig.tight_layout(pad=0.1, rect=(0, 0, 1, 1 - (0.25 / (1.2 * rows + 0.3) if title else 0)))
+    fig.subplots_adjust(left=0.005, right=0.995, bottom=0.005, wspace=0.04, hspace=0.04,
+                        top=1 - (0.3 / (1.2 * rows + 0.3) if title else 0.005))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
