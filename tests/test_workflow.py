@@ -150,3 +150,17 @@ def test_finetune_resumes_after_kill_and_falls_back_from_truncated_checkpoint(tm
     assert f"resumed RTB training from results/posterior/run/{previous.name}" in log
     assert f"resuming fine-tuning at step {prev_step}" in log
     assert (run_dir / "final" / "hparams.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("notebook", ["01_quickstart.ipynb", "02_your_own_data.ipynb"])
+def test_notebook_runs_on_the_tiny_run(tiny_run, notebook, tmp_path):
+    """Both notebooks execute top to bottom (nbmake) against the tiny run's outputs."""
+    nb = ROOT / "notebooks" / notebook
+    assert all(not c.get("outputs") for c in __import__("json").loads(nb.read_text())["cells"]
+               if c["cell_type"] == "code"), "commit notebooks with outputs stripped"
+    env = dict(os.environ, PIPELINE_RESULTS=str(tiny_run / "results"), PIPELINE_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbmake",
+                          "--nbmake-timeout=600", str(nb)], capture_output=True, text=True, cwd=nb.parent,
+                         env=env, timeout=900)
+    assert res.returncode == 0, res.stdout[-4000:]
