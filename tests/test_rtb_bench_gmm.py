@@ -75,3 +75,15 @@ def test_tiny_benchmark_run_writes_json_and_figure(tmp_path):
     assert "dps" in data["cases"]["2d"]["tuning"]
     assert (tmp_path / "gmm_2d.png").is_file()
     assert "| 2d | dps |" in table(res)
+
+
+def test_bench_cli_dispatch(capsys):
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "gmm"])  # --out is required
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "vision", "--help"])  # forwarded to pipeline.vision.bench's own parser
+    assert e.value.code == 0
+    assert "bench vision" in capsys.readouterr().out

@@ -39,7 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--timeout", type=float, default=900.0, help="seconds per (method, K) subprocess")
     m.add_argument("--memory-limit-gb", type=float, default=None,
                    help="address-space limit per subprocess (an exceeded limit is recorded as OOM)")
-    v = sub.add_parser("vision", help="vision benchmarks (MNIST / CIFAR-10)", add_help=False)
+    # every argument after "vision" goes, unparsed, to pipeline.vision.bench (imported only when used);
+    # prefix_chars="+" stops this stub parser from treating "--out" or "--help" as its own options
+    v = sub.add_parser("vision", help="vision benchmarks (MNIST / CIFAR-10); see bench vision --help",
+                       add_help=False, prefix_chars="+")
     v.add_argument("rest", nargs=argparse.REMAINDER)
 
 
