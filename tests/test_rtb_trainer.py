@@ -145,3 +145,28 @@ def test_amortized_vargrad_runs_and_sampler_reports_trajectory_densities():
     assert smp.x0.shape == (50, 1) and smp.has_trajectory_density
     assert torch.isfinite(smp.log_q_traj).all() and smp.log_r.dtype == torch.float64
     assert smp.nfe == 2 * cfg.K - 1
+
+
+def test_rtb_config_validation_one_line_errors(tmp_path):
+    from pipeline.config import load_section
+    from pipeline.errors import ConfigError
+
+    p = tmp_path / "c.yaml"
+    p.write_text("rtb:\n  replay_rate: 0.6\n  prior_rate: 0.6\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: field 'rtb.replay_rate'"):
+        load_section(p, "rtb", RTBConfig)
+    p.write_text("rtb:\n  amortized: true\n")
+    with pytest.raises(ConfigError, match="rtb.logz"):
+        load_section(p, "rtb", RTBConfig)
+    p.write_text("rtb:\n  K: 1\n")
+    with pytest.raises(ConfigError, match="rtb.K"):
+        load_section(p, "rtb", RTBConfig)
+    p.write_text("rtb:\n  features: [x0hat, bogus]\n")
+    with pytest.raises(ConfigError, match="rtb.features"):
+        load_section(p, "rtb", RTBConfig)
+    p.write_text("rtb:\n  amortized: true\n  logz: vargrad\n  batch_size: 30\n  group_size: 8\n")
+    with pytest.raises(ConfigError, match="rtb.group_size"):
+        load_section(p, "rtb", RTBConfig)
+    p.write_text("rtb:\n  K: 20\n  guidance: dps_cla\n")
+    cfg = load_section(p, "rtb", RTBConfig)
+    assert cfg.K == 20 and cfg.guidance == "dps_cla"
