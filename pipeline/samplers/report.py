@@ -203,6 +203,37 @@ def tuning_objective_comparison(K: int = 100, n: int = 4000, tuning_seed: int = 
     return rows
 
 
+def gmm2d_comparison(K: int = 30, n: int = 2000, n_prop: int = 200_000, seed: int = 0, tuning_seed: int = 999,
+                     particles: int = 20) -> dict:
+    """``bench gmm``'s 2-D case (pipeline.bench.gmm): sliced W2 of every training-free method to the chain
+    reference of one observation, with DPS / DPS+CLA tuned by each objective on the tuning seed."""
+    from pipeline.bench.gmm import chain_reference, draw_observation, make_case
+    from pipeline.metrics.distances import sliced_wasserstein
+    from pipeline.samplers import TRAINING_FREE, make_sampler
+    from pipeline.samplers.tuning import OBJECTIVES, tune_on_separate_seed
+
+    case = make_case("2d")
+    chain = case.prior.schedule.chain(K)
+    y = draw_observation(case, chain, seed)[0]
+    ref = chain_reference(case, chain, y, n, n_prop, seed)
+    sw = lambda x: sliced_wasserstein(x.double(), ref["ref1"], 256, seed=1)  # noqa: E731
+    out = {"K": K, "n": n, "floor": sliced_wasserstein(ref["ref2"], ref["ref1"], 256, seed=1), "rows": []}
+    for name in TRAINING_FREE:
+        objs = OBJECTIVES if name in ("dps", "dps_cla") else (None,)
+        for obj in objs:
+            opts = {"particles": particles} if name in ("prior_is", "fps_smc") else {}
+            t0 = time.time()
+            if obj is not None:
+                opts["scale"], _ = tune_on_separate_seed(name, case.prior, chain, case.problem, tuning_seed, n=256,
+                                                         objective=obj)
+            smp = make_sampler(name, case.prior, chain, **opts).sample(case.problem, y, n,
+                                                                      generator=torch.Generator().manual_seed(1))
+            out["rows"].append({"method": name, "objective": obj, "scale": opts.get("scale"), "sw": sw(smp.x0),
+                                "seconds": round(time.time() - t0, 1), "nfe": smp.nfe})
+            log.info("gmm2d %s %s sw=%.3f", name, obj, out["rows"][-1]["sw"])
+    return out
+
+
 def bimodal_case():
     """1-D two-mode prior 0.5 N(-2, 0.5^2) + 0.5 N(2, 0.5^2), y = x + n, sigma = 1, y = 0.6."""
     prior = GaussianMixturePrior([0.5, 0.5], torch.tensor([[-2.0], [2.0]]), torch.tensor([[[0.25]], [[0.25]]]))
@@ -283,6 +314,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller N (noisier numbers)")
     parser.add_argument("--out", help="write the numbers as JSON here")
+    parser.add_argument("--gmm", action="store_true", help="also the 2-D case of bench gmm (slower)")
     args = parser.parse_args(argv)
     configure_threads()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -314,6 +346,11 @@ def main(argv=None) -> int:
     print(f"FPS-SMC 1-D two modes (reference P(x>0) {f['bimodal_ref_pos_weight']:.4f}, var {f['bimodal_ref_var']:.4f},"
           f" MC floor W1 {f['bimodal_floor_w1']:.4f}):",
           ", ".join(f"M={r['M']}: W1 {r['w1']:.4f} P(x>0) {r['pos_weight']:.4f} var {r['var']:.4f}" for r in f["bimodal_1d"]))
+    if args.gmm:
+        res["gmm2d"] = g = gmm2d_comparison()
+        print(f"bench gmm 2-D case, K={g['K']}, n={g['n']}: sliced W2 to the chain reference (floor {g['floor']:.3f}):",
+              "; ".join(f"{r['method']}" + (f"/{r['objective']} (scale {r['scale']:.3g})" if r["objective"] else "")
+                        + f" {r['sw']:.3f}" for r in g["rows"]))
     if args.out:
         import os
         import tempfile
