@@ -95,3 +95,24 @@ def test_latent_problem_rejects_mismatch(trained):
     ae, _ = trained
     with pytest.raises(ValueError, match="differ"):
         LatentProblem(make_operator("box_inpaint", (3, 32, 32)), ae)
+
+
+def test_clipped_prior():
+    from pipeline.diffusion.prior import GaussianMixturePrior
+    from pipeline.vision.clipped_prior import ClippedPrior
+
+    inner = GaussianMixturePrior([0.5, 0.5], [[0.0, 0.0], [3.0, -3.0]], 0.2)
+    p = ClippedPrior(inner, -1.0, 1.0)
+    x = torch.tensor([[0.1, -0.2], [5.0, -6.0], [0.0, 30.0]], dtype=torch.float64)
+    for t in (5, 300, 1000):
+        e, e_in = p.eps(x, t), inner.eps(x, t)
+        ab = float(inner.schedule.abar(t))
+        x0 = (x - math.sqrt(1 - ab) * e) / math.sqrt(ab)
+        x0_in = (x - math.sqrt(1 - ab) * e_in) / math.sqrt(ab)
+        # the implied denoised estimate is the inner one, clipped to the range
+        torch.testing.assert_close(x0, x0_in.clamp(-1, 1), atol=1e-4, rtol=1e-4)
+        inside = (x0_in.abs() <= 1).all(1)
+        torch.testing.assert_close(e[inside], e_in[inside])
+    assert p.meta["clip"] == [-1.0, 1.0]
+    with pytest.raises(ValueError):
+        ClippedPrior(inner, 1.0, 1.0)

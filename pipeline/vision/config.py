@@ -59,6 +59,7 @@ class VisionConfig:
     prior_steps: int = field(default=2000, metadata={"min": 1})
     prior_batch: int = field(default=32, metadata={"min": 1})
     prior_lr: float = field(default=2e-3, metadata={"gt": 0})
+    latent_clip: float = field(default=4.0, metadata={"min": 0.0})   # |latent| bound of x0_hat (0: none)
     latent_prior_unet: str = field(default="tiny", metadata={"choices": ["tiny", "small", "medium", "paper"]})
     latent_prior_steps: int = field(default=3000, metadata={"min": 1})
     # autoencoder (latent variant)
