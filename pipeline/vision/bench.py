@@ -401,7 +401,9 @@ class RTBMethod:
                                    self.task.chain.K)
 
     def budget(self, cfg: VisionConfig) -> str:
-        return (f"K={cfg.K}; train {self.summary['steps']} it x {cfg.rtb_batch} traj "
+        flag = "DIVERGED (rollback limit hit); " if self.summary.get("diverged") else ""
+        return (f"{flag}K={cfg.K}; train {self.summary['steps']} it x {cfg.rtb_batch} traj, "
+                f"{self.summary.get('rollbacks', 0)} rollbacks "
                 f"({self.train_seconds:.0f} s this run), head {self.n_head_params / 1e3:.0f}k params; "
                 f"sample: K prior + K-1 head evals")
 
