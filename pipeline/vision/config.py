@@ -2,7 +2,7 @@
 
 Defaults are the CPU configuration (tiny networks, short training, a handful of test observations),
 sized so the whole bench runs in about an hour on a shared 2-core machine. RTB is the expensive part
-(one iteration = K prior + K head evaluations + K head backward passes per trajectory, about 5 s at
+(one iteration = K prior + K head evaluations + K head backward passes per trajectory, about 3.5 s at
 K = 10 and batch 8 there), so its default budget is small; on a GPU raise ``rtb_steps``,
 ``rtb_batch``, ``K``, ``prior_steps`` and ``prior_unet``.
 ``QUICK`` lists the overrides of ``--quick`` (a smoke run of a few minutes). Budgets are stated in
@@ -69,9 +69,9 @@ class VisionConfig:
     # baselines
     dps_scale: float = field(default=0.05, metadata={"min": 0.0})   # default if not tuned (whitened-norm units)
     dps_tune: bool = True                                          # pick the scale on a separate observation
-    dps_grid: list[float] = field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1], metadata={"min": 0.0})
+    dps_grid: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0], metadata={"min": 0.0})
     rtb_dps_scale: float = field(default=0.001, metadata={"min": 0.0})  # frozen guidance of RTB+DPS if not tuned
-    rtb_dps_grid: list[float] = field(default_factory=lambda: [0.0001, 0.0003, 0.001, 0.003, 0.01],
+    rtb_dps_grid: list[float] = field(default_factory=lambda: [0.003, 0.01, 0.03, 0.1, 0.3],
                                       metadata={"min": 0.0})
     dps_tune_metric: str = field(default="elbo", metadata={"choices": ["elbo", "log_r"]})
     dps_cla_scale: float = field(default=1.0, metadata={"min": 0.0})
@@ -79,7 +79,7 @@ class VisionConfig:
     fps_smc_particles: int = field(default=8, metadata={"min": 1})
     fps_c_rate: float = field(default=0.95, metadata={"gt": 0.0, "max": 1.0})
     # RTB (amortized over training-set observations; one posterior per dataset x task x variant)
-    rtb_steps: int = field(default=24, metadata={"min": 0})
+    rtb_steps: int = field(default=50, metadata={"min": 0})
     rtb_batch: int = field(default=8, metadata={"min": 2})
     rtb_group: int = field(default=4, metadata={"min": 2})
     rtb_lr: float = field(default=1e-3, metadata={"gt": 0})
@@ -107,7 +107,7 @@ class VisionConfig:
 QUICK = dict(datasets=["mnist"], tasks=["box_inpaint", "nonlinear_deblur"], latent_datasets=["mnist"],
              latent_tasks=["box_inpaint"], n_obs=2, n_samples=8, K=10, prior_unet="tiny", prior_steps=300,
              latent_prior_steps=300, ae_steps=200, rtb_steps=10, rtb_batch=8, rtb_group=4, prior_is_particles=8,
-             fps_smc_particles=4, dps_grid=[0.003, 0.03], rtb_dps_grid=[0.0003, 0.003], figure_samples=3)
+             fps_smc_particles=4, dps_grid=[0.03, 0.3], rtb_dps_grid=[0.01, 0.1], figure_samples=3)
 
 
 def method_applies(method: str, task: str, space: str) -> bool:
