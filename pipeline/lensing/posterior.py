@@ -323,3 +323,27 @@ def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs
 
             plot_posterior_file(target, png, obs_pixscale=meta.get("pixscale"))
     return results
+
+
+def evaluate_shipped_posterior(config_path, prior, checkpoint, *, seed: int = 0, n: int = 16,
+                               noise_sigma: float) -> dict:
+    """A fixed, seeded check of a posterior checkpoint: one prior-predictive observation (lens and truth
+    from ``seed``), ``n`` amortized samples, their median chi2_nu and mean log r. Used to record and
+    re-check the metrics of the checkpoints shipped under data/pretrained/."""
+    from pipeline.lensing.config import load_lensing_config
+    from pipeline.lensing.simulate import draw_lens, make_problem
+    from pipeline.metrics.chi2 import chi2_per_sample
+
+    lcfg = load_lensing_config(config_path)
+    chain = prior.schedule.chain(int(prior.meta["sample_K"]), prior.meta["sample_variance"])
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    problem = make_problem(draw_lens(lcfg.lens, rng), lcfg.geometry, sigma=noise_sigma)
+    problem.set_brightness(prior.scale, prior.offset)
+    truth = sample_prior(prior, chain, 1, generator=gen)
+    y = problem.simulate(truth, generator=gen)[0]
+    post, single, _ = load_amortized(checkpoint, prior, problem)
+    smp = rtb_amortized_samples(post, single, y, n, gen, n)
+    chi = chi2_per_sample(problem, smp.x0, y)
+    return {"chi2_nu_median": float(np.median(chi["chi2_nu"])), "mean_log_r": float(smp.log_r.mean()),
+            "seed": seed, "n": n, "noise_sigma": noise_sigma}

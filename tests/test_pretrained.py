@@ -1,0 +1,60 @@
+"""The checkpoints shipped under data/pretrained/ load, match the default config's recipes, and
+reproduce the metrics recorded when they were made (data/pretrained/metrics.json)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "data" / "pretrained"
+CONFIG = ROOT / "config" / "config.yaml"
+RECORD = json.loads((SHIPPED / "metrics.json").read_text())
+
+
+def test_shipped_prior_matches_config_and_reproduces_its_samples():
+    from pipeline.config import load_section, load_yaml
+    from pipeline.diffusion.sampling import sample_prior
+    from pipeline.diffusion.train import PriorConfig
+    from pipeline.io.checkpoint import load_prior
+
+    cfg = load_yaml(CONFIG)
+    assert cfg["prior_checkpoint"] == "data/pretrained/prior"
+    prior = load_prior(SHIPPED / "prior")
+    pcfg = load_section(CONFIG, "prior", PriorConfig)
+    assert prior.meta["config_hash"] == pcfg.result_hash()
+    assert prior.meta["step"] == pcfg.steps
+    rec = RECORD["prior"]
+    chain = prior.schedule.chain(rec["K"], rec["variance"])
+    x = sample_prior(prior, chain, rec["n"], generator=torch.Generator().manual_seed(rec["seed"]))
+    phys = prior.to_physical(x).double()
+    # float32 network on CPU: agreement to 1e-4 relative is reproducibility, not luck
+    np.testing.assert_allclose(float(phys.mean()), rec["mean"], rtol=1e-4)
+    np.testing.assert_allclose(float(phys.std()), rec["std"], rtol=1e-4)
+
+
+def test_shipped_posterior_matches_config_and_reproduces_its_fit():
+    from pipeline.config import load_section, load_yaml
+    from pipeline.io.checkpoint import load_checkpoint, load_prior
+    from pipeline.rtb.config import RTBConfig
+    from pipeline.config import config_hash
+
+    cfg = load_yaml(CONFIG)
+    ck = load_checkpoint(ROOT / cfg["posterior_checkpoint"])
+    assert ck.hparams["kind"] == "rtb_posterior"
+    rcfg = load_section(CONFIG, "rtb", RTBConfig)
+    assert ck.state["config_hash"] == config_hash(rcfg.hash_fields()), "shipped posterior != rtb: recipe"
+    assert ck.step <= rcfg.steps
+    rec = RECORD["posterior"]
+    assert rec["step"] == ck.step
+    from pipeline.lensing.posterior import evaluate_shipped_posterior
+
+    prior = load_prior(SHIPPED / "prior")
+    got = evaluate_shipped_posterior(CONFIG, prior, ROOT / cfg["posterior_checkpoint"], seed=rec["seed"],
+                                     n=rec["n"], noise_sigma=rec["noise_sigma"])
+    assert got["chi2_nu_median"] == pytest.approx(rec["chi2_nu_median"], rel=1e-3)
+    assert got["mean_log_r"] == pytest.approx(rec["mean_log_r"], rel=1e-4, abs=1e-2)
