@@ -87,3 +87,14 @@ def test_bench_cli_dispatch(capsys):
         main(["bench", "vision", "--help"])  # forwarded to pipeline.vision.bench's own parser
     assert e.value.code == 0
     assert "bench vision" in capsys.readouterr().out
+
+
+def test_high_dimensional_reference_grows_until_ess_10n():
+    c = make_case("8d_y2")
+    chain = c.prior.schedule.chain(10)
+    y = c.problem.simulate(c.prior.sample(1, generator=torch.Generator().manual_seed(3)).float(),
+                           generator=torch.Generator().manual_seed(4))[0]
+    ref = chain_reference(c, chain, y, n=50, n_prop=500, seed=0, batch=1000)
+    assert ref["proposal"] == "exact_guidance"
+    assert ref["ref_ess"] >= 500 or ref["n_proposals"] == 2 * 50 * 500
+    assert ref["ref1"].shape == (50, 8)

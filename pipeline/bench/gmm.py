@@ -151,40 +151,53 @@ def prior_chain_samples(prior, chain, n: int, generator) -> torch.Tensor:
     return chain.final_denoise(x, prior_eps(prior, chain, x, 1))
 
 
-def chain_reference(case: GMMCase, chain, y, n: int, n_prop: int, seed: int, batch: int = 50_000) -> dict:
+def chain_reference(case: GMMCase, chain, y, n: int, n_prop: int, seed: int, batch: int = 50_000,
+                    max_prop: int | None = None) -> dict:
     """Two independent reference sets of size n by importance sampling of chain trajectories.
 
     2-D: prior-chain proposals (log w = log r). Higher dimension: exact-guidance proposals
-    (log w = log r + log p_theta(tau) - log q(tau)). Returns ref1, ref2, logz_ref (IW over both pools),
-    ref_ess (the smaller of the two pools' Kish ESS) and the proposal count.
+    (log w = log r + log p_theta(tau) - log q(tau)). Each pool starts with ``n_prop`` proposals and, in
+    higher dimension, grows batch by batch until its Kish ESS reaches 10 n or ``max_prop`` (default
+    50 n_prop) proposals. Returns ref1, ref2, logz_ref (IW over both pools), ref_ess (the smaller of
+    the two pools' ESS) and the proposal count.
     """
     g = torch.Generator().manual_seed(20_000 + seed)
-    pools = []
-    for _rep in range(2):
-        xs, lws = [], []
-        for s in range(0, n_prop, batch):
-            m = min(batch, n_prop - s)
-            if case.d_x == 2:
-                x0 = prior_chain_samples(case.prior, chain, m, g)
-                xs.append(x0)
-                lws.append(case.problem.log_likelihood(x0, y))
-            else:
-                from pipeline.samplers import make_sampler
+    max_prop = max_prop or (n_prop if case.d_x == 2 else 50 * n_prop)
 
-                smp = make_sampler("exact_guidance", case.prior, chain, batch_size=batch).sample(
-                    case.problem, y, m, generator=g)
-                xs.append(smp.x0)
-                lws.append(smp.log_r + smp.log_p_traj - smp.log_q_traj)
+    def draw(m):
+        if case.d_x == 2:
+            x0 = prior_chain_samples(case.prior, chain, m, g)
+            return x0, case.problem.log_likelihood(x0, y)
+        from pipeline.samplers import make_sampler
+
+        smp = make_sampler("exact_guidance", case.prior, chain, batch_size=batch).sample(case.problem, y, m,
+                                                                                        generator=g)
+        return smp.x0, smp.log_r + smp.log_p_traj - smp.log_q_traj
+
+    def kish(lw):
+        w = torch.softmax(lw, 0)
+        return float(1.0 / (w * w).sum())
+
+    pools, total = [], 0
+    for _rep in range(2):
+        xs, lws, drawn = [], [], 0
+        while drawn < n_prop or (drawn < max_prop and kish(torch.cat(lws)) < 10 * n):
+            m = min(batch, max(n_prop, max_prop) - drawn) if drawn >= n_prop else min(batch, n_prop - drawn)
+            x, lw = draw(m)
+            xs.append(x)
+            lws.append(lw)
+            drawn += m
+        total += drawn
         pools.append((torch.cat(xs), torch.cat(lws)))
     refs, esses = [], []
     for x, lw in pools:
         w = torch.softmax(lw, 0)
-        esses.append(float(1.0 / (w * w).sum()))
+        esses.append(kish(lw))
         idx = torch.multinomial(w.float(), n, replacement=True, generator=g)
         refs.append(x[idx])
     all_lw = torch.cat([p[1] for p in pools])
     return {"ref1": refs[0], "ref2": refs[1], "logz_ref": logmeanexp(all_lw), "ref_ess": min(esses),
-            "n_proposals": 2 * n_prop, "proposal": "prior_chain" if case.d_x == 2 else "exact_guidance"}
+            "n_proposals": total, "proposal": "prior_chain" if case.d_x == 2 else "exact_guidance"}
 
 
 # -- RTB ---------------------------------------------------------------------------------------------
