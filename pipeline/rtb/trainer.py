@@ -232,6 +232,8 @@ class RTBTrainer:
                 with torch.no_grad():
                     s = (beta * batch.log_r - batch.log_ratio()).double()
                     self.post.log_z.fill_(float(torch.logsumexp(s, 0) - math.log(s.numel())))
+                    # each rank saw its own batch: start every rank from the same (mean) value
+                    distributed.all_reduce_mean_(self.post.log_z.data)
                 self.log_z_init = True
             delta = deltas_scalar(batch, self.post.log_z, beta)
             log_z_learned = float(self.post.log_z.detach())
