@@ -98,3 +98,13 @@ def test_high_dimensional_reference_grows_until_ess_10n():
     assert ref["proposal"] == "exact_guidance"
     assert ref["ref_ess"] >= 500 or ref["n_proposals"] == 2 * 50 * 500
     assert ref["ref1"].shape == (50, 8)
+
+
+def test_rtb_guidance_scale_tuned_on_separate_seed():
+    from pipeline.bench.gmm import RTB_GUIDANCE_GRIDS, tune_rtb_guidance
+
+    c = make_case("2d")
+    rec = tune_rtb_guidance(c, c.prior.schedule.chain(8), "dps_cla", tuning_seed=999, n=64)
+    assert rec["scale"] in RTB_GUIDANCE_GRIDS["dps_cla"] and rec["tuning_seed"] == 999
+    finite = [v for v in rec["values"] if v is not None]
+    assert rec["values"][RTB_GUIDANCE_GRIDS["dps_cla"].index(rec["scale"])] == max(finite)
