@@ -16,6 +16,7 @@ class RTBConfig:
     K: int = field(default=50, metadata={"min": 2, "max": 1000})
     variance: str = field(default="small", metadata={"choices": ["small", "large"]})
     parameterisation: str = field(default="head", metadata={"choices": ["head", "full"]})
+    lora_rank: int = field(default=0, metadata={"min": 0})  # parameterisation "full": 0 = fine-tune all weights
     head_hidden: int = field(default=128, metadata={"min": 1})
     head_layers: int = field(default=3, metadata={"min": 1})
     head_preset: str = field(default="tiny", metadata={"choices": ["tiny", "small", "medium", "paper"]})

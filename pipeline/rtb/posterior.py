@@ -12,7 +12,8 @@ detached and cached from the rollout, and ``eps_q`` is either
   prior's eps at every visited state is computed once in the rollout and reused for log p, the
   mean and the gradient pass, so the gradient pass backpropagates only through the head; or
 * ``replace`` mode: ``e_phi(x_k, t_k, ...)``, a full trainable copy of the prior network
-  (initialised as the prior, so q = p at initialisation too).
+  (initialised as the prior, so q = p at initialisation too), or with ``lora_rank > 0`` the frozen
+  copy plus zero-initialised low-rank adapters on its linear and conv layers (:mod:`.lora`).
 
 Optionally (``learn_variance``) the model also outputs a bounded per-coordinate log-variance offset
 v, and q's step std is ``std_p * exp(v / 2)``: with coarse chains (K = 20-50) the posterior's steps are
@@ -267,7 +268,7 @@ def posterior_spec(prior, cfg, cond_dim: int = 0, cond_channels: int = 0) -> dic
     learn_var = bool(cfg.learn_variance)
     mult = 2 if learn_var else 1
     if cfg.parameterisation == "full":
-        model = {"type": "copy"}
+        model = {"type": "copy", "lora_rank": int(getattr(cfg, "lora_rank", 0))}
         mode = "replace"
         features = []
         learn_var = False  # the copied eps-network has no variance output
@@ -294,7 +295,12 @@ def build_model(spec: dict, prior=None) -> nn.Module:
     if kind == "copy":
         if prior is None or not hasattr(prior, "net"):
             raise ValueError("parameterisation 'full' needs a network prior (with .net) to copy")
-        return EpsNetModel(copy_network(prior.net))
+        net = copy_network(prior.net)
+        if kw.get("lora_rank", 0):
+            from pipeline.rtb.lora import apply_lora
+
+            net = apply_lora(net, int(kw["lora_rank"]), kw.get("lora_alpha"))
+        return EpsNetModel(net)
     raise ValueError(f"unknown posterior model type {kind!r}")
 
 
