@@ -589,7 +589,8 @@ def render_markdown(summary: dict) -> str:
         f"observations per task, {cfg['n_samples']} samples per observation and method; seed {cfg['seed']}.",
         "- log Z in nats, per observation then averaged over observations: ELBO +- SE (mean of "
         "log r + log p(tau) - log q(tau)) and IW (log-mean-exp). FPS-SMC: not available (SMC normaliser of "
-        "the bridged model). prior_is: IW over all proposals of the prior chain; ELBO n/a. FPS: its log q is "
+        "the bridged model). prior_is: IW over all its prior-chain proposals; its ELBO column is the prior "
+        "chain's own (mean log r of the proposals). FPS: its log q is "
         "the density given the sample's own random bridge y_{1:K} (the marginal is intractable), so its "
         "ELBO/IW are not guaranteed bounds on log Z and are shown for reference only.",
         "- RTB rows: amortized posteriors (one per dataset x task), trained on observations simulated from "
