@@ -158,11 +158,11 @@ def chain_reference(case: GMMCase, chain, y, n: int, n_prop: int, seed: int, bat
     2-D: prior-chain proposals (log w = log r). Higher dimension: exact-guidance proposals
     (log w = log r + log p_theta(tau) - log q(tau)). Each pool starts with ``n_prop`` proposals and, in
     higher dimension, grows batch by batch until its Kish ESS reaches 10 n or ``max_prop`` (default
-    50 n_prop) proposals. Returns ref1, ref2, logz_ref (IW over both pools), ref_ess (the smaller of
+    10 n_prop) proposals. Returns ref1, ref2, logz_ref (IW over both pools), ref_ess (the smaller of
     the two pools' ESS) and the proposal count.
     """
     g = torch.Generator().manual_seed(20_000 + seed)
-    max_prop = max_prop or (n_prop if case.d_x == 2 else 50 * n_prop)
+    max_prop = max_prop or (n_prop if case.d_x == 2 else 10 * n_prop)
 
     def draw(m):
         if case.d_x == 2:
