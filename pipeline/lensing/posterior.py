@@ -34,7 +34,8 @@ class PosteriorConfig:
     n_truths: int = field(default=256, metadata={"min": 1})       # pool of prior-chain truths for training
     n_samples: int = field(default=64, metadata={"min": 2})       # posterior samples per observation
     batch_size: int = field(default=64, metadata={"min": 1})      # sampling batch
-    particles: int = field(default=8, metadata={"min": 1})        # FPS-SMC particles per returned sample
+    particles: int = field(default=8, metadata={"min": 1})        # prior-IS / FPS-SMC (runs mode) particles
+    fps_smc_mode: str = field(default="weighted", metadata={"choices": ["weighted", "runs"]})
     guidance_scales: list[float] = field(default_factory=lambda: [0.03, 0.1, 0.3, 1.0, 3.0],
                                          metadata={"min": 0})   # DPS / DPS+CLA grid, tuned on a separate seed
     tune_seed: int = field(default=987654, metadata={"min": 0})
@@ -275,7 +276,11 @@ def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs
             tuning = tune_guidance_scale(method, prior, chain, lcfg, pcfg, sigma_ref, device)
             opts["scale"] = tuning["scale"]
         if method == "fps_smc":
-            opts["particles"] = pcfg.particles
+            # one SMC run per observation with n weighted particles (the posterior file keeps
+            # PARTICLES + WEIGHTS; SAMPLES are resampled from them): M = n, the affordable setting
+            # on CPU; `posterior.fps_smc_mode: runs` draws n independent runs of `particles` each
+            opts.update(particles=n if pcfg.fps_smc_mode == "weighted" else pcfg.particles,
+                        mode=pcfg.fps_smc_mode)
         if method == "prior_is":
             opts["particles"] = pcfg.particles
         sampler = make_sampler(method, prior, chain, **opts)
@@ -297,8 +302,16 @@ def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs
         else:
             smp = sampler.sample(problem, y, n, generator=gen)
         seconds = time.time() - t0
-        x_net = smp.x0.reshape(n, *problem.x_shape)
-        x_phys = prior.to_physical(x_net).reshape(n, *problem.x_shape[-2:])
+        n_out = smp.x0.shape[0]
+        x_net = smp.x0.reshape(n_out, *problem.x_shape)
+        x_phys = prior.to_physical(x_net).reshape(n_out, *problem.x_shape[-2:])
+        particles = weights = None
+        if smp.log_w is not None and float(smp.log_w.max() - smp.log_w.min()) > 0:
+            # weighted particles: keep them, and resample equally weighted SAMPLES from them
+            w = torch.softmax(smp.log_w.double(), 0)
+            particles, weights = x_phys.cpu().numpy(), w.cpu().numpy()
+            idx = torch.multinomial(w.float().cpu(), n, replacement=True, generator=gen)
+            x_net, x_phys = x_net[idx.to(x_net.device)], x_phys[idx.to(x_phys.device)]
         logz = None
         if method not in PARTICLE_METHODS:
             try:
@@ -311,6 +324,7 @@ def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs
         name = path.stem
         target = Path(out_file) if out_file else Path(out_dir) / f"{name}.fits"
         write_posterior(target, x_phys.cpu().numpy(), truth=truth, obs=y.cpu().numpy(), logz=logz,
+                        particles=particles, weights=weights,
                         chi2=chi["chi2_nu"], src_pixscale=lcfg.geometry.source_pixscale, method=method,
                         provenance=provenance, seconds=seconds, obs_file=str(path),
                         obs_pixscale=meta.get("pixscale"), bunit=lcfg.sources.bunit)
