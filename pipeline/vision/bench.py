@@ -128,6 +128,22 @@ def _finite(v):
     return None if v is None or not math.isfinite(v) else float(v)
 
 
+def _recorded_train_seconds(run_dir: Path) -> float | None:
+    """Wall seconds of the (last) training session, from the trainer's metrics.jsonl."""
+    try:
+        lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if "elapsed_s" in rec:
+            return float(rec["elapsed_s"])
+    return None
+
+
 def _prior_config(cfg: VisionConfig, *, unet: str, steps: int, augment: str, channel_mults=None):
     from pipeline.diffusion.train import PriorConfig
 
@@ -173,6 +189,7 @@ class Context:
                 raise RuntimeError(f"prior training for {name} did not complete ({res.step}/{res.target_steps})")
             self._prior[name] = ClippedPrior(load_prior(run_dir, device=self.device), -1.0, 1.0)
             self.costs[f"prior:{name}"] = {"steps": res.step, "seconds_this_run": round(res.wall_seconds, 1),
+                                           "train_seconds_recorded": _recorded_train_seconds(run_dir),
                                            "n_params": res.n_params, "unet": pcfg.unet, "run_dir": str(run_dir)}
         return self._prior[name]
 
@@ -226,6 +243,7 @@ class Context:
             c = self.cfg.latent_clip
             self._lprior[name] = ClippedPrior(lp, -c, c) if c > 0 else lp
             self.costs[f"latent_prior:{name}"] = {"steps": res.step, "seconds_this_run": round(res.wall_seconds, 1),
+                                           "train_seconds_recorded": _recorded_train_seconds(run_dir),
                                                   "n_params": res.n_params, "unet": pcfg.unet, "run_dir": str(run_dir)}
         return self._lprior[name]
 
