@@ -85,4 +85,9 @@ class RTBConfig:
         d = asdict(self)
         for k in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_samples", "device"):
             d.pop(k)
+        # Options added after checkpoints exist are left out while at their neutral value, so a new
+        # option that is off does not orphan runs made before it existed (same recipe, same hash).
+        for k, neutral in (("lora_rank", 0),):
+            if d.get(k) == neutral:
+                d.pop(k)
         return d
