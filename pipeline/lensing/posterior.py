@@ -36,8 +36,13 @@ class PosteriorConfig:
     batch_size: int = field(default=64, metadata={"min": 1})      # sampling batch
     particles: int = field(default=8, metadata={"min": 1})        # prior-IS / FPS-SMC (runs mode) particles
     fps_smc_mode: str = field(default="weighted", metadata={"choices": ["weighted", "runs"]})
-    guidance_scales: list[float] = field(default_factory=lambda: [0.03, 0.1, 0.3, 1.0, 3.0],
-                                         metadata={"min": 0})   # DPS / DPS+CLA grid, tuned on a separate seed
+    # grid per tuned method (DPS, DPS+CLA), searched on a separate seed; a method left out uses
+    # pipeline.samplers.tuning.DEFAULT_GRIDS
+    guidance_scales: dict = field(default_factory=lambda: {"dps": [0.001, 0.002, 0.005, 0.01, 0.02, 0.05],
+                                                           "dps_cla": [0.5, 1.0, 1.5, 2.0, 3.0, 4.0]})
+    # chi2 calibration (E[chi2] = m for exact posteriors): on lensing the ELBO favours vanishing DPS
+    # guidance (each DPS kick costs path KL), which leaves DPS at the prior; see README
+    tune_objective: str = field(default="chi2", metadata={"choices": ["chi2", "elbo", "log_r"]})
     tune_seed: int = field(default=987654, metadata={"min": 0})
     seed: int = field(default=0, metadata={"min": 0})
     device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda"]})
@@ -200,7 +205,7 @@ def rtb_amortized_samples(post, single, y, n, generator, batch_size):
 
 def tune_guidance_scale(method, prior, chain, lcfg, pcfg, sigma, device, n_obs: int = 4, n: int = 32) -> dict:
     """Tune the heuristic DPS / DPS+CLA scale on a SEPARATE seed (:mod:`pipeline.samplers.tuning`,
-    chi2-calibration objective): tuning observations from the prior predictive under a lens drawn from
+    objective ``posterior.tune_objective``): tuning observations from the prior predictive under a lens drawn from
     ``posterior.tune_seed``, none of them in an evaluated set. The frozen scale and its record go into
     every posterior file's provenance."""
     from pipeline.lensing.simulate import draw_lens, make_problem
@@ -210,8 +215,9 @@ def tune_guidance_scale(method, prior, chain, lcfg, pcfg, sigma, device, n_obs: 
     problem = make_problem(draw_lens(lcfg.lens, rng), lcfg.geometry, sigma=sigma, device=device)
     problem.set_brightness(prior.scale, prior.offset)
     scale, record = tune_on_separate_seed(method, prior, chain, problem, pcfg.tune_seed, n_obs=n_obs,
-                                          grid=list(pcfg.guidance_scales), n=n, seed=pcfg.tune_seed,
-                                          refine=False, sampler_opts={"device": device})
+                                          grid=pcfg.guidance_scales.get(method), n=n, seed=pcfg.tune_seed,
+                                          refine=False, sampler_opts={"device": device},
+                                          objective=pcfg.tune_objective)
     log.info("%s: tuned scale %.3g on seed %d (%s)", method, scale, pcfg.tune_seed, record.get("objective"))
     return record
 
