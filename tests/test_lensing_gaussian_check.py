@@ -123,18 +123,20 @@ def test_compare_and_criterion_on_exact_and_wrong_samples():
 
 @pytest.mark.slow
 def test_reduced_rtb_check_end_to_end(tmp_path):
-    """A 6x6 source (d = 36), 400 RTB steps, N = 1000. Tolerances are those this reduced budget
-    meets (measured: see the report); the full check (16x16, N >= 1000) is the module's CLI."""
+    """A 6x6 source (d = 36), K = 10, 1500 RTB steps, N = 1000 (~30 s). Measured at seed 0: RTB's mean
+    error <= 0.1 sd in 100 % of pixels, std ratio p10 / p90 1.00 / 1.11, W2 0.27 (MC floor 0.14; best
+    baseline 0.85). Tolerances: the issue's mean criterion, std ratio in [0.85, 1.2] (the issue's
+    [0.9, 1.1] is met only marginally at this budget), W2 below every baseline's and below 3x the floor."""
     setup = gc.CheckSetup(source_npix=6, source_pixscale=0.2, image_npix=8, image_pixscale=0.25, supersample=1,
                           psf_fwhm=0.3, psf_npix=5, length_scale=0.3, K=10)
-    res = gc.run_gaussian_check(tmp_path, steps=400, n_samples=1000, seed=0, setup=setup, particles=(1, 5))
+    res = gc.run_gaussian_check(tmp_path, steps=1500, n_samples=1000, seed=0, setup=setup, particles=(1, 5))
     on_disk = json.loads((tmp_path / "gaussian_check.json").read_text())
     assert on_disk["methods"].keys() == res["methods"].keys() == {"rtb", "fps_smc_M1", "fps_smc_M5", "dps", "dps_cla"}
     floor = res["mc_floor"]
     assert gc.passes_issue_criterion(floor)
     rtb = res["methods"]["rtb"]
-    assert not rtb["diverged"]
-    assert rtb["frac_mean_err_le_0.1"] >= 0.5
-    assert 0.8 <= rtb["std_ratio_p10"] and rtb["std_ratio_p90"] <= 1.2
-    # untrained RTB (q = prior chain) is far off: training is what brings it close
-    assert rtb["w2"] < 0.5 * res["methods"]["dps"]["w2"] or rtb["w2"] < 1.0
+    assert not rtb["diverged"] and rtb["guidance"] == "dps_cla"
+    assert rtb["frac_mean_err_le_0.1"] >= 0.9
+    assert 0.85 <= rtb["std_ratio_p10"] and rtb["std_ratio_p90"] <= 1.2
+    assert rtb["w2"] < 3 * floor["w2"]
+    assert all(rtb["w2"] < v["w2"] for k, v in res["methods"].items() if k != "rtb")
