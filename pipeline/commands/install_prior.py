@@ -11,9 +11,7 @@ layout ``train-prior`` produces - so the rest of the DAG cannot tell the differe
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 
@@ -27,6 +25,7 @@ def run(args) -> int:
     from pipeline.config import load_section
     from pipeline.diffusion.train import PriorConfig
     from pipeline.errors import ConfigError, InputFileError
+    from pipeline.io.atomic import atomic_directory
     from pipeline.io.checkpoint import load_prior
 
     src = Path(args.checkpoint)
@@ -44,19 +43,10 @@ def run(args) -> int:
     if not (src / "hparams.json").is_file():
         raise InputFileError(src, "not an exported prior directory (no hparams.json)")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    final = out / "final"
-    tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=out))
-    try:
+    with atomic_directory(out / "final") as tmp:
         for f in src.iterdir():
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     (out / "done").write_text(json.dumps({"installed_from": str(src), "step": meta.get("step")}) + "\n")
-    print(json.dumps({"installed": str(final), "from": str(src), "step": meta.get("step")}))
+    print(json.dumps({"installed": str(out / "final"), "from": str(src), "step": meta.get("step")}))
     return 0

@@ -25,12 +25,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import os
-    import shutil
-    import tempfile
-    from pathlib import Path
-
     from pipeline.errors import ConfigError
+    from pipeline.io.atomic import atomic_directory
     from pipeline.lensing.posterior import sample_observations
     from pipeline.runtime import configure_threads
 
@@ -41,19 +37,10 @@ def run(args) -> int:
         res = sample_observations(args.config, args.method, args.prior, args.posterior, args.obs,
                                   out_file=args.out_file, png=args.png, n=args.n, seed=args.seed)
     else:
-        # write into a temp dir renamed at the end: no partial output directory on failure
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+        # written into a temp dir renamed at the end: no partial output directory on failure
+        with atomic_directory(args.out) as tmp:
             res = sample_observations(args.config, args.method, args.prior, args.posterior, args.obs, tmp,
                                       n=args.n, seed=args.seed)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     print(json.dumps({"method": args.method, "n_obs": len(res),
                       "seconds": round(sum(r["seconds"] for r in res), 2)}))
     return 0

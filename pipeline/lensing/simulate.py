@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -232,17 +229,15 @@ def simulate_set(sources: np.ndarray, n: int, out_dir, geometry: GeometryConfig,
     ``out_dir`` at the end (no partial output). Returns the manifest entries."""
     from tqdm import tqdm
 
+    from pipeline.io.atomic import atomic_directory
     from pipeline.runtime import tqdm_disable
 
     if len(sources) == 0:
         raise ValueError("no sources in the chosen split")
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(sources), size=n, replace=n > len(sources))
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     entries = []
-    try:
+    with atomic_directory(out_dir) as tmp:  # the directory appears whole or not at all
         for i in tqdm(range(n), desc="simulate", disable=tqdm_disable()):
             lens = draw_lens(lens_cfg, rng)
             obs = simulate_observation(sources[idx[i]], lens, geometry, noise, rng, source_bunit=source_bunit)
@@ -254,12 +249,6 @@ def simulate_set(sources: np.ndarray, n: int, out_dir, geometry: GeometryConfig,
                             "peak_snr": obs.header["PEAKSNR"][0]})
         with open(tmp / "manifest.json", "w") as fh:
             json.dump({"n": n, "seed": seed, "noise_sigma": noise.sigma, "observations": entries}, fh, indent=1)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return entries
 
 
