@@ -58,3 +58,21 @@ def test_shipped_posterior_matches_config_and_reproduces_its_fit():
                                      n=rec["n"], noise_sigma=rec["noise_sigma"])
     assert got["chi2_nu_median"] == pytest.approx(rec["chi2_nu_median"], rel=1e-3)
     assert got["mean_log_r"] == pytest.approx(rec["mean_log_r"], rel=1e-4, abs=1e-2)
+
+
+def test_install_prior_refuses_another_recipe_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = yaml.safe_load(CONFIG.read_text())
+    cfg["prior"]["lr"] = cfg["prior"]["lr"] * 2  # a different recipe
+    bad = tmp_path / "cfg.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    res = subprocess.run([sys.executable, "-m", "pipeline", "install-prior", "--checkpoint", str(SHIPPED / "prior"),
+                          "--config", str(bad), "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "field 'prior'" in lines[0] and "another prior: recipe" in lines[0]
+    assert not (tmp_path / "run" / "final").exists()
