@@ -6,8 +6,6 @@ one place that converts them (DESIGN section 6).
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -82,15 +80,10 @@ def write_fits_atomic(path, hdul: fits.HDUList | list) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not isinstance(hdul, fits.HDUList):
         hdul = fits.HDUList(list(hdul))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    from pipeline.io.atomic import atomic_file
+
+    with atomic_file(path) as tmp:
         hdul.writeto(tmp, overwrite=True, checksum=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

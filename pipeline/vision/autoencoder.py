@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -192,15 +190,10 @@ def save_autoencoder(ae: AutoEncoder, path, meta: dict | None = None) -> Path:
     blob = {"kind": "vision-autoencoder", "hparams": ae.hparams(),
             "state_dict": {k: v.detach().cpu() for k, v in ae.state_dict().items()},
             "meta": json.loads(json.dumps(meta or {}, default=str))}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    from pipeline.io.atomic import atomic_file
+
+    with atomic_file(path) as tmp:
         torch.save(blob, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path
 
 

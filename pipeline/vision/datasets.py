@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import gzip
 import logging
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -348,16 +346,9 @@ def write_training_fits(path, ds: VisionDataset, *, overwrite: bool = True) -> P
         lab = ds.labels.get(split)
         if lab is not None and len(lab) == len(ds.split(split)):
             hdus.append(fits.ImageHDU(np.asarray(lab, dtype=np.int32), name=f"{split.upper()}_LABELS"))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fits.HDUList(hdus).writeto(tmp, overwrite=True, checksum=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    from pipeline.io.fits import write_fits_atomic
+
+    return write_fits_atomic(path, fits.HDUList(hdus))
 
 
 def read_training_fits(path) -> VisionDataset:
