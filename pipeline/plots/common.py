@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -31,17 +29,14 @@ def asinh_norm(*images, a: float = 0.1, percent: float = 99.5) -> ImageNormalize
     return ImageNormalize(vmin=lo, vmax=hi, interval=ManualInterval(lo, hi), stretch=AsinhStretch(a=a))
 
 
-def save_figure(fig, path, dpi: int = 110) -> Path:
+def save_figure(fig, path, dpi: int = 110, **savefig_kw) -> Path:
     """Write ``fig`` to ``path`` atomically (temp file + os.replace) and close it."""
+    from pipeline.io.atomic import atomic_file
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=(path.suffix or ".png")[1:], **savefig_kw)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

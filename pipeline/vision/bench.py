@@ -687,14 +687,6 @@ def _figure(out: Path, task: Task, panels: dict) -> Path | None:
     fig.suptitle(f"{task.key}" + (" (phase retrieval: aligned)" if task.task == "phase_retrieval" else ""),
                  fontsize=8)
     path = out / "figures" / f"{task.ds_name}_{task.space}_{task.task}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    from pipeline.plots.common import save_figure
+
+    return save_figure(fig, path, dpi=110, bbox_inches="tight")
