@@ -119,20 +119,55 @@ class ExactGuidance:
         gy = torch.einsum("jmd,bjm->bjd", st["G"], v)                           # G^T M^{-1} res
         return logp, score, logy, gy
 
-    def score(self, x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
-        """grad_{x_t} log p_t(y | x_t) at chain index k, shape and dtype of x (device of x)."""
+    def _score_and_log_h_diagonal(self, x: torch.Tensor, y: torch.Tensor, k: int):
+        """The diagonal-covariance case by matrix products only: no (B, J, d) tensor (80-D mixtures)."""
+        st = self._step(k)
+        if "Minv" not in st:
+            eye = torch.eye(st["Lm"].shape[-1], dtype=torch.float64)
+            st["Minv"] = torch.cholesky_solve(eye.expand_as(st["Lm"]), st["Lm"])
+            st["inv_l"] = 1.0 / st["lcn"]                                          # (J, d)
+            st["mu_l"] = st["mu"] * st["inv_l"]                                   # (J, d)
+            st["mu2_l"] = (st["mu"] * st["mu_l"]).sum(-1)                          # (J,)
+            st["G2"] = st["G"].reshape(-1, st["G"].shape[-1])                     # (J m, d)
+        x64 = _flat(x).double().cpu()
+        B, d = x64.shape
+        y64 = torch.as_tensor(y).double().cpu().reshape(-1, self.mask.numel())[:, self.mask] - self.offset_m
+        if y64.shape[0] == 1 and B > 1:
+            y64 = y64.expand(B, -1)
+        quad = (x64 * x64) @ st["inv_l"].T - 2.0 * x64 @ st["mu_l"].T + st["mu2_l"][None]   # (B, J)
+        logp = -0.5 * quad - 0.5 * st["logdetC"][None] - 0.5 * d * LOG_2PI
+        J, m_dim = st["Aa0"].shape
+        res = y64[:, None, :] - st["Aa0"][None] - (x64 @ st["G2"].T).reshape(B, J, m_dim)
+        v = torch.einsum("jmn,bjn->bjm", st["Minv"], res)
+        logy = -0.5 * (res * v).sum(-1) - 0.5 * st["logdetM"][None] - 0.5 * m_dim * LOG_2PI
+        lw = self.logw[None] + logp
+        pi = torch.softmax(lw, 1)
+        rho = torch.softmax(lw + logy, 1)
+        c = rho - pi
+        # sum_j c_j score_j with score_j = -(x - mu_j) / l_j, plus sum_j rho_j G_j^T v_j
+        g = -x64 * (c @ st["inv_l"]) + c @ st["mu_l"] + (rho[..., None] * v).reshape(B, -1) @ st["G2"]
+        log_h = torch.logsumexp(lw + logy, 1) - torch.logsumexp(lw, 1)
+        return g.reshape(x.shape).to(dtype=x.dtype, device=x.device), log_h
+
+    def score_and_log_likelihood_t(self, x: torch.Tensor, y: torch.Tensor, k: int):
+        """(grad_{x_t} log p_t(y | x_t) shaped like x, log p_t(y | x_t) (B,) float64) from one pass."""
+        if self.diagonal:
+            return self._score_and_log_h_diagonal(x, y, k)
         logp, score, logy, gy = self.parts(x, y, k)
         lw = self.logw[None] + logp
         pi = torch.softmax(lw, 1)
         rho = torch.softmax(lw + logy, 1)
         g = (rho[..., None] * (score + gy)).sum(1) - (pi[..., None] * score).sum(1)
-        return g.reshape(x.shape).to(dtype=x.dtype, device=x.device)
+        log_h = torch.logsumexp(lw + logy, 1) - torch.logsumexp(lw, 1)
+        return g.reshape(x.shape).to(dtype=x.dtype, device=x.device), log_h
+
+    def score(self, x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+        """grad_{x_t} log p_t(y | x_t) at chain index k, shape and dtype of x (device of x)."""
+        return self.score_and_log_likelihood_t(x, y, k)[0]
 
     def log_likelihood_t(self, x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
         """log p_t(y | x_t) (B,) float64: the exact noised likelihood (a mixture over components)."""
-        logp, _, logy, _ = self.parts(x, y, k)
-        lw = self.logw[None] + logp
-        return torch.logsumexp(lw + logy, 1) - torch.logsumexp(lw, 1)
+        return self.score_and_log_likelihood_t(x, y, k)[1]
 
 
 def analytic_posterior(prior: GaussianMixturePrior, problem, y) -> tuple[GaussianMixturePrior, float]:
