@@ -260,7 +260,8 @@ def rtb_config(case: GMMCase, quick: bool, amortized: bool, seed: int):
     """The RTB settings used by the benchmark (recorded in gmm.json)."""
     from pipeline.rtb.config import RTBConfig
 
-    steps = int(os.environ.get("GMM_RTB_STEPS", 300 if quick else 600)) if case.d_x == 2 else 800
+    # steps sized so the full benchmark (7 cases x 10 seeds x 4 RTB variants) fits in ~1.5 h on 2 cores
+    steps = int(os.environ.get("GMM_RTB_STEPS", 300 if quick else 400)) if case.d_x == 2 else 500
     if amortized:
         steps = int(steps * 2)  # one network for the whole observation set
     hidden = int(os.environ.get("GMM_RTB_HIDDEN", 64 if quick else 128)) if case.d_x < 80 else 256
@@ -612,30 +613,83 @@ def _targets(cases: dict) -> dict:
     return out
 
 
+CASE_COST_ORDER = ("80d_y4", "80d_y2", "80d_y1", "2d", "8d_y4", "8d_y2", "8d_y1")  # slowest first
+
+
+def _run_case_job(args) -> str:
+    """Worker for ``jobs > 1``: one case in a fresh (spawned) process; writes ``cases/<name>.json``."""
+    name, settings, out_dir = args
+    from pipeline.runtime import configure_threads
+
+    configure_threads()
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{name}] %(message)s")
+    _run_one_case(name, settings, Path(out_dir))
+    return name
+
+
+def _run_one_case(name: str, settings: dict, out_dir: Path) -> dict:
+    case = make_case(name)
+    log.info("case %s: d_x=%d d_y=%d, K=%d, N=%d, reference particles 2x%d", name, case.d_x, case.d_y,
+             settings["K"], settings["n"], settings["n_prop"])
+    t0 = time.perf_counter()
+    block = run_case(case, seeds=settings["seeds"], quick=settings["quick"], K=settings["K"], n=settings["n"],
+                     n_prop=settings["n_prop"], methods=settings["methods"], out_dir=out_dir)
+    block["case_seconds"] = time.perf_counter() - t0
+    _write_json(out_dir / "cases" / f"{name}.json", {"settings": settings, "block": block})
+    return block
+
+
 def run_benchmark(out_dir, *, quick: bool = False, seeds=None, cases=None, methods=None, K: int = 30,
-                  n: int | None = None, n_prop: int | None = None, command: str = "") -> dict:
-    """Run the benchmark and write ``out_dir/gmm.json`` (atomically) and the figure(s)."""
+                  n: int | None = None, n_prop: int | None = None, command: str = "", jobs: int = 1) -> dict:
+    """Run the benchmark and write ``out_dir/gmm.json`` (atomically) and the figure(s).
+
+    Each finished case is also written to ``out_dir/cases/<case>.json`` with the settings that made it;
+    a rerun with the same settings reuses it (resume after an interruption). ``jobs > 1`` runs cases
+    in that many worker processes (one torch thread each, see :mod:`pipeline.runtime`).
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "cases").mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     cases = list(cases or (("2d",) if quick else FULL_CASES))
     seeds = list(seeds if seeds is not None else (range(3) if quick else range(10)))
     n = n or 2000
     result = {"benchmark": "gmm", "mode": "quick" if quick else "full", "command": command,
-              "seeds": seeds, "torch_threads": torch.get_num_threads(), "host": platform.node(),
+              "seeds": seeds, "torch_threads": torch.get_num_threads(), "jobs": jobs, "host": platform.node(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cases": {}}
+    todo = []
     for name in cases:
-        case = make_case(name)
+        d_x = make_case(name).d_x
         if n_prop:
             npr = n_prop
-        elif case.d_x == 2:
-            npr = 200_000 if quick else 1_000_000  # plain prior proposals per reference pool
+        elif d_x == 2:
+            npr = 200_000 if quick else 1_000_000  # plain prior-chain proposals per reference pool
         else:
-            npr = 40 * n  # exact-guidance proposals per pool (ESS >= 10 N is checked and recorded)
-        log.info("case %s: d_x=%d d_y=%d, K=%d, N=%d, proposals 2x%d", name, case.d_x, case.d_y, K, n, npr)
-        result["cases"][name] = run_case(case, seeds=seeds, quick=quick, K=K, n=n, n_prop=npr, methods=methods,
-                                         out_dir=out_dir)
-        _write_json(out_dir / "gmm.json", {**result, "partial": True})
+            npr = 25 * n  # SMC particles per pool (final ESS >= 10 N is checked and recorded)
+        settings = {"quick": quick, "seeds": seeds, "K": K, "n": n, "n_prop": npr,
+                    "methods": list(methods) if methods else None}
+        path = out_dir / "cases" / f"{name}.json"
+        if path.exists():
+            cached = json.loads(path.read_text())
+            if cached.get("settings") == settings:
+                log.info("case %s: reusing %s (same settings)", name, path)
+                result["cases"][name] = cached["block"]
+                continue
+        todo.append((name, settings))
+    if jobs > 1 and len(todo) > 1:
+        import multiprocessing
+
+        rank = {c: i for i, c in enumerate(CASE_COST_ORDER)}
+        todo.sort(key=lambda t: rank.get(t[0], -1))
+        with multiprocessing.get_context("spawn").Pool(min(jobs, len(todo))) as pool:
+            for name in pool.imap_unordered(_run_case_job, [(nm, st, str(out_dir)) for nm, st in todo]):
+                result["cases"][name] = json.loads((out_dir / "cases" / f"{name}.json").read_text())["block"]
+                _write_json(out_dir / "gmm.json", {**result, "partial": True})
+                log.info("case %s done", name)
+    else:
+        for name, settings in todo:
+            result["cases"][name] = _run_one_case(name, settings, out_dir)
+            _write_json(out_dir / "gmm.json", {**result, "partial": True})
+    result["cases"] = {name: result["cases"][name] for name in cases}  # the requested order
     result["targets"] = _targets(result["cases"])
     result["wall_seconds"] = time.perf_counter() - t_start
     _write_json(out_dir / "gmm.json", result)
