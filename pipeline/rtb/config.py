@@ -23,6 +23,8 @@ class RTBConfig:
     in_scale: float = field(default=1.0, metadata={"gt": 0})
     features: list[str] = field(default_factory=lambda: ["x0hat", "grad"], metadata={"choices": ["x0hat", "grad"]})
     learn_variance: bool = True
+    # "full": a learned Cholesky factor of each step's noise (vector priors; see posterior.StepCovariance)
+    step_cov: str = field(default="diagonal", metadata={"choices": ["diagonal", "full"]})
     guidance: str = field(default="none", metadata={"choices": ["none", "dps", "dps_cla"]})
     guidance_scale: float = field(default=1.0, metadata={"min": 0})
     # objective
@@ -87,7 +89,7 @@ class RTBConfig:
             d.pop(k)
         # Options added after checkpoints exist are left out while at their neutral value, so a new
         # option that is off does not orphan runs made before it existed (same recipe, same hash).
-        for k, neutral in (("lora_rank", 0),):
+        for k, neutral in (("lora_rank", 0), ("step_cov", "diagonal")):
             if d.get(k) == neutral:
                 d.pop(k)
         return d

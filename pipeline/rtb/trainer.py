@@ -272,7 +272,10 @@ class RTBTrainer:
             self.buffer.add(batch.x1, batch.log_r, batch.y if c.amortized else None,
                             batch.cond if c.amortized else None)
         self.step_idx += 1
-        if self.step_idx % c.snapshot_every == 0:
+        # a snapshot is only taken after a step whose loss looked healthy (also during the spike warmup),
+        # so a rollback never restores a state that an outlier batch has just wrecked
+        healthy = len(hist) < 10 or loss <= c.spike_factor * max(statistics.median(hist), 1e-8) or c.spike_factor <= 0
+        if self.step_idx % c.snapshot_every == 0 and healthy:
             self._take_snapshot()
         rec = {"step": self.step_idx, "source": source, "loss": loss, "mean_log_r": float(batch.log_r.mean()),
                "log_z": log_z_learned, "beta": beta, "grad_norm": gnorm, "rollbacks": self.rollbacks,
