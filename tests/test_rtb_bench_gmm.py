@@ -77,6 +77,25 @@ def test_tiny_benchmark_run_writes_json_and_figure(tmp_path):
     assert "| 2d | dps |" in table(res)
 
 
+def test_benchmark_resumes_finished_cases_and_runs_cases_in_workers(tmp_path, caplog):
+    """Finished cases are written to cases/<name>.json and reused by a rerun with the same settings;
+    jobs > 1 runs cases in spawned worker processes with the same results format."""
+    kw = dict(quick=True, seeds=[0], methods=["dps"], K=5, n=100, n_prop=2000)
+    first = run_benchmark(tmp_path, cases=["2d", "8d_y1"], jobs=2, **kw)
+    assert (tmp_path / "cases" / "2d.json").is_file() and (tmp_path / "cases" / "8d_y1.json").is_file()
+    assert list(first["cases"]) == ["2d", "8d_y1"]
+    assert {r["method"] for r in first["cases"]["8d_y1"]["runs"]} == {"dps"}
+    with caplog.at_level("INFO", logger="pipeline.bench.gmm"):
+        again = run_benchmark(tmp_path, cases=["2d", "8d_y1"], **kw)
+    assert "reusing" in caplog.text
+    assert again["cases"]["2d"]["runs"] == json.loads(json.dumps(first["cases"]["2d"]["runs"]))
+    # different settings: the case is recomputed, not reused
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pipeline.bench.gmm"):
+        run_benchmark(tmp_path, cases=["2d"], **{**kw, "n": 120})
+    assert "reusing" not in caplog.text
+
+
 def test_bench_cli_dispatch(capsys):
     from pipeline.cli import main
 
