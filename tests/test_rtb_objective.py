@@ -156,9 +156,11 @@ def _posterior_step_cov(seed=0, K=8, dim=3):
     prior = GaussianMixturePrior([0.5, 0.5], [[-1.0] * dim, [1.0] * dim], 0.5)
     chain = prior.schedule.chain(K)
     problem = DenseLinearProblem([[1.0] + [0.5] * (dim - 1)], 0.5)
-    model = MLPCorrection(dim, feat_dim=2 * dim, hidden=16, layers=2, out_mult=2, step_cov_K=K).double()
+    model = MLPCorrection(dim, feat_dim=2 * dim, hidden=16, layers=2, out_mult=2, step_cov_K=K, readout=True,
+                          chain_t=chain.t.tolist(), T=prior.schedule.T).double()
     torch.nn.init.normal_(model.out.weight, std=0.2)
-    torch.nn.init.normal_(model.step_cov.raw, std=0.3)
+    torch.nn.init.normal_(model.per_step_cov.raw, std=0.3)
+    torch.nn.init.normal_(model.per_step_readout.weight, std=0.2)
     post = RTBPosterior(prior, chain, model, problem=problem, features=("x0hat", "grad"), learn_variance=True)
     return post
 
@@ -188,6 +190,21 @@ def test_two_pass_equals_naive_with_full_step_covariance():
     batch = policy_rollout(post, 12, y, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     _assert_two_pass_equals_naive(post, batch)
     assert float(post.step_cov.raw.grad.abs().max()) > 0  # the factor is trained
+    assert float(post.model.per_step_readout.weight.grad.abs().max()) > 0  # and the readout
+
+
+def test_per_step_readout_and_factor_start_at_the_prior():
+    """Zero-initialised per-step parts: q's step equals the prior chain's, whatever the state."""
+    from pipeline.rtb.config import RTBConfig
+    from pipeline.rtb.posterior import make_posterior
+
+    prior = GaussianMixturePrior([0.5, 0.5], [[-1.0, 0.0], [1.0, 0.5]], 0.5)
+    problem = DenseLinearProblem([[1.0, 0.5]], 0.5)
+    cfg = RTBConfig(K=6, step_cov="full", per_step_readout=True, learn_variance=True, head_hidden=8)
+    post = make_posterior(prior, problem, cfg)
+    batch = policy_rollout(post, 32, torch.tensor([0.3]), generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(batch.log_q(), batch.log_p(), rtol=1e-6, atol=1e-6)
+    assert "per_step_lr_factor" in cfg.hash_fields() and "per_step_lr_factor" not in RTBConfig().hash_fields()
 
 
 def test_full_step_covariance_refused_for_image_posteriors():

@@ -234,7 +234,7 @@ def exact_draws(mean, cov, n, generator=None) -> torch.Tensor:
 def rtb_config(steps: int, seed: int, K: int, variance: str, **over):
     from pipeline.rtb.config import RTBConfig
 
-    kw = dict(K=K, variance=variance, features=["x0hat", "grad"], learn_variance=True, step_cov="full", head_hidden=256,
+    kw = dict(K=K, variance=variance, features=["x0hat", "grad"], learn_variance=True, step_cov="full", per_step_readout=True, head_hidden=256,
               head_layers=2, steps=steps, batch_size=64, lr=1e-3, lr_logz=0.1, lr_final_frac=0.05,
               replay_rate=0.0, prior_rate=0.05, tempered_rate=0.05, seed=seed, device="cpu",
               log_every=50, checkpoint_every=10 ** 6, eval_samples=1000)

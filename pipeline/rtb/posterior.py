@@ -86,6 +86,39 @@ class StepCovariance(nn.Module):
         return torch.linalg.solve_triangular(L, z.T, upper=False).T
 
 
+def _t_to_k(chain_t, T: int) -> torch.Tensor:
+    """Lookup table timestep -> chain index (-1 off the chain)."""
+    table = torch.full((T + 1,), -1, dtype=torch.long)
+    for k, t in enumerate(chain_t):
+        table[int(t)] = k
+    return table
+
+
+class PerStepReadout(nn.Module):
+    """A zero-initialised linear map per chain step, ``[x, features] -> eps correction`` (vector priors).
+
+    Why: for a linear-Gaussian problem the exact posterior chain's step mean is AFFINE in x_k, with a
+    different full matrix at every step, and x0hat and the likelihood-gradient feature are affine in x_k
+    too. An MLP shared over steps only approximates that (and RTB's on-policy objective turns the
+    approximation error into under-dispersion); with this readout the family contains the exact answer.
+    Cost: K (d + d_feat) d parameters.
+    """
+
+    def __init__(self, K: int, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(K + 1, n_in, n_out))
+        self.bias = nn.Parameter(torch.zeros(K + 1, n_out))
+
+    def forward(self, inp: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        if (k < 0).any():
+            raise ValueError("per-step readout called at a timestep that is not on the posterior's chain")
+        out = inp.new_empty(inp.shape[0], self.weight.shape[-1])
+        for kv in torch.unique(k).tolist():  # chunks mix chain indices: one product per index
+            sel = k == kv
+            out[sel] = inp[sel] @ self.weight[kv].to(inp.dtype) + self.bias[kv].to(inp.dtype)
+        return out
+
+
 class MLPCorrection(nn.Module):
     """Zero-initialised MLP correction c(x, t, cond, feats) -> (B, d) for vector-valued priors.
 
@@ -93,7 +126,8 @@ class MLPCorrection(nn.Module):
     """
 
     def __init__(self, dim: int, cond_dim: int = 0, feat_dim: int = 0, hidden: int = 128, layers: int = 3,
-                 emb_dim: int = 32, T: int = 1000, in_scale: float = 1.0, out_mult: int = 1, step_cov_K: int = 0):
+                 emb_dim: int = 32, T: int = 1000, in_scale: float = 1.0, out_mult: int = 1, step_cov_K: int = 0,
+                 readout: bool = False, chain_t: list | None = None):
         super().__init__()
         if layers < 1 or hidden < 1:
             raise ValueError("MLPCorrection needs layers >= 1 and hidden >= 1")
@@ -108,8 +142,16 @@ class MLPCorrection(nn.Module):
         self.out = nn.Linear(hidden, dim * out_mult)
         nn.init.zeros_(self.out.weight)  # q = p at initialisation
         nn.init.zeros_(self.out.bias)
-        # optional full step covariance (see StepCovariance); part of the model so checkpoints carry it
-        self.step_cov = StepCovariance(step_cov_K, dim) if step_cov_K else None
+        # optional per-step parameters (see StepCovariance, PerStepReadout), indexed by the chain index k
+        # of the timestep t; part of the model so checkpoints carry them
+        self.per_step_cov = StepCovariance(step_cov_K, dim) if step_cov_K else None
+        self.per_step_readout = None
+        if chain_t is not None:
+            self.register_buffer("t_to_k", _t_to_k(chain_t, T), persistent=False)
+        if readout:
+            if chain_t is None:
+                raise ValueError("a per-step readout needs the chain's timesteps (chain_t)")
+            self.per_step_readout = PerStepReadout(len(chain_t) - 1, dim + feat_dim, dim)
 
     def forward(self, x, t, cond=None, feats=None):
         parts = [x.reshape(x.shape[0], -1) / self.in_scale, time_features(t, self.T, self.emb_dim).to(x.dtype)]
@@ -120,6 +162,11 @@ class MLPCorrection(nn.Module):
         if self.feat_dim:
             parts.append(feats.reshape(x.shape[0], -1).to(x.dtype))
         out = self.out(self.body(torch.cat(parts, 1)))
+        if self.per_step_readout is not None:
+            lin_in = [x.reshape(x.shape[0], -1) / self.in_scale] + ([feats.reshape(x.shape[0], -1).to(x.dtype)]
+                                                                     if self.feat_dim else [])
+            lin = self.per_step_readout(torch.cat(lin_in, 1), self.t_to_k[t])
+            out = torch.cat([out[:, :self.dim] + lin, out[:, self.dim:]], 1)
         return out.reshape(x.shape[0], self.out_mult * x.shape[1], *x.shape[2:])
 
 
@@ -243,7 +290,7 @@ class RTBPosterior(nn.Module):
     @property
     def step_cov(self):
         """The learned step-covariance factor (:class:`StepCovariance`) or None (diagonal steps)."""
-        return getattr(self.model, "step_cov", None)
+        return getattr(self.model, "per_step_cov", None)
 
     def step_noise(self, noise: torch.Tensor, k: int) -> torch.Tensor:
         """The step's noise before scaling by std: xi itself, or L_k xi with a learned step covariance."""
@@ -337,19 +384,24 @@ def posterior_spec(prior, cfg, cond_dim: int = 0, cond_channels: int = 0) -> dic
         mode = "replace"
         features = []
         learn_var = False  # the copied eps-network has no variance output
-        if getattr(cfg, "step_cov", "diagonal") != "diagonal":
-            raise ValueError("rtb.step_cov 'full' needs parameterisation 'head' on a vector-valued prior")
+        if getattr(cfg, "step_cov", "diagonal") != "diagonal" or getattr(cfg, "per_step_readout", False):
+            raise ValueError("rtb.step_cov 'full' and rtb.per_step_readout need parameterisation 'head' on a "
+                             "vector-valued prior")
     elif len(shape) == 1:
         model = {"type": "mlp", "dim": shape[0], "cond_dim": cond_dim, "feat_dim": shape[0] * len(features),
                  "hidden": cfg.head_hidden, "layers": cfg.head_layers, "T": prior.schedule.T,
                  "in_scale": cfg.in_scale, "out_mult": mult}
         if getattr(cfg, "step_cov", "diagonal") == "full":
             model["step_cov_K"] = int(cfg.K)
+        if getattr(cfg, "per_step_readout", False):
+            model["readout"] = True
+        if "step_cov_K" in model or "readout" in model:
+            model["chain_t"] = [int(t) for t in prior.schedule.chain(cfg.K, cfg.variance).t.tolist()]
         mode = "residual"
     else:
-        if getattr(cfg, "step_cov", "diagonal") != "diagonal":
-            raise ValueError("rtb.step_cov 'full' needs a vector-valued prior (it stores K d x d factors); "
-                             "image posteriors use per-pixel step variances (learn_variance)")
+        if getattr(cfg, "step_cov", "diagonal") != "diagonal" or getattr(cfg, "per_step_readout", False):
+            raise ValueError("rtb.step_cov 'full' and rtb.per_step_readout need a vector-valued prior (they store "
+                             "K d x d matrices); image posteriors use per-pixel step variances (learn_variance)")
         model = {"type": "unet_head", "channels": shape[0], "feat_channels": shape[0] * len(features),
                  "cond_channels": cond_channels, "preset": cfg.head_preset, "out_mult": mult}
         mode = "residual"
