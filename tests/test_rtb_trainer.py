@@ -99,6 +99,25 @@ def test_rollback_on_loss_spike():
     assert trainer.train_step() is not None
 
 
+def test_no_snapshot_of_a_state_wrecked_during_the_spike_warmup():
+    """An outlier batch during the warmup (no spike check yet) is trained on; the snapshot due right
+    after it is skipped, so a later rollback returns to the last healthy snapshot, not the wrecked one."""
+    prior, problem, y = _problem()
+    cfg = _small_cfg(steps=40, spike_factor=10.0, spike_warmup=30, snapshot_every=5, replay_rate=0.0,
+                     tempered_rate=0.0, prior_rate=0.0)
+    post = make_posterior(prior, problem, cfg)
+    trainer = RTBTrainer(post, cfg, y=y)
+    trainer.train(14)
+    assert trainer._snapshot["step"] == 10
+    orig = problem.log_likelihood
+    problem.log_likelihood = lambda x, yy: orig(x, yy) - 1e4 * torch.rand(x.shape[0], dtype=torch.float64)
+    assert trainer.train_step() is not None  # step 15, inside the warmup: trained on, not checked
+    problem.log_likelihood = orig
+    assert trainer.step_idx == 15 and trainer._snapshot["step"] == 10  # the outlier step is not snapshotted
+    trainer.train(20)
+    assert trainer._snapshot["step"] == 20  # healthy steps are snapshotted again
+
+
 def test_checkpoint_resume_is_exact(tmp_path):
     prior, problem, y = _problem()
     cfg = _small_cfg(steps=30, ema_decay=0.9)
