@@ -23,11 +23,6 @@ class RTBConfig:
     in_scale: float = field(default=1.0, metadata={"gt": 0})
     features: list[str] = field(default_factory=lambda: ["x0hat", "grad"], metadata={"choices": ["x0hat", "grad"]})
     learn_variance: bool = True
-    # "full": a learned Cholesky factor of each step's noise (vector priors; see posterior.StepCovariance)
-    step_cov: str = field(default="diagonal", metadata={"choices": ["diagonal", "full"]})
-    # a zero-initialised linear map per step from [x, features] to the eps correction (vector priors)
-    per_step_readout: bool = False
-    per_step_lr_factor: float = field(default=0.05, metadata={"gt": 0})  # lr of per-step matrices = lr x this
     guidance: str = field(default="none", metadata={"choices": ["none", "dps", "dps_cla"]})
     guidance_scale: float = field(default=1.0, metadata={"min": 0})
     # objective
@@ -92,9 +87,7 @@ class RTBConfig:
             d.pop(k)
         # Options added after checkpoints exist are left out while at their neutral value, so a new
         # option that is off does not orphan runs made before it existed (same recipe, same hash).
-        if self.step_cov == "diagonal" and not self.per_step_readout:
-            d.pop("per_step_lr_factor")
-        for k, neutral in (("lora_rank", 0), ("step_cov", "diagonal"), ("per_step_readout", False)):
+        for k, neutral in (("lora_rank", 0),):
             if d.get(k) == neutral:
                 d.pop(k)
         return d

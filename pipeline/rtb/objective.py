@@ -181,8 +181,8 @@ def policy_rollout(posterior, n: int, y=None, cond=None, *, generator=None, std_
             with torch.enable_grad():
                 centre = mean + behaviour(x, k, eps_p, y_n).detach()
         noise = torch.randn(shape, generator=generator, dtype=dtype).to(device)
-        x_new = (centre + std_scale * std * posterior.step_noise(noise, k)).detach()
-        log_q[k] = posterior.step_log_prob(x_new, mean, std, k)
+        x_new = (centre + std_scale * std * noise).detach()
+        log_q[k] = gaussian_log_prob(x_new, mean, std)
         log_p[k] = gaussian_log_prob(x_new, chain.reverse_mean(x, eps_p, k), chain.reverse_std(k))
         xs[k], eps_c[k], guides[k] = x, eps_p, g
         x = x_new

@@ -50,75 +50,6 @@ def time_features(t: torch.Tensor, T: int, dim: int = 32) -> torch.Tensor:
     return torch.cat([torch.cos(arg), torch.sin(arg)], 1)
 
 
-class StepCovariance(nn.Module):
-    """Learned, state-independent Cholesky factor ``L_k`` of each reverse step's noise (vector priors).
-
-    q's step becomes ``x_{k-1} = mean + std * (L_k xi)``, xi ~ N(0, I), with ``L_k`` lower-triangular,
-    diagonal ``exp(w_k)`` (zero-initialised: L_k = I, q = p at initialisation). Why: the exact posterior
-    chain's steps have covariance ``(std^-2 I + J_{k-1})^-1``, where J is the precision the likelihood
-    adds; it is correlated across coordinates wherever the operator mixes them (a lens, a PSF). A
-    per-coordinate std cannot express it, and RTB's on-policy objective then settles on an
-    UNDER-dispersed compromise (the lensing Gaussian check: marginal std 0.74-0.80x the exact posterior's
-    with a diagonal step, the same run with this factor: module docstring of
-    :mod:`pipeline.lensing.gaussian_check`). For a linear-Gaussian problem J does not depend on the state,
-    so one factor per step is exact. Cost: K d^2 parameters and one triangular solve per step.
-    """
-
-    def __init__(self, K: int, dim: int):
-        super().__init__()
-        self.K, self.dim = int(K), int(dim)
-        self.raw = nn.Parameter(torch.zeros(self.K + 1, self.dim, self.dim))
-
-    def factor(self, k: int) -> torch.Tensor:
-        r = self.raw[k]
-        return torch.tril(r, -1) + torch.diag(torch.exp(torch.diagonal(r)))
-
-    def log_det(self, k: int) -> torch.Tensor:
-        return torch.diagonal(self.raw[k]).sum()
-
-    def colour(self, noise: torch.Tensor, k: int) -> torch.Tensor:
-        """L_k xi for xi (B, d)."""
-        return noise @ self.factor(k).T.to(noise.dtype)
-
-    def whiten(self, z: torch.Tensor, k: int) -> torch.Tensor:
-        """L_k^{-1} z for z (B, d) (a triangular solve)."""
-        L = self.factor(k).to(z.dtype)
-        return torch.linalg.solve_triangular(L, z.T, upper=False).T
-
-
-def _t_to_k(chain_t, T: int) -> torch.Tensor:
-    """Lookup table timestep -> chain index (-1 off the chain)."""
-    table = torch.full((T + 1,), -1, dtype=torch.long)
-    for k, t in enumerate(chain_t):
-        table[int(t)] = k
-    return table
-
-
-class PerStepReadout(nn.Module):
-    """A zero-initialised linear map per chain step, ``[x, features] -> eps correction`` (vector priors).
-
-    Why: for a linear-Gaussian problem the exact posterior chain's step mean is AFFINE in x_k, with a
-    different full matrix at every step, and x0hat and the likelihood-gradient feature are affine in x_k
-    too. An MLP shared over steps only approximates that (and RTB's on-policy objective turns the
-    approximation error into under-dispersion); with this readout the family contains the exact answer.
-    Cost: K (d + d_feat) d parameters.
-    """
-
-    def __init__(self, K: int, n_in: int, n_out: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(K + 1, n_in, n_out))
-        self.bias = nn.Parameter(torch.zeros(K + 1, n_out))
-
-    def forward(self, inp: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        if (k < 0).any():
-            raise ValueError("per-step readout called at a timestep that is not on the posterior's chain")
-        out = inp.new_empty(inp.shape[0], self.weight.shape[-1])
-        for kv in torch.unique(k).tolist():  # chunks mix chain indices: one product per index
-            sel = k == kv
-            out[sel] = inp[sel] @ self.weight[kv].to(inp.dtype) + self.bias[kv].to(inp.dtype)
-        return out
-
-
 class MLPCorrection(nn.Module):
     """Zero-initialised MLP correction c(x, t, cond, feats) -> (B, d) for vector-valued priors.
 
@@ -126,8 +57,7 @@ class MLPCorrection(nn.Module):
     """
 
     def __init__(self, dim: int, cond_dim: int = 0, feat_dim: int = 0, hidden: int = 128, layers: int = 3,
-                 emb_dim: int = 32, T: int = 1000, in_scale: float = 1.0, out_mult: int = 1, step_cov_K: int = 0,
-                 readout: bool = False, chain_t: list | None = None):
+                 emb_dim: int = 32, T: int = 1000, in_scale: float = 1.0, out_mult: int = 1):
         super().__init__()
         if layers < 1 or hidden < 1:
             raise ValueError("MLPCorrection needs layers >= 1 and hidden >= 1")
@@ -142,16 +72,6 @@ class MLPCorrection(nn.Module):
         self.out = nn.Linear(hidden, dim * out_mult)
         nn.init.zeros_(self.out.weight)  # q = p at initialisation
         nn.init.zeros_(self.out.bias)
-        # optional per-step parameters (see StepCovariance, PerStepReadout), indexed by the chain index k
-        # of the timestep t; part of the model so checkpoints carry them
-        self.per_step_cov = StepCovariance(step_cov_K, dim) if step_cov_K else None
-        self.per_step_readout = None
-        if chain_t is not None:
-            self.register_buffer("t_to_k", _t_to_k(chain_t, T), persistent=False)
-        if readout:
-            if chain_t is None:
-                raise ValueError("a per-step readout needs the chain's timesteps (chain_t)")
-            self.per_step_readout = PerStepReadout(len(chain_t) - 1, dim + feat_dim, dim)
 
     def forward(self, x, t, cond=None, feats=None):
         parts = [x.reshape(x.shape[0], -1) / self.in_scale, time_features(t, self.T, self.emb_dim).to(x.dtype)]
@@ -162,11 +82,6 @@ class MLPCorrection(nn.Module):
         if self.feat_dim:
             parts.append(feats.reshape(x.shape[0], -1).to(x.dtype))
         out = self.out(self.body(torch.cat(parts, 1)))
-        if self.per_step_readout is not None:
-            lin_in = [x.reshape(x.shape[0], -1) / self.in_scale] + ([feats.reshape(x.shape[0], -1).to(x.dtype)]
-                                                                     if self.feat_dim else [])
-            lin = self.per_step_readout(torch.cat(lin_in, 1), self.t_to_k[t])
-            out = torch.cat([out[:, :self.dim] + lin, out[:, self.dim:]], 1)
         return out.reshape(x.shape[0], self.out_mult * x.shape[1], *x.shape[2:])
 
 
@@ -287,37 +202,10 @@ class RTBPosterior(nn.Module):
         """Mean of q(x_{k-1} | x_k)."""
         return self.step_params(x, k, eps_p, y, cond, guide)[0]
 
-    @property
-    def step_cov(self):
-        """The learned step-covariance factor (:class:`StepCovariance`) or None (diagonal steps)."""
-        return getattr(self.model, "per_step_cov", None)
-
-    def step_noise(self, noise: torch.Tensor, k: int) -> torch.Tensor:
-        """The step's noise before scaling by std: xi itself, or L_k xi with a learned step covariance."""
-        sc = self.step_cov
-        return noise if sc is None else sc.colour(noise.reshape(noise.shape[0], -1), k).reshape(noise.shape)
-
-    def step_log_prob(self, x_prev, mean, std, k) -> torch.Tensor:
-        """log q(x_{k-1} | x_k) (B,) float64 of the step law (mean, std[, L_k]); k int or (B,) tensor."""
-        sc = self.step_cov
-        if sc is None:
-            return gaussian_log_prob(x_prev, mean, std)
-        std64 = torch.as_tensor(std, dtype=torch.float64, device=x_prev.device).expand_as(x_prev)
-        z = ((x_prev.double() - mean.double()) / std64).reshape(x_prev.shape[0], -1)
-        logdet_std = torch.log(std64).reshape(x_prev.shape[0], -1).sum(1)
-        ks = k if isinstance(k, torch.Tensor) else torch.full((x_prev.shape[0],), int(k))
-        out = torch.empty(x_prev.shape[0], dtype=torch.float64, device=x_prev.device)
-        for kv in torch.unique(ks).tolist():  # chunks mix chain indices: one solve per index
-            sel = (ks == kv).to(x_prev.device)
-            xi = sc.whiten(z[sel], kv)
-            out[sel] = (-0.5 * (xi * xi).sum(1) - 0.5 * xi.shape[1] * math.log(2 * math.pi)
-                        - sc.log_det(kv).double())
-        return out - logdet_std
-
     def log_q_step(self, x, x_prev, k, eps_p, y=None, cond=None, guide=None):
         """log q(x_{k-1} | x_k) per sample (B,) float64 (k int or (B,) tensor), with grad w.r.t. the model."""
         mean, std = self.step_params(x, k, eps_p, y, cond, guide)
-        return self.step_log_prob(x_prev, mean, std, k)
+        return gaussian_log_prob(x_prev, mean, std)
 
     # kept for callers of the first version
     log_q_steps_batched = log_q_step
@@ -384,24 +272,12 @@ def posterior_spec(prior, cfg, cond_dim: int = 0, cond_channels: int = 0) -> dic
         mode = "replace"
         features = []
         learn_var = False  # the copied eps-network has no variance output
-        if getattr(cfg, "step_cov", "diagonal") != "diagonal" or getattr(cfg, "per_step_readout", False):
-            raise ValueError("rtb.step_cov 'full' and rtb.per_step_readout need parameterisation 'head' on a "
-                             "vector-valued prior")
     elif len(shape) == 1:
         model = {"type": "mlp", "dim": shape[0], "cond_dim": cond_dim, "feat_dim": shape[0] * len(features),
                  "hidden": cfg.head_hidden, "layers": cfg.head_layers, "T": prior.schedule.T,
                  "in_scale": cfg.in_scale, "out_mult": mult}
-        if getattr(cfg, "step_cov", "diagonal") == "full":
-            model["step_cov_K"] = int(cfg.K)
-        if getattr(cfg, "per_step_readout", False):
-            model["readout"] = True
-        if "step_cov_K" in model or "readout" in model:
-            model["chain_t"] = [int(t) for t in prior.schedule.chain(cfg.K, cfg.variance).t.tolist()]
         mode = "residual"
     else:
-        if getattr(cfg, "step_cov", "diagonal") != "diagonal" or getattr(cfg, "per_step_readout", False):
-            raise ValueError("rtb.step_cov 'full' and rtb.per_step_readout need a vector-valued prior (they store "
-                             "K d x d matrices); image posteriors use per-pixel step variances (learn_variance)")
         model = {"type": "unet_head", "channels": shape[0], "feat_channels": shape[0] * len(features),
                  "cond_channels": cond_channels, "preset": cfg.head_preset, "out_mult": mult}
         mode = "residual"

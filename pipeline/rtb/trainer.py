@@ -82,15 +82,8 @@ class RTBTrainer:
         self.gen = torch.Generator().manual_seed(cfg.seed * 7919 + 17 + 1000003 * rank)
         # under DDP only the correction model is wrapped; log Z is all-reduced by hand
         self.post.model = distributed.wrap(self.post.model)
-        # per-step matrices (step covariance factor, readout) have K d^2 entries that Adam would each move
-        # by ~lr per step: they get their own, smaller learning rate (third group, only when present:
-        # older checkpoints' optimizer states keep their two groups)
-        cov = [p for n, p in posterior.named_parameters() if ".per_step_" in f".{n}" and p.requires_grad]
-        rest = [p for p in posterior.trainable_parameters() if all(p is not q for q in cov)]
-        groups = [{"params": rest, "lr": cfg.lr}, {"params": [posterior.log_z], "lr": cfg.lr_logz}]
-        if cov:
-            groups.append({"params": cov, "lr": cfg.lr * cfg.per_step_lr_factor})
-        self.opt = torch.optim.Adam(groups)
+        self.opt = torch.optim.Adam([{"params": posterior.trainable_parameters(), "lr": cfg.lr},
+                                     {"params": [posterior.log_z], "lr": cfg.lr_logz}])
         self.buffer = ReplayBuffer(cfg.replay_capacity, cfg.replay_priority_frac)
         self.ema = ({n: p.detach().clone() for n, p in self._model().named_parameters()}
                     if cfg.ema_decay > 0 else None)
@@ -192,8 +185,6 @@ class RTBTrainer:
     def _set_lr(self):
         self.opt.param_groups[0]["lr"] = self.cfg.lr * self.lr_factor()
         self.opt.param_groups[1]["lr"] = self.cfg.lr_logz * self.lr_factor()
-        if len(self.opt.param_groups) > 2:
-            self.opt.param_groups[2]["lr"] = self.cfg.lr * self.cfg.per_step_lr_factor * self.lr_factor()
 
     def rollback(self, reason: str) -> None:
         """Restore the last good snapshot and lower the learning rate; mark divergence when the
