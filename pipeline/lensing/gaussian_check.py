@@ -41,7 +41,7 @@ and a 5000-step run stopped at step 1943 (loss spike after 3 rollbacks). On a 6x
 
 What the spread is NOT (measured, session 2): training does not merely keep its starting spread, it
 SHRINKS it by ~15 %: the untrained guided chain has std ratio 0.86/0.93 at scale 1.26, 0.98/1.04 at 1.0
-and 1.13/1.27 at 0.75, and RTB ends at 0.74/0.80, -, and 0.99/1.06 from them, with the mean fixed each
+and 1.13/1.27 at 0.75, and RTB ends at 0.74/0.80, 0.84/0.90 and 0.99/1.06 from them, with the mean fixed each
 time. A learned full (Cholesky) step covariance per chain step, the exact structure of the linear-Gaussian
 posterior chain's steps, did not change this: at a small learning rate it ended at 0.738/0.800 (the same),
 at the model's learning rate the ELBO fell during training (533 -> 478 nats). A per-step linear readout
