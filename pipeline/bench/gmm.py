@@ -8,10 +8,12 @@ Cases
 * ``{8,80}d_y{1,2,4}``: 25 unit-covariance components with means uniform in [-8, 8]^d and weights from a
   fixed seed; A with d_y Gaussian rows normalised to unit length; sigma_y = 1.
 
-References are exact under the **chain** prior (DESIGN 11): importance sampling of chain trajectories,
-with plain prior proposals in 2-D and exact-guidance proposals in higher dimension (weights
-p_theta(tau) r / q(tau)); ``ref_ess`` is recorded. ``logz_ref`` is the IW estimate from all proposals.
-The Monte-Carlo floor ``sw_floor`` is the distance between two independent reference sets of the same
+References are exact under the **chain** prior (DESIGN 11): importance sampling of prior-chain
+trajectories in 2-D (1,000,000 per pool in the full mode), and in higher dimension sequential importance
+resampling of chain trajectories with exact-guidance proposals and twist (:func:`twisted_smc_pool`,
+25 N particles per pool; plain importance sampling with those proposals kept only 3 % of them as ESS on
+``8d_y4``). ``ref_ess`` (the final Kish ESS; >= 10 N is recorded as ``ess_ge_10N``) and ``logz_ref``
+(the mean of the two pools' estimates) are recorded. The Monte-Carlo floor ``sw_floor`` is the distance between two independent reference sets of the same
 N. The analytic-prior evidence ``log sum_k w_k N(y; A m_k, A A^T + sigma^2 I)`` is reported as
 ``logz_analytic`` for context (the chain is not the analytic prior).
 
