@@ -721,8 +721,9 @@ def _json_default(o):
 
 def table(result: dict) -> str:
     """A markdown table of the per-case, per-method means (± standard errors) over seeds."""
-    lines = ["| case | method | excess sw | mode TV | abs(logZ_IW - ref) | abs(ELBO - ref) | s | NFE/sample | particles | diverged |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | method | excess sw | excess sw, row space of A | mode TV | abs(logZ_IW - ref) | abs(ELBO - ref) "
+             "| s | NFE/sample | particles | diverged |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(s, key, digits=3):
         v = s.get(key)
@@ -733,7 +734,16 @@ def table(result: dict) -> str:
 
     for cname, c in result["cases"].items():
         for m, s in c["summary"].items():
-            lines.append(f"| {cname} | {m} | {f(s, 'excess_sw')} | {f(s, 'mode_tv')} | {f(s, 'err_logz_iw')} | "
+            lines.append(f"| {cname} | {m} | {f(s, 'excess_sw')} | {f(s, 'excess_sw_rowspace')} | {f(s, 'mode_tv')} | "
+                         f"{f(s, 'err_logz_iw')} | "
                          f"{f(s, 'err_logz_elbo')} | {f(s, 'seconds', 1)} | {f(s, 'nfe_per_sample', 0)} | "
                          f"{s.get('particles') or ''} | {s['diverged']}/{s['seeds']} |")
+    refs = []
+    for cname, c in result["cases"].items():
+        r = list(c.get("references", {}).values())
+        if r:
+            refs.append(f"{cname}: {r[0].get('proposal', '?')}, min ESS {min(x['ref_ess'] for x in r):,.0f} "
+                        f"(>= 10 N in {sum(bool(x.get('ess_ge_10N')) for x in r)}/{len(r)} seeds)")
+    if refs:
+        lines += ["", "References: " + "; ".join(refs) + "."]
     return "\n".join(lines)
