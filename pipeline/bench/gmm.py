@@ -641,7 +641,7 @@ def _run_case_job(args) -> str:
     from pipeline.runtime import configure_threads
 
     configure_threads()
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{name}] %(message)s")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{name}] %(message)s", force=True)  # workers are reused
     _run_one_case(name, settings, Path(out_dir))
     return name
 
