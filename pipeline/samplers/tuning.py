@@ -12,11 +12,6 @@ Objectives (``objective=``):
   guidance (strong late DPS kicks cost path KL even when the x0 marginal is good).
 * ``"log_r"``: mean log-likelihood of the samples (the DPS papers' practice); rewards over-confidence and,
   for DPS+CLA, keeps rising to the largest grid scale.
-* ``"ess"``: mean over the tuning observations of log(Kish ESS / n) of the trajectory importance weights
-  ``log r + log p_theta(tau) - log q(tau)``: a chi^2-divergence criterion, MASS-COVERING where the ELBO's
-  KL(q || posterior) is mode-seeking. It picks the best importance / off-policy proposal, which is what
-  a starting point for RTB (the guidance inside ``rtb_dps_cla``) should be: ELBO-tuned guidance starts
-  RTB under-dispersed, and training widens a posterior only slowly (``pipeline.lensing.gaussian_check``).
 * ``"chi2"``: data-space calibration. For exact posterior samples and y from the prior predictive
   ``E[chi2(y, A x_s)] = m`` (unmasked pixels; DESIGN 8), score ``-|log(mean chi2 / m)|``. Its curve is
   non-monotone for DPS (overshooting scales raise chi2 again), so it can pick an overshooting scale.
@@ -47,7 +42,7 @@ DEFAULT_GRIDS = {
 }
 
 
-OBJECTIVES = ("chi2", "elbo", "ess", "log_r")
+OBJECTIVES = ("chi2", "elbo", "log_r")
 
 
 def tuning_observations(prior, chain, problem, seed: int, n_obs: int = 1, device=None):
@@ -65,14 +60,7 @@ def tuning_observation(prior, chain, problem, seed: int, device=None):
     return y[0], x[0]
 
 
-def _objective(samples, objective: str, problem, y, n_obs: int = 1) -> float:
-    if objective == "ess":
-        lw = (samples.log_r + samples.log_p_traj - samples.log_q_traj).double().reshape(n_obs, -1)
-        if not torch.isfinite(lw).all():
-            return -math.inf
-        # log(ESS / n) = 2 logsumexp(lw) - logsumexp(2 lw) - log n, per observation (never pooled)
-        per = 2 * torch.logsumexp(lw, 1) - torch.logsumexp(2 * lw, 1) - math.log(lw.shape[1])
-        return float(per.mean())
+def _objective(samples, objective: str, problem, y) -> float:
     if objective == "elbo":
         v = samples.log_r + samples.log_p_traj - samples.log_q_traj
     elif objective == "log_r":
@@ -120,7 +108,7 @@ def tune_scale(method: str, prior, chain, problem, y, *, grid=None, n: int = 256
     def score(scale):
         s = make_sampler(method, prior, chain, scale=scale, **opts)
         out = s.sample(problem, y_rep, len(y_rep), generator=torch.Generator().manual_seed(int(seed)))
-        val = _objective(out, objective, problem, y_rep.to(out.x0.device), n_obs)
+        val = _objective(out, objective, problem, y_rep.to(out.x0.device))
         log.info("tune %s scale=%.4g %s=%.4f", method, scale, objective, val)
         return val
 
