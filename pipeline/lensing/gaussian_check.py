@@ -46,7 +46,10 @@ time. A learned full (Cholesky) step covariance per chain step, the exact struct
 posterior chain's steps, did not change this: at a small learning rate it ended at 0.738/0.800 (the same),
 at the model's learning rate the ELBO fell during training (533 -> 478 nats). A per-step linear readout
 of the features (which makes the step mean's family exact here) made training unstable (diverged at step
-333). Neither was kept. The shrinkage is the signature of the on-policy objective's reverse-KL
+333). Neither was kept. Nor is it the learned variance (``learn_variance: false``: 0.75/0.81, the mean
+correction alone contracts), the exploration (a reward-temperature ramp 0.1 -> 1 over 750 steps:
+0.74/0.80) or the guided start (without guidance, 1,500 steps leave it over-dispersed at 1.50/1.77,
+still moving from the prior). The shrinkage is the signature of the on-policy objective's reverse-KL
 (mode-seeking) bias under an approximate family and unfinished training, so the open question is the
 optimisation, not the step structure.
 """
