@@ -174,18 +174,12 @@ def test_rtb_config_validation_one_line_errors(tmp_path):
     p.write_text("rtb:\n  replay_rate: 0.6\n  prior_rate: 0.6\n")
     with pytest.raises(ConfigError, match=r"c.yaml: field 'rtb.replay_rate'"):
         load_section(p, "rtb", RTBConfig)
-    p.write_text("rtb:\n  amortized: true\n")
-    with pytest.raises(ConfigError, match="rtb.logz"):
-        load_section(p, "rtb", RTBConfig)
-    p.write_text("rtb:\n  K: 1\n")
-    with pytest.raises(ConfigError, match="rtb.K"):
-        load_section(p, "rtb", RTBConfig)
-    p.write_text("rtb:\n  features: [x0hat, bogus]\n")
-    with pytest.raises(ConfigError, match="rtb.features"):
-        load_section(p, "rtb", RTBConfig)
-    p.write_text("rtb:\n  amortized: true\n  logz: vargrad\n  batch_size: 30\n  group_size: 8\n")
-    with pytest.raises(ConfigError, match="rtb.group_size"):
-        load_section(p, "rtb", RTBConfig)
+    for body, field_name in (("amortized: true", "rtb.logz"), ("K: 1", "rtb.K"),
+                             ("features: [x0hat, bogus]", "rtb.features"),
+                             ("amortized: true\n  logz: vargrad\n  batch_size: 30\n  group_size: 8", "rtb.group_size")):
+        p.write_text(f"rtb:\n  {body}\n")
+        with pytest.raises(ConfigError, match=field_name):
+            load_section(p, "rtb", RTBConfig)
     p.write_text("rtb:\n  K: 20\n  guidance: dps_cla\n")
     cfg = load_section(p, "rtb", RTBConfig)
     assert cfg.K == 20 and cfg.guidance == "dps_cla"
