@@ -160,7 +160,8 @@ def test_exact_guidance_diagonal_fast_path_equals_general_path():
 
 
 def test_rtb_guidance_scale_tuned_on_separate_seed():
-    from pipeline.bench.gmm import RTB_GUIDANCE_GRIDS, tune_rtb_guidance
+    from pipeline.bench.gmm import tune_rtb_guidance
+    from pipeline.rtb.tuning import GUIDANCE_GRIDS as RTB_GUIDANCE_GRIDS
 
     c = make_case("2d")
     rec = tune_rtb_guidance(c, c.prior.schedule.chain(8), "dps_cla", tuning_seed=999, n=64)

@@ -325,35 +325,13 @@ def train_rtb(case: GMMCase, chain_K: int, seed: int, *, quick: bool, y=None, ob
     return post, trainer, cfg, cond_fn
 
 
-RTB_GUIDANCE_GRIDS = {"dps": [10.0 ** e for e in (-3, -2.5, -2, -1.5, -1, -0.5, 0)],
-                      "dps_cla": [0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0]}
-
-
 def tune_rtb_guidance(case: GMMCase, chain, guidance: str, tuning_seed: int, n: int = 256) -> dict:
     """Scale of the frozen-prior guidance inside the RTB+DPS(+CLA) parameterisation, tuned on a
-    SEPARATE seed before any training: the untrained posterior (zero correction) is the guided chain,
-    and the grid value with the best ELBO (log Z - KL) is frozen. The Jacobian-free DPS shift grows as
-    1/sqrt(abar_k) at high noise, so the DPS sampler's own scale (through the network) does not carry over.
-    """
-    from pipeline.rtb.config import RTBConfig
-    from pipeline.rtb.posterior import make_posterior
-    from pipeline.rtb.sampler import RTBSampler
-    from pipeline.samplers.tuning import tuning_observation
+    SEPARATE seed before any training by the ELBO of the untrained posterior
+    (:func:`pipeline.rtb.tuning.tune_guidance_scale`, one tuning observation)."""
+    from pipeline.rtb.tuning import tune_guidance_scale
 
-    y, _ = tuning_observation(case.prior, chain, case.problem, tuning_seed)
-    values = []
-    for scale in RTB_GUIDANCE_GRIDS[guidance]:
-        cfg = RTBConfig(K=chain.K, guidance=guidance, guidance_scale=scale, learn_variance=False, head_hidden=8,
-                        head_layers=1)
-        post = make_posterior(case.prior, case.problem, cfg)
-        smp = RTBSampler(post, f"rtb_{guidance}").sample(case.problem, y, n,
-                                                        generator=torch.Generator().manual_seed(tuning_seed))
-        lw = (smp.log_r + smp.log_p_traj - smp.log_q_traj).double()
-        values.append(float(lw.mean()) if torch.isfinite(lw).all() else -math.inf)
-    i = max(range(len(values)), key=lambda j: values[j])
-    return {"method": f"rtb_{guidance}", "objective": "elbo of the untrained (zero-correction) posterior",
-            "grid": RTB_GUIDANCE_GRIDS[guidance], "values": [v if math.isfinite(v) else None for v in values],
-            "scale": RTB_GUIDANCE_GRIDS[guidance][i], "n": n, "K": chain.K, "tuning_seed": tuning_seed}
+    return tune_guidance_scale(case.prior, chain, case.problem, guidance, tuning_seed, n=n, n_obs=1)
 
 
 def sample_rtb(post, cfg, cond_fn, case: GMMCase, y, seed: int, n: int, name: str):

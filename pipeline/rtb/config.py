@@ -23,8 +23,10 @@ class RTBConfig:
     in_scale: float = field(default=1.0, metadata={"gt": 0})
     features: list[str] = field(default_factory=lambda: ["x0hat", "grad"], metadata={"choices": ["x0hat", "grad"]})
     learn_variance: bool = True
+    learn_step_scale: bool = False  # one learned log-variance offset per chain step (all coordinates)
     guidance: str = field(default="none", metadata={"choices": ["none", "dps", "dps_cla"]})
     guidance_scale: float = field(default=1.0, metadata={"min": 0})
+    learn_guidance_gain: bool = False  # one learned log-gain per chain step on the guidance offset
     # objective
     amortized: bool = False
     logz: str = field(default="scalar", metadata={"choices": ["scalar", "vargrad"]})
@@ -37,6 +39,7 @@ class RTBConfig:
     batch_size: int = field(default=64, metadata={"min": 1})
     lr: float = field(default=1e-3, metadata={"gt": 0})
     lr_logz: float = field(default=0.1, metadata={"gt": 0})
+    lr_per_step: float = field(default=1e-2, metadata={"gt": 0})  # learn_step_scale / learn_guidance_gain
     lr_final_frac: float = field(default=0.1, metadata={"gt": 0, "max": 1})
     grad_clip: float = field(default=10.0, metadata={"gt": 0})
     chunk_size: int = field(default=10, metadata={"min": 1})
@@ -87,7 +90,8 @@ class RTBConfig:
             d.pop(k)
         # Options added after checkpoints exist are left out while at their neutral value, so a new
         # option that is off does not orphan runs made before it existed (same recipe, same hash).
-        for k, neutral in (("lora_rank", 0),):
+        for k, neutral in (("lora_rank", 0), ("learn_step_scale", False), ("learn_guidance_gain", False),
+                            ("lr_per_step", 1e-2)):
             if d.get(k) == neutral:
                 d.pop(k)
         return d

@@ -119,7 +119,8 @@ class RTBPosterior(nn.Module):
     """
 
     def __init__(self, prior, chain: Chain, model: nn.Module, *, mode: str = "residual", problem=None,
-                 features: tuple[str, ...] = (), guidance=None, learn_variance: bool = False):
+                 features: tuple[str, ...] = (), guidance=None, learn_variance: bool = False,
+                 learn_step_scale: bool = False, learn_guidance_gain: bool = False):
         super().__init__()
         if mode not in ("residual", "replace"):
             raise ValueError(f"posterior mode must be 'residual' or 'replace', got {mode!r}")
@@ -135,6 +136,13 @@ class RTBPosterior(nn.Module):
         self.problem, self.features, self.guidance = problem, tuple(features), guidance
         self.learn_variance = bool(learn_variance)
         self.log_z = nn.Parameter(torch.zeros((), dtype=torch.float64))
+        # One log-variance offset per chain step, shared by all coordinates: its gradient pools the
+        # signal of every coordinate, where the per-coordinate offsets of the head each get 1/d of it.
+        self.step_log_var = nn.Parameter(torch.zeros(chain.K + 1)) if learn_step_scale else None
+        # One log-gain per chain step on the frozen guidance offset: lets training set the guidance
+        # strength step by step (a head must otherwise learn a d -> d linear map of the guidance).
+        self.guidance_log_gain = (nn.Parameter(torch.zeros(chain.K + 1))
+                                  if learn_guidance_gain and guidance is not None else None)
         self.eval()  # deterministic everywhere (pass 1 and pass 2 must agree)
 
     # -- pieces ------------------------------------------------------------------------------
@@ -193,10 +201,21 @@ class RTBPosterior(nn.Module):
             mean = self.chain.reverse_mean(x, eps, k)
             std = self.chain.reverse_std(k)
         if guide is not None:
+            if self.guidance_log_gain is not None:
+                guide = guide * self._per_step(self.guidance_log_gain, k, x).exp()
             mean = mean + guide
         if v is not None:
             std = std * torch.exp(0.5 * v)
+        if self.step_log_var is not None:
+            lv = VAR_BOUND * torch.tanh(self._per_step(self.step_log_var, k, x) / VAR_BOUND)  # head's bound
+            std = std * torch.exp(0.5 * lv)
         return mean, std
+
+    @staticmethod
+    def _per_step(param, k, x):
+        """param[k] in x's dtype, broadcastable to x (k int or per-sample (B,) tensor)."""
+        v = param.to(x.device)[k].to(x.dtype)
+        return v.reshape(-1, *([1] * (x.ndim - 1))) if isinstance(k, torch.Tensor) else v
 
     def mean_q(self, x, k, eps_p, y=None, cond=None, guide=None):
         """Mean of q(x_{k-1} | x_k)."""
@@ -218,6 +237,19 @@ class RTBPosterior(nn.Module):
 
     def trainable_parameters(self):
         return [p for n, p in self.named_parameters() if p.requires_grad and n != "log_z"]
+
+    def per_step_parameters(self) -> dict:
+        """The per-chain-step scalars (``step_log_var``, ``guidance_log_gain``) that are switched on."""
+        return {n: p for n, p in (("step_log_var", self.step_log_var),
+                                  ("guidance_log_gain", self.guidance_log_gain)) if p is not None}
+
+    def load_per_step_state(self, state: dict | None) -> None:
+        """Copy saved per-step scalars in (a checkpoint from before they existed has none)."""
+        for n, p in self.per_step_parameters().items():
+            if state is None or n not in state:
+                raise KeyError(f"checkpoint has no {n!r} for this posterior (spec asks for it)")
+            with torch.no_grad():
+                p.copy_(state[n])
 
 
 def copy_network(net: nn.Module) -> nn.Module:
@@ -282,7 +314,9 @@ def posterior_spec(prior, cfg, cond_dim: int = 0, cond_channels: int = 0) -> dic
                  "cond_channels": cond_channels, "preset": cfg.head_preset, "out_mult": mult}
         mode = "residual"
     return {"model": model, "mode": mode, "features": features, "K": cfg.K, "variance": cfg.variance,
-            "guidance": cfg.guidance, "guidance_scale": cfg.guidance_scale, "learn_variance": learn_var}
+            "guidance": cfg.guidance, "guidance_scale": cfg.guidance_scale, "learn_variance": learn_var,
+            "learn_step_scale": bool(getattr(cfg, "learn_step_scale", False)),
+            "learn_guidance_gain": bool(getattr(cfg, "learn_guidance_gain", False))}
 
 
 def build_model(spec: dict, prior=None) -> nn.Module:
@@ -313,4 +347,6 @@ def build_posterior(prior, problem, spec: dict) -> RTBPosterior:
     if spec.get("guidance", "none") != "none":
         guidance = make_frozen_guidance(spec["guidance"], chain, problem, spec["guidance_scale"])
     return RTBPosterior(prior, chain, model, mode=spec["mode"], problem=problem, features=tuple(spec["features"]),
-                        guidance=guidance, learn_variance=spec.get("learn_variance", False))
+                        guidance=guidance, learn_variance=spec.get("learn_variance", False),
+                        learn_step_scale=spec.get("learn_step_scale", False),
+                        learn_guidance_gain=spec.get("learn_guidance_gain", False))

@@ -82,8 +82,12 @@ class RTBTrainer:
         self.gen = torch.Generator().manual_seed(cfg.seed * 7919 + 17 + 1000003 * rank)
         # under DDP only the correction model is wrapped; log Z is all-reduced by hand
         self.post.model = distributed.wrap(self.post.model)
-        self.opt = torch.optim.Adam([{"params": posterior.trainable_parameters(), "lr": cfg.lr},
-                                     {"params": [posterior.log_z], "lr": cfg.lr_logz}])
+        per_step = {id(p) for p in posterior.per_step_parameters().values()}
+        groups = [{"params": [p for p in posterior.trainable_parameters() if id(p) not in per_step], "lr": cfg.lr},
+                  {"params": [posterior.log_z], "lr": cfg.lr_logz}]
+        if per_step:  # one scalar per chain step: its gradient pools every coordinate, so a larger step size
+            groups.append({"params": list(posterior.per_step_parameters().values()), "lr": cfg.lr_per_step})
+        self.opt = torch.optim.Adam(groups)
         self.buffer = ReplayBuffer(cfg.replay_capacity, cfg.replay_priority_frac)
         self.ema = ({n: p.detach().clone() for n, p in self._model().named_parameters()}
                     if cfg.ema_decay > 0 else None)
@@ -168,8 +172,11 @@ class RTBTrainer:
     def _take_snapshot(self):
         self._snapshot = {"model": copy.deepcopy(self._model().state_dict()),
                           "optim": copy.deepcopy(self.opt.state_dict()),
-                          "log_z": self.post.log_z.detach().clone(),
+                          "log_z": self.post.log_z.detach().clone(), "per_step": self._per_step_state(),
                           "ema": copy.deepcopy(self.ema), "step": self.step_idx}
+
+    def _per_step_state(self) -> dict:
+        return {n: p.detach().cpu().clone() for n, p in self.post.per_step_parameters().items()}
 
     def _params_finite(self) -> bool:
         if not torch.isfinite(self.post.log_z).all():
@@ -185,6 +192,8 @@ class RTBTrainer:
     def _set_lr(self):
         self.opt.param_groups[0]["lr"] = self.cfg.lr * self.lr_factor()
         self.opt.param_groups[1]["lr"] = self.cfg.lr_logz * self.lr_factor()
+        if len(self.opt.param_groups) > 2:
+            self.opt.param_groups[2]["lr"] = self.cfg.lr_per_step * self.lr_factor()
 
     def rollback(self, reason: str) -> None:
         """Restore the last good snapshot and lower the learning rate; mark divergence when the
@@ -201,6 +210,7 @@ class RTBTrainer:
             self.opt.load_state_dict(self._snapshot["optim"])
             with torch.no_grad():
                 self.post.log_z.copy_(self._snapshot["log_z"])
+            self.post.load_per_step_state(self._snapshot["per_step"])
             self.ema = copy.deepcopy(self._snapshot["ema"])
         self._set_lr()
         self.opt.zero_grad(set_to_none=True)
@@ -386,6 +396,8 @@ class RTBTrainer:
 
         states = {"model": self._model().state_dict(), "optim": self.opt.state_dict(),
                   "buffer": self.buffer.state_dict()}
+        if self.post.per_step_parameters():
+            states["per_step"] = self._per_step_state()
         if self.ema is not None:
             states["ema"] = self.ema
         state = {"log_z": self.post.log_z.detach().cpu(), "rng": rng_state({"train": self.gen}),
@@ -410,6 +422,7 @@ class RTBTrainer:
         self._model().load_state_dict(ck.states["model"])
         self.opt.load_state_dict(ck.states["optim"])
         self.buffer.load_state_dict(ck.states["buffer"])
+        self.post.load_per_step_state(ck.states.get("per_step"))
         if self.ema is not None and "ema" in ck.states:
             self.ema = {n: v.to(self.device) for n, v in ck.states["ema"].items()}
         with torch.no_grad():
@@ -441,6 +454,7 @@ def load_posterior(run_dir, prior, problem, use_ema: bool = True):
         sd = dict(sd)
         sd.update(ck.states["ema"])
     post.model.load_state_dict(sd)
+    post.load_per_step_state(ck.states.get("per_step"))
     with torch.no_grad():
         post.log_z.copy_(ck.state["log_z"])
     post.to(prior.device)
