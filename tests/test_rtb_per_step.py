@@ -108,3 +108,20 @@ def test_training_turns_down_an_overstrong_guidance():
     gain = post.guidance_log_gain.detach()[2:]
     assert float(gain.mean()) < -0.1, gain
     assert elbo() > before + 0.5, (before, elbo())
+
+
+def test_guidance_scale_tuner_averages_observations_and_refuses_bad_input():
+    import pytest
+
+    from pipeline.rtb.tuning import tune_guidance_scale
+
+    prior, problem, _, _ = _setup()
+    chain = prior.schedule.chain(8)
+    rec = tune_guidance_scale(prior, chain, problem, "dps_cla", 5, n=64, n_obs=3, grid=[0.25, 1.0, 16.0])
+    assert rec["n_obs"] == 3 and rec["grid"] == [0.25, 1.0, 16.0]
+    # a 16x DPS+CLA pull over-concentrates the chain: its ELBO is the worst and it is never chosen
+    assert rec["scale"] != 16.0 and rec["values"][2] == min(rec["values"])
+    with pytest.raises(ValueError, match="guidance must be one of"):
+        tune_guidance_scale(prior, chain, problem, "none", 5)
+    with pytest.raises(ValueError, match="grid is empty"):
+        tune_guidance_scale(prior, chain, problem, "dps", 5, grid=[])
