@@ -99,6 +99,32 @@ def test_rollback_on_loss_spike():
     assert trainer.train_step() is not None
 
 
+def test_loss_spike_after_the_rollback_budget_stops_at_the_last_good_state(tmp_path):
+    """The issue's definition: only non-finite values after 3 rollbacks mean divergence. A 4th loss spike
+    restores the last good snapshot and ends training there; the run is not marked diverged."""
+    prior, problem, y = _problem()
+    cfg = _small_cfg(steps=40, spike_factor=10.0, spike_warmup=10, replay_rate=0.0, tempered_rate=0.0,
+                     prior_rate=0.0)
+    post = make_posterior(prior, problem, cfg)
+    trainer = RTBTrainer(post, cfg, y=y, metrics_path=tmp_path / "m.jsonl")
+    trainer.train(15)
+    orig = problem.log_likelihood
+    problem.log_likelihood = lambda x, yy: orig(x, yy) - 1e3 * torch.rand(x.shape[0], dtype=torch.float64)
+    for _ in range(3):
+        assert trainer.train_step() is None
+    assert trainer.rollbacks == 3 and not trainer.stopped_early
+    good = {n: p.detach().clone() for n, p in post.model.named_parameters()}
+    assert trainer.train_step() is None  # the 4th spike
+    problem.log_likelihood = orig
+    assert trainer.stopped_early and not trainer.diverged and trainer.rollbacks == 3
+    for n, p in post.model.named_parameters():
+        torch.testing.assert_close(p.detach(), good[n])
+    summary = trainer.train()  # the loop does not resume training
+    assert summary["stopped_early"] and not summary["diverged"] and summary["steps"] == 15
+    events = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events if "event" in e] == ["rollback"] * 3 + ["stopped"]
+
+
 def test_no_snapshot_of_a_state_wrecked_during_the_spike_warmup():
     """An outlier batch during the warmup (no spike check yet) is trained on; the snapshot due right
     after it is skipped, so a later rollback returns to the last healthy snapshot, not the wrecked one."""

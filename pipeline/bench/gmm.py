@@ -268,14 +268,11 @@ def rtb_config(case: GMMCase, quick: bool, amortized: bool, seed: int):
     """The RTB settings used by the benchmark (recorded in gmm.json)."""
     from pipeline.rtb.config import RTBConfig
 
-    # steps sized so the full benchmark (7 cases x 10 seeds x 4 RTB variants) fits in the 2 h budget on
-    # 2 cores. 80-D gets 1,000: at 500, 9 of 120 80-D runs missed log Z by > 1 nat; at 1,000 the ones
-    # retried no longer did (80d_y4 rtb seed 3: |err| 1.20 -> 0.52; 80d_y2 rtb_dps_cla seed 8 with the
-    # learned gain: 1.26 -> 0.60).
-    # The amortized network keeps 2 x 500 in 80-D: 2,000 steps made it worse (80d_y4: 5 of 10 seeds off
-    # by > 1 nat instead of 2).
-    steps = int(os.environ.get("GMM_RTB_STEPS", 300 if quick else 400)) if case.d_x == 2 else (
-        1000 if case.d_x >= 80 and not amortized else 500)
+    # steps sized so the full benchmark (7 cases x 10 seeds x 4 RTB variants) fits in ~1.5 h on 2 cores.
+    # 1,000 steps in 80-D were tried (session 3) and made things worse: plain RTB's excess sw 2.06 -> 2.44
+    # (80d_y2) and 1.09 -> 2.00 (80d_y4), and more runs hit loss-spike rollbacks; the amortized network at
+    # 2,000 steps had 5 of 10 80d_y4 seeds off by > 1 nat instead of 2.
+    steps = int(os.environ.get("GMM_RTB_STEPS", 300 if quick else 400)) if case.d_x == 2 else 500
     if amortized:
         steps = int(steps * 2)  # one network for the whole observation set
     hidden = int(os.environ.get("GMM_RTB_HIDDEN", 64 if quick else 128))
@@ -310,8 +307,9 @@ def train_rtb(case: GMMCase, chain_K: int, seed: int, *, quick: bool, y=None, ob
 
     amortized = obs_set is not None
     # With guidance, a per-step gain on it is learned: the guided start's concentration otherwise stays
-    # (measured on the lensing Gaussian check; here 80d_y4 rtb_dps seeds 5 / 8: |log Z error| 1.99 -> 0.58,
-    # 6.30 -> 0.56; 8d_y4 rtb_dps seed 3: 3 rollbacks -> none, error 0.04)
+    # (measured on the lensing Gaussian check; here, on seeds that had diverged at 500 steps: 80d_y4
+    # rtb_dps seeds 5 / 8 |log Z error| 1.99 -> 0.58 / 6.30 -> 0.56; 8d_y4 rtb_dps seed 3: 3 rollbacks ->
+    # none; 80d_y2 rtb_dps_cla seed 3: 1.30 -> 0.94, seed 8: 1.26 -> 1.56)
     cfg = replace(rtb_config(case, quick, amortized, seed), K=chain_K, guidance=guidance,
                   guidance_scale=float(guidance_scale), learn_guidance_gain=guidance != "none")
     torch.manual_seed(seed)
@@ -511,6 +509,7 @@ def run_case(case: GMMCase, *, seeds, quick: bool, K: int, n: int, n_prop: int, 
                     div = trainer.diverged or not math.isfinite(est.iw) or \
                         abs(est.iw - ref["logz_ref"]) > cfg.diverged_logz_tol
                     rec.update(diverged=bool(div), rollbacks=trainer.rollbacks, train_steps=trainer.step_idx,
+                               stopped_early=trainer.stopped_early,
                                train_seconds_shared=amortized_seconds, n_observations=int(obs_set.shape[0]))
                     rec["config"] = {k: getattr(cfg, k) for k in ("K", "steps", "batch_size", "lr", "head_hidden",
                                                                   "learn_variance", "logz", "group_size")}
@@ -522,7 +521,8 @@ def run_case(case: GMMCase, *, seeds, quick: bool, K: int, n: int, n_prop: int, 
                                                 metrics_path=mp, guidance=gname, guidance_scale=gscale)
                     if gname != "none":
                         rec["scale"] = gscale
-                    rec.update(diverged=trainer.diverged, rollbacks=trainer.rollbacks, train_steps=trainer.step_idx)
+                    rec.update(diverged=trainer.diverged, rollbacks=trainer.rollbacks, train_steps=trainer.step_idx,
+                               stopped_early=trainer.stopped_early)
                     rec["config"] = {k: getattr(cfg, k) for k in ("K", "steps", "batch_size", "lr", "head_hidden",
                                                                   "learn_variance", "replay_rate", "prior_rate",
                                                                   "tempered_rate", "logz", "learn_guidance_gain")}

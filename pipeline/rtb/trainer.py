@@ -11,8 +11,11 @@ One iteration:
    clipping, Adam step (separate learning rate for log Z);
 4. guards: a non-finite delta / gradient / parameter, or a loss spike (loss > ``spike_factor`` x the
    running median of the same behaviour source), restores the last good snapshot and lowers the
-   learning rate (a *rollback*). Needing more than ``max_rollbacks`` rollbacks marks the run diverged,
-   as does ending with |log Z_IW - log Z_ref| > ``diverged_logz_tol`` when a reference is given.
+   learning rate (a *rollback*). Once ``max_rollbacks`` are spent, a further non-finite value marks
+   the run diverged (the issue's definition); a further loss spike restores the last good snapshot and
+   ends training there (``stopped_early``: a spike is a warning, not a failure, and the run is then
+   judged like any other). Ending with |log Z_IW - log Z_ref| > ``diverged_logz_tol`` when a reference
+   is given also marks it diverged.
 
 Why VarGrad for the amortized posterior: Z depends on y, so a shared scalar is wrong (reference bug
 6); a network log Z_psi(y) adds a second regression problem whose error enters every delta, while
@@ -91,7 +94,7 @@ class RTBTrainer:
         self.buffer = ReplayBuffer(cfg.replay_capacity, cfg.replay_priority_frac)
         self.ema = ({n: p.detach().clone() for n, p in self._model().named_parameters()}
                     if cfg.ema_decay > 0 else None)
-        self.step_idx, self.rollbacks, self.diverged = 0, 0, False
+        self.step_idx, self.rollbacks, self.diverged, self.stopped_early = 0, 0, False, False
         self.lr_scale, self.log_z_init = 1.0, False
         self.loss_hist: dict[str, deque] = defaultdict(lambda: deque(maxlen=100))
         self._snapshot = None
@@ -195,16 +198,34 @@ class RTBTrainer:
         if len(self.opt.param_groups) > 2:
             self.opt.param_groups[2]["lr"] = self.cfg.lr_per_step * self.lr_factor()
 
-    def rollback(self, reason: str) -> None:
-        """Restore the last good snapshot and lower the learning rate; mark divergence when the
-        rollback budget is spent."""
+    def rollback(self, reason: str, non_finite: bool = True) -> None:
+        """Restore the last good snapshot and lower the learning rate. With the rollback budget spent, a
+        non-finite value marks the run diverged; a loss spike (``non_finite=False``) restores the snapshot
+        and stops training there."""
         if self.rollbacks >= self.cfg.max_rollbacks:
-            self.diverged = True
-            log.warning("step %d: %s after %d rollbacks: run diverged", self.step_idx, reason, self.rollbacks)
-            self._write({"step": self.step_idx, "event": "diverged", "reason": reason, "rollbacks": self.rollbacks})
+            if non_finite:
+                self.diverged = True
+                log.warning("step %d: %s after %d rollbacks: run diverged", self.step_idx, reason, self.rollbacks)
+                self._write({"step": self.step_idx, "event": "diverged", "reason": reason,
+                             "rollbacks": self.rollbacks})
+                return
+            self._restore_snapshot()
+            self.stopped_early = True
+            log.warning("step %d: %s after %d rollbacks: training stops at the last good state (step %s)",
+                        self.step_idx, reason, self.rollbacks, None if self._snapshot is None else self._snapshot["step"])
+            self._write({"step": self.step_idx, "event": "stopped", "reason": reason, "rollbacks": self.rollbacks})
             return
         self.rollbacks += 1
         self.lr_scale *= self.cfg.rollback_lr_factor
+        self._restore_snapshot()
+        self._set_lr()
+        self.opt.zero_grad(set_to_none=True)
+        log.warning("step %d: %s -> rollback %d to step %s, lr x%.3g", self.step_idx, reason, self.rollbacks,
+                    None if self._snapshot is None else self._snapshot["step"], self.lr_scale)
+        self._write({"step": self.step_idx, "event": "rollback", "reason": reason, "rollbacks": self.rollbacks,
+                     "lr_scale": self.lr_scale})
+
+    def _restore_snapshot(self) -> None:
         if self._snapshot is not None:
             self._model().load_state_dict(self._snapshot["model"])
             self.opt.load_state_dict(self._snapshot["optim"])
@@ -212,12 +233,6 @@ class RTBTrainer:
                 self.post.log_z.copy_(self._snapshot["log_z"])
             self.post.load_per_step_state(self._snapshot["per_step"])
             self.ema = copy.deepcopy(self._snapshot["ema"])
-        self._set_lr()
-        self.opt.zero_grad(set_to_none=True)
-        log.warning("step %d: %s -> rollback %d to step %s, lr x%.3g", self.step_idx, reason, self.rollbacks,
-                    None if self._snapshot is None else self._snapshot["step"], self.lr_scale)
-        self._write({"step": self.step_idx, "event": "rollback", "reason": reason, "rollbacks": self.rollbacks,
-                     "lr_scale": self.lr_scale})
 
     # -- one iteration ----------------------------------------------------------------------------
     def train_step(self) -> dict | None:
@@ -254,7 +269,8 @@ class RTBTrainer:
         hist = self.loss_hist[source]
         if (c.spike_factor > 0 and self.step_idx >= c.spike_warmup and len(hist) >= 10
                 and loss > c.spike_factor * max(statistics.median(hist), 1e-8)):
-            self.rollback(f"loss spike {loss:.3g} > {c.spike_factor:g} x median {statistics.median(hist):.3g}")
+            self.rollback(f"loss spike {loss:.3g} > {c.spike_factor:g} x median {statistics.median(hist):.3g}",
+                          non_finite=False)
             return None
         self.opt.zero_grad(set_to_none=True)
         self._set_lr()
@@ -309,7 +325,7 @@ class RTBTrainer:
         """Train up to ``steps`` (default cfg.steps) total iterations (a resumed run continues)."""
         total = self.cfg.steps if steps is None else steps
         bar = tqdm(total=total, initial=self.step_idx, disable=tqdm_disable(), desc="rtb")
-        while self.step_idx < total and not self.diverged:
+        while self.step_idx < total and not self.diverged and not self.stopped_early:
             rec = self.train_step()
             if rec is None:
                 continue
@@ -320,10 +336,13 @@ class RTBTrainer:
             if self.run_dir and (self.step_idx % self.cfg.checkpoint_every == 0 or self.step_idx == total):
                 self.save()
         bar.close()
+        if self.stopped_early and self.run_dir:
+            self.save()  # the restored last good state, so a resume or a load sees what was sampled
         return self.summary()
 
     def summary(self) -> dict:
         return {"steps": self.step_idx, "rollbacks": self.rollbacks, "diverged": self.diverged,
+                "stopped_early": self.stopped_early,
                 "log_z": float(self.post.log_z.detach()) if self.cfg.logz == "scalar" else None}
 
     def _write(self, rec: dict) -> None:
@@ -402,6 +421,7 @@ class RTBTrainer:
             states["ema"] = self.ema
         state = {"log_z": self.post.log_z.detach().cpu(), "rng": rng_state({"train": self.gen}),
                  "rollbacks": self.rollbacks, "lr_scale": self.lr_scale, "diverged": self.diverged,
+                 "stopped_early": self.stopped_early,
                  "log_z_init": self.log_z_init, "config_hash": self.config_hash()}
         return save_checkpoint(self.run_dir, self.step_idx, states, self.hparams(), state,
                                keep=self.cfg.keep_checkpoints)
@@ -430,6 +450,7 @@ class RTBTrainer:
         restore_rng_state(ck.state["rng"], {"train": self.gen})
         self.rollbacks, self.lr_scale = int(ck.state["rollbacks"]), float(ck.state["lr_scale"])
         self.diverged, self.log_z_init = bool(ck.state["diverged"]), bool(ck.state["log_z_init"])
+        self.stopped_early = bool(ck.state.get("stopped_early", False))
         self.step_idx = ck.step
         self._set_lr()
         self._snapshot = None
