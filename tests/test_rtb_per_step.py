@@ -73,6 +73,17 @@ def test_per_step_scalars_are_checkpointed_resumed_and_reloaded(tmp_path):
     for p in (b_post, loaded):
         for n, v in p.per_step_parameters().items():
             torch.testing.assert_close(v.detach(), trained[n], rtol=0, atol=0)
+    # a checkpoint written without the scalars cannot silently load into a posterior that needs them
+    import pytest
+
+    from pipeline.errors import InputFileError
+    from pipeline.rtb.trainer import _load_per_step
+
+    class _Old:
+        path, states = tmp_path / "run" / "step-20", {}
+
+    with pytest.raises(InputFileError, match=r"step-20 \[per_step\]: checkpoint has no .step_log_var."):
+        _load_per_step(make_posterior(prior, problem, cfg), _Old())
 
 
 def test_rollback_restores_the_per_step_scalars():

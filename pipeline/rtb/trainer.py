@@ -442,7 +442,7 @@ class RTBTrainer:
         self._model().load_state_dict(ck.states["model"])
         self.opt.load_state_dict(ck.states["optim"])
         self.buffer.load_state_dict(ck.states["buffer"])
-        self.post.load_per_step_state(ck.states.get("per_step"))
+        _load_per_step(self.post, ck)
         if self.ema is not None and "ema" in ck.states:
             self.ema = {n: v.to(self.device) for n, v in ck.states["ema"].items()}
         with torch.no_grad():
@@ -456,6 +456,14 @@ class RTBTrainer:
         self._snapshot = None
         log.info("resumed RTB training from %s (step %d, log Z %.4f)", ck.path, ck.step, float(self.post.log_z.detach()))
         return True
+
+
+def _load_per_step(post, ck) -> None:
+    """The posterior's per-step scalars from checkpoint ``ck``; a one-line error naming the file if absent."""
+    try:
+        post.load_per_step_state(ck.states.get("per_step"))
+    except KeyError as exc:
+        raise InputFileError(ck.path, exc.args[0], field="per_step") from None
 
 
 def load_posterior(run_dir, prior, problem, use_ema: bool = True):
@@ -475,7 +483,7 @@ def load_posterior(run_dir, prior, problem, use_ema: bool = True):
         sd = dict(sd)
         sd.update(ck.states["ema"])
     post.model.load_state_dict(sd)
-    post.load_per_step_state(ck.states.get("per_step"))
+    _load_per_step(post, ck)
     with torch.no_grad():
         post.log_z.copy_(ck.state["log_z"])
     post.to(prior.device)
