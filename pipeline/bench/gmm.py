@@ -18,9 +18,15 @@ N. The analytic-prior evidence ``log sum_k w_k N(y; A m_k, A A^T + sigma^2 I)`` 
 ``logz_analytic`` for context (the chain is not the analytic prior).
 
 Methods: ``rtb`` (one observation), ``rtb_amortized`` (one network over prior-predictive observations,
-evaluated at each seed's y), and every training-free sampler of :mod:`pipeline.samplers` that applies
+evaluated at each seed's y), ``rtb_dps`` / ``rtb_dps_cla`` (frozen-prior guidance inside the
+parameterisation, its scale tuned by the untrained ELBO on a separate seed, and a learned per-step gain
+on it), and every training-free sampler of :mod:`pipeline.samplers` that applies
 (DPS and DPS+CLA with the scale tuned on a separate seed and frozen, CLA, exact guidance, prior chain +
 importance resampling, FPS, FPS-SMC with ``particles``).
+
+A run is ``diverged`` when it ends with |log Z_IW - log Z_ref| > 1 nat or produces non-finite values
+after 3 rollbacks (the issue's definition); ``rollbacks`` and ``stopped_early`` (a loss spike after the
+3 rollbacks: training ends at the last good state) are recorded beside it.
 """
 
 from __future__ import annotations
