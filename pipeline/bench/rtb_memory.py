@@ -87,8 +87,11 @@ def worker(method: str, K: int, batch: int, chunk: int, preset: str, image_size:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    base_rss = _rss_kib("VmRSS")
+    # reset the high-water mark first, then read the baseline: the peak window then starts no later than
+    # the baseline, so peak >= baseline (read the other way round, memory freed in between made a tiny
+    # step's increase come out negative, -0.18 MiB in CI)
     reset_ok = _reset_peak()
+    base_rss = _rss_kib("VmRSS")
     t0 = time.perf_counter()
     batch_ = policy_rollout(post, batch, y, generator=gen)
     t_roll = time.perf_counter() - t0
