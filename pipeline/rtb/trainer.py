@@ -278,8 +278,10 @@ class RTBTrainer:
         two_pass_backward(self.post, batch, delta, chunk_size=c.chunk_size, dead_zone=c.dead_zone,
                           learn_log_z=not vargrad,
                           sync_context=lambda last: distributed.sync_context(model, last))
-        if self.post.log_z.grad is not None:
-            distributed.all_reduce_mean_(self.post.log_z.grad)
+        # parameters outside the DDP-wrapped model: their gradients are averaged over ranks by hand
+        for p in [self.post.log_z, *self.post.per_step_parameters().values()]:
+            if p.grad is not None:
+                distributed.all_reduce_mean_(p.grad)
         params = self.post.trainable_parameters()
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, c.grad_clip))
         if not math.isfinite(gnorm):
