@@ -54,3 +54,26 @@ def test_bad_lens_index_is_refused(pool):
     bad[0] = 7
     with pytest.raises(ValueError, match="lens index"):
         pool.log_likelihood(torch.zeros(1, 1, 12, 12), bad[None])
+
+
+@pytest.mark.parametrize("method", ["dps", "dps_cla"])
+def test_frozen_guidance_on_a_mixed_batch_uses_each_rows_own_lens(pool, method):
+    """RTB's guided parameterisation on the amortized pool: each row's shift is its own lens's."""
+    from pipeline.diffusion.schedule import NoiseSchedule
+    from pipeline.samplers.guidance import frozen_guidance_shift
+
+    chain = NoiseSchedule(T=100).chain(10, "small")
+    g = torch.Generator().manual_seed(3)
+    idx = [1, 2, 0, 1]
+    x_true = torch.rand(4, 1, 12, 12, generator=g)
+    ys = [pool.problems[i].simulate(x_true[j:j + 1], generator=g)[0] for j, i in enumerate(idx)]
+    yp = torch.stack([pool.pack(i, y) for i, y in zip(idx, ys)])
+    x, eps = torch.randn(4, 1, 12, 12, generator=g), torch.randn(4, 1, 12, 12, generator=g)
+    got = frozen_guidance_shift(method, chain, pool, yp, x, eps, 5, 0.7)
+    assert got.shape == x.shape and torch.isfinite(got).all()
+    for j, i in enumerate(idx):
+        want = frozen_guidance_shift(method, chain, pool.problems[i], ys[j], x[j:j + 1], eps[j:j + 1], 5, 0.7)
+        torch.testing.assert_close(got[j:j + 1], want, rtol=1e-5, atol=1e-7)
+    # the lenses differ, so evaluating a row under another lens gives another shift
+    other = frozen_guidance_shift(method, chain, pool.problems[2], ys[0], x[:1], eps[:1], 5, 0.7)
+    assert (other - got[:1]).abs().max() > 1e-3 * got[:1].abs().max()

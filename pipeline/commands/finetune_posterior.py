@@ -24,6 +24,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, help="override rtb.steps")
     parser.add_argument("--init-from", metavar="DIR",
                         help="start an empty --run-dir from this shipped trainer checkpoint (same rtb: recipe)")
+    parser.add_argument("--tune-guidance", action="store_true",
+                        help="only print the untrained-ELBO tuning record for rtb.guidance_scale (no training)")
 
 
 def run(args) -> int:
@@ -39,6 +41,11 @@ def run(args) -> int:
     distributed.init_from_env(device)
     device = distributed.local_device(device)
     prior = load_prior(args.prior, device=device)
+    if args.tune_guidance:
+        from pipeline.lensing.posterior import tune_rtb_guidance
+
+        print(json.dumps(tune_rtb_guidance(args.config, prior, sources_path=args.sources)))
+        return 0
     try:
         summary = finetune(args.config, prior, args.run_dir, args.out, sources_path=args.sources, steps=args.steps,
                            init_from=args.init_from)

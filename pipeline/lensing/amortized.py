@@ -87,6 +87,13 @@ class MultiLensProblem(InverseProblem):
         return self._dispatch(y_packed, lambda p, sel, y: p.grad_log_likelihood(x[sel], y), self.x_shape,
                               x.dtype, x.device)
 
+    def map_per_lens(self, y_packed: torch.Tensor, x: torch.Tensor, fn) -> torch.Tensor:
+        """``fn(problem_i, x_i, y_i)`` for each lens's rows, gathered into x's shape (B, *x_shape).
+
+        How a per-lens method (e.g. the linear-Gaussian DPS+CLA guidance, which needs one lens's
+        A A^T) runs on a batch that mixes lenses."""
+        return self._dispatch(y_packed, lambda p, sel, y: fn(p, x[sel], y), tuple(x.shape[1:]), x.dtype, x.device)
+
     def simulate_packed(self, index: int, x: torch.Tensor, generator=None) -> torch.Tensor:
         return self.pack(index, self.problems[index].simulate(x, generator=generator))
 

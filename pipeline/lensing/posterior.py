@@ -150,9 +150,57 @@ def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=N
     hp["lensing"] = {"noise_sigma": sigma, "geometry": vars(lcfg.geometry), "lens_ranges": vars(lcfg.lens),
                      "n_lenses": pcfg.n_lenses, "n_truths": pcfg.n_truths}
     hp["prior_checkpoint"] = str(prior.meta.get("checkpoint"))
-    states = {k: v for k, v in ck.states.items() if k in ("model", "ema")}
+    states = {k: v for k, v in ck.states.items() if k in ("model", "ema", "per_step")}  # per_step: learned gains
     write_checkpoint_dir(out_dir, states, hp, {**ck.state, "summary": summary})
     return summary
+
+
+def tune_rtb_guidance(config_path, prior, *, sources_path=None, n_obs: int = 4, n: int = 32, grid=None) -> dict:
+    """The scale for ``rtb.guidance`` (DPS / DPS+CLA inside the amortized posterior), by the untrained ELBO.
+
+    The posterior built from the config's ``rtb:`` section starts with a zero correction, so it IS the
+    guided chain; its mean ELBO over ``n_obs`` prior-predictive observations (lenses and truths drawn
+    from ``posterior.tune_seed``, apart from every trained and evaluated set) ranks the scales
+    (:mod:`pipeline.rtb.tuning`). Returns the tuning record; write its ``scale`` into ``rtb.guidance_scale``.
+    """
+    from pipeline.config import load_section
+    from pipeline.lensing.amortized import MultiLensProblem
+    from pipeline.lensing.config import load_lensing_config
+    from pipeline.lensing.simulate import draw_lens, make_problem
+    from pipeline.rtb.config import RTBConfig
+    from pipeline.rtb.posterior import build_posterior, posterior_spec
+    from pipeline.rtb.tuning import GUIDANCE_GRIDS, best_by_elbo, trajectory_elbo
+
+    lcfg = load_lensing_config(config_path)
+    pcfg = load_section(config_path, "posterior", PosteriorConfig)
+    rcfg = load_section(config_path, "rtb", RTBConfig)
+    if rcfg.guidance == "none":
+        raise ConfigError(config_path, "rtb.guidance", "is 'none': there is no guidance scale to tune")
+    chain = check_chain_matches(prior, rcfg, config_path)
+    sigma = resolve_noise_sigma(lcfg, sources_path)
+    rng = np.random.default_rng(pcfg.tune_seed)
+    gen = torch.Generator().manual_seed(pcfg.tune_seed)
+    singles, ys = [], []
+    for _ in range(n_obs):
+        p = make_problem(draw_lens(lcfg.lens, rng), lcfg.geometry, sigma=sigma, device=prior.device)
+        p.set_brightness(prior.scale, prior.offset)
+        truth = sample_prior(prior, chain, 1, generator=gen)
+        ys.append(p.simulate(truth, generator=gen)[0])
+        singles.append(MultiLensProblem([p]))
+    grid = list(grid if grid is not None else GUIDANCE_GRIDS[rcfg.guidance])
+
+    def elbos(scale):
+        rcfg.guidance_scale = float(scale)
+        out = []
+        for single, y in zip(singles, ys):
+            post = build_posterior(prior, single, posterior_spec(prior, rcfg, cond_channels=2))
+            out.append(trajectory_elbo(rtb_amortized_samples(post, single, y, n,
+                                                             torch.Generator().manual_seed(pcfg.tune_seed), n)))
+        log.info("rtb_%s guidance scale %.3g: mean untrained ELBO %.1f", rcfg.guidance, scale, sum(out) / len(out))
+        return out
+
+    return {"method": f"rtb_{rcfg.guidance}", **best_by_elbo(grid, elbos), "n": n, "n_obs": n_obs, "K": chain.K,
+            "tuning_seed": pcfg.tune_seed}
 
 
 def load_amortized(posterior_dir, prior, problem):

@@ -43,20 +43,31 @@ def tune_guidance_scale(prior, chain, problem, guidance: str, tuning_seed: int, 
     if not grid:
         raise ValueError("guidance scale grid is empty")
     ys, _ = tuning_observations(prior, chain, problem, tuning_seed, n_obs)
-    values = []
-    for scale in grid:
+
+    def elbos(scale):
         # the smallest head: its output is zero at initialisation, so only the guided chain is evaluated
         cfg = RTBConfig(K=chain.K, variance=chain.variance, guidance=guidance, guidance_scale=float(scale),
                         learn_variance=False, head_hidden=8, head_layers=1)
         post = make_posterior(prior, problem, cfg)
-        per_obs = []
-        for y in ys:
-            smp = RTBSampler(post, f"rtb_{guidance}").sample(problem, y, n,
-                                                            generator=torch.Generator().manual_seed(tuning_seed))
-            lw = (smp.log_r + smp.log_p_traj - smp.log_q_traj).double()
-            per_obs.append(float(lw.mean()) if torch.isfinite(lw).all() else -math.inf)
+        return [trajectory_elbo(RTBSampler(post, f"rtb_{guidance}").sample(
+            problem, y, n, generator=torch.Generator().manual_seed(tuning_seed))) for y in ys]
+
+    return {"method": f"rtb_{guidance}", **best_by_elbo(grid, elbos), "n": n, "n_obs": n_obs, "K": chain.K,
+            "tuning_seed": tuning_seed}
+
+
+def trajectory_elbo(samples) -> float:
+    """``mean(log r + log p - log q)`` over one observation's trajectories (-inf if any is non-finite)."""
+    lw = (samples.log_r + samples.log_p_traj - samples.log_q_traj).double()
+    return float(lw.mean()) if torch.isfinite(lw).all() else -math.inf
+
+
+def best_by_elbo(grid, elbos) -> dict:
+    """The grid value whose per-observation ELBOs (``elbos(scale) -> list``) have the best mean."""
+    values = []
+    for scale in grid:
+        per_obs = elbos(scale)
         values.append(sum(per_obs) / len(per_obs))
     best = max(range(len(values)), key=lambda j: values[j])
-    return {"method": f"rtb_{guidance}", "objective": "elbo of the untrained (zero-correction) posterior",
-            "grid": grid, "values": [v if math.isfinite(v) else None for v in values], "scale": grid[best],
-            "n": n, "n_obs": n_obs, "K": chain.K, "tuning_seed": tuning_seed}
+    return {"objective": "elbo of the untrained (zero-correction) posterior", "grid": list(grid),
+            "values": [v if math.isfinite(v) else None for v in values], "scale": grid[best]}

@@ -308,6 +308,12 @@ def frozen_guidance_shift(method: str, chain, problem, y, x: torch.Tensor, eps_p
     ``method`` is ``"dps"`` or ``"dps_cla"``; uses the detached x0_hat of the frozen prior (no backprop).
     """
     x0_hat = chain.x0_from_eps(x, eps_prior, k).detach()
+    if hasattr(problem, "map_per_lens"):  # several lenses in one batch: each row under its own operator
+        return problem.map_per_lens(y, x0_hat, lambda p, x0, yy: _frozen_shift(method, chain, p, yy, x0, k, scale))
+    return _frozen_shift(method, chain, problem, y, x0_hat, k, scale)
+
+
+def _frozen_shift(method, chain, problem, y, x0_hat, k, scale):
     if method == "dps":
         return dps_frozen_guidance(chain, problem, y, x0_hat, k, scale)
     if method == "dps_cla":
