@@ -75,33 +75,3 @@ def test_backtracking_is_the_strided_forward_markov_chain():
     for k in range(2, 10):
         c = float(torch.corrcoef(torch.stack([inc[k][:, 0], inc[k + 1][:, 0]]))[0, 1])
         assert abs(c) < 0.03
-
-
-def test_buffer_seeded_from_the_prior_chain_before_the_first_step():
-    """``buffer_prior_init``: prior-chain terminal states with their exact rewards fill the buffer once,
-    at step 0 only (a resumed run does not reseed); hash-neutral when off."""
-    from pipeline.diffusion.prior import GaussianMixturePrior
-    from pipeline.problems import DenseLinearProblem
-    from pipeline.rtb.config import RTBConfig
-    from pipeline.rtb.posterior import make_posterior
-    from pipeline.rtb.trainer import RTBTrainer
-
-    assert "buffer_prior_init" not in RTBConfig().hash_fields()
-    assert RTBConfig(buffer_prior_init=10).hash_fields()["buffer_prior_init"] == 10
-    prior = GaussianMixturePrior([0.5, 0.5], [[-3.0, 0.0], [3.0, 0.0]], 0.5)
-    problem = DenseLinearProblem([[1.0, 0.0]], 1.0)
-    y = torch.tensor([2.5])
-    cfg = RTBConfig(K=6, steps=1, batch_size=16, head_hidden=8, head_layers=1, buffer_prior_init=40,
-                    replay_rate=0.0, prior_rate=0.0, tempered_rate=0.0, seed=0)
-    trainer = RTBTrainer(make_posterior(prior, problem, cfg), cfg, y=y)
-    trainer.train()
-    assert trainer.buffer.n_added == 40 + 16  # the seed, then the one on-policy step's batch
-    post, seeded = trainer.post, trainer.buffer.x1[:40]
-    x0 = post.chain.final_denoise(seeded, prior.eps(seeded, post.timesteps(1, 40, seeded.device)))
-    # both prior modes are present (the prior, not the policy, made them)
-    assert (x0[:, 0] < -1).any() and (x0[:, 0] > 1).any()
-    want = problem.log_likelihood(x0, y)
-    torch.testing.assert_close(trainer.buffer.log_r[:40], want.double(), rtol=1e-4, atol=1e-4)
-    n_before = trainer.buffer.n_added
-    trainer.train(2)  # continuing past step 0: no second seeding
-    assert trainer.buffer.n_added == n_before + 16

@@ -48,7 +48,6 @@ class RTBConfig:
     replay_rate: float = field(default=0.1, metadata={"min": 0, "max": 1})
     replay_capacity: int = field(default=2000, metadata={"min": 1})
     replay_priority_frac: float = field(default=0.5, metadata={"min": 0, "max": 1})
-    buffer_prior_init: int = field(default=0, metadata={"min": 0})  # prior-chain states scored into the buffer first
     prior_rate: float = field(default=0.05, metadata={"min": 0, "max": 1})
     tempered_rate: float = field(default=0.1, metadata={"min": 0, "max": 1})
     tempered_std_scale: float = field(default=1.5, metadata={"gt": 0})
@@ -92,7 +91,7 @@ class RTBConfig:
         # Options added after checkpoints exist are left out while at their neutral value, so a new
         # option that is off does not orphan runs made before it existed (same recipe, same hash).
         for k, neutral in (("lora_rank", 0), ("learn_step_scale", False), ("learn_guidance_gain", False),
-                            ("lr_per_step", 1e-2), ("buffer_prior_init", 0)):
+                            ("lr_per_step", 1e-2)):
             if d.get(k) == neutral:
                 d.pop(k)
         return d

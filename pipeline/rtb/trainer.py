@@ -326,8 +326,6 @@ class RTBTrainer:
     def train(self, steps: int | None = None) -> dict:
         """Train up to ``steps`` (default cfg.steps) total iterations (a resumed run continues)."""
         total = self.cfg.steps if steps is None else steps
-        if self.step_idx == 0 and len(self.buffer) == 0 and self.cfg.buffer_prior_init > 0:
-            self.seed_buffer_from_prior(self.cfg.buffer_prior_init)
         bar = tqdm(total=total, initial=self.step_idx, disable=tqdm_disable(), desc="rtb")
         while self.step_idx < total and not self.diverged and not self.stopped_early:
             rec = self.train_step()
@@ -343,23 +341,6 @@ class RTBTrainer:
         if self.stopped_early and self.run_dir:
             self.save()  # the restored last good state, so a resume or a load sees what was sampled
         return self.summary()
-
-    @torch.no_grad()
-    def seed_buffer_from_prior(self, n: int) -> None:
-        """Put ``n`` terminal states of the frozen prior chain, with their rewards, into the replay buffer.
-
-        Replay (backtracking) then trains on trajectories into every region the prior reaches with a
-        high reward from the first step on, before the policy has locked onto the modes it found first."""
-        c, added = self.cfg, 0
-        while added < n:
-            ys, cond, groups = self._observations()
-            batch = prior_rollout(self.post, c.batch_size, ys, cond, groups=groups, generator=self.gen,
-                                  dtype=self.dtype)
-            m = min(c.batch_size, n - added)
-            self.buffer.add(batch.x1[:m], batch.log_r[:m], batch.y[:m] if c.amortized else None,
-                            batch.cond[:m] if c.amortized else None)
-            added += m
-        log.info("replay buffer seeded with %d prior-chain states", added)
 
     def summary(self) -> dict:
         return {"steps": self.step_idx, "rollbacks": self.rollbacks, "diverged": self.diverged,
