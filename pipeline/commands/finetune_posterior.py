@@ -19,8 +19,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prior", required=True, metavar="DIR", help="trained prior (train-prior output)")
     parser.add_argument("--sources", metavar="SOURCES.fits",
                         help="source cube, used only to derive the fixed noise level when lensing.noise.sigma is null")
-    parser.add_argument("--run-dir", required=True, metavar="DIR", help="rolling checkpoints + metrics.jsonl (resumed)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="exported final posterior")
+    parser.add_argument("--run-dir", metavar="DIR", help="rolling checkpoints + metrics.jsonl (resumed); required to train")
+    parser.add_argument("--out", metavar="DIR", help="exported final posterior; required to train")
     parser.add_argument("--steps", type=int, help="override rtb.steps")
     parser.add_argument("--init-from", metavar="DIR",
                         help="start an empty --run-dir from this shipped trainer checkpoint (same rtb: recipe)")
@@ -35,6 +35,10 @@ def run(args) -> int:
     from pipeline.lensing.posterior import PosteriorConfig, finetune
     from pipeline.runtime import choose_device, configure_threads
 
+    if not args.tune_guidance and (args.run_dir is None or args.out is None):
+        from pipeline.errors import PipelineError
+
+        raise PipelineError("finetune-posterior needs --run-dir and --out (unless --tune-guidance)")
     configure_threads()
     pcfg = load_section(args.config, "posterior", PosteriorConfig)
     device = choose_device(pcfg.device)
