@@ -131,3 +131,9 @@ class DenseLinearProblem(LinearInverseProblem):
 
     def dense_matrix(self) -> torch.Tensor:
         return self.M.clone()
+
+    def diag_precision(self, y: torch.Tensor) -> torch.Tensor:
+        """diag(M^T diag(mask / sigma^2) M), one row per observation in y (B, d_y): (B, d_x)."""
+        w = (self.mask.to(torch.float64) / self.sigma.to(torch.float64) ** 2)
+        d = ((self.M ** 2) * w[:, None]).sum(0)
+        return d.to(y.device, torch.float32).expand(y.reshape(-1, *self.y_shape).shape[0], *self.x_shape)

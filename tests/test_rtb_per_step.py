@@ -136,3 +136,35 @@ def test_guidance_scale_tuner_averages_observations_and_refuses_bad_input():
         tune_guidance_scale(prior, chain, problem, "none", 5)
     with pytest.raises(ValueError, match="grid is empty"):
         tune_guidance_scale(prior, chain, problem, "dps", 5, grid=[])
+
+
+def test_guided_variance_is_the_gaussian_product_with_the_diagonal_data_precision():
+    prior, problem, y, cfg = _setup(guided_variance=True, learn_step_scale=False)
+    post = make_posterior(prior, problem, cfg)
+    assert "variance_log_gain" in post.per_step_parameters()
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
+    k = 3
+    eps_p = prior.eps(x, post.timesteps(k, 5, x.device))
+    yb = y.expand(5, 1)
+    with torch.no_grad():
+        post.variance_log_gain[k] = math.log(2.0)
+    _, s = post.step_params(x, k, eps_p, yb)
+    ab, var_p = float(post.chain.abar[k - 1]), float(post.chain.reverse_var[k])
+    d = torch.tensor([1.0, 0.25]) / 0.5 ** 2  # diag(M^T M) / sigma^2 for M = [1, 0.5], sigma 0.5
+    lam = (d / ab) / (1 + d * (1 - ab) / ab)
+    want = math.sqrt(var_p) / torch.sqrt(1 + 2.0 * var_p * lam)
+    torch.testing.assert_close(s, want.expand(5, 2), rtol=1e-5, atol=1e-7)
+    assert (s < math.sqrt(var_p)).all()  # it only shrinks
+    # per-sample chain indices (the chunked second pass) give the same std
+    _, s2 = post.step_params(x, torch.full((5,), k, dtype=torch.long), eps_p, yb)
+    torch.testing.assert_close(s2, s, rtol=1e-5, atol=1e-7)
+    # off by default and hash-neutral; refused without a per-pixel data precision
+    assert "guided_variance" not in RTBConfig().hash_fields()
+
+    class NoDiag:
+        is_linear = True
+
+    import pytest
+
+    with pytest.raises(ValueError, match="diag_precision"):
+        make_posterior(prior, NoDiag(), cfg)

@@ -87,6 +87,11 @@ class MultiLensProblem(InverseProblem):
         return self._dispatch(y_packed, lambda p, sel, y: p.grad_log_likelihood(x[sel], y), self.x_shape,
                               x.dtype, x.device)
 
+    def diag_precision(self, y_packed: torch.Tensor) -> torch.Tensor:
+        """diag(A^T A / sigma^2) of each row's own lens, (B, *x_shape) in network units."""
+        idx, _ = self.unpack(y_packed)
+        return self._diag.to(y_packed.device)[idx]
+
     def map_per_lens(self, y_packed: torch.Tensor, x: torch.Tensor, fn) -> torch.Tensor:
         """``fn(problem_i, x_i, y_i)`` for each lens's rows, gathered into x's shape (B, *x_shape).
 

@@ -356,6 +356,10 @@ class LensingProblem(LinearInverseProblem):
                                      self.MT.shape)
         return (self.scale ** 2 * (sq @ w)).reshape(self.x_shape)
 
+    def diag_precision(self, y: torch.Tensor) -> torch.Tensor:
+        """diag(A^T A / sigma^2) for each of the observations y (B, ny, nx): (B, *x_shape)."""
+        return self.diag_AtA_over_sigma2().to(y.device).expand(y.shape[0], *self.x_shape)
+
     def backproject(self, y: torch.Tensor) -> torch.Tensor:
         """A^T (mask * (y - offset_image) / sigma^2) on the source grid: (B, *x_shape) for y (B, ny, nx)
         or x_shape for a single y (ny, nx)."""
