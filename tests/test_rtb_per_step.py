@@ -194,3 +194,20 @@ def test_training_raises_the_guided_variance_where_the_data_is_precise():
     assert float(post.variance_log_gain[2]) > -3.0 + 0.4, post.variance_log_gain
     after = elbo()
     assert after > before + 0.5, (before, after)
+
+
+def test_guidance_follows_the_posteriors_current_problem():
+    """The amortized lensing posterior is loaded once and moved from one observation's lens to the
+    next (``post.problem = ...``); its frozen guidance must use the new lens, not the first one."""
+    prior, problem_a, y, cfg = _setup()
+    problem_b = DenseLinearProblem([[0.2, -1.0]], 0.3)
+    post = make_posterior(prior, problem_a, cfg)
+    post_b = make_posterior(prior, problem_b, cfg)
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
+    k = 4
+    eps_p = prior.eps(x, post.timesteps(k, 5, x.device))
+    g_a = post.guide(x, k, eps_p, y)
+    post.problem = problem_b
+    g_b = post.guide(x, k, eps_p, y)
+    torch.testing.assert_close(g_b, post_b.guide(x, k, eps_p, y))
+    assert (g_b - g_a).abs().max() > 1e-3

@@ -265,7 +265,7 @@ class RTBPosterior(nn.Module):
         """Guidance mean offset at x_k (detached) or None."""
         if self.guidance is None:
             return None
-        return self.guidance(x, k, eps_p, y).detach()
+        return self.guidance(x, k, eps_p, y, self.problem).detach()
 
     def trainable_parameters(self):
         return [p for n, p in self.named_parameters() if p.requires_grad and n != "log_z"]
@@ -312,12 +312,16 @@ class EpsNetModel(nn.Module):
 
 
 def make_frozen_guidance(method: str, chain: Chain, problem, scale: float):
-    """Guidance hook ``(x, k, eps_prior, y) -> mean offset`` from the frozen prior's detached x0_hat
-    (``pipeline.samplers.guidance.frozen_guidance_shift``; no backprop through any network)."""
+    """Guidance hook ``(x, k, eps_prior, y, problem=None) -> mean offset`` from the frozen prior's detached
+    x0_hat (``pipeline.samplers.guidance.frozen_guidance_shift``; no backprop through any network).
+
+    ``problem`` defaults to the one given here; :class:`RTBPosterior` always passes its current
+    ``problem``, so a posterior moved to another observation's lens guides with that lens."""
     from pipeline.samplers.guidance import frozen_guidance_shift
 
-    def guide(x, k, eps_p, y):
-        return frozen_guidance_shift(method, chain, problem, y, x, eps_p, k, scale)
+    def guide(x, k, eps_p, y, current_problem=None):
+        return frozen_guidance_shift(method, chain, current_problem if current_problem is not None else problem,
+                                     y, x, eps_p, k, scale)
 
     return guide
 
