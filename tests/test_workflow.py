@@ -88,7 +88,8 @@ def test_tiny_run_produces_report_and_is_idempotent(tiny_run):
 
 @pytest.mark.slow
 def test_rtb_guidance_is_tuned_by_untrained_elbo_and_its_gain_is_learned(tiny_run):
-    """The guided RTB start of the lensing posterior: the tuner's record, and the exported gain."""
+    """RTB with guidance on the amortized lensing posterior (the CI config turns it on): the tuner's
+    record, and the exported per-step gains."""
     import json
 
     from pipeline.io.checkpoint import load_checkpoint
@@ -102,8 +103,9 @@ def test_rtb_guidance_is_tuned_by_untrained_elbo_and_its_gain_is_learned(tiny_ru
     vals = [v for v in rec["values"] if v is not None]
     assert len(vals) == len(rec["grid"]) and rec["values"][rec["grid"].index(rec["scale"])] == max(vals)
     ck = load_checkpoint(tiny_run / "results" / "posterior" / "run" / "final")
-    gain = ck.states["per_step"]["guidance_log_gain"]  # exported with the network: sampling needs it
-    assert gain.shape == (7,) and bool((gain[2:] != 0).any()), "the per-step gain did not train"
+    gains = ck.states["per_step"]  # exported with the network: sampling needs them
+    assert gains["guidance_log_gain"].shape == (7,) and bool((gains["guidance_log_gain"][2:] != 0).any())
+    assert bool((gains["variance_log_gain"][2:] != -3.0).any()), "the guided-variance gain did not train"
 
 
 def _python_pids(command: str, cwd: Path) -> list[int]:
