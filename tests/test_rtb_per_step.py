@@ -211,3 +211,28 @@ def test_guidance_follows_the_posteriors_current_problem():
     g_b = post.guide(x, k, eps_p, y)
     torch.testing.assert_close(g_b, post_b.guide(x, k, eps_p, y))
     assert (g_b - g_a).abs().max() > 1e-3
+
+
+def test_warm_start_copies_the_network_and_shared_scalars_and_refuses_another_network(tmp_path):
+    import pytest
+
+    from pipeline.errors import InputFileError
+    from pipeline.lensing.posterior import warm_start_posterior
+
+    prior, problem, y, cfg = _setup(steps=4, learn_step_scale=False, checkpoint_every=2)
+    spec = posterior_spec(prior, cfg)
+    post = make_posterior(prior, problem, cfg)
+    RTBTrainer(post, cfg, y=y, run_dir=tmp_path / "run", spec=spec).train()
+    # a new recipe with the same network: guided variance on
+    cfg2 = RTBConfig(**{**cfg.__dict__, "guided_variance": True})
+    spec2 = posterior_spec(prior, cfg2)
+    new = make_posterior(prior, problem, cfg2)
+    warm_start_posterior(new, spec2, tmp_path / "run")
+    for (n, a), (_, b) in zip(post.model.state_dict().items(), new.model.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=n)
+    torch.testing.assert_close(new.guidance_log_gain, post.guidance_log_gain)
+    assert float(new.variance_log_gain.max()) == -3.0  # not in the source: keeps its initial value
+    other = posterior_spec(prior, RTBConfig(**{**cfg.__dict__, "head_hidden": 32}))
+    with pytest.raises(InputFileError, match="spec"):
+        warm_start_posterior(make_posterior(prior, problem, RTBConfig(**{**cfg.__dict__, "head_hidden": 32})),
+                             other, tmp_path / "run")

@@ -24,6 +24,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, help="override rtb.steps")
     parser.add_argument("--init-from", metavar="DIR",
                         help="start an empty --run-dir from this shipped trainer checkpoint (same rtb: recipe)")
+    parser.add_argument("--warm-start", metavar="DIR",
+                        help="start a NEW run (step 0, fresh optimizer) from this posterior's network weights; "
+                             "for a changed rtb: recipe that keeps the network")
     parser.add_argument("--tune-guidance", action="store_true",
                         help="only print the untrained-ELBO tuning record for rtb.guidance_scale (no training)")
 
@@ -52,7 +55,7 @@ def run(args) -> int:
         return 0
     try:
         summary = finetune(args.config, prior, args.run_dir, args.out, sources_path=args.sources, steps=args.steps,
-                           init_from=args.init_from)
+                           init_from=args.init_from, warm_start=args.warm_start)
     finally:
         distributed.cleanup()
     print(json.dumps(summary, default=str))

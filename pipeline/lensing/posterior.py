@@ -100,7 +100,31 @@ def seed_run_dir(run_dir, init_from) -> bool:
     return target.is_dir()
 
 
-def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=None, init_from=None) -> dict:
+def warm_start_posterior(post, spec: dict, checkpoint) -> None:
+    """Copy a trained posterior's network (and the per-step scalars it shares) into ``post``.
+
+    For a NEW recipe that keeps the network (e.g. ``rtb.guided_variance`` switched on): the run starts
+    at step 0 with a fresh optimizer from the given weights, instead of from zero. Refuses a checkpoint
+    whose network differs (one line naming the file)."""
+    from pipeline.io.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(checkpoint, map_location="cpu")
+    if ck.hparams.get("kind") != "rtb_posterior":
+        raise InputFileError(checkpoint, "not an RTB posterior checkpoint", field="kind")
+    if ck.hparams["spec"]["model"] != spec["model"] or ck.hparams["spec"]["features"] != spec["features"]:
+        raise InputFileError(checkpoint, "its network (spec model/features) differs from the rtb: config's",
+                             field="spec")
+    post.model.load_state_dict(ck.states["model"])
+    shared = {n: v for n, v in (ck.states.get("per_step") or {}).items() if n in post.per_step_parameters()}
+    with torch.no_grad():
+        for n, v in shared.items():
+            post.per_step_parameters()[n].copy_(v)
+    log.info("warm start from %s (step %d): network%s", checkpoint, ck.step,
+             f" and {sorted(shared)}" if shared else "")
+
+
+def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=None, init_from=None,
+             warm_start=None) -> dict:
     """Amortized RTB over the prior predictive; resumes from ``run_dir`` (or starts it from the
     shipped checkpoint ``init_from``); exports to ``out_dir``."""
     from pipeline.config import load_section
@@ -135,6 +159,10 @@ def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=N
     run_dir = Path(run_dir)
     if init_from is not None:
         seed_run_dir(run_dir, init_from)
+    from pipeline.io.checkpoint import has_checkpoints
+
+    if warm_start is not None and not has_checkpoints(run_dir):  # a resumed run keeps its own state
+        warm_start_posterior(post, spec, warm_start)
     trainer = RTBTrainer(post, rcfg, obs_sampler=obs_sampler, cond_fn=pool.features, run_dir=run_dir,
                          metrics_path=run_dir / "metrics.jsonl", spec=spec)
     if trainer.resume():
