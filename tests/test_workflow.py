@@ -7,7 +7,6 @@ so existing results in the checkout never mask the DAG.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
