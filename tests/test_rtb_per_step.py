@@ -25,6 +25,13 @@ def _setup(**kw):
     return prior, problem, torch.tensor([0.7]), cfg
 
 
+def _elbo(post, y) -> float:
+    """Mean ELBO of 4,000 on-policy trajectories at y (fixed seed)."""
+    with torch.no_grad():
+        b = policy_rollout(post, 4000, y, generator=torch.Generator().manual_seed(9))
+    return float((b.log_r - b.log_ratio()).double().mean())
+
+
 def test_per_step_scalars_set_the_step_law_for_int_and_tensor_k():
     prior, problem, y, cfg = _setup()
     post = make_posterior(prior, problem, cfg)
@@ -109,16 +116,12 @@ def test_training_turns_down_an_overstrong_guidance():
     torch.manual_seed(0)
     post = make_posterior(prior, problem, cfg)
 
-    def elbo():
-        with torch.no_grad():
-            b = policy_rollout(post, 4000, y, generator=torch.Generator().manual_seed(9))
-        return float((b.log_r - b.log_ratio()).double().mean())
-
-    before = elbo()
+    before = _elbo(post, y)
     RTBTrainer(post, cfg, y=y).train()
     gain = post.guidance_log_gain.detach()[2:]
     assert float(gain.mean()) < -0.1, gain
-    assert elbo() > before + 0.5, (before, elbo())
+    after = _elbo(post, y)
+    assert after > before + 0.5, (before, after)
 
 
 def test_guidance_scale_tuner_averages_observations_and_refuses_bad_input():
@@ -172,7 +175,7 @@ def test_guided_variance_is_the_gaussian_product_with_the_diagonal_data_precisio
 
 def test_training_raises_the_guided_variance_where_the_data_is_precise():
     """A high-SNR observation of both coordinates: the posterior is far narrower than the prior's last
-    steps, so RTB's gradient must raise the guided-variance gain of the final steps from its e^-3 start
+    steps, so RTB's gradient must raise the guided-variance gain of the final step from its e^-3 start
     and the ELBO must improve."""
     prior = GaussianMixturePrior([0.3, 0.7], [[-2.0, 0.0], [2.0, 1.0]], 0.5)
     problem = DenseLinearProblem([[1.0, 0.0], [0.0, 1.0]], 0.05)
@@ -183,16 +186,11 @@ def test_training_raises_the_guided_variance_where_the_data_is_precise():
     torch.manual_seed(0)
     post = make_posterior(prior, problem, cfg)
 
-    def elbo():
-        with torch.no_grad():
-            b = policy_rollout(post, 4000, y, generator=torch.Generator().manual_seed(9))
-        return float((b.log_r - b.log_ratio()).double().mean())
-
-    before = elbo()
+    before = _elbo(post, y)
     RTBTrainer(post, cfg, y=y).train()
     # the last scored step (x_2 -> x_1): measured -3 -> -2.27 in 150 steps
     assert float(post.variance_log_gain[2]) > -3.0 + 0.4, post.variance_log_gain
-    after = elbo()
+    after = _elbo(post, y)
     assert after > before + 0.5, (before, after)
 
 
