@@ -128,7 +128,7 @@ def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=N
     """Amortized RTB over the prior predictive; resumes from ``run_dir`` (or starts it from the
     shipped checkpoint ``init_from``); exports to ``out_dir``."""
     from pipeline.config import load_section
-    from pipeline.io.checkpoint import load_checkpoint, write_checkpoint_dir
+    from pipeline.io.checkpoint import has_checkpoints, load_checkpoint, write_checkpoint_dir
     from pipeline.lensing.config import load_lensing_config
     from pipeline.rtb.config import RTBConfig
     from pipeline.rtb.posterior import build_posterior, posterior_spec
@@ -159,8 +159,6 @@ def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=N
     run_dir = Path(run_dir)
     if init_from is not None:
         seed_run_dir(run_dir, init_from)
-    from pipeline.io.checkpoint import has_checkpoints
-
     if warm_start is not None and not has_checkpoints(run_dir):  # a resumed run keeps its own state
         warm_start_posterior(post, spec, warm_start)
     trainer = RTBTrainer(post, rcfg, obs_sampler=obs_sampler, cond_fn=pool.features, run_dir=run_dir,
