@@ -143,12 +143,19 @@ def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=N
     device = prior.device
     sigma = resolve_noise_sigma(lcfg, sources_path)
     pool = build_lens_pool(lcfg, sigma, pcfg.n_lenses, pcfg.seed, prior.scale, prior.offset, device)
-    gen = torch.Generator().manual_seed(pcfg.seed)
-    t0 = time.time()
-    truths = sample_prior(prior, chain, pcfg.n_truths, generator=gen, batch_size=pcfg.batch_size)
-    log.info("drew %d prior-chain truths in %.1f s", pcfg.n_truths, time.time() - t0)
+    truth_cache = []
+
+    def draw_truths():
+        # drawn on first use, so a resume of a finished run (make demo on the shipped checkpoint) skips it
+        if not truth_cache:
+            t0 = time.time()
+            gen = torch.Generator().manual_seed(pcfg.seed)
+            truth_cache.append(sample_prior(prior, chain, pcfg.n_truths, generator=gen, batch_size=pcfg.batch_size))
+            log.info("drew %d prior-chain truths in %.1f s", pcfg.n_truths, time.time() - t0)
+        return truth_cache[0]
 
     def obs_sampler(G, generator):
+        truths = draw_truths()
         li = torch.randint(len(pool), (G,), generator=generator)
         ti = torch.randint(truths.shape[0], (G,), generator=generator)
         ys = [pool.simulate_packed(int(i), truths[int(j)][None], generator=generator)[0] for i, j in zip(li, ti)]
