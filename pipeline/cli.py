@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("pipeline.commands.inspect", "validate and summarise an observation FITS file"),
     "finetune-posterior": ("pipeline.commands.finetune_posterior",
                            "fine-tune the prior into a posterior sampler with RTB"),
+    "check-posterior": ("pipeline.commands.check_posterior",
+                        "seeded chi2 / ELBO check of amortized lensing posteriors (compare runs)"),
     "sample": ("pipeline.commands.sample", "sample posteriors for observations with one method"),
     "calibrate": ("pipeline.commands.calibrate", "TARP, interval coverage, chi2 and log Z of posteriors"),
     "report": ("pipeline.commands.report", "write the markdown report with figures and tables"),

@@ -76,3 +76,24 @@ def test_install_prior_refuses_another_recipe_in_one_line(tmp_path):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "field 'prior'" in lines[0] and "another prior: recipe" in lines[0]
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_check_posterior_draws_the_same_observations_as_the_shipped_record():
+    """check-posterior's first observation for seed s is evaluate_shipped_posterior's observation for s,
+    so with the same sample count it reproduces the recorded chi2; a trainer checkpoint (no recorded
+    noise level) without --noise-sigma is refused in one line."""
+    from pipeline.errors import InputFileError
+    from pipeline.io.checkpoint import load_prior
+    from pipeline.lensing.posterior import check_posterior
+
+    rec = RECORD["posterior"]
+    prior = load_prior(SHIPPED / "prior")
+    got = check_posterior(CONFIG, prior, SHIPPED / "posterior", n_obs=2, n=rec["n"], seed=rec["seed"],
+                          noise_sigma=rec["noise_sigma"])
+    per = got["per_observation"]
+    assert all(len(v) == 2 for v in per.values())
+    assert per["chi2_nu"][0] == pytest.approx(rec["chi2_nu_median"], rel=1e-3)
+    assert per["chi2_nu"][0] != pytest.approx(per["chi2_nu"][1], rel=1e-3)  # a second, different observation
+    assert np.isfinite([per["elbo"], per["chi2_arc_nu"], per["std"]]).all()
+    with pytest.raises(InputFileError, match="noise"):
+        check_posterior(CONFIG, prior, SHIPPED / "posterior", n_obs=1, n=2)
