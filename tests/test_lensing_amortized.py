@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -77,3 +79,24 @@ def test_frozen_guidance_on_a_mixed_batch_uses_each_rows_own_lens(pool, method):
     # the lenses differ, so evaluating a row under another lens gives another shift
     other = frozen_guidance_shift(method, chain, pool.problems[2], ys[0], x[:1], eps[:1], 5, 0.7)
     assert (other - got[:1]).abs().max() > 1e-3 * got[:1].abs().max()
+
+
+def test_resample_within_groups_draws_one_member_per_group_by_its_own_weights():
+    """SIR in independent groups (rtb_amortized_is): each index lies in its own group, a dominant
+    weight is always picked, frequencies follow the within-group weights, and a group with no finite
+    weight is refused."""
+    from pipeline.lensing.posterior import resample_within_groups
+
+    gen = torch.Generator().manual_seed(0)
+    n, m = 4000, 2
+    # group g: log-weights (0, log 4) -> P(second) = 0.8; the overall scale differs between groups
+    lw = torch.stack([torch.zeros(n), torch.full((n,), math.log(4.0))], 1) + torch.arange(n)[:, None] * 3.0
+    idx, w = resample_within_groups(lw.reshape(-1), n, gen)
+    assert idx.shape == (n,) and bool(((idx // m) == torch.arange(n)).all())
+    np.testing.assert_allclose(w.sum(1).numpy(), 1.0, rtol=1e-12)
+    frac = float((idx % m == 1).double().mean())
+    assert abs(frac - 0.8) < 4 * math.sqrt(0.8 * 0.2 / n)  # binomial, 4 sigma
+    dominant = torch.tensor([[0.0, 0.0, 50.0], [80.0, 0.0, 0.0]])
+    assert resample_within_groups(dominant.reshape(-1), 2, gen)[0].tolist() == [2, 3]
+    with pytest.raises(ValueError, match="no finite"):
+        resample_within_groups(torch.tensor([0.0, 0.0, -math.inf, -math.inf]), 2, gen)

@@ -78,9 +78,18 @@ def test_tiny_run_produces_report_and_is_idempotent(tiny_run):
     for s in ("prior", "heldout"):
         summary = res / "calibration" / s / "summary.json"
         assert summary.is_file()
-        for m in ("rtb_amortized", "dps", "fps_smc"):
+        for m in ("rtb_amortized", "rtb_amortized_is", "dps", "fps_smc"):
             files = sorted((res / "posteriors" / s / m).glob("*.fits"))
             assert len(files) == 3, (s, m)
+    # RTB + importance resampling keeps every trajectory as a particle, weighted 1/n per group
+    import numpy as np
+    from astropy.io import fits
+
+    with fits.open(sorted((res / "posteriors" / "prior" / "rtb_amortized_is").glob("*.fits"))[0]) as h:
+        n, m = h["SAMPLES"].data.shape[0], h["PARTICLES"].data.shape[0] // h["SAMPLES"].data.shape[0]
+        assert m == 2 and h["PARTICLES"].data.shape[0] == n * m
+        w = h["WEIGHTS"].data.reshape(n, m)
+        np.testing.assert_allclose(w.sum(1), 1.0 / n, rtol=1e-6)
     again = snakemake(tiny_run, "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
 

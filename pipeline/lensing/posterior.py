@@ -34,7 +34,7 @@ class PosteriorConfig:
     n_truths: int = field(default=256, metadata={"min": 1})       # pool of prior-chain truths for training
     n_samples: int = field(default=64, metadata={"min": 2})       # posterior samples per observation
     batch_size: int = field(default=64, metadata={"min": 1})      # sampling batch
-    particles: int = field(default=8, metadata={"min": 1})        # prior-IS / FPS-SMC (runs mode) particles
+    particles: int = field(default=8, metadata={"min": 1})  # per returned sample: prior_is, rtb_amortized_is, fps_smc runs mode
     fps_smc_mode: str = field(default="weighted", metadata={"choices": ["weighted", "runs"]})
     # grid per tuned method (DPS, DPS+CLA), searched on a separate seed; a method left out uses
     # pipeline.samplers.tuning.DEFAULT_GRIDS
@@ -262,6 +262,21 @@ def check_in_trained_range(meta_lens, hp, path):
 
 
 # ------------------------------------------------------------------------------------ sampling
+def resample_within_groups(log_w: torch.Tensor, n: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampling importance resampling in ``n`` independent groups (rows of ``log_w.reshape(n, -1)``).
+
+    Each group's weights are normalised on their own and one member is drawn from them, so the ``n``
+    returned indices (into the flat ``log_w``) are independent draws, each from its own group's SIR
+    approximation of the target, and never duplicates of one heavy particle across groups. Returns
+    (indices (n,), weights normalised within each group (n, m), float64)."""
+    lw = log_w.detach().double().cpu().reshape(n, -1)
+    if not torch.isfinite(lw).any(1).all():
+        raise ValueError("a group of importance weights has no finite member")
+    w = torch.softmax(lw, 1)
+    pick = torch.multinomial(w, 1, generator=generator)[:, 0]
+    return torch.arange(n) * lw.shape[1] + pick, w
+
+
 def rtb_amortized_samples(post, single, y, n, generator, batch_size):
     """Posterior samples of the amortized RTB network for one observation (network units)."""
     from pipeline.rtb.objective import policy_rollout
@@ -350,12 +365,15 @@ def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs
 
     post = tuning = sampler = None
     if method in RTB_METHODS:
-        if method != "rtb_amortized":
+        if method not in ("rtb_amortized", "rtb_amortized_is"):
             raise ConfigError(config_path, "methods", f"lensing samples the amortized RTB posterior "
-                              f"('rtb_amortized'); '{method}' needs one fine-tuning per observation")
+                              f"('rtb_amortized', 'rtb_amortized_is'); '{method}' needs one fine-tuning per "
+                              f"observation")
         if posterior_dir is None:
-            raise InputFileError("--posterior", "rtb_amortized needs the fine-tuned posterior directory")
+            raise InputFileError("--posterior", f"{method} needs the fine-tuned posterior directory")
         provenance["posterior"] = str(posterior_dir)
+        if method == "rtb_amortized_is":
+            provenance["options"] = {"particles": pcfg.particles}
     else:
         opts = {"device": device}
         if method in ("dps", "dps_cla"):
@@ -380,12 +398,16 @@ def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs
         problem, y, meta = load_observation(path, lcfg, device=device, brightness=brightness)
         gen = torch.Generator().manual_seed(seed * 100003 + i)
         t0 = time.time()
-        if method == "rtb_amortized":
+        group_idx = None
+        if method in ("rtb_amortized", "rtb_amortized_is"):
             if post is None:
                 post, single, hp = load_amortized(posterior_dir, prior, problem)
             from pipeline.lensing.amortized import MultiLensProblem
             check_in_trained_range(meta.get("lens"), hp, path)
-            smp = rtb_amortized_samples(post, MultiLensProblem([problem]), y, n, gen, pcfg.batch_size)
+            m = pcfg.particles if method == "rtb_amortized_is" else 1
+            smp = rtb_amortized_samples(post, MultiLensProblem([problem]), y, n * m, gen, pcfg.batch_size)
+            if method == "rtb_amortized_is":
+                group_idx, group_w = resample_within_groups(smp.log_r + smp.log_p_traj - smp.log_q_traj, n, gen)
         else:
             smp = sampler.sample(problem, y, n, generator=gen)
         seconds = time.time() - t0
@@ -393,7 +415,12 @@ def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs
         x_net = smp.x0.reshape(n_out, *problem.x_shape)
         x_phys = prior.to_physical(x_net).reshape(n_out, *problem.x_shape[-2:])
         particles = weights = None
-        if smp.log_w is not None and float(smp.log_w.max() - smp.log_w.min()) > 0:
+        if group_idx is not None:
+            # every trajectory is kept as a particle, weighted within its group (1/n per group), and
+            # SAMPLES holds the one drawn from each group
+            particles, weights = x_phys.cpu().numpy(), (group_w / n).reshape(-1).cpu().numpy()
+            x_net, x_phys = x_net[group_idx.to(x_net.device)], x_phys[group_idx.to(x_phys.device)]
+        elif smp.log_w is not None and float(smp.log_w.max() - smp.log_w.min()) > 0:
             # weighted particles: keep them, and resample equally weighted SAMPLES from them
             w = torch.softmax(smp.log_w.double(), 0)
             particles, weights = x_phys.cpu().numpy(), w.cpu().numpy()

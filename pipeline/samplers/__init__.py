@@ -5,6 +5,8 @@ Method names, used everywhere (configs, results files, tables):
 ========================  ===============================================================================
 ``rtb``                   RTB posterior for one observation (built by :mod:`pipeline.rtb`)
 ``rtb_amortized``         RTB posterior conditioned on y (built by :mod:`pipeline.rtb`)
+``rtb_amortized_is``      the same, each returned sample importance-resampled from its own group of
+                          ``particles`` RTB trajectories (weights r p / q; lensing ``sample``)
 ``rtb_dps``               RTB with DPS guidance in the parameterisation (built by :mod:`pipeline.rtb`)
 ``rtb_dps_cla``           RTB with DPS+CLA guidance (built by :mod:`pipeline.rtb`)
 ``dps``                   DPS, guidance through the network, tuned scale (:mod:`.dps`)
@@ -28,9 +30,9 @@ import inspect
 from pipeline.errors import PipelineError
 from pipeline.samplers.base import Sampler, Samples
 
-METHODS: tuple[str, ...] = ("rtb", "rtb_amortized", "rtb_dps", "rtb_dps_cla", "dps", "dps_cla", "cla",
-                            "exact_guidance", "prior_is", "fps", "fps_smc")
-RTB_METHODS: tuple[str, ...] = ("rtb", "rtb_amortized", "rtb_dps", "rtb_dps_cla")
+METHODS: tuple[str, ...] = ("rtb", "rtb_amortized", "rtb_dps", "rtb_dps_cla", "rtb_amortized_is", "dps", "dps_cla",
+                            "cla", "exact_guidance", "prior_is", "fps", "fps_smc")
+RTB_METHODS: tuple[str, ...] = ("rtb", "rtb_amortized", "rtb_dps", "rtb_dps_cla", "rtb_amortized_is")
 TRAINING_FREE: tuple[str, ...] = tuple(m for m in METHODS if m not in RTB_METHODS)
 TUNED_METHODS: tuple[str, ...] = ("dps", "dps_cla")   # heuristic scale: tune on a separate seed
 LINEAR_ONLY: tuple[str, ...] = ("dps_cla", "cla", "exact_guidance", "fps", "fps_smc", "rtb_dps_cla")
