@@ -63,6 +63,21 @@ def test_bad_config_is_refused_in_one_line(tmp_path):
     assert "not_a_method" in res.stdout + res.stderr
 
 
+def test_the_workflows_method_lists_equal_the_packages():
+    """The config schema's enum and the `method` wildcard list name exactly pipeline.samplers.METHODS."""
+    import re
+
+    import yaml
+
+    from pipeline.samplers import METHODS
+
+    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    assert set(schema["properties"]["methods"]["items"]["enum"]) == set(METHODS)
+    common = (ROOT / "workflow" / "rules" / "common.smk").read_text()
+    block = common[common.index("method=") : common.index("obs=")]
+    assert set(re.findall(r'"([a-z_]+)"', block)) == set(METHODS)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """The whole DAG on the tiny CI config, for real (shared by the notebook tests)."""

@@ -25,6 +25,7 @@ wildcard_constraints:
             "rtb_amortized",
             "rtb_dps",
             "rtb_dps_cla",
+            "rtb_amortized_is",
             "dps",
             "dps_cla",
             "cla",
