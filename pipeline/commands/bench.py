@@ -14,16 +14,10 @@ import logging
 import shlex
 import sys
 
+from pipeline.commands import int_at_least
 from pipeline.runtime import configure_threads
 
 log = logging.getLogger(__name__)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--methods", nargs="+", default=None, help="restrict to these method labels")
     g.add_argument("--K", type=int, default=30, help="chain length for every method (default 30)")
     g.add_argument("--n", type=int, default=2000, help="samples per method and seed (default 2000)")
-    g.add_argument("--jobs", type=_positive_int, default=1,
+    g.add_argument("--jobs", type=int_at_least(1), default=1,
                    help="cases run in this many worker processes (1 torch thread each; default 1)")
     m = sub.add_parser("rtb-memory", help="RTB step memory: two-pass vs naive gradient")
     m.add_argument("--out", required=True, help="output directory (rtb_memory.json)")

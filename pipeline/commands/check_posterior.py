@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import json
 
+from pipeline.commands import int_at_least
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, metavar="FILE", help="pipeline YAML config (lensing:)")
     parser.add_argument("--prior", required=True, metavar="DIR", help="trained prior")
     parser.add_argument("--posterior", required=True, nargs="+", metavar="DIR",
                         help="posterior(s): finetune-posterior --out exports, or trainer checkpoints with --noise-sigma")
-    parser.add_argument("--n-obs", type=int, default=16, help="observations (default 16)")
-    parser.add_argument("--samples", type=int, default=32, help="posterior samples per observation (default 32)")
+    parser.add_argument("--n-obs", type=int_at_least(1), default=16, help="observations (default 16)")
+    parser.add_argument("--samples", type=int_at_least(2), default=32, help="posterior samples per observation (default 32)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the observation set (default 42)")
     parser.add_argument("--noise-sigma", type=float, default=None,
                         help="noise level (default: the one recorded in the exported posterior)")

@@ -468,17 +468,9 @@ def evaluate_shipped_posterior(config_path, prior, checkpoint, *, seed: int = 0,
     """A fixed, seeded check of a posterior checkpoint: one prior-predictive observation (lens and truth
     from ``seed``), ``n`` amortized samples, their median chi2_nu and mean log r. Used to record and
     re-check the metrics of the checkpoints shipped under data/pretrained/."""
-    from pipeline.lensing.config import load_lensing_config
-    from pipeline.metrics.chi2 import chi2_per_sample
-
-    lcfg = load_lensing_config(config_path)
-    chain = prior.schedule.chain(int(prior.meta["sample_K"]), prior.meta["sample_variance"])
-    gen = torch.Generator().manual_seed(seed)
-    problem, _, y = _seeded_observation(lcfg, prior, chain, np.random.default_rng(seed), gen, noise_sigma)
-    post, single, _ = load_amortized(checkpoint, prior, problem)
-    smp = rtb_amortized_samples(post, single, y, n, gen, n)
-    chi = chi2_per_sample(problem, smp.x0, y)
-    return {"chi2_nu_median": float(np.median(chi["chi2_nu"])), "mean_log_r": float(smp.log_r.mean()),
+    rec = check_posterior(config_path, prior, checkpoint, n_obs=1, n=n, seed=seed, noise_sigma=noise_sigma)
+    per = rec["per_observation"]
+    return {"chi2_nu_median": per["chi2_nu"][0], "mean_log_r": per["mean_log_r"][0],
             "seed": seed, "n": n, "noise_sigma": noise_sigma}
 
 
@@ -486,30 +478,36 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
                     noise_sigma: float | None = None) -> dict:
     """Seeded fit check of an amortized posterior on ``n_obs`` prior-predictive observations (lenses,
     truths and noise from ``seed``; the same set for every checkpoint): per observation the median over
-    ``n`` samples of chi2_nu over the image and inside the arc, the ELBO, and the median per-pixel
-    posterior std (physical units); and the medians of those over observations. Used to compare training
-    stages (data/pretrained/README.md); not a calibration (that is ``calibrate``)."""
+    ``n`` samples of chi2_nu over the image and inside the arc, the mean log r, the ELBO, and the median
+    per-pixel posterior std (physical units); and the medians of those over observations. Used to
+    compare training stages (data/pretrained/README.md); not a calibration (that is ``calibrate``)."""
     from pipeline.io.checkpoint import load_checkpoint
+    from pipeline.lensing.amortized import MultiLensProblem
     from pipeline.lensing.config import load_lensing_config
     from pipeline.metrics.chi2 import chi2_per_sample
 
+    if n_obs < 1 or n < 2:
+        raise ValueError(f"check_posterior needs n_obs >= 1 and n >= 2 samples (got {n_obs}, {n})")
     if noise_sigma is None:  # an exported posterior records the noise level it was trained with
         hp = load_checkpoint(checkpoint, names=[]).hparams
         if "lensing" not in hp:
             raise InputFileError(checkpoint, "records no noise level (a trainer checkpoint, not an export): "
-                                             "pass noise_sigma", field="lensing.noise_sigma")
+                                             "pass --noise-sigma", field="lensing.noise_sigma")
         noise_sigma = float(hp["lensing"]["noise_sigma"])
     lcfg = load_lensing_config(config_path)
     chain = prior.schedule.chain(int(prior.meta["sample_K"]), prior.meta["sample_variance"])
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-    rows = {"chi2_nu": [], "chi2_arc_nu": [], "elbo": [], "std": []}
+    rows = {"chi2_nu": [], "chi2_arc_nu": [], "mean_log_r": [], "elbo": [], "std": []}
+    post = None
     for _ in range(n_obs):
         problem, _, y = _seeded_observation(lcfg, prior, chain, rng, gen, noise_sigma)
-        post, single, _ = load_amortized(checkpoint, prior, problem)
-        smp = rtb_amortized_samples(post, single, y, n, gen, n)
+        if post is None:  # loaded once; each observation brings its own lens
+            post, _, _ = load_amortized(checkpoint, prior, problem)
+        smp = rtb_amortized_samples(post, MultiLensProblem([problem]), y, n, gen, n)
         chi = chi2_per_sample(problem, smp.x0, y)
         rows["chi2_nu"].append(float(np.median(chi["chi2_nu"])))
         rows["chi2_arc_nu"].append(float(np.nanmedian(chi["chi2_arc_nu"])))
+        rows["mean_log_r"].append(float(smp.log_r.mean()))
         rows["elbo"].append(float((smp.log_r + smp.log_p_traj - smp.log_q_traj).double().mean()))
         rows["std"].append(float(prior.to_physical(smp.x0).reshape(n, -1).std(0).median()))
     return {"posterior": str(checkpoint), "n_obs": n_obs, "n_samples": n, "seed": seed, "noise_sigma": noise_sigma,
