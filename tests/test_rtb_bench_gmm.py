@@ -168,3 +168,17 @@ def test_rtb_guidance_scale_tuned_on_separate_seed():
     assert rec["scale"] in RTB_GUIDANCE_GRIDS["dps_cla"] and rec["tuning_seed"] == 999
     finite = [v for v in rec["values"] if v is not None]
     assert rec["values"][RTB_GUIDANCE_GRIDS["dps_cla"].index(rec["scale"])] == max(finite)
+
+
+def test_rtb_divergence_is_decided_by_the_large_log_z_estimate(tmp_path, monkeypatch):
+    """RTB runs record log Z_IW from n_logz fresh trajectories beside the n-sample one, and the
+    divergence flag follows the large estimate (|log Z_IW - log Z_ref| > 1 nat)."""
+    monkeypatch.setenv("GMM_RTB_STEPS", "15")
+    res = run_benchmark(tmp_path, quick=True, seeds=[0], methods=["rtb"], K=8, n=200, n_prop=20000, n_logz=3000)
+    (r,) = res["cases"]["2d"]["runs"]
+    assert r["n_logz"] == 3000 and r["n_samples"] == 200
+    assert math.isfinite(r["logz_iw_large"]) and 0 < r["ess_large"] <= 3000
+    assert r["err_logz_iw_large"] == pytest.approx(abs(r["logz_iw_large"] - r["logz_ref"]))
+    assert r["diverged"] == (r["err_logz_iw_large"] > 1.0)
+    assert "3,000 traj." in table(res)
+    assert res["cases"]["2d"]["summary"]["rtb"]["err_logz_iw_large"]["n"] == 1

@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--methods", nargs="+", default=None, help="restrict to these method labels")
     g.add_argument("--K", type=int, default=30, help="chain length for every method (default 30)")
     g.add_argument("--n", type=int, default=2000, help="samples per method and seed (default 2000)")
+    g.add_argument("--n-logz", type=int_at_least(2), default=None,
+                   help="trajectories behind each RTB run's log Z_IW, the estimate that decides divergence "
+                        "(default 20000: at 2000 it scattered by more than the 1-nat tolerance; README)")
     g.add_argument("--jobs", type=int_at_least(1), default=1,
                    help="cases run in this many worker processes (1 torch thread each; default 1)")
     m = sub.add_parser("rtb-memory", help="RTB step memory: two-pass vs naive gradient")
@@ -58,7 +61,8 @@ def run(args) -> int:
         seeds = None if args.seeds is None else list(range(args.seeds))
         cmd = "python -m pipeline " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         res = run_benchmark(args.out, quick=args.quick, seeds=seeds, cases=args.cases, methods=args.methods, K=args.K,
-                            n=args.n, command=cmd, jobs=args.jobs)
+                            n=args.n, command=cmd, jobs=args.jobs,
+                            **({} if args.n_logz is None else {"n_logz": args.n_logz}))
         md = table(res)
         path = Path(args.out) / "gmm_table.md"
         path.write_text(f"Command: `{cmd}`; wall time {res['wall_seconds']:.0f} s\n\n{md}\n")
