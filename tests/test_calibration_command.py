@@ -72,6 +72,7 @@ def test_calibrate_exact_vs_narrow(tmp_path):
     s = run_calibration([str(post["exact"]), str(post["narrow"] / "*.fits")], obs_dir, "prior", out,
                         loader=loader, n_bins=10, n_boot=200, n_null=150, lens_figures=1, seed=3)
     on_disk = json.loads((out / "summary.json").read_text())
+    assert json.loads(json.dumps(s)) == on_disk  # the library returns what it wrote
     ex, nr = on_disk["sets"]["prior"]["exact"], on_disk["sets"]["prior"]["narrow"]
     for key in ("tarp_max_dev", "tarp_null_p95", "coverage68", "coverage95", "coverage68_footprint",
                 "coverage95_footprint", "chi2_median", "chi2_arc_median", "sharpness", "mean_err", "logz",

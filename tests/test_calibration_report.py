@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from pipeline.cli import main
 from pipeline.commands.report import acceptance, logz_summary, tarp_ranking
 

@@ -1,6 +1,5 @@
 """Posterior FITS round trip, weighted moments, WCS, log Z flags and corrupted files."""
 
-import json
 
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """Prior training: outputs, seed reproducibility, exact resume after an interruption, wall-clock cap."""
 
-import dataclasses
 import json
 
 import pytest

@@ -69,7 +69,6 @@ def save_grid_png(images: np.ndarray, path, max_images: int = 64, title: str | N
 
 
 def run(args) -> int:
-    import torch
     from astropy.io import fits
 
     import pipeline

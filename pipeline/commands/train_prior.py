@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from pathlib import Path
 
 from pipeline.config import load_section
 from pipeline.errors import ConfigError
