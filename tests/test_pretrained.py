@@ -95,5 +95,9 @@ def test_check_posterior_draws_the_same_observations_as_the_shipped_record():
     assert per["chi2_nu"][0] == pytest.approx(rec["chi2_nu_median"], rel=1e-3)
     assert per["chi2_nu"][0] != pytest.approx(per["chi2_nu"][1], rel=1e-3)  # a second, different observation
     assert np.isfinite([per["elbo"], per["chi2_arc_nu"], per["std"]]).all()
+    # the truths' own fit, the level exact posterior samples would reach: chi2_nu over 1024 pixels is
+    # 1 +- 0.05 (1 sd) for the true source
+    assert all(abs(v - 1.0) < 0.25 for v in per["truth_chi2_nu"]) and np.isfinite(per["truth_chi2_arc_nu"]).all()
+    assert got["truth_chi2_arc_nu_median"] == pytest.approx(float(np.median(per["truth_chi2_arc_nu"])))
     with pytest.raises(InputFileError, match="noise"):
         check_posterior(CONFIG, prior, SHIPPED / "posterior", n_obs=1, n=2)

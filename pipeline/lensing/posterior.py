@@ -479,8 +479,10 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
     """Seeded fit check of an amortized posterior on ``n_obs`` prior-predictive observations (lenses,
     truths and noise from ``seed``; the same set for every checkpoint): per observation the median over
     ``n`` samples of chi2_nu over the image and inside the arc, the mean log r, the ELBO, and the median
-    per-pixel posterior std (physical units); and the medians of those over observations. Used to
-    compare training stages (data/pretrained/README.md); not a calibration (that is ``calibrate``)."""
+    per-pixel posterior std (physical units); and the medians of those over observations. Beside them,
+    the truth's own chi2_nu over the image and inside its arc: exact posterior samples are exchangeable
+    with the truth given y, so their chi2 should match these, not 1 exactly. Used to compare training
+    stages (data/pretrained/README.md); not a calibration (that is ``calibrate``)."""
     from pipeline.io.checkpoint import load_checkpoint
     from pipeline.lensing.amortized import MultiLensProblem
     from pipeline.lensing.config import load_lensing_config
@@ -497,10 +499,11 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
     lcfg = load_lensing_config(config_path)
     chain = prior.schedule.chain(int(prior.meta["sample_K"]), prior.meta["sample_variance"])
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-    rows = {"chi2_nu": [], "chi2_arc_nu": [], "mean_log_r": [], "elbo": [], "std": []}
+    rows = {"chi2_nu": [], "chi2_arc_nu": [], "mean_log_r": [], "elbo": [], "std": [],
+            "truth_chi2_nu": [], "truth_chi2_arc_nu": []}
     post = None
     for _ in range(n_obs):
-        problem, _, y = _seeded_observation(lcfg, prior, chain, rng, gen, noise_sigma)
+        problem, truth, y = _seeded_observation(lcfg, prior, chain, rng, gen, noise_sigma)
         if post is None:  # loaded once; each observation brings its own lens
             post, _, _ = load_amortized(checkpoint, prior, problem)
         smp = rtb_amortized_samples(post, MultiLensProblem([problem]), y, n, gen, n)
@@ -510,5 +513,8 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
         rows["mean_log_r"].append(float(smp.log_r.mean()))
         rows["elbo"].append(float((smp.log_r + smp.log_p_traj - smp.log_q_traj).double().mean()))
         rows["std"].append(float(prior.to_physical(smp.x0).reshape(n, -1).std(0).median()))
+        chi_t = chi2_per_sample(problem, truth.reshape(1, *smp.x0.shape[1:]).to(smp.x0), y)
+        rows["truth_chi2_nu"].append(float(chi_t["chi2_nu"][0]))
+        rows["truth_chi2_arc_nu"].append(float(chi_t["chi2_arc_nu"][0]))
     return {"posterior": str(checkpoint), "n_obs": n_obs, "n_samples": n, "seed": seed, "noise_sigma": noise_sigma,
             **{f"{k}_median": float(np.median(v)) for k, v in rows.items()}, "per_observation": rows}
