@@ -4,7 +4,8 @@ Draws the same prior-predictive observations (lenses, prior-chain truths, noise;
 posterior given, samples each, and prints one JSON line per posterior: the medians over observations of
 chi2_nu over the image and inside the arc, of the ELBO and of the per-pixel posterior std, plus the
 per-observation values. ``truth_chi2_nu`` / ``truth_chi2_arc_nu`` are the truths' own values: what
-exact posterior samples would score (they are exchangeable with the truth given y). For comparing training runs or stages quickly; calibration is ``calibrate``.
+exact posterior samples would score (they are exchangeable with the truth given y). For comparing
+training runs or stages quickly; calibration is ``calibrate``.
 """
 
 from __future__ import annotations
