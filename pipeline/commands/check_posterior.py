@@ -23,6 +23,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--n-obs", type=int_at_least(1), default=16, help="observations (default 16)")
     parser.add_argument("--samples", type=int_at_least(2), default=32, help="posterior samples per observation (default 32)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the observation set (default 42)")
+    parser.add_argument("--last-step", choices=("policy", "gauss_newton"), default="policy",
+                        help="the step x_2 -> x_1: the network's own (default) or the Gauss-Newton twisted step of "
+                             "rtb_amortized_gn (one d x d Jacobian per sample and iteration: use a GPU)")
     parser.add_argument("--noise-sigma", type=float, default=None,
                         help="noise level (default: the one recorded in the exported posterior)")
 
@@ -38,6 +41,6 @@ def run(args) -> int:
     prior = load_prior(args.prior, device=device)
     for ck in args.posterior:
         rec = check_posterior(args.config, prior, ck, n_obs=args.n_obs, n=args.samples, seed=args.seed,
-                              noise_sigma=args.noise_sigma)
+                              noise_sigma=args.noise_sigma, last_step=args.last_step)
         print(json.dumps(rec), flush=True)
     return 0

@@ -2,7 +2,8 @@
 
 One job handles many observations, so imports, model loading and guidance-scale tuning are paid once.
 Methods: rtb_amortized (the fine-tuned posterior), rtb_amortized_is (the same, each sample importance-resampled
-from ``posterior.particles`` of its trajectories), dps, dps_cla, cla, prior_is, fps, fps_smc.
+from ``posterior.particles`` of its trajectories), rtb_amortized_gn (the same with the Gauss-Newton twisted last
+step, :mod:`pipeline.rtb.twisted_step`: a GPU method), dps, dps_cla, cla, prior_is, fps, fps_smc.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import json
 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, metavar="FILE", help="pipeline YAML config")
-    parser.add_argument("--method", required=True, help="sampling method (rtb_amortized, rtb_amortized_is, dps, dps_cla, "
-                        "cla, prior_is, fps, fps_smc)")
+    parser.add_argument("--method", required=True, help="sampling method (rtb_amortized, rtb_amortized_is, rtb_amortized_gn, "
+                        "dps, dps_cla, cla, prior_is, fps, fps_smc)")
     parser.add_argument("--prior", required=True, metavar="DIR", help="trained prior")
-    parser.add_argument("--posterior", metavar="DIR", help="fine-tuned RTB posterior (for rtb_amortized, rtb_amortized_is)")
+    parser.add_argument("--posterior", metavar="DIR", help="fine-tuned RTB posterior (for the rtb_amortized methods)")
     parser.add_argument("--obs", required=True, nargs="+", metavar="FILE_OR_DIR", help="observation FITS files or directories")
     out = parser.add_mutually_exclusive_group(required=True)
     out.add_argument("--out", metavar="DIR", help="directory: one posterior FITS per observation (same file name)")

@@ -277,8 +277,9 @@ def resample_within_groups(log_w: torch.Tensor, n: int, generator) -> tuple[torc
     return torch.arange(n) * lw.shape[1] + pick, w
 
 
-def rtb_amortized_samples(post, single, y, n, generator, batch_size):
-    """Posterior samples of the amortized RTB network for one observation (network units)."""
+def rtb_amortized_samples(post, single, y, n, generator, batch_size, last_step=None):
+    """Posterior samples of the amortized RTB network for one observation (network units); ``last_step``
+    optionally replaces the step x_2 -> x_1 (see :func:`gauss_newton_last_step`)."""
     from pipeline.rtb.objective import policy_rollout
     from pipeline.samplers.base import Samples
 
@@ -289,7 +290,10 @@ def rtb_amortized_samples(post, single, y, n, generator, batch_size):
     x0, lr, lq, lp = [], [], [], []
     for s in range(0, n, batch_size):
         m = min(batch_size, n - s)
-        b = policy_rollout(post, m, yp, cond, generator=generator)
+        # cond is one (C, H, W) map: expand it here, since a batch of m = C trajectories would make
+        # the rollout take its first axis for the batch
+        b = policy_rollout(post, m, yp, cond.unsqueeze(0).expand(m, *cond.shape), generator=generator,
+                           last_step=last_step)
         x0.append(b.x0)
         lr.append(b.log_r)
         lq.append(b.log_q())
@@ -297,6 +301,18 @@ def rtb_amortized_samples(post, single, y, n, generator, batch_size):
     K = post.chain.K
     return Samples(x0=torch.cat(x0), log_r=torch.cat(lr), log_q_traj=torch.cat(lq), log_p_traj=torch.cat(lp),
                    nfe=2 * K)  # prior eps + correction head per step
+
+
+# Gauss-Newton iterations of the twisted last step (rtb_amortized_gn): the second linearisation, at the first
+# one's mean, is what brought the ELBO above the policy's own last step on the shipped posterior (README)
+GN_ITERATIONS = 2
+
+
+def gauss_newton_last_step(post, problem, y):
+    """The twisted last step of ``rtb_amortized_gn`` for one observation (:mod:`pipeline.rtb.twisted_step`)."""
+    from pipeline.rtb.twisted_step import GaussNewtonLastStep
+
+    return GaussNewtonLastStep(post.prior, post.chain, problem, y, iterations=GN_ITERATIONS)
 
 
 def tune_guidance_scale(method, prior, chain, lcfg, pcfg, sigma, device, n_obs: int = 4, n: int = 32) -> dict:
@@ -348,7 +364,7 @@ def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs
     from pipeline.metrics.chi2 import chi2_per_sample
     from pipeline.metrics.logz import estimate_logz_samples
     from pipeline.runtime import choose_device
-    from pipeline.samplers import PARTICLE_METHODS, RTB_METHODS, make_sampler
+    from pipeline.samplers import AMORTIZED_METHODS, PARTICLE_METHODS, RTB_METHODS, make_sampler
 
     lcfg = load_lensing_config(config_path)
     pcfg = load_section(config_path, "posterior", PosteriorConfig)
@@ -365,15 +381,17 @@ def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs
 
     post = tuning = sampler = None
     if method in RTB_METHODS:
-        if method not in ("rtb_amortized", "rtb_amortized_is"):
+        if method not in AMORTIZED_METHODS:
             raise ConfigError(config_path, "methods", f"lensing samples the amortized RTB posterior "
-                              f"('rtb_amortized', 'rtb_amortized_is'); '{method}' needs one fine-tuning per "
+                              f"({', '.join(AMORTIZED_METHODS)}); '{method}' needs one fine-tuning per "
                               f"observation")
         if posterior_dir is None:
             raise InputFileError("--posterior", f"{method} needs the fine-tuned posterior directory")
         provenance["posterior"] = str(posterior_dir)
         if method == "rtb_amortized_is":
             provenance["options"] = {"particles": pcfg.particles}
+        if method == "rtb_amortized_gn":
+            provenance["options"] = {"last_step": "gauss_newton", "iterations": GN_ITERATIONS}
     else:
         opts = {"device": device}
         if method in ("dps", "dps_cla"):
@@ -399,13 +417,15 @@ def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs
         gen = torch.Generator().manual_seed(seed * 100003 + i)
         t0 = time.time()
         group_idx = None
-        if method in ("rtb_amortized", "rtb_amortized_is"):
+        if method in AMORTIZED_METHODS:
             if post is None:
                 post, single, hp = load_amortized(posterior_dir, prior, problem)
             from pipeline.lensing.amortized import MultiLensProblem
             check_in_trained_range(meta.get("lens"), hp, path)
             m = pcfg.particles if method == "rtb_amortized_is" else 1
-            smp = rtb_amortized_samples(post, MultiLensProblem([problem]), y, n * m, gen, pcfg.batch_size)
+            step = gauss_newton_last_step(post, problem, y) if method == "rtb_amortized_gn" else None
+            smp = rtb_amortized_samples(post, MultiLensProblem([problem]), y, n * m, gen, pcfg.batch_size,
+                                        last_step=step)
             if method == "rtb_amortized_is":
                 group_idx, group_w = resample_within_groups(smp.log_r + smp.log_p_traj - smp.log_q_traj, n, gen)
         else:
@@ -475,14 +495,15 @@ def evaluate_shipped_posterior(config_path, prior, checkpoint, *, seed: int = 0,
 
 
 def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int = 32, seed: int = 42,
-                    noise_sigma: float | None = None) -> dict:
+                    noise_sigma: float | None = None, last_step: str = "policy") -> dict:
     """Seeded fit check of an amortized posterior on ``n_obs`` prior-predictive observations (lenses,
     truths and noise from ``seed``; the same set for every checkpoint): per observation the median over
     ``n`` samples of chi2_nu over the image and inside the arc, the mean log r, the ELBO, and the median
     per-pixel posterior std (physical units); and the medians of those over observations. Beside them,
     the truth's own chi2_nu over the image and inside its arc: exact posterior samples are exchangeable
     with the truth given y, so their chi2 should match these, not 1 exactly. Used to compare training
-    stages (data/pretrained/README.md); not a calibration (that is ``calibrate``)."""
+    stages (data/pretrained/README.md); not a calibration (that is ``calibrate``). ``last_step``:
+    ``policy`` (the network's own) or ``gauss_newton`` (the twisted step of ``rtb_amortized_gn``)."""
     from pipeline.io.checkpoint import load_checkpoint
     from pipeline.lensing.amortized import MultiLensProblem
     from pipeline.lensing.config import load_lensing_config
@@ -490,6 +511,8 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
 
     if n_obs < 1 or n < 2:
         raise ValueError(f"check_posterior needs n_obs >= 1 and n >= 2 samples (got {n_obs}, {n})")
+    if last_step not in ("policy", "gauss_newton"):
+        raise ValueError(f"last_step must be 'policy' or 'gauss_newton', got {last_step!r}")
     if noise_sigma is None:  # an exported posterior records the noise level it was trained with
         hp = load_checkpoint(checkpoint, names=[]).hparams
         if "lensing" not in hp:
@@ -506,7 +529,8 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
         problem, truth, y = _seeded_observation(lcfg, prior, chain, rng, gen, noise_sigma)
         if post is None:  # loaded once; each observation brings its own lens
             post, _, _ = load_amortized(checkpoint, prior, problem)
-        smp = rtb_amortized_samples(post, MultiLensProblem([problem]), y, n, gen, n)
+        step = gauss_newton_last_step(post, problem, y) if last_step == "gauss_newton" else None
+        smp = rtb_amortized_samples(post, MultiLensProblem([problem]), y, n, gen, n, last_step=step)
         chi = chi2_per_sample(problem, smp.x0, y)
         rows["chi2_nu"].append(float(np.median(chi["chi2_nu"])))
         rows["chi2_arc_nu"].append(float(np.nanmedian(chi["chi2_arc_nu"])))
@@ -516,5 +540,6 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
         chi_t = chi2_per_sample(problem, truth.reshape(1, *smp.x0.shape[1:]).to(smp.x0), y)
         rows["truth_chi2_nu"].append(float(chi_t["chi2_nu"][0]))
         rows["truth_chi2_arc_nu"].append(float(chi_t["chi2_arc_nu"][0]))
-    return {"posterior": str(checkpoint), "n_obs": n_obs, "n_samples": n, "seed": seed, "noise_sigma": noise_sigma,
+    return {"posterior": str(checkpoint), "last_step": last_step, "n_obs": n_obs, "n_samples": n, "seed": seed,
+            "noise_sigma": noise_sigma,
             **{f"{k}_median": float(np.median(v)) for k, v in rows.items()}, "per_observation": rows}

@@ -153,16 +153,22 @@ def evaluate_states(posterior, xs: dict, y=None, cond=None, *, eps_p=None, guide
 
 @torch.no_grad()
 def policy_rollout(posterior, n: int, y=None, cond=None, *, generator=None, std_scale: float = 1.0,
-                   behaviour=None, groups=None, device=None, source=None, dtype=torch.float32) -> RTBBatch:
+                   behaviour=None, groups=None, device=None, source=None, dtype=torch.float32,
+                   last_step=None) -> RTBBatch:
     """Roll out q_phi from x_K ~ N(0, I) and score every step under q_phi and p_theta.
 
     ``std_scale`` tempers the step noise (exploration); ``behaviour``: an optional extra mean offset
     ``(x, k, eps_p, y) -> offset`` (e.g. DPS guidance) used during this rollout only. In both cases
     log q is that of the untempered, unguided q_phi, so the off-policy loss stays exact.
+    ``last_step``: an optional replacement of the step x_2 -> x_1, ``(x_2, eps_p, q's mean, noise) ->
+    (x_1, log q)`` (e.g. :class:`pipeline.rtb.twisted_step.GaussNewtonLastStep`); the trajectory is
+    then scored under that step's own density (sampling only, not with tempering or behaviour).
     (This is :func:`pipeline.diffusion.sampling.rollout`'s loop with a per-step std, which q_phi
     has when it learns its variance.)
     """
     chain, prior = posterior.chain, posterior.prior
+    if last_step is not None and (std_scale != 1.0 or behaviour is not None):
+        raise ValueError("a replaced last step is for sampling; it does not combine with tempering or behaviour")
     device = torch.device(device) if device is not None else prior.device
     y_n = expand_obs(posterior.problem, y, n)
     y_n = None if y_n is None else y_n.to(device)
@@ -181,8 +187,11 @@ def policy_rollout(posterior, n: int, y=None, cond=None, *, generator=None, std_
             with torch.enable_grad():
                 centre = mean + behaviour(x, k, eps_p, y_n).detach()
         noise = torch.randn(shape, generator=generator, dtype=dtype).to(device)
-        x_new = (centre + std_scale * std * noise).detach()
-        log_q[k] = gaussian_log_prob(x_new, mean, std)
+        if k == 2 and last_step is not None:
+            x_new, log_q[k] = last_step(x, eps_p, mean, noise)
+        else:
+            x_new = (centre + std_scale * std * noise).detach()
+            log_q[k] = gaussian_log_prob(x_new, mean, std)
         log_p[k] = gaussian_log_prob(x_new, chain.reverse_mean(x, eps_p, k), chain.reverse_std(k))
         xs[k], eps_c[k], guides[k] = x, eps_p, g
         x = x_new

@@ -7,6 +7,8 @@ Method names, used everywhere (configs, results files, tables):
 ``rtb_amortized``         RTB posterior conditioned on y (built by :mod:`pipeline.rtb`)
 ``rtb_amortized_is``      the same, each returned sample importance-resampled from its own group of
                           ``particles`` RTB trajectories (weights r p / q; lensing ``sample``)
+``rtb_amortized_gn``      the same, its last step x_2 -> x_1 replaced by the prior's kernel times the
+                          likelihood, linearised by Gauss-Newton (:mod:`pipeline.rtb.twisted_step`; GPU)
 ``rtb_dps``               RTB with DPS guidance in the parameterisation (built by :mod:`pipeline.rtb`)
 ``rtb_dps_cla``           RTB with DPS+CLA guidance (built by :mod:`pipeline.rtb`)
 ``dps``                   DPS, guidance through the network, tuned scale (:mod:`.dps`)
@@ -30,9 +32,10 @@ import inspect
 from pipeline.errors import PipelineError
 from pipeline.samplers.base import Sampler, Samples
 
-METHODS: tuple[str, ...] = ("rtb", "rtb_amortized", "rtb_dps", "rtb_dps_cla", "rtb_amortized_is", "dps", "dps_cla",
-                            "cla", "exact_guidance", "prior_is", "fps", "fps_smc")
-RTB_METHODS: tuple[str, ...] = ("rtb", "rtb_amortized", "rtb_dps", "rtb_dps_cla", "rtb_amortized_is")
+METHODS: tuple[str, ...] = ("rtb", "rtb_amortized", "rtb_dps", "rtb_dps_cla", "rtb_amortized_is", "rtb_amortized_gn",
+                            "dps", "dps_cla", "cla", "exact_guidance", "prior_is", "fps", "fps_smc")
+RTB_METHODS: tuple[str, ...] = ("rtb", "rtb_amortized", "rtb_dps", "rtb_dps_cla", "rtb_amortized_is", "rtb_amortized_gn")
+AMORTIZED_METHODS: tuple[str, ...] = ("rtb_amortized", "rtb_amortized_is", "rtb_amortized_gn")  # one network, many y
 TRAINING_FREE: tuple[str, ...] = tuple(m for m in METHODS if m not in RTB_METHODS)
 TUNED_METHODS: tuple[str, ...] = ("dps", "dps_cla")   # heuristic scale: tune on a separate seed
 LINEAR_ONLY: tuple[str, ...] = ("dps_cla", "cla", "exact_guidance", "fps", "fps_smc", "rtb_dps_cla")

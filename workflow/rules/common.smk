@@ -26,6 +26,7 @@ wildcard_constraints:
             "rtb_dps",
             "rtb_dps_cla",
             "rtb_amortized_is",
+            "rtb_amortized_gn",
             "dps",
             "dps_cla",
             "cla",
