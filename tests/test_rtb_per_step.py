@@ -66,6 +66,33 @@ def test_per_step_options_are_off_by_default_and_keep_old_config_hashes():
     assert set(make_posterior(prior, problem, cfg2).per_step_parameters()) == {"step_log_var"}
 
 
+def test_guidance_gain_init_scales_the_starting_guidance_and_is_validated():
+    prior, problem, y, cfg = _setup(learn_step_scale=False)
+    assert "guidance_gain_init" not in cfg.hash_fields()  # neutral 1.0: old run hashes are kept
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
+    k = 3
+    base = make_posterior(prior, problem, cfg)
+    eps_p = prior.eps(x, base.timesteps(k, 5, x.device))
+    guide = base.guide(x, k, eps_p, y)
+    m_noguide, _ = base.step_params(x, k, eps_p, y, guide=None)
+    m1, _ = base.step_params(x, k, eps_p, y, guide=guide)
+    weak_cfg = RTBConfig(**{**cfg.__dict__, "guidance_gain_init": 0.25})
+    assert weak_cfg.hash_fields()["guidance_gain_init"] == 0.25
+    weak = make_posterior(prior, problem, weak_cfg)
+    torch.testing.assert_close(weak.guidance_log_gain, torch.full((cfg.K + 1,), math.log(0.25)))
+    m_weak, _ = weak.step_params(x, k, eps_p, y, guide=guide)
+    torch.testing.assert_close(m_weak - m_noguide, 0.25 * (m1 - m_noguide), rtol=1e-5, atol=1e-6)
+    # the spec carries it, so a rebuilt posterior starts from the same gain
+    assert posterior_spec(prior, weak_cfg)["guidance_gain_init"] == 0.25
+    # the config rejects a gain <= 0 with a one-line error (test_rtb_trainer); the module too
+    try:
+        make_posterior(prior, problem, RTBConfig(**{**cfg.__dict__, "guidance_gain_init": 0.0}))
+    except ValueError as e:
+        assert "guidance_gain_init" in str(e)
+    else:
+        raise AssertionError("guidance_gain_init 0 accepted")
+
+
 def test_per_step_scalars_are_checkpointed_resumed_and_reloaded(tmp_path):
     prior, problem, y, cfg = _setup(steps=20)
     spec = posterior_spec(prior, cfg)

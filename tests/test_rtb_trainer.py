@@ -204,6 +204,7 @@ def test_rtb_config_validation_one_line_errors(tmp_path):
                              ("features: [x0hat, bogus]", "rtb.features"),
                              ("learn_guidance_gain: maybe", "rtb.learn_guidance_gain"),
                              ("lr_per_step: -1", "rtb.lr_per_step"),
+                             ("guidance_gain_init: 0", "rtb.guidance_gain_init"),
                              ("amortized: true\n  logz: vargrad\n  batch_size: 30\n  group_size: 8", "rtb.group_size")):
         p.write_text(f"rtb:\n  {body}\n")
         with pytest.raises(ConfigError, match=field_name):

@@ -27,6 +27,9 @@ class RTBConfig:
     guidance: str = field(default="none", metadata={"choices": ["none", "dps", "dps_cla"]})
     guidance_scale: float = field(default=1.0, metadata={"min": 0})
     learn_guidance_gain: bool = False  # one learned log-gain per chain step on the guidance offset
+    # its value at initialisation (every step): below 1 the start is a weaker-guided chain, which keeps a
+    # guidance that points at the wrong modes from locking the policy onto them (README, bench gmm 80-D)
+    guidance_gain_init: float = field(default=1.0, metadata={"gt": 0})
     guided_variance: bool = False  # per-pixel step variance from diag(A^T A / sigma^2), learned per-step gain
     # objective
     amortized: bool = False
@@ -92,7 +95,8 @@ class RTBConfig:
         # Options added after checkpoints exist are left out while at their neutral value, so a new
         # option that is off does not orphan runs made before it existed (same recipe, same hash).
         for k, neutral in (("lora_rank", 0), ("learn_step_scale", False), ("learn_guidance_gain", False),
-                            ("lr_per_step", 1e-2), ("guided_variance", False)):
+                            ("lr_per_step", 1e-2), ("guided_variance", False),
+                            ("guidance_gain_init", 1.0)):
             if d.get(k) == neutral:
                 d.pop(k)
         return d

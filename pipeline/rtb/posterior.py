@@ -122,7 +122,7 @@ class RTBPosterior(nn.Module):
     def __init__(self, prior, chain: Chain, model: nn.Module, *, mode: str = "residual", problem=None,
                  features: tuple[str, ...] = (), guidance=None, learn_variance: bool = False,
                  learn_step_scale: bool = False, learn_guidance_gain: bool = False,
-                 guided_variance: bool = False):
+                 guidance_gain_init: float = 1.0, guided_variance: bool = False):
         super().__init__()
         if mode not in ("residual", "replace"):
             raise ValueError(f"posterior mode must be 'residual' or 'replace', got {mode!r}")
@@ -143,7 +143,9 @@ class RTBPosterior(nn.Module):
         self.step_log_var = nn.Parameter(torch.zeros(chain.K + 1)) if learn_step_scale else None
         # One log-gain per chain step on the frozen guidance offset: lets training set the guidance
         # strength step by step (a head must otherwise learn a d -> d linear map of the guidance).
-        self.guidance_log_gain = (nn.Parameter(torch.zeros(chain.K + 1))
+        if not guidance_gain_init > 0:
+            raise ValueError(f"guidance_gain_init must be > 0, got {guidance_gain_init!r}")
+        self.guidance_log_gain = (nn.Parameter(torch.full((chain.K + 1,), math.log(guidance_gain_init)))
                                   if learn_guidance_gain and guidance is not None else None)
         # A data-informed per-pixel step variance with one learned log-gain per step (see
         # guided_variance_offset); the prior chain's step noise at high SNR is what the mean cannot undo.
@@ -355,6 +357,7 @@ def posterior_spec(prior, cfg, cond_dim: int = 0, cond_channels: int = 0) -> dic
             "guidance": cfg.guidance, "guidance_scale": cfg.guidance_scale, "learn_variance": learn_var,
             "learn_step_scale": bool(getattr(cfg, "learn_step_scale", False)),
             "learn_guidance_gain": bool(getattr(cfg, "learn_guidance_gain", False)),
+            "guidance_gain_init": float(getattr(cfg, "guidance_gain_init", 1.0)),
             "guided_variance": bool(getattr(cfg, "guided_variance", False))}
 
 
@@ -389,4 +392,5 @@ def build_posterior(prior, problem, spec: dict) -> RTBPosterior:
                         guidance=guidance, learn_variance=spec.get("learn_variance", False),
                         learn_step_scale=spec.get("learn_step_scale", False),
                         learn_guidance_gain=spec.get("learn_guidance_gain", False),
+                        guidance_gain_init=spec.get("guidance_gain_init", 1.0),
                         guided_variance=spec.get("guided_variance", False))
