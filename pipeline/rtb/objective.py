@@ -95,10 +95,22 @@ class RTBBatch:
                         source="+".join(sorted({b.source for b in batches})))
 
 
-def _expand(v, n):
-    """Per-sample copy (n, ...) of an observation/cond given per sample or once."""
+def _expand(v, n, shape=None):
+    """Per-sample copy (n, *shape) of a conditioning given once (``shape``) or per sample ((n, *shape)).
+
+    ``shape`` is one observation's conditioning shape (``RTBPosterior.cond_shape``); with it the two
+    forms cannot be confused, also when the batch size equals the conditioning's first axis (a lensing
+    map of 2 channels sampled 2 at a time). Without it (a model that does not say), a tensor of 2+
+    dimensions whose first axis is n is taken as per sample."""
     if v is None:
         return None
+    if shape is not None and shape != ():
+        if tuple(v.shape) == tuple(shape):
+            return v.unsqueeze(0).expand(n, *v.shape)
+        if tuple(v.shape) == (n, *shape):
+            return v
+        raise ValueError(f"conditioning has shape {tuple(v.shape)}; expected {tuple(shape)} (one observation) "
+                         f"or {(n, *shape)} (one per sample)")
     return v if v.shape[0] == n and v.ndim >= 2 else v.unsqueeze(0).expand(n, *v.shape)
 
 
@@ -126,7 +138,7 @@ def evaluate_states(posterior, xs: dict, y=None, cond=None, *, eps_p=None, guide
     K = chain.K
     n = xs[1].shape[0]
     y = expand_obs(problem, y, n)
-    cond = _expand(cond, n) if cond is not None else None
+    cond = _expand(cond, n, getattr(posterior, "cond_shape", None)) if cond is not None else None
     eps_p = dict(eps_p or {})
     for k in range(1, K + 1):
         if k not in eps_p:
@@ -172,7 +184,7 @@ def policy_rollout(posterior, n: int, y=None, cond=None, *, generator=None, std_
     device = torch.device(device) if device is not None else prior.device
     y_n = expand_obs(posterior.problem, y, n)
     y_n = None if y_n is None else y_n.to(device)
-    cond_n = _expand(cond, n) if cond is not None else None
+    cond_n = _expand(cond, n, getattr(posterior, "cond_shape", None)) if cond is not None else None
     cond_n = None if cond_n is None else cond_n.to(device)
     shape = (n, *prior.event_shape)
     x = torch.randn(shape, generator=generator, dtype=dtype).to(device)

@@ -157,6 +157,18 @@ class RTBPosterior(nn.Module):
                                   if guided_variance else None)
         self.eval()  # deterministic everywhere (pass 1 and pass 2 must agree)
 
+    @property
+    def cond_shape(self) -> tuple[int, ...] | None:
+        """Shape of ONE observation's conditioning input (amortized posteriors): ``(cond_dim,)`` for the
+        MLP head, ``(cond_channels, H, W)`` for the U-Net head; ``()`` when unconditioned; ``None``
+        where the model does not say (the full eps-network copy)."""
+        m = self.model
+        if isinstance(m, MLPCorrection):
+            return (m.cond_dim,) if m.cond_dim else ()
+        if isinstance(m, UNetCorrection):
+            return (m.cond_channels, *tuple(self.prior.event_shape)[1:]) if m.cond_channels else ()
+        return None
+
     # -- pieces ------------------------------------------------------------------------------
     def timesteps(self, k: int | torch.Tensor, n: int, device) -> torch.Tensor:
         if isinstance(k, torch.Tensor):
