@@ -75,6 +75,12 @@ def test_tiny_benchmark_run_writes_json_and_figure(tmp_path):
     assert "dps" in data["cases"]["2d"]["tuning"]
     assert (tmp_path / "gmm_2d.png").is_file()
     assert "| 2d | dps |" in table(res)
+    # the wrong-modes column counts runs with mode TV > 0.5, per case and method
+    fake = {"cases": {"2d": {"summary": res["cases"]["2d"]["summary"],
+                             "runs": [{**r, "mode_tv": tv} for r, tv in zip(runs, (0.9, 0.2, 0.51))]}}}
+    rows = {line.split(" | ")[1]: line.split(" | ")[5] for line in table(fake).splitlines() if line.startswith("| 2d |")}
+    by_method = {r["method"]: tv > 0.5 for r, tv in zip(runs, (0.9, 0.2, 0.51))}
+    assert rows == {m: f"{int(w)}/1" for m, w in by_method.items()}
 
 
 def test_benchmark_resumes_finished_cases_and_runs_cases_in_workers(tmp_path, caplog):
