@@ -763,7 +763,7 @@ def table(result: dict) -> str:
     n_logz = next((r.get("n_logz") for c in result["cases"].values() for r in c.get("runs", []) if r.get("n_logz")),
                   None)
     large = f"abs(logZ_IW - ref), {n_logz:,} traj." if n_logz else "abs(logZ_IW - ref), RTB large"
-    lines = ["| case | method | excess sw | excess sw, row space of A | mode TV | mode TV > 0.5 | abs(logZ_IW - ref) "
+    lines = [f"| case | method | excess sw | excess sw, row space of A | mode TV | mode TV > {MODE_TV_WRONG} | abs(logZ_IW - ref) "
              f"| {large} | abs(ELBO - ref) | s | NFE/sample | particles | diverged |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
