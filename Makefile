@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CORES  ?= 2
 
-.PHONY: demo test install clean-results
+.PHONY: demo results-page test install clean-results
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/snakemake --cores $(CORES) --configfile config/config.yaml
+	$(MAKE) results-page
+
+# docs/results/lensing.md from the calibration summaries of the last run (figures and JSON copied beside it)
+results-page: $(STAMP)
+	$(PY) -m pipeline report --calibration results/calibration --out docs/results/lensing.md \
+		--results-page --command "make demo" --title "Lensing calibration (make demo)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests

@@ -1,9 +1,10 @@
-"""Report: ranking rule, acceptance checks, formatting and errors on hand-made summaries."""
+"""Report: TARP sentence, acceptance checks, formatting, the results page and errors on hand-made
+summaries."""
 
 import json
 
 from pipeline.cli import main
-from pipeline.commands.report import acceptance, logz_summary, tarp_ranking
+from pipeline.commands.report import acceptance, coverage_cell, logz_summary, tarp_sentence
 
 
 def _r(dev, ci, chi=1.0, arc=1.0, p95=0.2):
@@ -11,15 +12,21 @@ def _r(dev, ci, chi=1.0, arc=1.0, p95=0.2):
             "chi2_arc_median": arc, "n_obs": 30, "n_samples": 16, "n_alpha_bins": 10, "logz": None}
 
 
-def test_ranking_only_for_disjoint_intervals():
-    tiers, sentence = tarp_ranking({"a": _r(0.1, [0.05, 0.2]), "b": _r(0.15, [0.1, 0.25]),
-                                    "c": _r(0.5, [0.4, 0.6])})
-    assert tiers == [["a", "b"], ["c"]]
-    assert "{a, b} (not ranked among themselves) < c" in sentence
-    tiers, sentence = tarp_ranking({"a": _r(0.1, [0.05, 0.3]), "b": _r(0.2, [0.1, 0.25])})
-    assert tiers == [["a", "b"]] and "not ranked" in sentence
-    tiers, _ = tarp_ranking({"a": _r(0.1, [0.05, 0.12]), "b": _r(0.2, [0.15, 0.25])})
-    assert tiers == [["a"], ["b"]]
+def test_tarp_sentence_never_ranks_methods():
+    # overlapping or disjoint bootstrap intervals of a maximum are no comparison: the report only says
+    # which methods are inside their exact-sampler null
+    sentence = tarp_sentence({"a": _r(0.1, None), "b": _r(0.15, None), "c": _r(0.5, None)})
+    assert "inside the exact-sampler null's 95th percentile: `a`, `b`" in sentence
+    assert "outside it: `c`" in sentence and "not ranked" in sentence
+    assert "<" not in sentence
+
+
+def test_coverage_cell_shows_the_exact_sampler_level():
+    r = {"coverage68": 0.761, "coverage68_ref": 23 / 33, "coverage68_footprint": 0.7}
+    assert coverage_cell(r, "coverage68") == "0.761 (0.697)"
+    # the footprint falls back to the all-pixel reference (same n, same rank rule)
+    assert coverage_cell(r, "coverage68_footprint") == "0.700 (0.697)"
+    assert coverage_cell({"coverage95": 0.9}, "coverage95") == "0.900"
 
 
 def test_acceptance_and_logz():
@@ -44,4 +51,25 @@ def test_report_errors(tmp_path, capsys):
     assert "missing.png" in capsys.readouterr().err and not (tmp_path / "r.md").exists()
     assert main(["report", "--calibration", str(tmp_path / "cal"), "--out", str(tmp_path / "r.md")]) == 0
     text = (tmp_path / "r.md").read_text()
-    assert "| prior | m | 30 | 16 | 0.100 [0.000, 0.200] | 0.200 | yes |" in text
+    assert "| prior | m | 30 | 16 | 0.100 | n/a | 0.200 | yes |" in text
+    assert "[0.000, 0.200]" not in text  # no bootstrap interval of the maximum
+
+
+def test_results_page_names_its_origin_and_copies_assets(tmp_path):
+    cal = tmp_path / "results" / "calibration"
+    (cal / "prior").mkdir(parents=True)
+    png = cal / "prior" / "coverage_prior.png"
+    png.write_bytes(b"\x89PNG fake")
+    r = {**_r(0.1, None), "coverage68": 0.7, "coverage68_ref": 23 / 33, "truth_chi2_median": 1.02,
+         "truth_chi2_arc_median": 1.05, "tarp_p_value": 0.4}
+    (cal / "prior" / "summary.json").write_text(json.dumps(
+        {"sets": {"prior": {"m": r}}, "figures": {"prior": {"coverage": "coverage_prior.png", "lenses": {}}}}))
+    page = tmp_path / "docs" / "results" / "lensing.md"
+    assert main(["report", "--calibration", str(cal), "--out", str(page), "--results-page",
+                 "--command", "make demo"]) == 0
+    text = page.read_text()
+    assert "Made by `make demo` at commit" in text
+    assert "`lensing/summary_prior.json`" in text and (page.parent / "lensing" / "summary_prior.json").is_file()
+    assert "](lensing/coverage_prior.png)" in text and (page.parent / "lensing" / "coverage_prior.png").is_file()
+    assert "0.700 (0.697)" in text and "**1.020** over the image, **1.050** in the arc" in text
+    assert "results/calibration" not in text.split("generated")[1]  # links point at the copies
