@@ -206,3 +206,32 @@ def test_mean_err_and_sharpness_come_from_the_samples_not_the_files_moments(tmp_
     assert r["mean_err"] == pytest.approx(err.mean(), rel=1e-5)
     np.testing.assert_allclose(r["per_obs"]["sharpness"], sh, rtol=1e-5)
     assert r["sharpness"] == pytest.approx(np.median(sh), rel=1e-5)
+
+
+def test_footprint_coverage_of_exact_samples_is_not_biased_low(tmp_path):
+    # exact Gaussian posteriors N(m, 0.15^2) per pixel around blob-shaped means, 32 samples, 80
+    # observations (no operator: coverage only). The footprint must not be chosen by the truth alone
+    # (that gives ~0.61 at the 68 % level here instead of the exact sampler's 23/33 = 0.697)
+    rng = np.random.default_rng(9)
+    n_obs, n, N = 80, 32, 16
+    yy, xx = np.mgrid[:N, :N] - (N - 1) / 2
+    obs_dir, post_dir = tmp_path / "obs", tmp_path / "post" / "exact"
+    obs_dir.mkdir()
+    for i in range(n_obs):
+        cx, cy = rng.normal(0, 2, 2)
+        m = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * rng.uniform(1.5, 3.0) ** 2))
+        truth = m + 0.15 * rng.normal(size=m.shape)
+        name = f"obs-{i:04d}.fits"
+        fits.HDUList([fits.PrimaryHDU()]).writeto(obs_dir / name)
+        write_posterior(post_dir / name, m + 0.15 * rng.normal(size=(n, N, N)), truth=truth, src_pixscale=0.05,
+                        method="exact", obs_file=name)
+    s = run_calibration([str(post_dir)], obs_dir, "heldout", tmp_path / "cal", loader=lambda p: (None, None, None),
+                        n_bins=5, n_boot=10, n_null=20, lens_figures=0)
+    r = s["sets"]["heldout"]["exact"]
+    # ~6,000 (observation, pixel) pairs: binomial sd ~0.006 (68 %) and ~0.003 (95 %); tolerances ~3.3 sd
+    assert r["coverage68_footprint"] == pytest.approx(23 / 33, abs=0.02)
+    assert r["coverage95_footprint"] == pytest.approx(31 / 33, abs=0.01)
+    assert 4_000 < r["footprint_pixels"] < 9_000
+    assert r["coverage68_footprint_ref"] == pytest.approx(23 / 33)
+    assert r["coverage95_footprint_ref"] == pytest.approx(31 / 33)
+    assert r["truth_chi2_median"] is None and s["truth_chi2"]["heldout"]["n_obs"] == 0  # no operator given

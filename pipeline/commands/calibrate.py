@@ -11,8 +11,8 @@ weighted samples, log Z per observation, and the figures.
 
 Output (one JSON per set; ``report`` merges every ``summary.json`` below its ``--calibration`` dir):
 ``OUT/summary.json`` = ``{"sets": {SET: {METHOD: {...metrics...}}}, "truth_chi2": {SET: {...}},
-"figures": {SET: {...}}, "settings": {...}}``; with ``--merge`` an existing ``OUT/summary.json`` keeps its other sets (one
-job at a time: the read-modify-write is not safe under concurrent jobs). Figures:
+"figures": {SET: {...}}, "settings": {...}}``; with ``--merge`` an existing ``OUT/summary.json``
+keeps its other sets (one job at a time: the read-modify-write is not safe under concurrent jobs). Figures:
 ``OUT/coverage_SET.png`` and ``OUT/lenses/SET_METHOD_OBS.png``.
 """
 
