@@ -1,15 +1,18 @@
 """``python -m pipeline calibrate``: calibration of posterior samplers on one observation set.
 
 For every method (one posterior FITS per observation, :mod:`pipeline.io.posterior`) it computes
-TARP expected coverage with bootstrap bands and the null distribution of max|ECP - alpha| for the
-same (n_obs, n_samples, alpha bins), rank-based per-pixel 68 %/95 % interval coverage (all pixels
-and inside the truth's footprint), chi2_nu per sample over the image and inside the arc, sharpness
-(posterior std / prior std) and the posterior-mean error, log Z per observation, and the figures.
+TARP expected coverage with bootstrap bands, the null distribution of max|ECP - alpha| for the
+same (n_obs, n_samples, alpha bins) and the p-value of the observed value under it, rank-based
+per-pixel 68 %/95 % interval coverage (all pixels and inside the footprint of the pooled mean of
+truth and samples) beside the level an exact sampler reaches with the same number of samples,
+chi2_nu per sample over the image and inside the arc (and the truth's own chi2_nu as its
+reference), sharpness (posterior std / prior std) and the posterior-mean error from the equally
+weighted samples, log Z per observation, and the figures.
 
 Output (one JSON per set; ``report`` merges every ``summary.json`` below its ``--calibration`` dir):
-``OUT/summary.json`` = ``{"sets": {SET: {METHOD: {...metrics...}}}, "figures": {SET: {...}},
-"settings": {...}}``; with ``--merge`` an existing ``OUT/summary.json`` keeps its other sets (one
-job at a time: the read-modify-write is not safe under concurrent jobs). Figures:
+``OUT/summary.json`` = ``{"sets": {SET: {METHOD: {...metrics...}}}, "truth_chi2": {SET: {...}},
+"figures": {SET: {...}}, "settings": {...}}``; with ``--merge`` an existing ``OUT/summary.json``
+keeps its other sets (one job at a time: the read-modify-write is not safe under concurrent jobs). Figures:
 ``OUT/coverage_SET.png`` and ``OUT/lenses/SET_METHOD_OBS.png``.
 """
 
@@ -57,7 +60,8 @@ def add_arguments(parser) -> None:
                         help="TARP coordinate normalisation: pooled min/max of samples and truths (default; keeps "
                              "the null exact for few observations), truths only (the tarp package), or none")
     parser.add_argument("--footprint-frac", type=float, default=0.1,
-                        help="footprint = truth > FRAC * peak(truth) (default 0.1)")
+                        help="footprint = pooled mean of truth and samples > FRAC * its peak, per observation "
+                             "(default 0.1)")
     parser.add_argument("--lens-figures", type=int, default=2,
                         help="per-lens figures per method (first N observations; default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the TARP references, bootstrap and null")
@@ -138,12 +142,25 @@ def _nan_to_none(obj):
     return obj
 
 
+def _median_or_none(values, nan_ok: bool = False):
+    """Median of the non-None values (NaN-ignoring with ``nan_ok``), None when there are none."""
+    v = np.array([x for x in values if x is not None], dtype=np.float64)
+    if nan_ok:
+        v = v[np.isfinite(v)]
+    return float(np.median(v)) if v.size else None
+
+
 def evaluate_method(records: list[dict], *, prior_std, n_bins: int, rng: np.random.Generator,
                     n_boot: int, null, footprint_frac: float, tarp_norm: str = "pooled") -> dict:
     """Metrics of one method on one set. ``records``: per observation, dicts with samples
-    (n_s, ny, nx), mean, std, truth, chi2 (dict from chi2_per_sample or None), logz, seconds, obs."""
-    from pipeline.metrics.coverage import footprint, interval_coverage
-    from pipeline.metrics.sharpness import mean_error, sharpness
+    (n_s, ny, nx), truth, chi2 (dict from chi2_per_sample or None), truth_chi2 (the truth's own
+    chi2_nu and chi2_arc_nu as floats, or None), logz, seconds, obs.
+
+    Every metric is computed from the equally weighted samples (a file's MEAN/STD are not read):
+    coverage beside ``exact_coverage_level(n_s, level)`` (keys ``*_ref``), mean error and sharpness
+    from the samples' mean and std (ddof 1)."""
+    from pipeline.metrics.coverage import exact_coverage_curve, exact_coverage_level, footprint, interval_coverage
+    from pipeline.metrics.sharpness import mean_error, sample_moments, sharpness
     from pipeline.metrics.tarp import tarp_summary
 
     samples = np.stack([r["samples"] for r in records])
@@ -151,34 +168,42 @@ def evaluate_method(records: list[dict], *, prior_std, n_bins: int, rng: np.rand
     n_obs, n_s = samples.shape[:2]
     t = tarp_summary(samples.reshape(n_obs, n_s, -1), truths.reshape(n_obs, -1), n_bins=n_bins, rng=rng,
                      n_boot=n_boot, null=null, norm=tarp_norm)
-    fp = footprint(truths, footprint_frac)
+    fp = footprint(truths, footprint_frac, samples=samples)
     cov = interval_coverage(samples, truths, levels=PIXEL_LEVELS)
     cov_fp = interval_coverage(samples, truths, levels=PIXEL_LEVELS, mask=fp)
+    ref = exact_coverage_curve(n_s, PIXEL_LEVELS).tolist()
     t["pixel_curve"] = {"levels": PIXEL_LEVELS, "all": [cov[c] for c in PIXEL_LEVELS],
-                        "footprint": [cov_fp[c] for c in PIXEL_LEVELS]}
+                        "footprint": [cov_fp[c] for c in PIXEL_LEVELS], "ref": ref}
     chis = [r["chi2"] for r in records if r.get("chi2") is not None]
     chi_all = np.concatenate([c["chi2_nu"] for c in chis]) if chis else np.array([])
     chi_arc = np.concatenate([c["chi2_arc_nu"] for c in chis]) if chis else np.array([])
-    means = np.stack([r["mean"] for r in records])
-    stds = np.stack([r["std"] for r in records])
+    truth_chi = [r.get("truth_chi2") or {} for r in records]
+    means, stds = sample_moments(samples)
     err = mean_error(means, truths)
+    ref68, ref95 = exact_coverage_level(n_s, 0.68), exact_coverage_level(n_s, 0.95)
     out = {
         "n_obs": int(n_obs),
         "n_samples": int(n_s),
         "n_alpha_bins": int(n_bins),
         "tarp_max_dev": t["tarp_max_dev"],
-        "tarp_max_dev_ci": t["tarp_max_dev_ci"],
+        "tarp_p_value": t["tarp_p_value"],
         "tarp_null_p50": t["tarp_null_p50"],
         "tarp_null_p95": t["tarp_null_p95"],
         "coverage68": cov[0.68],
         "coverage95": cov[0.95],
+        "coverage68_ref": ref68,
+        "coverage95_ref": ref95,
         "coverage68_footprint": cov_fp[0.68],
         "coverage95_footprint": cov_fp[0.95],
+        "coverage68_footprint_ref": ref68,
+        "coverage95_footprint_ref": ref95,
         "footprint_frac": footprint_frac,
         "footprint_pixels": int(fp.sum()),
         "chi2_median": float(np.median(chi_all)) if chi_all.size else None,
         "chi2_arc_median": float(np.nanmedian(chi_arc)) if np.isfinite(chi_arc).any() else None,
         "chi2_n_obs": len(chis),
+        "truth_chi2_median": _median_or_none([c.get("chi2_nu") for c in truth_chi]),
+        "truth_chi2_arc_median": _median_or_none([c.get("chi2_arc_nu") for c in truth_chi], nan_ok=True),
         "sharpness": None,
         "mean_err": float(np.mean(err)),
         "mean_err_rel": None,
@@ -192,6 +217,8 @@ def evaluate_method(records: list[dict], *, prior_std, n_bins: int, rng: np.rand
             "chi2_arc_median": [float(np.nanmedian(r["chi2"]["chi2_arc_nu"]))
                                 if r.get("chi2") and np.isfinite(r["chi2"]["chi2_arc_nu"]).any() else None
                                 for r in records],
+            "truth_chi2": [c.get("chi2_nu") for c in truth_chi],
+            "truth_chi2_arc": [c.get("chi2_arc_nu") for c in truth_chi],
         },
         "tarp": {k: t[k] for k in ("alpha", "ecp", "ecp_band", "null_band", "f", "pixel_curve")},
     }
@@ -201,6 +228,21 @@ def evaluate_method(records: list[dict], *, prior_std, n_bins: int, rng: np.rand
         out["per_obs"]["sharpness"] = sh.tolist()
         out["mean_err_rel"] = float(np.mean(err) / np.sqrt(np.mean(np.asarray(prior_std, float) ** 2)))
     return out
+
+
+def truth_chi2_summary(by_method: dict) -> dict:
+    """The truths' own chi2_nu under the inference operator, per set: one value per observation
+    (the first record that has it), medians over observations. Exact posterior samples are
+    exchangeable with the truth given y, so their chi2 medians should match these, not 1 exactly."""
+    per_obs: dict[str, dict] = {}
+    for recs in by_method.values():
+        for r in recs:
+            if r.get("truth_chi2") is not None and r["obs"] not in per_obs:
+                per_obs[r["obs"]] = r["truth_chi2"]
+    vals = list(per_obs.values())
+    return {"truth_chi2_median": _median_or_none([v["chi2_nu"] for v in vals]),
+            "truth_chi2_arc_median": _median_or_none([v["chi2_arc_nu"] for v in vals], nan_ok=True),
+            "n_obs": len(vals)}
 
 
 def _write_json_atomic(path: Path, data) -> None:
@@ -243,7 +285,7 @@ def run_calibration(posteriors, observations, set_name: str, out_dir, *, loader=
         if not obs_path.is_file():
             raise InputFileError(f, f"its observation {obs_path.name} is not in {obs_dir}", "OBSFILE")
         rec = {"samples": d["samples"], "mean": d["mean"], "std": d["std"], "truth": d["truth"], "chi2": None,
-               "logz": (d["logz"] if d["logz_available"] else None), "seconds": d["seconds"],
+               "truth_chi2": None, "logz": (d["logz"] if d["logz_available"] else None), "seconds": d["seconds"],
                "obs": obs_path.name, "file": f, "src_pixscale": d["src_pixscale"], "units": d["units"],
                "method": method, "residual": None, "obs_img": None, "obs_pix": None}
         by_method.setdefault(method, []).append(rec)
@@ -268,6 +310,9 @@ def run_calibration(posteriors, observations, set_name: str, out_dir, *, loader=
                 continue
             view = forward_view(problem, rec["units"])
             rec["chi2"] = chi2_per_sample(view, torch.from_numpy(rec["samples"]), y)
+            # the truth as if it were one sample: the reference for the samples' chi2
+            tc = chi2_per_sample(view, torch.from_numpy(rec["truth"][None]), y)
+            rec["truth_chi2"] = {"chi2_nu": float(tc["chi2_nu"][0]), "chi2_arc_nu": float(tc["chi2_arc_nu"][0])}
             if (rec["method"], rec["obs"]) in figure_obs:
                 img = np.asarray(y.detach().cpu() if hasattr(y, "detach") else y, dtype=np.float64)
                 if img.ndim == 2:  # an image (not a vector-valued toy problem)
@@ -305,6 +350,9 @@ def run_calibration(posteriors, observations, set_name: str, out_dir, *, loader=
     for method, recs in sorted(by_method.items()):
         recs.sort(key=lambda r: r["obs"])
         n_s = min(r["samples"].shape[0] for r in recs)
+        if n_s < 2:
+            short = next(r for r in recs if r["samples"].shape[0] < 2)
+            raise InputFileError(short["file"], "needs at least 2 samples for coverage and sharpness", "SAMPLES")
         if any(r["samples"].shape[0] != n_s for r in recs):
             log.warning("%s: sample counts differ between observations; using the first %d of each", method, n_s)
             for r in recs:
@@ -330,8 +378,8 @@ def run_calibration(posteriors, observations, set_name: str, out_dir, *, loader=
             pngs.append(str(png.relative_to(out_dir)))
         lens_pngs[method] = pngs
     cov_png = out_dir / f"coverage_{set_name}.png"
-    plot_coverage(cov_png, {m: {**r["tarp"], **{k: r[k] for k in ("tarp_max_dev", "tarp_null_p95", "n_obs",
-                                                                   "n_samples", "n_alpha_bins")}}
+    plot_coverage(cov_png, {m: {**r["tarp"], **{k: r[k] for k in ("tarp_max_dev", "tarp_null_p95", "tarp_p_value",
+                                                                   "n_obs", "n_samples", "n_alpha_bins")}}
                             for m, r in results.items()},
                   title=f"{set_name} set")
     summary_path = out_dir / "summary.json"
@@ -342,6 +390,7 @@ def run_calibration(posteriors, observations, set_name: str, out_dir, *, loader=
         except json.JSONDecodeError:
             raise InputFileError(summary_path, "existing summary is not valid JSON (remove it or drop --merge)")
     summary.setdefault("sets", {})[set_name] = results
+    summary.setdefault("truth_chi2", {})[set_name] = truth_chi2_summary(by_method)
     summary.setdefault("figures", {})[set_name] = {"coverage": cov_png.name, "lenses": lens_pngs}
     summary.setdefault("settings", {})[set_name] = {
         "n_alpha_bins": n_bins, "tarp_norm": tarp_norm, "n_boot": n_boot,
@@ -349,6 +398,9 @@ def run_calibration(posteriors, observations, set_name: str, out_dir, *, loader=
         "null_method": ("Gaussian simulation" if tarp_norm == "truths" else
                         "exact rank law (uniform ranks; checked against Gaussian simulation in the tests)"),
         "seed": seed, "footprint_frac": footprint_frac,
+        "footprint_rule": "pooled mean of truth and samples > footprint_frac x its peak, per observation",
+        "coverage_reference": "exact_coverage_level(n_samples, level): rank uniform on {0..n}, mid-rank rule",
+        "tarp_p_value": "fraction of null draws of max|ECP - alpha| >= the observed value",
         "pixel_levels": PIXEL_LEVELS, "tarp_band_percentiles": [2.5, 97.5], "prior_std_source": prior_source,
         "seconds_calibrate": round(time.time() - t0, 2),
     }

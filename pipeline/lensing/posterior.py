@@ -447,7 +447,12 @@ def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs
             idx = torch.multinomial(w.float().cpu(), n, replacement=True, generator=gen)
             x_net, x_phys = x_net[idx.to(x_net.device)], x_phys[idx.to(x_phys.device)]
         logz = None
-        if method not in PARTICLE_METHODS:
+        if method == "prior_is" and smp.info.get("logz_iw") is not None:
+            # one observation per call, so the sampler's estimate over all its n*M prior-chain
+            # proposals is this observation's log Z; the ELBO is the prior proposal's (mean log r)
+            logz = {"elbo": smp.info.get("prior_elbo"), "elbo_se": smp.info.get("prior_elbo_se"),
+                    "iw": smp.info["logz_iw"]}
+        elif method not in PARTICLE_METHODS:
             try:
                 est = estimate_logz_samples(smp)
                 logz = {"elbo": est.elbo, "elbo_se": est.elbo_se, "iw": est.iw}

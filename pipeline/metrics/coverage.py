@@ -1,13 +1,20 @@
-"""Rank-based per-pixel interval coverage (DESIGN section 8).
+"""Rank-based per-pixel interval coverage, compared with what an exact sampler reaches.
 
 For each observation and pixel, the truth's mid-rank among the n posterior samples gives
-``u = (n_below + n_equal/2 + 1/2) / (n + 1)``. For exact posterior samples the rank is uniform on
-{0, ..., n}, so u is uniform on the grid {(r + 1/2)/(n + 1)}; the central interval at level c covers
-the truth when |u - 1/2| <= c/2, with probability within 1/(n + 1) of c. Ties (e.g. pixels where
-every sample and the truth are 0) get u = 1/2 and count as covered.
+``u = (n_below + n_equal/2 + 1/2) / (n + 1)``. For exact posterior samples (continuous, no ties) the
+rank is uniform on {0, ..., n}, so u is uniform on the grid {(r + 1/2)/(n + 1)}; the central
+interval at level c covers the truth when |u - 1/2| <= c/2. With few samples the grid is coarse and
+an exact sampler does not reach c itself but :func:`exact_coverage_level` (e.g. 7/9 at c = 0.68 and
+n = 8, 23/33 at n = 32), which is the reference every coverage value is compared with. Ties (e.g.
+pixels where every sample and the truth are 0) get u = 1/2 and count as covered, so they lift
+coverage above the reference.
 
-Footprint: the pixels where the truth exceeds ``frac`` (default 0.1) times its own peak, per
-observation; sky pixels, where many samplers are trivially right, are left out there.
+Footprint: the pixels where the *pooled mean* of the truth and its n samples exceeds ``frac``
+(default 0.1) times that mean's peak, per observation. The rule is symmetric in the truth and the
+samples, so for exact samples the truth stays exchangeable with them inside the footprint and the
+footprint coverage has the same reference; selecting by the truth alone would favour pixels where
+the truth is high, i.e. ranked high, and bias coverage low. Sky pixels, where many samplers are
+trivially right, are left out there.
 """
 
 from __future__ import annotations
@@ -15,6 +22,23 @@ from __future__ import annotations
 import numpy as np
 
 DEFAULT_FOOTPRINT_FRAC = 0.1
+_EPS = 1e-12  # float slack of the |u - 1/2| <= c/2 test (u on a grid, c given in decimals)
+
+
+def _covered(u, level: float):
+    """The mid-rank rule: central interval at ``level`` holds the truth."""
+    return np.abs(np.asarray(u) - 0.5) <= level / 2 + _EPS
+
+
+def exact_coverage_level(n: int, level: float) -> float:
+    """Expected coverage of the central interval at ``level`` (a fraction in (0, 1)) for n exact
+    posterior samples without ties: the rank r is uniform on {0, ..., n} and the mid-rank rule
+    covers the r with |(r + 1/2)/(n + 1) - 1/2| <= level/2."""
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"need at least 1 sample, got {n}")
+    u = (np.arange(n + 1) + 0.5) / (n + 1)
+    return float(_covered(u, float(level)).mean())
 
 
 def rank_statistic(samples, truths) -> np.ndarray:
@@ -30,25 +54,32 @@ def rank_statistic(samples, truths) -> np.ndarray:
     return (below + 0.5 * equal + 0.5) / (n + 1)
 
 
-def footprint(truths, frac: float = DEFAULT_FOOTPRINT_FRAC) -> np.ndarray:
-    """Boolean mask (n_obs, *pix): truth > frac * max(truth) of the same observation (only where
-    that peak is positive)."""
-    truths = np.asarray(truths)
-    peak = truths.reshape(truths.shape[0], -1).max(1)
-    peak = peak.reshape((-1,) + (1,) * (truths.ndim - 1))
-    return (truths > frac * peak) & (peak > 0)
+def footprint(truths, frac: float = DEFAULT_FOOTPRINT_FRAC, samples=None) -> np.ndarray:
+    """Boolean mask (n_obs, *pix): image > frac * max(image) of the same observation (only where
+    that peak is positive). The image is the pooled mean of each truth (n_obs, *pix) and its
+    samples (n_obs, n, *pix) when ``samples`` is given (the rule for coverage), else the truth."""
+    img = np.asarray(truths, dtype=np.float64)
+    if samples is not None:
+        s = np.asarray(samples, dtype=np.float64)
+        if s.shape[0] != img.shape[0] or s.shape[2:] != img.shape[1:]:
+            raise ValueError(f"samples {s.shape} do not match truths {img.shape}")
+        img = (img + s.sum(1)) / (s.shape[1] + 1)
+    peak = img.reshape(img.shape[0], -1).max(1)
+    peak = peak.reshape((-1,) + (1,) * (img.ndim - 1))
+    return (img > frac * peak) & (peak > 0)
 
 
 def interval_coverage(samples, truths, levels=(0.68, 0.95), mask=None) -> dict:
     """Fraction of (observation, pixel) pairs whose central interval at each level holds the truth.
 
-    mask: optional boolean (n_obs, *pix) selection (e.g. :func:`footprint`). Returns
-    {level: fraction} (NaN when the selection is empty)."""
+    mask: optional boolean (n_obs, *pix) selection (e.g. :func:`footprint`; it must not depend on
+    the truth alone). Returns {level: fraction} (NaN when the selection is empty); compare each with
+    ``exact_coverage_level(n_samples, level)``."""
     u = rank_statistic(samples, truths)
     sel = np.ones(u.shape, bool) if mask is None else np.asarray(mask, bool)
     out = {}
     for c in levels:
-        hit = np.abs(u - 0.5) <= c / 2 + 1e-12
+        hit = _covered(u, c)
         out[float(c)] = float(hit[sel].mean()) if sel.any() else float("nan")
     return out
 
@@ -57,3 +88,8 @@ def coverage_curve(samples, truths, levels, mask=None) -> np.ndarray:
     """Per-pixel empirical coverage at each nominal level (for the coverage figure)."""
     cov = interval_coverage(samples, truths, levels=tuple(levels), mask=mask)
     return np.array([cov[float(c)] for c in levels])
+
+
+def exact_coverage_curve(n: int, levels) -> np.ndarray:
+    """:func:`exact_coverage_level` at each nominal level: the exact-sampler line of the figure."""
+    return np.array([exact_coverage_level(n, c) for c in levels])

@@ -1,15 +1,29 @@
-"""Sharpness beside coverage (DESIGN section 8): a sampler that ignores y is calibrated, so report
-how much narrower the posterior is than the prior and how far its mean is from the truth.
+"""Sharpness beside coverage: a sampler that ignores y is calibrated, so report how much narrower
+the posterior is than the prior and how far its mean is from the truth.
+
+Both are computed from the equally weighted returned samples (:func:`sample_moments`), like coverage
+and TARP, never from a file's MEAN/STD (for particle methods those are weighted moments of all
+particles, a different estimator).
 
 - ``sharpness`` per observation = sqrt(mean_pixels Var_post) / sqrt(mean_pixels Var_prior): the
   RMS posterior std over the RMS prior std (a ratio of pixel-averaged variances, so pixels where
   the prior std is ~0, e.g. empty corners, cannot blow it up). 1 = no information gained.
-- ``mean_error`` per observation = RMS over pixels of (posterior mean - truth), in image units.
+- ``mean_error`` per observation = RMS over pixels of (posterior mean - truth), in the units of the
+  samples (source surface brightness, the posterior file's BUNIT).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+
+def sample_moments(samples) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel mean and std (ddof = 1, unbiased variance) of equally weighted samples
+    (n_obs, n, *pix) -> two (n_obs, *pix) float64 arrays, in the samples' units."""
+    s = np.asarray(samples, dtype=np.float64)
+    if s.ndim < 2 or s.shape[1] < 2:
+        raise ValueError(f"need (n_obs, n >= 2, ...) samples for a std, got {s.shape}")
+    return s.mean(1), s.std(1, ddof=1)
 
 
 def prior_std_map(prior_samples) -> np.ndarray:
