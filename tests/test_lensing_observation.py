@@ -348,7 +348,12 @@ def test_simulate_and_inspect_commands(tmp_path, capsys):
     with fits.open(out / "obs-0002.fits") as f:
         h = f[0].header
         assert h["SPLIT"] == "TEST" and h["LENS_RE"] == pytest.approx(man["observations"][2]["lens"]["rein"])
+        # user sources have no generation parameters: rendered constant over each source pixel, whose
+        # block average is the source itself
         assert np.array_equal(f["TRUTH"].data, splits["TEST"][h["SRCIDX"]])
+        assert h["SRCKIND"] == "user" == man["observations"][2]["kind"] and h["FINEFAC"] == 2
+        assert h["TRCHI2"] == pytest.approx(man["observations"][2]["truth_chi2_nu"], abs=1e-5)
+    assert man["per_kind"]["user"]["n"] == 4 and summary["per_kind"] == man["per_kind"]
     r = _run(capsys, "inspect", out / "obs-0001.fits", "--config", cfg, "--json")
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)

@@ -171,3 +171,49 @@ def test_config_errors_are_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pipeline", "sources", "--config", str(cfgf), "--out", str(out)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "lensing.sources" in r.stderr and not out.exists()
+
+
+def test_sources_file_keeps_generation_parameters_that_reproduce_each_source(tmp_path):
+    """The KINDS table holds each source's parameters: GalSim galaxies redrawn from them equal the cube
+    bit for bit; HDF objects re-cut at one HDF pixel per source pixel equal the stamps (1e-6 of the
+    peak); both keep their recorded flux when re-rendered twice finer. A file without them (or a
+    user source) is handled: one-line error naming KINDS.<column>, or constant over each pixel."""
+    from pipeline.lensing.sources import (read_source_records, render_galsim, render_hdf, render_source_fine,
+                                          write_sources)
+
+    cfg = SourcesConfig(seed=4, n_galsim=10, n_hst=10)
+    res = build_sources(cfg, NPIX, PIX)
+    path = tmp_path / "src.fits"
+    write_sources(path, res, cfg, NPIX, PIX, "0" * 16)
+    for split in ("TRAIN", "TEST"):
+        arr, _ = read_sources(path, split)
+        recs = read_source_records(path, split)
+        assert [r["KIND"] for r in recs] == res["kinds"][split]
+        for img, rec in zip(arr, recs):
+            if rec["KIND"] == "galsim":
+                assert np.array_equal(render_galsim(rec, NPIX, PIX).astype(np.float32), img)
+            else:
+                st = render_hdf(rec["HDF_LAB"], rec["HDF_Y"], rec["HDF_X"], NPIX, 1.0)
+                st = st / st.sum() * rec["FLUX"] / PIX ** 2
+                assert np.abs(st - img).max() < 1e-6 * img.max()
+            fine = render_source_fine(rec, img, PIX, 2)
+            assert fine.shape == (2 * NPIX, 2 * NPIX)
+            flux = fine.sum() * (PIX / 2) ** 2
+            if rec["KIND"] == "hst":
+                assert flux == pytest.approx(rec["FLUX"], rel=1e-9)
+            else:   # the same galaxy, so the same flux on the field to 2 %
+                assert flux == pytest.approx(img.sum() * PIX ** 2, rel=0.02)
+    # a user source has no parameters: constant over each source pixel
+    user = np.arange(16.0).reshape(4, 4)
+    assert np.array_equal(render_source_fine({"KIND": "user"}, user, PIX, 3)[3:6, 6:9], np.full((3, 3), 6.0))
+    # an older file without the parameter columns: a one-line error naming the column
+    with fits.open(path) as f:
+        hl = fits.HDUList([h.copy() for h in f])
+    hl["KINDS"] = fits.BinTableHDU.from_columns(hl["KINDS"].columns[:3], name="KINDS")
+    old = tmp_path / "old.fits"
+    hl.writeto(old)
+    recs = read_source_records(old, "TEST")
+    i = [r["KIND"] for r in recs].index("galsim")
+    with pytest.raises(InputFileError, match=r"old\.fits \[KINDS\.FLUX\].*rebuild") as e:
+        render_source_fine(recs[i], read_sources(old, "TEST")[0][i], PIX, 2, path=old, index=i)
+    assert "\n" not in str(e.value)

@@ -43,10 +43,19 @@ def _loguniform(rng, lo, hi):
 
 
 # ------------------------------------------------------------------------------------------ GalSim
-def galsim_galaxy(rng: np.random.Generator, cfg: GalSimConfig, npix: int, pixscale: float) -> np.ndarray:
-    """One parametric galaxy (npix, npix) float64 in surface brightness [flux / arcsec^2]."""
-    import galsim
+# Per-source generation parameters stored in the sources file (KINDS table), so that a source can be
+# re-rendered at another pixel scale. Columns that do not apply to a kind hold NaN (floats) or -1 (ints).
+GALSIM_PARAMS = ("FLUX", "BULGE_F", "BULGE_N", "BULGE_HLR", "DISK_HLR", "KNOT_F", "N_KNOTS", "KNOT_SEED", "G",
+                 "BETA", "DX", "DY", "SMOOTH")
+HST_PARAMS = ("FLUX", "HDF_LAB", "HDF_Y", "HDF_X")
+INT_PARAMS = ("N_KNOTS", "KNOT_SEED", "HDF_LAB")
 
+
+def draw_galsim_params(rng: np.random.Generator, cfg: GalSimConfig) -> dict:
+    """The parameters of one parametric galaxy: FLUX [flux], BULGE_F, BULGE_N (NaN without bulge),
+    BULGE_HLR / DISK_HLR [arcsec], KNOT_F, N_KNOTS, KNOT_SEED (GalSim seed of the knot positions, -1
+    without knots), G (reduced shear of the disk; the bulge gets G/2), BETA [rad], DX / DY [arcsec] and
+    SMOOTH (FWHM of the Gaussian convolved in) [arcsec]."""
     flux = _loguniform(rng, *cfg.flux)
     fb = rng.uniform(*cfg.bulge_fraction)
     fk = rng.uniform(*cfg.knots_fraction)
@@ -56,11 +65,25 @@ def galsim_galaxy(rng: np.random.Generator, cfg: GalSimConfig, npix: int, pixsca
     e = rng.uniform(*cfg.ellipticity)
     beta = rng.uniform(0.0, math.pi)
     dx, dy = rng.uniform(-cfg.offset, cfg.offset, size=2)
-    shape = dict(g=e, beta=beta * galsim.radians)
+    n = rng.uniform(*cfg.bulge_n) if fb > 0 else float("nan")
+    seed = int(rng.integers(1, 2**31 - 1)) if fb < 1 and fk > 0 else -1
+    return {"FLUX": flux, "BULGE_F": float(fb), "BULGE_N": float(n), "BULGE_HLR": float(hb), "DISK_HLR": float(hd),
+            "KNOT_F": float(fk), "N_KNOTS": nk, "KNOT_SEED": seed, "G": float(e), "BETA": float(beta),
+            "DX": float(dx), "DY": float(dy), "SMOOTH": float(cfg.smooth_fwhm)}
+
+
+def render_galsim(p: dict, npix: int, pixscale: float) -> np.ndarray:
+    """The galaxy of parameters ``p`` (:func:`draw_galsim_params`) point-sampled on an npix x npix grid
+    of ``pixscale`` [arcsec/px]: (npix, npix) float64 surface brightness [flux / arcsec^2]."""
+    import galsim
+
+    flux, fb, fk = p["FLUX"], p["BULGE_F"], p["KNOT_F"]
+    hd, e = p["DISK_HLR"], p["G"]
+    beta = p["BETA"] * galsim.radians
     parts = []
     if fb > 0:  # the bulge is rounder than the disk and shares its orientation
-        n = rng.uniform(*cfg.bulge_n)
-        parts.append(galsim.Sersic(n=n, half_light_radius=hb, flux=flux * fb).shear(g=0.5 * e, beta=shape["beta"]))
+        parts.append(galsim.Sersic(n=p["BULGE_N"], half_light_radius=p["BULGE_HLR"], flux=flux * fb)
+                     .shear(g=0.5 * e, beta=beta))
     disk_flux = flux * (1 - fb)
     if disk_flux > 0:
         disk = []
@@ -68,26 +91,35 @@ def galsim_galaxy(rng: np.random.Generator, cfg: GalSimConfig, npix: int, pixsca
             disk.append(galsim.Exponential(half_light_radius=hd, flux=disk_flux * (1 - fk)))
         if fk > 0:  # RandomKnots refuses flux=: the flux is set on its profile
             prof = galsim.Exponential(half_light_radius=hd, flux=disk_flux * fk)
-            disk.append(galsim.RandomKnots(npoints=nk, profile=prof,
-                                           rng=galsim.BaseDeviate(int(rng.integers(1, 2**31 - 1)))))
-        parts.append(galsim.Add(disk).shear(**shape))
-    gal = galsim.Add(parts).shift(dx, dy)
-    gal = galsim.Convolve(gal, galsim.Gaussian(fwhm=cfg.smooth_fwhm))
+            disk.append(galsim.RandomKnots(npoints=int(p["N_KNOTS"]), profile=prof,
+                                           rng=galsim.BaseDeviate(int(p["KNOT_SEED"]))))
+        parts.append(galsim.Add(disk).shear(g=e, beta=beta))
+    gal = galsim.Add(parts).shift(p["DX"], p["DY"])
+    gal = galsim.Convolve(gal, galsim.Gaussian(fwhm=p["SMOOTH"]))
     img = gal.drawImage(nx=npix, ny=npix, scale=pixscale, method="no_pixel").array
     return img.astype(np.float64) / pixscale ** 2
 
 
-def galsim_sources(n: int, cfg: GalSimConfig, npix: int, pixscale: float, seed: int) -> np.ndarray:
-    """``n`` parametric galaxies (n, npix, npix) float32 [flux / arcsec^2], reproducible from ``seed``."""
+def galsim_galaxy(rng: np.random.Generator, cfg: GalSimConfig, npix: int, pixscale: float) -> np.ndarray:
+    """One parametric galaxy (npix, npix) float64 in surface brightness [flux / arcsec^2]."""
+    return render_galsim(draw_galsim_params(rng, cfg), npix, pixscale)
+
+
+def galsim_sources(n: int, cfg: GalSimConfig, npix: int, pixscale: float, seed: int,
+                   return_params: bool = False):
+    """``n`` parametric galaxies (n, npix, npix) float32 [flux / arcsec^2], reproducible from ``seed``;
+    with ``return_params`` also their parameters (list of dicts, :func:`draw_galsim_params`)."""
     from tqdm import tqdm
 
     from pipeline.runtime import tqdm_disable
 
     rng = np.random.default_rng(seed)
     out = np.zeros((n, npix, npix), np.float32)
+    params = []
     for i in tqdm(range(n), desc="galsim", disable=tqdm_disable()):
-        out[i] = galsim_galaxy(rng, cfg, npix, pixscale)
-    return out
+        params.append(draw_galsim_params(rng, cfg))
+        out[i] = render_galsim(params[-1], npix, pixscale)
+    return (out, params) if return_params else out
 
 
 # ---------------------------------------------------------------------------------------------- HST
@@ -98,7 +130,8 @@ def _hdf_image() -> tuple[np.ndarray, np.ndarray]:
     return rgb.mean(-1), rgb.max(-1)
 
 
-def hst_stamps(npix: int, cfg: HSTConfig, pixscale: float, seed: int, n_max: int = -1) -> np.ndarray:
+def hst_stamps(npix: int, cfg: HSTConfig, pixscale: float, seed: int, n_max: int = -1,
+               return_params: bool = False):
     """Cut-outs (n, npix, npix) float32 [flux / arcsec^2] from the Hubble deep field JPEG.
 
     Detection: background = 51-px median (computed on a 4x-binned image for speed) subtracted; smoothed
@@ -109,10 +142,12 @@ def hst_stamps(npix: int, cfg: HSTConfig, pixscale: float, seed: int, n_max: int
     3 px, Gaussian-smoothed by 1 px) so neighbours and sky noise are removed; centred on the
     flux-weighted centroid with a sub-pixel shift; negatives clipped; flux log-uniform in ``cfg.flux``.
     With ``cfg.zoom != 1`` stamps of round(npix / zoom) HDF pixels are cut and bilinearly resampled to
-    npix (zoom > 1 makes the galaxies larger on the source grid).
+    npix (zoom > 1 makes the galaxies larger on the source grid). With ``return_params`` also a list of
+    dicts per stamp: FLUX [flux], HDF_LAB (the object's detection label), HDF_Y / HDF_X (its centroid,
+    HDF pixels, row / column), which :func:`render_hdf` re-cuts at any scale.
     """
     cut = npix if cfg.zoom == 1 else max(8, 2 * int(round(npix / cfg.zoom / 2)))
-    stamps, nlab = _hdf_candidates(cut, cfg.min_area, cfg.max_masked_fraction)
+    stamps, nlab, where = _hdf_candidates(cut, cfg.min_area, cfg.max_masked_fraction)
     if cut != npix:
         stamps = tuple(np.clip(resample_image(st, 1.0, cut / npix, npix), 0, None) for st in stamps)
     rng = np.random.default_rng(seed)
@@ -121,17 +156,21 @@ def hst_stamps(npix: int, cfg: HSTConfig, pixscale: float, seed: int, n_max: int
     if n_max >= 0:
         order = order[:n_max]
     out = np.zeros((len(order), npix, npix), np.float32)
+    params = []
     for i, j in enumerate(order):
         flux = _loguniform(rng, *cfg.flux)
         out[i] = stamps[j] / stamps[j].sum() * flux / pixscale ** 2
+        k, cy, cx = where[j]
+        params.append({"FLUX": flux, "HDF_LAB": int(k), "HDF_Y": float(cy), "HDF_X": float(cx)})
     log.info("HST deep field: %d labelled objects, %d usable %dx%d stamps", nlab, len(stamps), npix, npix)
-    return out
+    return (out, params) if return_params else out
 
 
-@functools.lru_cache(maxsize=4)
-def _hdf_candidates(npix: int, min_area: int, max_masked_fraction: float) -> tuple[tuple, int]:
-    """The usable stamps (unnormalised, deterministic order) and the number of detections; cached
-    because detection is the slow part and several callers ask for the same grid."""
+@functools.lru_cache(maxsize=1)
+def _hdf_detection() -> dict:
+    """Background-subtracted HDF grey image ``res``, labels ``lab`` (``nlab`` objects), every segment
+    dilated by 2 px ``grown`` (labels kept), the RGB maximum ``peak``, bounding ``slices`` and ``areas``
+    [HDF px]; cached because several callers need the same detection."""
     from scipy import ndimage as ndi
 
     grey, peak = _hdf_image()
@@ -145,13 +184,23 @@ def _hdf_candidates(npix: int, min_area: int, max_masked_fraction: float) -> tup
     sig = 1.4826 * np.median(np.abs(sm - np.median(sm)))
     det = ndi.binary_opening(sm > 3 * sig, iterations=1)
     lab, nlab = ndi.label(det)
-    slices = ndi.find_objects(lab)
-    areas = ndi.sum_labels(np.ones_like(lab), lab, index=np.arange(1, nlab + 1))
-    grown = ndi.grey_dilation(lab, size=(5, 5))  # every segment dilated by 2 px, labels kept
+    return {"res": res, "peak": peak, "lab": lab, "nlab": nlab, "slices": ndi.find_objects(lab),
+            "areas": ndi.sum_labels(np.ones_like(lab), lab, index=np.arange(1, nlab + 1)),
+            "grown": ndi.grey_dilation(lab, size=(5, 5))}
+
+
+@functools.lru_cache(maxsize=4)
+def _hdf_candidates(npix: int, min_area: int, max_masked_fraction: float) -> tuple[tuple, int, tuple]:
+    """The usable stamps (unnormalised, deterministic order), the number of detections and, per stamp,
+    (label, centroid row, centroid column) [HDF px]; cached because several callers ask for the same grid."""
+    from scipy import ndimage as ndi
+
+    d = _hdf_detection()
+    res, peak, lab, grown = d["res"], d["peak"], d["lab"], d["grown"]
     half = npix // 2
-    stamps = []
-    for k, sl in enumerate(slices, start=1):
-        if sl is None or areas[k - 1] < min_area:
+    stamps, where = [], []
+    for k, sl in enumerate(d["slices"], start=1):
+        if sl is None or d["areas"][k - 1] < min_area:
             continue
         h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
         if max(h, w) > 0.7 * npix:
@@ -161,7 +210,7 @@ def _hdf_candidates(npix: int, min_area: int, max_masked_fraction: float) -> tup
         cx += sl[1].start
         r0, c0 = int(round(cy)) - half - 2, int(round(cx)) - half - 2
         r1, c1 = r0 + npix + 4, c0 + npix + 4
-        if r0 < 0 or c0 < 0 or r1 > grey.shape[0] or c1 > grey.shape[1]:
+        if r0 < 0 or c0 < 0 or r1 > res.shape[0] or c1 > res.shape[1]:
             continue
         cut_lab = lab[r0:r1, c0:c1]
         target = cut_lab == k
@@ -180,7 +229,38 @@ def _hdf_candidates(npix: int, min_area: int, max_masked_fraction: float) -> tup
         if stamp.sum() <= 0:
             continue
         stamps.append(stamp)
-    return tuple(stamps), nlab
+        where.append((k, float(cy), float(cx)))
+    return tuple(stamps), d["nlab"], tuple(where)
+
+
+def render_hdf(label: int, cy: float, cx: float, npix: int, spacing: float, path=None) -> np.ndarray:
+    """HDF object ``label`` re-cut around its centroid (``cy``, ``cx``) [HDF px] on an npix x npix grid
+    whose pixel centres are ``spacing`` HDF pixels apart (grid centre on the centroid): the
+    background-subtracted image times the soft mask of :func:`hst_stamps` (on a window large enough
+    for the grid), bilinearly interpolated, negatives clipped, zero outside the HDF. Unnormalised
+    (n, n) float64 [JPEG grey levels]; ``path`` only names the sources file in errors."""
+    from scipy import ndimage as ndi
+
+    d = _hdf_detection()
+    res, lab, grown = d["res"], d["lab"], d["grown"]
+    if not 1 <= int(label) <= d["nlab"]:
+        raise InputFileError(path or "hubble_deep_field", f"HDF label {label} is not a detected object "
+                             f"(1..{d['nlab']})", field="KINDS.HDF_LAB")
+    half = int(math.ceil(npix * spacing / 2)) + 6
+    r0, c0 = max(0, int(round(cy)) - half), max(0, int(round(cx)) - half)
+    r1, c1 = min(res.shape[0], int(round(cy)) + half + 1), min(res.shape[1], int(round(cx)) + half + 1)
+    target_grown = ndi.binary_dilation(lab[r0:r1, c0:c1] == label, iterations=3)
+    if not target_grown.any():
+        raise InputFileError(path or "hubble_deep_field", f"HDF object {label} is not near ({cy:.1f}, {cx:.1f})",
+                             field="KINDS.HDF_Y")
+    others = (grown[r0:r1, c0:c1] > 0) & (grown[r0:r1, c0:c1] != label)
+    weight = ndi.gaussian_filter((target_grown & ~others).astype(np.float64), 1.0)
+    stamp = res[r0:r1, c0:c1] * weight
+    c = (np.arange(npix) - (npix - 1) / 2) * spacing
+    rows = cy - r0 + c[:, None] + 0 * c[None, :]
+    cols = cx - c0 + c[None, :] + 0 * c[:, None]
+    out = ndi.map_coordinates(stamp, [rows, cols], order=1, mode="constant", cval=0.0)
+    return np.clip(out, 0, None)
 
 
 # --------------------------------------------------------------------------------------------- user
@@ -269,26 +349,32 @@ def split_indices(n: int, fractions, rng: np.random.Generator) -> list[np.ndarra
 
 def build_sources(cfg: SourcesConfig, npix: int, pixscale: float) -> dict:
     """All configured kinds, split by ``cfg.seed``. Returns {'splits': {name: array}, 'kinds':
-    {name: list of kind strings}, 'counts': {kind: {split: n}}, 'seconds': {kind: s}}."""
+    {name: list of kind strings}, 'params': {name: list of generation-parameter dicts (empty for user
+    sources)}, 'counts': {kind: {split: n}}, 'seconds': {kind: s}}."""
     kinds: dict[str, np.ndarray] = {}
+    kind_params: dict[str, list] = {}
     seconds = {}
     ss = np.random.SeedSequence(cfg.seed)
     s_gal, s_hst, s_split = (int(s.generate_state(1)[0]) for s in ss.spawn(3))
     if cfg.n_galsim > 0:
         t = time.perf_counter()
-        kinds["galsim"] = galsim_sources(cfg.n_galsim, cfg.galsim, npix, pixscale, s_gal)
+        kinds["galsim"], kind_params["galsim"] = galsim_sources(cfg.n_galsim, cfg.galsim, npix, pixscale, s_gal,
+                                                                return_params=True)
         seconds["galsim"] = time.perf_counter() - t
     if cfg.n_hst != 0:
         t = time.perf_counter()
-        kinds["hst"] = hst_stamps(npix, cfg.hst, pixscale, s_hst, n_max=cfg.n_hst)
+        kinds["hst"], kind_params["hst"] = hst_stamps(npix, cfg.hst, pixscale, s_hst, n_max=cfg.n_hst,
+                                                      return_params=True)
         seconds["hst"] = time.perf_counter() - t
     if cfg.user_cube:
         t = time.perf_counter()
         kinds["user"] = user_sources(cfg.user_cube, npix, pixscale, cfg.user_hdu)
+        kind_params["user"] = [{} for _ in kinds["user"]]
         seconds["user"] = time.perf_counter() - t
     rng = np.random.default_rng(s_split)
     splits = {s: [] for s in SPLITS}
     labels = {s: [] for s in SPLITS}
+    params = {s: [] for s in SPLITS}
     counts = {}
     for kind, arr in kinds.items():
         parts = split_indices(len(arr), cfg.split, rng)
@@ -296,6 +382,7 @@ def build_sources(cfg: SourcesConfig, npix: int, pixscale: float) -> dict:
         for s, idx in zip(SPLITS, parts):
             splits[s].append(arr[idx])
             labels[s] += [kind] * len(idx)
+            params[s] += [kind_params[kind][i] for i in idx]
             counts[kind][s] = int(len(idx))
     out = {}
     for s in SPLITS:
@@ -304,12 +391,15 @@ def build_sources(cfg: SourcesConfig, npix: int, pixscale: float) -> dict:
         perm = rng.permutation(len(arr))
         out[s] = arr[perm].astype(np.float32)
         labels[s] = [labels[s][i] for i in perm]
-    return {"splits": out, "kinds": labels, "counts": counts, "seconds": seconds}
+        params[s] = [params[s][i] for i in perm]
+    return {"splits": out, "kinds": labels, "params": params, "counts": counts, "seconds": seconds}
 
 
 def write_sources(path, result: dict, cfg: SourcesConfig, npix: int, pixscale: float, cfg_hash: str):
     """One FITS file: primary (provenance), ImageHDUs TRAIN / VALID / TEST (N, n, n) float32 and a
-    KINDS table (SPLIT, INDEX, KIND). Written atomically with checksums."""
+    KINDS table (SPLIT, INDEX, KIND and, when ``result`` has 'params', the generation parameters
+    GALSIM_PARAMS / HST_PARAMS: NaN or -1 where a column does not apply). Written atomically with
+    checksums."""
     from pipeline import __version__
     from pipeline.io.fits import write_fits_atomic
 
@@ -329,7 +419,7 @@ def write_sources(path, result: dict, cfg: SourcesConfig, npix: int, pixscale: f
     if cfg.user_cube:
         h["USERCUBE"] = str(cfg.user_cube)[-60:]
     hdus = [prim]
-    rows_split, rows_idx, rows_kind = [], [], []
+    rows_split, rows_idx, rows_kind, rows_par = [], [], [], []
     for s in SPLITS:
         arr = result["splits"][s]
         hdu = fits.ImageHDU(arr, name=s)
@@ -348,11 +438,21 @@ def write_sources(path, result: dict, cfg: SourcesConfig, npix: int, pixscale: f
         rows_split += [s] * len(arr)
         rows_idx += list(range(len(arr)))
         rows_kind += result["kinds"][s]
-    table = fits.BinTableHDU.from_columns([
+        rows_par += result.get("params", {}).get(s, [{}] * len(arr))
+    cols = [
         fits.Column(name="SPLIT", format="5A", array=np.array(rows_split, dtype="U5")),
         fits.Column(name="INDEX", format="J", array=np.array(rows_idx, dtype=np.int32)),
         fits.Column(name="KIND", format="6A", array=np.array(rows_kind, dtype="U6")),
-    ], name="KINDS")
+    ]
+    if "params" in result:
+        for name in dict.fromkeys(GALSIM_PARAMS + HST_PARAMS):
+            if name in INT_PARAMS:
+                vals = np.array([int(p.get(name, -1)) for p in rows_par], dtype=np.int64)
+                cols.append(fits.Column(name=name, format="K", array=vals))
+            else:
+                vals = np.array([float(p.get(name, np.nan)) for p in rows_par], dtype=np.float64)
+                cols.append(fits.Column(name=name, format="D", array=vals))
+    table = fits.BinTableHDU.from_columns(cols, name="KINDS")
     hdus.append(table)
     return write_fits_atomic(path, fits.HDUList(hdus))
 
@@ -378,3 +478,72 @@ def read_sources(path, split: str = "TRAIN") -> tuple[np.ndarray, fits.Header]:
     if not np.isfinite(arr).all():
         raise InputFileError(path, "sources contain NaN or infinite values", field=split)
     return arr, header
+
+
+# ------------------------------------------------------------------------------- finer re-rendering
+HDF_PER_SOURCE_PIXEL = 2.0   # held-out HDF objects: HDF pixels per source pixel (real detail below it)
+
+
+def read_source_records(path, split: str = "TEST") -> list[dict]:
+    """Per source of ``split`` (in index order): {'KIND': 'galsim' / 'hst' / 'user', plus the generation
+    parameters the KINDS table holds for that kind (GALSIM_PARAMS / HST_PARAMS; none for user)}."""
+    from pipeline.io.fits import _open
+
+    split = split.upper()
+    with _open(path) as hdul:
+        if "KINDS" not in [h.name for h in hdul]:
+            raise InputFileError(path, "no KINDS table (rebuild with `python -m pipeline sources`)", field="KINDS")
+        tab = hdul["KINDS"].data
+        names = [c.upper() for c in tab.columns.names]
+        rows = np.nonzero(np.char.strip(np.asarray(tab["SPLIT"]).astype(str)) == split)[0]
+        rows = rows[np.argsort(np.asarray(tab["INDEX"])[rows], kind="stable")]
+        out = []
+        for r in rows:
+            kind = str(tab["KIND"][r]).strip()
+            keys = {"galsim": GALSIM_PARAMS, "hst": HST_PARAMS}.get(kind, ())
+            rec = {"KIND": kind}
+            for k in keys:
+                if k in names:
+                    v = tab[k][r]
+                    rec[k] = int(v) if k in INT_PARAMS else float(v)
+            out.append(rec)
+    return out
+
+
+def block_average(img: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over factor x factor blocks: (..., f n, f n) -> (..., n, n). Surface brightness keeps its
+    unit, so the total flux (sum x pixel area) is unchanged."""
+    img = np.asarray(img, np.float64)
+    *lead, ny, nx = img.shape
+    if ny % factor or nx % factor:
+        raise ValueError(f"shape {img.shape[-2:]} is not a multiple of the factor {factor}")
+    return img.reshape(*lead, ny // factor, factor, nx // factor, factor).mean(axis=(-3, -1))
+
+
+def render_source_fine(record: dict, coarse: np.ndarray, pixscale: float, factor: int, path=None,
+                       index: int | None = None) -> np.ndarray:
+    """A source re-rendered on the grid ``factor`` times finer than its coarse map ``coarse`` (n, n) of
+    ``pixscale`` [arcsec/px], same field: (f n, f n) float64 surface brightness [flux / arcsec^2].
+
+    * galsim: redrawn from its parameters at pixscale / f (point samples, as on the coarse grid).
+    * hst: its HDF object re-cut at HDF_PER_SOURCE_PIXEL HDF pixels per source pixel (one HDF pixel
+      per fine pixel at f = 2), scaled to its recorded total flux.
+    * user (no generation parameters): constant over each coarse pixel.
+    ``path`` / ``index`` only name the sources file and the source in errors."""
+    kind = record["KIND"]
+    n = coarse.shape[-1]
+    nf, pf = n * factor, pixscale / factor
+    keys = {"galsim": GALSIM_PARAMS, "hst": HST_PARAMS}.get(kind, ())
+    missing = [k for k in keys if k not in record or (k not in ("BULGE_N",) and not np.isfinite(record[k]))]
+    if missing:
+        raise InputFileError(path or "sources", f"{kind} source {index} has no generation parameter {missing[0]} "
+                             "(rebuild the sources file with `python -m pipeline sources`)",
+                             field=f"KINDS.{missing[0]}")
+    if kind == "galsim":
+        return render_galsim(record, nf, pf)
+    if kind == "hst":
+        img = render_hdf(record["HDF_LAB"], record["HDF_Y"], record["HDF_X"], nf, HDF_PER_SOURCE_PIXEL / factor, path)
+        if not img.sum() > 0:
+            raise InputFileError(path or "sources", f"hst source {index}: empty HDF cut", field="KINDS.HDF_LAB")
+        return img / img.sum() * record["FLUX"] / pf ** 2
+    return np.repeat(np.repeat(np.asarray(coarse, np.float64), factor, -2), factor, -1)
