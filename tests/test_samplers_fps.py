@@ -201,3 +201,49 @@ def test_fps_smc_weighted_mode_and_refusals():
             make_sampler(name, case["prior"], chain).sample(Square(), torch.ones(2), 4)
     with pytest.raises(ValueError, match="particles"):
         make_sampler("fps_smc", case["prior"], chain, particles=0)
+
+
+def _exact_rank_coverage(n, level):
+    """Coverage of the rank interval of interval_coverage for exact samples: the rank is uniform on 0..n."""
+    u = (torch.arange(n + 1, dtype=torch.float64) + 0.5) / (n + 1)
+    return float(((u - 0.5).abs() <= level / 2 + 1e-12).double().mean())
+
+
+def test_default_fps_smc_runs_are_calibrated_and_weighted_particles_too_narrow():
+    # Linear-Gaussian toy with truths from the chain's own x0 law, so exact chain-posterior samples
+    # give the rank-interval coverage exactly (n = 32: 0.697 / 0.939 at 68 / 95 %). The default
+    # lensing setting (posterior.fps_smc_*) must be at that level; one run of n weighted particles,
+    # resampled to n samples as the posterior file does, is far below it (measured 0.56 / 0.80 here).
+    from pipeline.diffusion.gaussian_chain import propagate_gaussian_chain
+    from pipeline.lensing.posterior import PosteriorConfig, fps_smc_options
+    from pipeline.metrics.coverage import interval_coverage
+
+    n, n_obs, d = 32, 300, 4
+    case = gaussian_case(d, 2)
+    chain = case["prior"].schedule.chain(20)
+    law = propagate_gaussian_chain(chain, case["mu"], case["S"])
+    g = torch.Generator().manual_seed(1)
+    truths = law["x0_mean"] + torch.randn(n_obs, d, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(
+        law["x0_cov"]).T
+    ys = case["problem"].simulate(truths.float(), generator=g)
+    exact = {c: _exact_rank_coverage(n, c) for c in (0.68, 0.95)}
+
+    opts = fps_smc_options(PosteriorConfig(), n)
+    assert opts["mode"] == "runs"
+    opts["batch_size"] = n_obs * n * opts["particles"]  # all observations' runs in one call (toy sizes)
+    x = make_sampler("fps_smc", case["prior"], chain, **opts).sample(
+        case["problem"], ys.repeat_interleave(n, 0), n_obs * n, generator=torch.Generator().manual_seed(2)).x0
+    runs = interval_coverage(x.reshape(n_obs, n, d).double().numpy(), truths.numpy())
+
+    weighted_opts = fps_smc_options(PosteriorConfig(fps_smc_mode="weighted"), n)
+    sampler = make_sampler("fps_smc", case["prior"], chain, **weighted_opts)
+    gw = torch.Generator().manual_seed(3)
+    xs = []
+    for y in ys:
+        out = sampler.sample(case["problem"], y, n, generator=gw)
+        xs.append(out.x0[torch.multinomial(torch.softmax(out.log_w, 0).float(), n, replacement=True, generator=gw)])
+    weighted = interval_coverage(torch.stack(xs).double().numpy(), truths.numpy())
+
+    for c in (0.68, 0.95):
+        assert abs(runs[c] - exact[c]) < 0.04, (c, runs[c], exact[c])
+        assert weighted[c] < exact[c] - 0.08, (c, weighted[c], exact[c])

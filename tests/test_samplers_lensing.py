@@ -69,3 +69,33 @@ def test_samplers_run_on_lensing(lensing, name):
     opts = {"dps": {"scale": 0.05}, "fps_smc": {"particles": 3}, "prior_is": {"particles": 3}}.get(name, {})
     out = make_sampler(name, prior, chain, **opts).sample(prob, y, 6, generator=torch.Generator().manual_seed(0))
     assert out.x0.shape == (6, NS * NS) and torch.isfinite(out.x0).all() and torch.isfinite(out.log_r).all()
+
+
+def test_default_config_samples_fps_smc_in_runs_mode_with_its_own_particle_key(tmp_path):
+    # the shipped demo config and the dataclass default: independent runs, particles from
+    # posterior.fps_smc_particles (not posterior.particles, which prior_is / rtb_amortized_is read)
+    from pathlib import Path
+
+    from pipeline.config import load_section
+    from pipeline.errors import ConfigError
+    from pipeline.lensing.posterior import PosteriorConfig, fps_smc_options
+
+    root = Path(__file__).resolve().parents[1]
+    pcfg = load_section(root / "config" / "config.yaml", "posterior", PosteriorConfig)
+    assert pcfg.fps_smc_mode == PosteriorConfig().fps_smc_mode == "runs"
+    assert fps_smc_options(pcfg, 32) == {"particles": pcfg.fps_smc_particles, "mode": "runs",
+                                         "batch_size": pcfg.batch_size}
+    assert pcfg.fps_smc_particles == 2 and pcfg.particles == 8
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("posterior: {particles: 5, fps_smc_particles: 3}\n")
+    assert fps_smc_options(load_section(cfg, "posterior", PosteriorConfig), 32)["particles"] == 3
+    # the shared-particle mode still works from its key: one run of n particles
+    cfg.write_text("posterior: {particles: 5, fps_smc_mode: weighted}\n")
+    assert fps_smc_options(load_section(cfg, "posterior", PosteriorConfig), 32) == {"particles": 32,
+                                                                                    "mode": "weighted"}
+    for bad, field in (("fps_smc_mode: shared", "posterior.fps_smc_mode"),
+                       ("fps_smc_particles: 0", "posterior.fps_smc_particles")):
+        cfg.write_text(f"posterior: {{{bad}}}\n")
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")) as err:
+            load_section(cfg, "posterior", PosteriorConfig)
+        assert str(cfg) in str(err.value) and "\n" not in str(err.value)

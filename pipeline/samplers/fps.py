@@ -228,10 +228,16 @@ class FPSSMCSampler(Sampler):
     """FPS-SMC with ``particles`` (M) per run and ESS-triggered systematic resampling.
 
     ``mode="runs"`` (default): n independent runs; one particle per run is drawn by its final weight, so the
-    n samples are independent and equally weighted (``log_w`` = 0); use this for distances.
-    ``mode="weighted"``: one run with M = n particles, returned with their normalised ``log_w``
-    (logsumexp = 0), e.g. for the posterior FITS file (raw particles + WEIGHTS).
-    log Z is not available (``info['logz']`` = None): the SMC normaliser targets the bridged model.
+    n samples are independent and equally weighted (``log_w`` = 0); use this for distances and for
+    intervals / coverage. Cost: n x M trajectories, ``batch_size`` trajectories per network call.
+    ``mode="weighted"`` (shared particles): one run with M = n particles, returned with their normalised
+    ``log_w`` (logsumexp = 0), e.g. for the posterior FITS file (raw particles + WEIGHTS). It is one run's
+    weighted-particle approximation, for a cheap weighted posterior mean at the cost of n trajectories;
+    NOT for intervals: resampling makes the particles share ancestors, so their spread understates the
+    posterior's (linear-Gaussian toy, 32 samples: 68 / 95 % interval coverage 0.57 / 0.80, against
+    0.72 / 0.95 for runs mode with M = 2 and 0.71 / 0.94 for exact samples).
+    log Z is not available in either mode (``info['logz']`` = None): the SMC normaliser targets the bridged
+    model.
     """
 
     name = "fps_smc"
