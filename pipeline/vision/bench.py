@@ -609,8 +609,9 @@ def render_markdown(summary: dict) -> str:
         "log r + log p(tau) - log q(tau)) and IW (log-mean-exp). FPS-SMC: not available (SMC normaliser of "
         "the bridged model). prior_is: IW over all its prior-chain proposals; its ELBO column is the prior "
         "chain's own (mean log r of the proposals). FPS: its log q is "
-        "the density given the sample's own random bridge y_{1:K} (the marginal is intractable), so its "
-        "ELBO/IW are not guaranteed bounds on log Z and are shown for reference only.",
+        "the density given the sample's own random bridge y_{1:K} (the marginal is intractable); the bridge "
+        "is an auxiliary variable whose law does not depend on the trajectory, so its ELBO/IW are valid "
+        "but loose lower bounds on log p(y) under the chain, not estimates of it.",
         "- RTB rows: amortized posteriors (one per dataset x task), trained on observations simulated from "
         "TRAIN images and evaluated on the held-out observations; the budget column gives their training.",
         "- PSNR/SSIM against the truth, images in [-1, 1] (SSIM on [0, 1]); phase retrieval samples are first "
