@@ -13,7 +13,6 @@ import html
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 from pipeline.errors import InputFileError, PipelineError
@@ -194,11 +193,9 @@ class Doc:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    from pipeline.io.atomic import write_text
+
+    write_text(path, text)
 
 
 COLUMNS = ["set", "method", "n_obs", "n_samples", "TARP max dev [95% CI]", "null p95", "TARP ok",
