@@ -323,3 +323,11 @@ def test_write_json_text_bytes(tmp_path):
         write_json(tmp_path / "a.json", {"x": float("nan")}, allow_nan=False)
     assert (tmp_path / "a.json").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.txt", "c.bin"]
+
+
+def test_write_json_passes_writer_options(tmp_path):
+    """``fsync`` and ``lock_timeout`` reach the writer instead of ``json.dumps`` (which rejects them)."""
+    from pipeline.io.atomic import write_json
+
+    write_json(tmp_path / "a.json", [1.5], fsync=False, lock_timeout=0, indent=None)
+    assert (tmp_path / "a.json").read_text() == "[1.5]"

@@ -290,7 +290,9 @@ def write_text(path, text: str, encoding: str = "utf-8", **kw) -> Path:
     return write_bytes(path, text.encode(encoding), **kw)
 
 
-def write_json(path, obj, *, indent: int | None = 1, lock_timeout: float = LOCK_TIMEOUT_S, **json_kw) -> Path:
-    """Write ``json.dumps(obj, indent=indent, **json_kw)`` to ``path`` through :func:`atomic_file`.
-    The text is built first, so an object that cannot be serialised leaves ``path`` untouched."""
-    return write_text(path, json.dumps(obj, indent=indent, **json_kw), lock_timeout=lock_timeout)
+def write_json(path, obj, *, indent: int | None = 1, lock_timeout: float = LOCK_TIMEOUT_S, fsync: bool = True,
+               **json_kw) -> Path:
+    """Write ``json.dumps(obj, indent=indent, **json_kw)`` to ``path`` through :func:`atomic_file`
+    (``lock_timeout`` in seconds and ``fsync`` go to it). The text is built first, so an object that
+    cannot be serialised leaves ``path`` untouched."""
+    return write_text(path, json.dumps(obj, indent=indent, **json_kw), lock_timeout=lock_timeout, fsync=fsync)

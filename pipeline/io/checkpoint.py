@@ -12,9 +12,9 @@ Layout of a run directory::
       final/                 # optional export (hparams.json + ema.pt + manifest.json)
 
 A step directory is written into a hidden temp directory and renamed into place, then ``LATEST`` is
-replaced the same way (:mod:`pipeline.io.atomic`); readers never see a half-written step. Loading a
-run directory verifies the manifest and falls back to the previous step (with a warning) if the newest
-is truncated or corrupt. Everything is loaded with ``torch.load(weights_only=True)``: states must be tensors and plain
+replaced the same way; readers never see a half-written step. Loading a run directory verifies
+the manifest and falls back to the previous step (with a warning) if the newest is truncated or
+corrupt. Everything is loaded with ``torch.load(weights_only=True)``: states must be tensors and plain
 Python containers (see :func:`rng_state`).
 """
 
