@@ -43,7 +43,7 @@ def test_round_trip_equal_weights(tmp_path):
     assert sh["CTYPE3"] == "SAMPLE"
     with fits.open(p) as hdul:
         assert hdul["OBS"].header["PIXSCALE"] == 0.1 and hdul["OBS"].header["CRPIX1"] == 6.5
-    assert not list(tmp_path.joinpath("sub").glob("*.tmp"))
+    assert not list(tmp_path.joinpath("sub").glob(".*"))  # no temporaries or lock files left
 
 
 def test_particles_weighted_moments_and_missing_logz(tmp_path):

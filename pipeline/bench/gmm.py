@@ -37,7 +37,6 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -630,10 +629,13 @@ def _figure(case: GMMCase, samples: dict, path: Path) -> None:
         ax.axis("off")
     fig.suptitle(f"GMM {case.name}: chain-prior posterior samples (seed 0)", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from pipeline.io.atomic import atomic_file
+
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
 
 
 def _targets(cases: dict) -> dict:
@@ -741,10 +743,9 @@ def run_benchmark(out_dir, *, quick: bool = False, seeds=None, cases=None, metho
 
 
 def _write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=1, default=_json_default)
-    os.replace(tmp, path)
+    from pipeline.io.atomic import write_json
+
+    write_json(path, obj, indent=1, default=_json_default)
 
 
 def _json_default(o):

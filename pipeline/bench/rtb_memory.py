@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -186,10 +184,9 @@ def run_memory_benchmark(out_dir, *, Ks=(20, 50, 100, 200), batch: int = 16, chu
     res = {"benchmark": "rtb_memory", "batch": batch, "chunk": chunk, "preset": preset, "image_size": image_size,
            "posterior": "full network copy (replace mode)", "memory_limit_gb": memory_limit_gb,
            "runs": runs, "checks": _checks(runs, Ks), "wall_seconds": time.perf_counter() - t0}
-    fd, tmp = tempfile.mkstemp(prefix=".rtb_memory.json.", dir=out_dir)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(res, fh, indent=1)
-    os.replace(tmp, out_dir / "rtb_memory.json")
+    from pipeline.io.atomic import write_json
+
+    write_json(out_dir / "rtb_memory.json", res, indent=1)
     return res
 
 

@@ -65,7 +65,9 @@ def run(args) -> int:
                             **({} if args.n_logz is None else {"n_logz": args.n_logz}))
         md = table(res)
         path = Path(args.out) / "gmm_table.md"
-        path.write_text(f"Command: `{cmd}`; wall time {res['wall_seconds']:.0f} s\n\n{md}\n")
+        from pipeline.io.atomic import write_text
+
+        write_text(path, f"Command: `{cmd}`; wall time {res['wall_seconds']:.0f} s\n\n{md}\n")
         print(md)
         print(f"targets: {res.get('targets')}")
         print(f"wall time {res['wall_seconds']:.0f} s; wrote {Path(args.out) / 'gmm.json'}")

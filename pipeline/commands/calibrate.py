@@ -21,8 +21,6 @@ from __future__ import annotations
 import glob
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -283,11 +281,9 @@ def truth_chi2_summary(by_method: dict) -> dict:
 
 
 def _write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(_nan_to_none(data), fh, indent=1, allow_nan=False)
-    os.replace(tmp, path)
+    from pipeline.io.atomic import write_json
+
+    write_json(path, _nan_to_none(data), indent=1, allow_nan=False)
 
 
 def run_calibration(posteriors, observations, set_name: str, out_dir, *, loader=None, config=None,

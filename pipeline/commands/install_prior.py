@@ -25,7 +25,7 @@ def run(args) -> int:
     from pipeline.config import load_section
     from pipeline.diffusion.train import PriorConfig
     from pipeline.errors import ConfigError, InputFileError
-    from pipeline.io.atomic import atomic_directory
+    from pipeline.io.atomic import atomic_directory, write_text
     from pipeline.io.checkpoint import load_prior
 
     src = Path(args.checkpoint)
@@ -47,6 +47,6 @@ def run(args) -> int:
         for f in src.iterdir():
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
-    (out / "done").write_text(json.dumps({"installed_from": str(src), "step": meta.get("step")}) + "\n")
+    write_text(out / "done", json.dumps({"installed_from": str(src), "step": meta.get("step")}) + "\n")
     print(json.dumps({"installed": str(out / "final"), "from": str(src), "step": meta.get("step")}))
     return 0

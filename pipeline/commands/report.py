@@ -23,7 +23,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from pipeline.errors import InputFileError, PipelineError
@@ -227,11 +226,9 @@ class Doc:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    from pipeline.io.atomic import write_text
+
+    write_text(path, text)
 
 
 COLUMNS = ["set", "method", "n_obs", "n_samples", "TARP max dev", "p (exact null)", "null p95", "TARP ok",

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -55,17 +53,13 @@ def save_grid_png(images: np.ndarray, path, max_images: int = 64, title: str | N
         fig.suptitle(title, fontsize=8)
     fig.subplots_adjust(left=0.005, right=0.995, bottom=0.005, wspace=0.04, hspace=0.04,
                         top=1 - (0.3 / (1.2 * rows + 0.3) if title else 0.005))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    from pipeline.io.atomic import atomic_file
+
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def run(args) -> int:

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,9 +180,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except ValueError:
             continue  # a line cut by a kill
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    from pipeline.io.atomic import write_text
+
+    write_text(path, "".join(line + "\n" for line in keep))
 
 
 @dataclass
@@ -329,9 +328,9 @@ def train_prior(cfg: PriorConfig, data_path, run_dir, *, steps: int | None = Non
         export_prior(run_dir / "final", ema.state_dict(), {**hparams, "step": step})
         marker = {"step": step, "target_steps": target, "config_hash": chash, "final_loss": last_loss,
                   "n_params": n_params}
-        tmp = run_dir / ".done.tmp"
-        tmp.write_text(json.dumps(marker, indent=2) + "\n")
-        os.replace(tmp, done_path)
+        from pipeline.io.atomic import write_text
+
+        write_text(done_path, json.dumps(marker, indent=2) + "\n")
     sps = (step - start_step) / wall if wall > 0 else float("nan")
     return TrainResult(run_dir=run_dir, step=step, target_steps=target, completed=completed, final_loss=last_loss,
                        wall_seconds=wall, steps_per_second=sps, n_params=n_params, config_hash=chash)

@@ -12,7 +12,7 @@ Layout of a run directory::
       final/                 # optional export (hparams.json + ema.pt + manifest.json)
 
 A step directory is written into a hidden temp directory and renamed into place, then ``LATEST`` is
-replaced with ``os.replace``; readers never see a half-written step. Loading a run directory verifies
+replaced the same way; readers never see a half-written step. Loading a run directory verifies
 the manifest and falls back to the previous step (with a warning) if the newest is truncated or
 corrupt. Everything is loaded with ``torch.load(weights_only=True)``: states must be tensors and plain
 Python containers (see :func:`rng_state`).
@@ -27,7 +27,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import InputFileError
+from pipeline.io.atomic import atomic_directory, remove_stale_temporaries, write_text
 
 log = logging.getLogger(__name__)
 
@@ -107,17 +107,7 @@ def _fsync_file(path: Path) -> None:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text(path, text)
 
 
 def write_checkpoint_dir(target, states: dict, hparams: dict, state: dict | None = None) -> Path:
@@ -131,8 +121,7 @@ def write_checkpoint_dir(target, states: dict, hparams: dict, state: dict | None
     bad = [n for n in states if n in ("state", "hparams", "manifest") or not re.fullmatch(r"[A-Za-z0-9_.-]+", n)]
     if bad:
         raise ValueError(f"invalid checkpoint state name(s): {bad}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         files = {}
         (tmp / "hparams.json").write_text(json.dumps(hparams, indent=2, sort_keys=True, default=_json_default))
         files["hparams.json"] = tmp / "hparams.json"
@@ -147,17 +136,6 @@ def write_checkpoint_dir(target, states: dict, hparams: dict, state: dict | None
         for p in files.values():
             _fsync_file(p)
         _write_text_atomic(tmp / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
-        if target.exists():
-            # a directory cannot be os.replace'd over a non-empty one: move the old one aside first
-            old = Path(tempfile.mkdtemp(prefix=f".old-{target.name}-", dir=target.parent))
-            os.rename(target, old / target.name)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -202,8 +180,7 @@ def save_checkpoint(run_dir, step: int, states: dict, hparams: dict, state: dict
         for _s, old in list_checkpoints(run_dir)[:-keep]:
             if old != path:
                 shutil.rmtree(old, ignore_errors=True)
-    for stale in run_dir.glob(".tmp-step-*"):  # leftovers of a killed writer
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_temporaries(run_dir)  # leftovers of killed writers
     return path
 
 

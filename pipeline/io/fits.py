@@ -74,8 +74,8 @@ def read_header(path, name: str = "PRIMARY") -> fits.Header:
 
 
 def write_fits_atomic(path, hdul: fits.HDUList | list) -> Path:
-    """Write ``hdul`` to ``path`` with checksums via a temp file in the same directory + os.replace,
-    so readers never see a partial file and a failure leaves nothing behind."""
+    """Write ``hdul`` to ``path`` with checksums via a temp file in the same directory + rename
+    (:mod:`pipeline.io.atomic`), so readers never see a partial file and a failure leaves nothing behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not isinstance(hdul, fits.HDUList):

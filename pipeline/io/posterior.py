@@ -14,15 +14,14 @@ Layout (``write_posterior`` / ``read_posterior``):
 
 Source-plane images carry a linear WCS in arcsec: ``CTYPE1/2 = OFFSET-X/Y``, ``CUNIT = arcsec``,
 ``CDELT = SRCPIXSC``, ``CRPIX = (n+1)/2``, ``CRVAL = 0`` (the array centre is the origin, +x along
-columns, +y along rows: the array frame of DESIGN section 6). Files are written atomically (temp file
-then ``os.replace``) with FITS checksums; ``read_posterior`` verifies them.
+columns, +y along rows: the array frame of DESIGN section 6). Files are written atomically
+(:mod:`pipeline.io.atomic`) with FITS checksums; ``read_posterior`` verifies them.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -208,15 +207,10 @@ def write_posterior(path, samples, *, mean=None, std=None, truth=None, obs=None,
     if chi2_arr is not None:
         hdus.append(fits.ImageHDU(data=chi2_arr, name="CHI2"))
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    from pipeline.io.atomic import atomic_file
+
+    with atomic_file(path) as tmp:
         fits.HDUList(hdus).writeto(tmp, overwrite=True, checksum=True)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

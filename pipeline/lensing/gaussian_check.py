@@ -57,11 +57,8 @@ learning rate, ELBO fell at the model's), a per-step linear readout (diverged at
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -279,16 +276,9 @@ def rtb_samples(post, problem, y, n: int, seed: int) -> torch.Tensor:
 
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from pipeline.io.atomic import write_json
+
+    write_json(path, obj, indent=2)
 
 
 def run_gaussian_check(out_dir, *, steps: int = 1500, n_samples: int = 2000, seed: int = 0,

@@ -30,7 +30,7 @@ def asinh_norm(*images, a: float = 0.1, percent: float = 99.5) -> ImageNormalize
 
 
 def save_figure(fig, path, dpi: int = 110, **savefig_kw) -> Path:
-    """Write ``fig`` to ``path`` atomically (temp file + os.replace) and close it."""
+    """Write ``fig`` to ``path`` atomically (see :mod:`pipeline.io.atomic`) and close it."""
     from pipeline.io.atomic import atomic_file
 
     path = Path(path)

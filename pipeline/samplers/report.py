@@ -352,14 +352,9 @@ def main(argv=None) -> int:
               "; ".join(f"{r['method']}" + (f"/{r['objective']} (scale {r['scale']:.3g})" if r["objective"] else "")
                         + f" {r['sw']:.3f}" for r in g["rows"]))
     if args.out:
-        import os
-        import tempfile
-        d = os.path.dirname(os.path.abspath(args.out))
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(res, fh, indent=1, default=float)
-        os.replace(tmp, args.out)
+        from pipeline.io.atomic import write_json
+
+        write_json(args.out, res, indent=1, default=float)
     return 0
 
 

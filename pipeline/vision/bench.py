@@ -37,8 +37,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -112,16 +110,9 @@ def run(args) -> int:
 # helpers
 # ------------------------------------------------------------------------------------------------
 def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from pipeline.io.atomic import write_text
+
+    write_text(path, text)
 
 
 def _finite(v):
