@@ -135,7 +135,7 @@ def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=N
     from pipeline.lensing.config import load_lensing_config
     from pipeline.rtb.config import RTBConfig
     from pipeline.rtb.posterior import build_posterior, posterior_spec
-    from pipeline.rtb.trainer import RTBTrainer
+    from pipeline.rtb.trainer import RTBTrainer, seed_everything
 
     lcfg = load_lensing_config(config_path)
     pcfg = load_section(config_path, "posterior", PosteriorConfig)
@@ -165,6 +165,7 @@ def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=N
         return torch.stack(ys)
 
     spec = posterior_spec(prior, rcfg, cond_channels=2)
+    seed_everything(rcfg.seed)  # the head's random layers: the same in every run from scratch
     post = build_posterior(prior, pool, spec)
     run_dir = Path(run_dir)
     if init_from is not None:

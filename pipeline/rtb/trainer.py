@@ -59,6 +59,19 @@ log = logging.getLogger(__name__)
 PER_STEP_EMA = "per_step/"  # key prefix of the per-step scalars in the EMA state
 
 
+def seed_everything(seed: int) -> None:
+    """Seed the global torch, numpy and python generators from ``seed`` (the config's ``rtb.seed``), so
+    the randomly initialised layers of a posterior built afterwards, and anything drawn from the global
+    generators during training, are the same in every run from scratch."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(int(seed))
+    np.random.seed(int(seed) % 2**32)
+    random.seed(int(seed))
+
+
 class RTBTrainer:
     """Fine-tunes ``posterior`` (an :class:`~pipeline.rtb.posterior.RTBPosterior`).
 
@@ -471,8 +484,29 @@ class RTBTrainer:
         self.step_idx = ck.step
         self._set_lr()
         self._snapshot = None
+        if self.metrics_path is not None and distributed.is_main():
+            _truncate_metrics(self.metrics_path, ck.step)
         log.info("resumed RTB training from %s (step %d, log Z %.4f)", ck.path, ck.step, float(self.post.log_z.detach()))
         return True
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop the metric lines written after the checkpoint resumed from (they are written
+    again by the resumed run); a line cut by a kill is dropped too. Atomic rewrite."""
+    import os
+
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line).get("step", 0)) <= step:
+                keep.append(line)
+        except (ValueError, TypeError, AttributeError):
+            continue
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 def _load_per_step(post, ck) -> None:
