@@ -1,5 +1,5 @@
-"""finetune-posterior from scratch is reproducible from the config's seeds, and a resumed run's
-metrics.jsonl holds each step once."""
+"""finetune-posterior from scratch is reproducible from the config's seeds, a resumed run's
+metrics.jsonl holds each step once, and settings lensing cannot train with are refused up front."""
 
 from __future__ import annotations
 
@@ -101,3 +101,18 @@ def test_resumed_finetune_writes_each_metrics_step_once(tmp_path):
     _run(tmp_path, "r", steps=4)
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4], steps
+
+
+def test_dps_exploration_is_refused_for_lensing_in_one_line(tmp_path):
+    import pytest
+
+    from pipeline.errors import ConfigError
+    from pipeline.lensing.posterior import finetune
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(CONFIG.replace("  seed: 5\n", "  seed: 5\n  dps_rate: 0.2\n"))
+    with pytest.raises(ConfigError) as exc:
+        finetune(cfg, _prior(), tmp_path / "run", tmp_path / "out")
+    msg = str(exc.value)
+    assert "\n" not in msg and "rtb.dps_rate" in msg and str(cfg) in msg
+    assert not (tmp_path / "run").exists()  # refused before any work

@@ -132,7 +132,7 @@ def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=N
     shipped checkpoint ``init_from``); exports to ``out_dir``."""
     from pipeline.config import load_section
     from pipeline.io.checkpoint import has_checkpoints, load_checkpoint, write_checkpoint_dir
-    from pipeline.lensing.config import load_lensing_config
+    from pipeline.lensing.config import check_rtb_for_lensing, load_lensing_config
     from pipeline.rtb.config import RTBConfig
     from pipeline.rtb.posterior import build_posterior, posterior_spec
     from pipeline.rtb.trainer import RTBTrainer, seed_everything
@@ -140,8 +140,7 @@ def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=N
     lcfg = load_lensing_config(config_path)
     pcfg = load_section(config_path, "posterior", PosteriorConfig)
     rcfg = load_section(config_path, "rtb", RTBConfig)
-    if not rcfg.amortized:
-        raise ConfigError(config_path, "rtb.amortized", "the lensing posterior is amortized: set it to true")
+    check_rtb_for_lensing(rcfg, config_path)
     chain = check_chain_matches(prior, rcfg, config_path)
     device = prior.device
     sigma = resolve_noise_sigma(lcfg, sources_path)
