@@ -146,3 +146,17 @@ def test_gauss_newton_last_step_fits_the_arc_of_the_shipped_posterior_better():
     assert abs(gn["chi2_arc_nu_median"] - gn["truth_chi2_arc_nu_median"]) < 0.3
     with pytest.raises(ValueError, match="last_step"):
         check_posterior(CONFIG, prior, SHIPPED / "posterior", last_step="newton", **kw)
+
+
+def test_shipped_posterior_records_the_shipped_prior_and_refuses_another():
+    from pipeline.errors import InputFileError
+    from pipeline.io.checkpoint import load_checkpoint, load_prior
+    from pipeline.rtb.trainer import load_posterior
+
+    prior = load_prior(SHIPPED / "prior")
+    ck = load_checkpoint(SHIPPED / "posterior", names=[])  # manifest checksums verified here
+    assert ck.hparams["prior"] == {"recipe_hash": prior.meta["config_hash"], "K": prior.meta["sample_K"],
+                                   "variance": prior.meta["sample_variance"]}
+    prior.meta["config_hash"] = "0" * 16  # a prior of another recipe
+    with pytest.raises(InputFileError, match=r"posterior.*prior\.recipe_hash"):
+        load_posterior(SHIPPED / "posterior", prior, None)

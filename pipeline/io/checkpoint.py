@@ -337,3 +337,35 @@ def load_prior(path, device="cpu", use_ema: bool = True):
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputFileError(ckpt.path, f"checkpoint does not match its hparams.json ({msg})") from None
     return prior.to(device)
+
+
+# -- the posterior's record of its prior ---------------------------------------------------------
+def prior_record(prior, K: int, variance: str) -> dict:
+    """What an RTB posterior checkpoint records about the prior it was fine-tuned against: the prior's
+    recipe hash (its ``config_hash``; None for a prior not loaded from a checkpoint) and the chain
+    (number of steps ``K``, variance rule) the posterior's trajectories live on."""
+    h = (getattr(prior, "meta", None) or {}).get("config_hash")
+    return {"recipe_hash": None if h is None else str(h), "K": int(K), "variance": str(variance)}
+
+
+def check_prior_record(path, hparams: dict, prior, K: int | None = None, variance: str | None = None) -> None:
+    """Refuse (one-line :class:`InputFileError` naming ``path`` and the field) a posterior checkpoint
+    that was fine-tuned against another prior or another chain than ``prior`` (``K``/``variance``:
+    the chain it is used with; default the prior's recorded ``sample_K``/``sample_variance`` if any).
+    A checkpoint without the record is accepted with a logged warning."""
+    rec = hparams.get("prior")
+    if not isinstance(rec, dict):
+        log.warning("%s: the posterior checkpoint records no prior recipe hash or chain; it cannot be checked "
+                    "against the prior it is loaded with", path)
+        return
+    meta = getattr(prior, "meta", None) or {}
+    have = {"recipe_hash": meta.get("config_hash"),
+            "K": K if K is not None else meta.get("sample_K"),
+            "variance": variance if variance is not None else meta.get("sample_variance")}
+    for key, now in have.items():
+        want = rec.get(key)
+        if want is None or (now is None and key != "recipe_hash"):
+            continue  # nothing recorded, or nothing to compare with (a chain not fixed by the prior)
+        if (str(now) if now is not None else None) != str(want):
+            raise InputFileError(path, f"posterior was fine-tuned with {key} {want!r}, but is loaded with "
+                                       f"{now!r} (another prior or chain)", field=f"prior.{key}")

@@ -179,3 +179,14 @@ def load_lensing_config(path) -> LensingConfig:
     if not isinstance(section, dict):
         raise ConfigError(path, "lensing", "expected a mapping")
     return from_mapping(LensingConfig, section, path, prefix="lensing.")
+
+
+def check_rtb_for_lensing(rcfg, path) -> None:
+    """The ``rtb:`` settings the lensing posterior supports, checked before any work: it is amortized
+    over many lenses, and the DPS-guided exploration rollouts (``rtb.dps_rate``) need one forward
+    operator for the whole batch, which a batch of mixed lenses does not have."""
+    if not rcfg.amortized:
+        raise ConfigError(path, "rtb.amortized", "the lensing posterior is amortized: set it to true")
+    if rcfg.dps_rate > 0:
+        raise ConfigError(path, "rtb.dps_rate", f"DPS-guided exploration is not supported for the amortized lensing "
+                          f"posterior (a batch mixes lenses); set it to 0 (got {rcfg.dps_rate})")

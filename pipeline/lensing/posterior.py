@@ -88,16 +88,18 @@ def build_lens_pool(lcfg, sigma: float, n: int, seed: int, scale: float, offset:
     return MultiLensProblem(probs)
 
 
-def seed_run_dir(run_dir, init_from) -> bool:
+def seed_run_dir(run_dir, init_from, prior=None) -> bool:
     """Start an empty run directory from a shipped trainer checkpoint (a ``step-N`` directory written
     by this command), so training resumes from it exactly; False if ``run_dir`` already has one."""
-    from pipeline.io.checkpoint import has_checkpoints, load_checkpoint, save_checkpoint
+    from pipeline.io.checkpoint import check_prior_record, has_checkpoints, load_checkpoint, save_checkpoint
 
     if has_checkpoints(run_dir):
         return False
     ck = load_checkpoint(init_from, map_location="cpu")  # checksums verified here
     if ck.hparams.get("kind") != "rtb_posterior":
         raise InputFileError(init_from, "not an RTB posterior trainer checkpoint", field="kind")
+    if prior is not None:
+        check_prior_record(ck.path, ck.hparams, prior)
     target = save_checkpoint(run_dir, ck.step, ck.states, ck.hparams, ck.state, keep=None)
     log.info("run dir %s seeded from the shipped checkpoint %s (step %d)", run_dir, init_from, ck.step)
     return target.is_dir()
@@ -109,11 +111,12 @@ def warm_start_posterior(post, spec: dict, checkpoint) -> None:
     For a NEW recipe that keeps the network (e.g. ``rtb.guided_variance`` switched on): the run starts
     at step 0 with a fresh optimizer from the given weights, instead of from zero. Refuses a checkpoint
     whose network differs (one line naming the file)."""
-    from pipeline.io.checkpoint import load_checkpoint
+    from pipeline.io.checkpoint import check_prior_record, load_checkpoint
 
     ck = load_checkpoint(checkpoint, map_location="cpu")
     if ck.hparams.get("kind") != "rtb_posterior":
         raise InputFileError(checkpoint, "not an RTB posterior checkpoint", field="kind")
+    check_prior_record(ck.path, ck.hparams, post.prior, post.chain.K, post.chain.variance)
     if ck.hparams["spec"]["model"] != spec["model"] or ck.hparams["spec"]["features"] != spec["features"]:
         raise InputFileError(checkpoint, "its network (spec model/features) differs from the rtb: config's",
                              field="spec")
@@ -132,16 +135,15 @@ def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=N
     shipped checkpoint ``init_from``); exports to ``out_dir``."""
     from pipeline.config import load_section
     from pipeline.io.checkpoint import has_checkpoints, load_checkpoint, write_checkpoint_dir
-    from pipeline.lensing.config import load_lensing_config
+    from pipeline.lensing.config import check_rtb_for_lensing, load_lensing_config
     from pipeline.rtb.config import RTBConfig
     from pipeline.rtb.posterior import build_posterior, posterior_spec
-    from pipeline.rtb.trainer import RTBTrainer
+    from pipeline.rtb.trainer import RTBTrainer, seed_everything
 
     lcfg = load_lensing_config(config_path)
     pcfg = load_section(config_path, "posterior", PosteriorConfig)
     rcfg = load_section(config_path, "rtb", RTBConfig)
-    if not rcfg.amortized:
-        raise ConfigError(config_path, "rtb.amortized", "the lensing posterior is amortized: set it to true")
+    check_rtb_for_lensing(rcfg, config_path)
     chain = check_chain_matches(prior, rcfg, config_path)
     device = prior.device
     sigma = resolve_noise_sigma(lcfg, sources_path)
@@ -165,10 +167,11 @@ def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=N
         return torch.stack(ys)
 
     spec = posterior_spec(prior, rcfg, cond_channels=2)
+    seed_everything(rcfg.seed)  # the head's random layers: the same in every run from scratch
     post = build_posterior(prior, pool, spec)
     run_dir = Path(run_dir)
     if init_from is not None:
-        seed_run_dir(run_dir, init_from)
+        seed_run_dir(run_dir, init_from, prior)
     if warm_start is not None and not has_checkpoints(run_dir):  # a resumed run keeps its own state
         warm_start_posterior(post, spec, warm_start)
     trainer = RTBTrainer(post, rcfg, obs_sampler=obs_sampler, cond_fn=pool.features, run_dir=run_dir,

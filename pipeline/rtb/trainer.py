@@ -56,6 +56,21 @@ from pipeline.runtime import tqdm_disable
 
 log = logging.getLogger(__name__)
 
+PER_STEP_EMA = "per_step/"  # key prefix of the per-step scalars in the EMA state
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the global torch, numpy and python generators from ``seed`` (the config's ``rtb.seed``), so
+    the randomly initialised layers of a posterior built afterwards, and anything drawn from the global
+    generators during training, are the same in every run from scratch."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(int(seed))
+    np.random.seed(int(seed) % 2**32)
+    random.seed(int(seed))
+
 
 class RTBTrainer:
     """Fine-tunes ``posterior`` (an :class:`~pipeline.rtb.posterior.RTBPosterior`).
@@ -92,7 +107,7 @@ class RTBTrainer:
             groups.append({"params": list(posterior.per_step_parameters().values()), "lr": cfg.lr_per_step})
         self.opt = torch.optim.Adam(groups)
         self.buffer = ReplayBuffer(cfg.replay_capacity, cfg.replay_priority_frac)
-        self.ema = ({n: p.detach().clone() for n, p in self._model().named_parameters()}
+        self.ema = ({n: p.detach().clone() for n, p in self._ema_targets().items()}
                     if cfg.ema_decay > 0 else None)
         self.step_idx, self.rollbacks, self.diverged, self.stopped_early = 0, 0, False, False
         self.lr_scale, self.log_z_init = 1.0, False
@@ -106,6 +121,13 @@ class RTBTrainer:
     # -- helpers --------------------------------------------------------------------------------
     def _model(self):
         return distributed.unwrap(self.post.model)
+
+    def _ema_targets(self) -> dict:
+        """The parameters the EMA averages: the network's, and the per-step scalars (gains, step
+        variances) under ``per_step/<name>``."""
+        out = dict(self._model().named_parameters())
+        out.update({f"{PER_STEP_EMA}{n}": p for n, p in self.post.per_step_parameters().items()})
+        return out
 
     def beta(self, step: int | None = None) -> float:
         s = self.step_idx if step is None else step
@@ -293,7 +315,7 @@ class RTBTrainer:
             return None
         if self.ema is not None:
             with torch.no_grad():
-                for n, p in self._model().named_parameters():
+                for n, p in self._ema_targets().items():
                     self.ema[n].lerp_(p.detach(), 1.0 - c.ema_decay)
         hist.append(loss)
         if source != "replay":
@@ -386,16 +408,17 @@ class RTBTrainer:
             def __enter__(self_inner):
                 if trainer.ema is None:
                     return
-                self_inner.saved = {n: p.detach().clone() for n, p in trainer._model().named_parameters()}
+                self_inner.saved = {n: p.detach().clone() for n, p in trainer._ema_targets().items()}
                 with torch.no_grad():
-                    for n, p in trainer._model().named_parameters():
-                        p.copy_(trainer.ema[n])
+                    for n, p in trainer._ema_targets().items():
+                        if n in trainer.ema:
+                            p.copy_(trainer.ema[n])
 
             def __exit__(self_inner, *exc):
                 if trainer.ema is None:
                     return False
                 with torch.no_grad():
-                    for n, p in trainer._model().named_parameters():
+                    for n, p in trainer._ema_targets().items():
                         p.copy_(self_inner.saved[n])
                 return False
 
@@ -406,8 +429,11 @@ class RTBTrainer:
         return config_hash(self.cfg.hash_fields())
 
     def hparams(self) -> dict:
+        from pipeline.io.checkpoint import prior_record
+
         return {"kind": "rtb_posterior", "spec": self.spec, "config": asdict(self.cfg),
-                "config_hash": self.config_hash()}
+                "config_hash": self.config_hash(),
+                "prior": prior_record(self.post.prior, self.post.chain.K, self.post.chain.variance)}
 
     def save(self) -> Path | None:
         """Write a rolling checkpoint ``run_dir/step-N`` (main rank only)."""
@@ -432,11 +458,12 @@ class RTBTrainer:
         """Restore everything from the newest readable checkpoint in ``run_dir``; False if none."""
         if self.run_dir is None:
             return False
-        from pipeline.io.checkpoint import has_checkpoints, load_checkpoint, restore_rng_state
+        from pipeline.io.checkpoint import check_prior_record, has_checkpoints, load_checkpoint, restore_rng_state
 
         if not has_checkpoints(self.run_dir):
             return False
         ck = load_checkpoint(self.run_dir, map_location="cpu")
+        check_prior_record(ck.path, ck.hparams, self.post.prior, self.post.chain.K, self.post.chain.variance)
         if ck.state.get("config_hash") != self.config_hash():
             raise InputFileError(ck.path, f"checkpoint was written with a different rtb config (hash "
                                  f"{ck.state.get('config_hash')} != {self.config_hash()}); use a new run dir",
@@ -446,7 +473,8 @@ class RTBTrainer:
         self.buffer.load_state_dict(ck.states["buffer"])
         _load_per_step(self.post, ck)
         if self.ema is not None and "ema" in ck.states:
-            self.ema = {n: v.to(self.device) for n, v in ck.states["ema"].items()}
+            saved = {n: v.to(self.device) for n, v in ck.states["ema"].items()}
+            self.ema = {n: saved.get(n, p.detach().clone()) for n, p in self._ema_targets().items()}
         with torch.no_grad():
             self.post.log_z.copy_(ck.state["log_z"])
         restore_rng_state(ck.state["rng"], {"train": self.gen})
@@ -456,8 +484,29 @@ class RTBTrainer:
         self.step_idx = ck.step
         self._set_lr()
         self._snapshot = None
+        if self.metrics_path is not None and distributed.is_main():
+            _truncate_metrics(self.metrics_path, ck.step)
         log.info("resumed RTB training from %s (step %d, log Z %.4f)", ck.path, ck.step, float(self.post.log_z.detach()))
         return True
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop the metric lines written after the checkpoint resumed from (they are written
+    again by the resumed run); a line cut by a kill is dropped too. Atomic rewrite."""
+    import os
+
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line).get("step", 0)) <= step:
+                keep.append(line)
+        except (ValueError, TypeError, AttributeError):
+            continue
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 def _load_per_step(post, ck) -> None:
@@ -471,21 +520,31 @@ def _load_per_step(post, ck) -> None:
 def load_posterior(run_dir, prior, problem, use_ema: bool = True):
     """Rebuild a trained :class:`~pipeline.rtb.posterior.RTBPosterior` from a checkpoint alone.
 
-    Returns (posterior, hparams). EMA weights are used when present and ``use_ema``.
+    Returns (posterior, hparams). EMA weights are used when present and ``use_ema``. A checkpoint
+    fine-tuned against another prior (recipe hash) or chain (K, variance) than ``prior`` and the
+    checkpoint's own spec is refused with a one-line :class:`~pipeline.errors.InputFileError`.
     """
-    from pipeline.io.checkpoint import load_checkpoint
+    from pipeline.io.checkpoint import check_prior_record, load_checkpoint
     from pipeline.rtb.posterior import build_posterior
 
     ck = load_checkpoint(run_dir, map_location="cpu")
     if ck.hparams.get("kind") != "rtb_posterior":
         raise InputFileError(ck.path, "not an RTB posterior checkpoint", field="kind")
+    check_prior_record(ck.path, ck.hparams, prior)  # recipe hash, and the prior's own chain if it records one
     post = build_posterior(prior, problem, ck.hparams["spec"])
     sd = ck.states["model"]
-    if use_ema and "ema" in ck.states:
+    ema = ck.states.get("ema") if use_ema else None
+    if ema:
         sd = dict(sd)
-        sd.update(ck.states["ema"])
+        sd.update({n: v for n, v in ema.items() if not n.startswith(PER_STEP_EMA)})
     post.model.load_state_dict(sd)
     _load_per_step(post, ck)
+    if ema:  # EMA of the per-step scalars, when the EMA recorded them
+        ema_steps = {n[len(PER_STEP_EMA):]: v for n, v in ema.items() if n.startswith(PER_STEP_EMA)}
+        with torch.no_grad():
+            for n, p in post.per_step_parameters().items():
+                if n in ema_steps:
+                    p.copy_(ema_steps[n])
     with torch.no_grad():
         post.log_z.copy_(ck.state["log_z"])
     post.to(prior.device)
