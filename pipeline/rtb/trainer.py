@@ -493,7 +493,7 @@ class RTBTrainer:
 def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop the metric lines written after the checkpoint resumed from (they are written
     again by the resumed run); a line cut by a kill is dropped too. Atomic rewrite."""
-    import os
+    from pipeline.io.atomic import write_text
 
     if not path.is_file():
         return
@@ -504,9 +504,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except (ValueError, TypeError, AttributeError):
             continue
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _load_per_step(post, ck) -> None:
