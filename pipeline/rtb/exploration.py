@@ -2,7 +2,8 @@
 
 * :class:`ReplayBuffer` stores terminal states x_1 (never x0: the sample is f(x_1), DESIGN 3.1)
   with log r(f(x_1)) at beta = 1 and, for amortized posteriors, the observation they belong to (y,
-  cond and an observation id shared by the trajectories of one y). FIFO eviction at capacity; sampling mixes uniform draws with rank-based priority
+  cond and an observation id shared by the trajectories of one y). FIFO eviction at capacity;
+  sampling mixes uniform draws with rank-based priority
   ``P(i) ~ 1 / (kappa N + rank_i)`` (rank 0 = highest reward), which is invariant to the scale of
   log r (rewards of thousands of pixels span hundreds of nats, so ``exp(log r)`` priorities would
   pick one entry). Amortized replay draws whole groups (:meth:`ReplayBuffer.sample_groups`): an

@@ -163,7 +163,8 @@ class RTBTrainer:
         for name, rate in (("replay", c.replay_rate), ("prior", c.prior_rate), ("tempered", c.tempered_rate),
                            ("dps", c.dps_rate)):
             if u < rate:
-                if name == "replay" and (len(self.buffer) == 0 or (c.amortized and not self.buffer.can_sample_groups())):
+                empty = len(self.buffer) == 0 or (c.amortized and not self.buffer.can_sample_groups())
+                if name == "replay" and empty:
                     return "policy"
                 return name
             u -= rate
