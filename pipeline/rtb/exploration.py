@@ -1,11 +1,14 @@
 """Off-policy exploration for RTB: a reward-prioritised replay buffer and backtracking.
 
 * :class:`ReplayBuffer` stores terminal states x_1 (never x0: the sample is f(x_1), DESIGN 3.1)
-  with log r(f(x_1)) at beta = 1 and, for amortized posteriors, the observation they belong to.
-  FIFO eviction at capacity; sampling mixes uniform draws with rank-based priority
+  with log r(f(x_1)) at beta = 1 and, for amortized posteriors, the observation they belong to (y,
+  cond and an observation id shared by the trajectories of one y). FIFO eviction at capacity;
+  sampling mixes uniform draws with rank-based priority
   ``P(i) ~ 1 / (kappa N + rank_i)`` (rank 0 = highest reward), which is invariant to the scale of
   log r (rewards of thousands of pixels span hundreds of nats, so ``exp(log r)`` priorities would
-  pick one entry).
+  pick one entry). Amortized replay draws whole groups (:meth:`ReplayBuffer.sample_groups`): an
+  observation by priority, then several DISTINCT stored x_1 of it, so the VarGrad log Z of the group
+  does not cancel the rewards (a group of copies of one x_1 would have delta independent of log r).
 * :func:`backtrack` noises x_1 -> x_2 -> ... -> x_K step by step with the strided forward kernels
   ``q(x_k | x_{k-1}) = N(sqrt(a_k) x_{k-1}, b_k I)`` (a Markov chain with fresh noise each step,
   unlike the reference code's one fixed eps), so the reversed trajectory is evaluated at each
@@ -30,16 +33,24 @@ class ReplayBuffer:
         self.log_r: torch.Tensor | None = None
         self.y: torch.Tensor | None = None
         self.cond: torch.Tensor | None = None
+        self.obs_id: torch.Tensor | None = None  # int64 per entry: which observation (amortized only)
+        self.n_obs = 0  # observation ids handed out so far
         self.n_added = 0
 
     def __len__(self) -> int:
         return 0 if self.x1 is None else self.x1.shape[0]
 
     def add(self, x1: torch.Tensor, log_r: torch.Tensor, y: torch.Tensor | None = None,
-            cond: torch.Tensor | None = None) -> None:
+            cond: torch.Tensor | None = None, groups: torch.Tensor | None = None) -> None:
         """Append entries (detached, stored on CPU); non-finite rewards are dropped; the oldest
-        entries are evicted beyond capacity."""
+        entries are evicted beyond capacity. ``groups``: the batch's y-group labels (entries of one
+        label share one observation); each label gets a fresh observation id."""
         keep = torch.isfinite(log_r.detach().cpu())
+        obs = None
+        if groups is not None:
+            _, inv = torch.unique(torch.as_tensor(groups).cpu(), return_inverse=True)
+            obs = (inv.long() + self.n_obs)[keep]
+            self.n_obs += int(inv.max()) + 1 if inv.numel() else 0
         x1, log_r = x1.detach().cpu()[keep], log_r.detach().cpu().double()[keep]
         y = None if y is None else y.detach().cpu()[keep]
         cond = None if cond is None else cond.detach().cpu()[keep]
@@ -52,9 +63,11 @@ class ReplayBuffer:
 
         self.x1, self.log_r = cat(self.x1, x1), cat(self.log_r, log_r)
         self.y, self.cond = cat(self.y, y), cat(self.cond, cond)
+        self.obs_id = cat(self.obs_id, obs)
         if len(self) > self.capacity:
             cut = len(self) - self.capacity
             self.x1, self.log_r = self.x1[cut:], self.log_r[cut:]
+            self.obs_id = None if self.obs_id is None else self.obs_id[cut:]
             self.y = None if self.y is None else self.y[cut:]
             self.cond = None if self.cond is None else self.cond[cut:]
 
@@ -67,14 +80,51 @@ class ReplayBuffer:
         w = 1.0 / (self.kappa * n + rank)
         return w / w.sum()
 
-    def sample_indices(self, n: int, generator=None) -> torch.Tensor:
+    def sample_indices(self, n: int, generator=None, eligible: torch.Tensor | None = None) -> torch.Tensor:
+        """``n`` entry indices: a ``priority_frac`` share by rank priority, the rest uniform; only
+        among the ``eligible`` entries (a bool mask) when given."""
         if len(self) == 0:
             raise ValueError("replay buffer is empty")
         n_pri = int(round(self.priority_frac * n))
-        idx_pri = torch.multinomial(self.priorities(), n_pri, replacement=True, generator=generator) if n_pri else \
+        pri = self.priorities()
+        uni = torch.ones(len(self), dtype=torch.float64)
+        if eligible is not None:
+            pri, uni = pri * eligible, uni * eligible
+        idx_pri = torch.multinomial(pri, n_pri, replacement=True, generator=generator) if n_pri else \
             torch.empty(0, dtype=torch.long)
-        idx_uni = torch.randint(0, len(self), (n - n_pri,), generator=generator)
+        if eligible is None:
+            idx_uni = torch.randint(0, len(self), (n - n_pri,), generator=generator)
+        else:
+            idx_uni = torch.multinomial(uni, n - n_pri, replacement=True, generator=generator) if n > n_pri else \
+                torch.empty(0, dtype=torch.long)
         return torch.cat([idx_pri, idx_uni])
+
+    def can_sample_groups(self) -> bool:
+        """True if some stored observation has at least two entries (a group with a VarGrad signal)."""
+        if self.obs_id is None or len(self) == 0:
+            return False
+        return bool((torch.unique(self.obs_id, return_counts=True)[1] >= 2).any())
+
+    def sample_groups(self, n_groups: int, group_size: int, generator=None) -> dict:
+        """``n_groups`` groups for amortized replay: an observation picked by its entries' priority
+        (rank-based / uniform as in :meth:`sample_indices`, among observations with >= 2 stored
+        entries), then up to ``group_size`` distinct stored x_1 of that observation (without
+        replacement). Returns the dict of :meth:`sample` plus ``groups`` (group label per entry)."""
+        if not self.can_sample_groups():
+            raise ValueError("replay buffer holds no observation with two or more entries")
+        ids, inv, counts = torch.unique(self.obs_id, return_inverse=True, return_counts=True)
+        eligible = counts[inv] >= 2
+        seeds = self.sample_indices(n_groups, generator, eligible=eligible)
+        idx, labels = [], []
+        for g, s in enumerate(seeds.tolist()):
+            members = torch.nonzero(self.obs_id == self.obs_id[s]).flatten()
+            pick = members[torch.randperm(members.numel(), generator=generator)[:group_size]]
+            idx.append(pick)
+            labels.append(torch.full((pick.numel(),), g, dtype=torch.long))
+        idx = torch.cat(idx)
+        out = {"x1": self.x1[idx], "log_r": self.log_r[idx], "idx": idx, "groups": torch.cat(labels),
+               "y": None if self.y is None else self.y[idx], "cond": None if self.cond is None else self.cond[idx]}
+        return out
 
     def sample(self, n: int, generator=None) -> dict:
         """n entries: dict with x1, log_r, y, cond (None where not stored), idx."""
@@ -84,11 +134,16 @@ class ReplayBuffer:
 
     def state_dict(self) -> dict:
         return {"x1": self.x1, "log_r": self.log_r, "y": self.y, "cond": self.cond, "n_added": self.n_added,
-                "capacity": self.capacity}
+                "capacity": self.capacity, "obs_id": self.obs_id, "n_obs": self.n_obs}
 
     def load_state_dict(self, state: dict) -> None:
         self.x1, self.log_r, self.y, self.cond = state["x1"], state["log_r"], state["y"], state["cond"]
         self.n_added = state["n_added"]
+        self.obs_id, self.n_obs = state.get("obs_id"), int(state.get("n_obs", 0))
+        if self.obs_id is None and self.y is not None and len(self):
+            # a buffer saved before observation ids were stored: entries with equal y share one
+            self.obs_id = torch.unique(self.y.reshape(len(self), -1), dim=0, return_inverse=True)[1].long()
+            self.n_obs = int(self.obs_id.max()) + 1
 
 
 @torch.no_grad()

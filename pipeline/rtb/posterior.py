@@ -1,6 +1,9 @@
 """The RTB posterior policy q_phi over the strided chain (DESIGN sections 1, 3.1 and 10).
 
-Every reverse step k = 2..K of q_phi is Gaussian with the prior chain's fixed variance and the mean
+Every reverse step k = 2..K of q_phi is Gaussian. Its variance is the prior chain's only when
+``learn_variance`` is off; by default (``learn_variance: true``) the network also outputs a
+per-coordinate log-variance offset, so q's variance is learned (see below, and the optional per-step
+scalars ``learn_step_scale`` / ``guided_variance``). Its mean is
 
     mean_q(x_k) = reverse_mean(x_k, eps_q, k) + g_k(x_k),
 
@@ -15,7 +18,7 @@ detached and cached from the rollout, and ``eps_q`` is either
   (initialised as the prior, so q = p at initialisation too), or with ``lora_rank > 0`` the frozen
   copy plus zero-initialised low-rank adapters on its linear and conv layers (:mod:`.lora`).
 
-Optionally (``learn_variance``) the model also outputs a bounded per-coordinate log-variance offset
+With ``learn_variance`` (the default) the model also outputs a bounded per-coordinate log-variance offset
 v, and q's step std is ``std_p * exp(v / 2)``: with coarse chains (K = 20-50) the posterior's steps are
 narrower than the prior's (the likelihood adds precision), which a mean shift alone cannot express,
 so a fixed-variance q has an irreducible KL (measured on a 1-D mixture at K = 20: ~0.07 nat).

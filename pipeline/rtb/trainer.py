@@ -163,7 +163,8 @@ class RTBTrainer:
         for name, rate in (("replay", c.replay_rate), ("prior", c.prior_rate), ("tempered", c.tempered_rate),
                            ("dps", c.dps_rate)):
             if u < rate:
-                if name == "replay" and len(self.buffer) == 0:
+                empty = len(self.buffer) == 0 or (c.amortized and not self.buffer.can_sample_groups())
+                if name == "replay" and empty:
                     return "policy"
                 return name
             u -= rate
@@ -173,13 +174,13 @@ class RTBTrainer:
         c, B = self.cfg, self.cfg.batch_size
         kw = dict(generator=self.gen, dtype=self.dtype)
         if source == "replay":
-            n_draw = B // c.group_size if c.amortized else B
-            ent = self.buffer.sample(n_draw, self.gen)
-            rep = c.group_size if c.amortized else 1
-            x1 = ent["x1"].repeat_interleave(rep, 0).to(self.device, self.dtype)
-            ys = ent["y"].repeat_interleave(rep, 0).to(self.device) if c.amortized else self.y
-            cond = ent["cond"].repeat_interleave(rep, 0).to(self.device) if c.amortized else None
-            groups = torch.arange(n_draw).repeat_interleave(rep) if c.amortized else torch.zeros(B, dtype=torch.long)
+            if c.amortized:  # groups of distinct stored x_1 of one observation (VarGrad keeps the rewards)
+                ent = self.buffer.sample_groups(B // c.group_size, c.group_size, self.gen)
+                ys, cond, groups = ent["y"].to(self.device), ent["cond"].to(self.device), ent["groups"]
+            else:
+                ent = self.buffer.sample(B, self.gen)
+                ys, cond, groups = self.y, None, torch.zeros(B, dtype=torch.long)
+            x1 = ent["x1"].to(self.device, self.dtype)
             xs = backtrack(self.post.chain, x1, generator=self.gen)
             return evaluate_states(self.post, xs, ys, cond, groups=groups, source="replay")
         ys, cond, groups = self._observations()
@@ -320,7 +321,7 @@ class RTBTrainer:
         hist.append(loss)
         if source != "replay":
             self.buffer.add(batch.x1, batch.log_r, batch.y if c.amortized else None,
-                            batch.cond if c.amortized else None)
+                            batch.cond if c.amortized else None, groups=batch.groups if c.amortized else None)
         self.step_idx += 1
         # a snapshot is only taken after a step whose loss looked healthy (also during the spike warmup),
         # so a rollback never restores a state that an outlier batch has just wrecked
