@@ -12,8 +12,8 @@ from pipeline.diffusion.network_prior import NetworkPrior
 from pipeline.diffusion.schedule import NoiseSchedule
 from pipeline.diffusion.unet import build_unet
 from pipeline.errors import InputFileError
-from pipeline.io.checkpoint import (export_prior, list_checkpoints, load_checkpoint, load_prior, prior_hparams,
-                                    restore_rng_state, rng_state, save_checkpoint)
+from pipeline.diffusion.network_prior import export_prior, load_prior, prior_hparams
+from pipeline.io.checkpoint import list_checkpoints, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 
 
 def _states(seed):

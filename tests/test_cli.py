@@ -11,7 +11,7 @@ from astropy.io import fits
 
 from pipeline.cli import main
 from pipeline.diffusion.sampling import sample_prior
-from pipeline.io.checkpoint import load_prior
+from pipeline.diffusion.network_prior import load_prior
 
 
 def test_help_lists_commands_and_options():

@@ -20,7 +20,7 @@ def test_shipped_prior_matches_config_and_reproduces_its_samples():
     from pipeline.config import load_section, load_yaml
     from pipeline.diffusion.sampling import sample_prior
     from pipeline.diffusion.train import PriorConfig
-    from pipeline.io.checkpoint import load_prior
+    from pipeline.diffusion.network_prior import load_prior
 
     cfg = load_yaml(CONFIG)
     assert cfg["prior_checkpoint"] == "data/pretrained/prior"
@@ -39,7 +39,8 @@ def test_shipped_prior_matches_config_and_reproduces_its_samples():
 
 def test_shipped_posterior_matches_config_and_reproduces_its_fit():
     from pipeline.config import load_section, load_yaml
-    from pipeline.io.checkpoint import load_checkpoint, load_prior
+    from pipeline.diffusion.network_prior import load_prior
+    from pipeline.io.checkpoint import load_checkpoint
     from pipeline.rtb.config import RTBConfig
     from pipeline.config import config_hash
 
@@ -83,7 +84,7 @@ def test_check_posterior_draws_the_same_observations_as_the_shipped_record():
     so with the same sample count it reproduces the recorded chi2; a trainer checkpoint (no recorded
     noise level) without --noise-sigma is refused in one line."""
     from pipeline.errors import InputFileError
-    from pipeline.io.checkpoint import load_prior
+    from pipeline.diffusion.network_prior import load_prior
     from pipeline.lensing.posterior import check_posterior
 
     rec = RECORD["posterior"]
@@ -106,7 +107,7 @@ def test_check_posterior_draws_the_same_observations_as_the_shipped_record():
 def test_amortized_samples_at_a_batch_equal_to_the_feature_channels():
     """Two trajectories (= the two conditioning channels) are conditioned like any other batch (the
     rollout once took the channel axis of the one conditioning map for the batch, and failed)."""
-    from pipeline.io.checkpoint import load_prior
+    from pipeline.diffusion.network_prior import load_prior
     from pipeline.lensing.amortized import MultiLensProblem
     from pipeline.lensing.config import load_lensing_config
     from pipeline.lensing.posterior import _seeded_observation, load_amortized, rtb_amortized_samples
@@ -132,7 +133,7 @@ def test_gauss_newton_last_step_fits_the_arc_of_the_shipped_posterior_better():
     """rtb_amortized_gn's twisted last step on the shipped posterior (check-posterior's first seeded
     observation, 2 samples, about a minute on 2 CPU cores): the arc chi2 falls well below the network's
     own last step (README: 1.67 -> 1.06 with 4 samples; the truth scores 1.02)."""
-    from pipeline.io.checkpoint import load_prior
+    from pipeline.diffusion.network_prior import load_prior
     from pipeline.lensing.posterior import check_posterior
 
     rec = RECORD["posterior"]
@@ -150,8 +151,9 @@ def test_gauss_newton_last_step_fits_the_arc_of_the_shipped_posterior_better():
 
 def test_shipped_posterior_records_the_shipped_prior_and_refuses_another():
     from pipeline.errors import InputFileError
-    from pipeline.io.checkpoint import load_checkpoint, load_prior
-    from pipeline.rtb.trainer import load_posterior
+    from pipeline.diffusion.network_prior import load_prior
+    from pipeline.io.checkpoint import load_checkpoint
+    from pipeline.rtb.loading import load_posterior
 
     prior = load_prior(SHIPPED / "prior")
     ck = load_checkpoint(SHIPPED / "posterior", names=[])  # manifest checksums verified here

@@ -11,7 +11,8 @@ from pipeline.problems import DenseLinearProblem
 from pipeline.rtb.config import RTBConfig
 from pipeline.rtb.objective import policy_rollout
 from pipeline.rtb.posterior import make_posterior, posterior_spec
-from pipeline.rtb.trainer import RTBTrainer, load_posterior
+from pipeline.rtb.loading import load_posterior
+from pipeline.rtb.trainer import RTBTrainer
 
 
 def _setup(**kw):
@@ -111,7 +112,7 @@ def test_per_step_scalars_are_checkpointed_resumed_and_reloaded(tmp_path):
     import pytest
 
     from pipeline.errors import InputFileError
-    from pipeline.rtb.trainer import _load_per_step
+    from pipeline.rtb.loading import _load_per_step
 
     class _Old:
         path, states = tmp_path / "run" / "step-20", {}

@@ -12,7 +12,8 @@ from pipeline.errors import InputFileError, PipelineError
 from pipeline.problems import DenseLinearProblem
 from pipeline.rtb.config import RTBConfig
 from pipeline.rtb.posterior import make_posterior, posterior_spec
-from pipeline.rtb.trainer import RTBTrainer, load_posterior
+from pipeline.rtb.loading import load_posterior
+from pipeline.rtb.trainer import RTBTrainer
 
 
 def _prior(recipe="aaaa1111", K=8, variance="small"):

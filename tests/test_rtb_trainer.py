@@ -14,7 +14,8 @@ from pipeline.problems import DenseLinearProblem
 from pipeline.rtb.config import RTBConfig
 from pipeline.rtb.posterior import make_posterior, posterior_spec
 from pipeline.rtb.sampler import RTBSampler
-from pipeline.rtb.trainer import RTBTrainer, load_posterior
+from pipeline.rtb.loading import load_posterior
+from pipeline.rtb.trainer import RTBTrainer
 
 
 def _problem():

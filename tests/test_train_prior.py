@@ -9,7 +9,8 @@ from conftest import TINY_PRIOR
 from pipeline.config import from_mapping
 from pipeline.diffusion.train import PriorConfig, augment_batch, load_training_images, train_prior
 from pipeline.errors import InputFileError
-from pipeline.io.checkpoint import list_checkpoints, load_checkpoint, load_prior
+from pipeline.diffusion.network_prior import load_prior
+from pipeline.io.checkpoint import list_checkpoints, load_checkpoint
 
 
 def _cfg(**kw):

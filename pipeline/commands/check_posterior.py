@@ -32,7 +32,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from pipeline.config import load_section
-    from pipeline.io.checkpoint import load_prior
+    from pipeline.diffusion.network_prior import load_prior
     from pipeline.lensing.posterior import PosteriorConfig, check_posterior
     from pipeline.runtime import choose_device, configure_threads
 

@@ -34,7 +34,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from pipeline import distributed
     from pipeline.config import load_section
-    from pipeline.io.checkpoint import load_prior
+    from pipeline.diffusion.network_prior import load_prior
     from pipeline.lensing.posterior import PosteriorConfig, finetune
     from pipeline.runtime import choose_device, configure_threads
 

@@ -26,7 +26,7 @@ def run(args) -> int:
     from pipeline.diffusion.train import PriorConfig
     from pipeline.errors import ConfigError, InputFileError
     from pipeline.io.atomic import atomic_directory, write_text
-    from pipeline.io.checkpoint import load_prior
+    from pipeline.diffusion.network_prior import load_prior
 
     src = Path(args.checkpoint)
     prior = load_prior(src)  # validates manifest checksums and rebuilds the network

@@ -68,7 +68,7 @@ def run(args) -> int:
     import pipeline
     from pipeline.diffusion.sampling import sample_prior
     from pipeline.errors import ConfigError
-    from pipeline.io.checkpoint import load_prior
+    from pipeline.diffusion.network_prior import load_prior
     from pipeline.io.fits import write_fits_atomic
     from pipeline.runtime import choose_device, configure_threads, seed_everything
 

@@ -29,7 +29,7 @@ def run(args) -> int:
     import torch
 
     from pipeline.errors import ConfigError
-    from pipeline.io.checkpoint import load_prior
+    from pipeline.diffusion.network_prior import load_prior
     from pipeline.lensing.config import load_lensing_config
     from pipeline.lensing.posterior import resolve_noise_sigma
     from pipeline.lensing.simulate import peak_snr_stats, simulate_set

@@ -6,11 +6,19 @@ file and of the likelihood) are ``x_phys = scale * x + offset`` (DESIGN section 
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import torch
 
 from pipeline.diffusion.prior import Prior
 from pipeline.diffusion.schedule import NoiseSchedule
 from pipeline.diffusion.unet import UNet
+from pipeline.errors import InputFileError
+from pipeline.io.checkpoint import (FORMAT_VERSION, has_checkpoints, is_checkpoint_dir, load_checkpoint,
+                                    write_checkpoint_dir)
+
+log = logging.getLogger(__name__)
 
 
 class NetworkPrior(Prior):
@@ -69,3 +77,53 @@ class NetworkPrior(Prior):
     def to_network(self, x_phys: torch.Tensor) -> torch.Tensor:
         """Physical units -> network units: (x_phys - offset) / scale."""
         return (x_phys - self.offset) / self.scale
+
+
+# -- checkpoints -----------------------------------------------------------------------
+def prior_hparams(net, schedule, event_shape, scale: float, offset: float, **extra) -> dict:
+    """The hparams.json content that :func:`load_prior` needs (plus free-form ``extra`` keys)."""
+    h = {"kind": "network_prior", "format": FORMAT_VERSION, "unet": net.hparams(), "schedule": schedule.to_dict(),
+         "event_shape": list(event_shape), "scale": float(scale), "offset": float(offset)}
+    h.update(extra)
+    return h
+
+
+def export_prior(target, net_state: dict, hparams: dict) -> Path:
+    """Write a minimal loadable prior directory (hparams.json + ema.pt + manifest.json)."""
+    return write_checkpoint_dir(target, {"ema": net_state}, hparams)
+
+
+def load_prior(path, device="cpu", use_ema: bool = True):
+    """Rebuild a :class:`~pipeline.diffusion.network_prior.NetworkPrior` from a checkpoint alone.
+
+    ``path``: a train-prior run directory (its ``final/`` export if present, else the newest readable
+    step), a step directory, or an exported prior directory. EMA weights by default.
+    """
+    path = Path(path)
+    name = "ema" if use_ema else "model"
+    final = path / "final"
+    if final.is_dir() and is_checkpoint_dir(final) and not is_checkpoint_dir(path) and use_ema:
+        try:
+            ckpt = load_checkpoint(final, names=[name], map_location="cpu")
+        except InputFileError as exc:
+            if not has_checkpoints(path):
+                raise
+            log.warning("%s; falling back to the newest readable step checkpoint", exc)
+            ckpt = load_checkpoint(path, names=[name], map_location="cpu")
+    else:
+        ckpt = load_checkpoint(path, names=[name], map_location="cpu")
+    h = ckpt.hparams
+    if h.get("kind") != "network_prior":
+        raise InputFileError(ckpt.path / "hparams.json", f"not a diffusion prior checkpoint (kind={h.get('kind')!r})",
+                             field="kind")
+    try:
+        net = UNet(**h["unet"])
+        net.load_state_dict(ckpt.states[name])
+        schedule = NoiseSchedule(**h["schedule"])
+        prior = NetworkPrior(net, schedule, h["event_shape"], scale=h["scale"], offset=h["offset"],
+                             meta={"checkpoint": str(ckpt.path), "step": ckpt.step, **{
+                                 k: v for k, v in h.items() if k not in ("unet", "schedule")}})
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputFileError(ckpt.path, f"checkpoint does not match its hparams.json ({msg})") from None
+    return prior.to(device)

@@ -31,8 +31,8 @@ from pipeline.config import config_hash
 from pipeline.diffusion.schedule import NoiseSchedule
 from pipeline.diffusion.unet import PRESETS, UNet, build_unet, count_parameters
 from pipeline.errors import ConfigError, InputFileError
-from pipeline.io.checkpoint import (export_prior, has_checkpoints, load_checkpoint, prior_hparams,
-                                    restore_rng_state, rng_state, save_checkpoint)
+from pipeline.diffusion.network_prior import export_prior, prior_hparams
+from pipeline.io.checkpoint import has_checkpoints, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from pipeline.io.fits import read_image_hdu
 from pipeline.runtime import choose_device, tqdm_disable
 
@@ -204,7 +204,7 @@ def train_prior(cfg: PriorConfig, data_path, run_dir, *, steps: int | None = Non
 
     ``callback(step, record)`` is called after every optimisation step (tests use it to interrupt).
     Writes ``run_dir/step-N/`` checkpoints, ``metrics.jsonl``, and on completion ``final/`` (EMA
-    weights, loadable by :func:`pipeline.io.checkpoint.load_prior`) and a ``done`` JSON marker.
+    weights, loadable by :func:`pipeline.diffusion.network_prior.load_prior`) and a ``done`` JSON marker.
     """
     run_dir = Path(run_dir)
     target = int(steps if steps is not None else cfg.steps)

@@ -1,4 +1,5 @@
-"""Self-describing, atomically written checkpoint directories (generic; used by prior and RTB trainers).
+"""Self-describing, atomically written checkpoint directories (generic: no model is built here; the prior
+loads in :mod:`pipeline.diffusion.network_prior`, the RTB posterior in :mod:`pipeline.rtb.loading`).
 
 Layout of a run directory::
 
@@ -283,89 +284,3 @@ def load_checkpoint(path, names=None, map_location="cpu") -> Checkpoint:
             continue
         return ckpt
     raise InputFileError(path, "no readable checkpoint (" + "; ".join(reasons) + ")")
-
-
-# -- the diffusion prior -----------------------------------------------------------------------
-def prior_hparams(net, schedule, event_shape, scale: float, offset: float, **extra) -> dict:
-    """The hparams.json content that :func:`load_prior` needs (plus free-form ``extra`` keys)."""
-    h = {"kind": "network_prior", "format": FORMAT_VERSION, "unet": net.hparams(), "schedule": schedule.to_dict(),
-         "event_shape": list(event_shape), "scale": float(scale), "offset": float(offset)}
-    h.update(extra)
-    return h
-
-
-def export_prior(target, net_state: dict, hparams: dict) -> Path:
-    """Write a minimal loadable prior directory (hparams.json + ema.pt + manifest.json)."""
-    return write_checkpoint_dir(target, {"ema": net_state}, hparams)
-
-
-def load_prior(path, device="cpu", use_ema: bool = True):
-    """Rebuild a :class:`~pipeline.diffusion.network_prior.NetworkPrior` from a checkpoint alone.
-
-    ``path``: a train-prior run directory (its ``final/`` export if present, else the newest readable
-    step), a step directory, or an exported prior directory. EMA weights by default.
-    """
-    from pipeline.diffusion.network_prior import NetworkPrior
-    from pipeline.diffusion.schedule import NoiseSchedule
-    from pipeline.diffusion.unet import UNet
-
-    path = Path(path)
-    name = "ema" if use_ema else "model"
-    final = path / "final"
-    if final.is_dir() and is_checkpoint_dir(final) and not is_checkpoint_dir(path) and use_ema:
-        try:
-            ckpt = load_checkpoint(final, names=[name], map_location="cpu")
-        except InputFileError as exc:
-            if not has_checkpoints(path):
-                raise
-            log.warning("%s; falling back to the newest readable step checkpoint", exc)
-            ckpt = load_checkpoint(path, names=[name], map_location="cpu")
-    else:
-        ckpt = load_checkpoint(path, names=[name], map_location="cpu")
-    h = ckpt.hparams
-    if h.get("kind") != "network_prior":
-        raise InputFileError(ckpt.path / "hparams.json", f"not a diffusion prior checkpoint (kind={h.get('kind')!r})",
-                             field="kind")
-    try:
-        net = UNet(**h["unet"])
-        net.load_state_dict(ckpt.states[name])
-        schedule = NoiseSchedule(**h["schedule"])
-        prior = NetworkPrior(net, schedule, h["event_shape"], scale=h["scale"], offset=h["offset"],
-                             meta={"checkpoint": str(ckpt.path), "step": ckpt.step, **{
-                                 k: v for k, v in h.items() if k not in ("unet", "schedule")}})
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputFileError(ckpt.path, f"checkpoint does not match its hparams.json ({msg})") from None
-    return prior.to(device)
-
-
-# -- the posterior's record of its prior ---------------------------------------------------------
-def prior_record(prior, K: int, variance: str) -> dict:
-    """What an RTB posterior checkpoint records about the prior it was fine-tuned against: the prior's
-    recipe hash (its ``config_hash``; None for a prior not loaded from a checkpoint) and the chain
-    (number of steps ``K``, variance rule) the posterior's trajectories live on."""
-    h = (getattr(prior, "meta", None) or {}).get("config_hash")
-    return {"recipe_hash": None if h is None else str(h), "K": int(K), "variance": str(variance)}
-
-
-def check_prior_record(path, hparams: dict, prior, K: int | None = None, variance: str | None = None) -> None:
-    """Refuse (one-line :class:`InputFileError` naming ``path`` and the field) a posterior checkpoint
-    that was fine-tuned against another prior or another chain than ``prior`` (``K``/``variance``:
-    the chain it is used with; default the prior's recorded ``sample_K``/``sample_variance`` if any).
-    A checkpoint without the record is accepted with a logged warning."""
-    rec = hparams.get("prior")
-    if not isinstance(rec, dict):
-        log.warning("%s: the posterior checkpoint records no prior recipe hash or chain; it cannot be checked "
-                    "against the prior it is loaded with", path)
-        return
-    meta = getattr(prior, "meta", None) or {}
-    have = {"recipe_hash": meta.get("config_hash"),
-            "K": K if K is not None else meta.get("sample_K"),
-            "variance": variance if variance is not None else meta.get("sample_variance")}
-    for key, now in have.items():
-        want = rec.get(key)
-        if want is None or (now is None and key != "recipe_hash"):
-            continue  # nothing recorded, or nothing to compare with (a chain not fixed by the prior)
-        if (str(now) if now is not None else None) != str(want):
-            raise InputFileError(path, f"posterior was fine-tuned with {key} {want!r}, but is loaded with "
-                                       f"{now!r} (another prior or chain)", field=f"prior.{key}")

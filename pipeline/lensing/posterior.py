@@ -91,7 +91,8 @@ def build_lens_pool(lcfg, sigma: float, n: int, seed: int, scale: float, offset:
 def seed_run_dir(run_dir, init_from, prior=None) -> bool:
     """Start an empty run directory from a shipped trainer checkpoint (a ``step-N`` directory written
     by this command), so training resumes from it exactly; False if ``run_dir`` already has one."""
-    from pipeline.io.checkpoint import check_prior_record, has_checkpoints, load_checkpoint, save_checkpoint
+    from pipeline.io.checkpoint import has_checkpoints, load_checkpoint, save_checkpoint
+    from pipeline.rtb.loading import check_prior_record
 
     if has_checkpoints(run_dir):
         return False
@@ -111,7 +112,8 @@ def warm_start_posterior(post, spec: dict, checkpoint) -> None:
     For a NEW recipe that keeps the network (e.g. ``rtb.guided_variance`` switched on): the run starts
     at step 0 with a fresh optimizer from the given weights, instead of from zero. Refuses a checkpoint
     whose network differs (one line naming the file)."""
-    from pipeline.io.checkpoint import check_prior_record, load_checkpoint
+    from pipeline.io.checkpoint import load_checkpoint
+    from pipeline.rtb.loading import check_prior_record
 
     ck = load_checkpoint(checkpoint, map_location="cpu")
     if ck.hparams.get("kind") != "rtb_posterior":
@@ -247,7 +249,7 @@ def load_amortized(posterior_dir, prior, problem):
 
     Returns (posterior, MultiLensProblem of that one lens, hparams)."""
     from pipeline.lensing.amortized import MultiLensProblem
-    from pipeline.rtb.trainer import load_posterior
+    from pipeline.rtb.loading import load_posterior
 
     single = MultiLensProblem([problem])
     post, hp = load_posterior(posterior_dir, prior, single)
@@ -381,7 +383,7 @@ def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs
     """
     import pipeline
     from pipeline.config import config_hash, load_section, load_yaml
-    from pipeline.io.checkpoint import load_prior
+    from pipeline.diffusion.network_prior import load_prior
     from pipeline.io.posterior import write_posterior
     from pipeline.lensing.config import BrightnessConfig, load_lensing_config
     from pipeline.lensing.observation import load_observation

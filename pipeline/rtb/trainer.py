@@ -50,13 +50,13 @@ from pipeline.errors import InputFileError
 from pipeline.metrics.logz import estimate_logz, estimate_logz_grouped, log_weights
 from pipeline.rtb.config import RTBConfig
 from pipeline.rtb.exploration import ReplayBuffer, backtrack
+from pipeline.rtb.loading import PER_STEP_EMA, _load_per_step, check_prior_record, prior_record
 from pipeline.rtb.objective import (RTBBatch, deltas_scalar, deltas_vargrad, evaluate_states, loss_value,
                                     policy_rollout, prior_rollout, two_pass_backward)
 from pipeline.runtime import tqdm_disable
 
 log = logging.getLogger(__name__)
 
-PER_STEP_EMA = "per_step/"  # key prefix of the per-step scalars in the EMA state
 
 
 def seed_everything(seed: int) -> None:
@@ -430,7 +430,6 @@ class RTBTrainer:
         return config_hash(self.cfg.hash_fields())
 
     def hparams(self) -> dict:
-        from pipeline.io.checkpoint import prior_record
 
         return {"kind": "rtb_posterior", "spec": self.spec, "config": asdict(self.cfg),
                 "config_hash": self.config_hash(),
@@ -459,7 +458,7 @@ class RTBTrainer:
         """Restore everything from the newest readable checkpoint in ``run_dir``; False if none."""
         if self.run_dir is None:
             return False
-        from pipeline.io.checkpoint import check_prior_record, has_checkpoints, load_checkpoint, restore_rng_state
+        from pipeline.io.checkpoint import has_checkpoints, load_checkpoint, restore_rng_state
 
         if not has_checkpoints(self.run_dir):
             return False
@@ -506,45 +505,3 @@ def _truncate_metrics(path: Path, step: int) -> None:
         except (ValueError, TypeError, AttributeError):
             continue
     write_text(path, "".join(line + "\n" for line in keep))
-
-
-def _load_per_step(post, ck) -> None:
-    """The posterior's per-step scalars from checkpoint ``ck``; a one-line error naming the file if absent."""
-    try:
-        post.load_per_step_state(ck.states.get("per_step"))
-    except KeyError as exc:
-        raise InputFileError(ck.path, exc.args[0], field="per_step") from None
-
-
-def load_posterior(run_dir, prior, problem, use_ema: bool = True):
-    """Rebuild a trained :class:`~pipeline.rtb.posterior.RTBPosterior` from a checkpoint alone.
-
-    Returns (posterior, hparams). EMA weights are used when present and ``use_ema``. A checkpoint
-    fine-tuned against another prior (recipe hash) or chain (K, variance) than ``prior`` and the
-    checkpoint's own spec is refused with a one-line :class:`~pipeline.errors.InputFileError`.
-    """
-    from pipeline.io.checkpoint import check_prior_record, load_checkpoint
-    from pipeline.rtb.posterior import build_posterior
-
-    ck = load_checkpoint(run_dir, map_location="cpu")
-    if ck.hparams.get("kind") != "rtb_posterior":
-        raise InputFileError(ck.path, "not an RTB posterior checkpoint", field="kind")
-    check_prior_record(ck.path, ck.hparams, prior)  # recipe hash, and the prior's own chain if it records one
-    post = build_posterior(prior, problem, ck.hparams["spec"])
-    sd = ck.states["model"]
-    ema = ck.states.get("ema") if use_ema else None
-    if ema:
-        sd = dict(sd)
-        sd.update({n: v for n, v in ema.items() if not n.startswith(PER_STEP_EMA)})
-    post.model.load_state_dict(sd)
-    _load_per_step(post, ck)
-    if ema:  # EMA of the per-step scalars, when the EMA recorded them
-        ema_steps = {n[len(PER_STEP_EMA):]: v for n, v in ema.items() if n.startswith(PER_STEP_EMA)}
-        with torch.no_grad():
-            for n, p in post.per_step_parameters().items():
-                if n in ema_steps:
-                    p.copy_(ema_steps[n])
-    with torch.no_grad():
-        post.log_z.copy_(ck.state["log_z"])
-    post.to(prior.device)
-    return post, ck.hparams

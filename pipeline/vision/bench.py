@@ -168,7 +168,7 @@ class Context:
     def prior(self, name):
         if name not in self._prior:
             from pipeline.diffusion.train import train_prior
-            from pipeline.io.checkpoint import load_prior
+            from pipeline.diffusion.network_prior import load_prior
 
             ds, path = self.dataset(name)
             augment = "none" if name == "mnist" else "flip"  # digits are not mirror-symmetric
@@ -211,7 +211,7 @@ class Context:
     def latent_prior(self, name):
         if name not in self._lprior:
             from pipeline.diffusion.train import train_prior
-            from pipeline.io.checkpoint import load_prior
+            from pipeline.diffusion.network_prior import load_prior
             from pipeline.vision.autoencoder import encode_images
             from pipeline.vision.datasets import VisionDataset, write_training_fits
 

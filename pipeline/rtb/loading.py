@@ -1,0 +1,91 @@
+"""Loading a trained RTB posterior from its checkpoint, and the record it keeps of its prior.
+
+A posterior checkpoint (written by :class:`pipeline.rtb.trainer.RTBTrainer` or exported by the lensing
+fine-tuning) holds the correction network (``model``), optionally its EMA (``ema``), the per-chain-step
+scalars (``per_step``) and ``hparams.json`` with the network ``spec`` and a ``prior`` record (recipe hash
+and chain). Inference code loads posteriors from here and never imports the trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pipeline.errors import InputFileError
+from pipeline.io.checkpoint import load_checkpoint
+from pipeline.rtb.posterior import build_posterior
+
+log = logging.getLogger(__name__)
+
+PER_STEP_EMA = "per_step/"  # key prefix of the per-step scalars in the EMA state
+
+
+def prior_record(prior, K: int, variance: str) -> dict:
+    """What an RTB posterior checkpoint records about the prior it was fine-tuned against: the prior's
+    recipe hash (its ``config_hash``; None for a prior not loaded from a checkpoint) and the chain
+    (number of steps ``K``, variance rule) the posterior's trajectories live on."""
+    h = (getattr(prior, "meta", None) or {}).get("config_hash")
+    return {"recipe_hash": None if h is None else str(h), "K": int(K), "variance": str(variance)}
+
+
+def check_prior_record(path, hparams: dict, prior, K: int | None = None, variance: str | None = None) -> None:
+    """Refuse (one-line :class:`InputFileError` naming ``path`` and the field) a posterior checkpoint
+    that was fine-tuned against another prior or another chain than ``prior`` (``K``/``variance``:
+    the chain it is used with; default the prior's recorded ``sample_K``/``sample_variance`` if any).
+    A checkpoint without the record is accepted with a logged warning."""
+    rec = hparams.get("prior")
+    if not isinstance(rec, dict):
+        log.warning("%s: the posterior checkpoint records no prior recipe hash or chain; it cannot be checked "
+                    "against the prior it is loaded with", path)
+        return
+    meta = getattr(prior, "meta", None) or {}
+    have = {"recipe_hash": meta.get("config_hash"),
+            "K": K if K is not None else meta.get("sample_K"),
+            "variance": variance if variance is not None else meta.get("sample_variance")}
+    for key, now in have.items():
+        want = rec.get(key)
+        if want is None or (now is None and key != "recipe_hash"):
+            continue  # nothing recorded, or nothing to compare with (a chain not fixed by the prior)
+        if (str(now) if now is not None else None) != str(want):
+            raise InputFileError(path, f"posterior was fine-tuned with {key} {want!r}, but is loaded with "
+                                       f"{now!r} (another prior or chain)", field=f"prior.{key}")
+
+
+def _load_per_step(post, ck) -> None:
+    """The posterior's per-step scalars from checkpoint ``ck``; a one-line error naming the file if absent."""
+    try:
+        post.load_per_step_state(ck.states.get("per_step"))
+    except KeyError as exc:
+        raise InputFileError(ck.path, exc.args[0], field="per_step") from None
+
+
+def load_posterior(run_dir, prior, problem, use_ema: bool = True):
+    """Rebuild a trained :class:`~pipeline.rtb.posterior.RTBPosterior` from a checkpoint alone.
+
+    Returns (posterior, hparams). EMA weights are used when present and ``use_ema``. A checkpoint
+    fine-tuned against another prior (recipe hash) or chain (K, variance) than ``prior`` and the
+    checkpoint's own spec is refused with a one-line :class:`~pipeline.errors.InputFileError`.
+    """
+    ck = load_checkpoint(run_dir, map_location="cpu")
+    if ck.hparams.get("kind") != "rtb_posterior":
+        raise InputFileError(ck.path, "not an RTB posterior checkpoint", field="kind")
+    check_prior_record(ck.path, ck.hparams, prior)  # recipe hash, and the prior's own chain if it records one
+    post = build_posterior(prior, problem, ck.hparams["spec"])
+    sd = ck.states["model"]
+    ema = ck.states.get("ema") if use_ema else None
+    if ema:
+        sd = dict(sd)
+        sd.update({n: v for n, v in ema.items() if not n.startswith(PER_STEP_EMA)})
+    post.model.load_state_dict(sd)
+    _load_per_step(post, ck)
+    if ema:  # EMA of the per-step scalars, when the EMA recorded them
+        ema_steps = {n[len(PER_STEP_EMA):]: v for n, v in ema.items() if n.startswith(PER_STEP_EMA)}
+        with torch.no_grad():
+            for n, p in post.per_step_parameters().items():
+                if n in ema_steps:
+                    p.copy_(ema_steps[n])
+    with torch.no_grad():
+        post.log_z.copy_(ck.state["log_z"])
+    post.to(prior.device)
+    return post, ck.hparams
