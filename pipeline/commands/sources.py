@@ -11,6 +11,7 @@ import json
 import logging
 import time
 
+from pipeline.commands import int_at_least
 from pipeline.config import config_hash
 
 log = logging.getLogger(__name__)
@@ -20,6 +21,8 @@ def add_arguments(parser):
     parser.add_argument("--config", required=True, help="pipeline YAML config (section lensing:)")
     parser.add_argument("--out", required=True, help="output FITS file")
     parser.add_argument("--seed", type=int, default=None, help="override lensing.sources.seed")
+    parser.add_argument("--workers", type=int_at_least(1), default=1,
+                        help="processes rendering the GalSim galaxies (same output for any number; default 1)")
 
 
 def run(args) -> int:
@@ -33,7 +36,7 @@ def run(args) -> int:
         cfg.sources.seed = args.seed
     g = cfg.geometry
     t0 = time.perf_counter()
-    result = build_sources(cfg.sources, g.source_npix, g.source_pixscale)
+    result = build_sources(cfg.sources, g.source_npix, g.source_pixscale, workers=args.workers)
     n_total = sum(len(a) for a in result["splits"].values())
     if n_total == 0:
         from pipeline.errors import ConfigError

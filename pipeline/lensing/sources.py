@@ -23,13 +23,16 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import multiprocessing
 import time
 
 import numpy as np
 from astropy.io import fits
+from tqdm import tqdm
 
 from pipeline.errors import InputFileError
 from pipeline.lensing.config import GalSimConfig, HSTConfig, SourcesConfig
+from pipeline.runtime import tqdm_disable
 
 log = logging.getLogger(__name__)
 
@@ -106,20 +109,29 @@ def galsim_galaxy(rng: np.random.Generator, cfg: GalSimConfig, npix: int, pixsca
 
 
 def galsim_sources(n: int, cfg: GalSimConfig, npix: int, pixscale: float, seed: int,
-                   return_params: bool = False):
+                   return_params: bool = False, workers: int = 1):
     """``n`` parametric galaxies (n, npix, npix) float32 [flux / arcsec^2], reproducible from ``seed``;
-    with ``return_params`` also their parameters (list of dicts, :func:`draw_galsim_params`)."""
-    from tqdm import tqdm
+    with ``return_params`` also their parameters (list of dicts, :func:`draw_galsim_params`).
 
-    from pipeline.runtime import tqdm_disable
-
+    All parameters are drawn first, in order, from one generator; rendering is a pure function of them,
+    so ``workers`` > 1 processes give the same images bit for bit."""
     rng = np.random.default_rng(seed)
+    params = [draw_galsim_params(rng, cfg) for _ in range(n)]
     out = np.zeros((n, npix, npix), np.float32)
-    params = []
-    for i in tqdm(range(n), desc="galsim", disable=tqdm_disable()):
-        params.append(draw_galsim_params(rng, cfg))
-        out[i] = render_galsim(params[-1], npix, pixscale)
+    render = functools.partial(_render_params, npix=npix, pixscale=pixscale)
+    if workers > 1 and n > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            images = pool.imap(render, params, chunksize=max(1, n // (8 * workers)))
+            for i, img in enumerate(tqdm(images, total=n, desc="galsim", disable=tqdm_disable())):
+                out[i] = img
+    else:
+        for i, p in enumerate(tqdm(params, desc="galsim", disable=tqdm_disable())):
+            out[i] = render(p)
     return (out, params) if return_params else out
+
+
+def _render_params(p: dict, npix: int, pixscale: float) -> np.ndarray:
+    return render_galsim(p, npix, pixscale)
 
 
 # ---------------------------------------------------------------------------------------------- HST
@@ -347,10 +359,11 @@ def split_indices(n: int, fractions, rng: np.random.Generator) -> list[np.ndarra
     return [np.sort(a) for a in np.split(perm, cuts[:-1])]
 
 
-def build_sources(cfg: SourcesConfig, npix: int, pixscale: float) -> dict:
+def build_sources(cfg: SourcesConfig, npix: int, pixscale: float, workers: int = 1) -> dict:
     """All configured kinds, split by ``cfg.seed``. Returns {'splits': {name: array}, 'kinds':
     {name: list of kind strings}, 'params': {name: list of generation-parameter dicts (empty for user
-    sources)}, 'counts': {kind: {split: n}}, 'seconds': {kind: s}}."""
+    sources)}, 'counts': {kind: {split: n}}, 'seconds': {kind: s}}. ``workers``: processes rendering the
+    GalSim galaxies (the result does not depend on it)."""
     kinds: dict[str, np.ndarray] = {}
     kind_params: dict[str, list] = {}
     seconds = {}
@@ -359,7 +372,7 @@ def build_sources(cfg: SourcesConfig, npix: int, pixscale: float) -> dict:
     if cfg.n_galsim > 0:
         t = time.perf_counter()
         kinds["galsim"], kind_params["galsim"] = galsim_sources(cfg.n_galsim, cfg.galsim, npix, pixscale, s_gal,
-                                                                return_params=True)
+                                                                return_params=True, workers=workers)
         seconds["galsim"] = time.perf_counter() - t
     if cfg.n_hst != 0:
         t = time.perf_counter()

@@ -8,6 +8,8 @@ rule sources:
         "results/sources/sources.fits",
     params:
         py=PY,
+    # the first job of the DAG, alone: GalSim rendering in parallel processes (output independent of it)
+    threads: workflow.cores
     conda:
         "../../environment.yml"
     log:
@@ -15,7 +17,7 @@ rule sources:
     benchmark:
         "benchmarks/sources.tsv"
     shell:
-        "{params.py} -m pipeline sources --config {input.cfg} --out {output} > {log} 2>&1"
+        "{params.py} -m pipeline sources --config {input.cfg} --out {output} --workers {threads} > {log} 2>&1"
 
 
 rule train_prior:
