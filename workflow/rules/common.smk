@@ -14,6 +14,9 @@ PY = "python" if any("CONDA" in str(m).upper() for m in _deploy) else sys.execut
 
 SETS = ["prior", "heldout"]
 LENS_METHODS = list(config["methods"])
+# scheduling order of the sample jobs (higher first): relative CPU cost per sample, measured on the demo
+# (FPS-SMC with 2 particles per run > DPS, DPS+CLA (a network VJP per step) > amortized RTB)
+SAMPLE_PRIORITY = {"fps_smc": 3, "prior_is": 3, "rtb_amortized_is": 3, "dps": 2, "dps_cla": 2}
 VISION_DATASETS = list(config.get("vision", {}).get("datasets", ["mnist"]))
 
 

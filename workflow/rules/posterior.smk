@@ -39,6 +39,8 @@ rule sample:
     params:
         py=PY,
         n=config["calibration"]["n_samples"],
+    # costliest methods first, so no long job is left running alone at the end of the DAG
+    priority: lambda wildcards: SAMPLE_PRIORITY.get(wildcards.method, 0)
     conda:
         "../../environment.yml"
     log:
