@@ -8,7 +8,7 @@ import torch
 from astropy.io import fits
 
 from pipeline.cli import main
-from pipeline.commands.calibrate import run_calibration
+from pipeline.evaluation.calibration import run_calibration
 from pipeline.io.posterior import write_posterior
 from pipeline.problems import LinearInverseProblem
 
