@@ -1,4 +1,5 @@
-"""The calibrate command end to end on an exact linear-Gaussian image problem (injected loader)."""
+"""Calibration (:mod:`pipeline.evaluation.calibration`) and the calibrate command end to end on an exact
+linear-Gaussian image problem (injected loader)."""
 
 import json
 
