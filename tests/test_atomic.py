@@ -132,7 +132,7 @@ def test_write_sites_follow_umask(tmp_path, umask022):
     import torch
     from astropy.io import fits
 
-    from pipeline.commands.report import _write_atomic
+    from pipeline.io.atomic import write_text
     from pipeline.io.checkpoint import save_checkpoint
     from pipeline.io.fits import write_fits_atomic
     from pipeline.io.posterior import write_posterior
@@ -140,7 +140,7 @@ def test_write_sites_follow_umask(tmp_path, umask022):
     write_fits_atomic(tmp_path / "a.fits", [fits.PrimaryHDU(np.zeros((2, 2), np.float32))])
     write_posterior(tmp_path / "post.fits", np.zeros((3, 4, 4), np.float32), src_pixscale=0.05, method="m")
     step = save_checkpoint(tmp_path / "run", 5, {"model": {"w": torch.zeros(2)}}, {"a": 1})
-    _write_atomic(tmp_path / "r.md", "# report\n")
+    write_text(tmp_path / "r.md", "# report\n")
     for f in ("a.fits", "post.fits", "r.md", "run/LATEST"):
         assert _mode(tmp_path / f) == 0o644, f
     assert _mode(step) == 0o755

@@ -1,4 +1,5 @@
-"""The calibrate command end to end on an exact linear-Gaussian image problem (injected loader)."""
+"""Calibration (:mod:`pipeline.evaluation.calibration`) and the calibrate command end to end on an exact
+linear-Gaussian image problem (injected loader)."""
 
 import json
 
@@ -8,7 +9,7 @@ import torch
 from astropy.io import fits
 
 from pipeline.cli import main
-from pipeline.commands.calibrate import run_calibration
+from pipeline.evaluation.calibration import run_calibration
 from pipeline.io.posterior import write_posterior
 from pipeline.problems import LinearInverseProblem
 

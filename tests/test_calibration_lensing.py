@@ -10,7 +10,7 @@ import yaml
 from astropy.io import fits
 
 pytest.importorskip("caustics")
-from pipeline.commands.calibrate import run_calibration  # noqa: E402
+from pipeline.evaluation.calibration import run_calibration  # noqa: E402
 from pipeline.io.posterior import read_posterior, write_posterior  # noqa: E402
 from pipeline.lensing.config import GeometryConfig, LensConfig, NoiseConfig  # noqa: E402
 from pipeline.lensing.simulate import draw_lens, make_problem, simulate_observation, write_observation  # noqa: E402

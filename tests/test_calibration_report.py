@@ -4,7 +4,7 @@ summaries."""
 import json
 
 from pipeline.cli import main
-from pipeline.commands.report import acceptance, coverage_cell, logz_summary, tarp_sentence
+from pipeline.evaluation.report import acceptance, coverage_cell, logz_summary, tarp_sentence
 
 
 def _r(dev, ci, chi=1.0, arc=1.0, p95=0.2):

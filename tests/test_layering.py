@@ -2,8 +2,8 @@
 trained posterior without the training machinery.
 
 Layers, low to high: shared plumbing (errors, config, runtime, distributed, problems, io, metrics, plots)
-< diffusion < samplers and rtb < lensing and vision < bench < commands and cli. Every ``import`` of a
-``pipeline`` module counts, at module top or inside a function.
+< diffusion < samplers and rtb < lensing and vision < bench and evaluation < commands and cli. Every
+``import`` of a ``pipeline`` module counts, at module top or inside a function.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "pipeline"
 LAYER = {"errors": 0, "config": 0, "runtime": 0, "distributed": 0, "problems": 0, "io": 0, "metrics": 0,
          "plots": 0, "diffusion": 1, "samplers": 2, "rtb": 2, "lensing": 3, "vision": 3, "bench": 4,
+         "evaluation": 4,
          "commands": 5, "cli": 5, "__main__": 5, "__init__": 5}
 
 

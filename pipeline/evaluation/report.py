@@ -1,0 +1,311 @@
+"""The calibration report: tables and sentences from the calibration summaries.
+
+Reads every ``summary.json`` below a calibration directory (one per set, as
+:func:`pipeline.evaluation.calibration.run_calibration` writes them; later files override earlier
+ones for the same set and method), and builds the results table (methods x sets) with every
+coverage beside the level an exact sampler reaches with the same number of samples, the truths' own
+chi2 per set, TARP against its exact-sampler null (methods are not ranked against each other by
+TARP), the acceptance checks on the prior-drawn set, and the figures, linked relative to the report
+so the report directory can be moved together with ``results/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from pipeline.errors import InputFileError
+from pipeline.evaluation.doc import Doc
+from pipeline.io.atomic import atomic_file, write_text
+
+CHI2_RANGE = (0.8, 1.25)  # acceptance band for the median chi2_nu (image and arc) on the prior-drawn set
+
+COLUMNS = ["set", "method", "n_obs", "n_samples", "TARP max dev", "p (exact null)", "null p95", "TARP ok",
+           "cov68 (exact)", "cov95 (exact)", "cov68 fp (exact)", "cov95 fp (exact)", "chi2_nu med",
+           "chi2_nu arc med", "sharpness", "mean err", "log Z ELBO med", "log Z IW med", "sampling s"]
+
+COLUMN_NOTES = (
+    "Columns: TARP max dev = max|ECP - alpha| over the fixed alpha grid; p (exact null) = the fraction of "
+    "exactly calibrated posteriors of the same size (observations, samples, bins) whose statistic is at least "
+    "as large; null p95 = its 95th percentile; TARP ok = max dev <= null p95. cov68/cov95 = rank-based "
+    "per-pixel central-interval coverage over all source pixels, 'fp' inside the footprint (pixels where the "
+    "pooled mean of the truth and the samples exceeds {frac} x its peak, a rule symmetric in truth and "
+    "samples); in brackets the level an exact sampler reaches with the same number of samples under the "
+    "same rank rule (for 32 samples 23/33 = 0.697 and 31/33 = 0.939, not 0.68 and 0.95). chi2_nu = "
+    "sum((y - A(x_s))/sigma)^2 / nu per posterior sample with nu = unmasked image pixels (median over samples "
+    "and observations; 'arc' = pixels where the sample's own noiseless model exceeds sigma); compare it with "
+    "the truths' own chi2_nu on the same set (below the set's description), the level exact samples reach. "
+    "sharpness = RMS posterior std / RMS prior std and mean err = RMS(posterior mean - truth) per observation, "
+    "averaged, both from the equally weighted returned samples (1 = nothing learnt from y; a sampler that "
+    "ignores y passes TARP and coverage, so read them together); log Z = median over observations of the "
+    "ELBO and of the importance-weighted estimate, n/a where a method has none; sampling s = total sampling "
+    "wall time of the set.")
+
+KIND_COLUMNS = ["set", "method", "kind", "n_obs", "chi2_nu med (truths)", "chi2_nu arc med (truths)", "mean err",
+                "cov68 (exact)", "cov95 (exact)"]
+
+KIND_NOTE = (
+    "Held-out observations are rendered from sources drawn at a finer scale than the inference grid "
+    "(`simulate --fine-factor`), so the truths' own chi2_nu (in brackets) exceeds 1 where the source "
+    "has structure the inference grid and operator cannot represent; read each method's chi2 against it.")
+
+CONDITIONAL_NOTE = (
+    "Posteriors are **conditional on the given lens model** (mass model, PSF, noise map and mask are "
+    "taken as known). SCI must be lens-light-subtracted (or carry a lens-light HDU) and its noise "
+    "uncorrelated between pixels.")
+
+
+# --------------------------------------------------------------------------------------- loading
+def load_summaries(cal_dir) -> tuple[dict, dict, dict, dict]:
+    """Merge every summary.json below ``cal_dir``: returns (sets, figures, settings, roots) where
+    roots[set] is the directory its figures are relative to."""
+    cal_dir = Path(cal_dir)
+    if not cal_dir.is_dir():
+        raise InputFileError(cal_dir, "calibration directory not found", "--calibration")
+    files = sorted(cal_dir.rglob("summary.json"))
+    if not files:
+        raise InputFileError(cal_dir, "no summary.json below it (run calibrate first)", "--calibration")
+    sets, figures, settings, roots = {}, {}, {}, {}
+    for f in files:
+        try:
+            data = json.loads(f.read_text())
+        except json.JSONDecodeError as exc:
+            raise InputFileError(f, f"not valid JSON (line {exc.lineno})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("sets"), dict):
+            raise InputFileError(f, "no 'sets' mapping: not a calibrate summary", "sets")
+        for set_name, methods in data["sets"].items():
+            sets.setdefault(set_name, {}).update(methods)
+            figs = data.get("figures", {}).get(set_name)
+            if figs:
+                figures.setdefault(set_name, {"coverage": None, "lenses": {}})
+                figures[set_name]["coverage"] = str(f.parent / figs["coverage"]) if figs.get("coverage") else None
+                for m, pngs in figs.get("lenses", {}).items():
+                    figures[set_name]["lenses"][m] = [str(f.parent / p) for p in pngs]
+            if set_name in data.get("settings", {}):
+                settings[set_name] = data["settings"][set_name]
+            roots[set_name] = str(f.parent)
+    return sets, figures, settings, roots
+
+
+# ------------------------------------------------------------------------------------- analysis
+def fmt(v, nd=3):
+    """A table cell: n/a for None, yes/no for bools, ``nd`` significant decimals for floats."""
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.{nd}g}" if (v != 0 and abs(v) < 1e-3) or abs(v) >= 1e4 else f"{v:.{nd}f}"
+    return str(v)
+
+
+def logz_median(logz, key: str) -> str:
+    """Median of ``key`` over the observations' log Z entries and how many had one, e.g. ``-2.0 (2/3)``;
+    n/a when none has it."""
+    vals = sorted(e[key] for e in (logz or []) if e and e.get(key) is not None)
+    if not vals:
+        return "n/a"
+    n = len(vals)
+    mid = vals[n // 2] if n % 2 else 0.5 * (vals[n // 2 - 1] + vals[n // 2])
+    return f"{mid:.1f} ({n}/{len(logz)})"
+
+
+def logz_summary(logz) -> str:
+    """Median ELBO log Z over observations (and how many had one), or n/a."""
+    return logz_median(logz, "elbo")
+
+
+def tarp_ok(r: dict) -> bool:
+    """max|ECP - alpha| at or below the 95th percentile of its exact-sampler null."""
+    return (r.get("tarp_max_dev") is not None and r.get("tarp_null_p95") is not None
+            and r["tarp_max_dev"] <= r["tarp_null_p95"])
+
+
+def tarp_sentence(methods: dict) -> str:
+    """What TARP says on one set: each method's max|ECP - alpha| against the exact-sampler null.
+
+    Methods are not ranked against each other: the null test is valid per method, but overlapping or
+    disjoint intervals of a maximum say nothing about which of two methods is better calibrated (a
+    comparison needs a paired test on the same observations)."""
+    items = [(m, r) for m, r in sorted(methods.items()) if r.get("tarp_max_dev") is not None]
+    if not items:
+        return "no TARP figures."
+    passed = [m for m, r in items if tarp_ok(r)]
+    failed = [m for m, r in items if not tarp_ok(r)]
+    parts = []
+    if passed:
+        parts.append("inside the exact-sampler null's 95th percentile: " + ", ".join(f"`{m}`" for m in passed))
+    if failed:
+        parts.append("outside it: " + ", ".join(f"`{m}`" for m in failed))
+    return "; ".join(parts) + ". Methods are not ranked by TARP against each other."
+
+
+def acceptance(r: dict) -> dict:
+    """Acceptance checks for one method on the prior-drawn set: TARP inside its null p95, and the median
+    chi2_nu over the image and in the arc inside CHI2_RANGE."""
+    lo, hi = CHI2_RANGE
+    chi_ok = all(r.get(k) is not None and lo <= r[k] <= hi for k in ("chi2_median", "chi2_arc_median"))
+    return {"tarp": tarp_ok(r), "chi2": chi_ok}
+
+
+def coverage_cell(r: dict, key: str) -> str:
+    """A coverage value beside the level an exact sampler reaches with the same number of samples
+    (``KEY_ref`` in the summary), e.g. ``0.761 (0.697)``."""
+    v, ref = r.get(key), r.get(key + "_ref")
+    if ref is None and key.endswith("_footprint"):
+        ref = r.get(key[: -len("_footprint")] + "_ref")
+    return fmt(v) if ref is None else f"{fmt(v)} ({fmt(ref)})"
+
+
+def truth_chi2(sets_methods: dict) -> tuple:
+    """The truths' own median chi2_nu over the image and in the arc on a set (the level exact
+    posterior samples reach), from any method entry that carries it; (None, None) when absent."""
+    for r in sets_methods.values():
+        if r.get("truth_chi2_median") is not None:
+            return r["truth_chi2_median"], r.get("truth_chi2_arc_median")
+    return None, None
+
+
+def results_row(s: str, m: str, r: dict) -> list:
+    """One row of the results table (:data:`COLUMNS`) for method ``m`` on set ``s``."""
+    return [s, m, r.get("n_obs"), r.get("n_samples"), fmt(r.get("tarp_max_dev")), fmt(r.get("tarp_p_value")),
+            fmt(r.get("tarp_null_p95")), fmt(tarp_ok(r)),
+            coverage_cell(r, "coverage68"), coverage_cell(r, "coverage95"),
+            coverage_cell(r, "coverage68_footprint"), coverage_cell(r, "coverage95_footprint"),
+            fmt(r.get("chi2_median")), fmt(r.get("chi2_arc_median")), fmt(r.get("sharpness")),
+            fmt(r.get("mean_err")), logz_median(r.get("logz"), "elbo"), logz_median(r.get("logz"), "iw"),
+            "n/a" if r.get("seconds") is None else f"{r['seconds']:.1f}"]
+
+
+def kind_rows(sets: dict, set_order: list) -> list:
+    """Rows of the per-source-kind table (:data:`KIND_COLUMNS`), chi2 beside the truths' own."""
+    rows = []
+    for s in set_order:
+        for m in sorted(sets[s]):
+            r = sets[s][m]
+            for kind, k in sorted(r.get("per_kind", {}).items()):
+                rows.append([s, m, kind, k.get("n_obs"),
+                             f"{fmt(k.get('chi2_median'))} ({fmt(k.get('truth_chi2_median'))})",
+                             f"{fmt(k.get('chi2_arc_median'))} ({fmt(k.get('truth_chi2_arc_median'))})",
+                             fmt(k.get("mean_err")),
+                             coverage_cell({**k, "coverage68_ref": r.get("coverage68_ref")}, "coverage68"),
+                             coverage_cell({**k, "coverage95_ref": r.get("coverage95_ref")}, "coverage95")])
+    return rows
+
+
+def set_paragraph(s: str, methods: dict, st: dict) -> str:
+    """The description of set ``s``: sizes, TARP null and the truths' own chi2_nu (``st``: its settings)."""
+    any_r = next(iter(methods.values()))
+    tc, tca = truth_chi2(methods)
+    truth_part = ("" if tc is None else
+                  f" The truths' own chi2_nu under the inference operator (median over observations): "
+                  f"**{fmt(tc)}** over the image, **{fmt(tca)}** in the arc.")
+    return (f"Set **{s}**: {any_r['n_obs']} observations, {any_r['n_samples']} posterior samples per "
+            f"observation and method, TARP with {any_r['n_alpha_bins']} fixed alpha bins "
+            f"(null distribution of max|ECP - alpha| for exactly calibrated posteriors of the same size: "
+            f"{st.get('n_null', 'n/a')} draws, {st.get('null_method', 'n/a')}; coordinates normalised "
+            f"by the {st.get('tarp_norm', 'pooled')} min/max).{truth_part}")
+
+
+# -------------------------------------------------------------------------------------- writing
+def copy_atomic(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` through a temporary file (readers never see a partial copy)."""
+    with atomic_file(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def _add_tarp_and_acceptance(doc: Doc, sets: dict, set_order: list) -> None:
+    doc.h(2, "TARP")
+    for s in set_order:
+        doc.p(f"**{s}**: {tarp_sentence(sets[s])}")
+    if "prior" not in sets:
+        return
+    doc.h(2, "Acceptance on the prior-drawn set")
+    lo, hi = CHI2_RANGE
+    for m in sorted(sets["prior"]):
+        a = acceptance(sets["prior"][m])
+        doc.p(f"`{m}`: TARP max dev <= null p95: **{fmt(a['tarp'])}**; median chi2_nu (image and arc) in "
+              f"[{lo}, {hi}]: **{fmt(a['chi2'])}**.")
+    if any(sets["prior"][m].get("n_obs", 0) < 100 for m in sets["prior"]):
+        doc.p("With fewer than ~100 observations TARP is weak (its null band is wide); chi2 carries the "
+              "acceptance and TARP is reported with its null distribution.")
+
+
+def _add_figures(doc: Doc, figs: dict, set_order: list, extra_figures, link) -> None:
+    doc.h(2, "Figures")
+    for s in set_order:
+        f = figs.get(s, {})
+        if f.get("coverage"):
+            doc.h(3, f"Coverage, {s} set")
+            doc.img(link(f["coverage"]), f"coverage {s}")
+        for m, pngs in sorted(f.get("lenses", {}).items()):
+            for p in pngs[:1]:
+                doc.h(3, f"{m}, {s} set: {Path(p).stem}")
+                doc.img(link(p), f"{m} {s}")
+    for p in extra_figures:
+        if not Path(p).is_file():
+            raise InputFileError(p, "figure not found", "--figures")
+        doc.h(3, Path(p).stem)
+        doc.img(link(p), Path(p).stem)
+
+
+def build_report(cal_dir, out_path, *, figures=(), sections=(), title="Calibration report",
+                 asset_dir=None, preamble=()) -> Doc:
+    """The report as a :class:`Doc`. Figures are linked relative to ``out_path``'s directory; with
+    ``asset_dir`` they are first copied there (so a page under ``docs/`` does not point into
+    ``results/``). ``preamble``: paragraphs placed under the title (provenance); ``sections``:
+    markdown files appended at the end."""
+    sets, figs, settings, _roots = load_summaries(cal_dir)
+    out_dir = Path(out_path).resolve().parent
+
+    def link(p):
+        p = Path(p)
+        if asset_dir is not None:
+            target = Path(asset_dir) / p.name
+            copy_atomic(p, target)
+            p = target
+        return os.path.relpath(p.resolve(), out_dir)
+
+    doc = Doc()
+    doc.h(1, title)
+    for para in preamble:
+        doc.p(para)
+    doc.p(CONDITIONAL_NOTE)
+    set_order = ([s for s in ("prior", "heldout") if s in sets]
+                 + sorted(s for s in sets if s not in ("prior", "heldout")))
+    for s in set_order:
+        doc.p(set_paragraph(s, sets[s], settings.get(s, {})))
+    doc.h(2, "Results")
+    doc.table(COLUMNS, [results_row(s, m, sets[s][m]) for s in set_order for m in sorted(sets[s])])
+    doc.p(COLUMN_NOTES.format(frac=fmt(next(iter(settings.values()), {}).get("footprint_frac", 0.1))))
+    rows = kind_rows(sets, set_order)
+    if rows:
+        doc.h(2, "Per source kind")
+        doc.table(KIND_COLUMNS, rows)
+        doc.p(KIND_NOTE)
+    _add_tarp_and_acceptance(doc, sets, set_order)
+    _add_figures(doc, figs, set_order, figures, link)
+    for sec in sections:
+        sp = Path(sec)
+        if not sp.is_file():
+            raise InputFileError(sp, "section file not found", "--sections")
+        doc.raw_md(sp.read_text())
+    return doc
+
+
+def write_report(cal_dir, out_path, *, figures=(), sections=(), title="Calibration report",
+                 html_path=None) -> None:
+    """Write the markdown report ``out_path`` and, with ``html_path``, its HTML form (built again
+    when it lies in another directory, since image links are relative to the page)."""
+    out_path = Path(out_path)
+    doc = build_report(cal_dir, out_path, figures=figures, sections=sections, title=title)
+    write_text(out_path, doc.markdown())
+    if html_path:
+        hp = Path(html_path)
+        if hp.resolve().parent != out_path.resolve().parent:
+            doc = build_report(cal_dir, hp, figures=figures, sections=sections, title=title)
+        write_text(hp, doc.html(title))
