@@ -93,7 +93,7 @@ def test_sample_writes_prior_is_log_z(tmp_path, blob_fits):
     from pipeline.diffusion.network_prior import load_prior
     from pipeline.lensing.config import BrightnessConfig, load_lensing_config
     from pipeline.lensing.observation import load_observation
-    from pipeline.lensing.posterior import sample_observations
+    from pipeline.lensing.sample import sample_observations
     from pipeline.samplers import make_sampler
 
     geom = {**GEOM, "source_npix": 16}  # the tiny prior's 16 x 16 images

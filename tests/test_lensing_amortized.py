@@ -85,7 +85,7 @@ def test_resample_within_groups_draws_one_member_per_group_by_its_own_weights():
     """SIR in independent groups (rtb_amortized_is): each index lies in its own group, a dominant
     weight is always picked, frequencies follow the within-group weights, and a group with no finite
     weight is refused."""
-    from pipeline.lensing.posterior import resample_within_groups
+    from pipeline.rtb.sampler import resample_within_groups
 
     gen = torch.Generator().manual_seed(0)
     n, m = 4000, 2

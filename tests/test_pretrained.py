@@ -52,7 +52,7 @@ def test_shipped_posterior_matches_config_and_reproduces_its_fit():
     assert ck.step <= rcfg.steps
     rec = RECORD["posterior"]
     assert rec["step"] == ck.step
-    from pipeline.lensing.posterior import evaluate_shipped_posterior
+    from pipeline.lensing.checks import evaluate_shipped_posterior
 
     prior = load_prior(SHIPPED / "prior")
     got = evaluate_shipped_posterior(CONFIG, prior, ROOT / cfg["posterior_checkpoint"], seed=rec["seed"],
@@ -85,7 +85,7 @@ def test_check_posterior_draws_the_same_observations_as_the_shipped_record():
     noise level) without --noise-sigma is refused in one line."""
     from pipeline.errors import InputFileError
     from pipeline.diffusion.network_prior import load_prior
-    from pipeline.lensing.posterior import check_posterior
+    from pipeline.lensing.checks import check_posterior
 
     rec = RECORD["posterior"]
     prior = load_prior(SHIPPED / "prior")
@@ -108,9 +108,10 @@ def test_amortized_samples_at_a_batch_equal_to_the_feature_channels():
     """Two trajectories (= the two conditioning channels) are conditioned like any other batch (the
     rollout once took the channel axis of the one conditioning map for the batch, and failed)."""
     from pipeline.diffusion.network_prior import load_prior
-    from pipeline.lensing.amortized import MultiLensProblem
+    from pipeline.lensing.amortized import amortized_sampler
+    from pipeline.lensing.checks import _seeded_observation
     from pipeline.lensing.config import load_lensing_config
-    from pipeline.lensing.posterior import _seeded_observation, load_amortized, rtb_amortized_samples
+    from pipeline.lensing.sample import load_amortized
 
     rec = RECORD["posterior"]
     prior = load_prior(SHIPPED / "prior")
@@ -120,7 +121,8 @@ def test_amortized_samples_at_a_batch_equal_to_the_feature_channels():
     post, _, _ = load_amortized(SHIPPED / "posterior", prior, problem)
     out = {}
     for n in (2, 3):
-        out[n] = rtb_amortized_samples(post, MultiLensProblem([problem]), y, n, torch.Generator().manual_seed(1), n)
+        out[n] = amortized_sampler("rtb_amortized", post, batch_size=n).sample(problem, y, n,
+                                                                                generator=torch.Generator().manual_seed(1))
     assert out[2].x0.shape[0] == 2 and out[3].x0.shape[0] == 3
     lr2, lr3 = out[2].log_r, out[3].log_r
     assert torch.isfinite(lr2).all() and torch.isfinite(lr3).all()
@@ -134,7 +136,7 @@ def test_gauss_newton_last_step_fits_the_arc_of_the_shipped_posterior_better():
     observation, 2 samples, about a minute on 2 CPU cores): the arc chi2 falls well below the network's
     own last step (README: 1.67 -> 1.06 with 4 samples; the truth scores 1.02)."""
     from pipeline.diffusion.network_prior import load_prior
-    from pipeline.lensing.posterior import check_posterior
+    from pipeline.lensing.checks import check_posterior
 
     rec = RECORD["posterior"]
     prior = load_prior(SHIPPED / "prior")

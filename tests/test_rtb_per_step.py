@@ -243,7 +243,7 @@ def test_warm_start_copies_the_network_and_shared_scalars_and_refuses_another_ne
     import pytest
 
     from pipeline.errors import InputFileError
-    from pipeline.lensing.posterior import warm_start_posterior
+    from pipeline.lensing.finetune import warm_start_posterior
 
     prior, problem, y, cfg = _setup(steps=4, learn_step_scale=False, checkpoint_every=2)
     spec = posterior_spec(prior, cfg)

@@ -64,7 +64,7 @@ def _flat(obj, prefix=""):
 
 
 def _run(tmp_path, name, steps=None):
-    from pipeline.lensing.posterior import finetune
+    from pipeline.lensing.finetune import finetune
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(CONFIG)
@@ -107,7 +107,7 @@ def test_dps_exploration_is_refused_for_lensing_in_one_line(tmp_path):
     import pytest
 
     from pipeline.errors import ConfigError
-    from pipeline.lensing.posterior import finetune
+    from pipeline.lensing.finetune import finetune
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(CONFIG.replace("  seed: 5\n", "  seed: 5\n  dps_rate: 0.2\n"))

@@ -215,7 +215,8 @@ def test_default_fps_smc_runs_are_calibrated_and_weighted_particles_too_narrow()
     # lensing setting (posterior.fps_smc_*) must be at that level; one run of n weighted particles,
     # resampled to n samples as the posterior file does, is far below it (measured 0.56 / 0.80 here).
     from pipeline.diffusion.gaussian_chain import propagate_gaussian_chain
-    from pipeline.lensing.posterior import PosteriorConfig, fps_smc_options
+    from pipeline.lensing.config import PosteriorConfig
+    from pipeline.lensing.sample import fps_smc_options
     from pipeline.metrics.coverage import interval_coverage
 
     n, n_obs, d = 32, 300, 4

@@ -78,7 +78,8 @@ def test_default_config_samples_fps_smc_in_runs_mode_with_its_own_particle_key(t
 
     from pipeline.config import load_section
     from pipeline.errors import ConfigError
-    from pipeline.lensing.posterior import PosteriorConfig, fps_smc_options
+    from pipeline.lensing.config import PosteriorConfig
+    from pipeline.lensing.sample import fps_smc_options
 
     root = Path(__file__).resolve().parents[1]
     pcfg = load_section(root / "config" / "config.yaml", "posterior", PosteriorConfig)

@@ -89,3 +89,21 @@ def test_bad_schedule_and_chain_arguments():
         Chain(s, 10, variance="medium")
     with pytest.raises(IndexError):
         s.chain(10).reverse_mean(torch.zeros(1, 1), torch.zeros(1, 1), 1)
+
+
+def test_chain_takes_a_chain_index_per_sample():
+    """reverse_mean / reverse_std / x0_from_eps with a (B,) tensor k equal the int-k values row by row
+    (float32 states and coefficients: to 1e-5), and an index outside 2..K is refused."""
+    chain = NoiseSchedule().chain(10)
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(4, 3, 5, 5, generator=g), torch.randn(4, 3, 5, 5, generator=g)
+    k = torch.tensor([2, 5, 10, 7])
+    mean, std = chain.reverse_mean(x, eps, k), chain.reverse_std(k, like=x)
+    x0 = chain.x0_from_eps(x, eps, k)
+    assert std.shape == (4, 1, 1, 1) and std.dtype == x.dtype
+    for i, ki in enumerate(k.tolist()):
+        torch.testing.assert_close(mean[i], chain.reverse_mean(x[i:i + 1], eps[i:i + 1], ki)[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x0[i], chain.x0_from_eps(x[i:i + 1], eps[i:i + 1], ki)[0], rtol=1e-5, atol=1e-5)
+        assert abs(float(std[i]) - chain.reverse_std(ki)) < 1e-6 * chain.reverse_std(ki)
+    with pytest.raises(IndexError, match="outside 2..10"):
+        chain.reverse_mean(x, eps, torch.tensor([1, 2, 3, 4]))

@@ -33,7 +33,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from pipeline.config import load_section
     from pipeline.diffusion.network_prior import load_prior
-    from pipeline.lensing.posterior import PosteriorConfig, check_posterior
+    from pipeline.lensing.checks import check_posterior
+    from pipeline.lensing.config import PosteriorConfig
     from pipeline.runtime import choose_device, configure_threads
 
     configure_threads()

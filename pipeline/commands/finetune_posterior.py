@@ -35,7 +35,8 @@ def run(args) -> int:
     from pipeline import distributed
     from pipeline.config import load_section
     from pipeline.diffusion.network_prior import load_prior
-    from pipeline.lensing.posterior import PosteriorConfig, finetune
+    from pipeline.lensing.config import PosteriorConfig
+    from pipeline.lensing.finetune import finetune
     from pipeline.runtime import choose_device, configure_threads
 
     if not args.tune_guidance and (args.run_dir is None or args.out is None):
@@ -49,7 +50,7 @@ def run(args) -> int:
     device = distributed.local_device(device)
     prior = load_prior(args.prior, device=device)
     if args.tune_guidance:
-        from pipeline.lensing.posterior import tune_rtb_guidance
+        from pipeline.lensing.finetune import tune_rtb_guidance
 
         print(json.dumps(tune_rtb_guidance(args.config, prior, sources_path=args.sources)))
         return 0

@@ -29,7 +29,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from pipeline.errors import ConfigError
     from pipeline.io.atomic import atomic_directory
-    from pipeline.lensing.posterior import sample_observations
+    from pipeline.lensing.sample import sample_observations
     from pipeline.runtime import configure_threads
 
     configure_threads()

@@ -31,7 +31,7 @@ def run(args) -> int:
     from pipeline.errors import ConfigError
     from pipeline.diffusion.network_prior import load_prior
     from pipeline.lensing.config import load_lensing_config
-    from pipeline.lensing.posterior import resolve_noise_sigma
+    from pipeline.lensing.finetune import resolve_noise_sigma
     from pipeline.lensing.simulate import peak_snr_stats, simulate_set
     from pipeline.diffusion.sampling import sample_prior
     from pipeline.runtime import choose_device, configure_threads

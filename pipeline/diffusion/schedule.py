@@ -93,19 +93,40 @@ class Chain:
                 "timesteps": self.t.tolist()}
 
     # -- reverse transitions --------------------------------------------------------------
-    def x0_from_eps(self, x: torch.Tensor, eps: torch.Tensor, k: int) -> torch.Tensor:
+    # k is an int (one step for the whole batch) or a (B,) long tensor (a chain index per sample,
+    # e.g. the stacked steps of the two-pass RTB gradient); tensor coefficients are gathered per
+    # sample in x's dtype and shaped to broadcast against x.
+    def _per_sample(self, coef: torch.Tensor, k: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return coef.to(x.device)[k.to(x.device)].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+    def x0_from_eps(self, x: torch.Tensor, eps: torch.Tensor, k) -> torch.Tensor:
         """Tweedie/denoised estimate x0_hat = (x_k - sqrt(1-abar_k) eps) / sqrt(abar_k)."""
+        if isinstance(k, torch.Tensor):
+            ab = self._per_sample(self.abar, k, x)
+            return (x - (1 - ab).sqrt() * eps) / ab.sqrt()
         ab = float(self.abar[k])
         return (x - math.sqrt(1.0 - ab) * eps) / math.sqrt(ab)
 
-    def reverse_mean(self, x: torch.Tensor, eps: torch.Tensor, k: int) -> torch.Tensor:
+    def reverse_mean(self, x: torch.Tensor, eps: torch.Tensor, k) -> torch.Tensor:
         """Mean of p(x_{k-1} | x_k) for k >= 2: (x_k - b_k / sqrt(1-abar_k) eps) / sqrt(a_k)."""
+        if isinstance(k, torch.Tensor):
+            if k.numel() and not (2 <= int(k.min()) and int(k.max()) <= self.K):
+                raise IndexError(f"reverse transition indices outside 2..{self.K}")
+            a, b, ab = (self._per_sample(c, k, x) for c in (self.a, self.b, self.abar))
+            return (x - (b / (1 - ab).sqrt()) * eps) / a.sqrt()
         if not 2 <= k <= self.K:
             raise IndexError(f"reverse transition index k={k} outside 2..{self.K}")
         a, b, ab = float(self.a[k]), float(self.b[k]), float(self.abar[k])
         return (x - (b / math.sqrt(1.0 - ab)) * eps) / math.sqrt(a)
 
-    def reverse_std(self, k: int) -> float:
+    def reverse_std(self, k, like: torch.Tensor | None = None):
+        """Std of p(x_{k-1} | x_k): a float for an int k; for a (B,) tensor k a tensor in ``like``'s dtype,
+        shaped to broadcast against ``like`` (required then)."""
+        if isinstance(k, torch.Tensor):
+            if like is None:
+                raise ValueError("reverse_std with per-sample k needs like= (the states it broadcasts against)")
+            return torch.sqrt(self.reverse_var.to(like.device)[k.to(like.device)]).to(like.dtype).reshape(
+                -1, *([1] * (like.ndim - 1)))
         return math.sqrt(float(self.reverse_var[k]))
 
     def final_denoise(self, x1: torch.Tensor, eps1: torch.Tensor) -> torch.Tensor:

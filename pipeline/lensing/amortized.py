@@ -19,6 +19,7 @@ import torch
 
 from pipeline.lensing.operator import LensingProblem
 from pipeline.problems import InverseProblem
+from pipeline.samplers import make_sampler
 
 
 class MultiLensProblem(InverseProblem):
@@ -117,3 +118,17 @@ class MultiLensProblem(InverseProblem):
         self.problems = [p.to(device) for p in self.problems]
         self.sigma, self.mask = self.sigma.to(device), self.mask.to(device)
         return self
+
+
+def single_lens_view(problem: LensingProblem, y: torch.Tensor) -> tuple[MultiLensProblem, torch.Tensor]:
+    """How the amortized posterior sees one observation: a one-lens pool and the packed ``y``."""
+    single = MultiLensProblem([problem])
+    return single, single.pack(0, y)
+
+
+def amortized_sampler(method: str, post, *, batch_size: int, particles: int = 1):
+    """The registry's RTB sampler of an amortized lensing posterior ``post``, for observations given as
+    (their own :class:`LensingProblem`, image ``y``); ``particles`` is used by ``rtb_amortized_is`` only."""
+    opts = {"particles": particles} if method == "rtb_amortized_is" else {}
+    return make_sampler(method, None, None, posterior=post, cond_fn=lambda yp: post.problem.features(yp),
+                        batch_size=batch_size, view=single_lens_view, **opts)

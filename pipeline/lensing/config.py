@@ -1,4 +1,5 @@
-"""Config section ``lensing:`` (geometry, sources, lens ranges, noise, brightness map, observation IO).
+"""Config sections ``lensing:`` (geometry, sources, lens ranges, noise, brightness map, observation IO)
+and ``posterior:`` (:class:`PosteriorConfig`, amortized training set-up and sampling defaults).
 
 Units: angles in arcsec, position angles in radians counter-clockwise from +x (array frame: +x along
 increasing column, +y along increasing row, origin at the array centre). Source maps are surface
@@ -190,3 +191,28 @@ def check_rtb_for_lensing(rcfg, path) -> None:
     if rcfg.dps_rate > 0:
         raise ConfigError(path, "rtb.dps_rate", f"DPS-guided exploration is not supported for the amortized lensing "
                           f"posterior (a batch mixes lenses); set it to 0 (got {rcfg.dps_rate})")
+
+
+@dataclass
+class PosteriorConfig:
+    """Section ``posterior:``: amortized training set-up and sampling defaults for lensing."""
+
+    n_lenses: int = field(default=32, metadata={"min": 1})        # pool of lens operators for training
+    n_truths: int = field(default=256, metadata={"min": 1})       # pool of prior-chain truths for training
+    n_samples: int = field(default=64, metadata={"min": 2})       # posterior samples per observation
+    batch_size: int = field(default=64, metadata={"min": 1})      # sampling batch
+    particles: int = field(default=8, metadata={"min": 1})  # per returned sample: prior_is, rtb_amortized_is
+    # FPS-SMC (see fps_smc_options): `runs` = one independent run of fps_smc_particles per returned sample
+    # (calibrated intervals); `weighted` = one run of n_samples weighted particles per observation
+    fps_smc_mode: str = field(default="runs", metadata={"choices": ["runs", "weighted"]})
+    fps_smc_particles: int = field(default=2, metadata={"min": 1})  # particles per run, runs mode only
+    # grid per tuned method (DPS, DPS+CLA), searched on a separate seed; a method left out uses
+    # pipeline.samplers.tuning.DEFAULT_GRIDS
+    guidance_scales: dict = field(default_factory=lambda: {"dps": [0.001, 0.002, 0.005, 0.01, 0.02, 0.05],
+                                                           "dps_cla": [0.5, 1.0, 1.5, 2.0, 3.0, 4.0]})
+    # chi2 calibration (E[chi2] = m for exact posteriors): on lensing the ELBO favours vanishing DPS
+    # guidance (each DPS kick costs path KL), which leaves DPS at the prior; see README
+    tune_objective: str = field(default="chi2", metadata={"choices": ["chi2", "elbo", "log_r"]})
+    tune_seed: int = field(default=987654, metadata={"min": 0})
+    seed: int = field(default=0, metadata={"min": 0})
+    device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda"]})

@@ -217,16 +217,7 @@ class RTBPosterior(nn.Module):
         std is the chain's reverse std (a float) or, with a learned variance, a tensor shaped like x.
         """
         eps, v = self._model_out(x, k, eps_p, y, cond)
-        if isinstance(k, torch.Tensor):
-            shape = (-1, *([1] * (x.ndim - 1)))
-            a = self.chain.a.to(x.device)[k].to(x.dtype).reshape(shape)
-            b = self.chain.b.to(x.device)[k].to(x.dtype).reshape(shape)
-            ab = self.chain.abar.to(x.device)[k].to(x.dtype).reshape(shape)
-            mean = (x - (b / (1 - ab).sqrt()) * eps) / a.sqrt()
-            std = torch.sqrt(self.chain.reverse_var.to(x.device)[k]).to(x.dtype).reshape(shape)
-        else:
-            mean = self.chain.reverse_mean(x, eps, k)
-            std = self.chain.reverse_std(k)
+        mean, std = self.chain.reverse_mean(x, eps, k), self.chain.reverse_std(k, like=x)
         if guide is not None:
             if self.guidance_log_gain is not None:
                 guide = guide * self._per_step(self.guidance_log_gain, k, x).exp()
@@ -274,9 +265,6 @@ class RTBPosterior(nn.Module):
         """log q(x_{k-1} | x_k) per sample (B,) float64 (k int or (B,) tensor), with grad w.r.t. the model."""
         mean, std = self.step_params(x, k, eps_p, y, cond, guide)
         return gaussian_log_prob(x_prev, mean, std)
-
-    # kept for callers of the first version
-    log_q_steps_batched = log_q_step
 
     def guide(self, x, k, eps_p, y):
         """Guidance mean offset at x_k (detached) or None."""

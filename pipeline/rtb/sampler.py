@@ -1,61 +1,124 @@
-"""A :class:`~pipeline.samplers.base.Sampler` for trained RTB posteriors.
+"""The one :class:`~pipeline.samplers.base.Sampler` for trained RTB posteriors.
 
-Names: ``rtb`` (one observation), ``rtb_amortized`` (conditioned on y through ``cond_fn``),
-``rtb_dps`` / ``rtb_dps_cla`` (guidance from the frozen prior inside the parameterisation). The
-returned :class:`Samples` carry ``log_q_traj`` / ``log_p_traj`` (start term N(x_K; 0, I) included in
-both) and the fully normalised ``log_r``, so log Z is estimated like every other Gaussian-step sampler.
+Every RTB method samples through :class:`RTBSampler` (built by name with
+:func:`pipeline.samplers.make_sampler`): ``rtb`` (one observation), ``rtb_amortized`` (conditioned on y
+through ``cond_fn``), ``rtb_dps`` / ``rtb_dps_cla`` (guidance from the frozen prior inside the
+parameterisation), ``rtb_amortized_is`` (``particles`` trajectories per returned sample, one drawn by
+importance weight within its group) and ``rtb_amortized_gn`` (the last step x_2 -> x_1 replaced by the
+Gauss-Newton twisted step, :mod:`pipeline.rtb.twisted_step`).
+
+Conventions (:class:`~pipeline.samplers.base.Samples`): ``log_q_traj`` / ``log_p_traj`` include the
+start term log N(x_K; 0, I); ``nfe`` per returned sample is K prior evaluations (k = 1..K) plus K - 1
+posterior-network calls, times ``particles``; the Gauss-Newton step adds, per iteration, one
+vectorised Jacobian of the prior's final denoise (counted as d VJPs) and one forward call.
 """
 
 from __future__ import annotations
 
 import torch
 
+from pipeline.diffusion.schedule import gaussian_log_prob
+from pipeline.metrics.logz import estimate_logz
 from pipeline.rtb.objective import policy_rollout
 from pipeline.samplers.base import Sampler, Samples
+from pipeline.samplers.registry import RTB_METHODS
+# Gauss-Newton iterations of the twisted last step: the second linearisation, at the first one's mean,
+# is what brought the ELBO above the policy's own last step on the shipped lensing posterior (README)
+GN_ITERATIONS = 2
 
-RTB_NAMES = ("rtb", "rtb_amortized", "rtb_dps", "rtb_dps_cla")
+
+def resample_within_groups(log_w: torch.Tensor, n: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampling importance resampling in ``n`` independent groups (rows of ``log_w.reshape(n, -1)``).
+
+    Each group's weights are normalised on their own and one member is drawn from them, so the ``n``
+    returned indices (into the flat ``log_w``) are independent draws, each from its own group's SIR
+    approximation of the target, and never duplicates of one heavy particle across groups. Returns
+    (indices (n,), weights normalised within each group (n, m), float64)."""
+    lw = log_w.detach().double().cpu().reshape(n, -1)
+    if not torch.isfinite(lw).any(1).all():
+        raise ValueError("a group of importance weights has no finite member")
+    w = torch.softmax(lw, 1)
+    pick = torch.multinomial(w, 1, generator=generator)[:, 0]
+    return torch.arange(n) * lw.shape[1] + pick, w
 
 
 class RTBSampler(Sampler):
     """Samples x0 = f(x_1) from a trained :class:`~pipeline.rtb.posterior.RTBPosterior`.
 
-    ``cond_fn(y (1, *y_shape)) -> cond (1, ...)`` for amortized posteriors. ``batch_size`` bounds the
-    number of trajectories rolled out at once.
+    Options: ``cond_fn(y (1, *y_shape)) -> cond (1, ...)`` for amortized posteriors; ``batch_size``
+    bounds the trajectories rolled out at once; ``particles`` (m >= 1) trajectories per returned
+    sample, one drawn from each group of m by its weight r p / q (``info["particles"]`` keeps all
+    n m of them with their within-group weights, ``info["logz"]`` the estimate over all of them);
+    ``last_step``: ``"policy"`` (the network's own) or ``"gauss_newton"`` (needs a linear problem with
+    a dense matrix); ``view(problem, y) -> (problem, y)``: how the posterior sees an observation (the
+    amortized lensing posterior's multi-lens wrapper), applied after the Gauss-Newton step is built
+    on the plain observation.
     """
 
-    def __init__(self, posterior, name: str = "rtb", cond_fn=None, batch_size: int = 4096):
-        if name not in RTB_NAMES:
-            raise ValueError(f"RTB sampler name must be one of {RTB_NAMES}, got {name!r}")
-        if name == "rtb_amortized" and cond_fn is None:
-            raise ValueError("rtb_amortized needs cond_fn (observation -> conditioning input)")
-        self.post, self.name, self.cond_fn, self.batch_size = posterior, name, cond_fn, batch_size
+    def __init__(self, posterior, name: str = "rtb", *, cond_fn=None, batch_size: int = 4096, particles: int = 1,
+                 last_step: str = "policy", view=None):
+        if name not in RTB_METHODS:
+            raise ValueError(f"RTB sampler name must be one of {RTB_METHODS}, got {name!r}")
+        if name.startswith("rtb_amortized") and cond_fn is None:
+            raise ValueError(f"{name} needs cond_fn (observation -> conditioning input)")
+        if int(particles) < 1 or int(batch_size) < 1:
+            raise ValueError(f"particles and batch_size must be >= 1, got {particles}, {batch_size}")
+        if last_step not in ("policy", "gauss_newton"):
+            raise ValueError(f"last_step must be 'policy' or 'gauss_newton', got {last_step!r}")
+        gn, is_ = last_step == "gauss_newton", int(particles) > 1
+        if gn != (name == "rtb_amortized_gn") or (is_ and name != "rtb_amortized_is"):
+            raise ValueError(f"{name}: last_step {last_step!r} / particles {particles} belong to rtb_amortized_gn / "
+                             f"rtb_amortized_is")
+        self.post, self.name, self.cond_fn, self.batch_size = posterior, name, cond_fn, int(batch_size)
+        self.particles, self.last_step, self.view = int(particles), last_step, view
 
     def sample(self, problem, y: torch.Tensor, n: int, *, generator=None) -> Samples:
         if n < 1:
             raise ValueError(f"number of samples must be >= 1, got {n}")
-        post = self.post
+        post, m = self.post, self.particles
+        post.eval()
+        y = torch.as_tensor(y)
+        step = self._last_step(problem, y)
+        if self.view is not None:
+            problem, y = self.view(problem, y)
         if problem is not None:
             post.problem = problem
-        y = torch.as_tensor(y)
         cond = None
         if self.cond_fn is not None:
             cond = self.cond_fn(y.reshape(1, *post.problem.y_shape))[0]
-        x0, lr, lq, lp = [], [], [], []
-        for s in range(0, n, self.batch_size):
-            m = min(self.batch_size, n - s)
-            b = policy_rollout(post, m, y, cond, generator=generator)
-            start = _start_log_prob(b.xs[post.chain.K])
+        x0, lr, lq, lp, start = [], [], [], [], []
+        for s in range(0, n * m, self.batch_size):
+            b = policy_rollout(post, min(self.batch_size, n * m - s), y, cond, generator=generator, last_step=step)
             x0.append(b.x0)
             lr.append(b.log_r)
-            lq.append(start + b.log_q())
-            lp.append(start + b.log_p())
-        K = post.chain.K
-        # network evaluations per sample: K prior eps (k = 1..K) + K-1 posterior model calls
-        return Samples(x0=torch.cat(x0), log_r=torch.cat(lr), log_q_traj=torch.cat(lq), log_p_traj=torch.cat(lp),
-                       nfe=2 * K - 1, info={"method": self.name, "K": K, "mode": post.mode})
+            lq.append(b.log_q())
+            lp.append(b.log_p())
+            start.append(gaussian_log_prob(b.xs[post.chain.K], torch.zeros_like(b.xs[post.chain.K]), 1.0))
+        x0, lr, lq, lp, start = (torch.cat(v) for v in (x0, lr, lq, lp, start))
+        info = {"method": self.name, "K": post.chain.K, "mode": post.mode, "particles": m,
+                "last_step": self.last_step}
+        if self.name != "rtb_amortized_is":
+            return Samples(x0=x0, log_r=lr, log_q_traj=start + lq, log_p_traj=start + lp, nfe=self._nfe(), info=info)
+        # the start term cancels in the weights: they are formed from the step sums
+        lw = lr + lp - lq
+        idx, w = resample_within_groups(lw, n, generator)
+        est = estimate_logz(lw)
+        info["logz"] = {"elbo": est.elbo, "elbo_se": est.elbo_se, "iw": est.iw}
+        info["particles_x0"], info["particles_weights"], info["particles_index"] = x0, w, idx
+        sel = idx.to(x0.device)
+        return Samples(x0=x0[sel], log_r=lr[sel.to(lr.device)], log_w=torch.zeros(n, dtype=torch.float64),
+                       nfe=self._nfe(), info=info)
 
+    def _last_step(self, problem, y):
+        if self.last_step == "policy":
+            return None
+        from pipeline.rtb.twisted_step import GaussNewtonLastStep
 
-def _start_log_prob(xK: torch.Tensor) -> torch.Tensor:
-    from pipeline.diffusion.schedule import gaussian_log_prob
+        return GaussNewtonLastStep(self.post.prior, self.post.chain, problem, y, iterations=GN_ITERATIONS)
 
-    return gaussian_log_prob(xK, torch.zeros_like(xK), 1.0)
+    def _nfe(self) -> int:
+        K, d = self.post.chain.K, 1
+        for s in self.post.prior.event_shape:
+            d *= int(s)
+        extra = GN_ITERATIONS * (d + 1) if self.last_step == "gauss_newton" else 0
+        return self.particles * (2 * K - 1 + extra)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.samplers.reward import RewardProblem
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,6 +226,13 @@ def dps_guidance(prior, chain, problem, y, x, k: int, scale: float, cond=None) -
     to zeta_t = zeta / ||r|| on the squared norm). The gradient backpropagates through ``prior.eps``
     (one VJP). Any differentiable operator works, linear or not.
     """
+    if isinstance(problem, RewardProblem):
+        # a reward of one's own: scale * grad_{x_k} log r(x0_hat(x_k)), its x0-gradient pulled back by one VJP
+        with torch.enable_grad():
+            xg, eps, x0 = _eps_with_grad(prior, chain, x, k, cond)
+            g0 = problem.grad_log_likelihood(x0.detach(), y).to(x0.dtype)
+            (g,) = torch.autograd.grad(x0, xg, grad_outputs=g0)
+        return GuidanceOut((scale * g).to(x.dtype), eps.detach(), x0.detach())
     with torch.enable_grad():
         xg, eps, x0 = _eps_with_grad(prior, chain, x, k, cond)
         norm = dps_residual_norm(problem, x0, y)

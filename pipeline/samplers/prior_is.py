@@ -75,6 +75,9 @@ class PriorISSampler(Sampler):
                 "prior_elbo": float(log_r_all.mean()),
                 "prior_elbo_se": float(log_r_all.std() / math.sqrt(log_r_all.numel())) if log_r_all.numel() > 1 else None,
                 "logz_iw_note": "pooled over all proposals: valid only when y is a single observation"}
+        # the registry's "info" log Z: one observation per call, so the estimate over all n*M prior-chain
+        # proposals is this observation's log Z, and the ELBO is the prior proposal's (mean log r)
+        info["logz"] = {"elbo": info["prior_elbo"], "elbo_se": info["prior_elbo_se"], "iw": info["logz_iw"]}
         x0 = torch.cat(x_out)
         log_r = torch.cat(lr_out)
         if self.resample:

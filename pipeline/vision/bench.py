@@ -350,13 +350,10 @@ def _rtb_config(cfg: VisionConfig, guidance: str, scale: float, dps_scale: float
 
 
 def _policy_samples(post, cond_fn, y, n, generator, K):
-    from pipeline.rtb.objective import policy_rollout
-    from pipeline.samplers.base import Samples
+    from pipeline.rtb.sampler import RTBSampler
 
-    cond = cond_fn(y[None])[0]
-    b = policy_rollout(post, n, y, cond, generator=generator)
-    return Samples(x0=b.x0, log_r=b.log_r, log_q_traj=b.log_q(), log_p_traj=b.log_p(), nfe=2 * K - 1,
-                   info={"prior_nfe": K, "head_nfe": K - 1})
+    name = "rtb_amortized" if post.guidance is None else "rtb_dps"
+    return RTBSampler(post, name, cond_fn=cond_fn, batch_size=n).sample(None, y, n, generator=generator)
 
 
 def tune_rtb_dps_scale(cfg: VisionConfig, task: Task, generator) -> tuple[float, list[dict]]:

@@ -14,11 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.errors import ConfigError
+from pipeline.samplers import LINEAR_ONLY
 from pipeline.vision.datasets import DATASETS
 from pipeline.vision.operators import LINEAR_TASKS, TASKS
 
 VISION_METHODS = ("rtb_amortized", "rtb_dps", "dps", "dps_cla", "prior_is", "fps", "fps_smc")
-LINEAR_ONLY_METHODS = ("dps_cla", "fps", "fps_smc")
+LINEAR_ONLY_METHODS = tuple(m for m in VISION_METHODS if m in LINEAR_ONLY)
 
 
 @dataclass

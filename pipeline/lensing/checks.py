@@ -1,0 +1,82 @@
+"""Lensing posteriors, checks: a seeded fit check of amortized posteriors on prior-predictive observations.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.diffusion.sampling import sample_prior
+from pipeline.errors import InputFileError
+from pipeline.io.checkpoint import load_checkpoint
+from pipeline.lensing.amortized import amortized_sampler
+from pipeline.lensing.config import load_lensing_config
+from pipeline.lensing.sample import load_amortized
+from pipeline.lensing.simulate import draw_lens, make_problem
+from pipeline.metrics.chi2 import chi2_per_sample
+
+
+def _seeded_observation(lcfg, prior, chain, rng, gen, noise_sigma):
+    """One prior-predictive observation: a lens from ``rng``, a prior-chain truth and noise from ``gen``."""
+    problem = make_problem(draw_lens(lcfg.lens, rng), lcfg.geometry, sigma=noise_sigma, device=prior.device)
+    problem.set_brightness(prior.scale, prior.offset)
+    truth = sample_prior(prior, chain, 1, generator=gen)
+    return problem, truth, problem.simulate(truth, generator=gen)[0]
+
+
+def evaluate_shipped_posterior(config_path, prior, checkpoint, *, seed: int = 0, n: int = 16,
+                               noise_sigma: float) -> dict:
+    """A fixed, seeded check of a posterior checkpoint: one prior-predictive observation (lens and truth
+    from ``seed``), ``n`` amortized samples, their median chi2_nu and mean log r. Used to record and
+    re-check the metrics of the checkpoints shipped under data/pretrained/."""
+    rec = check_posterior(config_path, prior, checkpoint, n_obs=1, n=n, seed=seed, noise_sigma=noise_sigma)
+    per = rec["per_observation"]
+    return {"chi2_nu_median": per["chi2_nu"][0], "mean_log_r": per["mean_log_r"][0],
+            "seed": seed, "n": n, "noise_sigma": noise_sigma}
+
+
+def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int = 32, seed: int = 42,
+                    noise_sigma: float | None = None, last_step: str = "policy") -> dict:
+    """Seeded fit check of an amortized posterior on ``n_obs`` prior-predictive observations (lenses,
+    truths and noise from ``seed``; the same set for every checkpoint): per observation the median over
+    ``n`` samples of chi2_nu over the image and inside the arc, the mean log r, the ELBO, and the median
+    per-pixel posterior std (physical units); and the medians of those over observations. Beside them,
+    the truth's own chi2_nu over the image and inside its arc: exact posterior samples are exchangeable
+    with the truth given y, so their chi2 should match these, not 1 exactly. Used to compare training
+    stages (data/pretrained/README.md); not a calibration (that is ``calibrate``). ``last_step``:
+    ``policy`` (the network's own) or ``gauss_newton`` (the twisted step of ``rtb_amortized_gn``)."""
+    if n_obs < 1 or n < 2:
+        raise ValueError(f"check_posterior needs n_obs >= 1 and n >= 2 samples (got {n_obs}, {n})")
+    if last_step not in ("policy", "gauss_newton"):
+        raise ValueError(f"last_step must be 'policy' or 'gauss_newton', got {last_step!r}")
+    if noise_sigma is None:  # an exported posterior records the noise level it was trained with
+        hp = load_checkpoint(checkpoint, names=[]).hparams
+        if "lensing" not in hp:
+            raise InputFileError(checkpoint, "records no noise level (a trainer checkpoint, not an export): "
+                                             "pass --noise-sigma", field="lensing.noise_sigma")
+        noise_sigma = float(hp["lensing"]["noise_sigma"])
+    lcfg = load_lensing_config(config_path)
+    chain = prior.schedule.chain(int(prior.meta["sample_K"]), prior.meta["sample_variance"])
+    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    rows = {"chi2_nu": [], "chi2_arc_nu": [], "mean_log_r": [], "elbo": [], "std": [],
+            "truth_chi2_nu": [], "truth_chi2_arc_nu": []}
+    sampler = None
+    for _ in range(n_obs):
+        problem, truth, y = _seeded_observation(lcfg, prior, chain, rng, gen, noise_sigma)
+        if sampler is None:  # loaded once; each observation brings its own lens
+            post, _, _ = load_amortized(checkpoint, prior, problem)
+            method = "rtb_amortized_gn" if last_step == "gauss_newton" else "rtb_amortized"
+            sampler = amortized_sampler(method, post, batch_size=n)
+        smp = sampler.sample(problem, y, n, generator=gen)
+        chi = chi2_per_sample(problem, smp.x0, y)
+        rows["chi2_nu"].append(float(np.median(chi["chi2_nu"])))
+        rows["chi2_arc_nu"].append(float(np.nanmedian(chi["chi2_arc_nu"])))
+        rows["mean_log_r"].append(float(smp.log_r.mean()))
+        rows["elbo"].append(float((smp.log_r + smp.log_p_traj - smp.log_q_traj).double().mean()))
+        rows["std"].append(float(prior.to_physical(smp.x0).reshape(n, -1).std(0).median()))
+        chi_t = chi2_per_sample(problem, truth.reshape(1, *smp.x0.shape[1:]).to(smp.x0), y)
+        rows["truth_chi2_nu"].append(float(chi_t["chi2_nu"][0]))
+        rows["truth_chi2_arc_nu"].append(float(chi_t["chi2_arc_nu"][0]))
+    return {"posterior": str(checkpoint), "last_step": last_step, "n_obs": n_obs, "n_samples": n, "seed": seed,
+            "noise_sigma": noise_sigma,
+            **{f"{k}_median": float(np.median(v)) for k, v in rows.items()}, "per_observation": rows}

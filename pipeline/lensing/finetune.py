@@ -1,0 +1,206 @@
+"""Lensing posteriors, fine-tuning: amortized RTB over the prior predictive.
+
+Section ``posterior:`` of the pipeline config (:class:`pipeline.lensing.config.PosteriorConfig`) holds
+the lensing-specific settings; the RTB optimisation settings are in ``rtb:``
+(:class:`pipeline.rtb.config.RTBConfig`).
+
+Amortized training data (the default, ``rtb_amortized``): each training observation is drawn from the
+prior predictive - a truth from the trained prior's chain (the exact K-step chain RTB targets), a lens
+from the configured ranges (a pool of ``n_lenses`` assembled sparse operators) and Gaussian noise at
+the fixed noise level (independent of the truth). The network sees the observation through
+source-plane features (:meth:`pipeline.lensing.amortized.MultiLensProblem.features`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import load_section
+from pipeline.diffusion.sampling import sample_prior
+from pipeline.errors import ConfigError, InputFileError
+from pipeline.io.checkpoint import has_checkpoints, load_checkpoint, save_checkpoint, write_checkpoint_dir
+from pipeline.lensing.amortized import MultiLensProblem, amortized_sampler
+from pipeline.lensing.config import PosteriorConfig, check_rtb_for_lensing, load_lensing_config
+from pipeline.lensing.simulate import draw_lens, make_problem, typical_noise_sigma
+from pipeline.lensing.sources import read_sources
+from pipeline.rtb.config import RTBConfig
+from pipeline.rtb.loading import check_prior_record
+from pipeline.rtb.posterior import build_posterior, posterior_spec
+from pipeline.rtb.trainer import RTBTrainer, seed_everything
+from pipeline.rtb.tuning import GUIDANCE_GRIDS, best_by_elbo, trajectory_elbo
+
+log = logging.getLogger(__name__)
+
+
+def resolve_noise_sigma(lcfg, sources_path) -> float:
+    """The fixed noise level in SCI units: ``lensing.noise.sigma`` or the population rule of
+    :func:`pipeline.lensing.simulate.typical_noise_sigma` on the TRAIN sources (never one truth)."""
+    if lcfg.noise.sigma is not None:
+        return float(lcfg.noise.sigma)
+
+    if sources_path is None:
+        raise ConfigError("<config>", "lensing.noise.sigma", "not set and no --sources file to derive it from")
+    train, _ = read_sources(sources_path, "TRAIN")
+    return typical_noise_sigma(train, lcfg.geometry, lcfg.lens, lcfg.noise.target_peak_snr)
+
+
+def check_chain_matches(prior, rtb_cfg, config_path):
+    """RTB targets the prior's chain, and the prior-drawn calibration set is drawn from it: one chain."""
+    K, var = int(prior.meta.get("sample_K", rtb_cfg.K)), prior.meta.get("sample_variance", rtb_cfg.variance)
+    if (rtb_cfg.K, rtb_cfg.variance) != (K, var):
+        raise ConfigError(config_path, "rtb.K", f"rtb.K/variance ({rtb_cfg.K}, {rtb_cfg.variance}) must equal the "
+                          f"prior's chain (prior.sample_K/sample_variance = {K}, {var})")
+    return prior.schedule.chain(K, var)
+
+
+def build_lens_pool(lcfg, sigma: float, n: int, seed: int, scale: float, offset: float, device):
+
+    rng = np.random.default_rng(seed)
+    t0 = time.time()
+    probs = []
+    for _ in range(n):
+        p = make_problem(draw_lens(lcfg.lens, rng), lcfg.geometry, sigma=sigma, device=device)
+        probs.append(p.set_brightness(scale, offset))
+    log.info("assembled %d lens operators in %.1f s", n, time.time() - t0)
+    return MultiLensProblem(probs)
+
+
+def seed_run_dir(run_dir, init_from, prior=None) -> bool:
+    """Start an empty run directory from a shipped trainer checkpoint (a ``step-N`` directory written
+    by this command), so training resumes from it exactly; False if ``run_dir`` already has one."""
+    if has_checkpoints(run_dir):
+        return False
+    ck = load_checkpoint(init_from, map_location="cpu")  # checksums verified here
+    if ck.hparams.get("kind") != "rtb_posterior":
+        raise InputFileError(init_from, "not an RTB posterior trainer checkpoint", field="kind")
+    if prior is not None:
+        check_prior_record(ck.path, ck.hparams, prior)
+    target = save_checkpoint(run_dir, ck.step, ck.states, ck.hparams, ck.state, keep=None)
+    log.info("run dir %s seeded from the shipped checkpoint %s (step %d)", run_dir, init_from, ck.step)
+    return target.is_dir()
+
+
+def warm_start_posterior(post, spec: dict, checkpoint) -> None:
+    """Copy a trained posterior's network (and the per-step scalars it shares) into ``post``.
+
+    For a NEW recipe that keeps the network (e.g. ``rtb.guided_variance`` switched on): the run starts
+    at step 0 with a fresh optimizer from the given weights, instead of from zero. Refuses a checkpoint
+    whose network differs (one line naming the file)."""
+    ck = load_checkpoint(checkpoint, map_location="cpu")
+    if ck.hparams.get("kind") != "rtb_posterior":
+        raise InputFileError(checkpoint, "not an RTB posterior checkpoint", field="kind")
+    check_prior_record(ck.path, ck.hparams, post.prior, post.chain.K, post.chain.variance)
+    if ck.hparams["spec"]["model"] != spec["model"] or ck.hparams["spec"]["features"] != spec["features"]:
+        raise InputFileError(checkpoint, "its network (spec model/features) differs from the rtb: config's",
+                             field="spec")
+    post.model.load_state_dict(ck.states["model"])
+    shared = {n: v for n, v in (ck.states.get("per_step") or {}).items() if n in post.per_step_parameters()}
+    with torch.no_grad():
+        for n, v in shared.items():
+            post.per_step_parameters()[n].copy_(v)
+    log.info("warm start from %s (step %d): network%s", checkpoint, ck.step,
+             f" and {sorted(shared)}" if shared else "")
+
+
+def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=None, init_from=None,
+             warm_start=None) -> dict:
+    """Amortized RTB over the prior predictive; resumes from ``run_dir`` (or starts it from the
+    shipped checkpoint ``init_from``); exports to ``out_dir``."""
+    lcfg = load_lensing_config(config_path)
+    pcfg = load_section(config_path, "posterior", PosteriorConfig)
+    rcfg = load_section(config_path, "rtb", RTBConfig)
+    check_rtb_for_lensing(rcfg, config_path)
+    chain = check_chain_matches(prior, rcfg, config_path)
+    device = prior.device
+    sigma = resolve_noise_sigma(lcfg, sources_path)
+    pool = build_lens_pool(lcfg, sigma, pcfg.n_lenses, pcfg.seed, prior.scale, prior.offset, device)
+    truth_cache = []
+
+    def draw_truths():
+        # drawn on first use, so a resume of a finished run (make demo on the shipped checkpoint) skips it
+        if not truth_cache:
+            t0 = time.time()
+            gen = torch.Generator().manual_seed(pcfg.seed)
+            truth_cache.append(sample_prior(prior, chain, pcfg.n_truths, generator=gen, batch_size=pcfg.batch_size))
+            log.info("drew %d prior-chain truths in %.1f s", pcfg.n_truths, time.time() - t0)
+        return truth_cache[0]
+
+    def obs_sampler(G, generator):
+        truths = draw_truths()
+        li = torch.randint(len(pool), (G,), generator=generator)
+        ti = torch.randint(truths.shape[0], (G,), generator=generator)
+        ys = [pool.simulate_packed(int(i), truths[int(j)][None], generator=generator)[0] for i, j in zip(li, ti)]
+        return torch.stack(ys)
+
+    spec = posterior_spec(prior, rcfg, cond_channels=2)
+    seed_everything(rcfg.seed)  # the head's random layers: the same in every run from scratch
+    post = build_posterior(prior, pool, spec)
+    run_dir = Path(run_dir)
+    if init_from is not None:
+        seed_run_dir(run_dir, init_from, prior)
+    if warm_start is not None and not has_checkpoints(run_dir):  # a resumed run keeps its own state
+        warm_start_posterior(post, spec, warm_start)
+    trainer = RTBTrainer(post, rcfg, obs_sampler=obs_sampler, cond_fn=pool.features, run_dir=run_dir,
+                         metrics_path=run_dir / "metrics.jsonl", spec=spec)
+    if trainer.resume():
+        log.info("resuming fine-tuning at step %d", trainer.step_idx)
+    t0 = time.time()
+    summary = trainer.train(steps)
+    summary["seconds"] = time.time() - t0
+    trainer.save()
+    if trainer.diverged:
+        log.error("RTB fine-tuning diverged after %d rollbacks; exporting anyway, flagged", trainer.rollbacks)
+    ck = load_checkpoint(run_dir)
+    hp = dict(ck.hparams)
+    hp["lensing"] = {"noise_sigma": sigma, "geometry": vars(lcfg.geometry), "lens_ranges": vars(lcfg.lens),
+                     "n_lenses": pcfg.n_lenses, "n_truths": pcfg.n_truths}
+    hp["prior_checkpoint"] = str(prior.meta.get("checkpoint"))
+    states = {k: v for k, v in ck.states.items() if k in ("model", "ema", "per_step")}  # per_step: learned gains
+    write_checkpoint_dir(out_dir, states, hp, {**ck.state, "summary": summary})
+    return summary
+
+
+def tune_rtb_guidance(config_path, prior, *, sources_path=None, n_obs: int = 4, n: int = 32, grid=None) -> dict:
+    """The scale for ``rtb.guidance`` (DPS / DPS+CLA inside the amortized posterior), by the untrained ELBO.
+
+    The posterior built from the config's ``rtb:`` section starts with a zero correction, so it IS the
+    guided chain; its mean ELBO over ``n_obs`` prior-predictive observations (lenses and truths drawn
+    from ``posterior.tune_seed``, apart from every trained and evaluated set) ranks the scales
+    (:mod:`pipeline.rtb.tuning`). Returns the tuning record; write its ``scale`` into ``rtb.guidance_scale``.
+    """
+    lcfg = load_lensing_config(config_path)
+    pcfg = load_section(config_path, "posterior", PosteriorConfig)
+    rcfg = load_section(config_path, "rtb", RTBConfig)
+    if rcfg.guidance == "none":
+        raise ConfigError(config_path, "rtb.guidance", "is 'none': there is no guidance scale to tune")
+    chain = check_chain_matches(prior, rcfg, config_path)
+    sigma = resolve_noise_sigma(lcfg, sources_path)
+    rng = np.random.default_rng(pcfg.tune_seed)
+    gen = torch.Generator().manual_seed(pcfg.tune_seed)
+    singles, ys = [], []
+    for _ in range(n_obs):
+        p = make_problem(draw_lens(lcfg.lens, rng), lcfg.geometry, sigma=sigma, device=prior.device)
+        p.set_brightness(prior.scale, prior.offset)
+        truth = sample_prior(prior, chain, 1, generator=gen)
+        ys.append(p.simulate(truth, generator=gen)[0])
+        singles.append(MultiLensProblem([p]))
+    grid = list(grid if grid is not None else GUIDANCE_GRIDS[rcfg.guidance])
+
+    def elbos(scale):
+        rcfg.guidance_scale = float(scale)
+        out = []
+        for single, y in zip(singles, ys):
+            post = build_posterior(prior, single, posterior_spec(prior, rcfg, cond_channels=2))
+            smp = amortized_sampler("rtb_amortized", post, batch_size=n).sample(
+                single.problems[0], y, n, generator=torch.Generator().manual_seed(pcfg.tune_seed))
+            out.append(trajectory_elbo(smp))
+        log.info("rtb_%s guidance scale %.3g: mean untrained ELBO %.1f", rcfg.guidance, scale, sum(out) / len(out))
+        return out
+
+    return {"method": f"rtb_{rcfg.guidance}", **best_by_elbo(grid, elbos), "n": n, "n_obs": n_obs, "K": chain.K,
+            "tuning_seed": pcfg.tune_seed}
