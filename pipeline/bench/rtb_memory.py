@@ -1,4 +1,4 @@
-"""Memory benchmark of one RTB step: two-pass chunked gradient vs naive full backprop (issue 3 item 5).
+"""Memory benchmark of one RTB step: two-pass chunked gradient vs naive full backprop.
 
 Each (method, K) runs in a fresh subprocess (``python -m pipeline.bench.rtb_memory --worker ...``):
 it imports torch, builds a default-size eps U-Net (random weights: memory does not depend on them),
