@@ -143,6 +143,7 @@ def passes_accuracy_criterion(m: dict) -> bool:
 
 
 def exact_draws(mean, cov, n, generator=None) -> torch.Tensor:
+    """n exact draws (n, d) float64 of N(mean, cov) (eigendecomposition: cov may be singular)."""
     w, V = torch.linalg.eigh(0.5 * (cov + cov.T))
     z = torch.randn(n, mean.shape[0], generator=generator, dtype=torch.float64)
     return mean + (z * w.clamp_min(0).sqrt()) @ V.T
@@ -151,8 +152,10 @@ def exact_draws(mean, cov, n, generator=None) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # the check
 # ----------------------------------------------------------------------------------------------
-def rtb_config(steps: int, seed: int, K: int, variance: str, **over):
-    # learn_guidance_gain: the per-step gain on the guidance is what lets training set the spread (module doc)
+def rtb_config(steps: int, seed: int, K: int, variance: str, **over) -> RTBConfig:
+    """RTB settings of the check (``over`` replaces any of them)."""
+    # learn_guidance_gain: the per-step gain on the guidance is what lets training set the spread
+    # (experiments page, "Closed-form Gaussian check")
     kw = dict(K=K, variance=variance, features=["x0hat", "grad"], learn_variance=True, learn_guidance_gain=True,
               head_hidden=256,
               head_layers=2, steps=steps, batch_size=64, lr=1e-3, lr_logz=0.1, lr_final_frac=0.05,
@@ -174,6 +177,7 @@ def train_rtb(prior, problem, y, *, steps: int, seed: int, K: int, variance: str
 
 
 def rtb_samples(post, problem, y, n: int, seed: int) -> torch.Tensor:
+    """n samples x0 (n, d) of the trained posterior at y, drawn with ``seed``."""
     out = RTBSampler(post, batch_size=1024).sample(problem, y, n, generator=torch.Generator().manual_seed(seed))
     return out.x0
 
