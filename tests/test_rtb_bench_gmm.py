@@ -6,9 +6,14 @@ import math
 import pytest
 import torch
 
-from pipeline.bench.gmm import (IsotropicGMMPrior, analytic_logz, chain_reference, make_case, prior_chain_samples,
-                                run_benchmark, table)
+from pipeline.bench.gmm import run_benchmark
+from pipeline.bench.gmm_cases import IsotropicGMMPrior, analytic_logz, make_case
+from pipeline.bench.gmm_reference import chain_reference, prior_chain_samples
+from pipeline.bench.gmm_rtb import tune_rtb_guidance
+from pipeline.bench.gmm_summary import table
 from pipeline.diffusion.prior import GaussianMixturePrior
+from pipeline.rtb.tuning import GUIDANCE_GRIDS as RTB_GUIDANCE_GRIDS
+from pipeline.samplers.exact_guidance import ExactGuidance
 
 
 def test_isotropic_prior_matches_general_mixture():
@@ -23,7 +28,7 @@ def test_isotropic_prior_matches_general_mixture():
     torch.testing.assert_close(fast.component_of(x), ref.component_of(x))
 
 
-def test_cases_follow_the_issue():
+def test_cases_have_the_documented_shapes():
     c = make_case("2d")
     assert c.d_x == 2 and c.d_y == 1 and c.prior.means.shape == (25, 2)
     assert sorted(set(c.prior.means[:, 0].tolist())) == [-16.0, -8.0, 0.0, 8.0, 16.0]
@@ -118,8 +123,6 @@ def test_smc_reference_matches_plain_importance_sampling():
     """The twisted-SMC reference (higher-dimensional cases) against plain prior-chain importance sampling
     on a case where the latter is still efficient: same log Z (the SMC estimate is unbiased) and the
     same posterior mean, within Monte-Carlo error."""
-    from pipeline.bench.gmm import prior_chain_samples
-
     c = make_case("8d_y1")
     chain = c.prior.schedule.chain(10)
     y = c.problem.simulate(c.prior.sample(1, generator=torch.Generator().manual_seed(3)).float(),
@@ -140,8 +143,6 @@ def test_smc_reference_matches_plain_importance_sampling():
 
 
 def test_exact_guidance_diagonal_fast_path_equals_general_path():
-    from pipeline.samplers.exact_guidance import ExactGuidance
-
     c = make_case("80d_y4")
     chain = c.prior.schedule.chain(10)
     y = c.problem.simulate(c.prior.sample(1, generator=torch.Generator().manual_seed(3)).float(),
@@ -166,9 +167,6 @@ def test_exact_guidance_diagonal_fast_path_equals_general_path():
 
 
 def test_rtb_guidance_scale_tuned_on_separate_seed():
-    from pipeline.bench.gmm import tune_rtb_guidance
-    from pipeline.rtb.tuning import GUIDANCE_GRIDS as RTB_GUIDANCE_GRIDS
-
     c = make_case("2d")
     rec = tune_rtb_guidance(c, c.prior.schedule.chain(8), "dps_cla", tuning_seed=999, n=64)
     assert rec["scale"] in RTB_GUIDANCE_GRIDS["dps_cla"] and rec["tuning_seed"] == 999
@@ -176,11 +174,11 @@ def test_rtb_guidance_scale_tuned_on_separate_seed():
     assert rec["values"][RTB_GUIDANCE_GRIDS["dps_cla"].index(rec["scale"])] == max(finite)
 
 
-def test_rtb_divergence_is_decided_by_the_large_log_z_estimate(tmp_path, monkeypatch):
+def test_rtb_divergence_is_decided_by_the_large_log_z_estimate(tmp_path):
     """RTB runs record log Z_IW from n_logz fresh trajectories beside the n-sample one, and the
     divergence flag follows the large estimate (|log Z_IW - log Z_ref| > 1 nat)."""
-    monkeypatch.setenv("GMM_RTB_STEPS", "15")
-    res = run_benchmark(tmp_path, quick=True, seeds=[0], methods=["rtb"], K=8, n=200, n_prop=20000, n_logz=3000)
+    res = run_benchmark(tmp_path, quick=True, seeds=[0], methods=["rtb"], K=8, n=200, n_prop=20000, n_logz=3000,
+                        rtb_steps=15)
     (r,) = res["cases"]["2d"]["runs"]
     assert r["n_logz"] == 3000 and r["n_samples"] == 200
     assert math.isfinite(r["logz_iw_large"]) and 0 < r["ess_large"] <= 3000
@@ -188,3 +186,60 @@ def test_rtb_divergence_is_decided_by_the_large_log_z_estimate(tmp_path, monkeyp
     assert r["diverged"] == (r["err_logz_iw_large"] > 1.0)
     assert "3,000 traj." in table(res)
     assert res["cases"]["2d"]["summary"]["rtb"]["err_logz_iw_large"]["n"] == 1
+
+
+def test_rtb_steps_and_hidden_defaults_and_scaling():
+    """Defaults: 300 (quick) / 400 steps on the 2-D case, 500 above it; the amortized network trains 2x
+    (4x in 80-D), the guided 80-D variants 1.6x; head width 64 quick / 128. An explicit step count is the
+    base of the same multipliers."""
+    from pipeline.bench.gmm_rtb import rtb_config
+
+    c2, c80 = make_case("2d"), make_case("80d_y1")
+    assert [rtb_config(c2, q, False, 0).steps for q in (True, False)] == [300, 400]
+    assert [rtb_config(c2, q, False, 0).head_hidden for q in (True, False)] == [64, 128]
+    assert rtb_config(c80, False, False, 0).steps == 500
+    assert rtb_config(c80, False, True, 0).steps == 2000 and rtb_config(c80, False, False, 0, guided=True).steps == 800
+    assert rtb_config(c2, True, True, 0).steps == 600 and rtb_config(c2, True, False, 0, guided=True).steps == 300
+    assert rtb_config(c2, True, False, 0, steps=15, hidden=16).steps == 15
+    assert rtb_config(c2, True, False, 0, steps=15, hidden=16).head_hidden == 16
+    assert rtb_config(c80, False, True, 0, steps=15).steps == 60
+    assert rtb_config(c80, False, False, 0, guided=True, steps=15).steps == 24
+    assert rtb_config(c80, False, False, 0, steps=15).beta_ramp_steps == 7
+
+
+def test_bench_gmm_rtb_flags_reach_the_recorded_runs(tmp_path, capsys):
+    """--rtb-steps / --rtb-hidden of `bench gmm` set the steps RTB trains (recorded per run) and the head
+    width, are documented in --help, and are part of the settings a finished case is reused under."""
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "gmm", "--help"])
+    helptext = capsys.readouterr().out
+    assert "--rtb-steps" in helptext and "--rtb-hidden" in helptext
+    argv = ["bench", "gmm", "--quick", "--seeds", "1", "--methods", "rtb", "--K", "6", "--n", "100",
+            "--n-logz", "200", "--out", str(tmp_path)]
+    assert main(argv + ["--rtb-steps", "7", "--rtb-hidden", "16"]) == 0
+    (r,) = json.loads((tmp_path / "gmm.json").read_text())["cases"]["2d"]["runs"]
+    assert r["train_steps"] == 7 and r["config"]["steps"] == 7 and r["config"]["head_hidden"] == 16
+    settings = json.loads((tmp_path / "cases" / "2d.json").read_text())["settings"]
+    assert settings["rtb_steps"] == 7 and settings["rtb_hidden"] == 16
+    assert main(argv + ["--rtb-steps", "9", "--rtb-hidden", "16"]) == 0  # other settings: not reused
+    (r,) = json.loads((tmp_path / "gmm.json").read_text())["cases"]["2d"]["runs"]
+    assert r["train_steps"] == 9
+
+
+@pytest.mark.parametrize("name, flag", [("GMM_RTB_STEPS", "--rtb-steps"), ("GMM_RTB_HIDDEN", "--rtb-hidden")])
+def test_retired_environment_variables_are_refused(tmp_path, monkeypatch, capsys, name, flag):
+    """The variables that once set RTB's budget are refused with a one-line error naming the flag, rather
+    than silently ignored."""
+    from pipeline.cli import main
+    from pipeline.errors import ConfigError
+
+    monkeypatch.setenv(name, "15")
+    with pytest.raises(ConfigError, match=flag) as exc:
+        run_benchmark(tmp_path, quick=True, seeds=[0], methods=["exact_guidance"], K=4, n=50, n_prop=1000)
+    assert exc.value.field == name and "\n" not in str(exc.value)
+    assert not (tmp_path / "gmm.json").exists()
+    assert main(["bench", "gmm", "--quick", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and name in err and flag in err

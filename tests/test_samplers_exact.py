@@ -7,8 +7,8 @@ import torch
 
 from pipeline.diffusion.prior import GaussianMixturePrior
 from pipeline.samplers import make_sampler
-from pipeline.samplers.report import (chain_posterior, exact_guidance_law, exact_guidance_vs_K, gaussian_case,
-                                      mc_floor_w2, moment_errors)
+from pipeline.bench.sampler_report import (chain_posterior, exact_guidance_law, exact_guidance_vs_K, gaussian_case,
+                                           mc_floor_w2, moment_errors)
 from pipeline.samplers.tuning import tune_on_separate_seed, tuning_observation
 
 N = 20000

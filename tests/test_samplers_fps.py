@@ -12,7 +12,7 @@ from pipeline.samplers import make_sampler
 from pipeline.samplers.fps import (bridge_sequence, conditional_log_prob, conditional_moments_v, conditional_sample,
                                    fps_run, predictive_log_prob, systematic_resample)
 from pipeline.samplers.guidance import LinearGaussianAlgebra
-from pipeline.samplers.report import bimodal_case, chain_reference_1d, gaussian_case, weighted_w1_1d
+from pipeline.bench.sampler_report import bimodal_case, chain_reference_1d, gaussian_case, weighted_w1_1d
 
 
 def _problem(m, d, seed=0, masked=True):

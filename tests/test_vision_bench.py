@@ -11,6 +11,7 @@ import yaml
 from pipeline.errors import ConfigError
 from pipeline.vision import bench
 from pipeline.vision.config import QUICK, VisionConfig, method_applies
+from pipeline.vision.outputs import aggregate, claim_check
 
 
 def _args(*argv):
@@ -65,19 +66,19 @@ def _rec(method, obs, elbo, se, **kw):
 
 def test_aggregate_combines_standard_errors():
     recs = [_rec("dps", 0, -100.0, 3.0), _rec("dps", 1, -120.0, 4.0)]
-    row = bench._aggregate(recs, budget="K=20")
+    row = aggregate(recs, budget="K=20")
     assert row["elbo"] == pytest.approx(-110.0)
     assert row["elbo_se"] == pytest.approx(math.sqrt(9 + 16) / 2)  # SE of a mean of independent estimates
     assert row["n_obs"] == 2 and row["budget"] == "K=20"
     recs[1]["elbo"] = None  # one observation without an estimate: no mean is reported
-    assert bench._aggregate(recs)["elbo"] is None
+    assert aggregate(recs)["elbo"] is None
 
 
 def test_claim_check_counts_per_observation():
     recs = [_rec("dps", 0, -100.0, 1.0), _rec("rtb_amortized", 0, -90.0, 1.0),
             _rec("dps", 1, -100.0, 1.0), _rec("rtb_amortized", 1, -101.0, 1.0),  # lower, within 2 SE
             _rec("dps", 2, -100.0, 1.0), _rec("rtb_amortized", 2, -110.0, 1.0)]  # lower by > 2 SE
-    res = bench.claim_check(recs)["per_task"]["mnist/pixel/box_inpaint/rtb_amortized"]
+    res = claim_check(recs)["per_task"]["mnist/pixel/box_inpaint/rtb_amortized"]
     assert res["n_obs"] == 3 and res["geq"] == 1 and res["significantly_lower"] == 1
     assert res["diff"] == [10.0, -1.0, -10.0]
 

@@ -1,4 +1,4 @@
-"""Memory benchmark of one RTB step: two-pass chunked gradient vs naive full backprop (issue 3 item 5).
+"""Memory benchmark of one RTB step: two-pass chunked gradient vs naive full backprop.
 
 Each (method, K) runs in a fresh subprocess (``python -m pipeline.bench.rtb_memory --worker ...``):
 it imports torch, builds a default-size eps U-Net (random weights: memory does not depend on them),
@@ -44,6 +44,38 @@ def _reset_peak() -> bool:
         return False
 
 
+def _inpaint_problem(image_size: int):
+    """y = mask * x + noise (sigma 0.1) on a fixed random half of the pixels: a cheap linear likelihood."""
+    import torch
+
+    from pipeline.problems import InverseProblem
+
+    class Inpaint(InverseProblem):
+        def __init__(self):
+            g = torch.Generator().manual_seed(1)
+            mask = torch.rand((1, image_size, image_size), generator=g) < 0.5
+            super().__init__(torch.full((1, image_size, image_size), 0.1), mask)
+            self.x_shape = self.y_shape = (1, image_size, image_size)
+
+        def forward(self, x):
+            return x * self.mask.to(x.device)
+
+    return Inpaint()
+
+
+def _peak_fields(cuda: bool, base, reset_ok: bool) -> dict:
+    """Peak memory above the baseline in MiB (``base``: allocated bytes on CUDA, else resident KiB)."""
+    if cuda:
+        import torch
+
+        return {"peak_mib": (torch.cuda.max_memory_allocated() - base) / 2 ** 20,
+                "memory": "cuda max_memory_allocated - baseline"}
+    peak = _rss_kib("VmHWM") if reset_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_mib": (peak - base) / 1024, "baseline_mib": base / 1024,
+            "memory": "VmHWM (reset at baseline) - VmRSS after imports and model build" if reset_ok else
+            "ru_maxrss - VmRSS after imports and model build"}
+
+
 def worker(method: str, K: int, batch: int, chunk: int, preset: str, image_size: int, seed: int = 0) -> dict:
     """One RTB step in this process; returns the measurement record."""
     import torch
@@ -51,7 +83,6 @@ def worker(method: str, K: int, batch: int, chunk: int, preset: str, image_size:
     from pipeline.diffusion.network_prior import NetworkPrior
     from pipeline.diffusion.schedule import NoiseSchedule
     from pipeline.diffusion.unet import build_unet, count_parameters
-    from pipeline.problems import InverseProblem
     from pipeline.rtb.objective import deltas_scalar, naive_loss, policy_rollout, two_pass_backward
     from pipeline.rtb.posterior import EpsNetModel, RTBPosterior, copy_network
     from pipeline.runtime import choose_device, configure_threads
@@ -63,19 +94,7 @@ def worker(method: str, K: int, batch: int, chunk: int, preset: str, image_size:
     prior = NetworkPrior(net, NoiseSchedule(), (1, image_size, image_size))
     chain = prior.schedule.chain(K)
 
-    class Inpaint(InverseProblem):
-        """y = mask * x + noise on a fixed random half of the pixels (a cheap linear likelihood)."""
-
-        def __init__(self):
-            g = torch.Generator().manual_seed(1)
-            mask = torch.rand((1, image_size, image_size), generator=g) < 0.5
-            super().__init__(torch.full((1, image_size, image_size), 0.1), mask)
-            self.x_shape = self.y_shape = (1, image_size, image_size)
-
-        def forward(self, x):
-            return x * self.mask.to(x.device)
-
-    problem = Inpaint().to(device)
+    problem = _inpaint_problem(image_size).to(device)
     post = RTBPosterior(prior, chain, EpsNetModel(copy_network(net)), mode="replace", problem=problem)
     post.to(device)
     y = torch.zeros((1, image_size, image_size), device=device)
@@ -110,15 +129,7 @@ def worker(method: str, K: int, batch: int, chunk: int, preset: str, image_size:
            "preset": preset, "image_size": image_size, "parameters": count_parameters(net), "device": str(device),
            "rollout_seconds": t_roll, "grad_seconds": t_grad, "step_seconds": t_roll + t_grad,
            "grad_norm": grad_norm, "status": "ok"}
-    if cuda:
-        rec["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-        rec["memory"] = "cuda max_memory_allocated - baseline"
-    else:
-        peak = _rss_kib("VmHWM") if reset_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        rec["peak_mib"] = (peak - base_rss) / 1024
-        rec["baseline_mib"] = base_rss / 1024
-        rec["memory"] = "VmHWM (reset at baseline) - VmRSS after imports and model build" if reset_ok else \
-            "ru_maxrss - VmRSS after imports and model build"
+    rec.update(_peak_fields(cuda, base if cuda else base_rss, reset_ok))
     return rec
 
 

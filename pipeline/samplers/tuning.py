@@ -17,7 +17,7 @@ Objectives (``objective=``):
   non-monotone for DPS (overshooting scales raise chi2 again), so it can pick an overshooting scale.
 
 Measured (W2 to the chain posterior of the evaluation observation; reproduce with
-``python -m pipeline.samplers.report [--gmm]``): 4-D Gaussian, K = 100: DPS elbo 1.50 / log_r 0.27 / chi2 1.03,
+``python -m pipeline.bench.sampler_report [--gmm]``): 4-D Gaussian, K = 100: DPS elbo 1.50 / log_r 0.27 / chi2 1.03,
 DPS+CLA 0.98 / 0.50 / 1.19. ``bench gmm`` 2-D case, K = 30, sliced W2 (MC floor 0.60): DPS elbo 1.94 /
 log_r 7.49 / chi2 6.75, DPS+CLA 1.34 / 1.83 / 1.33. No objective wins everywhere; ELBO is the default
 because it is principled and best or tied on the benchmark's multi-modal case. The record says which one

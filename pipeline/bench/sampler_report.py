@@ -1,6 +1,6 @@
 """Measured accuracy of the training-free samplers on problems whose answer is known.
 
-``python -m pipeline.samplers.report [--quick] [--out FILE.json]`` prints (and optionally writes):
+``python -m pipeline.bench.sampler_report [--quick] [--gmm] [--out FILE.json]`` prints (and optionally writes):
 
 1. **Exact guidance vs its own law** — single-Gaussian prior (d = 4), linear-Gaussian likelihood (d_y = 2):
    the exact-guidance chain is linear-Gaussian; its x0 law is propagated exactly (the prior chain of the
@@ -26,12 +26,20 @@ import time
 
 import torch
 
+from pipeline.bench.gmm_cases import draw_observation, make_case
+from pipeline.bench.gmm_reference import chain_reference
 from pipeline.diffusion.gaussian_chain import (affine_gaussian_step, final_denoise_affine, gaussian_linear_posterior,
                                                gaussian_w2, propagate_gaussian_chain)
 from pipeline.diffusion.prior import GaussianMixturePrior
 from pipeline.diffusion.sampling import rollout
+from pipeline.io.atomic import write_json
+from pipeline.metrics.distances import sliced_wasserstein
 from pipeline.problems import DenseLinearProblem
 from pipeline.runtime import configure_threads
+from pipeline.samplers import TRAINING_FREE, make_sampler
+from pipeline.samplers.exact_guidance import ExactGuidance
+from pipeline.samplers.guidance import cla_score
+from pipeline.samplers.tuning import OBJECTIVES, tune_on_separate_seed
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +125,6 @@ def mc_floor_w2(mean, cov, n: int, seed: int = 0) -> float:
 # ----------------------------------------------------------------------------------------------
 def exact_guidance_self_check(K: int = 100, n: int = 20000, seed: int = 1, d: int = 4, m: int = 2) -> dict:
     """Exact-guidance samples against the propagated law of the guided chain."""
-    from pipeline.samplers import make_sampler
-
     case = gaussian_case(d, m)
     chain = case["prior"].schedule.chain(K)
     s = make_sampler("exact_guidance", case["prior"], chain)
@@ -144,9 +150,6 @@ def exact_guidance_vs_K(Ks=(100, 300, 1000), d: int = 4, m: int = 2) -> list[dic
 def method_errors(K: int = 100, n: int = 20000, tune_n: int = 512, tuning_seed: int = 7, seed: int = 3,
                   d: int = 4, m: int = 2, methods=None, smc_particles: int = 20, is_particles: int = 20) -> list[dict]:
     """Every training-free method on the Gaussian case: moment errors to the chain and analytic posteriors."""
-    from pipeline.samplers import TRAINING_FREE, make_sampler
-    from pipeline.samplers.tuning import tune_on_separate_seed
-
     case = gaussian_case(d, m)
     prior, prob, y = case["prior"], case["problem"], case["y"]
     chain = prior.schedule.chain(K)
@@ -185,9 +188,6 @@ def tuning_objective_comparison(K: int = 100, n: int = 4000, tuning_seed: int = 
                                 tune_n: int = 512) -> list[dict]:
     """DPS and DPS+CLA tuned with each objective (chi2, elbo, log_r) on the tuning seed, then evaluated on
     the Gaussian case: which scale each objective freezes and its W2 to the chain posterior."""
-    from pipeline.samplers import make_sampler
-    from pipeline.samplers.tuning import OBJECTIVES, tune_on_separate_seed
-
     case = gaussian_case()
     chain = case["prior"].schedule.chain(K)
     cm, cc, _ = chain_posterior(case, chain)
@@ -205,13 +205,8 @@ def tuning_objective_comparison(K: int = 100, n: int = 4000, tuning_seed: int = 
 
 def gmm2d_comparison(K: int = 30, n: int = 2000, n_prop: int = 200_000, seed: int = 0, tuning_seed: int = 999,
                      particles: int = 20) -> dict:
-    """``bench gmm``'s 2-D case (pipeline.bench.gmm): sliced W2 of every training-free method to the chain
+    """``bench gmm``'s 2-D case (:mod:`pipeline.bench.gmm_cases`): sliced W2 of every training-free method to the chain
     reference of one observation, with DPS / DPS+CLA tuned by each objective on the tuning seed."""
-    from pipeline.bench.gmm import chain_reference, draw_observation, make_case
-    from pipeline.metrics.distances import sliced_wasserstein
-    from pipeline.samplers import TRAINING_FREE, make_sampler
-    from pipeline.samplers.tuning import OBJECTIVES, tune_on_separate_seed
-
     case = make_case("2d")
     chain = case.prior.schedule.chain(K)
     y = draw_observation(case, chain, seed)[0]
@@ -266,8 +261,6 @@ def weighted_w1_1d(x: torch.Tensor, ref_x: torch.Tensor, ref_w: torch.Tensor) ->
 
 def fps_smc_sweep(Ms=(1, 5, 20, 100), n: int = 2000, K: int = 50, seed: int = 11) -> dict:
     """FPS-SMC distance to the chain posterior as particles grow, on a 2-D Gaussian and a 1-D two-mode case."""
-    from pipeline.samplers import make_sampler
-
     out = {"gaussian_2d": [], "bimodal_1d": []}
     case = gaussian_case(2, 1)
     chain = case["prior"].schedule.chain(K)
@@ -295,9 +288,6 @@ def fps_smc_sweep(Ms=(1, 5, 20, 100), n: int = 2000, K: int = 50, seed: int = 11
 
 def cla_flat_check(d: int = 3) -> float:
     """max over k of max|CLA - exact| / max|exact| for a flat prior N(0, 1e8 I)."""
-    from pipeline.samplers.exact_guidance import ExactGuidance
-    from pipeline.samplers.guidance import cla_score
-
     flat = GaussianMixturePrior([1.0], torch.zeros(1, d), 1e8 * torch.eye(d)[None])
     case = gaussian_case(d, 3)
     chain = flat.schedule.chain(100)
@@ -352,8 +342,6 @@ def main(argv=None) -> int:
               "; ".join(f"{r['method']}" + (f"/{r['objective']} (scale {r['scale']:.3g})" if r["objective"] else "")
                         + f" {r['sw']:.3f}" for r in g["rows"]))
     if args.out:
-        from pipeline.io.atomic import write_json
-
         write_json(args.out, res, indent=1, default=float)
     return 0
 
