@@ -40,7 +40,7 @@ def _block(img, f):
 
 
 def test_block_average_keeps_flux_and_surface_brightness():
-    from pipeline.lensing.sources import block_average
+    from pipeline.lensing.grids import block_average
 
     rng = np.random.default_rng(0)
     fine = rng.uniform(0, 10, size=(32, 32))

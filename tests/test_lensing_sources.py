@@ -10,8 +10,10 @@ from astropy.io import fits
 
 from pipeline.errors import ConfigError, InputFileError
 from pipeline.lensing.config import GalSimConfig, HSTConfig, SourcesConfig, load_lensing_config
-from pipeline.lensing.sources import (build_sources, galsim_sources, hst_stamps, read_sources, split_indices,
-                                      user_sources)
+from pipeline.lensing.sources import build_sources, read_sources, split_indices
+from pipeline.lensing.sources_galsim import galsim_sources
+from pipeline.lensing.sources_hst import hst_stamps
+from pipeline.lensing.sources_user import user_sources
 
 NPIX, PIX = 32, 0.05
 
@@ -178,8 +180,9 @@ def test_sources_file_keeps_generation_parameters_that_reproduce_each_source(tmp
     bit for bit; HDF objects re-cut at one HDF pixel per source pixel equal the stamps (1e-6 of the
     peak); both keep their recorded flux when re-rendered twice finer. A file without them (or a
     user source) is handled: one-line error naming KINDS.<column>, or constant over each pixel."""
-    from pipeline.lensing.sources import (read_source_records, render_galsim, render_hdf, render_source_fine,
-                                          write_sources)
+    from pipeline.lensing.sources import read_source_records, render_source_fine, write_sources
+    from pipeline.lensing.sources_galsim import render_galsim
+    from pipeline.lensing.sources_hst import render_hdf
 
     cfg = SourcesConfig(seed=4, n_galsim=10, n_hst=10)
     res = build_sources(cfg, NPIX, PIX)

@@ -6,7 +6,7 @@ import pytest
 pytest.importorskip("galsim")
 
 from pipeline.lensing.config import GalSimConfig  # noqa: E402
-from pipeline.lensing.sources import galsim_sources  # noqa: E402
+from pipeline.lensing.sources_galsim import galsim_sources  # noqa: E402
 
 
 def test_parallel_rendering_is_bit_identical():

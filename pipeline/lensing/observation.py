@@ -37,7 +37,7 @@ import torch
 from pipeline.errors import InputFileError
 from pipeline.lensing.config import BrightnessConfig, LensingConfig
 from pipeline.lensing.operator import LensingProblem, LensParams, psf_fwhm, resample_psf
-from pipeline.lensing.sources import pixel_matrix
+from pipeline.lensing.grids import pixel_matrix
 
 log = logging.getLogger(__name__)
 

@@ -194,7 +194,7 @@ def simulate_heldout_observation(fine: np.ndarray, lens: LensParams, geometry: G
     """A held-out observation of the fine source ``fine`` (f n_s, f n_s) [surface brightness]: SCI =
     :func:`fine_model` + noise (as :func:`simulate_observation`), TRUTH = the block average of ``fine``
     onto the source grid, PSF = the inference PSF (:func:`default_psf`)."""
-    from pipeline.lensing.sources import block_average
+    from pipeline.lensing.grids import block_average
 
     if noise.sigma is None:
         raise ValueError("noise.sigma must be resolved before simulating (see typical_noise_sigma)")
@@ -245,7 +245,8 @@ def simulate_heldout_set(sources: np.ndarray, records: list[dict], n: int, out_d
     from tqdm import tqdm
 
     from pipeline.io.atomic import atomic_directory
-    from pipeline.lensing.sources import HDF_PER_SOURCE_PIXEL, render_source_fine
+    from pipeline.lensing.sources import render_source_fine
+    from pipeline.lensing.sources_hst import HDF_PER_SOURCE_PIXEL
     from pipeline.runtime import tqdm_disable
 
     if len(sources) == 0:
