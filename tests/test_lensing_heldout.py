@@ -58,7 +58,7 @@ def test_fine_rendering_agrees_with_inference_operator_on_a_smooth_source(factor
     """A source smooth at the source-pixel scale (Gaussian sigma 0.2" = 4 source px): the fine rendering
     and the inference operator on its block average give the same image to < 1.5 % (L2), and the fine
     one is the more accurate (closer to a 16x finer reference)."""
-    from pipeline.lensing.simulate import fine_model
+    from pipeline.lensing.heldout import fine_model
 
     sig = 0.2
     fine = _gauss(16 * factor, 0.05 / factor, sig)
@@ -76,7 +76,7 @@ def test_fine_rendering_conserves_flux_without_lens():
     """No deflection (Einstein radius 1e-6", no shear): the image's total flux [flux per pixel summed]
     equals the source's (surface brightness x fine pixel area) to 1e-4; the PSF and pixel averaging
     move light around but keep it."""
-    from pipeline.lensing.simulate import fine_model
+    from pipeline.lensing.heldout import fine_model
 
     lens = LensParams(rein=1e-6, q=0.9)
     for factor in (2, 4):
@@ -88,7 +88,7 @@ def test_fine_rendering_conserves_flux_without_lens():
 def test_heldout_observation_is_not_the_inference_model_of_its_truth():
     """SCI minus noise is the fine model, which differs from the inference operator applied to TRUTH
     by more than the noise in the arc of a compact source; TRUTH is the block average."""
-    from pipeline.lensing.simulate import fine_model, simulate_heldout_observation
+    from pipeline.lensing.heldout import fine_model, simulate_heldout_observation
 
     fine = _gauss(32, 0.025, 0.04, amp=3000.0)
     noise = NoiseConfig(sigma=0.05)
@@ -143,7 +143,7 @@ def test_heldout_set_truths_are_block_averages_of_finer_renderings_per_kind(held
         m_inf = problem.physical_forward(torch.as_tensor(truth, dtype=torch.float32)[None])[0].double().numpy()
         assert np.mean(((sci - m_inf) / problem.sigma.numpy()) ** 2) > 1.5
 
-    from pipeline.lensing.simulate import fine_model
+    from pipeline.lensing.heldout import fine_model
     from pipeline.lensing.sources import read_source_records, render_source_fine
 
     records = read_source_records(src, "TEST")

@@ -38,8 +38,8 @@ def add_arguments(parser):
 def run(args) -> int:
     from pipeline.errors import ConfigError
     from pipeline.lensing.config import load_lensing_config
-    from pipeline.lensing.simulate import (heldout_kind_summary, peak_snr_stats, simulate_heldout_set,
-                                           typical_noise_sigma)
+    from pipeline.lensing.heldout import heldout_kind_summary, simulate_heldout_set
+    from pipeline.lensing.simulate import peak_snr_stats, typical_noise_sigma
     from pipeline.lensing.sources import read_source_records, read_sources
     from pipeline.runtime import configure_threads
 
