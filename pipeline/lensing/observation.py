@@ -5,16 +5,17 @@ lens light model in SCI's units, which is subtracted on read), ``NOISE`` (1 sigm
 uncorrelated), ``PSF`` (odd, sums to 1, ``PSFSAMP`` [arcsec/px], in SCI's pixel orientation; the optical
 PSF *without* pixel response (``PSFPIXR`` = T gives a warning), resampled to the supersampled scale by
 :func:`pipeline.lensing.operator.resample_psf`), optional ``MASK`` (``MASKTYPE`` 'GOOD' (default):
-nonzero = used; 'BAD': nonzero = ignored), optional ``TRUTH``. Pixel scale and orientation come from SCI's pixel->world matrix (CD, or PC*CDELT;
-CUNIT arcsec/arcmin/deg), or from ``PIXSCALE`` when there is no WCS; pixels must be square.
+nonzero = used; 'BAD': nonzero = ignored), optional ``TRUTH``. Pixel scale and orientation come from
+SCI's pixel->world matrix (CD, or PC*CDELT; CUNIT arcsec/arcmin/deg), or from ``PIXSCALE`` when there is
+no WCS; pixels must be square.
 
 Units: if SCI's ``BUNIT`` is a surface brightness (per arcsec^2 or per sr) the model is caustics' mean
 surface brightness; otherwise (e.g. electron/s, the default when BUNIT is missing) SCI is flux per pixel
 and the model is multiplied by the pixel area. The likelihood stays in SCI's own units (log Z too).
 
-Lens model: keywords of DESIGN 6 in the primary (or SCI) header, or a YAML file beside the FITS
-(``<stem>.lens.yaml`` or ``<stem>.yaml``; keys model, x0, y0, q, phi, rein, t, g1, g2, z_lens, z_source,
-frame). Frame (``LENSFRAM`` / ``frame``):
+Lens model: the keywords that :mod:`pipeline.lensing.simulate` writes (LENSMOD, LENS_X0, ...) in the
+primary (or SCI) header, or a YAML file beside the FITS (``<stem>.lens.yaml`` or ``<stem>.yaml``; keys
+model, x0, y0, q, phi, rein, t, g1, g2, z_lens, z_source, frame). Frame (``LENSFRAM`` / ``frame``):
 
 * ``ARRAY`` (default): +x along columns, +y along rows, arcsec from the array centre, angles CCW from +x.
 * ``WORLD``: the linear intermediate world coordinates of SCI's WCS (lenstronomy's ``ra, dec`` with
@@ -31,25 +32,25 @@ import logging
 import math
 from pathlib import Path
 
+import astropy.units as u
 import numpy as np
 import torch
+import yaml
 
 from pipeline.errors import InputFileError
-from pipeline.lensing.config import BrightnessConfig, LensingConfig
+from pipeline.io.fits import _open
+from pipeline.lensing.config import BrightnessConfig, GeometryConfig, LensingConfig, ObservationConfig
+from pipeline.lensing.grids import ARCSEC_PER_UNIT, pixel_matrix
 from pipeline.lensing.operator import LensingProblem, LensParams, psf_fwhm, resample_psf
-from pipeline.lensing.grids import pixel_matrix
 
 log = logging.getLogger(__name__)
 
 LENS_KEYS = {"x0": "LENS_X0", "y0": "LENS_Y0", "q": "LENS_Q", "phi": "LENS_PHI", "rein": "LENS_RE",
              "t": "LENS_T", "g1": "SHEAR_G1", "g2": "SHEAR_G2", "z_lens": "Z_LENS", "z_source": "Z_SRC"}
-_UNIT_ARCSEC = {"arcsec": 1.0, "arcmin": 60.0, "deg": 3600.0}
 
 
 def _read_all(path):
     """{HDU name: (array or None, header)} with native float64 arrays; NaNs allowed here."""
-    from pipeline.io.fits import _open
-
     out = {}
     with _open(path) as hdul:
         for i, h in enumerate(hdul):
@@ -65,8 +66,6 @@ def _read_all(path):
 
 def _is_surface_brightness(bunit: str) -> bool:
     """True when ``bunit`` is per unit solid angle (arcsec^-2, sr^-1, ...)."""
-    import astropy.units as u
-
     try:
         unit = u.Unit(bunit, parse_strict="raise")
         for base, power in zip(unit.decompose().bases, unit.decompose().powers):
@@ -89,8 +88,6 @@ def _lens_from_header(h) -> dict | None:
 
 
 def _lens_from_yaml(path: Path) -> tuple[dict | None, Path | None]:
-    import yaml
-
     for cand in (path.with_suffix(".lens.yaml"), path.with_suffix(".yaml")):
         if cand.is_file():
             try:
@@ -168,9 +165,9 @@ def _pixel_geometry(path, sci_h, prim_h):
     if J is not None:  # FITS default CUNIT for celestial axes is deg
         u1 = str(sci_h.get("CUNIT1", "deg")).strip().lower()
         u2 = str(sci_h.get("CUNIT2", u1)).strip().lower()
-        if u1 not in _UNIT_ARCSEC or u2 not in _UNIT_ARCSEC:
+        if u1 not in ARCSEC_PER_UNIT or u2 not in ARCSEC_PER_UNIT:
             raise InputFileError(path, f"unsupported WCS unit {u1!r}/{u2!r} (arcsec, arcmin, deg)", field="SCI.CUNIT1")
-        J = J * np.array([[_UNIT_ARCSEC[u1]], [_UNIT_ARCSEC[u2]]])
+        J = J * np.array([[ARCSEC_PER_UNIT[u1]], [ARCSEC_PER_UNIT[u2]]])
         det = np.linalg.det(J)
         if not np.isfinite(J).all() or abs(det) <= 0:
             raise InputFileError(path, "pixel->world matrix is singular", field="SCI.CD1_1")
@@ -192,35 +189,19 @@ def _pixel_geometry(path, sci_h, prim_h):
             if not pix > 0:
                 raise InputFileError(path, f"PIXSCALE must be > 0, got {pix}", field="SCI.PIXSCALE")
             return pix, None, np.zeros(2)
-    raise InputFileError(path, "pixel scale missing: give SCI a CD/CDELT WCS in arcsec or PIXSCALE", field="SCI.PIXSCALE")
+    raise InputFileError(path, "pixel scale missing: give SCI a CD/CDELT WCS in arcsec or PIXSCALE",
+                         field="SCI.PIXSCALE")
 
 
-def load_observation(path, config: LensingConfig | None = None, *, device="cpu",
-                     brightness: BrightnessConfig | None = None):
-    """Validate the observation at ``path`` and build its problem.
-
-    Returns ``(problem, y, meta)``: ``problem`` a :class:`LensingProblem` (sources in network units via
-    ``brightness``, default ``config.brightness``), ``y`` the SCI image (ny, nx) float32 tensor on
-    ``device`` (masked / NaN pixels set to 0), and ``meta`` (lens, frame, pixscale, bunit, unit_factor,
-    source grid, psf, truth, mask fraction, peak SNR, warnings). Errors are one-line
-    :class:`InputFileError` naming the file and the HDU/keyword."""
-    cfg = config or LensingConfig()
-    geom, ocfg = cfg.geometry, cfg.observation
-    path = Path(path)
-    warnings: list[str] = []
-
-    def warn(msg):
-        warnings.append(msg)
-        log.warning("%s: %s", path, msg)
-
-    hdus = _read_all(path)
-    prim_h = hdus.get("PRIMARY", (None, {}))[1]
+def _science(path, hdus: dict, prim_h, warn) -> tuple[np.ndarray, np.ndarray, str, bool]:
+    """(SCI, NOISE, BUNIT, lens light subtracted?): the required HDUs SCI / NOISE / PSF checked present,
+    SCI 2-D, NOISE of SCI's shape and unit, and the optional LENSLIGHT (same shape and unit, finite)
+    subtracted from SCI. Arrays (ny, nx) float64 in BUNIT (may hold NaN)."""
     for name in ("SCI", "NOISE", "PSF"):
         if name not in hdus or hdus[name][0] is None:
             raise InputFileError(path, f"required image HDU {name} missing (HDUs: {', '.join(hdus)})", field=name)
     sci, sci_h = hdus["SCI"]
     noise, noise_h = hdus["NOISE"]
-    psf, psf_h = hdus["PSF"]
     if sci.ndim != 2:
         raise InputFileError(path, f"SCI must be 2-D, got shape {sci.shape}", field="SCI")
     if noise.shape != sci.shape:
@@ -231,37 +212,45 @@ def load_observation(path, config: LensingConfig | None = None, *, device="cpu",
         raise InputFileError(path, f"NOISE BUNIT {nb!r} differs from SCI BUNIT {bunit!r}", field="NOISE.BUNIT")
     if not bunit:
         warn("SCI has no BUNIT: taken as flux per pixel")
+    if "LENSLIGHT" not in hdus or hdus["LENSLIGHT"][0] is None:
+        return sci, noise, bunit, False
+    ll, llh = hdus["LENSLIGHT"]
+    if ll.shape != sci.shape:
+        raise InputFileError(path, f"LENSLIGHT shape {ll.shape} != SCI shape {sci.shape}", field="LENSLIGHT")
+    if not np.isfinite(ll).all():
+        raise InputFileError(path, "LENSLIGHT contains NaN or inf", field="LENSLIGHT")
+    lb = str(llh.get("BUNIT", bunit)).strip()
+    if lb != bunit:
+        raise InputFileError(path, f"LENSLIGHT BUNIT {lb!r} differs from SCI BUNIT {bunit!r}", field="LENSLIGHT.BUNIT")
+    return sci - ll, noise, bunit, True
 
-    lens_light = False
-    if "LENSLIGHT" in hdus and hdus["LENSLIGHT"][0] is not None:
-        ll, llh = hdus["LENSLIGHT"]
-        if ll.shape != sci.shape:
-            raise InputFileError(path, f"LENSLIGHT shape {ll.shape} != SCI shape {sci.shape}", field="LENSLIGHT")
-        if not np.isfinite(ll).all():
-            raise InputFileError(path, "LENSLIGHT contains NaN or inf", field="LENSLIGHT")
-        lb = str(llh.get("BUNIT", bunit)).strip()
-        if lb != bunit:
-            raise InputFileError(path, f"LENSLIGHT BUNIT {lb!r} differs from SCI BUNIT {bunit!r}", field="LENSLIGHT.BUNIT")
-        sci = sci - ll
-        lens_light = True
 
-    # mask ----------------------------------------------------------------------------------------
-    mask = np.ones(sci.shape, bool)
-    if "MASK" in hdus and hdus["MASK"][0] is not None:
-        m, mh = hdus["MASK"]
-        if m.shape != sci.shape:
-            raise InputFileError(path, f"MASK shape {m.shape} != SCI shape {sci.shape}", field="MASK")
-        if not np.isfinite(m).all():
-            raise InputFileError(path, "MASK contains NaN", field="MASK")
-        kind = str(mh.get("MASKTYPE", "GOOD")).upper()
-        if kind not in ("GOOD", "BAD"):
-            raise InputFileError(path, f"MASKTYPE must be GOOD or BAD, got {kind!r}", field="MASK.MASKTYPE")
-        mask = (m != 0) if kind == "GOOD" else (m == 0)
+def _file_mask(path, hdus: dict, shape) -> np.ndarray:
+    """The MASK HDU as a bool array (True = used; MASKTYPE GOOD: nonzero used, BAD: nonzero ignored),
+    all True without one."""
+    if "MASK" not in hdus or hdus["MASK"][0] is None:
+        return np.ones(shape, bool)
+    m, mh = hdus["MASK"]
+    if m.shape != shape:
+        raise InputFileError(path, f"MASK shape {m.shape} != SCI shape {shape}", field="MASK")
+    if not np.isfinite(m).all():
+        raise InputFileError(path, "MASK contains NaN", field="MASK")
+    kind = str(mh.get("MASKTYPE", "GOOD")).upper()
+    if kind not in ("GOOD", "BAD"):
+        raise InputFileError(path, f"MASKTYPE must be GOOD or BAD, got {kind!r}", field="MASK.MASKTYPE")
+    return (m != 0) if kind == "GOOD" else (m == 0)
+
+
+def _usable_pixels(path, hdus: dict, sci, noise, nan_policy: str, warn) -> tuple[np.ndarray, np.ndarray]:
+    """(mask, bad): the file's MASK less the NaN/inf pixels of SCI or NOISE (an error with
+    ``nan_policy`` 'error' when a used pixel is one), and those NaN/inf pixels; NOISE must be > 0
+    on every used pixel. Both (ny, nx) bool."""
+    mask = _file_mask(path, hdus, sci.shape)
     bad = ~np.isfinite(sci) | ~np.isfinite(noise)
     nbad = int((bad & mask).sum())
     if nbad:
         which = "SCI" if (~np.isfinite(sci) & mask).any() else "NOISE"
-        if ocfg.nan_policy == "error":
+        if nan_policy == "error":
             raise InputFileError(path, f"{nbad} NaN/inf pixels (lensing.observation.nan_policy = error)", field=which)
         warn(f"{nbad} NaN/inf pixels in {which} masked")
     mask &= ~bad
@@ -270,13 +259,13 @@ def load_observation(path, config: LensingConfig | None = None, *, device="cpu",
     if (noise[mask] <= 0).any():
         raise InputFileError(path, f"NOISE must be > 0 on used pixels ({int((noise[mask] <= 0).sum())} are not)",
                              field="NOISE")
+    return mask, bad
 
-    # geometry --------------------------------------------------------------------------------------
-    pix, J, crpix_off = _pixel_geometry(path, sci_h, prim_h)
-    unit_sb = bool(bunit) and _is_surface_brightness(bunit)
-    unit_factor = 1.0 if unit_sb else pix * pix
 
-    # PSF -----------------------------------------------------------------------------------------
+def _psf(path, hdus: dict, pix: float, ocfg: ObservationConfig, warn) -> tuple[np.ndarray, float]:
+    """The PSF HDU (odd, finite, non-negative, sum 1 within ``ocfg.psf_sum_tol``) and its sampling
+    PSFSAMP [arcsec/px] (the image pixel scale ``pix`` when absent)."""
+    psf, psf_h = hdus["PSF"]
     if psf.ndim != 2 or psf.shape[0] % 2 == 0 or psf.shape[1] % 2 == 0:
         raise InputFileError(path, f"PSF must be 2-D with odd sizes, got {psf.shape}", field="PSF")
     if not np.isfinite(psf).all():
@@ -295,10 +284,12 @@ def load_observation(path, config: LensingConfig | None = None, *, device="cpu",
         warn("PSF has no PSFSAMP: taken as sampled at the image pixel scale")
     if bool(psf_h.get("PSFPIXR", False)):
         warn("PSFPIXR = T: the PSF includes the pixel response, which the supersampled model applies again")
-    target = pix / geom.supersample
-    psf_used = resample_psf(psf, psfsamp, target)
+    return psf, psfsamp
 
-    # lens ----------------------------------------------------------------------------------------
+
+def _lens(path: Path, prim_h, sci_h, J, crpix_off, default_z) -> tuple[LensParams, str, str]:
+    """(lens in the array frame, the file's frame, where it was read): from the primary or SCI header,
+    else from the YAML file beside ``path``; WORLD-frame lenses mapped through SCI's WCS ``J``."""
     raw = _lens_from_header(prim_h) or _lens_from_header(sci_h)
     lens_source = str(path)
     if raw is None:
@@ -307,20 +298,68 @@ def load_observation(path, config: LensingConfig | None = None, *, device="cpu",
             raise InputFileError(path, "no lens model: set LENSMOD and the lens keywords in the primary header, or "
                                  f"put {path.with_suffix('.lens.yaml').name} beside the file", field="LENSMOD")
         lens_source = str(ypath)
-    lens, frame = parse_lens(raw, lens_source, (cfg.lens.z_lens, cfg.lens.z_source))
+    lens, frame = parse_lens(raw, lens_source, default_z)
     if frame == "WORLD":
         if J is None:
             raise InputFileError(path, "LENSFRAM = WORLD needs a CD/CDELT WCS on SCI", field="LENSFRAM")
         lens = world_to_array(lens, J, crpix_off)
     elif frame != "ARRAY":
         raise InputFileError(lens_source, f"unsupported lens frame {frame!r} (ARRAY, WORLD)", field="LENSFRAM")
+    return lens, frame, lens_source
 
-    # source grid ---------------------------------------------------------------------------------
+
+def _header_source_grid(prim_h, geom: GeometryConfig, warn) -> tuple:
+    """The file's SRCNPIX / SRCPIXSC (None when absent), with a warning when they differ from the
+    configured source grid (which is used)."""
     ns, sps = geom.source_npix, geom.source_pixscale
     hdr_ns, hdr_sps = prim_h.get("SRCNPIX"), prim_h.get("SRCPIXSC")
     if (hdr_ns is not None and int(hdr_ns) != ns) or (hdr_sps is not None and abs(float(hdr_sps) / sps - 1) > 1e-6):
         warn(f"file's source grid ({hdr_ns}, {hdr_sps}\"/px) differs from the configured ({ns}, {sps}\"/px); "
              "using the configured grid")
+    return hdr_ns, hdr_sps
+
+
+def _truth(hdus: dict, ns: int, warn) -> np.ndarray | None:
+    """The TRUTH HDU (ns, ns) float32 [source surface brightness], None when absent or of another shape."""
+    if "TRUTH" not in hdus or hdus["TRUTH"][0] is None:
+        return None
+    truth = hdus["TRUTH"][0].astype(np.float32)
+    if truth.shape != (ns, ns):
+        warn(f"TRUTH shape {truth.shape} differs from the source grid ({ns}, {ns}); ignored")
+        return None
+    return truth
+
+
+def load_observation(path, config: LensingConfig | None = None, *, device="cpu",
+                     brightness: BrightnessConfig | None = None):
+    """Validate the observation at ``path`` and build its problem.
+
+    Returns ``(problem, y, meta)``: ``problem`` a :class:`LensingProblem` (sources in network units via
+    ``brightness``, default ``config.brightness``), ``y`` the SCI image (ny, nx) float32 tensor on
+    ``device`` [SCI's BUNIT] (masked / NaN pixels set to 0), and ``meta`` (lens, frame, pixscale
+    [arcsec/px], bunit, unit_factor, source grid, psf, truth, mask fraction, peak SNR, warnings). Errors
+    are one-line :class:`InputFileError` naming the file and the HDU/keyword."""
+    cfg = config or LensingConfig()
+    geom = cfg.geometry
+    path = Path(path)
+    warnings: list[str] = []
+
+    def warn(msg):
+        warnings.append(msg)
+        log.warning("%s: %s", path, msg)
+
+    hdus = _read_all(path)
+    prim_h = hdus.get("PRIMARY", (None, {}))[1]
+    sci, noise, bunit, lens_light = _science(path, hdus, prim_h, warn)
+    mask, bad = _usable_pixels(path, hdus, sci, noise, cfg.observation.nan_policy, warn)
+    pix, J, crpix_off = _pixel_geometry(path, hdus["SCI"][1], prim_h)
+    unit_sb = bool(bunit) and _is_surface_brightness(bunit)
+    unit_factor = 1.0 if unit_sb else pix * pix
+    psf, psfsamp = _psf(path, hdus, pix, cfg.observation, warn)
+    psf_used = resample_psf(psf, psfsamp, pix / geom.supersample)
+    lens, frame, lens_source = _lens(path, prim_h, hdus["SCI"][1], J, crpix_off, (cfg.lens.z_lens, cfg.lens.z_source))
+    ns, sps = geom.source_npix, geom.source_pixscale
+    header_grid = _header_source_grid(prim_h, geom, warn)
     b = brightness or cfg.brightness
     y_np = np.where(mask, sci, 0.0).astype(np.float32)
     sigma_np = np.where(mask, noise, 1.0).astype(np.float32)
@@ -328,12 +367,7 @@ def load_observation(path, config: LensingConfig | None = None, *, device="cpu",
         lens, image_shape=sci.shape, image_pixscale=pix, source_npix=ns, source_pixscale=sps,
         supersample=geom.supersample, psf=psf_used, sigma=torch.as_tensor(sigma_np), mask=torch.as_tensor(mask),
         unit_factor=unit_factor, scale=b.scale, offset=b.offset, device=device, meta={"path": str(path)})
-    truth = None
-    if "TRUTH" in hdus and hdus["TRUTH"][0] is not None:
-        truth = hdus["TRUTH"][0].astype(np.float32)
-        if truth.shape != (ns, ns):
-            warn(f"TRUTH shape {truth.shape} differs from the source grid ({ns}, {ns}); ignored")
-            truth = None
+    truth = _truth(hdus, ns, warn)
     snr = np.where(mask, sci / sigma_np, 0.0)
     meta = {
         "path": str(path), "obs_id": str(prim_h.get("OBSID", path.stem)), "lens": lens, "frame": frame,
@@ -343,7 +377,7 @@ def load_observation(path, config: LensingConfig | None = None, *, device="cpu",
         "psf_shape": tuple(psf.shape), "psfsamp": psfsamp, "psf_fwhm": psf_fwhm(psf, psfsamp),
         "psf_used": psf_used, "mask": mask, "mask_fraction": float(1 - mask.mean()),
         "n_nan": int(bad.sum()), "peak_snr_data": float(snr.max()), "truth": truth,
-        "header_source_grid": (hdr_ns, hdr_sps), "lens_light_subtracted": lens_light, "warnings": warnings,
+        "header_source_grid": header_grid, "lens_light_subtracted": lens_light, "warnings": warnings,
     }
     if truth is not None:
         model = problem.physical_forward(torch.as_tensor(truth, device=problem.device)[None])[0].cpu().numpy()
