@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                            "fine-tune the prior into a posterior sampler with RTB"),
     "check-posterior": ("pipeline.commands.check_posterior",
                         "seeded chi2 / ELBO check of amortized lensing posteriors (compare runs)"),
+    "tune": ("pipeline.commands.tune", "freeze a sampler's guidance scale (dps, dps_cla) for sample --tuning"),
     "sample": ("pipeline.commands.sample", "sample posteriors for observations with one method"),
     "calibrate": ("pipeline.commands.calibrate", "TARP, interval coverage, chi2 and log Z of posteriors"),
     "report": ("pipeline.commands.report", "write the markdown report with figures and tables"),

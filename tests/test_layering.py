@@ -47,8 +47,9 @@ def test_no_import_runs_upward():
     assert not bad, "imports running upward:\n" + "\n".join(bad)
 
 
-def test_loading_a_posterior_does_not_import_the_trainer():
-    code = ("import sys, pipeline.rtb.loading, pipeline.diffusion.network_prior; "
+def test_inference_does_not_import_the_trainer():
+    code = ("import sys, pipeline.rtb.loading, pipeline.diffusion.network_prior, pipeline.lensing.sample, "
+            "pipeline.lensing.checks, pipeline.lensing.tuning; "
             "print('pipeline.rtb.trainer' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=ROOT.parent).stdout.strip()

@@ -109,14 +109,14 @@ def test_amortized_samples_at_a_batch_equal_to_the_feature_channels():
     rollout once took the channel axis of the one conditioning map for the batch, and failed)."""
     from pipeline.diffusion.network_prior import load_prior
     from pipeline.lensing.amortized import amortized_sampler
-    from pipeline.lensing.checks import _seeded_observation
+    from pipeline.lensing.tuning import prior_predictive_observation
     from pipeline.lensing.config import load_lensing_config
     from pipeline.lensing.sample import load_amortized
 
     rec = RECORD["posterior"]
     prior = load_prior(SHIPPED / "prior")
     chain = prior.schedule.chain(int(prior.meta["sample_K"]), prior.meta["sample_variance"])
-    problem, _, y = _seeded_observation(load_lensing_config(CONFIG), prior, chain, np.random.default_rng(0),
+    problem, _, y = prior_predictive_observation(load_lensing_config(CONFIG), prior, chain, np.random.default_rng(0),
                                         torch.Generator().manual_seed(0), rec["noise_sigma"])
     post, _, _ = load_amortized(SHIPPED / "posterior", prior, problem)
     out = {}

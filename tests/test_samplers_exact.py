@@ -104,7 +104,7 @@ def test_chi2_tuning_target_holds_for_exact_posterior_samples():
     # The chi2 objective assumes E[chi2(y, A x_s)] = m for exact posterior samples x_s and y from the prior
     # predictive. Check with the chain's exact posterior (Gaussian conditioning of its x0 law) over 4000 y.
     from pipeline.diffusion.gaussian_chain import propagate_gaussian_chain
-    from pipeline.samplers.tuning import _objective
+    from pipeline.samplers.tuning import objective_score, objective_values
     from pipeline.samplers.base import Samples
 
     case = gaussian_case(4, 2)
@@ -124,23 +124,42 @@ def test_chi2_tuning_target_holds_for_exact_posterior_samples():
     xs = post + torch.randn(n, 4, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(0.5 * (P + P.T)).T
     ratio = float(prob.residual_chi2(xs, y).mean()) / prob.n_data
     assert ratio == pytest.approx(1.0, abs=0.05)
-    assert _objective(Samples(x0=xs), "chi2", prob, y) == pytest.approx(-abs(math.log(ratio)))
+    assert objective_score(objective_values(Samples(x0=xs), "chi2", prob, y), "chi2") == pytest.approx(
+        -abs(math.log(ratio)))
     # an over-confident sampler (the posterior mean for every sample) is penalised
-    assert _objective(Samples(x0=post), "chi2", prob, y) < -0.3
+    assert objective_score(objective_values(Samples(x0=post), "chi2", prob, y), "chi2") < -0.3
 
 
 def test_tuning_objectives_and_errors():
     from pipeline.errors import PipelineError
+    from pipeline.samplers import make_sampler
     from pipeline.samplers.tuning import OBJECTIVES, tune_scale
 
     case = gaussian_case(2, 1)
     chain = case["prior"].schedule.chain(10)
+    at = lambda s: make_sampler("dps", case["prior"], chain, scale=s)  # noqa: E731
+    obs = [(case["problem"], case["y"])]
     for obj in OBJECTIVES:
-        scale, rec = tune_scale("dps", case["prior"], chain, case["problem"], case["y"], grid=[0.01, 0.1, 1.0],
-                                n=32, objective=obj, refine=False)
+        scale, rec = tune_scale(at, obs, grid=[0.01, 0.1, 1.0], n=32, objective=obj)
         assert rec["objective"] == obj and rec["grid"] == [0.01, 0.1, 1.0] and scale in rec["grid"]
         assert rec["n_obs"] == 1 and rec["n"] == 32
     with pytest.raises(PipelineError, match="unknown tuning objective"):
-        tune_scale("dps", case["prior"], chain, case["problem"], case["y"], objective="fid")
+        tune_scale(at, obs, grid=[0.1], n=8, objective="fid")
     with pytest.raises(PipelineError, match="grid"):
-        tune_scale("dps", case["prior"], chain, case["problem"], case["y"], grid=[-1.0])
+        tune_scale(at, obs, grid=[-1.0], n=8)
+
+
+def test_tuning_pools_observations_and_uses_common_random_numbers():
+    """Each observation is sampled with the same seed at every scale, and the score pools the samples of
+    all observations: with two copies of one observation the score equals that of the observation alone."""
+    from pipeline.samplers import make_sampler
+    from pipeline.samplers.tuning import tune_scale
+
+    case = gaussian_case(2, 1)
+    chain = case["prior"].schedule.chain(10)
+    at = lambda s: make_sampler("dps", case["prior"], chain, scale=s)  # noqa: E731
+    one = [(case["problem"], case["y"])]
+    _, a = tune_scale(at, one, grid=[0.0, 0.1, 1.0], n=16, seed=5, refine=True)
+    _, b = tune_scale(at, one * 2, grid=[0.0, 0.1, 1.0], n=16, seed=5, refine=True)
+    assert a["values"] == pytest.approx(b["values"], rel=1e-12) and a["grid"] == b["grid"]
+    assert len(a["grid"]) > 3  # refined between the best grid point's neighbours

@@ -8,7 +8,7 @@ from pipeline.errors import PipelineError
 from pipeline.problems import DenseLinearProblem
 from pipeline.samplers import (METHODS, PARTICLE_METHODS, RTB_METHODS, TRAINING_FREE, Sampler, Samples,
                                make_sampler)
-from pipeline.samplers.tuning import tune_scale
+from pipeline.samplers.tuning import tune_on_separate_seed
 
 K = 12
 OPTS = {"dps": {"scale": 0.3}, "dps_cla": {"scale": 1.0}, "prior_is": {"particles": 4}, "fps_smc": {"particles": 4}}
@@ -38,7 +38,7 @@ def test_registry_errors(setup):
     with pytest.raises(PipelineError, match="unknown option.*particles"):
         make_sampler("dps", prior, chain, particles=3)
     with pytest.raises(PipelineError, match="no heuristic scale"):
-        tune_scale("cla", prior, chain, setup[2], torch.zeros(1))
+        tune_on_separate_seed("cla", prior, chain, setup[2], 0, n_obs=1)
 
 
 @pytest.mark.parametrize("name", TRAINING_FREE)

@@ -69,13 +69,15 @@ def test_the_workflows_method_lists_equal_the_packages():
 
     import yaml
 
-    from pipeline.samplers import METHODS
+    from pipeline.samplers import METHODS, TUNED_METHODS
 
     schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
     assert set(schema["properties"]["methods"]["items"]["enum"]) == set(METHODS)
     common = (ROOT / "workflow" / "rules" / "common.smk").read_text()
     block = common[common.index("method=") : common.index("obs=")]
     assert set(re.findall(r'"([a-z_]+)"', block)) == set(METHODS)
+    tuned = common[common.index("TUNED_METHODS = ") :].splitlines()[0]
+    assert set(re.findall(r'"([a-z_]+)"', tuned)) == set(TUNED_METHODS)
 
 
 @pytest.fixture(scope="session")

@@ -24,25 +24,30 @@ def add_arguments(parser) -> None:
     parser.add_argument("--png", metavar="FILE", help="with --out-file: a figure of the posterior")
     parser.add_argument("--n", type=int, help="samples per observation (default posterior.n_samples)")
     parser.add_argument("--seed", type=int, help="default posterior.seed")
+    parser.add_argument("--tuning", metavar="JSON", help="frozen guidance-scale record written by `tune` (dps, dps_cla); "
+                        "default: tune here on posterior.tune_seed")
 
 
 def run(args) -> int:
     from pipeline.errors import ConfigError
     from pipeline.io.atomic import atomic_directory
     from pipeline.lensing.sample import sample_observations
+    from pipeline.lensing.tuning import read_tuning_record
     from pipeline.runtime import configure_threads
 
     configure_threads()
     if args.n is not None and args.n < 2:
         raise ConfigError("--n", "n", f"must be >= 2, got {args.n}")
+    tuning = read_tuning_record(args.tuning, args.method) if args.tuning else None
     if args.out_file:
         res = sample_observations(args.config, args.method, args.prior, args.posterior, args.obs,
-                                  out_file=args.out_file, png=args.png, n=args.n, seed=args.seed)
+                                  out_file=args.out_file, png=args.png, n=args.n, seed=args.seed,
+                                  tuning=tuning)
     else:
         # written into a temp dir renamed at the end: no partial output directory on failure
         with atomic_directory(args.out) as tmp:
             res = sample_observations(args.config, args.method, args.prior, args.posterior, args.obs, tmp,
-                                      n=args.n, seed=args.seed)
+                                      n=args.n, seed=args.seed, tuning=tuning)
     print(json.dumps({"method": args.method, "n_obs": len(res),
                       "seconds": round(sum(r["seconds"] for r in res), 2)}))
     return 0

@@ -12,16 +12,8 @@ from pipeline.io.checkpoint import load_checkpoint
 from pipeline.lensing.amortized import amortized_sampler
 from pipeline.lensing.config import load_lensing_config
 from pipeline.lensing.sample import load_amortized
-from pipeline.lensing.simulate import draw_lens, make_problem
+from pipeline.lensing.tuning import prior_predictive_observation
 from pipeline.metrics.chi2 import chi2_per_sample
-
-
-def _seeded_observation(lcfg, prior, chain, rng, gen, noise_sigma):
-    """One prior-predictive observation: a lens from ``rng``, a prior-chain truth and noise from ``gen``."""
-    problem = make_problem(draw_lens(lcfg.lens, rng), lcfg.geometry, sigma=noise_sigma, device=prior.device)
-    problem.set_brightness(prior.scale, prior.offset)
-    truth = sample_prior(prior, chain, 1, generator=gen)
-    return problem, truth, problem.simulate(truth, generator=gen)[0]
 
 
 def evaluate_shipped_posterior(config_path, prior, checkpoint, *, seed: int = 0, n: int = 16,
@@ -62,7 +54,7 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
             "truth_chi2_nu": [], "truth_chi2_arc_nu": []}
     sampler = None
     for _ in range(n_obs):
-        problem, truth, y = _seeded_observation(lcfg, prior, chain, rng, gen, noise_sigma)
+        problem, truth, y = prior_predictive_observation(lcfg, prior, chain, rng, gen, noise_sigma)
         if sampler is None:  # loaded once; each observation brings its own lens
             post, _, _ = load_amortized(checkpoint, prior, problem)
             method = "rtb_amortized_gn" if last_step == "gauss_newton" else "rtb_amortized"

@@ -28,11 +28,13 @@ from pipeline.lensing.amortized import MultiLensProblem, amortized_sampler
 from pipeline.lensing.config import PosteriorConfig, check_rtb_for_lensing, load_lensing_config
 from pipeline.lensing.simulate import draw_lens, make_problem, typical_noise_sigma
 from pipeline.lensing.sources import read_sources
+from pipeline.lensing.tuning import prior_predictive_observation
 from pipeline.rtb.config import RTBConfig
 from pipeline.rtb.loading import check_prior_record
 from pipeline.rtb.posterior import build_posterior, posterior_spec
 from pipeline.rtb.trainer import RTBTrainer, seed_everything
-from pipeline.rtb.tuning import GUIDANCE_GRIDS, best_by_elbo, trajectory_elbo
+from pipeline.rtb.tuning import UNTRAINED_ELBO, guidance_grid
+from pipeline.samplers.tuning import tune_scale
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +171,10 @@ def tune_rtb_guidance(config_path, prior, *, sources_path=None, n_obs: int = 4, 
     """The scale for ``rtb.guidance`` (DPS / DPS+CLA inside the amortized posterior), by the untrained ELBO.
 
     The posterior built from the config's ``rtb:`` section starts with a zero correction, so it IS the
-    guided chain; its mean ELBO over ``n_obs`` prior-predictive observations (lenses and truths drawn
-    from ``posterior.tune_seed``, apart from every trained and evaluated set) ranks the scales
-    (:mod:`pipeline.rtb.tuning`). Returns the tuning record; write its ``scale`` into ``rtb.guidance_scale``.
+    guided chain; its mean ELBO over ``n_obs`` prior-predictive observations (each with its own lens; lenses
+    and truths drawn from ``posterior.tune_seed``, apart from every trained and evaluated set), ``n``
+    trajectories each, ranks the scales. Returns the tuning record; write its ``scale`` into
+    ``rtb.guidance_scale``.
     """
     lcfg = load_lensing_config(config_path)
     pcfg = load_section(config_path, "posterior", PosteriorConfig)
@@ -180,27 +183,16 @@ def tune_rtb_guidance(config_path, prior, *, sources_path=None, n_obs: int = 4, 
         raise ConfigError(config_path, "rtb.guidance", "is 'none': there is no guidance scale to tune")
     chain = check_chain_matches(prior, rcfg, config_path)
     sigma = resolve_noise_sigma(lcfg, sources_path)
-    rng = np.random.default_rng(pcfg.tune_seed)
-    gen = torch.Generator().manual_seed(pcfg.tune_seed)
-    singles, ys = [], []
-    for _ in range(n_obs):
-        p = make_problem(draw_lens(lcfg.lens, rng), lcfg.geometry, sigma=sigma, device=prior.device)
-        p.set_brightness(prior.scale, prior.offset)
-        truth = sample_prior(prior, chain, 1, generator=gen)
-        ys.append(p.simulate(truth, generator=gen)[0])
-        singles.append(MultiLensProblem([p]))
-    grid = list(grid if grid is not None else GUIDANCE_GRIDS[rcfg.guidance])
+    rng, gen = np.random.default_rng(pcfg.tune_seed), torch.Generator().manual_seed(pcfg.tune_seed)
+    observations = [prior_predictive_observation(lcfg, prior, chain, rng, gen, sigma) for _ in range(n_obs)]
 
-    def elbos(scale):
+    def sampler_at(scale):
         rcfg.guidance_scale = float(scale)
-        out = []
-        for single, y in zip(singles, ys):
-            post = build_posterior(prior, single, posterior_spec(prior, rcfg, cond_channels=2))
-            smp = amortized_sampler("rtb_amortized", post, batch_size=n).sample(
-                single.problems[0], y, n, generator=torch.Generator().manual_seed(pcfg.tune_seed))
-            out.append(trajectory_elbo(smp))
-        log.info("rtb_%s guidance scale %.3g: mean untrained ELBO %.1f", rcfg.guidance, scale, sum(out) / len(out))
-        return out
+        post = build_posterior(prior, MultiLensProblem([observations[0][0]]),
+                               posterior_spec(prior, rcfg, cond_channels=2))
+        return amortized_sampler("rtb_amortized", post, batch_size=n)
 
-    return {"method": f"rtb_{rcfg.guidance}", **best_by_elbo(grid, elbos), "n": n, "n_obs": n_obs, "K": chain.K,
+    _, record = tune_scale(sampler_at, [(p, y) for p, _, y in observations], grid=guidance_grid(rcfg.guidance, grid),
+                           n=n, seed=pcfg.tune_seed, objective="elbo", label=f"rtb_{rcfg.guidance} guidance scale")
+    return {"method": f"rtb_{rcfg.guidance}", **record, "objective": UNTRAINED_ELBO, "K": chain.K,
             "tuning_seed": pcfg.tune_seed}

@@ -22,6 +22,7 @@ from pipeline.io.posterior import write_posterior
 from pipeline.lensing.amortized import MultiLensProblem, amortized_sampler
 from pipeline.lensing.config import BrightnessConfig, PosteriorConfig, load_lensing_config
 from pipeline.lensing.observation import load_observation
+from pipeline.lensing.tuning import tune_guidance_scale
 from pipeline.metrics.chi2 import chi2_per_sample
 from pipeline.metrics.logz import estimate_logz_samples
 from pipeline.rtb.loading import load_posterior
@@ -52,25 +53,6 @@ def check_in_trained_range(meta_lens, hp, path):
         if v is not None and not (lo_hi[0] - 1e-9 <= v <= lo_hi[1] + 1e-9):
             log.warning("%s: lens %s=%.3f outside the trained range %s: the amortized posterior may be "
                         "unreliable", path, key, v, list(lo_hi))
-
-
-def tune_guidance_scale(method, prior, chain, lcfg, pcfg, sigma, device, n_obs: int = 4, n: int = 32) -> dict:
-    """Tune the heuristic DPS / DPS+CLA scale on a SEPARATE seed (:mod:`pipeline.samplers.tuning`,
-    objective ``posterior.tune_objective``): tuning observations from the prior predictive under a lens drawn from
-    ``posterior.tune_seed``, none of them in an evaluated set. The frozen scale and its record go into
-    every posterior file's provenance."""
-    from pipeline.lensing.simulate import draw_lens, make_problem
-    from pipeline.samplers.tuning import tune_on_separate_seed
-
-    rng = np.random.default_rng(pcfg.tune_seed)
-    problem = make_problem(draw_lens(lcfg.lens, rng), lcfg.geometry, sigma=sigma, device=device)
-    problem.set_brightness(prior.scale, prior.offset)
-    scale, record = tune_on_separate_seed(method, prior, chain, problem, pcfg.tune_seed, n_obs=n_obs,
-                                          grid=pcfg.guidance_scales.get(method), n=n, seed=pcfg.tune_seed,
-                                          refine=False, sampler_opts={"device": device},
-                                          objective=pcfg.tune_objective)
-    log.info("%s: tuned scale %.3g on seed %d (%s)", method, scale, pcfg.tune_seed, record.get("objective"))
-    return record
 
 
 def fps_smc_options(pcfg: PosteriorConfig, n: int) -> dict:
@@ -106,9 +88,11 @@ def observation_files(specs) -> list[Path]:
     return files
 
 
-def _build_sampler(method, config_path, prior, chain, posterior_dir, first_obs, lcfg, pcfg, n, device):
+def _build_sampler(method, config_path, prior, chain, posterior_dir, first_obs, lcfg, pcfg, n, device,
+                   tuning=None):
     """The method's sampler, built once for every observation; returns (sampler, provenance entries,
-    the amortized posterior's hparams or None)."""
+    the amortized posterior's hparams or None). ``tuning``: a frozen tuning record to use instead of tuning
+    the guidance scale here."""
     spec = method_spec(method)
     problem = load_observation(first_obs, lcfg, device=device,
                                brightness=BrightnessConfig(scale=prior.scale, offset=prior.offset))[0]
@@ -126,7 +110,8 @@ def _build_sampler(method, config_path, prior, chain, posterior_dir, first_obs, 
         return sampler, {"posterior": str(posterior_dir), **({"options": extra} if extra else {})}, hp
     opts, prov = {"device": device}, {}
     if spec.tuned:
-        prov["tuning"] = tune_guidance_scale(method, prior, chain, lcfg, pcfg, float(problem.sigma.max()), device)
+        prov["tuning"] = tuning or tune_guidance_scale(method, prior, chain, lcfg, pcfg, float(problem.sigma.max()),
+                                                       device)
         opts["scale"] = prov["tuning"]["scale"]
     if method == "fps_smc":
         opts.update(fps_smc_options(pcfg, n))
@@ -171,11 +156,11 @@ def _to_write(prior, smp, problem, n, gen):
 
 
 def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs, out_dir=None, *, out_file=None,
-                        png=None, n=None, seed=None) -> list[dict]:
+                        png=None, n=None, seed=None, tuning=None) -> list[dict]:
     """Sample ``method``'s posterior for every observation; one posterior FITS per observation.
 
-    Load the prior (and posterior), build the sampler once (tuning its guidance scale if it has one),
-    then sample and write each observation in turn.
+    Load the prior (and posterior), build the sampler once (tuning its guidance scale if it has one, unless
+    ``tuning`` gives the frozen record), then sample and write each observation in turn.
     """
     lcfg = load_lensing_config(config_path)
     pcfg = load_section(config_path, "posterior", PosteriorConfig)
@@ -190,7 +175,7 @@ def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs
     provenance = {"version": pipeline.__version__, "seed": seed, "config_hash": config_hash(load_yaml(config_path)),
                   "prior": str(prior_dir), "K": K, "variance": var}
     sampler, prov, hp = _build_sampler(method, config_path, prior, chain, posterior_dir, files[0], lcfg, pcfg, n,
-                                       device)
+                                       device, tuning)
     provenance.update(prov)
     spec = method_spec(method)
     results = []

@@ -112,15 +112,15 @@ def run(args) -> int:
 def tune_task(cfg: VisionConfig, task: Task, tuning: dict) -> tuple[float, float]:
     """(DPS scale, RTB+DPS frozen-guidance scale) of one task: tuned on its extra observation when
     ``cfg.dps_tune`` (records added to ``tuning``), else the configured values."""
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 11)
+    seed = cfg.seed + 11
     dps_scale = cfg.dps_scale
     if cfg.dps_tune and any(m in cfg.methods for m in ("dps", "rtb_dps")):
-        dps_scale, rec = tune_dps_scale(cfg, task, gen)
+        dps_scale, rec = tune_dps_scale(cfg, task, seed)
         tuning[task.key] = {"chosen": dps_scale, "metric": cfg.dps_tune_metric, "grid": rec}
         log.info("%s: DPS scale %.3g (by %s)", task.key, dps_scale, cfg.dps_tune_metric)
     rtb_dps_scale = cfg.rtb_dps_scale
     if cfg.dps_tune and "rtb_dps" in cfg.methods:
-        rtb_dps_scale, rec = tune_rtb_dps_scale(cfg, task, gen)
+        rtb_dps_scale, rec = tune_rtb_dps_scale(cfg, task, seed)
         tuning[task.key + " (rtb_dps frozen guidance)"] = {"chosen": rtb_dps_scale, "metric": "elbo", "grid": rec}
         log.info("%s: RTB+DPS guidance scale %.3g", task.key, rtb_dps_scale)
     return dps_scale, rtb_dps_scale

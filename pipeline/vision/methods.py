@@ -22,6 +22,7 @@ from pipeline.rtb.posterior import build_posterior, posterior_spec
 from pipeline.rtb.sampler import RTBSampler
 from pipeline.rtb.trainer import RTBTrainer
 from pipeline.samplers import make_sampler
+from pipeline.samplers.tuning import tune_scale
 from pipeline.vision.config import VisionConfig
 from pipeline.vision.metrics import psnr, ssim
 from pipeline.vision.operators import align_phase_retrieval
@@ -47,18 +48,12 @@ def logz_from_samples(s) -> dict:
     return out
 
 
-def tune_dps_scale(cfg: VisionConfig, task: Task, generator) -> tuple[float, list[dict]]:
-    """Pick DPS's scale from ``cfg.dps_grid`` on the extra (tuning) observation, by ELBO or mean log r."""
-    y = task.ys[-1]
-    rec = []
-    for scale in cfg.dps_grid:
-        s = make_sampler("dps", task.prior, task.chain, scale=scale).sample(task.problem, y, cfg.n_samples,
-                                                                              generator=generator)
-        lz = logz_from_samples(s)
-        rec.append({"scale": scale, "mean_log_r": float(s.log_r.mean()), "elbo": lz["elbo"]})
-    key = "elbo" if cfg.dps_tune_metric == "elbo" else "mean_log_r"
-    best = max(rec, key=lambda r: -math.inf if r[key] is None else r[key])
-    return float(best["scale"]), rec
+def tune_dps_scale(cfg: VisionConfig, task: Task, seed: int) -> tuple[float, dict]:
+    """DPS's scale from ``cfg.dps_grid`` on the extra (tuning) observation, by ELBO or mean log r
+    (:func:`pipeline.samplers.tuning.tune_scale`, ``cfg.n_samples`` samples seeded by ``seed``)."""
+    return tune_scale(lambda s: make_sampler("dps", task.prior, task.chain, scale=s), [(task.problem, task.ys[-1])],
+                      grid=cfg.dps_grid, n=cfg.n_samples, seed=seed, objective=cfg.dps_tune_metric,
+                      label=f"{task.key} dps scale")
 
 
 def cond_fn_for(task: Task):
@@ -94,22 +89,20 @@ def policy_samples(post, cond_fn, y, n, generator, K):
     return RTBSampler(post, name, cond_fn=cond_fn, batch_size=n).sample(None, y, n, generator=generator)
 
 
-def tune_rtb_dps_scale(cfg: VisionConfig, task: Task, generator) -> tuple[float, list[dict]]:
+def tune_rtb_dps_scale(cfg: VisionConfig, task: Task, seed: int) -> tuple[float, dict]:
     """Scale of RTB+DPS's frozen (Jacobian-free) DPS guidance, picked by ELBO of the untrained policy
     (q = prior + guidance: the head starts at zero) on the tuning observation. The frozen guidance uses
     d x0_hat / d x_k ~ I / sqrt(abar_k), far stronger than the network's Jacobian at high noise, so the
     network-DPS scale does not transfer."""
     cond_fn, cond_channels = cond_fn_for(task)
-    y = task.ys[-1]
-    rec = []
-    for scale in cfg.rtb_dps_grid:
+
+    def sampler_at(scale):
         spec = posterior_spec(task.prior, rtb_config(cfg, "dps", scale, scale), cond_channels=cond_channels)
         post = build_posterior(task.prior, task.problem, spec)
-        s = policy_samples(post, cond_fn, y, cfg.n_samples, generator, cfg.K)
-        lz = logz_from_samples(s)
-        rec.append({"scale": scale, "mean_log_r": float(s.log_r.mean()), "elbo": lz["elbo"]})
-    best = max(rec, key=lambda r: -math.inf if r["elbo"] is None else r["elbo"])
-    return float(best["scale"]), rec
+        return RTBSampler(post, "rtb_dps", cond_fn=cond_fn, batch_size=cfg.n_samples)
+
+    return tune_scale(sampler_at, [(task.problem, task.ys[-1])], grid=cfg.rtb_dps_grid, n=cfg.n_samples, seed=seed,
+                      objective="elbo", label=f"{task.key} rtb_dps guidance scale")
 
 
 class RTBMethod:

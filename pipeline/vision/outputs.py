@@ -107,7 +107,8 @@ def render_markdown(summary: dict) -> str:
     if summary["dps_tuning"]:
         lines += ["", "## DPS scale tuning (on a separate observation)", ""]
         for k, v in summary["dps_tuning"].items():
-            grid = ", ".join(f"{g['scale']:g}: ELBO {_fmt(g['elbo'])}, log r {g['mean_log_r']:.1f}" for g in v["grid"])
+            rec = v["grid"]
+            grid = ", ".join(f"{g:g}: {_fmt(val)}" for g, val in zip(rec["grid"], rec["values"]))
             lines.append(f"- {k}: chose {v['chosen']:g} by {v['metric']} ({grid})")
     lines += ["", f"Total wall time: {summary['seconds_total']:.0f} s. Figures: "
               + ", ".join(Path(f).name for f in summary["figures"]), ""]

@@ -16,6 +16,14 @@ SETS = ["prior", "heldout"]
 LENS_METHODS = list(config["methods"])
 # scheduling order of the sample jobs (higher first): relative CPU cost per sample, measured on the demo
 # (FPS-SMC with 2 particles per run > DPS, DPS+CLA (a network VJP per step) > amortized RTB)
+TUNED_METHODS = ["dps", "dps_cla"]  # methods with a guidance scale frozen by the `tune` rule
+
+
+def tuning_input(wildcards):
+    """The `tune` rule's record for a method with a tuned scale; nothing for the others."""
+    return f"results/tuning/{wildcards.method}.json" if wildcards.method in TUNED_METHODS else []
+
+
 SAMPLE_PRIORITY = {"fps_smc": 3, "prior_is": 3, "rtb_amortized_is": 3, "dps": 2, "dps_cla": 2}
 VISION_DATASETS = list(config.get("vision", {}).get("datasets", ["mnist"]))
 

@@ -27,6 +27,30 @@ rule finetune_posterior:
         " > {log} 2>&1"
 
 
+rule tune:
+    """A sampler's guidance scale (dps, dps_cla), tuned once on prior-predictive observations at the noise
+    level of the prior-drawn set and shared by every set's sample job."""
+    input:
+        cfg=CFG_SAMPLE,
+        prior="results/prior/run/final",
+        obs="results/observations/prior",
+    output:
+        "results/tuning/{method}.json",
+    wildcard_constraints:
+        method="|".join(TUNED_METHODS) or "none",
+    params:
+        py=PY,
+    conda:
+        "../../environment.yml"
+    log:
+        "logs/tune/{method}.log",
+    benchmark:
+        "benchmarks/tune_{method}.tsv"
+    shell:
+        "{params.py} -m pipeline tune --config {input.cfg} --method {wildcards.method} --prior {input.prior}"
+        " --obs {input.obs} --out {output} > {log} 2>&1"
+
+
 rule sample:
     """One job per method and set: imports and model loading are paid once for many observations."""
     input:
@@ -34,11 +58,13 @@ rule sample:
         prior="results/prior/run/final",
         posterior="results/posterior/run/final",
         obs="results/observations/{set}",
+        tuning=tuning_input,
     output:
         directory("results/posteriors/{set}/{method}"),
     params:
         py=PY,
         n=config["calibration"]["n_samples"],
+        tuning=lambda wildcards, input: f"--tuning {input.tuning}" if input.tuning else "",
     # costliest methods first, so no long job is left running alone at the end of the DAG
     priority: lambda wildcards: SAMPLE_PRIORITY.get(wildcards.method, 0)
     conda:
@@ -50,4 +76,4 @@ rule sample:
     shell:
         "{params.py} -m pipeline sample --config {input.cfg} --method {wildcards.method}"
         " --prior {input.prior} --posterior {input.posterior} --obs {input.obs}"
-        " --n {params.n} --out {output} > {log} 2>&1"
+        " --n {params.n} {params.tuning} --out {output} > {log} 2>&1"
