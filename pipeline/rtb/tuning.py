@@ -48,7 +48,7 @@ def tune_guidance_scale(prior, chain, problem, guidance: str, tuning_seed: int, 
         # the smallest head: its output is zero at initialisation, so only the guided chain is evaluated
         cfg = RTBConfig(K=chain.K, variance=chain.variance, guidance=guidance, guidance_scale=float(scale),
                         learn_variance=False, head_hidden=8, head_layers=1)
-        post = make_posterior(prior, problem, cfg)
+        post = make_posterior(prior, cfg)
         return [trajectory_elbo(RTBSampler(post, f"rtb_{guidance}").sample(
             problem, y, n, generator=torch.Generator().manual_seed(tuning_seed))) for y in ys]
 
