@@ -102,7 +102,7 @@ class RTBBatch:
 
 
 def is_per_sample(problem) -> bool:
-    """True for a problem whose rows differ (it stacks like ``y``: ``repeat``, ``cat``)."""
+    """True for a problem whose rows differ (it stacks like ``y``: ``repeat``, ``cat``; ``index`` per row)."""
     return hasattr(problem, "repeat") and hasattr(problem, "cat")
 
 

@@ -51,8 +51,8 @@ from pipeline.metrics.logz import estimate_logz, estimate_logz_grouped, log_weig
 from pipeline.rtb.config import RTBConfig
 from pipeline.rtb.exploration import ReplayBuffer, backtrack
 from pipeline.rtb.loading import PER_STEP_EMA, _load_per_step, check_prior_record, prior_record
-from pipeline.rtb.objective import (RTBBatch, deltas_scalar, deltas_vargrad, evaluate_states, loss_value,
-                                    policy_rollout, prior_rollout, two_pass_backward)
+from pipeline.rtb.objective import (RTBBatch, deltas_scalar, deltas_vargrad, evaluate_states, is_per_sample,
+                                    loss_value, policy_rollout, prior_rollout, two_pass_backward)
 from pipeline.runtime import tqdm_disable
 
 log = logging.getLogger(__name__)
@@ -330,7 +330,7 @@ class RTBTrainer:
                     self.ema[n].lerp_(p.detach(), 1.0 - c.ema_decay)
         hist.append(loss)
         if source != "replay":
-            lens = getattr(batch.problem, "index", None) if c.amortized else None
+            lens = batch.problem.index if c.amortized and is_per_sample(batch.problem) else None
             self.buffer.add(batch.x1, batch.log_r, batch.y if c.amortized else None,
                             batch.cond if c.amortized else None, groups=batch.groups if c.amortized else None,
                             lens=lens)
