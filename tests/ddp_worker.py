@@ -24,7 +24,7 @@ def build():
     cfg = RTBConfig(K=6, batch_size=8, steps=3, chunk_size=2, head_hidden=16, head_layers=2, features=[],
                     replay_rate=0.0, prior_rate=0.0, tempered_rate=0.0, seed=3, device="cpu")
     torch.manual_seed(0)  # same initial weights on every rank
-    post = make_posterior(prior, problem, cfg)
+    post = make_posterior(prior, cfg)
     with torch.no_grad():  # leave the zero init so every layer gets a gradient
         for p in post.model.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
@@ -40,7 +40,7 @@ def half(batch, rank, world):
     pick = lambda d: {k: (None if v is None else v[sl]) for k, v in d.items()}  # noqa: E731
     return RTBBatch(xs=pick(batch.xs), eps_p=pick(batch.eps_p), guide=pick(batch.guide),
                     log_p_steps=pick(batch.log_p_steps), log_q_steps=pick(batch.log_q_steps),
-                    log_r=batch.log_r[sl], y=None if batch.y is None else batch.y[sl])
+                    log_r=batch.log_r[sl], y=None if batch.y is None else batch.y[sl], problem=batch.problem)
 
 
 def main(out: Path):
@@ -52,7 +52,7 @@ def main(out: Path):
     rank, world = distributed.init_from_env(torch.device("cpu"))
     prior, problem, y, cfg, post = build()
     # (a) gradient on a fixed batch of 16 trajectories, split over the ranks
-    full = policy_rollout(post, 16, y, generator=torch.Generator().manual_seed(11))
+    full = policy_rollout(post, 16, y, problem=problem, generator=torch.Generator().manual_seed(11))
     mine = half(full, rank, world)
     with torch.no_grad():
         post.log_z.fill_(0.3)
@@ -69,7 +69,7 @@ def main(out: Path):
     for p in post.model.parameters():
         p.grad = None
     post.log_z.grad = None
-    trainer = RTBTrainer(post, cfg, y=y)
+    trainer = RTBTrainer(post, cfg, problem=problem, y=y)
     trainer.train(cfg.steps)
     weights = {n: p.detach().clone() for n, p in distributed.unwrap(post.model).named_parameters()}
     weights["log_z"] = post.log_z.detach().clone()

@@ -1,4 +1,4 @@
-"""MultiLensProblem: packed observations dispatch each sample to its own lens, exactly."""
+"""LensBatch: a per-sample batch of lenses dispatches each row to its own lens, exactly."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.lensing.amortized import MultiLensProblem
+from pipeline.lensing.amortized import LensBatch, MultiLensProblem, lens_features
 from pipeline.lensing.config import GeometryConfig, LensConfig
 from pipeline.lensing.simulate import draw_lens, make_problem
 
@@ -25,37 +25,65 @@ def pool():
     return MultiLensProblem(probs)
 
 
-def test_packed_likelihood_and_gradient_equal_each_lens(pool):
-    g = torch.Generator().manual_seed(1)
+def _mixed(pool, seed=1):
+    """Six observations of three lenses, mixed: (index, x, y (6, ny, nx))."""
+    g = torch.Generator().manual_seed(seed)
     x = torch.rand(6, 1, 12, 12, generator=g)
     idx = [2, 0, 1, 1, 0, 2]
-    ys = [pool.problems[i].simulate(x[j:j + 1], generator=g)[0] for j, i in enumerate(idx)]
-    yp = torch.stack([pool.pack(i, y) for i, y in zip(idx, ys)])
-    ll = pool.log_likelihood(x, yp)
-    gr = pool.grad_log_likelihood(x, yp)
+    ys = torch.stack([pool.problems[i].simulate(x[j:j + 1], generator=g)[0] for j, i in enumerate(idx)])
+    return idx, x, ys
+
+
+def test_lens_batch_rows_equal_each_lens_alone(pool):
+    """forward, log-likelihood, chi2, gradient, data precision and features of a mixed batch: row j is
+    bit-identical to lens idx[j] evaluated on its own."""
+    idx, x, ys = _mixed(pool)
+    lenses = pool.take(idx)
+    assert isinstance(lenses, LensBatch) and tuple(lenses.y_shape) == (12, 12) and len(lenses) == 6
+    out = {"forward": lenses.forward(x), "ll": lenses.log_likelihood(x, ys), "chi2": lenses.residual_chi2(x, ys),
+           "grad": lenses.grad_log_likelihood(x, ys), "diag": lenses.diag_precision(ys),
+           "feats": lens_features(lenses, ys)}
     for j, i in enumerate(idx):
-        p = pool.problems[i]
-        assert ll[j].item() == pytest.approx(p.log_likelihood(x[j:j + 1], ys[j])[0].item(), rel=1e-12)
-        torch.testing.assert_close(gr[j], p.grad_log_likelihood(x[j:j + 1], ys[j])[0])
+        p, xj, yj = pool.problems[i], x[j:j + 1], ys[j:j + 1]
+        want = {"forward": p.forward(xj), "ll": p.log_likelihood(xj, yj), "chi2": p.residual_chi2(xj, yj),
+                "grad": p.grad_log_likelihood(xj, yj), "diag": p.diag_precision(yj), "feats": lens_features(p, yj)}
+        for name, v in want.items():
+            torch.testing.assert_close(out[name][j:j + 1], v, rtol=0, atol=0, msg=name)
     # different noise levels per lens: the normalising constants differ, so a mix-up would show
     assert len({round(p.log_norm_const(), 6) for p in pool.problems}) == 3
+    assert (out["ll"][0] - pool.problems[0].log_likelihood(x[:1], ys[:1])[0]).abs() > 1.0
+
+
+def test_lens_batch_stacks_like_y(pool):
+    """repeat / repeat_interleave / index_select / cat follow y's rows (what the chunked gradient pass
+    and replay need)."""
+    idx, x, ys = _mixed(pool)
+    lenses = pool.take(idx)
+    ll = lenses.log_likelihood(x, ys)
+    torch.testing.assert_close(lenses.repeat(3).log_likelihood(x.repeat(3, 1, 1, 1), ys.repeat(3, 1, 1)),
+                               ll.repeat(3), rtol=0, atol=0)
+    torch.testing.assert_close(lenses.repeat_interleave(2).index.reshape(6, 2)[:, 1], torch.tensor(idx))
+    rows = torch.tensor([5, 0, 3])
+    torch.testing.assert_close(lenses.index_select(rows).log_likelihood(x[rows], ys[rows]), ll[rows], rtol=0, atol=0)
+    both = LensBatch.cat([lenses.index_select(rows), lenses])
+    assert both.index.tolist() == [idx[5], idx[0], idx[3], *idx]
 
 
 def test_features_are_source_plane_maps_of_the_right_lens(pool):
-    y = pool.problems[1].simulate(torch.rand(1, 1, 12, 12))[0]
-    f = pool.features(pool.pack(1, y)[None])
+    y = pool.problems[1].simulate(torch.rand(1, 1, 12, 12))
+    f = lens_features(pool.take([1]), y)
     assert f.shape == (1, 2, 12, 12)
     diag = pool.problems[1].diag_AtA_over_sigma2().reshape(12, 12)
     torch.testing.assert_close(f[0, 1], torch.log1p(diag))
-    bp = pool.problems[1].backproject(y).reshape(12, 12)
+    bp = pool.problems[1].backproject(y[0]).reshape(12, 12)
     torch.testing.assert_close(f[0, 0], bp / (diag + 1.0))
 
 
-def test_bad_lens_index_is_refused(pool):
-    bad = pool.pack(0, torch.zeros(12, 12))
-    bad[0] = 7
+def test_bad_lens_index_and_row_count_are_refused(pool):
     with pytest.raises(ValueError, match="lens index"):
-        pool.log_likelihood(torch.zeros(1, 1, 12, 12), bad[None])
+        pool.take([0, 7])
+    with pytest.raises(ValueError, match="rows"):
+        pool.take([0, 1]).log_likelihood(torch.zeros(3, 1, 12, 12), torch.zeros(3, 12, 12))
 
 
 @pytest.mark.parametrize("method", ["dps", "dps_cla"])
@@ -69,9 +97,8 @@ def test_frozen_guidance_on_a_mixed_batch_uses_each_rows_own_lens(pool, method):
     idx = [1, 2, 0, 1]
     x_true = torch.rand(4, 1, 12, 12, generator=g)
     ys = [pool.problems[i].simulate(x_true[j:j + 1], generator=g)[0] for j, i in enumerate(idx)]
-    yp = torch.stack([pool.pack(i, y) for i, y in zip(idx, ys)])
     x, eps = torch.randn(4, 1, 12, 12, generator=g), torch.randn(4, 1, 12, 12, generator=g)
-    got = frozen_guidance_shift(method, chain, pool, yp, x, eps, 5, 0.7)
+    got = frozen_guidance_shift(method, chain, pool.take(idx), torch.stack(ys), x, eps, 5, 0.7)
     assert got.shape == x.shape and torch.isfinite(got).all()
     for j, i in enumerate(idx):
         want = frozen_guidance_shift(method, chain, pool.problems[i], ys[j], x[j:j + 1], eps[j:j + 1], 5, 0.7)

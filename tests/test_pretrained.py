@@ -118,7 +118,7 @@ def test_amortized_samples_at_a_batch_equal_to_the_feature_channels():
     chain = prior.schedule.chain(int(prior.meta["sample_K"]), prior.meta["sample_variance"])
     problem, _, y = prior_predictive_observation(load_lensing_config(CONFIG), prior, chain, np.random.default_rng(0),
                                         torch.Generator().manual_seed(0), rec["noise_sigma"])
-    post, _, _ = load_amortized(SHIPPED / "posterior", prior, problem)
+    post, _ = load_amortized(SHIPPED / "posterior", prior)
     out = {}
     for n in (2, 3):
         out[n] = amortized_sampler("rtb_amortized", post, batch_size=n).sample(problem, y, n,
@@ -163,4 +163,55 @@ def test_shipped_posterior_records_the_shipped_prior_and_refuses_another():
                                    "variance": prior.meta["sample_variance"]}
     prior.meta["config_hash"] = "0" * 16  # a prior of another recipe
     with pytest.raises(InputFileError, match=r"posterior.*prior\.recipe_hash"):
-        load_posterior(SHIPPED / "posterior", prior, None)
+        load_posterior(SHIPPED / "posterior", prior)
+
+
+def test_shipped_trainer_checkpoint_resumes_with_its_replay_buffer_as_image_and_lens_index(tmp_path):
+    """The shipped trainer checkpoint stores its replay buffer with the lens index packed into slot 0 of
+    a flat y. It resumes (as the demo's finetune-posterior rule does) with y as images and the lens index
+    apart, each entry's stored conditioning equal to the features of (its lens, its image), and a saved
+    checkpoint holds the new layout."""
+    from pipeline.config import load_section
+    from pipeline.diffusion.network_prior import load_prior
+    from pipeline.io.checkpoint import load_checkpoint
+    from pipeline.lensing.amortized import MultiLensProblem, lens_features
+    from pipeline.lensing.config import PosteriorConfig, load_lensing_config
+    from pipeline.lensing.finetune import seed_run_dir
+    from pipeline.lensing.simulate import draw_lens, make_problem
+    from pipeline.rtb.config import RTBConfig
+    from pipeline.rtb.posterior import build_posterior
+    from pipeline.rtb.trainer import RTBTrainer
+
+    prior = load_prior(SHIPPED / "prior")
+    packed = load_checkpoint(SHIPPED / "posterior").states["buffer"]["y"]
+    assert packed.ndim == 2 and packed.shape[1] == 1 + 32 * 32  # the shipped (old) layout
+    run = tmp_path / "run"
+    assert seed_run_dir(run, SHIPPED / "posterior", prior)
+    lcfg, pcfg = load_lensing_config(CONFIG), load_section(CONFIG, "posterior", PosteriorConfig)
+    rcfg = load_section(CONFIG, "rtb", RTBConfig)
+    rng = np.random.default_rng(pcfg.seed)  # the pool's lenses, drawn in build_lens_pool's order
+    lenses = [draw_lens(lcfg.lens, rng) for _ in range(pcfg.n_lenses)]
+    ck = load_checkpoint(run)
+    trainer = RTBTrainer(build_posterior(prior, ck.hparams["spec"]), rcfg, problem=_PoolShape((32, 32)),
+                         obs_sampler=lambda G, gen: None, cond_fn=lens_features, run_dir=run, spec=ck.hparams["spec"])
+    assert trainer.resume() and trainer.step_idx == RECORD["posterior"]["step"]
+    buf = trainer.buffer
+    assert buf.y.shape == (len(buf), 32, 32) and buf.lens.dtype == torch.long
+    torch.testing.assert_close(buf.y.reshape(len(buf), -1), packed[:, 1:], rtol=0, atol=0)
+    assert buf.lens.tolist() == packed[:, 0].round().long().tolist()
+    assert 0 <= int(buf.lens.min()) and int(buf.lens.max()) < pcfg.n_lenses and len(set(buf.lens.tolist())) > 1
+    for j in torch.linspace(0, len(buf) - 1, 4).long().tolist():  # a few entries: cond is (lens, y)'s features
+        p = make_problem(lenses[int(buf.lens[j])], lcfg.geometry, sigma=RECORD["posterior"]["noise_sigma"])
+        p.set_brightness(prior.scale, prior.offset)
+        want = lens_features(MultiLensProblem([p]).take([0]), buf.y[j:j + 1])
+        torch.testing.assert_close(buf.cond[j:j + 1], want, rtol=1e-4, atol=1e-5)
+    trainer.save()
+    saved = load_checkpoint(run).states["buffer"]
+    assert saved["y"].shape == (len(buf), 32, 32) and torch.equal(saved["lens"], buf.lens)
+
+
+class _PoolShape:
+    """Stands in for the 512-lens pool where only its observation shape is read (resume)."""
+
+    def __init__(self, y_shape):
+        self.y_shape = y_shape

@@ -11,7 +11,7 @@ from pipeline.config import load_section
 from pipeline.diffusion.network_prior import NetworkPrior
 from pipeline.diffusion.schedule import NoiseSchedule
 from pipeline.diffusion.unet import build_unet
-from pipeline.lensing.amortized import MultiLensProblem
+from pipeline.lensing.amortized import MultiLensProblem, lens_features
 from pipeline.lensing.config import GeometryConfig, LensConfig
 from pipeline.lensing.simulate import draw_lens, make_problem
 from pipeline.rtb.config import RTBConfig
@@ -34,17 +34,19 @@ def test_two_pass_equals_naive_on_the_default_lensing_head():
     pool = MultiLensProblem(probs)
     spec = posterior_spec(prior, rcfg, cond_channels=2)
     assert spec["model"]["type"] == "unet_head" and spec["learn_variance"] and rcfg.logz == "vargrad"
-    post = build_posterior(prior, pool, spec)
+    post = build_posterior(prior, spec)
     with torch.no_grad():  # move the zero-initialised output off zero: q != p, so the test is not vacuous
         for prm in post.model.parameters():
             prm.add_(0.05 * torch.randn_like(prm))
     gen = torch.Generator().manual_seed(1)
     G, m = 3, 4  # one observation per lens, 4 trajectories each
     truths = torch.randn(G, 1, 12, 12, generator=gen) * 0.3
-    ys = torch.stack([pool.simulate_packed(i, truths[i][None].float(), generator=gen)[0] for i in range(G)])
+    ys = torch.stack([pool.problems[i].simulate(truths[i][None].float(), generator=gen)[0] for i in range(G)])
     ys = ys.repeat_interleave(m, 0)
     groups = torch.arange(G).repeat_interleave(m)
-    batch = policy_rollout(post, G * m, ys, pool.features(ys), groups=groups, generator=gen, dtype=torch.float32)
+    lenses = pool.take(groups)  # observation g uses lens g
+    batch = policy_rollout(post, G * m, ys, lens_features(lenses, ys), groups=groups, problem=lenses, generator=gen,
+                           dtype=torch.float32)
     delta, logz = deltas_vargrad(batch)
     assert float(batch.log_ratio().abs().max()) > 1e-3 and float(delta.abs().max()) > 1e-3
     post.zero_grad()

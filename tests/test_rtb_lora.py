@@ -45,14 +45,14 @@ def test_full_and_lora_posteriors_equal_prior_at_init_and_two_pass_is_exact():
     y = torch.zeros(1, 8, 8)
     for rank in (0, 2):
         cfg = RTBConfig(K=6, parameterisation="full", lora_rank=rank)
-        post = make_posterior(prior, problem, cfg)
-        b = policy_rollout(post, 4, y, generator=torch.Generator().manual_seed(1))
+        post = make_posterior(prior, cfg)
+        b = policy_rollout(post, 4, y, problem=problem, generator=torch.Generator().manual_seed(1))
         # the copy starts as the prior: log q = log p on every step
         assert float(b.log_ratio().abs().max()) < 1e-3
         with torch.no_grad():  # perturb the trainable weights so the gradient test is not vacuous
             for p in post.trainable_parameters():
                 p.add_(0.05 * torch.randn_like(p))
-        b = policy_rollout(post, 4, y, generator=torch.Generator().manual_seed(2))
+        b = policy_rollout(post, 4, y, problem=problem, generator=torch.Generator().manual_seed(2))
         delta = deltas_scalar(b, post.log_z)
         post.zero_grad()
         two_pass_backward(post, b, delta, chunk_size=2)

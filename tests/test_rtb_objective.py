@@ -9,16 +9,17 @@ from pipeline.rtb.objective import (deltas_scalar, deltas_vargrad, naive_loss, p
                                     two_pass_backward)
 from pipeline.rtb.posterior import MLPCorrection, RTBPosterior
 
+problem = DenseLinearProblem([[1.0, 0.5]], 0.5)  # the observation's operator, passed with every call
+
 
 def _posterior(cond_dim=0, seed=0, K=12):
     torch.manual_seed(seed)
     prior = GaussianMixturePrior([0.3, 0.7], [[-2.0, 0.0], [2.0, 1.0]], 0.5)
     chain = prior.schedule.chain(K)
-    problem = DenseLinearProblem([[1.0, 0.5]], 0.5)
     model = MLPCorrection(2, cond_dim=cond_dim, feat_dim=4, hidden=16, layers=2).double()
     torch.nn.init.normal_(model.out.weight, std=0.3)  # perturbed: q != p, so the test is not vacuous
     torch.nn.init.normal_(model.out.bias, std=0.1)
-    post = RTBPosterior(prior, chain, model, problem=problem, features=("x0hat", "grad"))
+    post = RTBPosterior(prior, chain, model, features=("x0hat", "grad"))
     with torch.no_grad():
         post.log_z.fill_(0.7)
     return post
@@ -32,7 +33,7 @@ def _grads(post):
 def test_two_pass_equals_naive(chunk):
     post = _posterior()
     y = torch.tensor([1.0], dtype=torch.float64)
-    batch = policy_rollout(post, 16, y, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    batch = policy_rollout(post, 16, y, problem=problem, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     delta = deltas_scalar(batch, post.log_z)
     post.zero_grad()
     loss2 = two_pass_backward(post, batch, delta, chunk_size=chunk)
@@ -52,7 +53,7 @@ def test_two_pass_equals_naive(chunk):
 def test_two_pass_equals_naive_off_policy_and_amortized():
     post = _posterior(cond_dim=1)
     y = torch.tensor([[1.0], [-0.5]], dtype=torch.float64).repeat_interleave(8, 0)
-    batch = prior_rollout(post, 16, y, cond=y, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    batch = prior_rollout(post, 16, y, cond=y, problem=problem, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     _assert_two_pass_equals_naive(post, batch)
 
 
@@ -70,17 +71,17 @@ def _assert_two_pass_equals_naive(post, batch):
 
 def test_pass_two_log_q_matches_pass_one():
     post = _posterior()
-    batch = policy_rollout(post, 8, torch.tensor([0.3]), generator=torch.Generator().manual_seed(3),
+    batch = policy_rollout(post, 8, torch.tensor([0.3]), problem=problem, generator=torch.Generator().manual_seed(3),
                            dtype=torch.float64)
     for k in range(2, post.chain.K + 1):
         kk = torch.full((8,), k, dtype=torch.long)
-        lq = post.log_q_step(batch.xs[k], batch.xs[k - 1], kk, batch.eps_p[k], batch.y)
+        lq = post.log_q_step(batch.xs[k], batch.xs[k - 1], kk, batch.eps_p[k], batch.y, problem=batch.problem)
         torch.testing.assert_close(lq.detach(), batch.log_q_steps[k], rtol=1e-12, atol=1e-10)
 
 
 def test_dead_zone_masks_small_deltas():
     post = _posterior()
-    batch = policy_rollout(post, 16, torch.tensor([1.0]), generator=torch.Generator().manual_seed(4),
+    batch = policy_rollout(post, 16, torch.tensor([1.0]), problem=problem, generator=torch.Generator().manual_seed(4),
                            dtype=torch.float64)
     delta = deltas_scalar(batch, post.log_z)
     c = float(delta.pow(2).median())
@@ -95,7 +96,7 @@ def test_vargrad_delta_is_zero_mean_per_group_and_gradient_matches():
     post = _posterior(cond_dim=1)
     y = torch.tensor([[1.0], [-0.5], [2.0], [0.0]], dtype=torch.float64).repeat_interleave(4, 0)
     groups = torch.arange(4).repeat_interleave(4)
-    batch = policy_rollout(post, 16, y, cond=y, groups=groups, generator=torch.Generator().manual_seed(5),
+    batch = policy_rollout(post, 16, y, cond=y, groups=groups, problem=problem, generator=torch.Generator().manual_seed(5),
                            dtype=torch.float64)
     delta, logz = deltas_vargrad(batch)
     for g in range(4):
@@ -120,16 +121,16 @@ def test_guided_parameterisation_two_pass_equals_naive(method):
     from pipeline.rtb.posterior import make_frozen_guidance
 
     post = _posterior()
-    post.guidance = make_frozen_guidance(method, post.chain, post.problem, 0.5)
+    post.guidance = make_frozen_guidance(method, post.chain, 0.5)
     with torch.no_grad():  # zero correction: q is the guided prior chain, so log q != log p already
         post.model.out.weight.zero_()
         post.model.out.bias.zero_()
     y = torch.tensor([1.0], dtype=torch.float64)
-    batch = policy_rollout(post, 16, y, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    batch = policy_rollout(post, 16, y, problem=problem, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     assert all(batch.guide[k] is not None for k in range(2, post.chain.K + 1))
     assert float(batch.log_ratio().abs().max()) > 1e-3
     torch.nn.init.normal_(post.model.out.weight, std=0.3)
-    batch = policy_rollout(post, 16, y, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    batch = policy_rollout(post, 16, y, problem=problem, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     _assert_two_pass_equals_naive(post, batch)
 
 
@@ -139,14 +140,14 @@ def test_behaviour_policy_is_scored_under_q():
     y = torch.tensor([1.0], dtype=torch.float64)
     shift = 0.3
 
-    def behaviour(x, k, eps_p, yy):
+    def behaviour(x, k, eps_p, yy, _problem):
         return torch.full_like(x, shift)
 
-    b = policy_rollout(post, 8, y, behaviour=behaviour, generator=torch.Generator().manual_seed(8),
+    b = policy_rollout(post, 8, y, behaviour=behaviour, problem=problem, generator=torch.Generator().manual_seed(8),
                        dtype=torch.float64)
     for k in range(2, post.chain.K + 1):
         kk = torch.full((8,), k, dtype=torch.long)
-        lq = post.log_q_step(b.xs[k], b.xs[k - 1], kk, b.eps_p[k], b.y).detach()
+        lq = post.log_q_step(b.xs[k], b.xs[k - 1], kk, b.eps_p[k], b.y, problem=b.problem).detach()
         torch.testing.assert_close(b.log_q_steps[k], lq, rtol=1e-12, atol=1e-10)
 
 
@@ -167,14 +168,14 @@ def test_conditioning_given_once_or_per_sample_is_not_confused_at_a_batch_equal_
         torch.nn.init.normal_(p, std=0.05)
     keep = torch.zeros(1, 8, 8, dtype=torch.bool)
     keep[:, :, :4] = True
-    post = RTBPosterior(prior, prior.schedule.chain(4), head, problem=MaskInpainting(keep))
+    post, problem = RTBPosterior(prior, prior.schedule.chain(4), head), MaskInpainting(keep)
     assert post.cond_shape == (2, 8, 8)
     y = torch.zeros(1, 8, 8)
     cond = torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(1))
 
     def run(c):
         with torch.no_grad():
-            b = policy_rollout(post, 2, y, cond=c, generator=torch.Generator().manual_seed(2))
+            b = policy_rollout(post, 2, y, cond=c, problem=problem, generator=torch.Generator().manual_seed(2))
         return b.xs[0], b.log_p_steps  # final samples; prior log-probs of the steps taken
 
     (x_once, lp_once), (x_per, lp_per) = run(cond), run(cond.unsqueeze(0).expand(2, 2, 8, 8))

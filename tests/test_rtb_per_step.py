@@ -26,32 +26,32 @@ def _setup(**kw):
     return prior, problem, torch.tensor([0.7]), cfg
 
 
-def _elbo(post, y) -> float:
-    """Mean ELBO of 4,000 on-policy trajectories at y (fixed seed)."""
+def _elbo(post, problem, y) -> float:
+    """Mean ELBO of 4,000 on-policy trajectories at the observation y of problem (fixed seed)."""
     with torch.no_grad():
-        b = policy_rollout(post, 4000, y, generator=torch.Generator().manual_seed(9))
+        b = policy_rollout(post, 4000, y, problem=problem, generator=torch.Generator().manual_seed(9))
     return float((b.log_r - b.log_ratio()).double().mean())
 
 
 def test_per_step_scalars_set_the_step_law_for_int_and_tensor_k():
     prior, problem, y, cfg = _setup()
-    post = make_posterior(prior, problem, cfg)
+    post = make_posterior(prior, cfg)
     x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
     k = 4
     eps_p = prior.eps(x, post.timesteps(k, 5, x.device))
-    guide = post.guide(x, k, eps_p, y)
-    m0, s0 = post.step_params(x, k, eps_p, y, guide=guide)
-    m_noguide, _ = post.step_params(x, k, eps_p, y, guide=None)
+    guide = post.guide(x, k, eps_p, y, problem=problem)
+    m0, s0 = post.step_params(x, k, eps_p, y, problem=problem, guide=guide)
+    m_noguide, _ = post.step_params(x, k, eps_p, y, problem=problem, guide=None)
     with torch.no_grad():
         post.step_log_var[k] = 0.4
         post.guidance_log_gain[k] = math.log(0.5)
-    m1, s1 = post.step_params(x, k, eps_p, y, guide=guide)
+    m1, s1 = post.step_params(x, k, eps_p, y, problem=problem, guide=guide)
     # the guidance offset is halved, the std multiplied by exp(0.2) (0.4 is well inside the tanh bound)
     torch.testing.assert_close(m1 - m_noguide, 0.5 * (m0 - m_noguide), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(s1 / s0, torch.full_like(s1, math.exp(0.2)), rtol=1e-3, atol=0)
     # per-sample chain indices (the chunked second pass) give the same law
     kk = torch.full((5,), k, dtype=torch.long)
-    m2, s2 = post.step_params(x, kk, eps_p, y, guide=guide)
+    m2, s2 = post.step_params(x, kk, eps_p, y, problem=problem, guide=guide)
     torch.testing.assert_close(m2, m1, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(s2.expand_as(x), s1.expand_as(x), rtol=1e-5, atol=1e-7)
 
@@ -61,10 +61,10 @@ def test_per_step_options_are_off_by_default_and_keep_old_config_hashes():
     assert "learn_step_scale" not in d and "learn_guidance_gain" not in d and "lr_per_step" not in d
     assert RTBConfig(learn_guidance_gain=True).hash_fields()["learn_guidance_gain"] is True
     prior, problem, y, cfg = _setup(learn_step_scale=False, learn_guidance_gain=False)
-    assert make_posterior(prior, problem, cfg).per_step_parameters() == {}
+    assert make_posterior(prior, cfg).per_step_parameters() == {}
     # no guidance: no gain to learn
     _, _, _, cfg2 = _setup(guidance="none")
-    assert set(make_posterior(prior, problem, cfg2).per_step_parameters()) == {"step_log_var"}
+    assert set(make_posterior(prior, cfg2).per_step_parameters()) == {"step_log_var"}
 
 
 def test_guidance_gain_init_scales_the_starting_guidance_and_is_validated():
@@ -72,22 +72,22 @@ def test_guidance_gain_init_scales_the_starting_guidance_and_is_validated():
     assert "guidance_gain_init" not in cfg.hash_fields()  # neutral 1.0: old run hashes are kept
     x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
     k = 3
-    base = make_posterior(prior, problem, cfg)
+    base = make_posterior(prior, cfg)
     eps_p = prior.eps(x, base.timesteps(k, 5, x.device))
-    guide = base.guide(x, k, eps_p, y)
-    m_noguide, _ = base.step_params(x, k, eps_p, y, guide=None)
-    m1, _ = base.step_params(x, k, eps_p, y, guide=guide)
+    guide = base.guide(x, k, eps_p, y, problem=problem)
+    m_noguide, _ = base.step_params(x, k, eps_p, y, problem=problem, guide=None)
+    m1, _ = base.step_params(x, k, eps_p, y, problem=problem, guide=guide)
     weak_cfg = RTBConfig(**{**cfg.__dict__, "guidance_gain_init": 0.25})
     assert weak_cfg.hash_fields()["guidance_gain_init"] == 0.25
-    weak = make_posterior(prior, problem, weak_cfg)
+    weak = make_posterior(prior, weak_cfg)
     torch.testing.assert_close(weak.guidance_log_gain, torch.full((cfg.K + 1,), math.log(0.25)))
-    m_weak, _ = weak.step_params(x, k, eps_p, y, guide=guide)
+    m_weak, _ = weak.step_params(x, k, eps_p, y, problem=problem, guide=guide)
     torch.testing.assert_close(m_weak - m_noguide, 0.25 * (m1 - m_noguide), rtol=1e-5, atol=1e-6)
     # the spec carries it, so a rebuilt posterior starts from the same gain
     assert posterior_spec(prior, weak_cfg)["guidance_gain_init"] == 0.25
     # the config rejects a gain <= 0 with a one-line error (test_rtb_trainer); the module too
     try:
-        make_posterior(prior, problem, RTBConfig(**{**cfg.__dict__, "guidance_gain_init": 0.0}))
+        make_posterior(prior, RTBConfig(**{**cfg.__dict__, "guidance_gain_init": 0.0}))
     except ValueError as e:
         assert "guidance_gain_init" in str(e)
     else:
@@ -97,14 +97,14 @@ def test_guidance_gain_init_scales_the_starting_guidance_and_is_validated():
 def test_per_step_scalars_are_checkpointed_resumed_and_reloaded(tmp_path):
     prior, problem, y, cfg = _setup(steps=20)
     spec = posterior_spec(prior, cfg)
-    post = make_posterior(prior, problem, cfg)
-    a = RTBTrainer(post, cfg, y=y, run_dir=tmp_path / "run", spec=spec)
+    post = make_posterior(prior, cfg)
+    a = RTBTrainer(post, cfg, problem=problem, y=y, run_dir=tmp_path / "run", spec=spec)
     a.train(20)
     trained = {n: p.detach().clone() for n, p in post.per_step_parameters().items()}
     assert all(float(v.abs().max()) > 0 for v in trained.values())  # training moved them
-    b_post = make_posterior(prior, problem, cfg)
-    assert RTBTrainer(b_post, cfg, y=y, run_dir=tmp_path / "run", spec=spec).resume()
-    loaded, _ = load_posterior(tmp_path / "run", prior, problem)
+    b_post = make_posterior(prior, cfg)
+    assert RTBTrainer(b_post, cfg, problem=problem, y=y, run_dir=tmp_path / "run", spec=spec).resume()
+    loaded, _ = load_posterior(tmp_path / "run", prior)
     for p in (b_post, loaded):
         for n, v in p.per_step_parameters().items():
             torch.testing.assert_close(v.detach(), trained[n], rtol=0, atol=0)
@@ -118,13 +118,13 @@ def test_per_step_scalars_are_checkpointed_resumed_and_reloaded(tmp_path):
         path, states = tmp_path / "run" / "step-20", {}
 
     with pytest.raises(InputFileError, match=r"step-20 \[per_step\]: checkpoint has no .step_log_var."):
-        _load_per_step(make_posterior(prior, problem, cfg), _Old())
+        _load_per_step(make_posterior(prior, cfg), _Old())
 
 
 def test_rollback_restores_the_per_step_scalars():
     prior, problem, y, cfg = _setup()
-    post = make_posterior(prior, problem, cfg)
-    tr = RTBTrainer(post, cfg, y=y)
+    post = make_posterior(prior, cfg)
+    tr = RTBTrainer(post, cfg, problem=problem, y=y)
     tr.train(5)
     tr._take_snapshot()
     saved = {n: p.detach().clone() for n, p in post.per_step_parameters().items()}
@@ -142,13 +142,13 @@ def test_training_turns_down_an_overstrong_guidance():
     prior, problem, y, cfg = _setup(guidance_scale=8.0, learn_step_scale=False, steps=150, batch_size=128,
                                     head_hidden=8, replay_rate=0.0, prior_rate=0.0, tempered_rate=0.0)
     torch.manual_seed(0)
-    post = make_posterior(prior, problem, cfg)
+    post = make_posterior(prior, cfg)
 
-    before = _elbo(post, y)
-    RTBTrainer(post, cfg, y=y).train()
+    before = _elbo(post, problem, y)
+    RTBTrainer(post, cfg, problem=problem, y=y).train()
     gain = post.guidance_log_gain.detach()[2:]
     assert float(gain.mean()) < -0.1, gain
-    after = _elbo(post, y)
+    after = _elbo(post, problem, y)
     assert after > before + 0.5, (before, after)
 
 
@@ -171,7 +171,7 @@ def test_guidance_scale_tuner_averages_observations_and_refuses_bad_input():
 
 def test_guided_variance_is_the_gaussian_product_with_the_diagonal_data_precision():
     prior, problem, y, cfg = _setup(guided_variance=True, learn_step_scale=False)
-    post = make_posterior(prior, problem, cfg)
+    post = make_posterior(prior, cfg)
     assert "variance_log_gain" in post.per_step_parameters()
     x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
     k = 3
@@ -179,7 +179,7 @@ def test_guided_variance_is_the_gaussian_product_with_the_diagonal_data_precisio
     yb = y.expand(5, 1)
     with torch.no_grad():
         post.variance_log_gain[k] = math.log(2.0)
-    _, s = post.step_params(x, k, eps_p, yb)
+    _, s = post.step_params(x, k, eps_p, yb, problem=problem)
     ab, var_p = float(post.chain.abar[k - 1]), float(post.chain.reverse_var[k])
     d = torch.tensor([1.0, 0.25]) / 0.5 ** 2  # diag(M^T M) / sigma^2 for M = [1, 0.5], sigma 0.5
     lam = (d / ab) / (1 + d * (1 - ab) / ab)
@@ -187,7 +187,7 @@ def test_guided_variance_is_the_gaussian_product_with_the_diagonal_data_precisio
     torch.testing.assert_close(s, want.expand(5, 2), rtol=1e-5, atol=1e-7)
     assert (s < math.sqrt(var_p)).all()  # it only shrinks
     # per-sample chain indices (the chunked second pass) give the same std
-    _, s2 = post.step_params(x, torch.full((5,), k, dtype=torch.long), eps_p, yb)
+    _, s2 = post.step_params(x, torch.full((5,), k, dtype=torch.long), eps_p, yb, problem=problem)
     torch.testing.assert_close(s2, s, rtol=1e-5, atol=1e-7)
     # off by default and hash-neutral; refused without a per-pixel data precision
     assert "guided_variance" not in RTBConfig().hash_fields()
@@ -198,7 +198,7 @@ def test_guided_variance_is_the_gaussian_product_with_the_diagonal_data_precisio
     import pytest
 
     with pytest.raises(ValueError, match="diag_precision"):
-        make_posterior(prior, NoDiag(), cfg)
+        make_posterior(prior, cfg).guided_variance_offset(x, k, yb, NoDiag())
 
 
 def test_training_raises_the_guided_variance_where_the_data_is_precise():
@@ -212,30 +212,30 @@ def test_training_raises_the_guided_variance_where_the_data_is_precise():
                     guidance_scale=1.0, learn_guidance_gain=True, guided_variance=True, seed=1,
                     replay_rate=0.0, prior_rate=0.0, tempered_rate=0.0)
     torch.manual_seed(0)
-    post = make_posterior(prior, problem, cfg)
+    post = make_posterior(prior, cfg)
 
-    before = _elbo(post, y)
-    RTBTrainer(post, cfg, y=y).train()
+    before = _elbo(post, problem, y)
+    RTBTrainer(post, cfg, problem=problem, y=y).train()
     # the last scored step (x_2 -> x_1): measured -3 -> -2.27 in 150 steps
     assert float(post.variance_log_gain[2]) > -3.0 + 0.4, post.variance_log_gain
-    after = _elbo(post, y)
+    after = _elbo(post, problem, y)
     assert after > before + 0.5, (before, after)
 
 
-def test_guidance_follows_the_posteriors_current_problem():
-    """The amortized lensing posterior is loaded once and moved from one observation's lens to the
-    next (``post.problem = ...``); its frozen guidance must use the new lens, not the first one."""
+def test_guidance_uses_the_problem_passed_with_each_call():
+    """One posterior serves observations of different operators: the frozen guidance uses the problem
+    given with the call, and interleaved calls equal calls on fresh posteriors (no stored problem)."""
     prior, problem_a, y, cfg = _setup()
     problem_b = DenseLinearProblem([[0.2, -1.0]], 0.3)
-    post = make_posterior(prior, problem_a, cfg)
-    post_b = make_posterior(prior, problem_b, cfg)
+    post = make_posterior(prior, cfg)
+    assert not hasattr(post, "problem")
     x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
     k = 4
     eps_p = prior.eps(x, post.timesteps(k, 5, x.device))
-    g_a = post.guide(x, k, eps_p, y)
-    post.problem = problem_b
-    g_b = post.guide(x, k, eps_p, y)
-    torch.testing.assert_close(g_b, post_b.guide(x, k, eps_p, y))
+    g_a = post.guide(x, k, eps_p, y, problem=problem_a)
+    g_b = post.guide(x, k, eps_p, y, problem=problem_b)
+    torch.testing.assert_close(post.guide(x, k, eps_p, y, problem=problem_a), g_a, rtol=0, atol=0)
+    torch.testing.assert_close(g_b, make_posterior(prior, cfg).guide(x, k, eps_p, y, problem=problem_b), rtol=0, atol=0)
     assert (g_b - g_a).abs().max() > 1e-3
 
 
@@ -247,12 +247,12 @@ def test_warm_start_copies_the_network_and_shared_scalars_and_refuses_another_ne
 
     prior, problem, y, cfg = _setup(steps=4, learn_step_scale=False, checkpoint_every=2)
     spec = posterior_spec(prior, cfg)
-    post = make_posterior(prior, problem, cfg)
-    RTBTrainer(post, cfg, y=y, run_dir=tmp_path / "run", spec=spec).train()
+    post = make_posterior(prior, cfg)
+    RTBTrainer(post, cfg, problem=problem, y=y, run_dir=tmp_path / "run", spec=spec).train()
     # a new recipe with the same network: guided variance on
     cfg2 = RTBConfig(**{**cfg.__dict__, "guided_variance": True})
     spec2 = posterior_spec(prior, cfg2)
-    new = make_posterior(prior, problem, cfg2)
+    new = make_posterior(prior, cfg2)
     warm_start_posterior(new, spec2, tmp_path / "run")
     for (n, a), (_, b) in zip(post.model.state_dict().items(), new.model.state_dict().items()):
         torch.testing.assert_close(a, b, msg=n)
@@ -260,5 +260,5 @@ def test_warm_start_copies_the_network_and_shared_scalars_and_refuses_another_ne
     assert float(new.variance_log_gain.max()) == -3.0  # not in the source: keeps its initial value
     other = posterior_spec(prior, RTBConfig(**{**cfg.__dict__, "head_hidden": 32}))
     with pytest.raises(InputFileError, match="spec"):
-        warm_start_posterior(make_posterior(prior, problem, RTBConfig(**{**cfg.__dict__, "head_hidden": 32})),
+        warm_start_posterior(make_posterior(prior, RTBConfig(**{**cfg.__dict__, "head_hidden": 32})),
                              other, tmp_path / "run")

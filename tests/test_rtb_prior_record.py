@@ -32,8 +32,8 @@ def _cfg(**kw):
 def _trained(tmp_path, prior, **kw):
     problem, y = DenseLinearProblem([[1.0]], 1.0), torch.tensor([-0.5])
     cfg = _cfg(**kw)
-    post = make_posterior(prior, problem, cfg)
-    trainer = RTBTrainer(post, cfg, y=y, run_dir=tmp_path / "run", spec=posterior_spec(prior, cfg))
+    post = make_posterior(prior, cfg)
+    trainer = RTBTrainer(post, cfg, problem=problem, y=y, run_dir=tmp_path / "run", spec=posterior_spec(prior, cfg))
     trainer.train()
     return trainer, problem, y, cfg
 
@@ -42,7 +42,7 @@ def test_posterior_records_its_prior_and_chain(tmp_path):
     trainer, problem, _, _ = _trained(tmp_path, _prior())
     hp = json.loads((tmp_path / "run" / "step-000004" / "hparams.json").read_text())
     assert hp["prior"] == {"recipe_hash": "aaaa1111", "K": 8, "variance": "small"}
-    post, _ = load_posterior(tmp_path / "run", _prior(), problem)  # the same prior loads
+    post, _ = load_posterior(tmp_path / "run", _prior())  # the same prior loads
     assert post.chain.K == 8
 
 
@@ -51,13 +51,13 @@ def test_posterior_records_its_prior_and_chain(tmp_path):
 def test_posterior_is_refused_against_another_prior_or_chain(tmp_path, other, field):
     _, problem, y, cfg = _trained(tmp_path, _prior())
     with pytest.raises(InputFileError) as exc:
-        load_posterior(tmp_path / "run", _prior(**other), problem)
+        load_posterior(tmp_path / "run", _prior(**other))
     msg = str(exc.value)
     assert "\n" not in msg and field in msg and str(tmp_path / "run") in msg
     assert isinstance(exc.value, PipelineError)
     if "recipe_hash" in field:  # fine-tuning (resume) refuses it too
         prior = _prior(**other)
-        t = RTBTrainer(make_posterior(prior, problem, cfg), cfg, y=y, run_dir=tmp_path / "run",
+        t = RTBTrainer(make_posterior(prior, cfg), cfg, problem=problem, y=y, run_dir=tmp_path / "run",
                        spec=posterior_spec(prior, cfg))
         with pytest.raises(InputFileError, match="prior.recipe_hash"):
             t.resume()
@@ -72,7 +72,7 @@ def test_posterior_without_the_record_loads_with_a_warning(tmp_path, caplog):
     hp = {k: v for k, v in ck.hparams.items() if k != "prior"}
     write_checkpoint_dir(tmp_path / "old", ck.states, hp, ck.state)  # as written before the record existed
     with caplog.at_level(logging.WARNING):
-        load_posterior(tmp_path / "old", _prior(recipe="cccc3333"), problem)
+        load_posterior(tmp_path / "old", _prior(recipe="cccc3333"))
     assert any("records no prior recipe hash" in r.getMessage() for r in caplog.records)
 
 
@@ -83,7 +83,7 @@ def test_ema_includes_the_per_step_scalars(tmp_path):
     live = trainer.post.step_log_var.detach()
     assert not torch.equal(trainer.ema[name], live)  # an average, not the live value (lr 0.1, 4 steps)
     assert float(live.abs().max()) > 1e-3
-    loaded, _ = load_posterior(tmp_path / "run", _prior(), problem)
+    loaded, _ = load_posterior(tmp_path / "run", _prior())
     torch.testing.assert_close(loaded.step_log_var.detach(), trainer.ema[name], rtol=0, atol=0)
-    loaded_raw, _ = load_posterior(tmp_path / "run", _prior(), problem, use_ema=False)
+    loaded_raw, _ = load_posterior(tmp_path / "run", _prior(), use_ema=False)
     torch.testing.assert_close(loaded_raw.step_log_var.detach(), live, rtol=0, atol=0)

@@ -20,12 +20,12 @@ def _amortized_trainer(**kw):
                 tempered_rate=0.0)
     base.update(kw)
     cfg = RTBConfig(**base)
-    post = make_posterior(prior, problem, cfg, cond_dim=1)
+    post = make_posterior(prior, cfg, cond_dim=1)
 
     def obs_sampler(G, gen):
-        return problem.simulate(prior.sample(G, generator=gen).float(), generator=gen)
+        return problem.simulate(prior.sample(G, generator=gen).float(), generator=gen), None
 
-    return RTBTrainer(post, cfg, obs_sampler=obs_sampler), cfg
+    return RTBTrainer(post, cfg, problem=problem, obs_sampler=obs_sampler), cfg
 
 
 def test_replay_groups_are_distinct_states_of_one_observation_and_delta_sees_rewards():
@@ -94,3 +94,26 @@ def test_replay_buffer_groups_and_old_state_without_ids():
     old = ReplayBuffer(100)
     old.load_state_dict(state)  # a buffer saved before ids existed: ids from equal y
     assert old.obs_id.tolist() == [0, 0, 0, 1, 1, 2]
+
+
+def test_replay_buffer_keeps_image_and_lens_index_apart_through_a_checkpoint():
+    """Entries store y as the image and the lens index of a per-sample problem separately; both survive
+    state_dict/load_state_dict and come back together from group sampling. A buffer saved with the
+    index packed into slot 0 of a flat y (the old layout) is read into the same form."""
+    groups = torch.tensor([0, 0, 0, 1, 1, 2])
+    ys = torch.randn(3, 3, 2, generator=torch.Generator().manual_seed(0))[groups]  # one image per observation
+    lens = torch.tensor([4, 4, 4, 1, 1, 7])
+    buf = ReplayBuffer(capacity=100, priority_frac=0.5)
+    buf.add(torch.arange(6.0)[:, None], torch.arange(6.0), ys, None, groups=groups, lens=lens)
+    back = ReplayBuffer(100)
+    back.load_state_dict(buf.state_dict(), y_shape=(3, 2))
+    assert torch.equal(back.y, ys) and back.lens.tolist() == lens.tolist()
+    assert back.obs_id.tolist() == buf.obs_id.tolist()
+    out = back.sample_groups(10, 3, torch.Generator().manual_seed(1))
+    assert torch.equal(out["y"], ys[out["idx"]]) and torch.equal(out["lens"], lens[out["idx"]])
+    old_state = {**buf.state_dict(), "y": torch.cat([lens[:, None].float(), ys.reshape(6, -1)], 1)}
+    del old_state["lens"], old_state["obs_id"], old_state["n_obs"]
+    old = ReplayBuffer(100)
+    old.load_state_dict(old_state, y_shape=(3, 2))
+    assert torch.equal(old.y, ys) and old.lens.tolist() == lens.tolist()
+    assert old.obs_id.tolist() == [1, 1, 1, 0, 0, 2]  # ids from equal packed y: entries of one observation share

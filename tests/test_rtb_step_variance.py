@@ -21,8 +21,8 @@ def test_no_step_dominates_the_log_ratio_variance():
     model = MLPCorrection(2, feat_dim=2, hidden=32, layers=2)
     torch.nn.init.normal_(model.out.weight, std=0.2)
     torch.nn.init.normal_(model.out.bias, std=0.2)
-    post = RTBPosterior(prior, chain, model, problem=problem, features=("grad",))
-    b = policy_rollout(post, 4000, torch.tensor([1.0]), generator=torch.Generator().manual_seed(1))
+    post = RTBPosterior(prior, chain, model, features=("grad",))
+    b = policy_rollout(post, 4000, torch.tensor([1.0]), problem=problem, generator=torch.Generator().manual_seed(1))
     terms = torch.stack([b.log_q_steps[k] - b.log_p_steps[k] for k in range(2, chain.K + 1)])  # (K-1, n)
     total_var = float(terms.sum(0).var())
     per_step = terms.var(1)
@@ -37,7 +37,7 @@ def test_no_step_dominates_the_log_ratio_variance():
     # term would carry almost all of the variance, which is what this test guards against.
     k1 = torch.full((4000,), int(chain.t[1]), dtype=torch.long)
     with torch.no_grad():
-        c1 = post.model(b.x1, k1, None, post.feats(b.x1, 1, b.eps_p[1], b.y))
+        c1 = post.model(b.x1, k1, None, post.feats(b.x1, 1, b.eps_p[1], b.y, b.problem))
     ab1 = float(chain.abar[1])
     dx0 = (1 - ab1) ** 0.5 / ab1 ** 0.5 * c1
     fake = -0.5 * (dx0.double() ** 2).sum(1) / 1e-4

@@ -29,8 +29,8 @@ def test_rtb_reaches_chain_reference_on_1d_mixture():
     prior, problem, y = _problem()
     cfg = RTBConfig(K=20, steps=400, batch_size=256, lr=3e-3, lr_final_frac=0.05, lr_logz=0.05, head_hidden=64,
                     head_layers=2, seed=0)
-    post = make_posterior(prior, problem, cfg)
-    trainer = RTBTrainer(post, cfg, y=y)
+    post = make_posterior(prior, cfg)
+    trainer = RTBTrainer(post, cfg, problem=problem, y=y)
     summary = trainer.train()
     assert summary["rollbacks"] == 0 and not summary["diverged"]
     # reference: importance sampling of prior-chain trajectories (1-D: plain prior proposals suffice)
@@ -61,8 +61,8 @@ def _small_cfg(**kw):
 def test_rollback_on_nonfinite_then_divergence(tmp_path):
     prior, problem, y = _problem()
     cfg = _small_cfg(steps=40)
-    post = make_posterior(prior, problem, cfg)
-    trainer = RTBTrainer(post, cfg, y=y, metrics_path=tmp_path / "m.jsonl")
+    post = make_posterior(prior, cfg)
+    trainer = RTBTrainer(post, cfg, problem=problem, y=y, metrics_path=tmp_path / "m.jsonl")
     trainer.train(10)
     good = {n: p.detach().clone() for n, p in post.model.named_parameters()}
     good_logz = float(post.log_z.detach())
@@ -90,8 +90,8 @@ def test_rollback_on_loss_spike():
     prior, problem, y = _problem()
     cfg = _small_cfg(steps=30, spike_factor=10.0, spike_warmup=10, replay_rate=0.0, tempered_rate=0.0,
                      prior_rate=0.0)
-    post = make_posterior(prior, problem, cfg)
-    trainer = RTBTrainer(post, cfg, y=y)
+    post = make_posterior(prior, cfg)
+    trainer = RTBTrainer(post, cfg, problem=problem, y=y)
     trainer.train(15)
     orig = problem.log_likelihood
     problem.log_likelihood = lambda x, yy: orig(x, yy) - 1e3 * torch.rand(x.shape[0], dtype=torch.float64)
@@ -106,8 +106,8 @@ def test_loss_spike_after_the_rollback_budget_stops_at_the_last_good_state(tmp_p
     prior, problem, y = _problem()
     cfg = _small_cfg(steps=40, spike_factor=10.0, spike_warmup=10, replay_rate=0.0, tempered_rate=0.0,
                      prior_rate=0.0)
-    post = make_posterior(prior, problem, cfg)
-    trainer = RTBTrainer(post, cfg, y=y, metrics_path=tmp_path / "m.jsonl")
+    post = make_posterior(prior, cfg)
+    trainer = RTBTrainer(post, cfg, problem=problem, y=y, metrics_path=tmp_path / "m.jsonl")
     trainer.train(15)
     orig = problem.log_likelihood
     problem.log_likelihood = lambda x, yy: orig(x, yy) - 1e3 * torch.rand(x.shape[0], dtype=torch.float64)
@@ -132,8 +132,8 @@ def test_no_snapshot_of_a_state_wrecked_during_the_spike_warmup():
     prior, problem, y = _problem()
     cfg = _small_cfg(steps=40, spike_factor=10.0, spike_warmup=30, snapshot_every=5, replay_rate=0.0,
                      tempered_rate=0.0, prior_rate=0.0)
-    post = make_posterior(prior, problem, cfg)
-    trainer = RTBTrainer(post, cfg, y=y)
+    post = make_posterior(prior, cfg)
+    trainer = RTBTrainer(post, cfg, problem=problem, y=y)
     trainer.train(14)
     assert trainer._snapshot["step"] == 10
     orig = problem.log_likelihood
@@ -148,12 +148,12 @@ def test_no_snapshot_of_a_state_wrecked_during_the_spike_warmup():
 def test_checkpoint_resume_is_exact(tmp_path):
     prior, problem, y = _problem()
     cfg = _small_cfg(steps=30, ema_decay=0.9)
-    post = make_posterior(prior, problem, cfg)
+    post = make_posterior(prior, cfg)
     spec = posterior_spec(prior, cfg)
-    a = RTBTrainer(post, cfg, y=y, run_dir=tmp_path / "run", spec=spec)
+    a = RTBTrainer(post, cfg, problem=problem, y=y, run_dir=tmp_path / "run", spec=spec)
     a.train(20)  # checkpoints at 10 and 20
-    b_post = make_posterior(prior, problem, cfg)
-    b = RTBTrainer(b_post, cfg, y=y, run_dir=tmp_path / "run", spec=spec)
+    b_post = make_posterior(prior, cfg)
+    b = RTBTrainer(b_post, cfg, problem=problem, y=y, run_dir=tmp_path / "run", spec=spec)
     assert b.resume() and b.step_idx == 20
     assert float(b_post.log_z.detach()) == float(post.log_z.detach())  # log Z restored, not reset to 0
     assert len(b.buffer) == len(a.buffer)
@@ -163,13 +163,13 @@ def test_checkpoint_resume_is_exact(tmp_path):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
     assert float(b_post.log_z.detach()) == float(post.log_z.detach())
     # the posterior rebuilds from the checkpoint alone (EMA weights by default)
-    loaded, hp = load_posterior(tmp_path / "run", prior, problem)
+    loaded, hp = load_posterior(tmp_path / "run", prior)
     assert hp["kind"] == "rtb_posterior"
     for n, p in loaded.model.named_parameters():
         torch.testing.assert_close(p, b.ema[n])
     # a different model/objective config is refused with a one-line error naming the field
     cfg2 = _small_cfg(steps=30, ema_decay=0.9, lr=5e-4)
-    c = RTBTrainer(make_posterior(prior, problem, cfg2), cfg2, y=y, run_dir=tmp_path / "run", spec=spec)
+    c = RTBTrainer(make_posterior(prior, cfg2), cfg2, problem=problem, y=y, run_dir=tmp_path / "run", spec=spec)
     with pytest.raises(InputFileError, match="config_hash"):
         c.resume()
 
@@ -177,16 +177,16 @@ def test_checkpoint_resume_is_exact(tmp_path):
 def test_amortized_vargrad_runs_and_sampler_reports_trajectory_densities():
     prior, problem, _ = _problem()
     cfg = _small_cfg(amortized=True, logz="vargrad", group_size=4, steps=6)
-    post = make_posterior(prior, problem, cfg, cond_dim=1)
+    post = make_posterior(prior, cfg, cond_dim=1)
 
     def obs_sampler(G, gen):
         x = prior.sample(G, generator=gen).float()
-        return problem.simulate(x, generator=gen)
+        return problem.simulate(x, generator=gen), None
 
-    trainer = RTBTrainer(post, cfg, obs_sampler=obs_sampler)
+    trainer = RTBTrainer(post, cfg, problem=problem, obs_sampler=obs_sampler)
     trainer.train()
     assert trainer.step_idx == 6
-    smp = RTBSampler(post, "rtb_amortized", cond_fn=lambda yy: yy.reshape(yy.shape[0], -1)).sample(
+    smp = RTBSampler(post, "rtb_amortized", cond_fn=lambda _problem, yy: yy.reshape(yy.shape[0], -1)).sample(
         problem, torch.tensor([0.3]), 50, generator=torch.Generator().manual_seed(0))
     assert smp.x0.shape == (50, 1) and smp.has_trajectory_density
     assert torch.isfinite(smp.log_q_traj).all() and smp.log_r.dtype == torch.float64

@@ -76,13 +76,13 @@ def test_twisted_last_step_raises_the_elbo_of_a_rollout():
     from pipeline.rtb.posterior import make_posterior
 
     prior, chain, problem, y = _setup()
-    post = make_posterior(prior, problem, RTBConfig(K=10, variance="small", head_hidden=16, head_layers=1,
+    post = make_posterior(prior, RTBConfig(K=10, variance="small", head_hidden=16, head_layers=1,
                                                     device="cpu"))
     post.eval()
     n = 256
-    base = policy_rollout(post, n, y, generator=torch.Generator().manual_seed(5))
+    base = policy_rollout(post, n, y, problem=problem, generator=torch.Generator().manual_seed(5))
     step = GaussNewtonLastStep(prior, chain, problem, y, iterations=1)
-    tw = policy_rollout(post, n, y, generator=torch.Generator().manual_seed(5), last_step=step)
+    tw = policy_rollout(post, n, y, problem=problem, generator=torch.Generator().manual_seed(5), last_step=step)
     assert torch.equal(tw.xs[2], base.xs[2])  # the same trajectories up to x_2
     elbo = lambda b: float((b.log_r - b.log_ratio()).mean())  # noqa: E731
     gap = elbo(tw) - elbo(base)
@@ -91,7 +91,7 @@ def test_twisted_last_step_raises_the_elbo_of_a_rollout():
     last = (tw.log_p_steps[2] - tw.log_q_steps[2] + tw.log_r).double()
     assert torch.allclose(last, _log_z_step(prior, chain, problem, y, tw.xs[2]), atol=2e-3, rtol=0)
     with pytest.raises(ValueError, match="tempering"):
-        policy_rollout(post, 4, y, std_scale=1.5, last_step=step)
+        policy_rollout(post, 4, y, problem=problem, std_scale=1.5, last_step=step)
 
 
 def test_twisted_step_refuses_a_nonlinear_problem_and_bad_iterations():

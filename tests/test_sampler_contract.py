@@ -63,8 +63,8 @@ def build(name, prior, chain, problem):
                     learn_variance=False, head_hidden=8, head_layers=1, amortized=spec.amortized,
                     logz="vargrad" if spec.amortized else "scalar")
     torch.manual_seed(0)
-    post = make_posterior(prior, problem, cfg, cond_dim=1 if spec.amortized else 0)
-    opts = {"cond_fn": lambda yy: yy.reshape(yy.shape[0], -1)} if spec.amortized else {}
+    post = make_posterior(prior, cfg, cond_dim=1 if spec.amortized else 0)
+    opts = {"cond_fn": lambda _problem, yy: yy.reshape(yy.shape[0], -1)} if spec.amortized else {}
     return make_sampler(name, prior, chain, posterior=post, batch_size=N * 8, **opts, **OPTS.get(name, {}))
 
 

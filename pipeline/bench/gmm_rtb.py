@@ -100,19 +100,20 @@ def train_rtb(case: GMMCase, chain_K: int, seed: int, *, quick: bool, y=None, ob
     torch.manual_seed(seed)
     cond_scale = 8.0  # y is O(10) on these cases: a fixed input normalisation
 
-    def cond_fn(yy):
+    def cond_fn(_problem, yy):
         return yy.reshape(yy.shape[0], -1) / cond_scale
 
-    post = make_posterior(case.prior, case.problem, cfg, cond_dim=case.d_y if amortized else 0)
+    post = make_posterior(case.prior, cfg, cond_dim=case.d_y if amortized else 0)
     if amortized:
         obs = torch.as_tensor(obs_set).reshape(-1, case.d_y).float()
 
-        def obs_sampler(G, gen):
-            return obs[torch.randint(obs.shape[0], (G,), generator=gen)]
+        def obs_sampler(G, gen):  # one shared problem: no lens index
+            return obs[torch.randint(obs.shape[0], (G,), generator=gen)], None
 
-        trainer = RTBTrainer(post, cfg, obs_sampler=obs_sampler, cond_fn=cond_fn, metrics_path=metrics_path)
+        trainer = RTBTrainer(post, cfg, problem=case.problem, obs_sampler=obs_sampler, cond_fn=cond_fn,
+                             metrics_path=metrics_path)
     else:
-        trainer = RTBTrainer(post, cfg, y=y, log_z_ref=logz_ref, metrics_path=metrics_path)
+        trainer = RTBTrainer(post, cfg, problem=case.problem, y=y, log_z_ref=logz_ref, metrics_path=metrics_path)
     trainer.train()
     return post, trainer, cfg, cond_fn
 

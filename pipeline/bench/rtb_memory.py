@@ -95,7 +95,7 @@ def worker(method: str, K: int, batch: int, chunk: int, preset: str, image_size:
     chain = prior.schedule.chain(K)
 
     problem = _inpaint_problem(image_size).to(device)
-    post = RTBPosterior(prior, chain, EpsNetModel(copy_network(net)), mode="replace", problem=problem)
+    post = RTBPosterior(prior, chain, EpsNetModel(copy_network(net)), mode="replace")
     post.to(device)
     y = torch.zeros((1, image_size, image_size), device=device)
     gen = torch.Generator().manual_seed(seed)
@@ -110,7 +110,7 @@ def worker(method: str, K: int, batch: int, chunk: int, preset: str, image_size:
     reset_ok = _reset_peak()
     base_rss = _rss_kib("VmRSS")
     t0 = time.perf_counter()
-    batch_ = policy_rollout(post, batch, y, generator=gen)
+    batch_ = policy_rollout(post, batch, y, problem=problem, generator=gen)
     t_roll = time.perf_counter() - t0
     delta = deltas_scalar(batch_, post.log_z)
     post.zero_grad(set_to_none=True)

@@ -58,10 +58,12 @@ def prior_eps(prior: Prior, chain: Chain, x: torch.Tensor, k: int, cond=None) ->
 @torch.no_grad()
 def rollout(prior: Prior, chain: Chain, n: int, mean_fn: MeanFn | None = None, *, generator=None,
             device=None, dtype=torch.float32, x_start: torch.Tensor | None = None,
-            std_scale: float = 1.0, keep_states: bool = True, cond=None) -> Trajectory:
+            std_scale: float = 1.0, keep_states: bool = True, cond=None, guided_step=None) -> Trajectory:
     """Roll out ``x_K -> ... -> x_1`` and return the trajectory with x0 = f(x_1) (frozen prior's f).
 
-    ``mean_fn`` defines the behaviour policy's mean (default: the prior's). The step noise can be
+    ``mean_fn`` defines the behaviour policy's mean (default: the prior's); ``guided_step(x_k, k) ->
+    (eps_prior, mean)`` replaces both the prior call and ``mean_fn`` at k >= 2, for a policy whose mean
+    comes from the same network call as the eps (DPS: one forward and its VJP). The step noise can be
     tempered by ``std_scale`` (exploration); log-probs are always those of the *untempered*
     policy (``log_q_steps``) and of the prior (``log_p_steps``), so off-policy losses stay exact.
     States are detached (no gradient ever flows through the chain).
@@ -75,9 +77,13 @@ def rollout(prior: Prior, chain: Chain, n: int, mean_fn: MeanFn | None = None, *
     zeros = torch.zeros_like(x)
     traj = Trajectory(xs={}, log_start=gaussian_log_prob(x, zeros, 1.0))
     for k in range(chain.K, 1, -1):
-        eps_p = prior_eps(prior, chain, x, k, cond)
-        mean_p = chain.reverse_mean(x, eps_p, k)
-        mean_q = mean_p if mean_fn is None else mean_fn(x, k, eps_p)
+        if guided_step is not None:
+            eps_p, mean_q = guided_step(x, k)
+            mean_p = chain.reverse_mean(x, eps_p, k)
+        else:
+            eps_p = prior_eps(prior, chain, x, k, cond)
+            mean_p = chain.reverse_mean(x, eps_p, k)
+            mean_q = mean_p if mean_fn is None else mean_fn(x, k, eps_p)
         std = chain.reverse_std(k)
         noise = torch.randn(shape, generator=generator, dtype=dtype).to(device)
         x_new = (mean_q + std_scale * std * noise).detach()

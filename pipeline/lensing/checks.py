@@ -56,7 +56,7 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
     for _ in range(n_obs):
         problem, truth, y = prior_predictive_observation(lcfg, prior, chain, rng, gen, noise_sigma)
         if sampler is None:  # loaded once; each observation brings its own lens
-            post, _, _ = load_amortized(checkpoint, prior, problem)
+            post, _ = load_amortized(checkpoint, prior)
             method = "rtb_amortized_gn" if last_step == "gauss_newton" else "rtb_amortized"
             sampler = amortized_sampler(method, post, batch_size=n)
         smp = sampler.sample(problem, y, n, generator=gen)

@@ -8,7 +8,8 @@ Amortized training data (the default, ``rtb_amortized``): each training observat
 prior predictive - a truth from the trained prior's chain (the exact K-step chain RTB targets), a lens
 from the configured ranges (a pool of ``n_lenses`` assembled sparse operators) and Gaussian noise at
 the fixed noise level (independent of the truth). The network sees the observation through
-source-plane features (:meth:`pipeline.lensing.amortized.MultiLensProblem.features`).
+source-plane features (:func:`pipeline.lensing.amortized.lens_features`); each observation's lens
+travels with it as a lens index into the pool (:meth:`pipeline.lensing.amortized.MultiLensProblem.take`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pipeline.config import load_section
 from pipeline.diffusion.sampling import sample_prior
 from pipeline.errors import ConfigError, InputFileError
 from pipeline.io.checkpoint import has_checkpoints, load_checkpoint, save_checkpoint, write_checkpoint_dir
-from pipeline.lensing.amortized import MultiLensProblem, amortized_sampler
+from pipeline.lensing.amortized import MultiLensProblem, amortized_sampler, lens_features
 from pipeline.lensing.config import PosteriorConfig, check_rtb_for_lensing, load_lensing_config
 from pipeline.lensing.simulate import draw_lens, make_problem, typical_noise_sigma
 from pipeline.lensing.sources import read_sources
@@ -133,21 +134,22 @@ def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=N
         return truth_cache[0]
 
     def obs_sampler(G, generator):
+        """G prior-predictive observations: images (G, ny, nx) and their lens indices into the pool (G,)."""
         truths = draw_truths()
         li = torch.randint(len(pool), (G,), generator=generator)
         ti = torch.randint(truths.shape[0], (G,), generator=generator)
-        ys = [pool.simulate_packed(int(i), truths[int(j)][None], generator=generator)[0] for i, j in zip(li, ti)]
-        return torch.stack(ys)
+        ys = [pool.problems[int(i)].simulate(truths[int(j)][None], generator=generator)[0] for i, j in zip(li, ti)]
+        return torch.stack(ys), li
 
     spec = posterior_spec(prior, rcfg, cond_channels=2)
     seed_everything(rcfg.seed)  # the head's random layers: the same in every run from scratch
-    post = build_posterior(prior, pool, spec)
+    post = build_posterior(prior, spec)
     run_dir = Path(run_dir)
     if init_from is not None:
         seed_run_dir(run_dir, init_from, prior)
     if warm_start is not None and not has_checkpoints(run_dir):  # a resumed run keeps its own state
         warm_start_posterior(post, spec, warm_start)
-    trainer = RTBTrainer(post, rcfg, obs_sampler=obs_sampler, cond_fn=pool.features, run_dir=run_dir,
+    trainer = RTBTrainer(post, rcfg, problem=pool, obs_sampler=obs_sampler, cond_fn=lens_features, run_dir=run_dir,
                          metrics_path=run_dir / "metrics.jsonl", spec=spec)
     if trainer.resume():
         log.info("resuming fine-tuning at step %d", trainer.step_idx)
@@ -188,8 +190,7 @@ def tune_rtb_guidance(config_path, prior, *, sources_path=None, n_obs: int = 4, 
 
     def sampler_at(scale):
         rcfg.guidance_scale = float(scale)
-        post = build_posterior(prior, MultiLensProblem([observations[0][0]]),
-                               posterior_spec(prior, rcfg, cond_channels=2))
+        post = build_posterior(prior, posterior_spec(prior, rcfg, cond_channels=2))
         return amortized_sampler("rtb_amortized", post, batch_size=n)
 
     _, record = tune_scale(sampler_at, [(p, y) for p, _, y in observations], grid=guidance_grid(rcfg.guidance, grid),

@@ -169,8 +169,8 @@ def train_rtb(prior, problem, y, *, steps: int, seed: int, K: int, variance: str
     """Single-observation RTB against the GP prior; returns (posterior, trainer summary, seconds)."""
     torch.manual_seed(seed)
     cfg = rtb_config(steps, seed, K, variance, **over)
-    post = make_posterior(prior, problem, cfg)
-    trainer = RTBTrainer(post, cfg, y=y, metrics_path=metrics_path)
+    post = make_posterior(prior, cfg)
+    trainer = RTBTrainer(post, cfg, problem=problem, y=y, metrics_path=metrics_path)
     t0 = time.time()
     summary = trainer.train()
     return post, summary, time.time() - t0

@@ -19,7 +19,7 @@ from pipeline.config import config_hash, load_section, load_yaml
 from pipeline.diffusion.network_prior import load_prior
 from pipeline.errors import ConfigError, InputFileError
 from pipeline.io.posterior import write_posterior
-from pipeline.lensing.amortized import MultiLensProblem, amortized_sampler
+from pipeline.lensing.amortized import amortized_sampler
 from pipeline.lensing.config import BrightnessConfig, PosteriorConfig, load_lensing_config
 from pipeline.lensing.observation import load_observation
 from pipeline.lensing.tuning import tune_guidance_scale
@@ -33,13 +33,10 @@ from pipeline.samplers import AMORTIZED_METHODS, make_sampler, method_spec
 log = logging.getLogger(__name__)
 
 
-def load_amortized(posterior_dir, prior, problem):
-    """Load the exported amortized posterior for ONE observation's problem.
-
-    Returns (posterior, MultiLensProblem of that one lens, hparams)."""
-    single = MultiLensProblem([problem])
-    post, hp = load_posterior(posterior_dir, prior, single)
-    return post, single, hp
+def load_amortized(posterior_dir, prior):
+    """Load the exported amortized posterior; it samples any observation given with its own
+    :class:`~pipeline.lensing.operator.LensingProblem`. Returns (posterior, hparams)."""
+    return load_posterior(posterior_dir, prior)
 
 
 def check_in_trained_range(meta_lens, hp, path):
@@ -103,7 +100,7 @@ def _build_sampler(method, config_path, prior, chain, posterior_dir, first_obs, 
                               f"observation")
         if posterior_dir is None:
             raise InputFileError("--posterior", f"{method} needs the fine-tuned posterior directory")
-        post, _, hp = load_amortized(posterior_dir, prior, problem)
+        post, hp = load_amortized(posterior_dir, prior)
         extra = {"rtb_amortized_is": {"particles": pcfg.particles},
                  "rtb_amortized_gn": {"last_step": "gauss_newton", "iterations": GN_ITERATIONS}}.get(method)
         sampler = amortized_sampler(method, post, batch_size=pcfg.batch_size, particles=pcfg.particles)

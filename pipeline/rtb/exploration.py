@@ -2,7 +2,8 @@
 
 * :class:`ReplayBuffer` stores terminal states x_1 (never x0: the sample is f(x_1), DESIGN 3.1)
   with log r(f(x_1)) at beta = 1 and, for amortized posteriors, the observation they belong to (y,
-  cond and an observation id shared by the trajectories of one y). FIFO eviction at capacity;
+  cond, the lens index of a per-sample problem, and an observation id shared by the trajectories of
+  one y). FIFO eviction at capacity;
   sampling mixes uniform draws with rank-based priority
   ``P(i) ~ 1 / (kappa N + rank_i)`` (rank 0 = highest reward), which is invariant to the scale of
   log r (rewards of thousands of pixels span hundreds of nats, so ``exp(log r)`` priorities would
@@ -17,11 +18,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class ReplayBuffer:
-    """Terminal states x_1 with log rewards (and optional per-entry observation y and cond)."""
+    """Terminal states x_1 with log rewards (and optional per-entry observation y, cond and lens index)."""
 
     def __init__(self, capacity: int, priority_frac: float = 0.5, kappa: float = 0.01):
         if capacity < 1:
@@ -33,6 +38,7 @@ class ReplayBuffer:
         self.log_r: torch.Tensor | None = None
         self.y: torch.Tensor | None = None
         self.cond: torch.Tensor | None = None
+        self.lens: torch.Tensor | None = None  # int64 per entry: the lens of a per-sample problem
         self.obs_id: torch.Tensor | None = None  # int64 per entry: which observation (amortized only)
         self.n_obs = 0  # observation ids handed out so far
         self.n_added = 0
@@ -41,10 +47,12 @@ class ReplayBuffer:
         return 0 if self.x1 is None else self.x1.shape[0]
 
     def add(self, x1: torch.Tensor, log_r: torch.Tensor, y: torch.Tensor | None = None,
-            cond: torch.Tensor | None = None, groups: torch.Tensor | None = None) -> None:
+            cond: torch.Tensor | None = None, groups: torch.Tensor | None = None,
+            lens: torch.Tensor | None = None) -> None:
         """Append entries (detached, stored on CPU); non-finite rewards are dropped; the oldest
         entries are evicted beyond capacity. ``groups``: the batch's y-group labels (entries of one
-        label share one observation); each label gets a fresh observation id."""
+        label share one observation); each label gets a fresh observation id. ``lens``: the lens index
+        of each entry's observation (int64, when the problem differs per sample)."""
         keep = torch.isfinite(log_r.detach().cpu())
         obs = None
         if groups is not None:
@@ -54,6 +62,7 @@ class ReplayBuffer:
         x1, log_r = x1.detach().cpu()[keep], log_r.detach().cpu().double()[keep]
         y = None if y is None else y.detach().cpu()[keep]
         cond = None if cond is None else cond.detach().cpu()[keep]
+        lens = None if lens is None else torch.as_tensor(lens, dtype=torch.long).cpu()[keep]
         self.n_added += int(keep.sum())
 
         def cat(old, new):
@@ -63,13 +72,14 @@ class ReplayBuffer:
 
         self.x1, self.log_r = cat(self.x1, x1), cat(self.log_r, log_r)
         self.y, self.cond = cat(self.y, y), cat(self.cond, cond)
-        self.obs_id = cat(self.obs_id, obs)
+        self.obs_id, self.lens = cat(self.obs_id, obs), cat(self.lens, lens)
         if len(self) > self.capacity:
             cut = len(self) - self.capacity
             self.x1, self.log_r = self.x1[cut:], self.log_r[cut:]
             self.obs_id = None if self.obs_id is None else self.obs_id[cut:]
             self.y = None if self.y is None else self.y[cut:]
             self.cond = None if self.cond is None else self.cond[cut:]
+            self.lens = None if self.lens is None else self.lens[cut:]
 
     def priorities(self) -> torch.Tensor:
         """Rank-based sampling probabilities of the prioritised part (sum to 1)."""
@@ -121,29 +131,46 @@ class ReplayBuffer:
             pick = members[torch.randperm(members.numel(), generator=generator)[:group_size]]
             idx.append(pick)
             labels.append(torch.full((pick.numel(),), g, dtype=torch.long))
-        idx = torch.cat(idx)
-        out = {"x1": self.x1[idx], "log_r": self.log_r[idx], "idx": idx, "groups": torch.cat(labels),
-               "y": None if self.y is None else self.y[idx], "cond": None if self.cond is None else self.cond[idx]}
-        return out
+        return {**self._entries(torch.cat(idx)), "groups": torch.cat(labels)}
 
     def sample(self, n: int, generator=None) -> dict:
-        """n entries: dict with x1, log_r, y, cond (None where not stored), idx."""
-        idx = self.sample_indices(n, generator)
-        return {"x1": self.x1[idx], "log_r": self.log_r[idx], "idx": idx,
-                "y": None if self.y is None else self.y[idx], "cond": None if self.cond is None else self.cond[idx]}
+        """n entries: dict with x1, log_r, y, cond, lens (None where not stored), idx."""
+        return self._entries(self.sample_indices(n, generator))
+
+    def _entries(self, idx: torch.Tensor) -> dict:
+        def take(v):
+            return None if v is None else v[idx]
+
+        return {"x1": self.x1[idx], "log_r": self.log_r[idx], "idx": idx, "y": take(self.y),
+                "cond": take(self.cond), "lens": take(self.lens)}
 
     def state_dict(self) -> dict:
-        return {"x1": self.x1, "log_r": self.log_r, "y": self.y, "cond": self.cond, "n_added": self.n_added,
-                "capacity": self.capacity, "obs_id": self.obs_id, "n_obs": self.n_obs}
+        return {"x1": self.x1, "log_r": self.log_r, "y": self.y, "cond": self.cond, "lens": self.lens,
+                "n_added": self.n_added, "capacity": self.capacity, "obs_id": self.obs_id, "n_obs": self.n_obs}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, y_shape: tuple[int, ...] | None = None) -> None:
+        """Restore :meth:`state_dict`'s entries. ``y_shape``: one observation's shape, needed to read a
+        buffer saved with the lens index packed into slot 0 of a flat y (``[index, y.flatten()]``)."""
         self.x1, self.log_r, self.y, self.cond = state["x1"], state["log_r"], state["y"], state["cond"]
+        self.lens = state.get("lens")
         self.n_added = state["n_added"]
         self.obs_id, self.n_obs = state.get("obs_id"), int(state.get("n_obs", 0))
         if self.obs_id is None and self.y is not None and len(self):
             # a buffer saved before observation ids were stored: entries with equal y share one
             self.obs_id = torch.unique(self.y.reshape(len(self), -1), dim=0, return_inverse=True)[1].long()
             self.n_obs = int(self.obs_id.max()) + 1
+        if "lens" not in state and y_shape is not None and self.y is not None and self.y.ndim == 2 \
+                and self.y.shape[1] == 1 + _numel(y_shape):
+            self.lens = self.y[:, 0].round().long()
+            self.y = self.y[:, 1:].reshape(len(self), *y_shape)
+            log.info("replay buffer: read the packed-y layout (lens index in slot 0) of %d entries", len(self))
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
 
 
 @torch.no_grad()

@@ -60,7 +60,7 @@ def _load_per_step(post, ck) -> None:
         raise InputFileError(ck.path, exc.args[0], field="per_step") from None
 
 
-def load_posterior(run_dir, prior, problem, use_ema: bool = True):
+def load_posterior(run_dir, prior, use_ema: bool = True):
     """Rebuild a trained :class:`~pipeline.rtb.posterior.RTBPosterior` from a checkpoint alone.
 
     Returns (posterior, hparams). EMA weights are used when present and ``use_ema``. A checkpoint
@@ -71,7 +71,7 @@ def load_posterior(run_dir, prior, problem, use_ema: bool = True):
     if ck.hparams.get("kind") != "rtb_posterior":
         raise InputFileError(ck.path, "not an RTB posterior checkpoint", field="kind")
     check_prior_record(ck.path, ck.hparams, prior)  # recipe hash, and the prior's own chain if it records one
-    post = build_posterior(prior, problem, ck.hparams["spec"])
+    post = build_posterior(prior, ck.hparams["spec"])
     sd = ck.states["model"]
     ema = ck.states.get("ema") if use_ema else None
     if ema:

@@ -33,7 +33,9 @@ class RTBBatch:
     ``xs[k]`` k = 1..K states (``xs[0]`` = f(x_1)); ``eps_p[k]`` the frozen prior's eps at x_k;
     ``guide[k]`` the cached guidance offset of q's mean (or None); ``log_p_steps``/``log_q_steps``
     for k = 2..K (float64, no grad); ``log_r`` = log p(y | f(x_1)) at beta = 1 (float64);
-    ``y``/``cond`` per sample (B, ...) or None; ``groups`` the observation index per sample.
+    ``y``/``cond`` per sample (B, ...) or None; ``problem`` the inverse problem the batch was scored
+    under (one for all rows, or per sample: then it has ``repeat``/``cat`` like ``y``, so the gradient
+    pass scores each row with its own operator); ``groups`` the observation index per sample.
     """
 
     xs: dict
@@ -45,6 +47,7 @@ class RTBBatch:
     y: torch.Tensor | None = None
     cond: torch.Tensor | None = None
     groups: torch.Tensor | None = None
+    problem: object = None
     source: str = "policy"
     info: dict = field(default_factory=dict)
 
@@ -89,10 +92,23 @@ class RTBBatch:
             vals = [getattr(b, name) for b in batches]
             return None if vals[0] is None else torch.cat(vals)
 
+        problem = batches[0].problem
+        if is_per_sample(problem):
+            problem = type(problem).cat([b.problem for b in batches])
         return RTBBatch(xs=cat_d("xs"), eps_p=cat_d("eps_p"), guide=cat_d("guide"),
                         log_p_steps=cat_d("log_p_steps"), log_q_steps=cat_d("log_q_steps"),
                         log_r=cat_t("log_r"), y=cat_t("y"), cond=cat_t("cond"), groups=cat_t("groups"),
-                        source="+".join(sorted({b.source for b in batches})))
+                        problem=problem, source="+".join(sorted({b.source for b in batches})))
+
+
+def is_per_sample(problem) -> bool:
+    """True for a problem whose rows differ (it stacks like ``y``: ``repeat``, ``cat``; ``index`` per row)."""
+    return hasattr(problem, "repeat") and hasattr(problem, "cat")
+
+
+def repeat_problem(problem, r: int):
+    """The problem of ``y.repeat(r, ...)``: a per-sample problem repeated, a shared one as it is."""
+    return problem.repeat(r) if is_per_sample(problem) else problem
 
 
 def _expand(v, n, shape=None):
@@ -127,14 +143,15 @@ def expand_obs(problem, y, n):
 
 
 @torch.no_grad()
-def evaluate_states(posterior, xs: dict, y=None, cond=None, *, eps_p=None, guide=None, log_p_steps=None,
-                    log_q_steps=None, groups=None, source="offpolicy") -> RTBBatch:
-    """Score given detached states x_K..x_1 under p_theta and the current q_phi (no grad).
+def evaluate_states(posterior, xs: dict, y=None, cond=None, *, problem=None, eps_p=None, guide=None,
+                    log_p_steps=None, log_q_steps=None, groups=None, source="offpolicy") -> RTBBatch:
+    """Score given detached states x_K..x_1 under p_theta and the current q_phi (no grad), for the
+    observation ``y`` of ``problem`` (None: no likelihood, log r = 0).
 
     Missing cached pieces are computed: prior eps at every state, guidance offsets, step log-probs,
     x0 = f(x_1) and log r(x0) at beta = 1.
     """
-    chain, prior, problem = posterior.chain, posterior.prior, posterior.problem
+    chain, prior = posterior.chain, posterior.prior
     K = chain.K
     n = xs[1].shape[0]
     y = expand_obs(problem, y, n)
@@ -147,7 +164,7 @@ def evaluate_states(posterior, xs: dict, y=None, cond=None, *, eps_p=None, guide
     for k in range(2, K + 1):
         if k not in guide:
             with torch.enable_grad():
-                guide[k] = posterior.guide(xs[k], k, eps_p[k], y)
+                guide[k] = posterior.guide(xs[k], k, eps_p[k], y, problem)
     log_p_steps = dict(log_p_steps or {})
     log_q_steps = dict(log_q_steps or {})
     for k in range(2, K + 1):
@@ -155,22 +172,23 @@ def evaluate_states(posterior, xs: dict, y=None, cond=None, *, eps_p=None, guide
         if k not in log_p_steps:
             log_p_steps[k] = gaussian_log_prob(xs[k - 1], chain.reverse_mean(xs[k], eps_p[k], k), std)
         if k not in log_q_steps:
-            log_q_steps[k] = posterior.log_q_step(xs[k], xs[k - 1], k, eps_p[k], y, cond, guide[k])
+            log_q_steps[k] = posterior.log_q_step(xs[k], xs[k - 1], k, eps_p[k], y, cond, guide[k], problem)
     xs = dict(xs)
     xs[0] = chain.final_denoise(xs[1], eps_p[1])
     log_r = problem.log_likelihood(xs[0], y) if problem is not None else torch.zeros(n, dtype=torch.float64)
     return RTBBatch(xs=xs, eps_p=eps_p, guide=guide, log_p_steps=log_p_steps, log_q_steps=log_q_steps,
-                    log_r=log_r.double(), y=y, cond=cond, groups=groups, source=source)
+                    log_r=log_r.double(), y=y, cond=cond, groups=groups, problem=problem, source=source)
 
 
 @torch.no_grad()
-def policy_rollout(posterior, n: int, y=None, cond=None, *, generator=None, std_scale: float = 1.0,
+def policy_rollout(posterior, n: int, y=None, cond=None, *, problem=None, generator=None, std_scale: float = 1.0,
                    behaviour=None, groups=None, device=None, source=None, dtype=torch.float32,
                    last_step=None) -> RTBBatch:
-    """Roll out q_phi from x_K ~ N(0, I) and score every step under q_phi and p_theta.
+    """Roll out q_phi from x_K ~ N(0, I) for the observation ``y`` of ``problem`` and score every step
+    under q_phi and p_theta.
 
     ``std_scale`` tempers the step noise (exploration); ``behaviour``: an optional extra mean offset
-    ``(x, k, eps_p, y) -> offset`` (e.g. DPS guidance) used during this rollout only. In both cases
+    ``(x, k, eps_p, y, problem) -> offset`` (e.g. DPS guidance) used during this rollout only. In both cases
     log q is that of the untempered, unguided q_phi, so the off-policy loss stays exact.
     ``last_step``: an optional replacement of the step x_2 -> x_1, ``(x_2, eps_p, q's mean, noise) ->
     (x_1, log q)`` (e.g. :class:`pipeline.rtb.twisted_step.GaussNewtonLastStep`); the trajectory is
@@ -182,7 +200,7 @@ def policy_rollout(posterior, n: int, y=None, cond=None, *, generator=None, std_
     if last_step is not None and (std_scale != 1.0 or behaviour is not None):
         raise ValueError("a replaced last step is for sampling; it does not combine with tempering or behaviour")
     device = torch.device(device) if device is not None else prior.device
-    y_n = expand_obs(posterior.problem, y, n)
+    y_n = expand_obs(problem, y, n)
     y_n = None if y_n is None else y_n.to(device)
     cond_n = _expand(cond, n, getattr(posterior, "cond_shape", None)) if cond is not None else None
     cond_n = None if cond_n is None else cond_n.to(device)
@@ -192,12 +210,12 @@ def policy_rollout(posterior, n: int, y=None, cond=None, *, generator=None, std_
     for k in range(chain.K, 1, -1):
         eps_p = prior_eps(prior, chain, x, k)
         with torch.enable_grad():
-            g = posterior.guide(x, k, eps_p, y_n)
-        mean, std = posterior.step_params(x, k, eps_p, y_n, cond_n, g)
+            g = posterior.guide(x, k, eps_p, y_n, problem)
+        mean, std = posterior.step_params(x, k, eps_p, y_n, cond_n, g, problem)
         centre = mean
         if behaviour is not None:
             with torch.enable_grad():
-                centre = mean + behaviour(x, k, eps_p, y_n).detach()
+                centre = mean + behaviour(x, k, eps_p, y_n, problem).detach()
         noise = torch.randn(shape, generator=generator, dtype=dtype).to(device)
         if k == 2 and last_step is not None:
             x_new, log_q[k] = last_step(x, eps_p, mean, noise)
@@ -209,17 +227,18 @@ def policy_rollout(posterior, n: int, y=None, cond=None, *, generator=None, std_
         x = x_new
     xs[1] = x
     src = source or ("policy" if std_scale == 1.0 and behaviour is None else "explore")
-    return evaluate_states(posterior, xs, y_n, cond_n, eps_p=eps_c, guide=guides, log_p_steps=log_p,
+    return evaluate_states(posterior, xs, y_n, cond_n, problem=problem, eps_p=eps_c, guide=guides, log_p_steps=log_p,
                            log_q_steps=log_q, groups=groups, source=src)
 
 
 @torch.no_grad()
-def prior_rollout(posterior, n: int, y=None, cond=None, *, generator=None, groups=None, device=None,
+def prior_rollout(posterior, n: int, y=None, cond=None, *, problem=None, generator=None, groups=None, device=None,
                   dtype=torch.float32) -> RTBBatch:
-    """Trajectories of the frozen prior chain, scored under q_phi (off-policy exploration)."""
+    """Trajectories of the frozen prior chain, scored under q_phi for the observation ``y`` of
+    ``problem`` (off-policy exploration)."""
     traj = rollout(posterior.prior, posterior.chain, n, generator=generator, device=device, dtype=dtype)
     xs = {k: v for k, v in traj.xs.items() if k >= 1}
-    return evaluate_states(posterior, xs, y, cond, eps_p=traj.eps_prior, log_p_steps=traj.log_p_steps,
+    return evaluate_states(posterior, xs, y, cond, problem=problem, eps_p=traj.eps_prior, log_p_steps=traj.log_p_steps,
                            groups=groups, source="prior")
 
 
@@ -267,7 +286,7 @@ def _stack_chunk(batch: RTBBatch, ks: list[int]):
     guide = None if batch.guide.get(ks[0]) is None else torch.cat([batch.guide[k] for k in ks])
     y = None if batch.y is None else batch.y.repeat(len(ks), *([1] * (batch.y.ndim - 1)))
     cond = None if batch.cond is None else batch.cond.repeat(len(ks), *([1] * (batch.cond.ndim - 1)))
-    return x, x_prev, eps, kk, guide, y, cond
+    return x, x_prev, eps, kk, guide, y, cond, repeat_problem(batch.problem, len(ks))
 
 
 def two_pass_backward(posterior, batch: RTBBatch, delta: torch.Tensor, *, chunk_size: int = 8,
@@ -289,8 +308,8 @@ def two_pass_backward(posterior, batch: RTBBatch, delta: torch.Tensor, *, chunk_
     ctx = sync_context or (lambda is_last: contextlib.nullcontext())
     for i, ck in enumerate(chunks):
         with ctx(i == len(chunks) - 1):
-            x, x_prev, eps, kk, guide, y, cond = _stack_chunk(batch, ck)
-            lq = posterior.log_q_step(x, x_prev, kk, eps, y, cond, guide)  # (c*B,)
+            x, x_prev, eps, kk, guide, y, cond, problem = _stack_chunk(batch, ck)
+            lq = posterior.log_q_step(x, x_prev, kk, eps, y, cond, guide, problem)  # (c*B,)
             surrogate = (lq.reshape(len(ck), B) * w[None, :]).sum()
             surrogate.backward()
     if learn_log_z:
@@ -310,7 +329,7 @@ def naive_loss(posterior, batch: RTBBatch, beta: float = 1.0, log_z=None) -> tor
     for k in range(batch.K, 1, -1):
         kk = torch.full((batch.n,), k, dtype=torch.long, device=batch.xs[k].device)
         lq = posterior.log_q_step(batch.xs[k], batch.xs[k - 1], kk, batch.eps_p[k], batch.y,
-                                           batch.cond, batch.guide.get(k))
+                                  batch.cond, batch.guide.get(k), batch.problem)
         total = total + lq - batch.log_p_steps[k]
     delta = log_z + total - beta * batch.log_r
     return 0.5 * (delta ** 2).mean()

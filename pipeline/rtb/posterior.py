@@ -116,13 +116,15 @@ class RTBPosterior(nn.Module):
     """q_phi over ``chain`` with a frozen ``prior`` (see module docstring).
 
     ``model``: the correction (residual mode) or the full eps-network copy (replace mode), called as
-    ``model(x, t, cond, feats)``. ``problem``: the inverse problem, needed for the ``grad`` feature
-    and for guidance. ``guidance``: optional callable ``(x, k, eps_prior, y) -> mean offset`` built
-    from the frozen prior (see :mod:`pipeline.rtb.guidance`). ``log_z`` is a learnable scalar (single
+    ``model(x, t, cond, feats)``. ``guidance``: optional callable ``(x, k, eps_prior, y, problem) -> mean
+    offset`` built from the frozen prior (:func:`make_frozen_guidance`). The inverse problem is not
+    stored: every call that needs it (the ``grad`` feature, guidance, the guided variance) takes it as
+    an argument, one problem for all rows or a per-sample one (e.g. a
+    :class:`~pipeline.lensing.amortized.LensBatch`). ``log_z`` is a learnable scalar (single
     observation; the amortized posterior uses VarGrad per y-group instead, see the trainer).
     """
 
-    def __init__(self, prior, chain: Chain, model: nn.Module, *, mode: str = "residual", problem=None,
+    def __init__(self, prior, chain: Chain, model: nn.Module, *, mode: str = "residual",
                  features: tuple[str, ...] = (), guidance=None, learn_variance: bool = False,
                  learn_step_scale: bool = False, learn_guidance_gain: bool = False,
                  guidance_gain_init: float = 1.0, guided_variance: bool = False):
@@ -132,13 +134,11 @@ class RTBPosterior(nn.Module):
         bad = [f for f in features if f not in FEATURES]
         if bad:
             raise ValueError(f"unknown posterior features {bad} (known: {FEATURES})")
-        if "grad" in features and problem is None:
-            raise ValueError("the 'grad' feature needs the inverse problem")
         # The frozen prior is deliberately NOT registered as a submodule: its weights stay out of
         # the posterior's parameters and checkpoints (they live in the prior's own checkpoint).
         self.__dict__["prior"] = prior
         self.chain, self.model, self.mode = chain, model, mode
-        self.problem, self.features, self.guidance = problem, tuple(features), guidance
+        self.features, self.guidance = tuple(features), guidance
         self.learn_variance = bool(learn_variance)
         self.log_z = nn.Parameter(torch.zeros((), dtype=torch.float64))
         # One log-variance offset per chain step, shared by all coordinates: its gradient pools the
@@ -152,8 +152,6 @@ class RTBPosterior(nn.Module):
                                   if learn_guidance_gain and guidance is not None else None)
         # A data-informed per-pixel step variance with one learned log-gain per step (see
         # guided_variance_offset); the prior chain's step noise at high SNR is what the mean cannot undo.
-        if guided_variance and not hasattr(problem, "diag_precision"):
-            raise ValueError("guided_variance needs a problem with diag_precision(y) (the lensing problems)")
         # (gain e^-3 at initialisation: the start stays the guided chain, and training raises it where
         # it pays; at gain 1 on every step the untrained ELBO of the lensing posterior fell by ~800 nats)
         self.variance_log_gain = (nn.Parameter(torch.full((chain.K + 1,), GUIDED_VARIANCE_LOG_GAIN0))
@@ -178,8 +176,9 @@ class RTBPosterior(nn.Module):
             return self.chain.t.to(device)[k.to(device)]
         return torch.full((n,), int(self.chain.t[k]), dtype=torch.long, device=device)
 
-    def feats(self, x, k, eps_p, y):
-        """Likelihood features at x_k from the cached prior eps (no grad). k: int or (B,) tensor."""
+    def feats(self, x, k, eps_p, y, problem=None):
+        """Likelihood features at x_k from the cached prior eps (no grad). k: int or (B,) tensor;
+        ``problem``: the observation's inverse problem (needed by the ``grad`` feature)."""
         if not self.features:
             return None
         with torch.no_grad():
@@ -189,7 +188,9 @@ class RTBPosterior(nn.Module):
             if "x0hat" in self.features:
                 out.append(x0hat)
             if "grad" in self.features:
-                g = self.problem.grad_log_likelihood(x0hat, y)
+                if problem is None:
+                    raise ValueError("the 'grad' feature needs the inverse problem")
+                g = problem.grad_log_likelihood(x0hat, y)
                 out.append((1 - ab).sqrt() * g.to(x.dtype))
             return torch.cat(out, 1)
 
@@ -199,10 +200,10 @@ class RTBPosterior(nn.Module):
         ab = torch.as_tensor(ab, dtype=x.dtype, device=x.device)
         return ab.reshape(-1, *([1] * (x.ndim - 1))) if ab.ndim else ab
 
-    def _model_out(self, x, k, eps_p, y=None, cond=None):
+    def _model_out(self, x, k, eps_p, y=None, cond=None, problem=None):
         """(eps_q, log-variance offset v or None) at x_k; k int or per-sample (B,) tensor."""
         t = self.timesteps(k, x.shape[0], x.device)
-        f = self.feats(x, k, eps_p, y)
+        f = self.feats(x, k, eps_p, y, problem)
         out = self.model(x, t, cond, f)
         v = None
         if self.learn_variance:
@@ -211,12 +212,13 @@ class RTBPosterior(nn.Module):
         eps = eps_p + out if self.mode == "residual" else out
         return eps, v
 
-    def step_params(self, x, k, eps_p, y=None, cond=None, guide=None):
-        """(mean, std) of q(x_{k-1} | x_k); k is an int or a per-sample (B,) tensor of chain indices.
+    def step_params(self, x, k, eps_p, y=None, cond=None, guide=None, problem=None):
+        """(mean, std) of q(x_{k-1} | x_k); k is an int or a per-sample (B,) tensor of chain indices;
+        ``problem``: the inverse problem of ``y`` (one for all rows, or per sample).
 
         std is the chain's reverse std (a float) or, with a learned variance, a tensor shaped like x.
         """
-        eps, v = self._model_out(x, k, eps_p, y, cond)
+        eps, v = self._model_out(x, k, eps_p, y, cond, problem)
         mean, std = self.chain.reverse_mean(x, eps, k), self.chain.reverse_std(k, like=x)
         if guide is not None:
             if self.guidance_log_gain is not None:
@@ -225,13 +227,13 @@ class RTBPosterior(nn.Module):
         if v is not None:
             std = std * torch.exp(0.5 * v)
         if self.variance_log_gain is not None:
-            std = std * torch.exp(0.5 * self.guided_variance_offset(x, k, y))
+            std = std * torch.exp(0.5 * self.guided_variance_offset(x, k, y, problem))
         if self.step_log_var is not None:
             lv = VAR_BOUND * torch.tanh(self._per_step(self.step_log_var, k, x) / VAR_BOUND)  # head's bound
             std = std * torch.exp(0.5 * lv)
         return mean, std
 
-    def guided_variance_offset(self, x, k, y) -> torch.Tensor:
+    def guided_variance_offset(self, x, k, y, problem) -> torch.Tensor:
         """Log-variance offset ``-log(1 + g_k var_p,k lambda_k)`` of step x_k -> x_{k-1}, per pixel.
 
         ``lambda_k = (d / abar) / (1 + d (1 - abar) / abar)`` at ``abar = abar_{k-1}`` is the diagonal of
@@ -240,7 +242,9 @@ class RTBPosterior(nn.Module):
         So the step variance is the Gaussian product of the prior step and that data term, scaled by a
         learned per-step gain ``g_k = exp(variance_log_gain[k])`` (e^-3 at initialisation). It only shrinks
         (pixels the data does not constrain keep the prior's variance)."""
-        d = self.problem.diag_precision(y).to(x.device, x.dtype)
+        if not hasattr(problem, "diag_precision"):
+            raise ValueError("guided_variance needs a problem with diag_precision(y) (the lensing problems)")
+        d = problem.diag_precision(y).to(x.device, x.dtype)
         if isinstance(k, torch.Tensor):
             kk = k.to(x.device)
             ab = self.chain.abar.to(x.device)[kk - 1].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
@@ -257,20 +261,20 @@ class RTBPosterior(nn.Module):
         v = param.to(x.device)[k].to(x.dtype)
         return v.reshape(-1, *([1] * (x.ndim - 1))) if isinstance(k, torch.Tensor) else v
 
-    def mean_q(self, x, k, eps_p, y=None, cond=None, guide=None):
+    def mean_q(self, x, k, eps_p, y=None, cond=None, guide=None, problem=None):
         """Mean of q(x_{k-1} | x_k)."""
-        return self.step_params(x, k, eps_p, y, cond, guide)[0]
+        return self.step_params(x, k, eps_p, y, cond, guide, problem)[0]
 
-    def log_q_step(self, x, x_prev, k, eps_p, y=None, cond=None, guide=None):
+    def log_q_step(self, x, x_prev, k, eps_p, y=None, cond=None, guide=None, problem=None):
         """log q(x_{k-1} | x_k) per sample (B,) float64 (k int or (B,) tensor), with grad w.r.t. the model."""
-        mean, std = self.step_params(x, k, eps_p, y, cond, guide)
+        mean, std = self.step_params(x, k, eps_p, y, cond, guide, problem)
         return gaussian_log_prob(x_prev, mean, std)
 
-    def guide(self, x, k, eps_p, y):
-        """Guidance mean offset at x_k (detached) or None."""
+    def guide(self, x, k, eps_p, y, problem=None):
+        """Guidance mean offset at x_k (detached) under ``problem``, or None without guidance."""
         if self.guidance is None:
             return None
-        return self.guidance(x, k, eps_p, y, self.problem).detach()
+        return self.guidance(x, k, eps_p, y, problem).detach()
 
     def trainable_parameters(self):
         return [p for n, p in self.named_parameters() if p.requires_grad and n != "log_z"]
@@ -316,24 +320,21 @@ class EpsNetModel(nn.Module):
         return self.net(x, t, img)
 
 
-def make_frozen_guidance(method: str, chain: Chain, problem, scale: float):
-    """Guidance hook ``(x, k, eps_prior, y, problem=None) -> mean offset`` from the frozen prior's detached
-    x0_hat (``pipeline.samplers.guidance.frozen_guidance_shift``; no backprop through any network).
-
-    ``problem`` defaults to the one given here; :class:`RTBPosterior` always passes its current
-    ``problem``, so a posterior moved to another observation's lens guides with that lens."""
+def make_frozen_guidance(method: str, chain: Chain, scale: float):
+    """Guidance hook ``(x, k, eps_prior, y, problem) -> mean offset`` from the frozen prior's detached
+    x0_hat (``pipeline.samplers.guidance.frozen_guidance_shift``; no backprop through any network);
+    the problem is the caller's, per call."""
     from pipeline.samplers.guidance import frozen_guidance_shift
 
-    def guide(x, k, eps_p, y, current_problem=None):
-        return frozen_guidance_shift(method, chain, current_problem if current_problem is not None else problem,
-                                     y, x, eps_p, k, scale)
+    def guide(x, k, eps_p, y, problem):
+        return frozen_guidance_shift(method, chain, problem, y, x, eps_p, k, scale)
 
     return guide
 
 
-def make_posterior(prior, problem, cfg, cond_dim: int = 0, cond_channels: int = 0) -> RTBPosterior:
+def make_posterior(prior, cfg, cond_dim: int = 0, cond_channels: int = 0) -> RTBPosterior:
     """Build q_phi from an :class:`~pipeline.rtb.config.RTBConfig` (see :func:`posterior_spec`)."""
-    return build_posterior(prior, problem, posterior_spec(prior, cfg, cond_dim, cond_channels))
+    return build_posterior(prior, posterior_spec(prior, cfg, cond_dim, cond_channels))
 
 
 def posterior_spec(prior, cfg, cond_dim: int = 0, cond_channels: int = 0) -> dict:
@@ -383,15 +384,15 @@ def build_model(spec: dict, prior=None) -> nn.Module:
     raise ValueError(f"unknown posterior model type {kind!r}")
 
 
-def build_posterior(prior, problem, spec: dict) -> RTBPosterior:
+def build_posterior(prior, spec: dict) -> RTBPosterior:
     chain = prior.schedule.chain(spec["K"], spec["variance"])
     model = build_model(spec["model"], prior)
     if hasattr(prior, "device"):
         model = model.to(prior.device)
     guidance = None
     if spec.get("guidance", "none") != "none":
-        guidance = make_frozen_guidance(spec["guidance"], chain, problem, spec["guidance_scale"])
-    return RTBPosterior(prior, chain, model, mode=spec["mode"], problem=problem, features=tuple(spec["features"]),
+        guidance = make_frozen_guidance(spec["guidance"], chain, spec["guidance_scale"])
+    return RTBPosterior(prior, chain, model, mode=spec["mode"], features=tuple(spec["features"]),
                         guidance=guidance, learn_variance=spec.get("learn_variance", False),
                         learn_step_scale=spec.get("learn_step_scale", False),
                         learn_guidance_gain=spec.get("learn_guidance_gain", False),

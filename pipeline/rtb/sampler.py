@@ -45,18 +45,18 @@ def resample_within_groups(log_w: torch.Tensor, n: int, generator) -> tuple[torc
 class RTBSampler(Sampler):
     """Samples x0 = f(x_1) from a trained :class:`~pipeline.rtb.posterior.RTBPosterior`.
 
-    Options: ``cond_fn(y (1, *y_shape)) -> cond (1, ...)`` for amortized posteriors; ``batch_size``
+    ``sample(problem, y, n)`` passes the observation's own inverse problem with every call of the
+    posterior (the ``grad`` feature, guidance, log r). Options: ``cond_fn(problem, y (1, *y_shape)) ->
+    cond (1, ...)`` for amortized posteriors; ``batch_size``
     bounds the trajectories rolled out at once; ``particles`` (m >= 1) trajectories per returned
     sample, one drawn from each group of m by its weight r p / q (``info["particles"]`` keeps all
     n m of them with their within-group weights, ``info["logz"]`` the estimate over all of them);
     ``last_step``: ``"policy"`` (the network's own) or ``"gauss_newton"`` (needs a linear problem with
-    a dense matrix); ``view(problem, y) -> (problem, y)``: how the posterior sees an observation (the
-    amortized lensing posterior's multi-lens wrapper), applied after the Gauss-Newton step is built
-    on the plain observation.
+    a dense matrix).
     """
 
     def __init__(self, posterior, name: str = "rtb", *, cond_fn=None, batch_size: int = 4096, particles: int = 1,
-                 last_step: str = "policy", view=None):
+                 last_step: str = "policy"):
         if name not in RTB_METHODS:
             raise ValueError(f"RTB sampler name must be one of {RTB_METHODS}, got {name!r}")
         if name.startswith("rtb_amortized") and cond_fn is None:
@@ -70,7 +70,7 @@ class RTBSampler(Sampler):
             raise ValueError(f"{name}: last_step {last_step!r} / particles {particles} belong to rtb_amortized_gn / "
                              f"rtb_amortized_is")
         self.post, self.name, self.cond_fn, self.batch_size = posterior, name, cond_fn, int(batch_size)
-        self.particles, self.last_step, self.view = int(particles), last_step, view
+        self.particles, self.last_step = int(particles), last_step
 
     def sample(self, problem, y: torch.Tensor, n: int, *, generator=None) -> Samples:
         if n < 1:
@@ -79,16 +79,13 @@ class RTBSampler(Sampler):
         post.eval()
         y = torch.as_tensor(y)
         step = self._last_step(problem, y)
-        if self.view is not None:
-            problem, y = self.view(problem, y)
-        if problem is not None:
-            post.problem = problem
         cond = None
         if self.cond_fn is not None:
-            cond = self.cond_fn(y.reshape(1, *post.problem.y_shape))[0]
+            cond = self.cond_fn(problem, y.reshape(1, *problem.y_shape))[0]
         x0, lr, lq, lp, start = [], [], [], [], []
         for s in range(0, n * m, self.batch_size):
-            b = policy_rollout(post, min(self.batch_size, n * m - s), y, cond, generator=generator, last_step=step)
+            b = policy_rollout(post, min(self.batch_size, n * m - s), y, cond, problem=problem, generator=generator,
+                               last_step=step)
             x0.append(b.x0)
             lr.append(b.log_r)
             lq.append(b.log_q())

@@ -51,8 +51,8 @@ from pipeline.metrics.logz import estimate_logz, estimate_logz_grouped, log_weig
 from pipeline.rtb.config import RTBConfig
 from pipeline.rtb.exploration import ReplayBuffer, backtrack
 from pipeline.rtb.loading import PER_STEP_EMA, _load_per_step, check_prior_record, prior_record
-from pipeline.rtb.objective import (RTBBatch, deltas_scalar, deltas_vargrad, evaluate_states, loss_value,
-                                    policy_rollout, prior_rollout, two_pass_backward)
+from pipeline.rtb.objective import (RTBBatch, deltas_scalar, deltas_vargrad, evaluate_states, is_per_sample,
+                                    loss_value, policy_rollout, prior_rollout, two_pass_backward)
 from pipeline.runtime import tqdm_disable
 
 log = logging.getLogger(__name__)
@@ -75,23 +75,28 @@ def seed_everything(seed: int) -> None:
 class RTBTrainer:
     """Fine-tunes ``posterior`` (an :class:`~pipeline.rtb.posterior.RTBPosterior`).
 
-    Single observation: pass ``y`` (shape ``problem.y_shape``). Amortized (``cfg.amortized``): pass
-    ``obs_sampler(G, generator) -> y (G, *y_shape)`` (e.g. prior-predictive draws or a fixed set) and
-    ``cond_fn(y) -> cond`` (default: y flattened). ``run_dir``: rolling checkpoints; ``metrics_path``:
+    ``problem``: the inverse problem, passed with every call of the posterior. Single observation:
+    pass ``y`` (shape ``problem.y_shape``). Amortized (``cfg.amortized``): pass
+    ``obs_sampler(G, generator) -> (y (G, *y_shape), lens index (G,) or None)`` (e.g. prior-predictive
+    draws or a fixed set) and ``cond_fn(problem, y) -> cond`` (default: y flattened); with a lens index
+    the observations' problem is ``problem.take(index)`` (a pool of lenses, e.g.
+    :class:`~pipeline.lensing.amortized.MultiLensProblem`), otherwise ``problem`` itself.
+    ``run_dir``: rolling checkpoints; ``metrics_path``:
     JSONL log; ``log_z_ref``: the reference evidence for the divergence criterion (optional).
     ``spec``: the posterior spec (:func:`~pipeline.rtb.posterior.posterior_spec`) stored in checkpoints.
     """
 
-    def __init__(self, posterior, cfg: RTBConfig, *, y=None, obs_sampler=None, cond_fn=None, run_dir=None,
-                 metrics_path=None, log_z_ref: float | None = None, spec: dict | None = None, dtype=torch.float32):
+    def __init__(self, posterior, cfg: RTBConfig, *, problem=None, y=None, obs_sampler=None, cond_fn=None,
+                 run_dir=None, metrics_path=None, log_z_ref: float | None = None, spec: dict | None = None,
+                 dtype=torch.float32):
         self.post, self.cfg, self.spec = posterior, cfg, spec or {}
         if cfg.amortized:
             if obs_sampler is None:
                 raise ValueError("an amortized posterior needs obs_sampler")
         elif y is None:
             raise ValueError("a single-observation posterior needs y")
-        self.y, self.obs_sampler = y, obs_sampler
-        self.cond_fn = cond_fn or (lambda yy: yy.reshape(yy.shape[0], -1))
+        self.problem, self.y, self.obs_sampler = problem, y, obs_sampler
+        self.cond_fn = cond_fn or (lambda _problem, yy: yy.reshape(yy.shape[0], -1))
         self.run_dir = Path(run_dir) if run_dir else None
         self.metrics_path = Path(metrics_path) if metrics_path else None
         self.log_z_ref, self.dtype = log_z_ref, dtype
@@ -142,20 +147,25 @@ class RTBTrainer:
 
         post = self.post
 
-        def behaviour(x, k, eps_p, y):
-            return dps_guidance(post.prior, post.chain, post.problem, y, x, k, self.cfg.dps_scale).shift
+        def behaviour(x, k, eps_p, y, problem):
+            return dps_guidance(post.prior, post.chain, problem, y, x, k, self.cfg.dps_scale).shift
 
         return behaviour
 
     def _observations(self):
-        """(y per sample, cond per sample, groups) for one batch."""
+        """(y per sample, problem, cond per sample, groups) for one batch."""
         B = self.cfg.batch_size
         if not self.cfg.amortized:
-            return self.y, None, torch.zeros(B, dtype=torch.long)
-        G = B // self.cfg.group_size
-        yg = self.obs_sampler(G, self.gen).to(self.device)
-        ys = yg.repeat_interleave(self.cfg.group_size, 0)
-        return ys, self.cond_fn(ys), torch.arange(G).repeat_interleave(self.cfg.group_size)
+            return self.y, self.problem, None, torch.zeros(B, dtype=torch.long)
+        G, gs = B // self.cfg.group_size, self.cfg.group_size
+        yg, lens = self.obs_sampler(G, self.gen)
+        ys = yg.to(self.device).repeat_interleave(gs, 0)
+        problem = self._problem_for(None if lens is None else torch.as_tensor(lens).repeat_interleave(gs))
+        return ys, problem, self.cond_fn(problem, ys), torch.arange(G).repeat_interleave(gs)
+
+    def _problem_for(self, lens):
+        """The problem of observations with lens indices ``lens`` (None: the trainer's own problem)."""
+        return self.problem if lens is None else self.problem.take(lens)
 
     def _choose_source(self) -> str:
         c = self.cfg
@@ -177,22 +187,22 @@ class RTBTrainer:
             if c.amortized:  # groups of distinct stored x_1 of one observation (VarGrad keeps the rewards)
                 ent = self.buffer.sample_groups(B // c.group_size, c.group_size, self.gen)
                 ys, cond, groups = ent["y"].to(self.device), ent["cond"].to(self.device), ent["groups"]
+                problem = self._problem_for(ent["lens"])
             else:
                 ent = self.buffer.sample(B, self.gen)
-                ys, cond, groups = self.y, None, torch.zeros(B, dtype=torch.long)
+                ys, problem, cond, groups = self.y, self.problem, None, torch.zeros(B, dtype=torch.long)
             x1 = ent["x1"].to(self.device, self.dtype)
             xs = backtrack(self.post.chain, x1, generator=self.gen)
-            return evaluate_states(self.post, xs, ys, cond, groups=groups, source="replay")
-        ys, cond, groups = self._observations()
+            return evaluate_states(self.post, xs, ys, cond, problem=problem, groups=groups, source="replay")
+        ys, problem, cond, groups = self._observations()
+        kw.update(problem=problem, groups=groups)
         if source == "prior":
-            return prior_rollout(self.post, B, ys, cond, groups=groups, **kw)
+            return prior_rollout(self.post, B, ys, cond, **kw)
         if source == "tempered":
-            return policy_rollout(self.post, B, ys, cond, std_scale=c.tempered_std_scale, groups=groups,
-                                  source="tempered", **kw)
+            return policy_rollout(self.post, B, ys, cond, std_scale=c.tempered_std_scale, source="tempered", **kw)
         if source == "dps":
-            return policy_rollout(self.post, B, ys, cond, behaviour=self._dps_behaviour, groups=groups,
-                                  source="dps", **kw)
-        return policy_rollout(self.post, B, ys, cond, groups=groups, **kw)
+            return policy_rollout(self.post, B, ys, cond, behaviour=self._dps_behaviour, source="dps", **kw)
+        return policy_rollout(self.post, B, ys, cond, **kw)
 
     # -- snapshots and rollback -------------------------------------------------------------------
     def _take_snapshot(self):
@@ -320,8 +330,10 @@ class RTBTrainer:
                     self.ema[n].lerp_(p.detach(), 1.0 - c.ema_decay)
         hist.append(loss)
         if source != "replay":
+            lens = batch.problem.index if c.amortized and is_per_sample(batch.problem) else None
             self.buffer.add(batch.x1, batch.log_r, batch.y if c.amortized else None,
-                            batch.cond if c.amortized else None, groups=batch.groups if c.amortized else None)
+                            batch.cond if c.amortized else None, groups=batch.groups if c.amortized else None,
+                            lens=lens)
         self.step_idx += 1
         # a snapshot is only taken after a step whose loss looked healthy (also during the spike warmup),
         # so a rollback never restores a state that an outlier batch has just wrecked
@@ -379,20 +391,21 @@ class RTBTrainer:
 
     # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, n: int | None = None, y=None, cond=None, batch_size: int = 4096):
-        """On-policy samples for one observation (default: the trainer's y) at beta = 1.
+    def evaluate(self, n: int | None = None, y=None, cond=None, batch_size: int = 4096, problem=None):
+        """On-policy samples for one observation ``y`` of ``problem`` (default: the trainer's) at beta = 1.
 
         Returns (x0, LogZEstimate). Updates ``diverged`` against ``log_z_ref`` when one is set.
         """
         n = n or self.cfg.eval_samples
         y = self.y if y is None else y
+        problem = self.problem if problem is None else problem
         if self.cfg.amortized and cond is None:
-            cond = self.cond_fn(torch.as_tensor(y).reshape(1, *self.post.problem.y_shape))[0]
+            cond = self.cond_fn(problem, torch.as_tensor(y).reshape(1, *problem.y_shape))[0]
         with self.ema_weights():
             x0s, lws = [], []
             for s in range(0, n, batch_size):
                 m = min(batch_size, n - s)
-                b = policy_rollout(self.post, m, y, cond, generator=self.gen, dtype=self.dtype)
+                b = policy_rollout(self.post, m, y, cond, problem=problem, generator=self.gen, dtype=self.dtype)
                 x0s.append(b.x0)
                 lws.append(log_weights(b.log_r, b.log_p(), b.log_q()))
         est = estimate_logz(torch.cat(lws))
@@ -470,7 +483,7 @@ class RTBTrainer:
                                  field="config_hash")
         self._model().load_state_dict(ck.states["model"])
         self.opt.load_state_dict(ck.states["optim"])
-        self.buffer.load_state_dict(ck.states["buffer"])
+        self.buffer.load_state_dict(ck.states["buffer"], y_shape=getattr(self.problem, "y_shape", None))
         _load_per_step(self.post, ck)
         if self.ema is not None and "ema" in ck.states:
             saved = {n: v.to(self.device) for n, v in ck.states["ema"].items()}

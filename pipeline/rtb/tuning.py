@@ -52,7 +52,7 @@ def tune_guidance_scale(prior, chain, problem, guidance: str, tuning_seed: int, 
         # the smallest head: its output is zero at initialisation, so only the guided chain is evaluated
         cfg = RTBConfig(K=chain.K, variance=chain.variance, guidance=guidance, guidance_scale=float(scale),
                         learn_variance=False, head_hidden=8, head_layers=1)
-        return RTBSampler(make_posterior(prior, problem, cfg), f"rtb_{guidance}")
+        return RTBSampler(make_posterior(prior, cfg), f"rtb_{guidance}")
 
     _, record = tune_scale(sampler_at, [(problem, y) for y in ys], grid=grid, n=n, seed=tuning_seed,
                            objective="elbo", label=f"rtb_{guidance} guidance scale")

@@ -24,7 +24,7 @@ One registry (:mod:`.registry`) holds every method's builder and properties; the
 below are derived from it. ``make_sampler(name, prior, chain, **opts)`` builds any method; options are
 the sampler's keyword arguments (``scale``, ``particles``, ``c_rate``, ``ess_threshold``, ``mode``,
 ``device``, ``batch_size``, ``cond``, ``tuning_record``; for RTB ``posterior``, ``cond_fn``,
-``particles``, ``batch_size``, ``view``). Unknown options are an error, not ignored.
+``particles``, ``batch_size``). Unknown options are an error, not ignored.
 """
 
 from __future__ import annotations

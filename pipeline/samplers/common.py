@@ -1,7 +1,8 @@
 """Shared plumbing for Gaussian-step samplers: batched rollouts with a guidance mean function.
 
-Each sampler supplies ``make_policy(y_batch) -> (mean_fn, rollout_prior)``: a
-:data:`pipeline.diffusion.sampling.MeanFn` and the prior whose eps the rollout calls (None: the prior);
+Each sampler supplies ``make_policy(y_batch) -> (mean_fn, guided_step)``: a
+:data:`pipeline.diffusion.sampling.MeanFn`, or a ``guided_step(x_k, k) -> (eps_prior, mean)`` that
+computes the prior's eps itself (the other one None);
 :func:`guided_samples` runs :func:`pipeline.diffusion.sampling.rollout` batch by batch, so every
 sampler reports the trajectory log-probabilities of its own law (``log_q_traj``), of the prior
 chain (``log_p_traj``) and the fully normalised ``log_r = log p(y | x0)``.
@@ -22,10 +23,10 @@ def resolve_device(prior, device):
 
 def guided_samples(prior, chain, problem, y, n: int, make_policy, *, generator=None, device=None,
                    batch_size: int = 1024, cond=None, nfe: int, info: dict) -> Samples:
-    """Roll out ``n`` trajectories in batches; ``make_policy(y_batch) -> (mean_fn, rollout_prior)``.
+    """Roll out ``n`` trajectories in batches; ``make_policy(y_batch) -> (mean_fn, guided_step)``.
 
-    A ``rollout_prior`` replaces the prior inside the rollout loop (DPS computes eps and its VJP in one
-    network call that way); it must return the prior's eps, so log p stays that of the prior chain.
+    A ``guided_step`` replaces the rollout's prior call and mean at k >= 2 (DPS computes eps and its VJP
+    in one network call that way); it must return the prior's eps, so log p stays that of the prior chain.
     """
     device = resolve_device(prior, device)
     if n < 1:
@@ -36,9 +37,9 @@ def guided_samples(prior, chain, problem, y, n: int, make_policy, *, generator=N
     for start in range(0, n, batch_size):
         m = min(batch_size, n - start)
         yb = ys[start:start + m].to(device)
-        mean_fn, rollout_prior = make_policy(yb)
-        traj = rollout(rollout_prior or prior, chain, m, mean_fn, generator=generator,
-                       device=device, keep_states=False, cond=cond)
+        mean_fn, guided_step = make_policy(yb)
+        traj = rollout(prior, chain, m, mean_fn, generator=generator, device=device, keep_states=False, cond=cond,
+                       guided_step=guided_step)
         x0s.append(traj.x0)
         logr.append(problem.log_likelihood(traj.x0, yb))
         logq.append(traj.log_q)

@@ -5,47 +5,26 @@ The gradient is taken per sample through the eps-network (:func:`pipeline.sample
 freeze and record it. Steps are Gaussian, so the sampler reports its trajectory log-probabilities.
 
 Cost per sample: K forward evaluations (eps at x_K..x_1) and K-1 vector-Jacobian products; the eps and its
-VJP come from the same network call (a wrapper prior computes both), so no forward is repeated.
+VJP come from the same network call (:func:`guided_step` returns both), so no forward is repeated.
 ``nfe`` counts forwards plus VJPs (2K - 1); ``info`` has both counts.
 """
 
 from __future__ import annotations
 
-import torch
-
-from pipeline.diffusion.prior import Prior
 from pipeline.samplers.base import Sampler, Samples
 from pipeline.samplers.common import guided_samples, resolve_device
 from pipeline.samplers.guidance import dps_guidance
 
 
-class GuidedEpsPrior(Prior):
-    """Wraps a prior so that each eps call at a reverse index k >= 2 also computes the guidance shift.
+def guided_step(chain, guide):
+    """The rollout step ``(x_k, k) -> (prior eps, guided mean)`` of a network guidance ``guide(x, k) ->``
+    :class:`~pipeline.samplers.guidance.GuidanceOut`: the eps and the mean shift come from one call."""
 
-    The rollout calls ``eps(x_k)`` and then ``mean_fn(x_k, k, eps)`` on the same state; the shift is
-    stashed in between. ``guide(x, k)`` returns a :class:`~pipeline.samplers.guidance.GuidanceOut`.
-    """
+    def step(x, k):
+        out = guide(x, k)
+        return out.eps, chain.reverse_mean(x, out.eps, k) + out.shift
 
-    def __init__(self, prior, chain, guide):
-        self.inner, self.chain, self.guide = prior, chain, guide
-        self.schedule, self.event_shape = prior.schedule, prior.event_shape
-        self.k_of_t = {int(t): k for k, t in enumerate(chain.t.tolist())}
-        self.shift: dict[int, torch.Tensor] = {}
-
-    @property
-    def device(self):
-        return self.inner.device
-
-    def eps(self, x, t, cond=None):
-        k = self.k_of_t[int(torch.as_tensor(t).reshape(-1)[0])]
-        if k < 2:  # final denoise: no guidance needed
-            return self.inner.eps(x, t, cond)
-        out = self.guide(x, k)
-        self.shift[k] = out.shift
-        return out.eps
-
-    def mean_fn(self, x, k, eps_p):
-        return self.chain.reverse_mean(x, eps_p, k) + self.shift.pop(k)
+    return step
 
 
 class NetworkGuidedSampler(Sampler):
@@ -68,8 +47,7 @@ class NetworkGuidedSampler(Sampler):
         problem = problem.to(device)
 
         def make_policy(yb):
-            wrapper = GuidedEpsPrior(self.prior, self.chain, self.guide_fn(problem, yb, device))
-            return wrapper.mean_fn, wrapper
+            return None, guided_step(self.chain, self.guide_fn(problem, yb, device))
 
         K = self.chain.K
         info = {"method": self.name, "scale": self.scale, "K": K, "forward_evals": K, "vjp_evals": K - 1}

@@ -63,7 +63,7 @@ def cond_fn_for(task: Task):
     C, H, W = task.prior.event_shape
     use_image = task.space == "pixel" and tuple(task.problem.y_shape) == tuple(task.problem.x_shape)
 
-    def cond_fn(y):
+    def cond_fn(_problem, y):
         if use_image:
             return y
         return torch.zeros((y.shape[0], 0, H, W), dtype=y.dtype, device=y.device)
@@ -83,10 +83,11 @@ def rtb_config(cfg: VisionConfig, guidance: str, scale: float, dps_scale: float)
                      checkpoint_every=max(1, cfg.rtb_steps), eval_samples=cfg.n_samples)
 
 
-def policy_samples(post, cond_fn, y, n, generator, K):
-    """n samples of the posterior ``post`` at y, with their trajectory log-densities, as Samples."""
+def policy_samples(post, problem, cond_fn, y, n, generator, K):
+    """n samples of the posterior ``post`` at the observation y of ``problem``, with their trajectory
+    log-densities, as Samples."""
     name = "rtb_amortized" if post.guidance is None else "rtb_dps"
-    return RTBSampler(post, name, cond_fn=cond_fn, batch_size=n).sample(None, y, n, generator=generator)
+    return RTBSampler(post, name, cond_fn=cond_fn, batch_size=n).sample(problem, y, n, generator=generator)
 
 
 def tune_rtb_dps_scale(cfg: VisionConfig, task: Task, seed: int) -> tuple[float, dict]:
@@ -98,7 +99,7 @@ def tune_rtb_dps_scale(cfg: VisionConfig, task: Task, seed: int) -> tuple[float,
 
     def sampler_at(scale):
         spec = posterior_spec(task.prior, rtb_config(cfg, "dps", scale, scale), cond_channels=cond_channels)
-        post = build_posterior(task.prior, task.problem, spec)
+        post = build_posterior(task.prior, spec)
         return RTBSampler(post, "rtb_dps", cond_fn=cond_fn, batch_size=cfg.n_samples)
 
     return tune_scale(sampler_at, [(task.problem, task.ys[-1])], grid=cfg.rtb_dps_grid, n=cfg.n_samples, seed=seed,
@@ -114,11 +115,12 @@ class RTBMethod:
         self.cond_fn, cond_channels = cond_fn_for(task)
         self.rcfg = rtb_config(cfg, guidance, scale, dps_scale)
         spec = posterior_spec(task.prior, self.rcfg, cond_channels=cond_channels)
-        self.post = build_posterior(task.prior, task.problem, spec)
+        self.post = build_posterior(task.prior, spec)
         name = f"{task.ds_name}-{task.space}-{task.task}-{'rtb_dps' if guidance != 'none' else 'rtb'}"
         prior_id = str(task.prior.meta.get("checkpoint", ""))
         run_dir = ctx.out / "rtb" / f"{name}-{config_hash([self.rcfg.hash_fields(), spec, prior_id])}"
-        self.trainer = RTBTrainer(self.post, self.rcfg, obs_sampler=task.obs_sampler, cond_fn=self.cond_fn,
+        self.trainer = RTBTrainer(self.post, self.rcfg, problem=task.problem, obs_sampler=task.obs_sampler,
+                                  cond_fn=self.cond_fn,
                                   run_dir=run_dir, metrics_path=run_dir / "metrics.jsonl", spec=spec)
         t0 = time.perf_counter()
         self.trainer.resume()
@@ -129,7 +131,8 @@ class RTBMethod:
 
     def sample(self, y, n, generator):
         with self.trainer.ema_weights():
-            return policy_samples(self.post, self.cond_fn, y.to(self.task.truths.device), n, generator,
+            return policy_samples(self.post, self.task.problem, self.cond_fn, y.to(self.task.truths.device), n,
+                                  generator,
                                   self.task.chain.K)
 
     def budget(self, cfg: VisionConfig) -> str:

@@ -182,8 +182,9 @@ class Task:
         with torch.no_grad():
             return (self.problem.decode(x0) if self.space == "latent" else x0).detach()
 
-    def obs_sampler(self, G: int, generator) -> torch.Tensor:
-        """G observations simulated from random TRAIN images (for amortized RTB training)."""
+    def obs_sampler(self, G: int, generator) -> tuple[torch.Tensor, None]:
+        """G observations simulated from random TRAIN images (for amortized RTB training), and no lens
+        index (every observation shares the task's problem)."""
         idx = torch.randint(0, len(self.train_images), (G,), generator=generator)
         x = self.train_images[idx].to(self.truths.device)
-        return self.image_op.simulate(x, generator=generator)
+        return self.image_op.simulate(x, generator=generator), None
