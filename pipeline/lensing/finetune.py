@@ -33,8 +33,9 @@ from pipeline.lensing.tuning import prior_predictive_observation
 from pipeline.rtb.config import RTBConfig
 from pipeline.rtb.loading import check_prior_record
 from pipeline.rtb.posterior import build_posterior, posterior_spec
-from pipeline.rtb.trainer import RTBTrainer, seed_everything
+from pipeline.rtb.trainer import RTBTrainer
 from pipeline.rtb.tuning import UNTRAINED_ELBO, guidance_grid
+from pipeline.runtime import seed_everything
 from pipeline.samplers.tuning import tune_scale
 
 log = logging.getLogger(__name__)
