@@ -73,3 +73,5 @@ def test_results_page_names_its_origin_and_copies_assets(tmp_path):
     assert "](lensing/coverage_prior.png)" in text and (page.parent / "lensing" / "coverage_prior.png").is_file()
     assert "0.700 (0.697)" in text and "**1.020** over the image, **1.050** in the arc" in text
     assert "results/calibration" not in text.split("generated")[1]  # links point at the copies
+    # the worked example of the exact-sampler level uses the summaries' own number of samples (16 here)
+    assert "for 16 samples 11/17 = 0.647 and 17/17 = 1.000" in text and "23/33" not in text

@@ -19,6 +19,7 @@ from pathlib import Path
 from pipeline.errors import InputFileError
 from pipeline.evaluation.doc import Doc
 from pipeline.io.atomic import atomic_file, write_text
+from pipeline.metrics.coverage import exact_coverage_level
 
 CHI2_RANGE = (0.8, 1.25)  # acceptance band for the median chi2_nu (image and arc) on the prior-drawn set
 
@@ -33,7 +34,7 @@ COLUMN_NOTES = (
     "per-pixel central-interval coverage over all source pixels, 'fp' inside the footprint (pixels where the "
     "pooled mean of the truth and the samples exceeds {frac} x its peak, a rule symmetric in truth and "
     "samples); in brackets the level an exact sampler reaches with the same number of samples under the "
-    "same rank rule (for 32 samples 23/33 = 0.697 and 31/33 = 0.939, not 0.68 and 0.95). chi2_nu = "
+    "same rank rule ({exact_example}, not 0.68 and 0.95). chi2_nu = "
     "sum((y - A(x_s))/sigma)^2 / nu per posterior sample with nu = unmasked image pixels (median over samples "
     "and observations; 'arc' = pixels where the sample's own noiseless model exceeds sigma); compare it with "
     "the truths' own chi2_nu on the same set (below the set's description), the level exact samples reach. "
@@ -42,6 +43,15 @@ COLUMN_NOTES = (
     "ignores y passes TARP and coverage, so read them together); log Z = median over observations of the "
     "ELBO and of the importance-weighted estimate, n/a where a method has none; sampling s = total sampling "
     "wall time of the set.")
+
+def exact_level_example(n: int) -> str:
+    """'for n samples k/(n+1) = ... and ...': the exact-sampler levels of the 68 and 95 % intervals at n."""
+    parts = []
+    for level in (0.68, 0.95):
+        v = exact_coverage_level(n, level)
+        parts.append(f"{round(v * (n + 1))}/{n + 1} = {v:.3f}")
+    return f"for {n} samples " + " and ".join(parts)
+
 
 KIND_COLUMNS = ["set", "method", "kind", "n_obs", "chi2_nu med (truths)", "chi2_nu arc med (truths)", "mean err",
                 "cov68 (exact)", "cov95 (exact)"]
@@ -281,7 +291,9 @@ def build_report(cal_dir, out_path, *, figures=(), sections=(), title="Calibrati
         doc.p(set_paragraph(s, sets[s], settings.get(s, {})))
     doc.h(2, "Results")
     doc.table(COLUMNS, [results_row(s, m, sets[s][m]) for s in set_order for m in sorted(sets[s])])
-    doc.p(COLUMN_NOTES.format(frac=fmt(next(iter(settings.values()), {}).get("footprint_frac", 0.1))))
+    n_samples = next((r.get("n_samples") for s in set_order for r in sets[s].values() if r.get("n_samples")), 32)
+    doc.p(COLUMN_NOTES.format(frac=fmt(next(iter(settings.values()), {}).get("footprint_frac", 0.1)),
+                              exact_example=exact_level_example(int(n_samples))))
     rows = kind_rows(sets, set_order)
     if rows:
         doc.h(2, "Per source kind")
