@@ -1,7 +1,7 @@
 """The ``InverseProblem`` interface that lensing, vision and the analytic benchmarks share.
 
 ``y = forward(x) + n``, ``n ~ N(0, diag(sigma^2))`` on the unmasked pixels. ``log_likelihood`` is the
-*fully normalised* Gaussian log-density over unmasked pixels (DESIGN section 1):
+*fully normalised* Gaussian log-density over unmasked pixels:
 ``-1/2 sum((y - A(x))/sigma)^2 - sum(log sigma) - (m/2) log(2 pi)``, computed in float64.
 """
 

@@ -1,7 +1,7 @@
 """Devices, seeds and thread counts.
 
 Threads: on the 2-core machines this project is developed and tested on, two intra-op threads
-were erratic (2-10x slower, DESIGN section 4), so on CPU we default to ONE torch thread unless
+were erratic (2-10x slower), so on CPU we default to ONE torch thread unless
 the user sets ``PIPELINE_NUM_THREADS``. On a GPU the thread count matters little.
 """
 

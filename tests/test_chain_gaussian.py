@@ -1,4 +1,4 @@
-"""Per-step log-probs of rollouts, and the chain's exact Gaussian law vs Monte-Carlo (DESIGN 11)."""
+"""Per-step log-probs of rollouts, and the chain's exact Gaussian law vs Monte-Carlo."""
 
 import math
 

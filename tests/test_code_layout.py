@@ -74,3 +74,19 @@ def test_no_package_module_over_400_lines():
     long = [f"{p.relative_to(root.parent)} has {n} lines" for p in sorted(root.rglob("*.py"))
             if (n := len(p.read_text().splitlines())) > 400]
     assert not long, "\n".join(long)
+
+
+def test_no_reference_to_outside_documents_or_work_logs():
+    """Code, tests, workflow, configs and docs explain themselves: no citation of a design document that is
+    not in the repository, and no issue or session numbers."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"design(\.md| section| §| [0-9])|session [0-9]|issue [0-9]", re.IGNORECASE)
+    places = [root / d for d in ("pipeline", "tests", "workflow", "config", "docs", "notebooks")]
+    files = [f for d in places for f in d.rglob("*") if f.is_file() and f.suffix in {".py", ".md", ".yaml", ".smk",
+                                                                                      ".ipynb", ".txt"}]
+    files += [root / "README.md", root / "data" / "pretrained" / "README.md", root / "workflow" / "Snakefile"]
+    hits = [f"{f.relative_to(root)}:{i}" for f in files if f.is_file() and f.name != "test_code_layout.py"
+            for i, line in enumerate(f.read_text(errors="replace").splitlines(), 1) if pattern.search(line)]
+    assert not hits, "references to outside documents or work logs:\n" + "\n".join(hits)

@@ -75,7 +75,7 @@ def test_chain_marginal_matches_monte_carlo():
     # mean: 5 standard errors; covariance entries: 0.05 absolute (var ~ 0.5, se ~ 0.01)
     assert ((x.mean(0) - law["x0_mean"]).abs() / sd).max() < 5 / math.sqrt(n)
     assert (torch.cov(x.T) - law["x0_cov"]).abs().max() < 0.05
-    # and the chain is NOT the analytic prior (DESIGN 11): its std is clearly different at K = 10
+    # and the chain is NOT the analytic prior: its std is clearly different at K = 10
     assert (sd / torch.diagonal(prior.cov).sqrt()).median() < 0.95
 
 

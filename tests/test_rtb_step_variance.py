@@ -1,4 +1,4 @@
-"""No single step dominates Var(sum_k (log q - log p)) on a PERTURBED posterior (DESIGN 3.1).
+"""No single step dominates Var(sum_k (log q - log p)) on a PERTURBED posterior.
 
 At initialisation q = p and every term is 0, so the posterior is perturbed first (a random, non-zero
 output layer of the correction). With the trajectory ending at x_1 and x0 = f(x_1) there is no fake

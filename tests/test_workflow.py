@@ -1,6 +1,6 @@
 """The Snakemake DAG: lint, dry runs, a real tiny run, and resume after kill -9 / a truncated checkpoint.
 
-Every run uses ``--directory`` in a temp dir with absolute ``--snakefile``/``--configfile`` (DESIGN 7),
+Every run uses ``--directory`` in a temp dir with absolute ``--snakefile``/``--configfile``,
 so existing results in the checkout never mask the DAG.
 """
 

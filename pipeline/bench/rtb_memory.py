@@ -158,7 +158,7 @@ def _run_one(method, K, batch, chunk, preset, image_size, timeout, memory_limit_
 
 
 def _checks(runs: list[dict], Ks) -> dict:
-    """Issue 3's criteria: two-pass at K_max <= 1.3 x at K_min; naive at K_max >= 3 x at K_min (or OOM)."""
+    """The memory criteria: two-pass at K_max <= 1.3 x at K_min; naive at K_max >= 3 x at K_min (or OOM)."""
     def get(m, K):
         return next((r for r in runs if r["method"] == m and r["K"] == K), None)
 

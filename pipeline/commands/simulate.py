@@ -1,7 +1,7 @@
 """``python -m pipeline simulate --config FILE --sources SOURCES.fits --split TEST --n N --out DIR``.
 
 Draws lens parameters from ``lensing.lens`` ranges and writes ``DIR/obs-0000.fits`` ... (one file per
-observation, DESIGN 6 layout) and ``DIR/manifest.json``. The noise level is ``lensing.noise.sigma`` or,
+observation, in the FITS layout of the README) and ``DIR/manifest.json``. The noise level is ``lensing.noise.sigma`` or,
 when null, set from the TRAIN split's typical lensed peak brightness / ``target_peak_snr``: a property of
 the source population, independent of each truth. The directory appears only when complete.
 

@@ -2,7 +2,7 @@
 
 The truths are drawn from the exact chain RTB targets (K, timestep grid, variances and final denoise
 read from the prior checkpoint), lenses from the configured ranges, and noise at the fixed level that
-does not depend on the truth (DESIGN 6, 8): on this set exact posteriors are calibrated, so any
+does not depend on the truth: on this set exact posteriors are calibrated, so any
 miscalibration is the sampler's.
 """
 

@@ -1,4 +1,4 @@
-"""Exact laws of the strided reverse chain for a Gaussian prior (DESIGN section 11).
+"""Exact laws of the strided reverse chain for a Gaussian prior.
 
 With a Gaussian prior N(m, S) the exact noised eps at abar is affine in x:
 ``eps(x) = sqrt(1-abar) C^{-1} (x - sqrt(abar) m)``, ``C = abar S + (1-abar) I``. Every reverse step

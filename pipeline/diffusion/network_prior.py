@@ -1,7 +1,7 @@
 """The trained network behind the :class:`~pipeline.diffusion.prior.Prior` interface.
 
 Units: the network works in *network units* ``x``; physical images (the units of the training FITS
-file and of the likelihood) are ``x_phys = scale * x + offset`` (DESIGN section 6, brightness scale).
+file and of the likelihood) are ``x_phys = scale * x + offset``.
 """
 
 from __future__ import annotations

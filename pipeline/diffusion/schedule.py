@@ -9,7 +9,7 @@ Conventions (used everywhere in the package):
   ``x_K -> ... -> x_1``; every transition ``p(x_{k-1} | x_k)``, k = 2..K, is Gaussian with a mean from
   the eps-prediction and a fixed variance, so it has an exact log-density. The sample is
   ``x_0 = f(x_1)``, the deterministic final denoise ``(x_1 - sqrt(1-abar_1) eps(x_1)) / sqrt(abar_1)``
-  (DESIGN section 3.1: no step is scored as a fake narrow Gaussian).
+  (no step is scored as a fake narrow Gaussian).
 * Strided kernels between consecutive chain states: ``a_k = abar_k / abar_{k-1}``, ``b_k = 1 - a_k``;
   forward ``q(x_k | x_{k-1}) = N(sqrt(a_k) x_{k-1}, b_k I)``.
 * Reverse variance: ``"small"`` is the DDPM posterior variance
@@ -142,7 +142,7 @@ class Chain:
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std) -> torch.Tensor:
-    """Sum over event dims of log N(x; mean, std^2), computed in float64 (DESIGN 3.11).
+    """Sum over event dims of log N(x; mean, std^2), computed in float64.
 
     ``std`` is a float or a tensor broadcastable to x. Returns shape (B,).
     """

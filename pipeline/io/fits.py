@@ -1,7 +1,7 @@
 """Small FITS helpers: read an image HDU as native float32, write an HDU list atomically.
 
 astropy returns big-endian arrays that ``torch.from_numpy`` refuses; :func:`read_image_hdu` is the
-one place that converts them (DESIGN section 6).
+one place that converts them.
 """
 
 from __future__ import annotations

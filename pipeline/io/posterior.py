@@ -1,4 +1,4 @@
-"""Posterior FITS files: one file per observation and method (DESIGN sections 6 and 8).
+"""Posterior FITS files: one file per observation and method.
 
 Layout (``write_posterior`` / ``read_posterior``):
 
@@ -14,7 +14,7 @@ Layout (``write_posterior`` / ``read_posterior``):
 
 Source-plane images carry a linear WCS in arcsec: ``CTYPE1/2 = OFFSET-X/Y``, ``CUNIT = arcsec``,
 ``CDELT = SRCPIXSC``, ``CRPIX = (n+1)/2``, ``CRVAL = 0`` (the array centre is the origin, +x along
-columns, +y along rows: the array frame of DESIGN section 6). Files are written atomically
+columns, +y along rows: the package's array frame). Files are written atomically
 (:mod:`pipeline.io.atomic`) with FITS checksums; ``read_posterior`` verifies them.
 """
 

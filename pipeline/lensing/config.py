@@ -6,7 +6,7 @@ increasing column, +y along increasing row, origin at the array centre). Source 
 brightness in ``sources.bunit`` (default electron/s/arcsec^2); SCI images written by the simulator
 are flux per pixel (``noise.bunit``, default electron/s) = mean surface brightness x pixel area.
 
-CPU default geometry (issue 5, item 2): image 32x32 at 0.1"/px, source 32x32 at 0.05"/px (1.6" field,
+CPU default geometry: image 32x32 at 0.1"/px, source 32x32 at 0.05"/px (1.6" field,
 which holds the 0.5-0.9" Einstein radius caustics with room for extended sources), supersampling 2,
 Gaussian PSF FWHM 0.15". The paper config uses 64x64 image and source at the same scales.
 """
@@ -50,7 +50,7 @@ class GeometryConfig:
 @dataclass
 class GalSimConfig:
     """Parametric galaxies: Sersic bulge + exponential disk + RandomKnots, convolved with a small
-    Gaussian (knots are delta functions; DESIGN 5). Sizes are half-light radii in arcsec."""
+    Gaussian (knots are delta functions). Sizes are half-light radii in arcsec."""
 
     flux: tuple[float, float] = (20.0, 100.0)           # total flux [electron/s], log-uniform
     bulge_fraction: tuple[float, float] = (0.0, 0.6)
@@ -134,7 +134,7 @@ class LensConfig:
 class NoiseConfig:
     """Noise map. ``sigma`` fixed in SCI units (flux per pixel), or null: sigma = median over up to 128
     TRAIN sources (each lensed by a lens drawn from the ranges with a fixed seed) of the noiseless image
-    peak / ``target_peak_snr``. Either way sigma is independent of each truth (DESIGN 6). ``poisson``
+    peak / ``target_peak_snr``. Either way sigma is independent of each truth. ``poisson``
     adds the source's Poisson variance (realism sets only: it leaks the truth into NOISE)."""
 
     sigma: float | None = field(default=None, metadata={"gt": 0})

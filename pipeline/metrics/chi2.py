@@ -1,4 +1,4 @@
-"""chi2_nu of residuals per posterior sample, over the image and inside the arc (DESIGN section 8).
+"""chi2_nu of residuals per posterior sample, over the image and inside the arc.
 
 chi2_nu(x_s) = sum_{unmasked} ((y - A(x_s)) / sigma)^2 / nu with nu = the number of unmasked image
 pixels (not nu minus parameters: by exchangeability of exact posterior samples with the truth,

@@ -1,4 +1,4 @@
-"""Per-observation log-evidence estimators from trajectory log-probabilities (DESIGN sections 1-2).
+"""Per-observation log-evidence estimators from trajectory log-probabilities.
 
 For a sampler with trajectory law q(tau) and the prior chain p_theta(tau), the importance weight of a
 trajectory is ``log w = log r(x0) + log p_theta(tau) - log q(tau)`` with ``log r = log p(y | x0)`` fully
@@ -91,7 +91,7 @@ def estimate_logz_grouped(log_w, groups) -> dict[int, LogZEstimate]:
 def estimate_logz_samples(samples) -> LogZEstimate:
     """Estimates from a :class:`pipeline.samplers.base.Samples` of ONE observation.
 
-    Raises ``ValueError`` for samplers without a trajectory density (particle methods: DESIGN 2).
+    Raises ``ValueError`` for samplers without a trajectory density (particle methods, whose weights are not a trajectory density).
     """
     if samples.log_r is None or not samples.has_trajectory_density:
         raise ValueError("log Z not available: the sampler returned no trajectory log-probabilities")

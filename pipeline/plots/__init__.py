@@ -1,7 +1,7 @@
 """Figures (matplotlib, Agg backend): per-lens posterior panels and the coverage figure.
 
 Images use an asinh stretch (astropy ``AsinhStretch``, shared between truth, mean and samples) and
-arcsec axes from the pixel scales, origin at the array centre (DESIGN section 6 array frame).
+arcsec axes from the pixel scales, origin at the array centre.
 """
 
 from pipeline.plots.coverage import plot_coverage

@@ -1,6 +1,6 @@
 """Off-policy exploration for RTB: a reward-prioritised replay buffer and backtracking.
 
-* :class:`ReplayBuffer` stores terminal states x_1 (never x0: the sample is f(x_1), DESIGN 3.1)
+* :class:`ReplayBuffer` stores terminal states x_1 (never x0: the sample is the deterministic f(x_1))
   with log r(f(x_1)) at beta = 1 and, for amortized posteriors, the observation they belong to (y,
   cond, the lens index of a per-sample problem, and an observation id shared by the trajectories of
   one y). FIFO eviction at capacity;

@@ -1,4 +1,4 @@
-"""The RTB objective and its two-pass gradient (DESIGN sections 1 and 3.5).
+"""The RTB objective and its two-pass gradient.
 
 For a trajectory tau = (x_K -> ... -> x_1), sample x0 = f(x_1):
 

@@ -1,4 +1,4 @@
-"""The RTB posterior policy q_phi over the strided chain (DESIGN sections 1, 3.1 and 10).
+"""The RTB posterior policy q_phi over the strided chain.
 
 Every reverse step k = 2..K of q_phi is Gaussian. Its variance is the prior chain's only when
 ``learn_variance`` is off; by default (``learn_variance: true``) the network also outputs a

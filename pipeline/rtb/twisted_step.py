@@ -2,7 +2,7 @@
 
 For a trained posterior whose marginal of x_2 is right, the best last step is the prior's own kernel
 times the likelihood of the final sample, ``q*(x_1 | x_2) ∝ p(x_1 | x_2) r(f(x_1))``, with
-``f`` the frozen prior's final denoise (DESIGN §3.1). On lensing the policy's isotropic last step
+``f`` the frozen prior's final denoise. On lensing the policy's isotropic last step
 leaves the samples' arc χ² well above the truths' (README, "Where the rest sits"), and a per-pixel
 variance cannot reach the smooth directions the arc constrains.
 

@@ -13,8 +13,8 @@ so ``p_j(y | x_t) = N(y; A E_j[x0|x_t], Sigma_y + A P_j A^T)`` exactly, and
     rho_j ∝ w_j p_j(x_t) p_j(y | x_t),
 
 enters with scale 1: ``eps~ = eps - sqrt(1-ab) g``. With the prior's exact eps this is the exact eps of the
-noised posterior ``p_t(x_t | y)`` (DESIGN 3.8), the yardstick of the guidance machinery and the proposal
-for the high-dimensional importance-sampling references (DESIGN 11). The *chain* it drives is not the
+noised posterior ``p_t(x_t | y)``, the yardstick of the guidance machinery and the proposal
+for the high-dimensional importance-sampling references. The *chain* it drives is not the
 chain posterior (it differs by the discretisation), so references judge it against its own propagated law.
 
 All algebra in float64; per-step matrices are computed once per chain index (shared by the batch).

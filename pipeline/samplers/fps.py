@@ -14,7 +14,7 @@
    N(y_{k-1}; A m_k(x_k), ab_{k-1} Sigma + v_k A A^T)`` (fully adapted proposal), resampled (systematic) when a
    run's ESS falls below ``ess_threshold * M``. As M grows the particles converge to the posterior of FPS's
    *auxiliary* bridged model, not exactly to the chain posterior; its normaliser is not p(y), so log Z is
-   reported as not available (DESIGN 2). Measured (``python -m pipeline.bench.sampler_report``): that model treats
+   reported as not available. Measured (``python -m pipeline.bench.sampler_report``): that model treats
    the K bridged measurements as independent, so its posterior is over-concentrated (covariance eigenvalue
    ratios ~0.3 on a 2-D Gaussian, the likelier of two modes taking 99 % instead of 88 %); the distance to the
    chain posterior plateaus from M ~ 5-20 on, at a level that single-particle FPS can beat.

@@ -2,7 +2,7 @@
 
 Every function works on one chain state ``x`` = x_k of shape (B, *x_shape) at chain index k (2..K for
 the reverse transitions) and an observation ``y`` of shape ``y_shape`` or (B, *y_shape). Guidance is
-computed **per sample**: norms and solves never mix batch members (DESIGN 3.7).
+computed **per sample**: norms and solves never mix batch members.
 
 Two forms are returned, and the docstrings say which:
 

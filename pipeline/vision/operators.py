@@ -2,7 +2,7 @@
 
 Images ``x`` are (B, C, H, W) float32 in [-1, 1]. Every operator is *fixed per measurement*: its
 mask, kernel or random draw comes from an explicit integer seed at construction, never from a call
-(DESIGN 3.9). ``sigma_y`` (default 0.05) is the Gaussian noise std in the units of ``y`` stated below.
+(reproducible tasks). ``sigma_y`` (default 0.05) is the Gaussian noise std in the units of ``y`` stated below.
 
 * :class:`BoxInpainting` -- ``y = x * M``: a square box of every channel is hidden. Linear,
   self-adjoint mask form (``A = A^T = diag(M)``); hidden pixels are masked out of the likelihood.
@@ -11,7 +11,7 @@ mask, kernel or random draw comes from an explicit integer seed at construction,
 * :class:`PhaseRetrieval` -- ``y = |FFT2(pad((x + 1) / 2))|`` per channel, ``norm="ortho"`` (so
   ``sigma_y`` means the same per-pixel noise level as elsewhere). The image is mapped to [0, 1] first so
   the zero padding is a true support constraint. Padding per side is ``round(oversample / 8 * H)``
-  (DPS's 64 px at 256 px, 8 px at 32 px; DESIGN 3.10). |FFT| is blind to (circular) shifts and to a
+  (DPS's 64 px at 256 px, 8 px at 32 px). |FFT| is blind to (circular) shifts and to a
   180-degree rotation, so PSNR/SSIM are computed after :func:`align_phase_retrieval` aligns each sample
   to the truth over those symmetries.
 * :class:`NonlinearDeblur` -- **choice made here**: a fixed random motion-blur kernel (a seeded random

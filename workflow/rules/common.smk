@@ -78,7 +78,7 @@ CFG_ALL = section_config("all", list(config))
 
 
 def train_prior_command(wildcards, input, output):
-    """train-prior, or install-prior when the config names a shipped checkpoint (DESIGN 10)."""
+    """train-prior, or install-prior when the config names a shipped checkpoint."""
     run_dir = os.path.dirname(output[0])
     shipped = config.get("prior_checkpoint")
     if shipped:
