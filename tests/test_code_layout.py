@@ -82,7 +82,7 @@ def test_no_reference_to_outside_documents_or_work_logs():
     import re
 
     root = Path(__file__).resolve().parents[1]
-    pattern = re.compile(r"design(\.md| section| §| [0-9])|session [0-9]|issue [0-9]", re.IGNORECASE)
+    pattern = re.compile(r"design(\.md| section| §| [0-9]|:| units)|session [0-9]|issue [0-9]|the issue's", re.IGNORECASE)
     places = [root / d for d in ("pipeline", "tests", "workflow", "config", "docs", "notebooks")]
     files = [f for d in places for f in d.rglob("*") if f.is_file() and f.suffix in {".py", ".md", ".yaml", ".smk",
                                                                                       ".ipynb", ".txt"}]

@@ -126,7 +126,7 @@ def test_amortized_samples_at_a_batch_equal_to_the_feature_channels():
     assert out[2].x0.shape[0] == 2 and out[3].x0.shape[0] == 3
     lr2, lr3 = out[2].log_r, out[3].log_r
     assert torch.isfinite(lr2).all() and torch.isfinite(lr3).all()
-    # both fit the same data about equally (log r of a good sample: about -200 here, per DESIGN units)
+    # both fit the same data about equally (log r of a good sample: about -200 here)
     assert abs(float(lr2.mean() - lr3.mean())) < 0.5 * abs(float(lr3.mean()))
 
 

@@ -101,7 +101,7 @@ def test_rollback_on_loss_spike():
 
 
 def test_loss_spike_after_the_rollback_budget_stops_at_the_last_good_state(tmp_path):
-    """The issue's definition: only non-finite values after 3 rollbacks mean divergence. A 4th loss spike
+    """Divergence: only non-finite values after 3 rollbacks mean divergence. A 4th loss spike
     restores the last good snapshot and ends training there; the run is not marked diverged."""
     prior, problem, y = _problem()
     cfg = _small_cfg(steps=40, spike_factor=10.0, spike_warmup=10, replay_rate=0.0, tempered_rate=0.0,

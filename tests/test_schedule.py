@@ -20,7 +20,7 @@ def test_alpha_bar_is_cumulative_product_of_one_minus_beta():
         for i in range(t):  # beta_s for s = 1..t is betas[s-1]
             prod *= 1.0 - float(betas[i])
         assert float(s.abar(t)) == pytest.approx(prod, rel=1e-12)
-    # the end of the default schedule is almost pure noise (DESIGN: abar_K ~ 4e-5)
+    # the end of the default schedule is almost pure noise (abar_K ~ 4e-5)
     assert 1e-5 < float(s.abar(1000)) < 1e-4
 
 

@@ -12,7 +12,7 @@ One iteration:
 4. guards: a non-finite delta / gradient / parameter, or a loss spike (loss > ``spike_factor`` x the
    running median of the same behaviour source), restores the last good snapshot and lowers the
    learning rate (a *rollback*). Once ``max_rollbacks`` are spent, a further non-finite value marks
-   the run diverged (the issue's definition); a further loss spike restores the last good snapshot and
+   the run diverged; a further loss spike restores the last good snapshot and
    ends training there (``stopped_early``: a spike is a warning, not a failure, and the run is then
    judged like any other). Ending with |log Z_IW - log Z_ref| > ``diverged_logz_tol`` when a reference
    is given also marks it diverged.
