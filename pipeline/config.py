@@ -1,12 +1,14 @@
 """Typed config sections with one-line errors that name the file and the field.
 
-Each command reads one section of the pipeline's YAML config into a dataclass. Field metadata
-states ranges and choices: ``field(default=..., metadata={"min": 0, "max": 1, "choices": [...]})``.
+Each command reads one section of the pipeline's YAML config into a dataclass. Fields are declared
+with :func:`param`, which carries the field's documentation, unit, range and choices; the JSON schema
+of the workflow and the configuration reference page in ``docs/`` are generated from them.
 Unknown keys, wrong types and out-of-range values raise :class:`pipeline.errors.ConfigError`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -20,6 +22,24 @@ import yaml
 from pipeline.errors import ConfigError, InputFileError
 
 T = TypeVar("T")
+
+CHECKS = ("min", "max", "gt", "choices")
+
+
+def param(default=dataclasses.MISSING, doc: str = "", unit: str | None = None, **checks):
+    """A documented config field: ``default`` (lists, dicts and sets are copied per instance; a
+    dataclass type makes a nested section built with its own defaults), a
+    one-sentence ``doc``, the ``unit`` of the value (None for dimensionless or not a quantity) and range
+    checks ``min``, ``max`` (inclusive), ``gt`` (exclusive) and ``choices``."""
+    unknown = sorted(set(checks) - set(CHECKS))
+    if unknown:
+        raise TypeError(f"param(): unknown check {unknown[0]!r} (known: {', '.join(CHECKS)})")
+    meta = {"doc": doc, "unit": unit, **checks}
+    if isinstance(default, type) and dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=default, metadata=meta)
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda d=default: copy.deepcopy(d), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 def load_yaml(path) -> dict:
