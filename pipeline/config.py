@@ -165,3 +165,15 @@ def config_hash(obj) -> str:
         obj = dataclasses.asdict(obj)
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def read_device(path) -> str:
+    """The top-level ``device`` of the config file at ``path`` (``auto`` when absent): ``auto`` picks
+    CUDA when available, else the CPU (see :func:`pipeline.runtime.choose_device`)."""
+    value = load_yaml(path).get("device", "auto")
+    if value not in DEVICES:
+        raise ConfigError(path, "device", f"must be one of {list(DEVICES)}, got {value!r}")
+    return value
