@@ -7,18 +7,33 @@
 #
 # Every rule is a thin call of `python -m pipeline <command>`; all logic lives in the package.
 import os
+import sys
 
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
+
 configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+sys.path.insert(0, workflow.basedir)
+from pipeline.errors import PipelineError
+from pipeline.settings import check_workflow_config
+
+# the package checks the whole tree first (one line naming the file and the field), then the schema
+# generated from it; the config files in the order Snakemake merges them, then --config
+_cli_files = [str(p) for p in workflow.config_settings.configfiles]
+try:
+    check_workflow_config(config, [f for f in map(str, workflow.configfiles) if f not in _cli_files] + _cli_files,
+                          dict(workflow.config_settings.config))
+except PipelineError as exc:
+    sys.exit(f"error: {exc}")
+validate(config, os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml"), set_default=False)
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/config.smk"
 include: "workflow/rules/prior.smk"
 include: "workflow/rules/simulate.smk"
 include: "workflow/rules/posterior.smk"

@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("pipeline.commands.calibrate", "TARP, interval coverage, chi2 and log Z of posteriors"),
     "report": ("pipeline.commands.report", "write the markdown report with figures and tables"),
     "bench": ("pipeline.commands.bench", "benchmarks: gmm, rtb-memory, vision"),
+    "config": ("pipeline.commands.config", "check config files; regenerate the config schema and reference page"),
 }
 
 
@@ -70,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(parser)
     args = parser.parse_args(argv[idx + 1:])
     try:
+        if getattr(args, "config", None):
+            from pipeline.settings import load_config  # the whole config tree: imported only when needed
+
+            load_config(args.config)  # the whole file, before any work: one line per error
         return int(module.run(args) or 0)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import hashlib
 import json
 import types
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from pipeline.config_renames import RENAMED
 from pipeline.errors import ConfigError, InputFileError
 
 T = TypeVar("T")
@@ -111,17 +113,31 @@ def _convert(value, typ, source, name):
 def _check_range(value, meta, source, name):
     if value is None:
         return
-    items = value if isinstance(value, (list, tuple)) else [value]
-    for v in items:
-        if "choices" in meta and v not in meta["choices"]:
-            raise ConfigError(source, name, f"must be one of {list(meta['choices'])}, got {v!r}")
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            if "min" in meta and v < meta["min"]:
-                raise ConfigError(source, name, f"must be >= {meta['min']}, got {v}")
-            if "max" in meta and v > meta["max"]:
-                raise ConfigError(source, name, f"must be <= {meta['max']}, got {v}")
-            if "gt" in meta and not v > meta["gt"]:
-                raise ConfigError(source, name, f"must be > {meta['gt']}, got {v}")
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_range(v, meta, source, f"{name}[{i}]")
+        return
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(source, name, f"must be one of {list(meta['choices'])}, got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if "min" in meta and value < meta["min"]:
+            raise ConfigError(source, name, f"must be >= {meta['min']}, got {value}")
+        if "max" in meta and value > meta["max"]:
+            raise ConfigError(source, name, f"must be <= {meta['max']}, got {value}")
+        if "gt" in meta and not value > meta["gt"]:
+            raise ConfigError(source, name, f"must be > {meta['gt']}, got {value}")
+
+
+def unknown_field(source, prefix: str, key, names) -> ConfigError:
+    """The error for ``prefix + key``, not a field of its section: where it moved if it moved (see
+    :mod:`pipeline.config_renames`), else the closest known name."""
+    dotted = f"{prefix}{key}"
+    if dotted in RENAMED:
+        new = RENAMED[dotted]
+        return ConfigError(source, dotted, new if new.startswith("removed") else f"renamed: now '{new}'")
+    close = difflib.get_close_matches(str(key), sorted(names), n=1)
+    hint = f"did you mean '{prefix}{close[0]}'?" if close else f"known: {', '.join(sorted(names))}"
+    return ConfigError(source, dotted, f"unknown field ({hint})")
 
 
 def from_mapping(cls: type[T], data: dict | None, source="<config>", prefix: str = "") -> T:
@@ -131,7 +147,7 @@ def from_mapping(cls: type[T], data: dict | None, source="<config>", prefix: str
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(source, prefix + unknown[0], f"unknown field (known: {', '.join(sorted(names))})")
+        raise unknown_field(source, prefix, unknown[0], names)
     kwargs = {}
     for f in dataclasses.fields(cls):
         name = prefix + f.name

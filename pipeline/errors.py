@@ -9,7 +9,7 @@ class ConfigError(PipelineError):
     """A config value has the wrong type or is out of range."""
 
     def __init__(self, source: str, field: str, message: str):
-        self.source, self.field = str(source), field
+        self.source, self.field, self.message = str(source), field, message
         super().__init__(f"{self.source}: field '{field}': {message}")
 
 

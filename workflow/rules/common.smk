@@ -5,6 +5,9 @@ import sys
 
 import yaml
 
+from pipeline.io.atomic import write_text
+from pipeline.samplers.registry import METHODS, TUNED_METHODS  # TUNED: a scale frozen by `tune`
+
 BASEDIR = workflow.basedir
 DATA_DIR = os.path.join(BASEDIR, "data")
 # The interpreter running snakemake runs the package too (the venv locally, the env on clusters);
@@ -14,9 +17,6 @@ PY = "python" if any("CONDA" in str(m).upper() for m in _deploy) else sys.execut
 
 SETS = ["prior", "heldout"]
 LENS_METHODS = list(config["methods"])
-# scheduling order of the sample jobs (higher first): relative CPU cost per sample, measured on the demo
-# (FPS-SMC with 2 particles per run > DPS, DPS+CLA (a network VJP per step) > amortized RTB)
-TUNED_METHODS = ["dps", "dps_cla"]  # methods with a guidance scale frozen by the `tune` rule
 
 
 def tuning_input(wildcards):
@@ -24,57 +24,41 @@ def tuning_input(wildcards):
     return f"results/tuning/{wildcards.method}.json" if wildcards.method in TUNED_METHODS else []
 
 
+# scheduling order of the sample jobs (higher first): relative CPU cost per sample, measured on the demo
+# (FPS-SMC with 2 particles per run > DPS, DPS+CLA (a network VJP per step) > amortized RTB)
 SAMPLE_PRIORITY = {"fps_smc": 3, "prior_is": 3, "rtb_amortized_is": 3, "dps": 2, "dps_cla": 2}
 VISION_DATASETS = list(config.get("vision", {}).get("datasets", ["mnist"]))
 
 
 wildcard_constraints:
     set="|".join(SETS),
-    method="|".join(
-        [
-            "rtb",
-            "rtb_amortized",
-            "rtb_dps",
-            "rtb_dps_cla",
-            "rtb_amortized_is",
-            "rtb_amortized_gn",
-            "dps",
-            "dps_cla",
-            "cla",
-            "exact_guidance",
-            "prior_is",
-            "fps",
-            "fps_smc",
-        ]
-    ),
+    method="|".join(METHODS),
     obs=r"[A-Za-z0-9_.\-]+",
 
 
-def section_config(name, sections):
-    """Write the merged, validated config sections a rule family reads to results/config/NAME.yaml.
-
-    Commands read their sections from this file. It is rewritten only when its content changes, so
-    an unchanged config never triggers reruns, and a change reruns only the rules that read the
-    changed sections (tuning rtb: does not retrain the prior).
-    """
-    path = os.path.join("results", "config", f"{name}.yaml")
-    keep = {k: v for k, v in config.items() if k in sections or k in ("seed", "device")}
-    text = yaml.safe_dump(keep, sort_keys=True)
-    old = open(path).read() if os.path.exists(path) else None
-    if old != text:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    return path
+# Config families: the sections each family of rules reads, written to results/config/NAME.yaml by the
+# `config_section` rule. A family's file changes (and its rules rerun) only when one of its sections
+# changes: tuning rtb: does not retrain the prior. Nothing is written at parse time, so `snakemake -n`
+# changes no file.
+CONFIG_FAMILIES = {
+    "lensing": ["lensing"],
+    "prior": ["prior", "prior_checkpoint"],
+    "prior_set": ["lensing", "chain"],
+    "posterior": ["lensing", "chain", "rtb", "posterior", "posterior_checkpoint"],
+    "sample": ["lensing", "chain", "posterior"],
+    "all": list(config),
+}
 
 
-CFG_LENSING = section_config("lensing", ["lensing"])
-CFG_PRIOR = section_config("prior", ["prior", "prior_checkpoint"])
-CFG_POSTERIOR = section_config("posterior", ["lensing", "rtb", "posterior", "posterior_checkpoint"])
-CFG_SAMPLE = section_config("sample", ["lensing", "posterior"])
-CFG_ALL = section_config("all", list(config))
+def family_text(name):
+    """The YAML text of config family NAME (its sections and the top-level device)."""
+    keep = {k: v for k, v in config.items() if k in CONFIG_FAMILIES[name] or k == "device"}
+    return yaml.safe_dump(keep, sort_keys=True)
+
+
+CFG_LENSING, CFG_PRIOR, CFG_PRIOR_SET, CFG_POSTERIOR, CFG_SAMPLE, CFG_ALL = (
+    f"results/config/{name}.yaml" for name in CONFIG_FAMILIES
+)
 
 
 def train_prior_command(wildcards, input, output):

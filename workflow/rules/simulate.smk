@@ -22,7 +22,7 @@ rule simulate:
 
 rule simulate_prior_set:
     input:
-        cfg=CFG_LENSING,
+        cfg=CFG_PRIOR_SET,
         prior="results/prior/run/final",
         sources="results/sources/sources.fits",
     output:

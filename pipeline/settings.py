@@ -1,0 +1,107 @@
+"""The whole pipeline config: one dataclass tree, read and validated in one place.
+
+:class:`PipelineConfig` is the root: top-level keys and one field per section (``lensing:``,
+``prior:``, ``rtb:``, ``posterior:``, ``calibration:``, ``vision:``). :func:`load_config` reads a YAML
+file into it; every wrong type, out-of-range value or unknown key, at any depth, is a one-line
+:class:`pipeline.errors.ConfigError` naming the file and the dotted field, and a key that moved since
+an older release names its new place. The Snakefile checks the merged workflow config with
+:func:`check_workflow_config`; every command given ``--config`` checks its file with
+:func:`load_config` before any work. The workflow's JSON schema and ``docs/config.md`` are generated
+from this tree (:mod:`pipeline.config_docs`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, fields
+
+from pipeline.config import DEVICES, from_mapping, load_yaml, param
+from pipeline.diffusion.train import PriorConfig
+from pipeline.errors import ConfigError
+from pipeline.lensing.config import LensingConfig, PosteriorConfig
+from pipeline.rtb.config import RTBConfig
+from pipeline.samplers.registry import METHODS
+from pipeline.vision.config import VisionConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrationConfig:
+    """Section ``calibration:``: the size of the two calibration sets (prior-drawn and held-out)."""
+
+    n_obs: int = param(16, "observations per set", unit="observations", min=1)
+    n_samples: int = param(24, "posterior samples per observation and method", unit="samples", min=2)
+
+
+@dataclass
+class PipelineConfig:
+    """The pipeline config file: top-level keys, then one section per part of the pipeline."""
+
+    device: str = param("auto", "where every command runs: auto picks CUDA when available, else the CPU",
+                        choices=list(DEVICES))
+    methods: list[str] = param(["rtb_amortized", "dps", "dps_cla", "fps_smc"],
+                               "posterior methods sampled and calibrated on both sets", choices=list(METHODS))
+    prior_checkpoint: str | None = param(None, "shipped prior checkpoint directory (relative to the repository) "
+                                         "installed instead of training one; null trains the prior from prior:")
+    posterior_checkpoint: str | None = param(None, "shipped RTB trainer checkpoint directory (relative to the "
+                                             "repository) that fine-tuning starts from; null starts from the prior")
+    observations: str | None = param(None, "glob of your observation FITS files for the `user` target; null for none")
+    user_method: str = param("rtb_amortized", "method the `user` target samples your observations with",
+                             choices=list(METHODS))
+    calibration: CalibrationConfig = param(CalibrationConfig, "calibration sets")
+    lensing: LensingConfig = param(LensingConfig, "geometry, sources, lens ranges, noise and observation reading")
+    prior: PriorConfig = param(PriorConfig, "diffusion prior training")
+    rtb: RTBConfig = param(RTBConfig, "RTB fine-tuning of the prior into an amortized posterior sampler")
+    posterior: PosteriorConfig = param(PosteriorConfig, "amortized training set-up and posterior sampling defaults")
+    vision: VisionConfig = param(VisionConfig, "the vision benchmarks (`snakemake vision`, `bench vision`)")
+
+    def validate(self, source="<config>", prefix: str = "") -> None:
+        if not self.methods:
+            raise ConfigError(source, prefix + "methods", "list at least one method")
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(source, prefix + "methods", f"repeated method in {self.methods}")
+
+
+SECTIONS = tuple(f.name for f in fields(PipelineConfig) if f.name in
+                 ("calibration", "lensing", "prior", "rtb", "posterior", "vision"))
+
+
+def config_from_dict(data: dict, source) -> PipelineConfig:
+    """Validate a config mapping (``source`` names it in errors) into a :class:`PipelineConfig`."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, "<top level>", f"expected a mapping, got {type(data).__name__}")
+    return from_mapping(PipelineConfig, data, source)
+
+
+def load_config(path, log_defaults: bool = True) -> PipelineConfig:
+    """Read and validate the whole config file at ``path``; log the sections it leaves to defaults."""
+    data = load_yaml(path)
+    cfg = config_from_dict(data, path)
+    missing = [s for s in SECTIONS if s not in data]
+    if log_defaults and missing:
+        log.info("%s: sections from defaults: %s", path, ", ".join(missing))
+    return cfg
+
+
+def _holds(data, dotted: str) -> bool:
+    """Whether the mapping ``data`` sets the field ``dotted`` (list indices ignored)."""
+    for key in re.sub(r"\[\d+\]", "", dotted).split("."):
+        if not isinstance(data, dict) or key not in data:
+            return False
+        data = data[key]
+    return True
+
+
+def check_workflow_config(config: dict, configfiles: list, overrides: dict | None = None) -> PipelineConfig:
+    """Check the workflow's merged ``config`` (the config files in order, then ``--config`` overrides).
+    An error names the last source that sets the offending field: a config file, or ``--config``."""
+    sources = [(str(p), load_yaml(p)) for p in configfiles] + [("--config", overrides or {})]
+    try:
+        return config_from_dict(config, sources[0][0] if configfiles else "--config")
+    except ConfigError as exc:
+        where = next((name for name, data in reversed(sources) if _holds(data, exc.field)), exc.source)
+        if where == exc.source:
+            raise
+        raise ConfigError(where, exc.field, exc.message) from None
