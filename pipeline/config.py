@@ -28,15 +28,18 @@ T = TypeVar("T")
 CHECKS = ("min", "max", "gt", "choices")
 
 
-def param(default=dataclasses.MISSING, doc: str = "", unit: str | None = None, **checks):
+def param(default=dataclasses.MISSING, doc: str = "", unit: str | None = None, *, factory=None, **checks):
     """A documented config field: ``default`` (lists, dicts and sets are copied per instance; a
-    dataclass type makes a nested section built with its own defaults), a
+    dataclass type makes a nested section built with its own defaults; ``factory`` builds a default
+    instance per use instead, e.g. a nested section with other defaults than its class's), a
     one-sentence ``doc``, the ``unit`` of the value (None for dimensionless or not a quantity) and range
     checks ``min``, ``max`` (inclusive), ``gt`` (exclusive) and ``choices``."""
     unknown = sorted(set(checks) - set(CHECKS))
     if unknown:
         raise TypeError(f"param(): unknown check {unknown[0]!r} (known: {', '.join(CHECKS)})")
     meta = {"doc": doc, "unit": unit, **checks}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
     if isinstance(default, type) and dataclasses.is_dataclass(default):
         return dataclasses.field(default_factory=default, metadata=meta)
     if isinstance(default, (list, dict, set)):

@@ -62,15 +62,6 @@ def _scalar_schema(typ, meta: dict) -> dict:
     return out
 
 
-def _default(f: dataclasses.Field):
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        value = f.default_factory()
-        return None if dataclasses.is_dataclass(value) else value
-    return None
-
-
 def _description(f: dataclasses.Field) -> str:
     doc, unit = f.metadata.get("doc", ""), f.metadata.get("unit")
     return f"{doc} [{unit}]" if unit else doc
@@ -133,38 +124,41 @@ def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:] + ("" if not text or text.endswith(".") else ".")
 
 
-def _rows(cls, prefix: str, sections: list) -> list[str]:
+def _rows(instance, prefix: str, sections: list) -> list[str]:
+    """Table rows of the section ``instance`` (its values are the defaults shown); nested sections are
+    appended to ``sections``."""
+    cls = type(instance)
     hints = typing.get_type_hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
-        typ = hints[f.name]
+        typ, value = hints[f.name], getattr(instance, f.name)
         if dataclasses.is_dataclass(_is_optional(typ)[0]):
-            sections.append((prefix + f.name, _is_optional(typ)[0], f.metadata.get("doc", "")))
+            sections.append((prefix + f.name, value))
             rows.append(f"| `{f.name}` | section | | | {_sentence(f.metadata.get('doc', ''))} See below. |")
             continue
-        default = json.dumps(_default(f))
         unit = f.metadata.get("unit") or ""
         allowed = _allowed(f.metadata)
         doc = _sentence(f.metadata.get("doc", "")) + (f" Allowed: {allowed}." if allowed else "")
-        rows.append(f"| `{f.name}` | {_type_name(typ)} | `{default}` | {unit} | {doc} |")
+        rows.append(f"| `{f.name}` | {_type_name(typ)} | `{json.dumps(value)}` | {unit} | {doc} |")
     return rows
 
 
 def reference_markdown(root, title: str = "Configuration reference") -> str:
-    """The configuration reference page: one table per section, in the order of the config tree."""
+    """The configuration reference page: one table per section, depth first in the order of the tree.
+    Defaults are those of ``root()``, so a section nested with its own defaults shows them."""
     lines = [f"# {title}", "",
              "Generated from the config dataclasses by `python -m pipeline config schema --write`; do not edit.",
-             "Every key is optional unless the workflow needs it; a missing key takes the default shown.",
-             "A wrong type, an out-of-range value or an unknown key, at any depth, stops `snakemake -n` and",
-             "every command with one line naming the file and the field (`python -m pipeline config check FILE`",
-             "checks a file on its own).", ""]
-    sections = [("", root, (root.__doc__ or "").strip())]
-    while sections:
-        name, cls, doc = sections.pop(0)
-        lines += [f"## `{name}`" if name else "## Top level", "", (cls.__doc__ or doc).strip().replace("\n", " "), "",
+             "Every key is optional; a missing key takes the default shown. A wrong type, an out-of-range",
+             "value or an unknown key, at any depth, stops `snakemake -n` and every command with one line",
+             "naming the file and the field; `python -m pipeline config check FILE` checks a file on its own.", ""]
+    todo = [("", root())]
+    while todo:
+        name, instance = todo.pop(0)
+        doc = " ".join((type(instance).__doc__ or "").split())
+        lines += [f"## `{name}`" if name else "## Top level", "", doc, "",
                   "| key | type | default | unit | meaning |", "|---|---|---|---|---|"]
         nested: list = []
-        lines += _rows(cls, f"{name}." if name else "", nested)
+        lines += _rows(instance, f"{name}." if name else "", nested)
         lines.append("")
-        sections[0:0] = nested
+        todo[0:0] = nested
     return "\n".join(lines)
