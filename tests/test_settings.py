@@ -118,6 +118,7 @@ def test_every_config_field_is_documented():
     assert not missing, f"config fields without a doc: {missing}"
 
 
+@pytest.mark.slow
 @pytest.mark.workflow
 @pytest.mark.parametrize("bad,field", [
     ({"lensing": {"geometry": {"image_npix": "abc"}}}, "lensing.geometry.image_npix"),
