@@ -1,5 +1,6 @@
-"""Config sections ``lensing:`` (geometry, sources, lens ranges, noise, brightness map, observation IO)
-and ``posterior:`` (:class:`PosteriorConfig`, amortized training set-up and sampling defaults).
+"""Config sections ``lensing:`` (geometry, sources, lens ranges, noise, brightness map, observation IO),
+``posterior:`` (:class:`PosteriorConfig`, amortized training set-up and sampling defaults) and
+``calibration:`` (:class:`CalibrationConfig`, the size of the calibration sets).
 
 Units: angles in arcsec, position angles in radians counter-clockwise from +x (array frame: +x along
 increasing column, +y along increasing row, origin at the array centre). Source maps are surface
@@ -14,9 +15,9 @@ Gaussian PSF FWHM 0.15". The paper config uses 64x64 image and source at the sam
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from pipeline.config import from_mapping, load_yaml
+from pipeline.config import from_mapping, load_yaml, param
 from pipeline.errors import ConfigError
 
 
@@ -32,15 +33,17 @@ def _range(source, name, value, lo=None, hi=None):
 
 @dataclass
 class GeometryConfig:
-    """Image and source grids, supersampling and the default Gaussian PSF."""
+    """Image and source pixel grids, supersampling and the default Gaussian PSF (angles in arcsec)."""
 
-    image_npix: int = field(default=32, metadata={"min": 4, "max": 1024})
-    image_pixscale: float = field(default=0.1, metadata={"gt": 0})       # arcsec/pixel
-    source_npix: int = field(default=32, metadata={"min": 4, "max": 1024})
-    source_pixscale: float = field(default=0.05, metadata={"gt": 0})     # arcsec/pixel
-    supersample: int = field(default=2, metadata={"min": 1, "max": 16})
-    psf_fwhm: float = field(default=0.15, metadata={"min": 0})           # arcsec; 0 = no PSF
-    psf_npix: int = field(default=11, metadata={"min": 1, "max": 255})   # odd, supersampled pixels
+    image_npix: int = param(32, "Side of the square observed image.", "pixel", min=4, max=1024)
+    image_pixscale: float = param(0.1, "Pixel scale of the observed image.", "arcsec/pixel", gt=0)
+    source_npix: int = param(32, "Side of the square source grid the prior models.", "pixel", min=4, max=1024)
+    source_pixscale: float = param(0.05, "Pixel scale of the source grid.", "arcsec/pixel", gt=0)
+    supersample: int = param(2, "Sub-pixels per image pixel along each axis; the model image is their average.",
+                             min=1, max=16)
+    psf_fwhm: float = param(0.15, "FWHM of the default Gaussian PSF; 0 means no PSF.", "arcsec", min=0)
+    psf_npix: int = param(11, "Side of the PSF kernel on the supersampled grid; must be odd.", "pixel",
+                          min=1, max=255)
 
     def validate(self, source, prefix):
         if self.psf_npix % 2 == 0:
@@ -50,18 +53,23 @@ class GeometryConfig:
 @dataclass
 class GalSimConfig:
     """Parametric galaxies: Sersic bulge + exponential disk + RandomKnots, convolved with a small
-    Gaussian (knots are delta functions). Sizes are half-light radii in arcsec."""
+    Gaussian (knots are delta functions). Each ``[min, max]`` range is drawn uniformly per galaxy unless
+    stated; sizes are half-light radii in arcsec."""
 
-    flux: tuple[float, float] = (20.0, 100.0)           # total flux [electron/s], log-uniform
-    bulge_fraction: tuple[float, float] = (0.0, 0.6)
-    bulge_n: tuple[float, float] = (1.5, 4.0)           # Sersic index
-    bulge_hlr: tuple[float, float] = (0.04, 0.12)
-    disk_hlr: tuple[float, float] = (0.10, 0.30)
-    knots_fraction: tuple[float, float] = (0.0, 0.4)    # share of the disk flux in knots
-    n_knots: tuple[int, int] = (5, 30)
-    ellipticity: tuple[float, float] = (0.0, 0.6)       # |g| reduced shear of the shape
-    offset: float = field(default=0.1, metadata={"min": 0})  # max |centre offset| per axis, arcsec
-    smooth_fwhm: float = field(default=0.05, metadata={"gt": 0})  # Gaussian convolved in, arcsec
+    flux: tuple[float, float] = param((20.0, 100.0), "[min, max] range of the total flux, drawn log-uniformly.",
+                                      "electron/s")
+    bulge_fraction: tuple[float, float] = param((0.0, 0.6), "[min, max] range of the bulge's share of the flux.")
+    bulge_n: tuple[float, float] = param((1.5, 4.0), "[min, max] range of the bulge's Sersic index.")
+    bulge_hlr: tuple[float, float] = param((0.04, 0.12), "[min, max] range of the bulge half-light radius.",
+                                           "arcsec")
+    disk_hlr: tuple[float, float] = param((0.10, 0.30), "[min, max] range of the disk half-light radius.", "arcsec")
+    knots_fraction: tuple[float, float] = param((0.0, 0.4), "[min, max] range of the disk flux's share in knots.")
+    n_knots: tuple[int, int] = param((5, 30), "[min, max] range of the number of star-forming knots.")
+    ellipticity: tuple[float, float] = param((0.0, 0.6), "[min, max] range of the disk's reduced shear |g|; the bulge "
+                                             "gets half.")
+    offset: float = param(0.1, "Largest centre offset from the grid centre, per axis.", "arcsec", min=0)
+    smooth_fwhm: float = param(0.05, "FWHM of the Gaussian convolved in, so the point-like knots are resolved.",
+                               "arcsec", gt=0)
 
     def validate(self, source, prefix):
         _range(source, prefix + "flux", self.flux, lo=1e-12)
@@ -76,12 +84,16 @@ class GalSimConfig:
 
 @dataclass
 class HSTConfig:
-    """Real stamps cut from skimage.data.hubble_deep_field(): shapes only; flux set here."""
+    """Real galaxy stamps cut from skimage.data.hubble_deep_field(): only their shapes are used; the
+    flux is drawn here."""
 
-    flux: tuple[float, float] = (20.0, 100.0)   # total flux [electron/s], log-uniform
-    max_masked_fraction: float = field(default=0.2, metadata={"min": 0, "max": 1})
-    min_area: int = field(default=20, metadata={"min": 1})  # detected pixels of the target
-    zoom: float = field(default=1.0, metadata={"min": 0.25, "max": 8})  # source pixels per HDF pixel
+    flux: tuple[float, float] = param((20.0, 100.0), "[min, max] range of the total flux, drawn log-uniformly.",
+                                      "electron/s")
+    max_masked_fraction: float = param(0.2, "Largest share of a target's segment that neighbours may cover; "
+                                       "more crowded targets are skipped.", min=0, max=1)
+    min_area: int = param(20, "Smallest detected area of a target, in deep-field pixels.", "pixel", min=1)
+    zoom: float = param(1.0, "Source pixels per deep-field pixel; above 1 the galaxies look larger.",
+                        min=0.25, max=8)
 
     def validate(self, source, prefix):
         _range(source, prefix + "flux", self.flux, lo=1e-12)
@@ -89,17 +101,19 @@ class HSTConfig:
 
 @dataclass
 class SourcesConfig:
-    """The source-galaxy cube: counts per kind, split fractions and the split seed."""
+    """The source-galaxy cube: counts per kind, split fractions and the seed of the draws and the split.
+    Maps are surface brightness in ``bunit`` on the geometry's source grid."""
 
-    seed: int = 0
-    n_galsim: int = field(default=400, metadata={"min": 0})
-    n_hst: int = field(default=400, metadata={"min": -1})  # -1 = every usable stamp, 0 = none
-    user_cube: str | None = None                          # FITS cube (N, ny, nx) with PIXSCALE
-    user_hdu: str | None = None                           # HDU name (default: first image HDU)
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1)   # TRAIN, VALID, TEST
-    bunit: str = "electron/(s arcsec2)"
-    galsim: GalSimConfig = field(default_factory=GalSimConfig)
-    hst: HSTConfig = field(default_factory=HSTConfig)
+    seed: int = param(0, "Seed of the galaxy draws, the stamp subset and the TRAIN/VALID/TEST split.")
+    n_galsim: int = param(400, "Number of parametric GalSim galaxies.", min=0)
+    n_hst: int = param(400, "Number of deep-field stamps: -1 every usable stamp, 0 none.", min=-1)
+    user_cube: str | None = param(None, "Path of your own FITS cube (N, ny, nx) with a PIXSCALE keyword, "
+                                  "added to the sources; null for none.")
+    user_hdu: str | None = param(None, "HDU name of that cube; null takes the first image HDU.")
+    split: tuple[float, float, float] = param((0.8, 0.1, 0.1), "TRAIN, VALID and TEST fractions, summing to 1.")
+    bunit: str = param("electron/(s arcsec2)", "Surface-brightness unit written to the source maps (BUNIT).")
+    galsim: GalSimConfig = param(GalSimConfig, "Parametric galaxy settings.")
+    hst: HSTConfig = param(HSTConfig, "Deep-field stamp settings.")
 
     def validate(self, source, prefix):
         if any(f < 0 for f in self.split) or abs(sum(self.split) - 1.0) > 1e-6:
@@ -108,18 +122,23 @@ class SourcesConfig:
 
 @dataclass
 class LensConfig:
-    """Ranges the simulator draws lens parameters from (uniform unless stated)."""
+    """Ranges the simulator and the amortized training draw lens parameters from (uniform unless
+    stated); angles in arcsec, position angles in rad."""
 
-    model: str = field(default="SIE", metadata={"choices": ["SIE", "EPL"]})
-    rein: tuple[float, float] = (0.5, 0.9)          # Einstein radius, arcsec
-    q: tuple[float, float] = (0.6, 0.95)            # axis ratio
-    phi: tuple[float, float] = (0.0, math.pi)       # position angle, rad
-    center: float = field(default=0.05, metadata={"min": 0})  # max |x0|, |y0|, arcsec
-    t: tuple[float, float] = (0.9, 1.1)             # EPL slope (caustics t; 1 = isothermal)
-    shear_sigma: float = field(default=0.05, metadata={"min": 0})  # gamma_1, gamma_2 ~ N(0, s^2)
-    shear_max: float = field(default=0.15, metadata={"min": 0})    # |gamma| clipped here
-    z_lens: float = field(default=0.5, metadata={"gt": 0})
-    z_source: float = field(default=1.5, metadata={"gt": 0})
+    model: str = param("SIE", "Main deflector: singular isothermal ellipsoid or elliptical power law.",
+                       choices=["SIE", "EPL"])
+    rein: tuple[float, float] = param((0.5, 0.9), "[min, max] range of the Einstein radius.", "arcsec")
+    q: tuple[float, float] = param((0.6, 0.95), "[min, max] range of the axis ratio.")
+    phi: tuple[float, float] = param((0.0, math.pi), "[min, max] range of the position angle, counter-clockwise "
+                                     "from +x.", "rad")
+    center: float = param(0.05, "Largest |x0| and |y0| of the lens centre.", "arcsec", min=0)
+    t: tuple[float, float] = param((0.9, 1.1), "[min, max] range of the EPL slope t (1 = isothermal); "
+                                   "EPL only.")
+    shear_sigma: float = param(0.05, "Standard deviation of each external-shear component gamma_1, gamma_2.",
+                               min=0)
+    shear_max: float = param(0.15, "Largest shear amplitude |gamma|; larger draws are scaled down to it.", min=0)
+    z_lens: float = param(0.5, "Lens redshift.", gt=0)
+    z_source: float = param(1.5, "Source redshift; must exceed z_lens.", gt=0)
 
     def validate(self, source, prefix):
         _range(source, prefix + "rein", self.rein, lo=1e-6)
@@ -137,40 +156,54 @@ class NoiseConfig:
     peak / ``target_peak_snr``. Either way sigma is independent of each truth. ``poisson``
     adds the source's Poisson variance (realism sets only: it leaks the truth into NOISE)."""
 
-    sigma: float | None = field(default=None, metadata={"gt": 0})
-    target_peak_snr: float = field(default=25.0, metadata={"gt": 0})
-    poisson: bool = False
-    exposure_time: float = field(default=1000.0, metadata={"gt": 0})   # s, for the Poisson term
-    bunit: str = "electron/s"
+    sigma: float | None = param(None, "Gaussian noise standard deviation per pixel, in noise.bunit; null sets "
+                                "it from target_peak_snr.", "electron/s", gt=0)
+    target_peak_snr: float = param(25.0, "Typical peak signal-to-noise ratio of the noiseless image that sets "
+                                   "sigma when sigma is null.", gt=0)
+    poisson: bool = param(False, "Add the source's Poisson variance; for realism sets only, since it leaks "
+                          "the truth into NOISE.")
+    exposure_time: float = param(1000.0, "Exposure time of the Poisson term.", "s", gt=0)
+    bunit: str = param("electron/s", "Unit of the SCI and NOISE images, flux per pixel (BUNIT).")
 
 
 @dataclass
 class BrightnessConfig:
-    """Network units -> physical: x_phys = scale * x + offset (source surface brightness)."""
+    """Network units to physical surface brightness (in ``sources.bunit``): x_phys = scale * x + offset."""
 
-    scale: float = field(default=1.0, metadata={"gt": 0})
-    offset: float = 0.0
+    scale: float = param(1.0, "Physical surface brightness per network unit.", "electron/(s arcsec2)", gt=0)
+    offset: float = param(0.0, "Physical surface brightness at network value 0.", "electron/(s arcsec2)")
 
 
 @dataclass
 class ObservationConfig:
-    """Reading observation files."""
+    """Checks applied when reading observation FITS files."""
 
-    nan_policy: str = field(default="mask", metadata={"choices": ["mask", "error"]})
-    psf_sum_tol: float = field(default=0.01, metadata={"gt": 0})   # |sum(PSF) - 1| allowed
+    nan_policy: str = param("mask", "What a NaN or infinite pixel does: mask it out, or raise an error.",
+                            choices=["mask", "error"])
+    psf_sum_tol: float = param(0.01, "Largest allowed |sum(PSF) - 1| of a file's PSF.", gt=0)
 
 
 @dataclass
 class LensingConfig:
-    """The whole ``lensing:`` section."""
+    """The whole ``lensing:`` section: grids, sources, lens ranges, noise, brightness map and
+    observation IO, with the conventions of this module's docstring."""
 
-    geometry: GeometryConfig = field(default_factory=GeometryConfig)
-    sources: SourcesConfig = field(default_factory=SourcesConfig)
-    lens: LensConfig = field(default_factory=LensConfig)
-    noise: NoiseConfig = field(default_factory=NoiseConfig)
-    brightness: BrightnessConfig = field(default_factory=BrightnessConfig)
-    observation: ObservationConfig = field(default_factory=ObservationConfig)
-    simulate_seed: int = 1234
+    geometry: GeometryConfig = param(GeometryConfig, "Image and source grids and the PSF.")
+    sources: SourcesConfig = param(SourcesConfig, "The source-galaxy cube.")
+    lens: LensConfig = param(LensConfig, "Ranges of the lens parameters.")
+    noise: NoiseConfig = param(NoiseConfig, "Noise of simulated observations.")
+    brightness: BrightnessConfig = param(BrightnessConfig, "Map from network units to surface brightness.")
+    observation: ObservationConfig = param(ObservationConfig, "Checks when reading observation files.")
+    simulate_seed: int = param(1234, "Seed of the lens and noise draws of simulated observations; the "
+                               "prior-drawn set uses simulate_seed + 1.")
+
+
+@dataclass
+class CalibrationConfig:
+    """Section ``calibration:``: the size of each calibration set (prior-drawn and held-out)."""
+
+    n_obs: int = param(16, "Observations per set.", min=1)
+    n_samples: int = param(24, "Posterior samples per observation and method.", "samples", min=2)
 
 
 def load_lensing_config(path) -> LensingConfig:
@@ -195,24 +228,27 @@ def check_rtb_for_lensing(rcfg, path) -> None:
 
 @dataclass
 class PosteriorConfig:
-    """Section ``posterior:``: amortized training set-up and sampling defaults for lensing."""
+    """Section ``posterior:``: amortized training set-up and sampling defaults of the lensing posterior."""
 
-    n_lenses: int = field(default=32, metadata={"min": 1})        # pool of lens operators for training
-    n_truths: int = field(default=256, metadata={"min": 1})       # pool of prior-chain truths for training
-    n_samples: int = field(default=64, metadata={"min": 2})       # posterior samples per observation
-    batch_size: int = field(default=64, metadata={"min": 1})      # sampling batch
-    particles: int = field(default=8, metadata={"min": 1})  # per returned sample: prior_is, rtb_amortized_is
-    # FPS-SMC (see fps_smc_options): `runs` = one independent run of fps_smc_particles per returned sample
-    # (calibrated intervals); `weighted` = one run of n_samples weighted particles per observation
-    fps_smc_mode: str = field(default="runs", metadata={"choices": ["runs", "weighted"]})
-    fps_smc_particles: int = field(default=2, metadata={"min": 1})  # particles per run, runs mode only
-    # grid per tuned method (DPS, DPS+CLA), searched on a separate seed; a method left out uses
-    # pipeline.samplers.tuning.DEFAULT_GRIDS
-    guidance_scales: dict = field(default_factory=lambda: {"dps": [0.001, 0.002, 0.005, 0.01, 0.02, 0.05],
-                                                           "dps_cla": [0.5, 1.0, 1.5, 2.0, 3.0, 4.0]})
-    # chi2 calibration (E[chi2] = m for exact posteriors): on lensing the ELBO favours vanishing DPS
-    # guidance (each DPS kick costs path KL), which leaves DPS at the prior; see README
-    tune_objective: str = field(default="chi2", metadata={"choices": ["chi2", "elbo", "log_r"]})
-    tune_seed: int = field(default=987654, metadata={"min": 0})
-    seed: int = field(default=0, metadata={"min": 0})
-    device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda"]})
+    n_lenses: int = param(32, "Lens operators in the training pool, drawn from the lens ranges.", min=1)
+    n_truths: int = param(256, "Prior-chain truths in the training pool.", "samples", min=1)
+    n_samples: int = param(64, "Posterior samples per observation.", "samples", min=2)
+    batch_size: int = param(64, "Trajectories per network call when sampling.", "samples", min=1)
+    particles: int = param(8, "Importance-resampling particles per returned sample (prior_is, "
+                           "rtb_amortized_is).", min=1)
+    fps_smc_mode: str = param("runs", "FPS-SMC: one independent run per returned sample (calibrated intervals), "
+                              "or one weighted run of n_samples particles (a cheap mean; intervals too narrow).",
+                              choices=["runs", "weighted"])
+    fps_smc_particles: int = param(2, "FPS-SMC particles per run (runs mode only).", min=1)
+    guidance_scales: dict = param({"dps": [0.001, 0.002, 0.005, 0.01, 0.02, 0.05],
+                                   "dps_cla": [0.5, 1.0, 1.5, 2.0, 3.0, 4.0]},
+                                  "Guidance-scale grid per tuned method, searched on tune_seed; a method left "
+                                  "out uses pipeline.samplers.tuning.DEFAULT_GRIDS.")
+    tune_objective: str = param("chi2", "Objective of the guidance-scale search: chi2 calibrates the data fit; "
+                                "on lensing the ELBO favours vanishing DPS guidance, which leaves DPS at the prior.",
+                                choices=["chi2", "elbo", "log_r"])
+    tune_seed: int = param(987654, "Seed of the tuning observations, apart from every trained and evaluated set.",
+                           min=0)
+    seed: int = param(0, "Seed of the training pools and the default sampling seed.", min=0)
+    device: str = param("auto", "Torch device: auto picks CUDA when available, else the CPU.",
+                        choices=["auto", "cpu", "cuda"])
