@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from pipeline.config import DEVICES, from_mapping, load_yaml, param
 from pipeline.diffusion.train import PriorConfig
 from pipeline.errors import ConfigError
-from pipeline.lensing.config import LensingConfig, PosteriorConfig
+from pipeline.lensing.config import CalibrationConfig, LensingConfig, PosteriorConfig
 from pipeline.rtb.config import RTBConfig
 from pipeline.samplers.registry import METHODS
 from pipeline.vision.config import VisionConfig
@@ -28,34 +28,26 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class CalibrationConfig:
-    """Section ``calibration:``: the size of the two calibration sets (prior-drawn and held-out)."""
-
-    n_obs: int = param(16, "observations per set", unit="observations", min=1)
-    n_samples: int = param(24, "posterior samples per observation and method", unit="samples", min=2)
-
-
-@dataclass
 class PipelineConfig:
     """The pipeline config file: top-level keys, then one section per part of the pipeline."""
 
-    device: str = param("auto", "where every command runs: auto picks CUDA when available, else the CPU",
+    device: str = param("auto", "Where every command runs: auto picks CUDA when available, else the CPU.",
                         choices=list(DEVICES))
     methods: list[str] = param(["rtb_amortized", "dps", "dps_cla", "fps_smc"],
-                               "posterior methods sampled and calibrated on both sets", choices=list(METHODS))
-    prior_checkpoint: str | None = param(None, "shipped prior checkpoint directory (relative to the repository) "
-                                         "installed instead of training one; null trains the prior from prior:")
-    posterior_checkpoint: str | None = param(None, "shipped RTB trainer checkpoint directory (relative to the "
-                                             "repository) that fine-tuning starts from; null starts from the prior")
-    observations: str | None = param(None, "glob of your observation FITS files for the `user` target; null for none")
-    user_method: str = param("rtb_amortized", "method the `user` target samples your observations with",
+                               "Posterior methods sampled and calibrated on both sets.", choices=list(METHODS))
+    prior_checkpoint: str | None = param(None, "Shipped prior checkpoint directory (relative to the repository) "
+                                         "installed instead of training one; null trains the prior from prior:.")
+    posterior_checkpoint: str | None = param(None, "Shipped RTB trainer checkpoint directory (relative to the "
+                                             "repository) that fine-tuning starts from; null starts from the prior.")
+    observations: str | None = param(None, "Glob of your observation FITS files for the `user` target; null for none.")
+    user_method: str = param("rtb_amortized", "Method the `user` target samples your observations with.",
                              choices=list(METHODS))
-    calibration: CalibrationConfig = param(CalibrationConfig, "calibration sets")
-    lensing: LensingConfig = param(LensingConfig, "geometry, sources, lens ranges, noise and observation reading")
-    prior: PriorConfig = param(PriorConfig, "diffusion prior training")
-    rtb: RTBConfig = param(RTBConfig, "RTB fine-tuning of the prior into an amortized posterior sampler")
-    posterior: PosteriorConfig = param(PosteriorConfig, "amortized training set-up and posterior sampling defaults")
-    vision: VisionConfig = param(VisionConfig, "the vision benchmarks (`snakemake vision`, `bench vision`)")
+    calibration: CalibrationConfig = param(CalibrationConfig, "Calibration sets.")
+    lensing: LensingConfig = param(LensingConfig, "Geometry, sources, lens ranges, noise and observation reading.")
+    prior: PriorConfig = param(PriorConfig, "Diffusion prior training.")
+    rtb: RTBConfig = param(RTBConfig, "RTB fine-tuning of the prior into an amortized posterior sampler.")
+    posterior: PosteriorConfig = param(PosteriorConfig, "Amortized training set-up and posterior sampling defaults.")
+    vision: VisionConfig = param(VisionConfig, "The vision benchmarks (`snakemake vision`, `bench vision`).")
 
     def validate(self, source="<config>", prefix: str = "") -> None:
         if not self.methods:
