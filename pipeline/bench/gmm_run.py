@@ -135,7 +135,7 @@ def run_amortized(run: CaseRun, rec: dict, label: str, y, seed: int, logz_ref: f
     post, trainer, cfg, cond_fn = run.amortized
     smp = sample_rtb(post, cfg, cond_fn, run.case, y, seed, run.n, "rtb_amortized")
     _, est_large = trainer.evaluate(n=max(run.n_logz, run.n), y=y)
-    div = trainer.diverged or not math.isfinite(est_large.iw) or abs(est_large.iw - logz_ref) > cfg.diverged_logz_tol
+    div = trainer.diverged or not math.isfinite(est_large.iw) or abs(est_large.iw - logz_ref) > cfg.guards.diverged_logz_tol
     rec.update(diverged=bool(div), rollbacks=trainer.rollbacks, train_steps=trainer.step_idx,
                stopped_early=trainer.stopped_early, train_seconds_shared=run.amortized_seconds,
                n_observations=int(run.obs_set.shape[0]))

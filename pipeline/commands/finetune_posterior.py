@@ -33,9 +33,8 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from pipeline import distributed
-    from pipeline.config import load_section
+    from pipeline.config import read_device
     from pipeline.diffusion.network_prior import load_prior
-    from pipeline.lensing.config import PosteriorConfig
     from pipeline.lensing.finetune import finetune
     from pipeline.runtime import choose_device, configure_threads
 
@@ -44,8 +43,7 @@ def run(args) -> int:
 
         raise PipelineError("finetune-posterior needs --run-dir and --out (unless --tune-guidance)")
     configure_threads()
-    pcfg = load_section(args.config, "posterior", PosteriorConfig)
-    device = choose_device(pcfg.device)
+    device = choose_device(read_device(args.config))
     distributed.init_from_env(device)
     device = distributed.local_device(device)
     prior = load_prior(args.prior, device=device)

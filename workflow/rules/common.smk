@@ -58,7 +58,7 @@ def section_config(name, sections):
     changed sections (tuning rtb: does not retrain the prior).
     """
     path = os.path.join("results", "config", f"{name}.yaml")
-    keep = {k: v for k, v in config.items() if k in sections or k in ("seed", "device")}
+    keep = {k: v for k, v in config.items() if k in sections or k == "device"}
     text = yaml.safe_dump(keep, sort_keys=True)
     old = open(path).read() if os.path.exists(path) else None
     if old != text:
@@ -70,10 +70,10 @@ def section_config(name, sections):
     return path
 
 
-CFG_LENSING = section_config("lensing", ["lensing"])
+CFG_LENSING = section_config("lensing", ["lensing", "chain"])
 CFG_PRIOR = section_config("prior", ["prior", "prior_checkpoint"])
-CFG_POSTERIOR = section_config("posterior", ["lensing", "rtb", "posterior", "posterior_checkpoint"])
-CFG_SAMPLE = section_config("sample", ["lensing", "posterior"])
+CFG_POSTERIOR = section_config("posterior", ["lensing", "chain", "rtb", "posterior", "posterior_checkpoint"])
+CFG_SAMPLE = section_config("sample", ["lensing", "chain", "posterior"])
 CFG_ALL = section_config("all", list(config))
 
 
