@@ -1,5 +1,6 @@
-"""Per-chain-step scalars of the RTB posterior: a log-gain on the frozen guidance (``learn_guidance_gain``). Their effect on the step law, their
-checkpointing, their rollback, and that training moves the gain the right way."""
+"""Per-chain-step scalars of the RTB posterior: a log-gain on the frozen guidance (``learn_guidance_gain``).
+Their effect on the step law, their checkpointing, their rollback, and that training moves the gain the
+right way."""
 
 import math
 
@@ -183,7 +184,8 @@ def test_guidance_uses_the_problem_passed_with_each_call():
     g_a = post.guide(x, k, eps_p, y, problem=problem_a)
     g_b = post.guide(x, k, eps_p, y, problem=problem_b)
     torch.testing.assert_close(post.guide(x, k, eps_p, y, problem=problem_a), g_a, rtol=0, atol=0)
-    torch.testing.assert_close(g_b, make_posterior(prior, CHAIN, cfg).guide(x, k, eps_p, y, problem=problem_b), rtol=0, atol=0)
+    fresh = make_posterior(prior, CHAIN, cfg)
+    torch.testing.assert_close(g_b, fresh.guide(x, k, eps_p, y, problem=problem_b), rtol=0, atol=0)
     assert (g_b - g_a).abs().max() > 1e-3
 
 

@@ -40,7 +40,8 @@ def test_replay_groups_are_distinct_states_of_one_observation_and_delta_sees_rew
         assert int(m.sum()) == cfg.objective.group_size
         ys = batch.y[m]
         assert torch.equal(ys, ys[:1].expand_as(ys))  # one observation per group
-        assert torch.unique(batch.x1[m].reshape(int(m.sum()), -1), dim=0).shape[0] == cfg.objective.group_size  # distinct
+        distinct = torch.unique(batch.x1[m].reshape(int(m.sum()), -1), dim=0).shape[0]
+        assert distinct == cfg.objective.group_size
     delta, _ = deltas_vargrad(batch)
     # the rewards matter: one member's reward raised by 1 nat moves every delta of its group (by 1/4 or 3/4)
     bumped = batch.log_r.clone()

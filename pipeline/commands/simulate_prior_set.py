@@ -1,8 +1,8 @@
 """``python -m pipeline simulate-prior-set``: observations whose truths come from the trained prior's chain.
 
 The truths are drawn from the exact chain RTB targets (the config's ``chain:`` section: K, timestep
-grid, variances; the final denoise of the prior checkpoint), lenses from the configured ranges, and noise at the fixed level that
-does not depend on the truth: on this set exact posteriors are calibrated, so any
+grid, variances; the final denoise of the prior checkpoint), lenses from the configured ranges, and
+noise at the fixed level that does not depend on the truth: on this set exact posteriors are calibrated, so any
 miscalibration is the sampler's.
 """
 

@@ -189,8 +189,8 @@ def check_rtb_for_lensing(rcfg, path) -> None:
     if not rcfg.objective.amortized:
         raise ConfigError(path, "rtb.objective.amortized", "the lensing posterior is amortized: set it to true")
     if rcfg.exploration.dps_rate > 0:
-        raise ConfigError(path, "rtb.exploration.dps_rate", f"DPS-guided exploration is not supported for the amortized lensing "
-                          f"posterior (a batch mixes lenses); set it to 0 (got {rcfg.exploration.dps_rate})")
+        raise ConfigError(path, "rtb.exploration.dps_rate", "DPS-guided exploration is not supported for the "
+                          f"amortized lensing posterior (a batch mixes lenses); set it to 0 (got {rcfg.exploration.dps_rate})")
 
 
 @dataclass

@@ -186,7 +186,8 @@ def tune_rtb_guidance(config_path, prior, *, sources_path=None, n_obs: int = 4, 
         post = build_posterior(prior, posterior_spec(prior, chain, rcfg, cond_channels=2))
         return amortized_sampler("rtb_amortized", post, batch_size=n)
 
-    _, record = tune_scale(sampler_at, [(p, y) for p, _, y in observations], grid=guidance_grid(rcfg.policy.guidance, grid),
-                           n=n, seed=pcfg.tune_seed, objective="elbo", label=f"rtb_{rcfg.policy.guidance} guidance scale")
+    guidance = rcfg.policy.guidance
+    _, record = tune_scale(sampler_at, [(p, y) for p, _, y in observations], grid=guidance_grid(guidance, grid),
+                           n=n, seed=pcfg.tune_seed, objective="elbo", label=f"rtb_{guidance} guidance scale")
     return {"method": f"rtb_{rcfg.policy.guidance}", **record, "objective": UNTRAINED_ELBO, "K": chain.K,
             "tuning_seed": pcfg.tune_seed}

@@ -146,6 +146,13 @@ class RTBConfig:
             raise ConfigError(source, prefix + "objective.group_size", f"optim.batch_size {self.optim.batch_size} "
                               f"must be a multiple of group_size {o.group_size}")
 
+    def flat(self) -> dict:
+        """Every field of every subsection by its own name (names are unique across subsections)."""
+        out = {}
+        for f in fields(self):
+            out.update(asdict(getattr(self, f.name)))
+        return out
+
     def with_fields(self, **values) -> "RTBConfig":
         """A copy with the named fields replaced, each in the subsection that holds it (field names are
         unique across subsections), e.g. ``cfg.with_fields(lr=3e-4, steps=100)``; an unknown name is a
@@ -196,10 +203,7 @@ def legacy_v1_hash(cfg: RTBConfig, K: int, variance: str) -> str:
     chain's ``K`` and ``variance``, and the removed ``learn_step_scale`` / ``guided_variance``), less
     ``steps``, logging, checkpoint cadence, ``eval_samples`` and the device, and less options added late
     while at their neutral value. Used only to accept such checkpoints on resume."""
-    flat = {}
-    for section in (cfg.policy, cfg.objective, cfg.optim, cfg.exploration, cfg.guards, cfg.run):
-        flat.update(asdict(section))
-    flat.update(K=int(K), variance=str(variance))
+    flat = {**cfg.flat(), "K": int(K), "variance": str(variance)}
     for k in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_samples"):
         flat.pop(k)
     for k, neutral in (("lora_rank", 0), ("learn_guidance_gain", False), ("lr_per_step", 1e-2),

@@ -26,8 +26,8 @@ trajectories each. The per-y evidence is then reported by the IW/ELBO estimators
 
 The guards and the checkpoint I/O live in :mod:`pipeline.rtb.trainer_guards`. Checkpoints
 (``pipeline.io.checkpoint``) hold the model, EMA, optimizer, log Z, replay buffer, all
-RNG states, step, rollback count, learning-rate scale and the config hash; a resume with a
-different model/objective config is refused.
+RNG states, step, rollback count, learning-rate scale and the recipe hash; a resume with a
+different recipe (:meth:`~pipeline.rtb.config.RTBConfig.recipe`) is refused.
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
         # under DDP only the correction model is wrapped; log Z is all-reduced by hand
         self.post.model = distributed.wrap(self.post.model)
         per_step = {id(p) for p in posterior.per_step_parameters().values()}
-        groups = [{"params": [p for p in posterior.trainable_parameters() if id(p) not in per_step], "lr": cfg.optim.lr},
+        network = [p for p in posterior.trainable_parameters() if id(p) not in per_step]
+        groups = [{"params": network, "lr": cfg.optim.lr},
                   {"params": [posterior.log_z], "lr": cfg.optim.lr_logz}]
         if per_step:  # one scalar per chain step: its gradient pools every coordinate, so a larger step size
             groups.append({"params": list(posterior.per_step_parameters().values()), "lr": cfg.optim.lr_per_step})
@@ -155,8 +156,9 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
     def _choose_source(self) -> str:
         c = self.cfg
         u = float(torch.rand((), generator=self.gen))
-        for name, rate in (("replay", c.exploration.replay_rate), ("prior", c.exploration.prior_rate), ("tempered", c.exploration.tempered_rate),
-                           ("dps", c.exploration.dps_rate)):
+        e = c.exploration
+        for name, rate in (("replay", e.replay_rate), ("prior", e.prior_rate), ("tempered", e.tempered_rate),
+                           ("dps", e.dps_rate)):
             if u < rate:
                 empty = len(self.buffer) == 0 or (c.objective.amortized and not self.buffer.can_sample_groups())
                 if name == "replay" and empty:
@@ -184,7 +186,8 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
         if source == "prior":
             return prior_rollout(self.post, B, ys, cond, **kw)
         if source == "tempered":
-            return policy_rollout(self.post, B, ys, cond, std_scale=c.exploration.tempered_std_scale, source="tempered", **kw)
+            return policy_rollout(self.post, B, ys, cond, std_scale=c.exploration.tempered_std_scale, source="tempered",
+                                  **kw)
         if source == "dps":
             return policy_rollout(self.post, B, ys, cond, behaviour=self._dps_behaviour, source="dps", **kw)
         return policy_rollout(self.post, B, ys, cond, **kw)
@@ -252,14 +255,15 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
                     self.ema[n].lerp_(p.detach(), 1.0 - c.optim.ema_decay)
         hist.append(loss)
         if source != "replay":
-            lens = batch.problem.index if c.objective.amortized and is_per_sample(batch.problem) else None
-            self.buffer.add(batch.x1, batch.log_r, batch.y if c.objective.amortized else None,
-                            batch.cond if c.objective.amortized else None, groups=batch.groups if c.objective.amortized else None,
-                            lens=lens)
+            amortized = c.objective.amortized
+            lens = batch.problem.index if amortized and is_per_sample(batch.problem) else None
+            self.buffer.add(batch.x1, batch.log_r, batch.y if amortized else None, batch.cond if amortized else None,
+                            groups=batch.groups if amortized else None, lens=lens)
         self.step_idx += 1
         # a snapshot is only taken after a step whose loss looked healthy (also during the spike warmup),
         # so a rollback never restores a state that an outlier batch has just wrecked
-        healthy = len(hist) < 10 or loss <= c.guards.spike_factor * max(statistics.median(hist), 1e-8) or c.guards.spike_factor <= 0
+        spike = c.guards.spike_factor
+        healthy = len(hist) < 10 or loss <= spike * max(statistics.median(hist), 1e-8) or spike <= 0
         if self.step_idx % c.guards.snapshot_every == 0 and healthy:
             self._take_snapshot()
         rec = {"step": self.step_idx, "source": source, "loss": loss, "mean_log_r": float(batch.log_r.mean()),
