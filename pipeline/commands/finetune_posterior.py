@@ -21,14 +21,14 @@ def add_arguments(parser) -> None:
                         help="source cube, used only to derive the fixed noise level when lensing.noise.sigma is null")
     parser.add_argument("--run-dir", metavar="DIR", help="rolling checkpoints + metrics.jsonl (resumed); required to train")
     parser.add_argument("--out", metavar="DIR", help="exported final posterior; required to train")
-    parser.add_argument("--steps", type=int, help="override rtb.steps")
+    parser.add_argument("--steps", type=int, help="override rtb.run.steps")
     parser.add_argument("--init-from", metavar="DIR",
                         help="start an empty --run-dir from this shipped trainer checkpoint (same rtb: recipe)")
     parser.add_argument("--warm-start", metavar="DIR",
                         help="start a NEW run (step 0, fresh optimizer) from this posterior's network weights; "
                              "for a changed rtb: recipe that keeps the network")
     parser.add_argument("--tune-guidance", action="store_true",
-                        help="only print the untrained-ELBO tuning record for rtb.guidance_scale (no training)")
+                        help="only print the untrained-ELBO tuning record for rtb.policy.guidance_scale (no training)")
 
 
 def run(args) -> int:

@@ -81,7 +81,7 @@ class Context:
             pcfg = prior_config(self.cfg, unet=self.cfg.prior_unet, steps=self.cfg.prior_steps, augment=augment,
                                 channel_mults=self.cfg.prior_channel_mults)
             run_dir = self.out / "priors" / f"{ds.name}-{pcfg.result_hash()}"
-            res = train_prior(pcfg, path, run_dir, device=cfg.device)
+            res = train_prior(pcfg, path, run_dir, device=self.cfg.device)
             if not res.completed:
                 raise RuntimeError(f"prior training for {name} did not complete ({res.step}/{res.target_steps})")
             self._prior[name] = ClippedPrior(load_prior(run_dir, device=self.device), -1.0, 1.0)
@@ -126,7 +126,7 @@ class Context:
             pcfg = prior_config(self.cfg, unet=self.cfg.latent_prior_unet, steps=self.cfg.latent_prior_steps,
                                 augment="none")
             run_dir = self.out / "priors" / f"{ae_id}-latent-{pcfg.result_hash()}"
-            res = train_prior(pcfg, path, run_dir, device=cfg.device)
+            res = train_prior(pcfg, path, run_dir, device=self.cfg.device)
             if not res.completed:
                 raise RuntimeError(f"latent prior training for {name} did not complete")
             lp = load_prior(run_dir, device=self.device)
