@@ -1,7 +1,7 @@
 """The whole pipeline config: one dataclass tree, read and validated in one place.
 
 :class:`PipelineConfig` is the root: top-level keys and one field per section (``lensing:``,
-``prior:``, ``rtb:``, ``posterior:``, ``calibration:``, ``vision:``). :func:`load_config` reads a YAML
+``prior:``, ``chain:``, ``rtb:``, ``posterior:``, ``calibration:``, ``vision:``). :func:`load_config` reads a YAML
 file into it; every wrong type, out-of-range value or unknown key, at any depth, is a one-line
 :class:`pipeline.errors.ConfigError` naming the file and the dotted field, and a key that moved since
 an older release names its new place. The Snakefile checks the merged workflow config with
@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, fields
 
 from pipeline.config import DEVICES, from_mapping, load_yaml, param
+from pipeline.diffusion.chain_config import ChainConfig
 from pipeline.diffusion.train import PriorConfig
 from pipeline.errors import ConfigError
 from pipeline.lensing.config import CalibrationConfig, LensingConfig, PosteriorConfig
@@ -45,6 +46,8 @@ class PipelineConfig:
     calibration: CalibrationConfig = param(CalibrationConfig, "Calibration sets.")
     lensing: LensingConfig = param(LensingConfig, "Geometry, sources, lens ranges, noise and observation reading.")
     prior: PriorConfig = param(PriorConfig, "Diffusion prior training.")
+    chain: ChainConfig = param(ChainConfig, "The reverse chain every sampler runs, RTB trains on and the "
+                               "prior-drawn set is drawn from.")
     rtb: RTBConfig = param(RTBConfig, "RTB fine-tuning of the prior into an amortized posterior sampler.")
     posterior: PosteriorConfig = param(PosteriorConfig, "Amortized training set-up and posterior sampling defaults.")
     vision: VisionConfig = param(VisionConfig, "The vision benchmarks (`snakemake vision`, `bench vision`).")
@@ -57,7 +60,7 @@ class PipelineConfig:
 
 
 SECTIONS = tuple(f.name for f in fields(PipelineConfig) if f.name in
-                 ("calibration", "lensing", "prior", "rtb", "posterior", "vision"))
+                 ("calibration", "lensing", "prior", "chain", "rtb", "posterior", "vision"))
 
 
 def config_from_dict(data: dict, source) -> PipelineConfig:

@@ -41,18 +41,19 @@ def blob_fits(tmp_path):
 
 
 TINY_PRIOR = {"unet": "tiny", "base_channels": 8, "steps": 6, "batch_size": 4, "checkpoint_every": 3,
-              "log_every": 2, "warmup_steps": 2, "sample_K": 5, "scale": 0.5, "ema_decay": 0.9}
+              "log_every": 2, "warmup_steps": 2, "scale": 0.5, "ema_decay": 0.9}
 
 
 @pytest.fixture
 def tiny_config(tmp_path):
-    """Write a YAML config with a tiny ``prior:`` section; returns a function(**overrides) -> path."""
+    """Write a YAML config with a tiny ``prior:`` section and a 5-step ``chain:``; returns a
+    function(**prior overrides) -> path."""
     import yaml
 
     def make(**overrides):
         section = {**TINY_PRIOR, **overrides}
         path = tmp_path / "config.yaml"
-        path.write_text(yaml.safe_dump({"prior": section}))
+        path.write_text(yaml.safe_dump({"prior": section, "chain": {"K": 5}}))
         return path
 
     return make

@@ -21,10 +21,10 @@ def build():
     prior = GaussianMixturePrior([0.4, 0.6], [[-2.0, 0.0], [2.0, 1.0]], 0.5)
     problem = DenseLinearProblem([[1.0, 0.5]], 0.5)
     y = torch.tensor([1.0])
-    cfg = RTBConfig(K=6, batch_size=8, steps=3, chunk_size=2, head_hidden=16, head_layers=2, features=[],
-                    replay_rate=0.0, prior_rate=0.0, tempered_rate=0.0, seed=3, device="cpu")
+    cfg = RTBConfig().with_fields(batch_size=8, steps=3, chunk_size=2, head_hidden=16, head_layers=2, features=[],
+                                  replay_rate=0.0, prior_rate=0.0, tempered_rate=0.0, seed=3)
     torch.manual_seed(0)  # same initial weights on every rank
-    post = make_posterior(prior, cfg)
+    post = make_posterior(prior, prior.schedule.chain(6), cfg)
     with torch.no_grad():  # leave the zero init so every layer gets a gradient
         for p in post.model.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
@@ -70,7 +70,7 @@ def main(out: Path):
         p.grad = None
     post.log_z.grad = None
     trainer = RTBTrainer(post, cfg, problem=problem, y=y)
-    trainer.train(cfg.steps)
+    trainer.train(cfg.run.steps)
     weights = {n: p.detach().clone() for n, p in distributed.unwrap(post.model).named_parameters()}
     weights["log_z"] = post.log_z.detach().clone()
     torch.save({"grads": grads, "weights": weights, "world": world}, out / f"rank{rank}.pt")

@@ -90,6 +90,7 @@ def test_sample_writes_prior_is_log_z(tmp_path, blob_fits):
     from conftest import TINY_PRIOR
 
     from pipeline.cli import main
+    from pipeline.diffusion.chain_config import load_chain
     from pipeline.diffusion.network_prior import load_prior
     from pipeline.lensing.config import BrightnessConfig, load_lensing_config
     from pipeline.lensing.observation import load_observation
@@ -98,8 +99,8 @@ def test_sample_writes_prior_is_log_z(tmp_path, blob_fits):
 
     geom = {**GEOM, "source_npix": 16}  # the tiny prior's 16 x 16 images
     cfg = tmp_path / "config.yaml"
-    cfg.write_text(yaml.safe_dump({"prior": TINY_PRIOR, "lensing": {"geometry": geom},
-                                   "posterior": {"particles": 3, "device": "cpu"}}))
+    cfg.write_text(yaml.safe_dump({"device": "cpu", "prior": TINY_PRIOR, "chain": {"K": 5},
+                                   "lensing": {"geometry": geom}, "posterior": {"particles": 3}}))
     run = tmp_path / "run"
     assert main(["train-prior", "--config", str(cfg), "--data", str(blob_fits), "--out", str(run)]) == 0
     rng = np.random.default_rng(3)
@@ -116,7 +117,7 @@ def test_sample_writes_prior_is_log_z(tmp_path, blob_fits):
     assert res[0]["logz"]["iw"] == d["logz"]["iw"]
     # the same number as the sampler's own estimate with the same generator (seed * 100003 + index)
     prior = load_prior(run)
-    chain = prior.schedule.chain(int(prior.meta["sample_K"]), prior.meta["sample_variance"])
+    chain = load_chain(str(cfg), prior)
     problem, y, _ = load_observation(tmp_path / "obs" / "o.fits", load_lensing_config(str(cfg)),
                                      brightness=BrightnessConfig(scale=prior.scale, offset=prior.offset))
     smp = make_sampler("prior_is", prior, chain, particles=3, device="cpu").sample(

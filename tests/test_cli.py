@@ -40,8 +40,8 @@ def test_train_then_sample_writes_fits_in_physical_units(tmp_path, blob_fits, ti
     assert main(["train-prior", "--config", str(cfg), "--data", str(blob_fits), "--out", str(run)]) == 0
 
     out, png = tmp_path / "samples.fits", tmp_path / "samples.png"
-    assert main(["sample-prior", "--checkpoint", str(run), "--n", "5", "--out", str(out), "--seed", "3",
-                 "--png", str(png), "--batch-size", "2"]) == 0
+    assert main(["sample-prior", "--checkpoint", str(run), "--config", str(cfg), "--n", "5", "--out", str(out),
+                 "--seed", "3", "--png", str(png), "--batch-size", "2"]) == 0
     with fits.open(out, checksum=True) as hdul:
         hdr = hdul[0].header
         samples = hdul["SAMPLES"].data.astype(np.float32)

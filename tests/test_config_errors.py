@@ -19,7 +19,6 @@ from pipeline.errors import ConfigError
     ("unet", "huge", "must be one of"),
     ("channel_mults", [1, "x"], "expected int"),
     ("beta_start", 0.5, "beta_end"),
-    ("sample_K", 5000, "<= T"),
     ("image_size", 30, "divisible"),
     ("stepz", 3, "unknown field"),
 ])

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "pipeline"
-LAYER = {"errors": 0, "config": 0, "runtime": 0, "distributed": 0, "problems": 0, "io": 0, "metrics": 0,
-         "plots": 0, "diffusion": 1, "samplers": 2, "rtb": 2, "lensing": 3, "vision": 3, "bench": 4,
+LAYER = {"errors": 0, "config": 0, "config_renames": 0, "runtime": 0, "distributed": 0, "problems": 0, "io": 0,
+         "metrics": 0, "plots": 0, "diffusion": 1, "samplers": 2, "rtb": 2, "lensing": 3, "vision": 3, "bench": 4,
          "evaluation": 4,
          "commands": 5, "cli": 5, "__main__": 5, "__init__": 5}
 

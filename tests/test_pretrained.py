@@ -41,20 +41,27 @@ def test_shipped_posterior_matches_config_and_reproduces_its_fit():
     from pipeline.config import load_section, load_yaml
     from pipeline.diffusion.network_prior import load_prior
     from pipeline.io.checkpoint import load_checkpoint
-    from pipeline.rtb.config import RTBConfig
-    from pipeline.config import config_hash
+    from pipeline.diffusion.chain_config import load_chain
+    from pipeline.rtb.config import RTBConfig, legacy_v1_hash
 
     cfg = load_yaml(CONFIG)
     ck = load_checkpoint(ROOT / cfg["posterior_checkpoint"])
     assert ck.hparams["kind"] == "rtb_posterior"
     rcfg = load_section(CONFIG, "rtb", RTBConfig)
-    assert ck.state["config_hash"] == config_hash(rcfg.hash_fields()), "shipped posterior != rtb: recipe"
-    assert ck.step <= rcfg.steps
+    prior = load_prior(SHIPPED / "prior")
+    chain = load_chain(CONFIG, prior)
+    # the shipped checkpoint carries the unversioned hash of the old flat rtb: section, with the chain in it
+    assert ck.state["config_hash"] == legacy_v1_hash(rcfg, chain.K, chain.variance), "shipped posterior != recipe"
+    # its flat config record, read into today's sections, is the config's recipe
+    flat = {k: v for k, v in ck.hparams["config"].items()
+            if k not in ("K", "variance", "device", "learn_step_scale", "guided_variance")}
+    assert RTBConfig().with_fields(**flat).recipe() == rcfg.recipe()
+    assert (ck.hparams["config"]["K"], ck.hparams["config"]["variance"]) == (chain.K, chain.variance)
+    assert ck.step <= rcfg.run.steps
     rec = RECORD["posterior"]
     assert rec["step"] == ck.step
     from pipeline.lensing.checks import evaluate_shipped_posterior
 
-    prior = load_prior(SHIPPED / "prior")
     got = evaluate_shipped_posterior(CONFIG, prior, ROOT / cfg["posterior_checkpoint"], seed=rec["seed"],
                                      n=rec["n"], noise_sigma=rec["noise_sigma"])
     assert got["chi2_nu_median"] == pytest.approx(rec["chi2_nu_median"], rel=1e-3)
@@ -113,12 +120,14 @@ def test_amortized_samples_at_a_batch_equal_to_the_feature_channels():
     from pipeline.lensing.config import load_lensing_config
     from pipeline.lensing.sample import load_amortized
 
+    from pipeline.diffusion.chain_config import load_chain
+
     rec = RECORD["posterior"]
     prior = load_prior(SHIPPED / "prior")
-    chain = prior.schedule.chain(int(prior.meta["sample_K"]), prior.meta["sample_variance"])
+    chain = load_chain(CONFIG, prior)
     problem, _, y = prior_predictive_observation(load_lensing_config(CONFIG), prior, chain, np.random.default_rng(0),
                                         torch.Generator().manual_seed(0), rec["noise_sigma"])
-    post, _ = load_amortized(SHIPPED / "posterior", prior)
+    post, _ = load_amortized(SHIPPED / "posterior", prior, chain)
     out = {}
     for n in (2, 3):
         out[n] = amortized_sampler("rtb_amortized", post, batch_size=n).sample(problem, y, n,
@@ -155,12 +164,19 @@ def test_shipped_posterior_records_the_shipped_prior_and_refuses_another():
     from pipeline.errors import InputFileError
     from pipeline.diffusion.network_prior import load_prior
     from pipeline.io.checkpoint import load_checkpoint
+    from pipeline.diffusion.chain_config import ChainConfig, load_chain
     from pipeline.rtb.loading import load_posterior
 
     prior = load_prior(SHIPPED / "prior")
+    chain = load_chain(CONFIG, prior)
     ck = load_checkpoint(SHIPPED / "posterior", names=[])  # manifest checksums verified here
-    assert ck.hparams["prior"] == {"recipe_hash": prior.meta["config_hash"], "K": prior.meta["sample_K"],
-                                   "variance": prior.meta["sample_variance"]}
+    # recorded before grids were: no timesteps, which means the uniform grid of the config's chain
+    assert ck.hparams["prior"] == {"recipe_hash": prior.meta["config_hash"], "K": chain.K, "variance": chain.variance}
+    post, _ = load_posterior(SHIPPED / "posterior", prior, chain=chain)
+    assert post.chain.t.tolist() == chain.t.tolist()
+    other_grid = ChainConfig(K=chain.K, spacing="quadratic").build(prior.schedule)
+    with pytest.raises(InputFileError, match=r"posterior.*prior\.timesteps"):
+        load_posterior(SHIPPED / "posterior", prior, chain=other_grid)
     prior.meta["config_hash"] = "0" * 16  # a prior of another recipe
     with pytest.raises(InputFileError, match=r"posterior.*prior\.recipe_hash"):
         load_posterior(SHIPPED / "posterior", prior)

@@ -195,16 +195,18 @@ def test_rtb_steps_and_hidden_defaults_and_scaling():
     from pipeline.bench.gmm_rtb import rtb_config
 
     c2, c80 = make_case("2d"), make_case("80d_y1")
-    assert [rtb_config(c2, q, False, 0).steps for q in (True, False)] == [300, 400]
-    assert [rtb_config(c2, q, False, 0).head_hidden for q in (True, False)] == [64, 128]
-    assert rtb_config(c80, False, False, 0).steps == 500
-    assert rtb_config(c80, False, True, 0).steps == 2000 and rtb_config(c80, False, False, 0, guided=True).steps == 800
-    assert rtb_config(c2, True, True, 0).steps == 600 and rtb_config(c2, True, False, 0, guided=True).steps == 300
-    assert rtb_config(c2, True, False, 0, steps=15, hidden=16).steps == 15
-    assert rtb_config(c2, True, False, 0, steps=15, hidden=16).head_hidden == 16
-    assert rtb_config(c80, False, True, 0, steps=15).steps == 60
-    assert rtb_config(c80, False, False, 0, guided=True, steps=15).steps == 24
-    assert rtb_config(c80, False, False, 0, steps=15).beta_ramp_steps == 7
+    assert [rtb_config(c2, q, False, 0).run.steps for q in (True, False)] == [300, 400]
+    assert [rtb_config(c2, q, False, 0).policy.head_hidden for q in (True, False)] == [64, 128]
+    assert rtb_config(c80, False, False, 0).run.steps == 500
+    assert rtb_config(c80, False, True, 0).run.steps == 2000
+    assert rtb_config(c80, False, False, 0, guided=True).run.steps == 800
+    assert rtb_config(c2, True, True, 0).run.steps == 600
+    assert rtb_config(c2, True, False, 0, guided=True).run.steps == 300
+    assert rtb_config(c2, True, False, 0, steps=15, hidden=16).run.steps == 15
+    assert rtb_config(c2, True, False, 0, steps=15, hidden=16).policy.head_hidden == 16
+    assert rtb_config(c80, False, True, 0, steps=15).run.steps == 60
+    assert rtb_config(c80, False, False, 0, guided=True, steps=15).run.steps == 24
+    assert rtb_config(c80, False, False, 0, steps=15).objective.beta_ramp_steps == 7
 
 
 def test_bench_gmm_rtb_flags_reach_the_recorded_runs(tmp_path, capsys):

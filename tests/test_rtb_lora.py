@@ -44,8 +44,8 @@ def test_full_and_lora_posteriors_equal_prior_at_init_and_two_pass_is_exact():
     prior, problem = _prior(), _Mask()
     y = torch.zeros(1, 8, 8)
     for rank in (0, 2):
-        cfg = RTBConfig(K=6, parameterisation="full", lora_rank=rank)
-        post = make_posterior(prior, cfg)
+        cfg = RTBConfig().with_fields(parameterisation="full", lora_rank=rank)
+        post = make_posterior(prior, prior.schedule.chain(6), cfg)
         b = policy_rollout(post, 4, y, problem=problem, generator=torch.Generator().manual_seed(1))
         # the copy starts as the prior: log q = log p on every step
         assert float(b.log_ratio().abs().max()) < 1e-3

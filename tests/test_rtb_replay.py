@@ -15,12 +15,12 @@ from pipeline.rtb.trainer import RTBTrainer
 def _amortized_trainer(**kw):
     prior = GaussianMixturePrior([0.3, 0.7], [[-2.0], [2.0]], 0.25)
     problem = DenseLinearProblem([[1.0]], 1.0)
-    base = dict(K=8, steps=12, batch_size=16, head_hidden=16, head_layers=1, log_every=1, snapshot_every=5,
+    base = dict(steps=12, batch_size=16, head_hidden=16, head_layers=1, log_every=1, snapshot_every=5,
                 seed=3, amortized=True, logz="vargrad", group_size=4, replay_rate=0.5, prior_rate=0.0,
                 tempered_rate=0.0)
     base.update(kw)
-    cfg = RTBConfig(**base)
-    post = make_posterior(prior, cfg, cond_dim=1)
+    cfg = RTBConfig().with_fields(**base)
+    post = make_posterior(prior, prior.schedule.chain(8), cfg, cond_dim=1)
 
     def obs_sampler(G, gen):
         return problem.simulate(prior.sample(G, generator=gen).float(), generator=gen), None
@@ -33,14 +33,15 @@ def test_replay_groups_are_distinct_states_of_one_observation_and_delta_sees_rew
     trainer.train(3)  # on-policy batches fill the buffer: 3 x 4 observations x 4 trajectories
     assert trainer.buffer.obs_id is not None and int(trainer.buffer.obs_id.unique().numel()) == 12
     batch = trainer.draw_batch("replay")
-    assert batch.n == cfg.batch_size
+    assert batch.n == cfg.optim.batch_size
     groups = torch.as_tensor(batch.groups)
     for g in groups.unique():
         m = groups == g
-        assert int(m.sum()) == cfg.group_size
+        assert int(m.sum()) == cfg.objective.group_size
         ys = batch.y[m]
         assert torch.equal(ys, ys[:1].expand_as(ys))  # one observation per group
-        assert torch.unique(batch.x1[m].reshape(int(m.sum()), -1), dim=0).shape[0] == cfg.group_size  # distinct
+        distinct = torch.unique(batch.x1[m].reshape(int(m.sum()), -1), dim=0).shape[0]
+        assert distinct == cfg.objective.group_size
     delta, _ = deltas_vargrad(batch)
     # the rewards matter: one member's reward raised by 1 nat moves every delta of its group (by 1/4 or 3/4)
     bumped = batch.log_r.clone()
@@ -50,7 +51,7 @@ def test_replay_groups_are_distinct_states_of_one_observation_and_delta_sees_rew
     diff = (delta_b - delta).double()
     in_g0 = groups == groups[0]
     torch.testing.assert_close(diff[0], torch.tensor(-0.75, dtype=torch.float64), rtol=0, atol=1e-9)
-    torch.testing.assert_close(diff[in_g0][1:], torch.full((cfg.group_size - 1,), 0.25, dtype=torch.float64),
+    torch.testing.assert_close(diff[in_g0][1:], torch.full((cfg.objective.group_size - 1,), 0.25, dtype=torch.float64),
                                rtol=0, atol=1e-9)
     assert float(diff[~in_g0].abs().max()) == 0.0
     # and across the batch the within-group rewards differ (distinct x_1 under one y)

@@ -13,25 +13,21 @@ from pipeline.diffusion.unet import build_unet
 from pipeline.io.checkpoint import load_checkpoint
 
 CONFIG = """
-seed: 0
 device: cpu
 lensing:
   geometry: {image_npix: 12, image_pixscale: 0.2, source_npix: 12, source_pixscale: 0.1, supersample: 1,
              psf_fwhm: 0.3, psf_npix: 5}
   noise: {sigma: 0.05}
-rtb:
+chain:
   K: 5
-  amortized: true
-  logz: vargrad
-  group_size: 2
-  batch_size: 4
-  steps: 3
-  checkpoint_every: 1
-  log_every: 1
-  head_preset: tiny
-  replay_rate: 0.3
-  tempered_rate: 0.3
-  seed: 5
+rtb:
+  policy: {head_preset: tiny}
+  objective: {amortized: true, logz: vargrad, group_size: 2}
+  optim: {batch_size: 4}
+  exploration:
+    replay_rate: 0.3
+    tempered_rate: 0.3
+  run: {steps: 3, checkpoint_every: 1, log_every: 1, seed: 5}
 posterior:
   n_lenses: 2
   n_truths: 4
@@ -110,9 +106,9 @@ def test_dps_exploration_is_refused_for_lensing_in_one_line(tmp_path):
     from pipeline.lensing.finetune import finetune
 
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(CONFIG.replace("  seed: 5\n", "  seed: 5\n  dps_rate: 0.2\n"))
+    cfg.write_text(CONFIG.replace("    tempered_rate: 0.3\n", "    tempered_rate: 0.3\n    dps_rate: 0.2\n"))
     with pytest.raises(ConfigError) as exc:
         finetune(cfg, _prior(), tmp_path / "run", tmp_path / "out")
     msg = str(exc.value)
-    assert "\n" not in msg and "rtb.dps_rate" in msg and str(cfg) in msg
+    assert "\n" not in msg and "rtb.exploration.dps_rate" in msg and str(cfg) in msg
     assert not (tmp_path / "run").exists()  # refused before any work

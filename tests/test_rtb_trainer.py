@@ -8,10 +8,11 @@ import torch
 
 from pipeline.diffusion.prior import GaussianMixturePrior
 from pipeline.diffusion.sampling import rollout
+from pipeline.diffusion.schedule import NoiseSchedule
 from pipeline.errors import InputFileError
 from pipeline.metrics import wasserstein_1d
 from pipeline.problems import DenseLinearProblem
-from pipeline.rtb.config import RTBConfig
+from pipeline.rtb.config import RTBConfig, legacy_v1_hash
 from pipeline.rtb.posterior import make_posterior, posterior_spec
 from pipeline.rtb.sampler import RTBSampler
 from pipeline.rtb.loading import load_posterior
@@ -27,9 +28,9 @@ def test_rtb_reaches_chain_reference_on_1d_mixture():
     """W1(RTB, reference) <= 2 x the Monte-Carlo floor at N = 2000, seed 0 (chain-prior reference by IS)."""
     torch.manual_seed(0)
     prior, problem, y = _problem()
-    cfg = RTBConfig(K=20, steps=400, batch_size=256, lr=3e-3, lr_final_frac=0.05, lr_logz=0.05, head_hidden=64,
-                    head_layers=2, seed=0)
-    post = make_posterior(prior, cfg)
+    cfg = RTBConfig().with_fields(steps=400, batch_size=256, lr=3e-3, lr_final_frac=0.05, lr_logz=0.05,
+                                  head_hidden=64, head_layers=2, seed=0)
+    post = make_posterior(prior, prior.schedule.chain(20), cfg)
     trainer = RTBTrainer(post, cfg, problem=problem, y=y)
     summary = trainer.train()
     assert summary["rollbacks"] == 0 and not summary["diverged"]
@@ -51,17 +52,20 @@ def test_rtb_reaches_chain_reference_on_1d_mixture():
     assert abs(summary["log_z"] - logz_ref) < 0.15  # learned scalar ~ ELBO side of log Z
 
 
+CHAIN = NoiseSchedule().chain(8)
+
+
 def _small_cfg(**kw):
-    base = dict(K=8, steps=20, batch_size=32, head_hidden=16, head_layers=1, checkpoint_every=10, log_every=1,
+    base = dict(steps=20, batch_size=32, head_hidden=16, head_layers=1, checkpoint_every=10, log_every=1,
                 snapshot_every=5, seed=3, replay_rate=0.3, tempered_rate=0.2, prior_rate=0.1)
     base.update(kw)
-    return RTBConfig(**base)
+    return RTBConfig().with_fields(**base)
 
 
 def test_rollback_on_nonfinite_then_divergence(tmp_path):
     prior, problem, y = _problem()
     cfg = _small_cfg(steps=40)
-    post = make_posterior(prior, cfg)
+    post = make_posterior(prior, CHAIN, cfg)
     trainer = RTBTrainer(post, cfg, problem=problem, y=y, metrics_path=tmp_path / "m.jsonl")
     trainer.train(10)
     good = {n: p.detach().clone() for n, p in post.model.named_parameters()}
@@ -70,7 +74,7 @@ def test_rollback_on_nonfinite_then_divergence(tmp_path):
     problem.log_likelihood = lambda x, yy: orig(x, yy) * float("nan")  # poison the reward
     assert trainer.train_step() is None
     assert trainer.rollbacks == 1 and not trainer.diverged
-    assert trainer.lr_scale == pytest.approx(cfg.rollback_lr_factor)
+    assert trainer.lr_scale == pytest.approx(cfg.guards.rollback_lr_factor)
     for n, p in post.model.named_parameters():  # restored to the snapshot taken at step 10
         torch.testing.assert_close(p.detach(), good[n])
     assert float(post.log_z.detach()) == good_logz
@@ -90,7 +94,7 @@ def test_rollback_on_loss_spike():
     prior, problem, y = _problem()
     cfg = _small_cfg(steps=30, spike_factor=10.0, spike_warmup=10, replay_rate=0.0, tempered_rate=0.0,
                      prior_rate=0.0)
-    post = make_posterior(prior, cfg)
+    post = make_posterior(prior, CHAIN, cfg)
     trainer = RTBTrainer(post, cfg, problem=problem, y=y)
     trainer.train(15)
     orig = problem.log_likelihood
@@ -106,7 +110,7 @@ def test_loss_spike_after_the_rollback_budget_stops_at_the_last_good_state(tmp_p
     prior, problem, y = _problem()
     cfg = _small_cfg(steps=40, spike_factor=10.0, spike_warmup=10, replay_rate=0.0, tempered_rate=0.0,
                      prior_rate=0.0)
-    post = make_posterior(prior, cfg)
+    post = make_posterior(prior, CHAIN, cfg)
     trainer = RTBTrainer(post, cfg, problem=problem, y=y, metrics_path=tmp_path / "m.jsonl")
     trainer.train(15)
     orig = problem.log_likelihood
@@ -132,7 +136,7 @@ def test_no_snapshot_of_a_state_wrecked_during_the_spike_warmup():
     prior, problem, y = _problem()
     cfg = _small_cfg(steps=40, spike_factor=10.0, spike_warmup=30, snapshot_every=5, replay_rate=0.0,
                      tempered_rate=0.0, prior_rate=0.0)
-    post = make_posterior(prior, cfg)
+    post = make_posterior(prior, CHAIN, cfg)
     trainer = RTBTrainer(post, cfg, problem=problem, y=y)
     trainer.train(14)
     assert trainer._snapshot["step"] == 10
@@ -148,11 +152,11 @@ def test_no_snapshot_of_a_state_wrecked_during_the_spike_warmup():
 def test_checkpoint_resume_is_exact(tmp_path):
     prior, problem, y = _problem()
     cfg = _small_cfg(steps=30, ema_decay=0.9)
-    post = make_posterior(prior, cfg)
-    spec = posterior_spec(prior, cfg)
+    post = make_posterior(prior, CHAIN, cfg)
+    spec = posterior_spec(prior, CHAIN, cfg)
     a = RTBTrainer(post, cfg, problem=problem, y=y, run_dir=tmp_path / "run", spec=spec)
     a.train(20)  # checkpoints at 10 and 20
-    b_post = make_posterior(prior, cfg)
+    b_post = make_posterior(prior, CHAIN, cfg)
     b = RTBTrainer(b_post, cfg, problem=problem, y=y, run_dir=tmp_path / "run", spec=spec)
     assert b.resume() and b.step_idx == 20
     assert float(b_post.log_z.detach()) == float(post.log_z.detach())  # log Z restored, not reset to 0
@@ -169,7 +173,7 @@ def test_checkpoint_resume_is_exact(tmp_path):
         torch.testing.assert_close(p, b.ema[n])
     # a different model/objective config is refused with a one-line error naming the field
     cfg2 = _small_cfg(steps=30, ema_decay=0.9, lr=5e-4)
-    c = RTBTrainer(make_posterior(prior, cfg2), cfg2, problem=problem, y=y, run_dir=tmp_path / "run", spec=spec)
+    c = RTBTrainer(make_posterior(prior, CHAIN, cfg2), cfg2, problem=problem, y=y, run_dir=tmp_path / "run", spec=spec)
     with pytest.raises(InputFileError, match="config_hash"):
         c.resume()
 
@@ -177,7 +181,7 @@ def test_checkpoint_resume_is_exact(tmp_path):
 def test_amortized_vargrad_runs_and_sampler_reports_trajectory_densities():
     prior, problem, _ = _problem()
     cfg = _small_cfg(amortized=True, logz="vargrad", group_size=4, steps=6)
-    post = make_posterior(prior, cfg, cond_dim=1)
+    post = make_posterior(prior, CHAIN, cfg, cond_dim=1)
 
     def obs_sampler(G, gen):
         x = prior.sample(G, generator=gen).float()
@@ -190,7 +194,7 @@ def test_amortized_vargrad_runs_and_sampler_reports_trajectory_densities():
         problem, torch.tensor([0.3]), 50, generator=torch.Generator().manual_seed(0))
     assert smp.x0.shape == (50, 1) and smp.has_trajectory_density
     assert torch.isfinite(smp.log_q_traj).all() and smp.log_r.dtype == torch.float64
-    assert smp.nfe == 2 * cfg.K - 1
+    assert smp.nfe == 2 * CHAIN.K - 1
 
 
 def test_rtb_config_validation_one_line_errors(tmp_path):
@@ -198,18 +202,50 @@ def test_rtb_config_validation_one_line_errors(tmp_path):
     from pipeline.errors import ConfigError
 
     p = tmp_path / "c.yaml"
-    p.write_text("rtb:\n  replay_rate: 0.6\n  prior_rate: 0.6\n")
-    with pytest.raises(ConfigError, match=r"c.yaml: field 'rtb.replay_rate'"):
+    p.write_text("rtb:\n  exploration: {replay_rate: 0.6, prior_rate: 0.6}\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: field 'rtb.exploration.replay_rate'"):
         load_section(p, "rtb", RTBConfig)
-    for body, field_name in (("amortized: true", "rtb.logz"), ("K: 1", "rtb.K"),
-                             ("features: [x0hat, bogus]", "rtb.features"),
-                             ("learn_guidance_gain: maybe", "rtb.learn_guidance_gain"),
-                             ("lr_per_step: -1", "rtb.lr_per_step"),
-                             ("guidance_gain_init: 0", "rtb.guidance_gain_init"),
-                             ("amortized: true\n  logz: vargrad\n  batch_size: 30\n  group_size: 8", "rtb.group_size")):
+    for body, field_name in (("objective: {amortized: true}", "rtb.objective.logz"),
+                             ("policy: {features: [x0hat, bogus]}", "rtb.policy.features"),
+                             ("policy: {learn_guidance_gain: maybe}", "rtb.policy.learn_guidance_gain"),
+                             ("optim: {lr_per_step: -1}", "rtb.optim.lr_per_step"),
+                             ("policy: {guidance_gain_init: 0}", "rtb.policy.guidance_gain_init"),
+                             ("objective: {amortized: true, logz: vargrad, group_size: 8}\n  optim: {batch_size: 30}",
+                              "rtb.objective.group_size"),
+                             ("lr: 0.1", "rtb.lr"), ("K: 20", "rtb.K")):  # old flat keys are unknown now
         p.write_text(f"rtb:\n  {body}\n")
-        with pytest.raises(ConfigError, match=field_name):
+        with pytest.raises(ConfigError, match=field_name) as err:
             load_section(p, "rtb", RTBConfig)
-    p.write_text("rtb:\n  K: 20\n  guidance: dps_cla\n")
+        assert "\n" not in str(err.value)
+    p.write_text("rtb:\n  policy: {guidance: dps_cla}\n  optim: {lr: 0.01}\n")
     cfg = load_section(p, "rtb", RTBConfig)
-    assert cfg.K == 20 and cfg.guidance == "dps_cla"
+    assert cfg.policy.guidance == "dps_cla" and cfg.optim.lr == 0.01 and cfg.run.steps == 1000
+
+
+def test_recipe_hash_is_versioned_and_ignores_what_does_not_change_the_result():
+    cfg = _small_cfg()
+    h = cfg.recipe_hash()
+    assert h.startswith("v2-") and len(h) == 3 + 16
+    # run length, logging, checkpoints, gradient chunking: the same recipe
+    same = cfg.with_fields(steps=999, chunk_size=1, log_every=7, checkpoint_every=3, keep_checkpoints=9,
+                           eval_samples=5)
+    assert same.recipe_hash() == h
+    for change in (dict(lr=5e-4), dict(seed=4), dict(head_hidden=32), dict(replay_rate=0.1),
+                   dict(group_size=4), dict(spike_factor=3.0), dict(guidance="dps")):
+        assert cfg.with_fields(**change).recipe_hash() != h, change
+    # the legacy (unversioned) hash had the chain and chunk_size in it
+    assert legacy_v1_hash(cfg, 8, "small") != legacy_v1_hash(cfg, 9, "small")
+    assert legacy_v1_hash(cfg, 8, "small") != legacy_v1_hash(cfg.with_fields(chunk_size=3), 8, "small")
+    assert "-" not in legacy_v1_hash(cfg, 8, "small")
+
+
+def test_resume_accepts_the_legacy_hash_of_the_same_recipe_only(tmp_path):
+    prior, problem, y = _problem()
+    cfg = _small_cfg(steps=4)
+    trainer = RTBTrainer(make_posterior(prior, CHAIN, cfg), cfg, problem=problem, y=y)
+    assert trainer._accepts_hash(cfg.recipe_hash())
+    assert trainer._accepts_hash(legacy_v1_hash(cfg, CHAIN.K, CHAIN.variance))
+    assert not trainer._accepts_hash(legacy_v1_hash(cfg, CHAIN.K + 1, CHAIN.variance))  # another chain
+    assert not trainer._accepts_hash(legacy_v1_hash(cfg.with_fields(lr=5e-4), CHAIN.K, CHAIN.variance))
+    assert not trainer._accepts_hash(cfg.with_fields(lr=5e-4).recipe_hash())
+    assert not trainer._accepts_hash(None)

@@ -76,8 +76,7 @@ def test_twisted_last_step_raises_the_elbo_of_a_rollout():
     from pipeline.rtb.posterior import make_posterior
 
     prior, chain, problem, y = _setup()
-    post = make_posterior(prior, RTBConfig(K=10, variance="small", head_hidden=16, head_layers=1,
-                                                    device="cpu"))
+    post = make_posterior(prior, chain, RTBConfig().with_fields(head_hidden=16, head_layers=1))
     post.eval()
     n = 256
     base = policy_rollout(post, n, y, problem=problem, generator=torch.Generator().manual_seed(5))

@@ -58,12 +58,11 @@ def build(name, prior, chain, problem):
         return make_sampler(name, prior, chain, **OPTS.get(name, {}))
     guidance = {"rtb_dps": "dps", "rtb_dps_cla": "dps_cla"}.get(name, "none")
     # DPS+CLA is a score at scale 1; the frozen DPS shift grows like 1/sqrt(abar_k) at high noise
-    cfg = RTBConfig(K=chain.K, variance=chain.variance, guidance=guidance,
-                    guidance_scale=0.01 if guidance == "dps" else 1.0,
-                    learn_variance=False, head_hidden=8, head_layers=1, amortized=spec.amortized,
-                    logz="vargrad" if spec.amortized else "scalar")
+    cfg = RTBConfig().with_fields(guidance=guidance, guidance_scale=0.01 if guidance == "dps" else 1.0,
+                                  learn_variance=False, head_hidden=8, head_layers=1, amortized=spec.amortized,
+                                  logz="vargrad" if spec.amortized else "scalar")
     torch.manual_seed(0)
-    post = make_posterior(prior, cfg, cond_dim=1 if spec.amortized else 0)
+    post = make_posterior(prior, chain, cfg, cond_dim=1 if spec.amortized else 0)
     opts = {"cond_fn": lambda _problem, yy: yy.reshape(yy.shape[0], -1)} if spec.amortized else {}
     return make_sampler(name, prior, chain, posterior=post, batch_size=N * 8, **opts, **OPTS.get(name, {}))
 

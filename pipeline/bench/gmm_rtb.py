@@ -12,12 +12,11 @@ on it). The number of training steps and the head's hidden width are arguments (
 from __future__ import annotations
 
 import math
-from dataclasses import replace
-
 import torch
 
 from pipeline.bench.gmm_cases import GMMCase
-from pipeline.rtb.config import RTBConfig
+from pipeline.rtb.config import (ExplorationConfig, ObjectiveConfig, OptimConfig, PolicyConfig, RTBConfig,
+                                 RunConfig)
 from pipeline.rtb.posterior import make_posterior
 from pipeline.rtb.sampler import RTBSampler
 from pipeline.rtb.trainer import RTBTrainer
@@ -76,11 +75,13 @@ def rtb_config(case: GMMCase, quick: bool, amortized: bool, seed: int, guided: b
     # The guided 80-D variants start from a weaker guidance, gain e^-1 of the tuned scale on every step
     # (training raises it where it pays): at gain 1 training never left the modes DPS picks.
     gain0 = math.exp(-1.0) if guided and case.d_x >= 80 else 1.0
-    return RTBConfig(K=30, steps=steps, batch_size=batch, lr=lr, lr_final_frac=0.05, lr_logz=0.1,
-                     head_hidden=hidden, head_layers=3, in_scale=8.0,
-                     amortized=amortized, logz="vargrad" if amortized else "scalar", group_size=16,
-                     replay_rate=0.1, tempered_std_scale=1.5, **explore, **ramp,
-                     eval_samples=2000, seed=seed, log_every=50, guidance_gain_init=gain0)
+    return RTBConfig(
+        policy=PolicyConfig(head_hidden=hidden, head_layers=3, in_scale=8.0, guidance_gain_init=gain0),
+        objective=ObjectiveConfig(amortized=amortized, logz="vargrad" if amortized else "scalar", group_size=16,
+                                  **ramp),
+        optim=OptimConfig(batch_size=batch, lr=lr, lr_final_frac=0.05, lr_logz=0.1),
+        exploration=ExplorationConfig(replay_rate=0.1, tempered_std_scale=1.5, **explore),
+        run=RunConfig(steps=steps, eval_samples=2000, seed=seed, log_every=50))
 
 
 def train_rtb(case: GMMCase, chain_K: int, seed: int, *, quick: bool, y=None, obs_set=None, metrics_path=None,
@@ -95,15 +96,16 @@ def train_rtb(case: GMMCase, chain_K: int, seed: int, *, quick: bool, y=None, ob
     """
     amortized = obs_set is not None
     base = rtb_config(case, quick, amortized, seed, guided=guidance != "none", steps=steps, hidden=hidden)
-    cfg = replace(base, K=chain_K, guidance=guidance, guidance_scale=float(guidance_scale),
-                  learn_guidance_gain=guidance != "none")
+    cfg = base.with_fields(guidance=guidance, guidance_scale=float(guidance_scale),
+                           learn_guidance_gain=guidance != "none")
+    chain = case.prior.schedule.chain(chain_K)
     torch.manual_seed(seed)
     cond_scale = 8.0  # y is O(10) on these cases: a fixed input normalisation
 
     def cond_fn(_problem, yy):
         return yy.reshape(yy.shape[0], -1) / cond_scale
 
-    post = make_posterior(case.prior, cfg, cond_dim=case.d_y if amortized else 0)
+    post = make_posterior(case.prior, chain, cfg, cond_dim=case.d_y if amortized else 0)
     if amortized:
         obs = torch.as_tensor(obs_set).reshape(-1, case.d_y).float()
 

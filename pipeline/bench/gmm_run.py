@@ -125,6 +125,12 @@ def _metrics_path(run: CaseRun, label: str, seed: int | None) -> Path | None:
                           else f"rtb_metrics_{run.case.name}_{label}_{seed}.jsonl")
 
 
+def _config_record(cfg, K: int, keys) -> dict:
+    """The recorded RTB settings of a run: ``keys`` of the config's fields by name, and the chain's K."""
+    flat = {**cfg.flat(), "K": K}
+    return {k: flat[k] for k in keys}
+
+
 def run_amortized(run: CaseRun, rec: dict, label: str, y, seed: int, logz_ref: float):
     """The amortized network (trained once per case, on the first seed) sampled at y."""
     if run.amortized is None:
@@ -135,11 +141,12 @@ def run_amortized(run: CaseRun, rec: dict, label: str, y, seed: int, logz_ref: f
     post, trainer, cfg, cond_fn = run.amortized
     smp = sample_rtb(post, cfg, cond_fn, run.case, y, seed, run.n, "rtb_amortized")
     _, est_large = trainer.evaluate(n=max(run.n_logz, run.n), y=y)
-    div = trainer.diverged or not math.isfinite(est_large.iw) or abs(est_large.iw - logz_ref) > cfg.diverged_logz_tol
+    tol = cfg.guards.diverged_logz_tol
+    div = trainer.diverged or not math.isfinite(est_large.iw) or abs(est_large.iw - logz_ref) > tol
     rec.update(diverged=bool(div), rollbacks=trainer.rollbacks, train_steps=trainer.step_idx,
                stopped_early=trainer.stopped_early, train_seconds_shared=run.amortized_seconds,
                n_observations=int(run.obs_set.shape[0]))
-    rec["config"] = {k: getattr(cfg, k) for k in AMORTIZED_CONFIG_KEYS}
+    rec["config"] = _config_record(cfg, run.K, AMORTIZED_CONFIG_KEYS)
     return smp, est_large
 
 
@@ -154,7 +161,7 @@ def run_single_rtb(run: CaseRun, rec: dict, label: str, m: str, y, seed: int, lo
         rec["scale"] = gscale
     rec.update(diverged=trainer.diverged, rollbacks=trainer.rollbacks, train_steps=trainer.step_idx,
                stopped_early=trainer.stopped_early)
-    rec["config"] = {k: getattr(cfg, k) for k in RTB_CONFIG_KEYS}
+    rec["config"] = _config_record(cfg, run.K, RTB_CONFIG_KEYS)
     return smp, est_large
 
 

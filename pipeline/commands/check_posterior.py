@@ -31,14 +31,13 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from pipeline.config import load_section
+    from pipeline.config import read_device
     from pipeline.diffusion.network_prior import load_prior
     from pipeline.lensing.checks import check_posterior
-    from pipeline.lensing.config import PosteriorConfig
     from pipeline.runtime import choose_device, configure_threads
 
     configure_threads()
-    device = choose_device(load_section(args.config, "posterior", PosteriorConfig).device)
+    device = choose_device(read_device(args.config))
     prior = load_prior(args.prior, device=device)
     for ck in args.posterior:
         rec = check_posterior(args.config, prior, ck, n_obs=args.n_obs, n=args.samples, seed=args.seed,

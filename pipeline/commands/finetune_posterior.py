@@ -21,21 +21,20 @@ def add_arguments(parser) -> None:
                         help="source cube, used only to derive the fixed noise level when lensing.noise.sigma is null")
     parser.add_argument("--run-dir", metavar="DIR", help="rolling checkpoints + metrics.jsonl (resumed); required to train")
     parser.add_argument("--out", metavar="DIR", help="exported final posterior; required to train")
-    parser.add_argument("--steps", type=int, help="override rtb.steps")
+    parser.add_argument("--steps", type=int, help="override rtb.run.steps")
     parser.add_argument("--init-from", metavar="DIR",
                         help="start an empty --run-dir from this shipped trainer checkpoint (same rtb: recipe)")
     parser.add_argument("--warm-start", metavar="DIR",
                         help="start a NEW run (step 0, fresh optimizer) from this posterior's network weights; "
                              "for a changed rtb: recipe that keeps the network")
     parser.add_argument("--tune-guidance", action="store_true",
-                        help="only print the untrained-ELBO tuning record for rtb.guidance_scale (no training)")
+                        help="only print the untrained-ELBO tuning record for rtb.policy.guidance_scale (no training)")
 
 
 def run(args) -> int:
     from pipeline import distributed
-    from pipeline.config import load_section
+    from pipeline.config import read_device
     from pipeline.diffusion.network_prior import load_prior
-    from pipeline.lensing.config import PosteriorConfig
     from pipeline.lensing.finetune import finetune
     from pipeline.runtime import choose_device, configure_threads
 
@@ -44,8 +43,7 @@ def run(args) -> int:
 
         raise PipelineError("finetune-posterior needs --run-dir and --out (unless --tune-guidance)")
     configure_threads()
-    pcfg = load_section(args.config, "posterior", PosteriorConfig)
-    device = choose_device(pcfg.device)
+    device = choose_device(read_device(args.config))
     distributed.init_from_env(device)
     device = distributed.local_device(device)
     prior = load_prior(args.prior, device=device)

@@ -36,10 +36,6 @@ def run(args) -> int:
         raise ConfigError(args.config, "prior", f"the shipped prior {src} was trained with another prior: recipe "
                           f"(hash {meta.get('config_hash')} != {cfg.result_hash()}); set prior_checkpoint: null "
                           "to train one")
-    for key, want in (("sample_K", cfg.sample_K), ("sample_variance", cfg.sample_variance)):
-        if meta.get(key) != want:
-            raise ConfigError(args.config, f"prior.{key}", f"the shipped prior uses {meta.get(key)!r}, config asks "
-                              f"{want!r}; set prior_checkpoint: null to train one")
     if not (src / "hparams.json").is_file():
         raise InputFileError(src, "not an exported prior directory (no hparams.json)")
     out = Path(args.out)

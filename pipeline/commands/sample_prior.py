@@ -7,6 +7,8 @@ import logging
 
 import numpy as np
 
+from pipeline.config import load_section, read_device
+from pipeline.diffusion.chain_config import ChainConfig
 from pipeline.diffusion.network_prior import load_prior
 from pipeline.diffusion.prior_samples import write_prior_samples
 from pipeline.diffusion.sampling import sample_prior
@@ -27,12 +29,14 @@ def add_arguments(parser) -> None:
                              "directory or an exported prior directory")
     parser.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     parser.add_argument("--out", required=True, metavar="FILE.fits", help="output FITS file (written atomically)")
-    parser.add_argument("--K", type=int, help="chain length (default: the checkpoint's sample_K)")
+    parser.add_argument("--config", metavar="FILE", help="pipeline YAML config: its chain: section and device "
+                                                         "(default: the chain: defaults)")
+    parser.add_argument("--K", type=int, help="chain length (default: chain.K)")
     parser.add_argument("--variance", choices=["small", "large"],
-                        help="reverse-step variance: small=beta-tilde, large=beta (default: checkpoint's)")
+                        help="reverse-step variance: small=beta-tilde, large=beta (default: chain.variance)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--batch-size", type=int, default=64, help="samples per batch (default 64)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the config's device, else auto")
     parser.add_argument("--png", metavar="FILE.png", help="also write a PNG grid of (up to 64) samples")
 
 
@@ -42,13 +46,16 @@ def run(args) -> int:
         raise ConfigError("--n", "n", f"must be >= 1, got {args.n}")
     if args.batch_size < 1:
         raise ConfigError("--batch-size", "batch_size", f"must be >= 1, got {args.batch_size}")
-    device = choose_device(args.device)
+    source = args.config or "<defaults>"
+    ccfg = load_section(args.config, "chain", ChainConfig) if args.config else ChainConfig()
+    if args.K is not None:  # a grid of another length does not apply: the spacing rule does
+        ccfg.K, ccfg.timesteps, source = args.K, None, "--K"
+    if args.variance:
+        ccfg.variance = args.variance
+    device = choose_device(args.device or (read_device(args.config) if args.config else "auto"))
     prior = load_prior(args.checkpoint, device=device)
-    K = args.K or int(prior.meta.get("sample_K", 50))
-    variance = args.variance or prior.meta.get("sample_variance", "small")
-    if not 2 <= K <= prior.schedule.T:
-        raise ConfigError("--K", "K", f"must be in [2, {prior.schedule.T}], got {K}")
-    chain = prior.schedule.chain(K, variance)
+    chain = ccfg.build(prior.schedule, source)
+    K, variance = chain.K, chain.variance
     gen = seed_everything(args.seed)
     log.info("sampling %d images from %s with K=%d (%s variance) on %s", args.n, args.checkpoint, K, variance, device)
     x = sample_prior(prior, chain, args.n, generator=gen, batch_size=args.batch_size, device=device)

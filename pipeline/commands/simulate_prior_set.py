@@ -1,8 +1,8 @@
 """``python -m pipeline simulate-prior-set``: observations whose truths come from the trained prior's chain.
 
-The truths are drawn from the exact chain RTB targets (K, timestep grid, variances and final denoise
-read from the prior checkpoint), lenses from the configured ranges, and noise at the fixed level that
-does not depend on the truth: on this set exact posteriors are calibrated, so any
+The truths are drawn from the exact chain RTB targets (the config's ``chain:`` section: K, timestep
+grid, variances; the final denoise of the prior checkpoint), lenses from the configured ranges, and
+noise at the fixed level that does not depend on the truth: on this set exact posteriors are calibrated, so any
 miscalibration is the sampler's.
 """
 
@@ -28,6 +28,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import torch
 
+    from pipeline.config import read_device
+    from pipeline.diffusion.chain_config import load_chain
     from pipeline.errors import ConfigError
     from pipeline.diffusion.network_prior import load_prior
     from pipeline.lensing.config import load_lensing_config
@@ -40,9 +42,9 @@ def run(args) -> int:
     if args.n < 1:
         raise ConfigError("--n", "n", f"must be >= 1, got {args.n}")
     lcfg = load_lensing_config(args.config)
-    prior = load_prior(args.checkpoint, device=choose_device("auto"))
-    K, var = int(prior.meta.get("sample_K", 50)), prior.meta.get("sample_variance", "small")
-    chain = prior.schedule.chain(K, var)
+    prior = load_prior(args.checkpoint, device=choose_device(read_device(args.config)))
+    chain = load_chain(args.config, prior)
+    K, var = chain.K, chain.variance
     seed = lcfg.simulate_seed + 1 if args.seed is None else args.seed
     gen = torch.Generator().manual_seed(seed)
     x = sample_prior(prior, chain, args.n, generator=gen)

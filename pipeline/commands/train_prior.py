@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 
-from pipeline.config import load_section
+from pipeline.config import load_section, read_device
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -25,7 +24,7 @@ def add_arguments(parser) -> None:
                              "(N,C,H,W) images in physical units (default: prior.data)")
     parser.add_argument("--out", metavar="RUN_DIR", help="run directory (default: prior.out)")
     parser.add_argument("--steps", type=int, metavar="N", help="override prior.steps")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override prior.device")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the config's top-level device")
 
 
 def run(args) -> int:
@@ -34,8 +33,7 @@ def run(args) -> int:
 
     configure_threads()
     cfg = load_section(args.config, args.section, PriorConfig)
-    if args.device:
-        cfg = dataclasses.replace(cfg, device=args.device)
+    device = args.device or read_device(args.config)
     data = args.data or cfg.data
     out = args.out or cfg.out
     if not data:
@@ -44,7 +42,7 @@ def run(args) -> int:
         raise ConfigError(args.config, f"{args.section}.out", "no run directory: give --out or set the field")
     if args.steps is not None and args.steps < 1:
         raise ConfigError("--steps", "steps", f"must be >= 1, got {args.steps}")
-    res = train_prior(cfg, data, out, steps=args.steps)
+    res = train_prior(cfg, data, out, steps=args.steps, device=device)
     summary = {"run_dir": str(res.run_dir), "step": res.step, "target_steps": res.target_steps,
                "completed": res.completed, "final_loss": res.final_loss,
                "steps_per_second": round(res.steps_per_second, 3), "n_params": res.n_params}

@@ -54,30 +54,50 @@ class NoiseSchedule:
         """abar at integer timesteps ``t`` (tensor or int), float64."""
         return self.alpha_bar[torch.as_tensor(t, dtype=torch.long)]
 
-    def chain(self, K: int, variance: str = "small") -> "Chain":
-        return Chain(self, K, variance)
+    def chain(self, K: int, variance: str = "small", timesteps=None) -> "Chain":
+        return Chain(self, K, variance, timesteps)
 
     def to_dict(self) -> dict:
         return {"T": self.T, "beta_start": self.beta_start, "beta_end": self.beta_end}
+
+
+def timestep_grid(T: int, K: int, spacing: str = "uniform") -> list[int]:
+    """K+1 training timesteps ``0 = t_0 < ... < t_K = T`` (integers): ``uniform`` evenly spaced
+    (``round(k T / K)``), ``quadratic`` ``round(T (k / K)^2)`` (denser at low noise; a step that would
+    repeat its predecessor is moved up by one)."""
+    if not 2 <= K <= T:
+        raise ValueError(f"chain length K must be in [2, T={T}], got {K}")
+    if spacing == "uniform":
+        return torch.round(torch.linspace(0, T, K + 1, dtype=torch.float64)).long().tolist()
+    if spacing != "quadratic":
+        raise ValueError(f"chain spacing must be 'uniform' or 'quadratic', got {spacing!r}")
+    t = [round(T * (k / K) ** 2) for k in range(K + 1)]
+    for k in range(1, K + 1):
+        t[k] = max(t[k], t[k - 1] + 1)
+    if t[-1] != T:
+        raise ValueError(f"K={K} is too long for a quadratic grid on T={T}")
+    return t
 
 
 class Chain:
     """A strided K-step reverse chain on a :class:`NoiseSchedule`.
 
     Index ``k`` runs 0..K; ``t[k]`` is the training timestep of chain state k (``t[0] = 0``,
-    ``t[K] = T``), evenly spaced. All coefficient tensors are float64 of length K+1 and
+    ``t[K] = T``): ``timesteps`` (K+1 increasing integers) or, by default, evenly spaced
+    (:func:`timestep_grid`). All coefficient tensors are float64 of length K+1 and
     indexed by k (entries that do not apply at k = 0 are NaN).
     """
 
-    def __init__(self, schedule: NoiseSchedule, K: int, variance: str = "small"):
+    def __init__(self, schedule: NoiseSchedule, K: int, variance: str = "small", timesteps=None):
         if not 2 <= K <= schedule.T:
             raise ValueError(f"chain length K must be in [2, T={schedule.T}], got {K}")
         if variance not in ("small", "large"):
             raise ValueError(f"chain variance must be 'small' or 'large', got {variance!r}")
         self.schedule, self.K, self.variance = schedule, K, variance
-        t = torch.round(torch.linspace(0, schedule.T, K + 1, dtype=torch.float64)).long()
-        if len(torch.unique(t)) != K + 1:
-            raise ValueError(f"K={K} gives repeated timesteps on T={schedule.T}")
+        t = torch.tensor(timestep_grid(schedule.T, K) if timesteps is None else list(timesteps), dtype=torch.long)
+        if t.shape != (K + 1,) or int(t[0]) != 0 or int(t[-1]) != schedule.T or not bool((t[1:] > t[:-1]).all()):
+            raise ValueError(f"chain timesteps must be K+1 = {K + 1} strictly increasing integers from 0 to "
+                             f"T = {schedule.T}, got {t.tolist()}")
         self.t = t
         self.abar = schedule.alpha_bar[t]
         nan = torch.tensor([float("nan")], dtype=torch.float64)

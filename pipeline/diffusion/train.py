@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PriorConfig:
-    """Section ``prior:`` of the pipeline config (diffusion prior training and default sampling)."""
+    """Section ``prior:`` of the pipeline config (diffusion prior training; the chain it is sampled on is
+    the ``chain:`` section, the device the top-level ``device``)."""
 
     data: str | None = None                 # training FITS (CLI --data overrides)
     out: str | None = None                  # run directory (CLI --out overrides)
@@ -68,19 +69,14 @@ class PriorConfig:
     ema_decay: float = field(default=0.999, metadata={"min": 0.0, "max": 1.0})
     augment: str = field(default="dihedral", metadata={"choices": ["none", "flip", "dihedral"]})
     seed: int = field(default=0, metadata={"min": 0})
-    device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda"]})
     checkpoint_every: int = field(default=500, metadata={"min": 1})
     keep_checkpoints: int = field(default=3, metadata={"min": 1})
     log_every: int = field(default=50, metadata={"min": 1})
     max_wall_seconds: float = field(default=0.0, metadata={"min": 0.0})  # 0 = no cap
-    sample_K: int = field(default=50, metadata={"min": 2})
-    sample_variance: str = field(default="small", metadata={"choices": ["small", "large"]})
 
     def validate(self, source, prefix: str = "") -> None:
         if self.beta_start > self.beta_end:
             raise ConfigError(source, prefix + "beta_start", f"must be <= beta_end ({self.beta_end}), got {self.beta_start}")
-        if self.sample_K > self.T:
-            raise ConfigError(source, prefix + "sample_K", f"must be <= T ({self.T}), got {self.sample_K}")
         mults = self.channel_mults if self.channel_mults is not None else PRESETS[self.unet]["channel_mults"]
         if not mults:
             raise ConfigError(source, prefix + "channel_mults", "must not be empty")
@@ -91,10 +87,10 @@ class PriorConfig:
                               f"must be divisible by {2 ** (len(mults) - 1)} for {len(mults)} UNet levels")
 
     def result_hash(self) -> str:
-        """Hash of the fields that change the trained weights (not steps, logging, device or caps),
-        so a run can be resumed with more steps but not with a different recipe."""
-        skip = {"data", "out", "steps", "device", "checkpoint_every", "keep_checkpoints", "log_every",
-                "max_wall_seconds", "sample_K", "sample_variance"}
+        """Hash of the fields that change the trained weights (not steps, logging, paths or caps),
+        so a run can be resumed with more steps but not with a different recipe. (Checkpoints made when
+        the section also held the device and the sampling chain skipped those too: same hash.)"""
+        skip = {"data", "out", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "max_wall_seconds"}
         return config_hash({k: v for k, v in dataclasses.asdict(self).items() if k not in skip})
 
     def build_unet(self, in_channels: int, image_size: int) -> UNet:
@@ -198,17 +194,18 @@ class TrainResult:
     config_hash: str
 
 
-def train_prior(cfg: PriorConfig, data_path, run_dir, *, steps: int | None = None,
+def train_prior(cfg: PriorConfig, data_path, run_dir, *, steps: int | None = None, device: str = "auto",
                 callback: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Train (or resume) a diffusion prior in ``run_dir``; see the module docstring.
 
+    ``device``: auto, cpu or cuda (:func:`pipeline.runtime.choose_device`).
     ``callback(step, record)`` is called after every optimisation step (tests use it to interrupt).
     Writes ``run_dir/step-N/`` checkpoints, ``metrics.jsonl``, and on completion ``final/`` (EMA
     weights, loadable by :func:`pipeline.diffusion.network_prior.load_prior`) and a ``done`` JSON marker.
     """
     run_dir = Path(run_dir)
     target = int(steps if steps is not None else cfg.steps)
-    device = choose_device(cfg.device)
+    device = choose_device(device)
     data, data_info = load_training_images(data_path, cfg.data_hdu, cfg.scale, cfg.offset, cfg.image_size,
                                            cfg.channels)
     n_data, (c, h, w) = data.shape[0], data.shape[1:]
@@ -232,7 +229,6 @@ def train_prior(cfg: PriorConfig, data_path, run_dir, *, steps: int | None = Non
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     hparams = prior_hparams(net, schedule, (c, h, w), cfg.scale, cfg.offset, data=data_info, config_hash=chash,
-                            sample_K=cfg.sample_K, sample_variance=cfg.sample_variance,
                             train={"steps": target, "batch_size": cfg.batch_size, "lr": cfg.lr,
                                    "ema_decay": cfg.ema_decay, "augment": cfg.augment, "seed": cfg.seed})
     metrics_path = run_dir / "metrics.jsonl"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pipeline.diffusion.chain_config import load_chain
 from pipeline.diffusion.sampling import sample_prior
 from pipeline.errors import InputFileError
 from pipeline.io.checkpoint import load_checkpoint
@@ -48,7 +49,7 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
                                              "pass --noise-sigma", field="lensing.noise_sigma")
         noise_sigma = float(hp["lensing"]["noise_sigma"])
     lcfg = load_lensing_config(config_path)
-    chain = prior.schedule.chain(int(prior.meta["sample_K"]), prior.meta["sample_variance"])
+    chain = load_chain(config_path, prior)
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     rows = {"chi2_nu": [], "chi2_arc_nu": [], "mean_log_r": [], "elbo": [], "std": [],
             "truth_chi2_nu": [], "truth_chi2_arc_nu": []}
@@ -56,7 +57,7 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
     for _ in range(n_obs):
         problem, truth, y = prior_predictive_observation(lcfg, prior, chain, rng, gen, noise_sigma)
         if sampler is None:  # loaded once; each observation brings its own lens
-            post, _ = load_amortized(checkpoint, prior)
+            post, _ = load_amortized(checkpoint, prior, chain)
             method = "rtb_amortized_gn" if last_step == "gauss_newton" else "rtb_amortized"
             sampler = amortized_sampler(method, post, batch_size=n)
         smp = sampler.sample(problem, y, n, generator=gen)

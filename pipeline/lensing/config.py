@@ -217,13 +217,13 @@ def load_lensing_config(path) -> LensingConfig:
 
 def check_rtb_for_lensing(rcfg, path) -> None:
     """The ``rtb:`` settings the lensing posterior supports, checked before any work: it is amortized
-    over many lenses, and the DPS-guided exploration rollouts (``rtb.dps_rate``) need one forward
+    over many lenses, and the DPS-guided exploration rollouts (``rtb.exploration.dps_rate``) need one forward
     operator for the whole batch, which a batch of mixed lenses does not have."""
-    if not rcfg.amortized:
-        raise ConfigError(path, "rtb.amortized", "the lensing posterior is amortized: set it to true")
-    if rcfg.dps_rate > 0:
-        raise ConfigError(path, "rtb.dps_rate", f"DPS-guided exploration is not supported for the amortized lensing "
-                          f"posterior (a batch mixes lenses); set it to 0 (got {rcfg.dps_rate})")
+    if not rcfg.objective.amortized:
+        raise ConfigError(path, "rtb.objective.amortized", "the lensing posterior is amortized: set it to true")
+    if rcfg.exploration.dps_rate > 0:
+        raise ConfigError(path, "rtb.exploration.dps_rate", "DPS-guided exploration is not supported for the "
+                          f"amortized lensing posterior (a batch mixes lenses); set it to 0 (got {rcfg.exploration.dps_rate})")
 
 
 @dataclass
@@ -250,5 +250,3 @@ class PosteriorConfig:
     tune_seed: int = param(987654, "Seed of the tuning observations, apart from every trained and evaluated set.",
                            min=0)
     seed: int = param(0, "Seed of the training pools and the default sampling seed.", min=0)
-    device: str = param("auto", "Torch device: auto picks CUDA when available, else the CPU.",
-                        choices=["auto", "cpu", "cuda"])

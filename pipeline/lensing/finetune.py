@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from pipeline.config import load_section
+from pipeline.diffusion.chain_config import load_chain
 from pipeline.diffusion.sampling import sample_prior
 from pipeline.errors import ConfigError, InputFileError
 from pipeline.io.checkpoint import has_checkpoints, load_checkpoint, save_checkpoint, write_checkpoint_dir
@@ -51,15 +52,6 @@ def resolve_noise_sigma(lcfg, sources_path) -> float:
         raise ConfigError("<config>", "lensing.noise.sigma", "not set and no --sources file to derive it from")
     train, _ = read_sources(sources_path, "TRAIN")
     return typical_noise_sigma(train, lcfg.geometry, lcfg.lens, lcfg.noise.target_peak_snr)
-
-
-def check_chain_matches(prior, rtb_cfg, config_path):
-    """RTB targets the prior's chain, and the prior-drawn calibration set is drawn from it: one chain."""
-    K, var = int(prior.meta.get("sample_K", rtb_cfg.K)), prior.meta.get("sample_variance", rtb_cfg.variance)
-    if (rtb_cfg.K, rtb_cfg.variance) != (K, var):
-        raise ConfigError(config_path, "rtb.K", f"rtb.K/variance ({rtb_cfg.K}, {rtb_cfg.variance}) must equal the "
-                          f"prior's chain (prior.sample_K/sample_variance = {K}, {var})")
-    return prior.schedule.chain(K, var)
 
 
 def build_lens_pool(lcfg, sigma: float, n: int, seed: int, scale: float, offset: float, device):
@@ -92,13 +84,13 @@ def seed_run_dir(run_dir, init_from, prior=None) -> bool:
 def warm_start_posterior(post, spec: dict, checkpoint) -> None:
     """Copy a trained posterior's network (and the per-step scalars it shares) into ``post``.
 
-    For a NEW recipe that keeps the network (e.g. ``rtb.guided_variance`` switched on): the run starts
+    For a NEW recipe that keeps the network (e.g. ``rtb.policy.learn_guidance_gain`` switched on): the run starts
     at step 0 with a fresh optimizer from the given weights, instead of from zero. Refuses a checkpoint
     whose network differs (one line naming the file)."""
     ck = load_checkpoint(checkpoint, map_location="cpu")
     if ck.hparams.get("kind") != "rtb_posterior":
         raise InputFileError(checkpoint, "not an RTB posterior checkpoint", field="kind")
-    check_prior_record(ck.path, ck.hparams, post.prior, post.chain.K, post.chain.variance)
+    check_prior_record(ck.path, ck.hparams, post.prior, post.chain)
     if ck.hparams["spec"]["model"] != spec["model"] or ck.hparams["spec"]["features"] != spec["features"]:
         raise InputFileError(checkpoint, "its network (spec model/features) differs from the rtb: config's",
                              field="spec")
@@ -119,7 +111,7 @@ def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=N
     pcfg = load_section(config_path, "posterior", PosteriorConfig)
     rcfg = load_section(config_path, "rtb", RTBConfig)
     check_rtb_for_lensing(rcfg, config_path)
-    chain = check_chain_matches(prior, rcfg, config_path)
+    chain = load_chain(config_path, prior)  # the chain RTB targets and the prior-drawn set is drawn from
     device = prior.device
     sigma = resolve_noise_sigma(lcfg, sources_path)
     pool = build_lens_pool(lcfg, sigma, pcfg.n_lenses, pcfg.seed, prior.scale, prior.offset, device)
@@ -142,8 +134,8 @@ def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=N
         ys = [pool.problems[int(i)].simulate(truths[int(j)][None], generator=generator)[0] for i, j in zip(li, ti)]
         return torch.stack(ys), li
 
-    spec = posterior_spec(prior, rcfg, cond_channels=2)
-    seed_everything(rcfg.seed)  # the head's random layers: the same in every run from scratch
+    spec = posterior_spec(prior, chain, rcfg, cond_channels=2)
+    seed_everything(rcfg.run.seed)  # the head's random layers: the same in every run from scratch
     post = build_posterior(prior, spec)
     run_dir = Path(run_dir)
     if init_from is not None:
@@ -171,30 +163,31 @@ def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=N
 
 
 def tune_rtb_guidance(config_path, prior, *, sources_path=None, n_obs: int = 4, n: int = 32, grid=None) -> dict:
-    """The scale for ``rtb.guidance`` (DPS / DPS+CLA inside the amortized posterior), by the untrained ELBO.
+    """The scale for ``rtb.policy.guidance`` (DPS / DPS+CLA inside the amortized posterior), by the untrained ELBO.
 
     The posterior built from the config's ``rtb:`` section starts with a zero correction, so it IS the
     guided chain; its mean ELBO over ``n_obs`` prior-predictive observations (each with its own lens; lenses
     and truths drawn from ``posterior.tune_seed``, apart from every trained and evaluated set), ``n``
     trajectories each, ranks the scales. Returns the tuning record; write its ``scale`` into
-    ``rtb.guidance_scale``.
+    ``rtb.policy.guidance_scale``.
     """
     lcfg = load_lensing_config(config_path)
     pcfg = load_section(config_path, "posterior", PosteriorConfig)
     rcfg = load_section(config_path, "rtb", RTBConfig)
-    if rcfg.guidance == "none":
-        raise ConfigError(config_path, "rtb.guidance", "is 'none': there is no guidance scale to tune")
-    chain = check_chain_matches(prior, rcfg, config_path)
+    if rcfg.policy.guidance == "none":
+        raise ConfigError(config_path, "rtb.policy.guidance", "is 'none': there is no guidance scale to tune")
+    chain = load_chain(config_path, prior)
     sigma = resolve_noise_sigma(lcfg, sources_path)
     rng, gen = np.random.default_rng(pcfg.tune_seed), torch.Generator().manual_seed(pcfg.tune_seed)
     observations = [prior_predictive_observation(lcfg, prior, chain, rng, gen, sigma) for _ in range(n_obs)]
 
     def sampler_at(scale):
-        rcfg.guidance_scale = float(scale)
-        post = build_posterior(prior, posterior_spec(prior, rcfg, cond_channels=2))
+        rcfg.policy.guidance_scale = float(scale)
+        post = build_posterior(prior, posterior_spec(prior, chain, rcfg, cond_channels=2))
         return amortized_sampler("rtb_amortized", post, batch_size=n)
 
-    _, record = tune_scale(sampler_at, [(p, y) for p, _, y in observations], grid=guidance_grid(rcfg.guidance, grid),
-                           n=n, seed=pcfg.tune_seed, objective="elbo", label=f"rtb_{rcfg.guidance} guidance scale")
-    return {"method": f"rtb_{rcfg.guidance}", **record, "objective": UNTRAINED_ELBO, "K": chain.K,
+    guidance = rcfg.policy.guidance
+    _, record = tune_scale(sampler_at, [(p, y) for p, _, y in observations], grid=guidance_grid(guidance, grid),
+                           n=n, seed=pcfg.tune_seed, objective="elbo", label=f"rtb_{guidance} guidance scale")
+    return {"method": f"rtb_{rcfg.policy.guidance}", **record, "objective": UNTRAINED_ELBO, "K": chain.K,
             "tuning_seed": pcfg.tune_seed}

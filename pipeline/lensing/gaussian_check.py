@@ -152,24 +152,23 @@ def exact_draws(mean, cov, n, generator=None) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # the check
 # ----------------------------------------------------------------------------------------------
-def rtb_config(steps: int, seed: int, K: int, variance: str, **over) -> RTBConfig:
-    """RTB settings of the check (``over`` replaces any of them)."""
+def rtb_config(steps: int, seed: int, **over) -> RTBConfig:
+    """RTB settings of the check (``over`` replaces any of them, by field name)."""
     # learn_guidance_gain: the per-step gain on the guidance is what lets training set the spread
     # (experiments page, "Closed-form Gaussian check")
-    kw = dict(K=K, variance=variance, features=["x0hat", "grad"], learn_variance=True, learn_guidance_gain=True,
-              head_hidden=256,
+    kw = dict(features=["x0hat", "grad"], learn_variance=True, learn_guidance_gain=True, head_hidden=256,
               head_layers=2, steps=steps, batch_size=64, lr=1e-3, lr_logz=0.1, lr_final_frac=0.05,
-              replay_rate=0.0, prior_rate=0.05, tempered_rate=0.05, seed=seed, device="cpu",
+              replay_rate=0.0, prior_rate=0.05, tempered_rate=0.05, seed=seed,
               log_every=50, checkpoint_every=10 ** 6, eval_samples=1000)
     kw.update(over)
-    return RTBConfig(**kw)
+    return RTBConfig().with_fields(**kw)
 
 
-def train_rtb(prior, problem, y, *, steps: int, seed: int, K: int, variance: str, metrics_path=None, **over):
-    """Single-observation RTB against the GP prior; returns (posterior, trainer summary, seconds)."""
+def train_rtb(prior, chain, problem, y, *, steps: int, seed: int, metrics_path=None, **over):
+    """Single-observation RTB on ``chain`` against the GP prior; returns (posterior, trainer summary, seconds)."""
     torch.manual_seed(seed)
-    cfg = rtb_config(steps, seed, K, variance, **over)
-    post = make_posterior(prior, cfg)
+    cfg = rtb_config(steps, seed, **over)
+    post = make_posterior(prior, chain, cfg)
     trainer = RTBTrainer(post, cfg, problem=problem, y=y, metrics_path=metrics_path)
     t0 = time.time()
     summary = trainer.train()
@@ -253,8 +252,8 @@ def _rtb_settings(p: dict, seed: int, guidance: str, scale: float | None, overri
 
 def _run_rtb(setup: CheckSetup, p: dict, seed: int, n_samples: int, steps: int, over: dict, tuning, out_dir: Path):
     """Train RTB with ``seed``, sample with ``seed + 1`` and compare with the reference."""
-    post, summary, secs = train_rtb(p["prior"], p["problem"], p["y"], steps=steps, seed=seed, K=setup.K,
-                                    variance=setup.variance, metrics_path=out_dir / "rtb_metrics.jsonl", **over)
+    post, summary, secs = train_rtb(p["prior"], p["chain"], p["problem"], p["y"], steps=steps, seed=seed,
+                                    metrics_path=out_dir / "rtb_metrics.jsonl", **over)
     t0 = time.time()
     with torch.no_grad():
         xs = rtb_samples(post, p["problem"], p["y"], n_samples, seed + 1)

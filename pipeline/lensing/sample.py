@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 import pipeline
-from pipeline.config import config_hash, load_section, load_yaml
+from pipeline.config import config_hash, load_section, load_yaml, read_device
+from pipeline.diffusion.chain_config import load_chain
 from pipeline.diffusion.network_prior import load_prior
 from pipeline.errors import ConfigError, InputFileError
 from pipeline.io.posterior import write_posterior
@@ -33,10 +34,11 @@ from pipeline.samplers import AMORTIZED_METHODS, make_sampler, method_spec
 log = logging.getLogger(__name__)
 
 
-def load_amortized(posterior_dir, prior):
+def load_amortized(posterior_dir, prior, chain=None):
     """Load the exported amortized posterior; it samples any observation given with its own
-    :class:`~pipeline.lensing.operator.LensingProblem`. Returns (posterior, hparams)."""
-    return load_posterior(posterior_dir, prior)
+    :class:`~pipeline.lensing.operator.LensingProblem`. Returns (posterior, hparams). ``chain``: the
+    config's chain, which must be the one the posterior was trained on (None: not checked)."""
+    return load_posterior(posterior_dir, prior, chain=chain)
 
 
 def check_in_trained_range(meta_lens, hp, path):
@@ -100,7 +102,7 @@ def _build_sampler(method, config_path, prior, chain, posterior_dir, first_obs, 
                               f"observation")
         if posterior_dir is None:
             raise InputFileError("--posterior", f"{method} needs the fine-tuned posterior directory")
-        post, hp = load_amortized(posterior_dir, prior)
+        post, hp = load_amortized(posterior_dir, prior, chain)
         extra = {"rtb_amortized_is": {"particles": pcfg.particles},
                  "rtb_amortized_gn": {"last_step": "gauss_newton", "iterations": GN_ITERATIONS}}.get(method)
         sampler = amortized_sampler(method, post, batch_size=pcfg.batch_size, particles=pcfg.particles)
@@ -161,10 +163,10 @@ def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs
     """
     lcfg = load_lensing_config(config_path)
     pcfg = load_section(config_path, "posterior", PosteriorConfig)
-    device = choose_device(pcfg.device)
+    device = choose_device(read_device(config_path))
     prior = load_prior(prior_dir, device=device)
-    K, var = int(prior.meta.get("sample_K", 50)), prior.meta.get("sample_variance", "small")
-    chain = prior.schedule.chain(K, var)
+    chain = load_chain(config_path, prior)
+    K, var = chain.K, chain.variance
     n = n or pcfg.n_samples
     seed = pcfg.seed if seed is None else seed
     files = observation_files(obs_specs)

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import load_section
+from pipeline.config import load_section, read_device
+from pipeline.diffusion.chain_config import load_chain
 from pipeline.diffusion.network_prior import load_prior
 from pipeline.errors import InputFileError
 from pipeline.lensing.config import BrightnessConfig, PosteriorConfig, load_lensing_config
@@ -68,9 +69,9 @@ def tune_for_observations(config_path, method: str, prior_dir, obs_file) -> dict
         raise InputFileError("--method", f"'{method}' has no guidance scale to tune (tuned: {', '.join(TUNED_METHODS)})")
     lcfg = load_lensing_config(config_path)
     pcfg = load_section(config_path, "posterior", PosteriorConfig)
-    device = choose_device(pcfg.device)
+    device = choose_device(read_device(config_path))
     prior = load_prior(prior_dir, device=device)
-    chain = prior.schedule.chain(int(prior.meta.get("sample_K", 50)), prior.meta.get("sample_variance", "small"))
+    chain = load_chain(config_path, prior)
     problem = load_observation(obs_file, lcfg, device=device,
                                brightness=BrightnessConfig(scale=prior.scale, offset=prior.offset))[0]
     return tune_guidance_scale(method, prior, chain, lcfg, pcfg, float(problem.sigma.max()), device)

@@ -1,102 +1,213 @@
-"""``RTBConfig``: the ``rtb:`` section of the pipeline config (validated, one-line errors)."""
+"""``RTBConfig``: the ``rtb:`` section of the pipeline config, one nested section per concern.
+
+``policy`` (what q_phi is), ``objective`` (the RTB loss), ``optim`` (the optimiser), ``exploration``
+(behaviour policies), ``guards`` (rollbacks on spikes and NaNs) and ``run`` (length, seed, logging,
+checkpoints, memory layout). The chain RTB trains on is the top-level ``chain:`` section
+(:class:`pipeline.diffusion.chain_config.ChainConfig`). :meth:`RTBConfig.recipe` lists the fields that
+change the trained posterior; its hash guards resumes.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, fields, replace
 
+from pipeline.config import config_hash, param
 from pipeline.errors import ConfigError
+
+RECIPE_VERSION = "v2"
 
 
 @dataclass
-class RTBConfig:
-    """RTB fine-tuning settings. Rates are per-iteration probabilities of each behaviour policy; the
-    remainder is on-policy. Learning rates are Adam step sizes; log Z is in nats."""
+class PolicyConfig:
+    """The posterior policy q_phi: its network, inputs, learned variances and guidance."""
 
-    # chain and parameterisation
-    K: int = field(default=50, metadata={"min": 2, "max": 1000})
-    variance: str = field(default="small", metadata={"choices": ["small", "large"]})
-    parameterisation: str = field(default="head", metadata={"choices": ["head", "full"]})
-    lora_rank: int = field(default=0, metadata={"min": 0})  # parameterisation "full": 0 = fine-tune all weights
-    head_hidden: int = field(default=128, metadata={"min": 1})
-    head_layers: int = field(default=3, metadata={"min": 1})
-    head_preset: str = field(default="tiny", metadata={"choices": ["tiny", "small", "medium", "paper"]})
-    in_scale: float = field(default=1.0, metadata={"gt": 0})
-    features: list[str] = field(default_factory=lambda: ["x0hat", "grad"], metadata={"choices": ["x0hat", "grad"]})
-    learn_variance: bool = True
-    learn_step_scale: bool = False  # one learned log-variance offset per chain step (all coordinates)
-    guidance: str = field(default="none", metadata={"choices": ["none", "dps", "dps_cla"]})
-    guidance_scale: float = field(default=1.0, metadata={"min": 0})
-    learn_guidance_gain: bool = False  # one learned log-gain per chain step on the guidance offset
-    # its value at initialisation (every step): below 1 the start is a weaker-guided chain, which keeps a
-    # guidance that points at the wrong modes from locking the policy onto them (README, bench gmm 80-D)
-    guidance_gain_init: float = field(default=1.0, metadata={"gt": 0})
-    guided_variance: bool = False  # per-pixel step variance from diag(A^T A / sigma^2), learned per-step gain
-    # objective
-    amortized: bool = False
-    logz: str = field(default="scalar", metadata={"choices": ["scalar", "vargrad"]})
-    group_size: int = field(default=8, metadata={"min": 2})
-    beta_start: float = field(default=1.0, metadata={"gt": 0, "max": 1})
-    beta_ramp_steps: int = field(default=0, metadata={"min": 0})
-    dead_zone: float = field(default=0.0, metadata={"min": 0})
-    # optimisation
-    steps: int = field(default=1000, metadata={"min": 0})
-    batch_size: int = field(default=64, metadata={"min": 1})
-    lr: float = field(default=1e-3, metadata={"gt": 0})
-    lr_logz: float = field(default=0.1, metadata={"gt": 0})
-    lr_per_step: float = field(default=1e-2, metadata={"gt": 0})  # learn_step_scale / learn_guidance_gain
-    lr_final_frac: float = field(default=0.1, metadata={"gt": 0, "max": 1})
-    grad_clip: float = field(default=10.0, metadata={"gt": 0})
-    chunk_size: int = field(default=10, metadata={"min": 1})
-    ema_decay: float = field(default=0.0, metadata={"min": 0, "max": 0.99999})
-    # exploration
-    replay_rate: float = field(default=0.1, metadata={"min": 0, "max": 1})
-    replay_capacity: int = field(default=2000, metadata={"min": 1})
-    replay_priority_frac: float = field(default=0.5, metadata={"min": 0, "max": 1})
-    prior_rate: float = field(default=0.05, metadata={"min": 0, "max": 1})
-    tempered_rate: float = field(default=0.1, metadata={"min": 0, "max": 1})
-    tempered_std_scale: float = field(default=1.5, metadata={"gt": 0})
-    dps_rate: float = field(default=0.0, metadata={"min": 0, "max": 1})
-    dps_scale: float = field(default=1.0, metadata={"min": 0})
-    # stability
-    spike_factor: float = field(default=1000.0, metadata={"min": 0})
-    spike_warmup: int = field(default=50, metadata={"min": 0})
-    max_rollbacks: int = field(default=3, metadata={"min": 0})
-    rollback_lr_factor: float = field(default=0.5, metadata={"gt": 0, "max": 1})
-    snapshot_every: int = field(default=10, metadata={"min": 1})
-    diverged_logz_tol: float = field(default=1.0, metadata={"gt": 0})
-    # bookkeeping
-    log_every: int = field(default=10, metadata={"min": 1})
-    checkpoint_every: int = field(default=200, metadata={"min": 1})
-    keep_checkpoints: int = field(default=3, metadata={"min": 1})
-    eval_samples: int = field(default=1000, metadata={"min": 2})
-    seed: int = 0
-    device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda"]})
+    parameterisation: str = param("head", "head = frozen prior plus a zero-initialised correction network; "
+                                          "full = a trainable copy of the prior network.", choices=["head", "full"])
+    lora_rank: int = param(0, "With parameterisation full: rank of low-rank adapters on the copy (0 fine-tunes "
+                              "every weight).", min=0)
+    head_hidden: int = param(128, "Hidden width of the MLP correction head (vector priors).", min=1)
+    head_layers: int = param(3, "Hidden layers of the MLP correction head (vector priors).", min=1)
+    head_preset: str = param("tiny", "Size preset of the U-Net correction head (image priors).",
+                             choices=["tiny", "small", "medium", "paper"])
+    in_scale: float = param(1.0, "Divisor applied to the MLP head's state input (an input normalisation).", gt=0)
+    features: list[str] = param(["x0hat", "grad"], "Head inputs: x0hat = the prior's Tweedie estimate, grad = "
+                                "the likelihood gradient at it.", choices=["x0hat", "grad"])
+    learn_variance: bool = param(True, "Let the head output a bounded per-coordinate log-variance offset of "
+                                       "every step.")
+    guidance: str = param("none", "Frozen-prior guidance added to the policy mean (detached; no double "
+                                  "backprop).", choices=["none", "dps", "dps_cla"])
+    guidance_scale: float = param(1.0, "Scale of that guidance (tuned by the untrained ELBO).", min=0)
+    learn_guidance_gain: bool = param(False, "Learn one log-gain per chain step on the guidance offset.")
+    guidance_gain_init: float = param(1.0, "Initial gain on every step; below 1 the start is a weaker-guided "
+                                           "chain, so a guidance that points at wrong modes does not lock the "
+                                           "policy onto them.", gt=0)
+
+
+@dataclass
+class ObjectiveConfig:
+    """The RTB loss: how log Z is estimated and how the reward is tempered."""
+
+    amortized: bool = param(False, "One network for every observation (conditioned on y) instead of one "
+                                   "posterior per observation.")
+    logz: str = param("scalar", "log Z estimate: scalar = one learned value (single observation); vargrad = "
+                                "per group of trajectories sharing one y (needed when amortized).",
+                      choices=["scalar", "vargrad"])
+    group_size: int = param(8, "Trajectories per observation in a batch (vargrad).", min=2)
+    beta_start: float = param(1.0, "Reward temperature at step 0, ramped linearly to 1 (outputs and log Z "
+                                   "always use 1).", gt=0, max=1)
+    beta_ramp_steps: int = param(0, "Length of that ramp (0 = no ramp).", unit="steps", min=0)
+    dead_zone: float = param(0.0, "Trajectory residuals |delta| below this get no gradient.", unit="nats", min=0)
+
+
+@dataclass
+class OptimConfig:
+    """Adam with a cosine learning-rate decay, gradient clipping and an optional EMA of the weights."""
+
+    batch_size: int = param(64, "Trajectories per optimisation step.", min=1)
+    lr: float = param(1e-3, "Adam step size of the policy network.", gt=0)
+    lr_logz: float = param(0.1, "Adam step size of the scalar log Z.", gt=0)
+    lr_per_step: float = param(1e-2, "Adam step size of the per-chain-step scalars (the guidance gains; their "
+                                     "gradient pools every coordinate).", gt=0)
+    lr_final_frac: float = param(0.1, "Final learning rate of the cosine decay, as a fraction of the initial.",
+                                 gt=0, max=1)
+    grad_clip: float = param(10.0, "Clip the gradient norm to this.", gt=0)
+    ema_decay: float = param(0.0, "Decay of an exponential moving average of the weights (0 = none; the "
+                                  "export uses the EMA when on).", min=0, max=0.99999)
+
+
+@dataclass
+class ExplorationConfig:
+    """Off-policy behaviour policies: per-step probabilities (the remainder is on-policy) and their settings."""
+
+    replay_rate: float = param(0.1, "Probability of a replay batch (backtracked from reward-prioritised "
+                                    "buffered samples).", min=0, max=1)
+    replay_capacity: int = param(2000, "Samples kept in the replay buffer.", min=1)
+    replay_priority_frac: float = param(0.5, "Fraction of replay draws taken by reward rank (the rest "
+                                             "uniformly).", min=0, max=1)
+    prior_rate: float = param(0.05, "Probability of a batch of prior-chain rollouts.", min=0, max=1)
+    tempered_rate: float = param(0.1, "Probability of rollouts with inflated step noise.", min=0, max=1)
+    tempered_std_scale: float = param(1.5, "Step-noise multiplier of the tempered rollouts.", gt=0)
+    dps_rate: float = param(0.0, "Probability of DPS-guided rollouts through the frozen prior.", min=0, max=1)
+    dps_scale: float = param(1.0, "DPS guidance scale of those rollouts.", min=0)
 
     def validate(self, source="<config>", prefix: str = "") -> None:
         total = self.replay_rate + self.prior_rate + self.tempered_rate + self.dps_rate
         if total > 1.0 + 1e-9:
             raise ConfigError(source, prefix + "replay_rate",
                               f"exploration rates (replay+prior+tempered+dps) sum to {total:.3g} > 1")
-        if self.amortized and self.logz != "vargrad":
-            raise ConfigError(source, prefix + "logz",
+
+
+@dataclass
+class GuardsConfig:
+    """Rollback to the last good state on a loss spike or a non-finite value."""
+
+    spike_factor: float = param(1000.0, "A loss above this times the running median of its behaviour source "
+                                        "is a spike (0 = off).", min=0)
+    spike_warmup: int = param(50, "Steps before spikes are detected.", unit="steps", min=0)
+    max_rollbacks: int = param(3, "Rollbacks allowed; then a NaN marks the run diverged and a spike stops it.",
+                               min=0)
+    rollback_lr_factor: float = param(0.5, "Learning-rate factor applied at every rollback.", gt=0, max=1)
+    snapshot_every: int = param(10, "Steps between snapshots of the last good state.", unit="steps", min=1)
+    diverged_logz_tol: float = param(1.0, "With a reference log Z: an end |log Z - reference| above this marks "
+                                          "the run diverged.", unit="nats", gt=0)
+
+
+@dataclass
+class RunConfig:
+    """Length, seed, logging, checkpoints and memory layout (none but ``seed`` changes the result)."""
+
+    steps: int = param(1000, "Optimisation steps in total (a resume trains on to this).", unit="steps", min=0)
+    seed: int = param(0, "Seed of the head's initialisation and of every training draw.")
+    chunk_size: int = param(10, "Chain steps per chunk of the two-pass gradient (memory only; the gradient "
+                                "is the same).", unit="steps", min=1)
+    log_every: int = param(10, "Steps between metric lines.", unit="steps", min=1)
+    checkpoint_every: int = param(200, "Steps between rolling checkpoints.", unit="steps", min=1)
+    keep_checkpoints: int = param(3, "Rolling checkpoints kept.", min=1)
+    eval_samples: int = param(1000, "Samples of the final log Z estimate.", min=2)
+
+
+@dataclass
+class RTBConfig:
+    """RTB fine-tuning settings, one nested section per concern (see the module docstring)."""
+
+    policy: PolicyConfig = param(PolicyConfig, "The posterior policy q_phi.")
+    objective: ObjectiveConfig = param(ObjectiveConfig, "The RTB loss.")
+    optim: OptimConfig = param(OptimConfig, "The optimiser.")
+    exploration: ExplorationConfig = param(ExplorationConfig, "Off-policy behaviour policies.")
+    guards: GuardsConfig = param(GuardsConfig, "Rollbacks on loss spikes and non-finite values.")
+    run: RunConfig = param(RunConfig, "Length, seed, logging and checkpoints.")
+
+    def validate(self, source="<config>", prefix: str = "") -> None:
+        o = self.objective
+        if o.amortized and o.logz != "vargrad":
+            raise ConfigError(source, prefix + "objective.logz",
                               "the amortized posterior needs logz: vargrad (Z depends on y; no shared scalar)")
-        if self.logz == "vargrad" and self.batch_size % self.group_size:
-            raise ConfigError(source, prefix + "group_size",
-                              f"batch_size {self.batch_size} must be a multiple of group_size {self.group_size}")
+        if o.logz == "vargrad" and self.optim.batch_size % o.group_size:
+            raise ConfigError(source, prefix + "objective.group_size", f"optim.batch_size {self.optim.batch_size} "
+                              f"must be a multiple of group_size {o.group_size}")
 
-    def hash_fields(self) -> dict:
-        """Fields that define the model and objective (a resume must match them; ``steps``,
-        logging and checkpoint cadence and the device may change)."""
-        from dataclasses import asdict
+    def flat(self) -> dict:
+        """Every field of every subsection by its own name (names are unique across subsections)."""
+        out = {}
+        for f in fields(self):
+            out.update(asdict(getattr(self, f.name)))
+        return out
 
-        d = asdict(self)
-        for k in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_samples", "device"):
-            d.pop(k)
-        # Options added after checkpoints exist are left out while at their neutral value, so a new
-        # option that is off does not orphan runs made before it existed (same recipe, same hash).
-        for k, neutral in (("lora_rank", 0), ("learn_step_scale", False), ("learn_guidance_gain", False),
-                            ("lr_per_step", 1e-2), ("guided_variance", False),
-                            ("guidance_gain_init", 1.0)):
-            if d.get(k) == neutral:
-                d.pop(k)
-        return d
+    def with_fields(self, **values) -> "RTBConfig":
+        """A copy with the named fields replaced, each in the subsection that holds it (field names are
+        unique across subsections), e.g. ``cfg.with_fields(lr=3e-4, steps=100)``; an unknown name is a
+        TypeError."""
+        sections = {f.name: getattr(self, f.name) for f in fields(self)}
+        changes: dict[str, dict] = {}
+        for name, value in values.items():
+            owner = next((sec for sec, obj in sections.items() if name in {f.name for f in fields(obj)}), None)
+            if owner is None:
+                raise TypeError(f"RTBConfig has no field {name!r}")
+            changes.setdefault(owner, {})[name] = value
+        return replace(self, **{sec: replace(sections[sec], **kw) for sec, kw in changes.items()})
+
+    def recipe(self) -> dict:
+        """Every field that changes the trained posterior, listed explicitly (a resume must match them;
+        run length, logging, checkpoint cadence and the gradient chunking may change)."""
+        p, o, m, e, g = self.policy, self.objective, self.optim, self.exploration, self.guards
+        return {
+            "policy": {"parameterisation": p.parameterisation, "lora_rank": p.lora_rank,
+                       "head_hidden": p.head_hidden, "head_layers": p.head_layers, "head_preset": p.head_preset,
+                       "in_scale": p.in_scale, "features": list(p.features), "learn_variance": p.learn_variance,
+                       "guidance": p.guidance, "guidance_scale": p.guidance_scale,
+                       "learn_guidance_gain": p.learn_guidance_gain, "guidance_gain_init": p.guidance_gain_init},
+            "objective": {"amortized": o.amortized, "logz": o.logz, "group_size": o.group_size,
+                          "beta_start": o.beta_start, "beta_ramp_steps": o.beta_ramp_steps,
+                          "dead_zone": o.dead_zone},
+            "optim": {"batch_size": m.batch_size, "lr": m.lr, "lr_logz": m.lr_logz, "lr_per_step": m.lr_per_step,
+                      "lr_final_frac": m.lr_final_frac, "grad_clip": m.grad_clip, "ema_decay": m.ema_decay},
+            "exploration": {"replay_rate": e.replay_rate, "replay_capacity": e.replay_capacity,
+                            "replay_priority_frac": e.replay_priority_frac, "prior_rate": e.prior_rate,
+                            "tempered_rate": e.tempered_rate, "tempered_std_scale": e.tempered_std_scale,
+                            "dps_rate": e.dps_rate, "dps_scale": e.dps_scale},
+            "guards": {"spike_factor": g.spike_factor, "spike_warmup": g.spike_warmup,
+                       "max_rollbacks": g.max_rollbacks, "rollback_lr_factor": g.rollback_lr_factor,
+                       "snapshot_every": g.snapshot_every},
+            "seed": self.run.seed,
+        }
+
+    def recipe_hash(self) -> str:
+        """``"v2-<hex>"``: the versioned hash of :meth:`recipe`."""
+        return f"{RECIPE_VERSION}-{config_hash(self.recipe())}"
+
+
+def legacy_v1_hash(cfg: RTBConfig, K: int, variance: str) -> str:
+    """The recipe hash that checkpoints written before the nested ``rtb:`` layout carry (no version tag).
+
+    It hashed the old flat section (every field of today's subsections under its own name, plus the
+    chain's ``K`` and ``variance``, and the removed ``learn_step_scale`` / ``guided_variance``), less
+    ``steps``, logging, checkpoint cadence, ``eval_samples`` and the device, and less options added late
+    while at their neutral value. Used only to accept such checkpoints on resume."""
+    flat = {**cfg.flat(), "K": int(K), "variance": str(variance)}
+    for k in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_samples"):
+        flat.pop(k)
+    for k, neutral in (("lora_rank", 0), ("learn_guidance_gain", False), ("lr_per_step", 1e-2),
+                       ("guidance_gain_init", 1.0)):
+        if flat[k] == neutral:
+            flat.pop(k)
+    return config_hash(flat)

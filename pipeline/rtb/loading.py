@@ -21,33 +21,38 @@ log = logging.getLogger(__name__)
 PER_STEP_EMA = "per_step/"  # key prefix of the per-step scalars in the EMA state
 
 
-def prior_record(prior, K: int, variance: str) -> dict:
+def prior_record(prior, chain) -> dict:
     """What an RTB posterior checkpoint records about the prior it was fine-tuned against: the prior's
     recipe hash (its ``config_hash``; None for a prior not loaded from a checkpoint) and the chain
-    (number of steps ``K``, variance rule) the posterior's trajectories live on."""
+    (number of steps ``K``, variance rule, timestep grid) the posterior's trajectories live on."""
     h = (getattr(prior, "meta", None) or {}).get("config_hash")
-    return {"recipe_hash": None if h is None else str(h), "K": int(K), "variance": str(variance)}
+    return {"recipe_hash": None if h is None else str(h), "K": int(chain.K), "variance": str(chain.variance),
+            "timesteps": [int(t) for t in chain.t.tolist()]}
 
 
-def check_prior_record(path, hparams: dict, prior, K: int | None = None, variance: str | None = None) -> None:
+def check_prior_record(path, hparams: dict, prior, chain=None) -> None:
     """Refuse (one-line :class:`InputFileError` naming ``path`` and the field) a posterior checkpoint
-    that was fine-tuned against another prior or another chain than ``prior`` (``K``/``variance``:
-    the chain it is used with; default the prior's recorded ``sample_K``/``sample_variance`` if any).
-    A checkpoint without the record is accepted with a logged warning."""
+    that was fine-tuned against another prior (recipe hash) or another chain than ``chain`` (the chain it
+    is used with; None checks the prior only). A record without a grid means the uniform grid. A
+    checkpoint without the record is accepted with a logged warning."""
     rec = hparams.get("prior")
     if not isinstance(rec, dict):
         log.warning("%s: the posterior checkpoint records no prior recipe hash or chain; it cannot be checked "
                     "against the prior it is loaded with", path)
         return
-    meta = getattr(prior, "meta", None) or {}
-    have = {"recipe_hash": meta.get("config_hash"),
-            "K": K if K is not None else meta.get("sample_K"),
-            "variance": variance if variance is not None else meta.get("sample_variance")}
+    have = {"recipe_hash": (getattr(prior, "meta", None) or {}).get("config_hash")}
+    if chain is not None:
+        want_t = rec.get("timesteps")
+        if want_t is None and rec.get("K") is not None:
+            want_t = prior.schedule.chain(int(rec["K"])).t.tolist()
+        have.update(K=chain.K, variance=chain.variance)
+        rec = {**rec, "timesteps": want_t}
+        have["timesteps"] = chain.t.tolist()
     for key, now in have.items():
         want = rec.get(key)
-        if want is None or (now is None and key != "recipe_hash"):
-            continue  # nothing recorded, or nothing to compare with (a chain not fixed by the prior)
-        if (str(now) if now is not None else None) != str(want):
+        if want is None or now is None:
+            continue  # nothing recorded, or a prior not loaded from a checkpoint
+        if str(now) != str(want):
             raise InputFileError(path, f"posterior was fine-tuned with {key} {want!r}, but is loaded with "
                                        f"{now!r} (another prior or chain)", field=f"prior.{key}")
 
@@ -60,17 +65,18 @@ def _load_per_step(post, ck) -> None:
         raise InputFileError(ck.path, exc.args[0], field="per_step") from None
 
 
-def load_posterior(run_dir, prior, use_ema: bool = True):
+def load_posterior(run_dir, prior, use_ema: bool = True, chain=None):
     """Rebuild a trained :class:`~pipeline.rtb.posterior.RTBPosterior` from a checkpoint alone.
 
     Returns (posterior, hparams). EMA weights are used when present and ``use_ema``. A checkpoint
-    fine-tuned against another prior (recipe hash) or chain (K, variance) than ``prior`` and the
-    checkpoint's own spec is refused with a one-line :class:`~pipeline.errors.InputFileError`.
+    fine-tuned against another prior (recipe hash) than ``prior``, or on another chain (K, variance,
+    grid) than ``chain`` (when given: the chain of the config it is used with), is refused with a
+    one-line :class:`~pipeline.errors.InputFileError`.
     """
     ck = load_checkpoint(run_dir, map_location="cpu")
     if ck.hparams.get("kind") != "rtb_posterior":
         raise InputFileError(ck.path, "not an RTB posterior checkpoint", field="kind")
-    check_prior_record(ck.path, ck.hparams, prior)  # recipe hash, and the prior's own chain if it records one
+    check_prior_record(ck.path, ck.hparams, prior, chain)
     post = build_posterior(prior, ck.hparams["spec"])
     sd = ck.states["model"]
     ema = ck.states.get("ema") if use_ema else None

@@ -2,8 +2,7 @@
 
 Every reverse step k = 2..K of q_phi is Gaussian. Its variance is the prior chain's only when
 ``learn_variance`` is off; by default (``learn_variance: true``) the network also outputs a
-per-coordinate log-variance offset, so q's variance is learned (see below, and the optional per-step
-scalars ``learn_step_scale`` / ``guided_variance``). Its mean is
+per-coordinate log-variance offset, so q's variance is learned (see below). Its mean is
 
     mean_q(x_k) = reverse_mean(x_k, eps_q, k) + g_k(x_k),
 
@@ -42,7 +41,6 @@ from torch import nn
 from pipeline.diffusion.schedule import Chain, gaussian_log_prob
 
 FEATURES = ("x0hat", "grad")
-GUIDED_VARIANCE_LOG_GAIN0 = -3.0  # initial per-step log-gain of the guided variance
 VAR_BOUND = 4.0  # bound of the learned log-variance offset
 
 
@@ -118,7 +116,7 @@ class RTBPosterior(nn.Module):
     ``model``: the correction (residual mode) or the full eps-network copy (replace mode), called as
     ``model(x, t, cond, feats)``. ``guidance``: optional callable ``(x, k, eps_prior, y, problem) -> mean
     offset`` built from the frozen prior (:func:`make_frozen_guidance`). The inverse problem is not
-    stored: every call that needs it (the ``grad`` feature, guidance, the guided variance) takes it as
+    stored: every call that needs it (the ``grad`` feature, guidance) takes it as
     an argument, one problem for all rows or a per-sample one (e.g. a
     :class:`~pipeline.lensing.amortized.LensBatch`). ``log_z`` is a learnable scalar (single
     observation; the amortized posterior uses VarGrad per y-group instead, see the trainer).
@@ -126,8 +124,7 @@ class RTBPosterior(nn.Module):
 
     def __init__(self, prior, chain: Chain, model: nn.Module, *, mode: str = "residual",
                  features: tuple[str, ...] = (), guidance=None, learn_variance: bool = False,
-                 learn_step_scale: bool = False, learn_guidance_gain: bool = False,
-                 guidance_gain_init: float = 1.0, guided_variance: bool = False):
+                 learn_guidance_gain: bool = False, guidance_gain_init: float = 1.0):
         super().__init__()
         if mode not in ("residual", "replace"):
             raise ValueError(f"posterior mode must be 'residual' or 'replace', got {mode!r}")
@@ -141,21 +138,12 @@ class RTBPosterior(nn.Module):
         self.features, self.guidance = tuple(features), guidance
         self.learn_variance = bool(learn_variance)
         self.log_z = nn.Parameter(torch.zeros((), dtype=torch.float64))
-        # One log-variance offset per chain step, shared by all coordinates: its gradient pools the
-        # signal of every coordinate, where the per-coordinate offsets of the head each get 1/d of it.
-        self.step_log_var = nn.Parameter(torch.zeros(chain.K + 1)) if learn_step_scale else None
         # One log-gain per chain step on the frozen guidance offset: lets training set the guidance
         # strength step by step (a head must otherwise learn a d -> d linear map of the guidance).
         if not guidance_gain_init > 0:
             raise ValueError(f"guidance_gain_init must be > 0, got {guidance_gain_init!r}")
         self.guidance_log_gain = (nn.Parameter(torch.full((chain.K + 1,), math.log(guidance_gain_init)))
                                   if learn_guidance_gain and guidance is not None else None)
-        # A data-informed per-pixel step variance with one learned log-gain per step (see
-        # guided_variance_offset); the prior chain's step noise at high SNR is what the mean cannot undo.
-        # (gain e^-3 at initialisation: the start stays the guided chain, and training raises it where
-        # it pays; at gain 1 on every step the untrained ELBO of the lensing posterior fell by ~800 nats)
-        self.variance_log_gain = (nn.Parameter(torch.full((chain.K + 1,), GUIDED_VARIANCE_LOG_GAIN0))
-                                  if guided_variance else None)
         self.eval()  # deterministic everywhere (pass 1 and pass 2 must agree)
 
     @property
@@ -226,34 +214,7 @@ class RTBPosterior(nn.Module):
             mean = mean + guide
         if v is not None:
             std = std * torch.exp(0.5 * v)
-        if self.variance_log_gain is not None:
-            std = std * torch.exp(0.5 * self.guided_variance_offset(x, k, y, problem))
-        if self.step_log_var is not None:
-            lv = VAR_BOUND * torch.tanh(self._per_step(self.step_log_var, k, x) / VAR_BOUND)  # head's bound
-            std = std * torch.exp(0.5 * lv)
         return mean, std
-
-    def guided_variance_offset(self, x, k, y, problem) -> torch.Tensor:
-        """Log-variance offset ``-log(1 + g_k var_p,k lambda_k)`` of step x_k -> x_{k-1}, per pixel.
-
-        ``lambda_k = (d / abar) / (1 + d (1 - abar) / abar)`` at ``abar = abar_{k-1}`` is the diagonal of
-        the data precision on x_{k-1} when x0 ~ (x_{k-1} - sqrt(1 - abar) eps) / sqrt(abar) (the CLA
-        approximation, Adam et al. 2022), with ``d = diag(A^T A / sigma^2)`` of the sample's own lens.
-        So the step variance is the Gaussian product of the prior step and that data term, scaled by a
-        learned per-step gain ``g_k = exp(variance_log_gain[k])`` (e^-3 at initialisation). It only shrinks
-        (pixels the data does not constrain keep the prior's variance)."""
-        if not hasattr(problem, "diag_precision"):
-            raise ValueError("guided_variance needs a problem with diag_precision(y) (the lensing problems)")
-        d = problem.diag_precision(y).to(x.device, x.dtype)
-        if isinstance(k, torch.Tensor):
-            kk = k.to(x.device)
-            ab = self.chain.abar.to(x.device)[kk - 1].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-            var_p = self.chain.reverse_var.to(x.device)[kk].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-        else:
-            ab = torch.as_tensor(float(self.chain.abar[k - 1]), dtype=x.dtype, device=x.device)
-            var_p = torch.as_tensor(float(self.chain.reverse_var[k]), dtype=x.dtype, device=x.device)
-        lam = (d / ab) / (1.0 + d * (1.0 - ab) / ab)
-        return -torch.log1p(self._per_step(self.variance_log_gain, k, x).exp() * var_p * lam)
 
     @staticmethod
     def _per_step(param, k, x):
@@ -280,11 +241,8 @@ class RTBPosterior(nn.Module):
         return [p for n, p in self.named_parameters() if p.requires_grad and n != "log_z"]
 
     def per_step_parameters(self) -> dict:
-        """The per-chain-step scalars (``step_log_var``, ``guidance_log_gain``, ``variance_log_gain``) that
-        are switched on."""
-        return {n: p for n, p in (("step_log_var", self.step_log_var),
-                                  ("guidance_log_gain", self.guidance_log_gain),
-                                  ("variance_log_gain", self.variance_log_gain)) if p is not None}
+        """The per-chain-step scalars that are switched on (``guidance_log_gain``)."""
+        return {n: p for n, p in (("guidance_log_gain", self.guidance_log_gain),) if p is not None}
 
     def load_per_step_state(self, state: dict | None) -> None:
         """Copy saved per-step scalars in (a checkpoint from before they existed has none)."""
@@ -332,37 +290,37 @@ def make_frozen_guidance(method: str, chain: Chain, scale: float):
     return guide
 
 
-def make_posterior(prior, cfg, cond_dim: int = 0, cond_channels: int = 0) -> RTBPosterior:
-    """Build q_phi from an :class:`~pipeline.rtb.config.RTBConfig` (see :func:`posterior_spec`)."""
-    return build_posterior(prior, posterior_spec(prior, cfg, cond_dim, cond_channels))
+def make_posterior(prior, chain: Chain, cfg, cond_dim: int = 0, cond_channels: int = 0) -> RTBPosterior:
+    """Build q_phi on ``chain`` from an :class:`~pipeline.rtb.config.RTBConfig` (see :func:`posterior_spec`)."""
+    return build_posterior(prior, posterior_spec(prior, chain, cfg, cond_dim, cond_channels))
 
 
-def posterior_spec(prior, cfg, cond_dim: int = 0, cond_channels: int = 0) -> dict:
-    """JSON-able description from which :func:`build_posterior` rebuilds q_phi (stored in checkpoints)."""
-    features = list(cfg.features)
+def posterior_spec(prior, chain: Chain, cfg, cond_dim: int = 0, cond_channels: int = 0) -> dict:
+    """JSON-able description from which :func:`build_posterior` rebuilds q_phi (stored in checkpoints):
+    the network, the policy options of ``cfg.policy`` and the chain (K, variance, timestep grid)."""
+    p = cfg.policy
+    features = list(p.features)
     shape = tuple(prior.event_shape)
-    learn_var = bool(cfg.learn_variance)
+    learn_var = bool(p.learn_variance)
     mult = 2 if learn_var else 1
-    if cfg.parameterisation == "full":
-        model = {"type": "copy", "lora_rank": int(getattr(cfg, "lora_rank", 0))}
+    if p.parameterisation == "full":
+        model = {"type": "copy", "lora_rank": int(p.lora_rank)}
         mode = "replace"
         features = []
         learn_var = False  # the copied eps-network has no variance output
     elif len(shape) == 1:
         model = {"type": "mlp", "dim": shape[0], "cond_dim": cond_dim, "feat_dim": shape[0] * len(features),
-                 "hidden": cfg.head_hidden, "layers": cfg.head_layers, "T": prior.schedule.T,
-                 "in_scale": cfg.in_scale, "out_mult": mult}
+                 "hidden": p.head_hidden, "layers": p.head_layers, "T": prior.schedule.T,
+                 "in_scale": p.in_scale, "out_mult": mult}
         mode = "residual"
     else:
         model = {"type": "unet_head", "channels": shape[0], "feat_channels": shape[0] * len(features),
-                 "cond_channels": cond_channels, "preset": cfg.head_preset, "out_mult": mult}
+                 "cond_channels": cond_channels, "preset": p.head_preset, "out_mult": mult}
         mode = "residual"
-    return {"model": model, "mode": mode, "features": features, "K": cfg.K, "variance": cfg.variance,
-            "guidance": cfg.guidance, "guidance_scale": cfg.guidance_scale, "learn_variance": learn_var,
-            "learn_step_scale": bool(getattr(cfg, "learn_step_scale", False)),
-            "learn_guidance_gain": bool(getattr(cfg, "learn_guidance_gain", False)),
-            "guidance_gain_init": float(getattr(cfg, "guidance_gain_init", 1.0)),
-            "guided_variance": bool(getattr(cfg, "guided_variance", False))}
+    return {"model": model, "mode": mode, "features": features, "K": chain.K, "variance": chain.variance,
+            "timesteps": [int(t) for t in chain.t.tolist()],
+            "guidance": p.guidance, "guidance_scale": p.guidance_scale, "learn_variance": learn_var,
+            "learn_guidance_gain": bool(p.learn_guidance_gain), "guidance_gain_init": float(p.guidance_gain_init)}
 
 
 def build_model(spec: dict, prior=None) -> nn.Module:
@@ -384,8 +342,14 @@ def build_model(spec: dict, prior=None) -> nn.Module:
     raise ValueError(f"unknown posterior model type {kind!r}")
 
 
+REMOVED_SPEC_OPTIONS = ("learn_step_scale", "guided_variance")  # per-step variance options no longer built
+
+
 def build_posterior(prior, spec: dict) -> RTBPosterior:
-    chain = prior.schedule.chain(spec["K"], spec["variance"])
+    removed = [k for k in REMOVED_SPEC_OPTIONS if spec.get(k)]
+    if removed:
+        raise ValueError(f"the posterior spec uses the removed option {removed[0]!r}; retrain without it")
+    chain = prior.schedule.chain(spec["K"], spec["variance"], spec.get("timesteps"))  # no grid: uniform
     model = build_model(spec["model"], prior)
     if hasattr(prior, "device"):
         model = model.to(prior.device)
@@ -394,7 +358,5 @@ def build_posterior(prior, spec: dict) -> RTBPosterior:
         guidance = make_frozen_guidance(spec["guidance"], chain, spec["guidance_scale"])
     return RTBPosterior(prior, chain, model, mode=spec["mode"], features=tuple(spec["features"]),
                         guidance=guidance, learn_variance=spec.get("learn_variance", False),
-                        learn_step_scale=spec.get("learn_step_scale", False),
                         learn_guidance_gain=spec.get("learn_guidance_gain", False),
-                        guidance_gain_init=spec.get("guidance_gain_init", 1.0),
-                        guided_variance=spec.get("guided_variance", False))
+                        guidance_gain_init=spec.get("guidance_gain_init", 1.0))

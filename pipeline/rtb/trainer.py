@@ -26,8 +26,8 @@ trajectories each. The per-y evidence is then reported by the IW/ELBO estimators
 
 The guards and the checkpoint I/O live in :mod:`pipeline.rtb.trainer_guards`. Checkpoints
 (``pipeline.io.checkpoint``) hold the model, EMA, optimizer, log Z, replay buffer, all
-RNG states, step, rollback count, learning-rate scale and the config hash; a resume with a
-different model/objective config is refused.
+RNG states, step, rollback count, learning-rate scale and the recipe hash; a resume with a
+different recipe (:meth:`~pipeline.rtb.config.RTBConfig.recipe`) is refused.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
     """Fine-tunes ``posterior`` (an :class:`~pipeline.rtb.posterior.RTBPosterior`).
 
     ``problem``: the inverse problem, passed with every call of the posterior. Single observation:
-    pass ``y`` (shape ``problem.y_shape``). Amortized (``cfg.amortized``): pass
+    pass ``y`` (shape ``problem.y_shape``). Amortized (``cfg.objective.amortized``): pass
     ``obs_sampler(G, generator) -> (y (G, *y_shape), lens index (G,) or None)`` (e.g. prior-predictive
     draws or a fixed set) and ``cond_fn(problem, y) -> cond`` (default: y flattened); with a lens index
     the observations' problem is ``problem.take(index)`` (a pool of lenses, e.g.
@@ -75,7 +75,7 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
                  run_dir=None, metrics_path=None, log_z_ref: float | None = None, spec: dict | None = None,
                  dtype=torch.float32):
         self.post, self.cfg, self.spec = posterior, cfg, spec or {}
-        if cfg.amortized:
+        if cfg.objective.amortized:
             if obs_sampler is None:
                 raise ValueError("an amortized posterior needs obs_sampler")
         elif y is None:
@@ -87,25 +87,26 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
         self.log_z_ref, self.dtype = log_z_ref, dtype
         self.device = posterior.prior.device
         rank = distributed.rank()
-        self.gen = torch.Generator().manual_seed(cfg.seed * 7919 + 17 + 1000003 * rank)
+        self.gen = torch.Generator().manual_seed(cfg.run.seed * 7919 + 17 + 1000003 * rank)
         # under DDP only the correction model is wrapped; log Z is all-reduced by hand
         self.post.model = distributed.wrap(self.post.model)
         per_step = {id(p) for p in posterior.per_step_parameters().values()}
-        groups = [{"params": [p for p in posterior.trainable_parameters() if id(p) not in per_step], "lr": cfg.lr},
-                  {"params": [posterior.log_z], "lr": cfg.lr_logz}]
+        network = [p for p in posterior.trainable_parameters() if id(p) not in per_step]
+        groups = [{"params": network, "lr": cfg.optim.lr},
+                  {"params": [posterior.log_z], "lr": cfg.optim.lr_logz}]
         if per_step:  # one scalar per chain step: its gradient pools every coordinate, so a larger step size
-            groups.append({"params": list(posterior.per_step_parameters().values()), "lr": cfg.lr_per_step})
+            groups.append({"params": list(posterior.per_step_parameters().values()), "lr": cfg.optim.lr_per_step})
         self.opt = torch.optim.Adam(groups)
-        self.buffer = ReplayBuffer(cfg.replay_capacity, cfg.replay_priority_frac)
+        self.buffer = ReplayBuffer(cfg.exploration.replay_capacity, cfg.exploration.replay_priority_frac)
         self.ema = ({n: p.detach().clone() for n, p in self._ema_targets().items()}
-                    if cfg.ema_decay > 0 else None)
+                    if cfg.optim.ema_decay > 0 else None)
         self.step_idx, self.rollbacks, self.diverged, self.stopped_early = 0, 0, False, False
         self.lr_scale, self.log_z_init = 1.0, False
         self.loss_hist: dict[str, deque] = defaultdict(lambda: deque(maxlen=100))
         self._snapshot = None
         self.history: list[dict] = []
         self._dps_behaviour = None
-        if cfg.dps_rate > 0:
+        if cfg.exploration.dps_rate > 0:
             self._dps_behaviour = self._make_dps_behaviour()
 
     # -- helpers --------------------------------------------------------------------------------
@@ -121,10 +122,10 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
 
     def beta(self, step: int | None = None) -> float:
         s = self.step_idx if step is None else step
-        if self.cfg.beta_ramp_steps <= 0:
+        if self.cfg.objective.beta_ramp_steps <= 0:
             return 1.0
-        f = min(1.0, s / self.cfg.beta_ramp_steps)
-        return self.cfg.beta_start + (1.0 - self.cfg.beta_start) * f
+        f = min(1.0, s / self.cfg.objective.beta_ramp_steps)
+        return self.cfg.objective.beta_start + (1.0 - self.cfg.objective.beta_start) * f
 
     def _make_dps_behaviour(self):
         """DPS guidance through the frozen prior as an exploration-only mean offset."""
@@ -133,16 +134,16 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
         post = self.post
 
         def behaviour(x, k, eps_p, y, problem):
-            return dps_guidance(post.prior, post.chain, problem, y, x, k, self.cfg.dps_scale).shift
+            return dps_guidance(post.prior, post.chain, problem, y, x, k, self.cfg.exploration.dps_scale).shift
 
         return behaviour
 
     def _observations(self):
         """(y per sample, problem, cond per sample, groups) for one batch."""
-        B = self.cfg.batch_size
-        if not self.cfg.amortized:
+        B = self.cfg.optim.batch_size
+        if not self.cfg.objective.amortized:
             return self.y, self.problem, None, torch.zeros(B, dtype=torch.long)
-        G, gs = B // self.cfg.group_size, self.cfg.group_size
+        G, gs = B // self.cfg.objective.group_size, self.cfg.objective.group_size
         yg, lens = self.obs_sampler(G, self.gen)
         ys = yg.to(self.device).repeat_interleave(gs, 0)
         problem = self._problem_for(None if lens is None else torch.as_tensor(lens).repeat_interleave(gs))
@@ -155,10 +156,11 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
     def _choose_source(self) -> str:
         c = self.cfg
         u = float(torch.rand((), generator=self.gen))
-        for name, rate in (("replay", c.replay_rate), ("prior", c.prior_rate), ("tempered", c.tempered_rate),
-                           ("dps", c.dps_rate)):
+        e = c.exploration
+        for name, rate in (("replay", e.replay_rate), ("prior", e.prior_rate), ("tempered", e.tempered_rate),
+                           ("dps", e.dps_rate)):
             if u < rate:
-                empty = len(self.buffer) == 0 or (c.amortized and not self.buffer.can_sample_groups())
+                empty = len(self.buffer) == 0 or (c.objective.amortized and not self.buffer.can_sample_groups())
                 if name == "replay" and empty:
                     return "policy"
                 return name
@@ -166,11 +168,11 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
         return "policy"
 
     def draw_batch(self, source: str) -> RTBBatch:
-        c, B = self.cfg, self.cfg.batch_size
+        c, B = self.cfg, self.cfg.optim.batch_size
         kw = dict(generator=self.gen, dtype=self.dtype)
         if source == "replay":
-            if c.amortized:  # groups of distinct stored x_1 of one observation (VarGrad keeps the rewards)
-                ent = self.buffer.sample_groups(B // c.group_size, c.group_size, self.gen)
+            if c.objective.amortized:  # groups of distinct stored x_1 of one observation (VarGrad keeps the rewards)
+                ent = self.buffer.sample_groups(B // c.objective.group_size, c.objective.group_size, self.gen)
                 ys, cond, groups = ent["y"].to(self.device), ent["cond"].to(self.device), ent["groups"]
                 problem = self._problem_for(ent["lens"])
             else:
@@ -184,7 +186,8 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
         if source == "prior":
             return prior_rollout(self.post, B, ys, cond, **kw)
         if source == "tempered":
-            return policy_rollout(self.post, B, ys, cond, std_scale=c.tempered_std_scale, source="tempered", **kw)
+            return policy_rollout(self.post, B, ys, cond, std_scale=c.exploration.tempered_std_scale, source="tempered",
+                                  **kw)
         if source == "dps":
             return policy_rollout(self.post, B, ys, cond, behaviour=self._dps_behaviour, source="dps", **kw)
         return policy_rollout(self.post, B, ys, cond, **kw)
@@ -199,7 +202,7 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
         beta = self.beta()
         source = self._choose_source()
         batch = self.draw_batch(source)
-        vargrad = c.logz == "vargrad"
+        vargrad = c.objective.logz == "vargrad"
         if vargrad:
             delta, logz_groups = deltas_vargrad(batch, beta)
             log_z_learned = float(logz_groups.mean())
@@ -220,17 +223,17 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
         if not torch.isfinite(delta).all():
             self.rollback(f"non-finite delta ({source})")
             return None
-        loss = loss_value(delta, c.dead_zone)
+        loss = loss_value(delta, c.objective.dead_zone)
         hist = self.loss_hist[source]
-        if (c.spike_factor > 0 and self.step_idx >= c.spike_warmup and len(hist) >= 10
-                and loss > c.spike_factor * max(statistics.median(hist), 1e-8)):
-            self.rollback(f"loss spike {loss:.3g} > {c.spike_factor:g} x median {statistics.median(hist):.3g}",
+        if (c.guards.spike_factor > 0 and self.step_idx >= c.guards.spike_warmup and len(hist) >= 10
+                and loss > c.guards.spike_factor * max(statistics.median(hist), 1e-8)):
+            self.rollback(f"loss spike {loss:.3g} > {c.guards.spike_factor:g} x median {statistics.median(hist):.3g}",
                           non_finite=False)
             return None
         self.opt.zero_grad(set_to_none=True)
         self._set_lr()
         model = self.post.model
-        two_pass_backward(self.post, batch, delta, chunk_size=c.chunk_size, dead_zone=c.dead_zone,
+        two_pass_backward(self.post, batch, delta, chunk_size=c.run.chunk_size, dead_zone=c.objective.dead_zone,
                           learn_log_z=not vargrad,
                           sync_context=lambda last: distributed.sync_context(model, last))
         # parameters outside the DDP-wrapped model: their gradients are averaged over ranks by hand
@@ -238,7 +241,7 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
             if p.grad is not None:
                 distributed.all_reduce_mean_(p.grad)
         params = self.post.trainable_parameters()
-        gnorm = float(torch.nn.utils.clip_grad_norm_(params, c.grad_clip))
+        gnorm = float(torch.nn.utils.clip_grad_norm_(params, c.optim.grad_clip))
         if not math.isfinite(gnorm):
             self.rollback("non-finite gradient")
             return None
@@ -249,18 +252,19 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
         if self.ema is not None:
             with torch.no_grad():
                 for n, p in self._ema_targets().items():
-                    self.ema[n].lerp_(p.detach(), 1.0 - c.ema_decay)
+                    self.ema[n].lerp_(p.detach(), 1.0 - c.optim.ema_decay)
         hist.append(loss)
         if source != "replay":
-            lens = batch.problem.index if c.amortized and is_per_sample(batch.problem) else None
-            self.buffer.add(batch.x1, batch.log_r, batch.y if c.amortized else None,
-                            batch.cond if c.amortized else None, groups=batch.groups if c.amortized else None,
-                            lens=lens)
+            amortized = c.objective.amortized
+            lens = batch.problem.index if amortized and is_per_sample(batch.problem) else None
+            self.buffer.add(batch.x1, batch.log_r, batch.y if amortized else None, batch.cond if amortized else None,
+                            groups=batch.groups if amortized else None, lens=lens)
         self.step_idx += 1
         # a snapshot is only taken after a step whose loss looked healthy (also during the spike warmup),
         # so a rollback never restores a state that an outlier batch has just wrecked
-        healthy = len(hist) < 10 or loss <= c.spike_factor * max(statistics.median(hist), 1e-8) or c.spike_factor <= 0
-        if self.step_idx % c.snapshot_every == 0 and healthy:
+        spike = c.guards.spike_factor
+        healthy = len(hist) < 10 or loss <= spike * max(statistics.median(hist), 1e-8) or spike <= 0
+        if self.step_idx % c.guards.snapshot_every == 0 and healthy:
             self._take_snapshot()
         rec = {"step": self.step_idx, "source": source, "loss": loss, "mean_log_r": float(batch.log_r.mean()),
                "log_z": log_z_learned, "beta": beta, "grad_norm": gnorm, "rollbacks": self.rollbacks,
@@ -281,8 +285,8 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
 
     # -- the loop ---------------------------------------------------------------------------------
     def train(self, steps: int | None = None) -> dict:
-        """Train up to ``steps`` (default cfg.steps) total iterations (a resumed run continues)."""
-        total = self.cfg.steps if steps is None else steps
+        """Train up to ``steps`` (default cfg.run.steps) total iterations (a resumed run continues)."""
+        total = self.cfg.run.steps if steps is None else steps
         bar = tqdm(total=total, initial=self.step_idx, disable=tqdm_disable(), desc="rtb")
         while self.step_idx < total and not self.diverged and not self.stopped_early:
             rec = self.train_step()
@@ -290,9 +294,9 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
                 continue
             bar.update(1)
             self.history.append(rec)
-            if self.step_idx % self.cfg.log_every == 0 or self.step_idx == total:
+            if self.step_idx % self.cfg.run.log_every == 0 or self.step_idx == total:
                 self._write(rec)
-            if self.run_dir and (self.step_idx % self.cfg.checkpoint_every == 0 or self.step_idx == total):
+            if self.run_dir and (self.step_idx % self.cfg.run.checkpoint_every == 0 or self.step_idx == total):
                 self.save()
         bar.close()
         if self.stopped_early and self.run_dir:
@@ -302,7 +306,7 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
     def summary(self) -> dict:
         return {"steps": self.step_idx, "rollbacks": self.rollbacks, "diverged": self.diverged,
                 "stopped_early": self.stopped_early,
-                "log_z": float(self.post.log_z.detach()) if self.cfg.logz == "scalar" else None}
+                "log_z": float(self.post.log_z.detach()) if self.cfg.objective.logz == "scalar" else None}
 
     def _write(self, rec: dict) -> None:
         if self.metrics_path is None or not distributed.is_main():
@@ -318,10 +322,10 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
 
         Returns (x0, LogZEstimate). Updates ``diverged`` against ``log_z_ref`` when one is set.
         """
-        n = n or self.cfg.eval_samples
+        n = n or self.cfg.run.eval_samples
         y = self.y if y is None else y
         problem = self.problem if problem is None else problem
-        if self.cfg.amortized and cond is None:
+        if self.cfg.objective.amortized and cond is None:
             cond = self.cond_fn(problem, torch.as_tensor(y).reshape(1, *problem.y_shape))[0]
         with self.ema_weights():
             x0s, lws = [], []
@@ -332,7 +336,7 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
                 lws.append(log_weights(b.log_r, b.log_p(), b.log_q()))
         est = estimate_logz(torch.cat(lws))
         if self.log_z_ref is not None and (not math.isfinite(est.iw)
-                                           or abs(est.iw - self.log_z_ref) > self.cfg.diverged_logz_tol):
+                                           or abs(est.iw - self.log_z_ref) > self.cfg.guards.diverged_logz_tol):
             self.diverged = True
         return torch.cat(x0s), est
 

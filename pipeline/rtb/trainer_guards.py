@@ -3,8 +3,8 @@
 Guards: a snapshot of the last good state (network, optimizer, log Z, per-step scalars, EMA), the
 learning-rate schedule with its rollback scale, and the rollback itself. Checkpoints
 (:mod:`pipeline.io.checkpoint`): the model, EMA, optimizer, log Z, replay buffer, all RNG states, step,
-rollback count, learning-rate scale and the config hash; a resume with a different model/objective
-config, another prior or another chain is refused. Both read and write the trainer's own attributes.
+rollback count, learning-rate scale and the recipe hash; a resume with a different recipe, another
+prior or another chain is refused. Both read and write the trainer's own attributes.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from pipeline import distributed
-from pipeline.config import config_hash
 from pipeline.errors import InputFileError
 from pipeline.io.atomic import write_text
 from pipeline.io.checkpoint import has_checkpoints, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from pipeline.rtb.config import legacy_v1_hash
 from pipeline.rtb.loading import _load_per_step, check_prior_record, prior_record
 
 log = logging.getLogger("pipeline.rtb.trainer")
@@ -48,20 +48,20 @@ class TrainerGuards:
     def lr_factor(self) -> float:
         """Cosine decay from 1 to ``lr_final_frac`` over ``steps``, times the rollback scale."""
         c = self.cfg
-        f = min(1.0, self.step_idx / max(1, c.steps))
-        return self.lr_scale * (c.lr_final_frac + (1 - c.lr_final_frac) * 0.5 * (1 + math.cos(math.pi * f)))
+        f = min(1.0, self.step_idx / max(1, c.run.steps))
+        return self.lr_scale * (c.optim.lr_final_frac + (1 - c.optim.lr_final_frac) * 0.5 * (1 + math.cos(math.pi * f)))
 
     def _set_lr(self):
-        self.opt.param_groups[0]["lr"] = self.cfg.lr * self.lr_factor()
-        self.opt.param_groups[1]["lr"] = self.cfg.lr_logz * self.lr_factor()
+        self.opt.param_groups[0]["lr"] = self.cfg.optim.lr * self.lr_factor()
+        self.opt.param_groups[1]["lr"] = self.cfg.optim.lr_logz * self.lr_factor()
         if len(self.opt.param_groups) > 2:
-            self.opt.param_groups[2]["lr"] = self.cfg.lr_per_step * self.lr_factor()
+            self.opt.param_groups[2]["lr"] = self.cfg.optim.lr_per_step * self.lr_factor()
 
     def rollback(self, reason: str, non_finite: bool = True) -> None:
         """Restore the last good snapshot and lower the learning rate. With the rollback budget spent, a
         non-finite value marks the run diverged; a loss spike (``non_finite=False``) restores the snapshot
         and stops training there."""
-        if self.rollbacks >= self.cfg.max_rollbacks:
+        if self.rollbacks >= self.cfg.guards.max_rollbacks:
             if non_finite:
                 self.diverged = True
                 log.warning("step %d: %s after %d rollbacks: run diverged", self.step_idx, reason, self.rollbacks)
@@ -75,7 +75,7 @@ class TrainerGuards:
             self._write({"step": self.step_idx, "event": "stopped", "reason": reason, "rollbacks": self.rollbacks})
             return
         self.rollbacks += 1
-        self.lr_scale *= self.cfg.rollback_lr_factor
+        self.lr_scale *= self.cfg.guards.rollback_lr_factor
         self._restore_snapshot()
         self._set_lr()
         self.opt.zero_grad(set_to_none=True)
@@ -98,12 +98,20 @@ class TrainerCheckpoints:
     """Rolling checkpoints of the trainer and the exact resume from them."""
 
     def config_hash(self) -> str:
-        return config_hash(self.cfg.hash_fields())
+        """The versioned recipe hash of the config (:meth:`~pipeline.rtb.config.RTBConfig.recipe_hash`)."""
+        return self.cfg.recipe_hash()
+
+    def _accepts_hash(self, saved) -> bool:
+        """A checkpoint's recorded hash matches this config: today's recipe hash, or for a checkpoint written
+        before the versioned hash, the legacy hash of this config on this chain."""
+        if saved == self.config_hash():
+            return True
+        return (isinstance(saved, str) and "-" not in saved
+                and saved == legacy_v1_hash(self.cfg, self.post.chain.K, self.post.chain.variance))
 
     def hparams(self) -> dict:
         return {"kind": "rtb_posterior", "spec": self.spec, "config": asdict(self.cfg),
-                "config_hash": self.config_hash(),
-                "prior": prior_record(self.post.prior, self.post.chain.K, self.post.chain.variance)}
+                "config_hash": self.config_hash(), "prior": prior_record(self.post.prior, self.post.chain)}
 
     def save(self) -> Path | None:
         """Write a rolling checkpoint ``run_dir/step-N`` (main rank only)."""
@@ -120,7 +128,7 @@ class TrainerCheckpoints:
                  "stopped_early": self.stopped_early,
                  "log_z_init": self.log_z_init, "config_hash": self.config_hash()}
         return save_checkpoint(self.run_dir, self.step_idx, states, self.hparams(), state,
-                               keep=self.cfg.keep_checkpoints)
+                               keep=self.cfg.run.keep_checkpoints)
 
     def resume(self) -> bool:
         """Restore everything from the newest readable checkpoint in ``run_dir``; False if none."""
@@ -129,8 +137,8 @@ class TrainerCheckpoints:
         if not has_checkpoints(self.run_dir):
             return False
         ck = load_checkpoint(self.run_dir, map_location="cpu")
-        check_prior_record(ck.path, ck.hparams, self.post.prior, self.post.chain.K, self.post.chain.variance)
-        if ck.state.get("config_hash") != self.config_hash():
+        check_prior_record(ck.path, ck.hparams, self.post.prior, self.post.chain)
+        if not self._accepts_hash(ck.state.get("config_hash")):
             raise InputFileError(ck.path, f"checkpoint was written with a different rtb config (hash "
                                  f"{ck.state.get('config_hash')} != {self.config_hash()}); use a new run dir",
                                  field="config_hash")

@@ -14,7 +14,7 @@ Jacobian-free and grows as 1/sqrt(abar_k) at high noise, and samplers are tuned 
 
 from __future__ import annotations
 
-from pipeline.rtb.config import RTBConfig
+from pipeline.rtb.config import PolicyConfig, RTBConfig
 from pipeline.rtb.posterior import make_posterior
 from pipeline.rtb.sampler import RTBSampler
 from pipeline.samplers.tuning import tune_scale, tuning_observations
@@ -50,9 +50,9 @@ def tune_guidance_scale(prior, chain, problem, guidance: str, tuning_seed: int, 
 
     def sampler_at(scale):
         # the smallest head: its output is zero at initialisation, so only the guided chain is evaluated
-        cfg = RTBConfig(K=chain.K, variance=chain.variance, guidance=guidance, guidance_scale=float(scale),
-                        learn_variance=False, head_hidden=8, head_layers=1)
-        return RTBSampler(make_posterior(prior, cfg), f"rtb_{guidance}")
+        cfg = RTBConfig(policy=PolicyConfig(guidance=guidance, guidance_scale=float(scale), learn_variance=False,
+                                            head_hidden=8, head_layers=1))
+        return RTBSampler(make_posterior(prior, chain, cfg), f"rtb_{guidance}")
 
     _, record = tune_scale(sampler_at, [(problem, y) for y in ys], grid=grid, n=n, seed=tuning_seed,
                            objective="elbo", label=f"rtb_{guidance} guidance scale")

@@ -17,7 +17,8 @@ import torch
 
 from pipeline.config import config_hash
 from pipeline.metrics.logz import estimate_logz, log_weights
-from pipeline.rtb.config import RTBConfig
+from pipeline.rtb.config import (ExplorationConfig, ObjectiveConfig, OptimConfig, PolicyConfig, RTBConfig,
+                                 RunConfig)
 from pipeline.rtb.posterior import build_posterior, posterior_spec
 from pipeline.rtb.sampler import RTBSampler
 from pipeline.rtb.trainer import RTBTrainer
@@ -73,14 +74,15 @@ def cond_fn_for(task: Task):
 
 def rtb_config(cfg: VisionConfig, guidance: str, scale: float, dps_scale: float) -> RTBConfig:
     """Amortized RTB settings of one task (budgets from ``cfg``; ``guidance`` 'none' or 'dps' at ``scale``)."""
-    return RTBConfig(K=cfg.K, variance=cfg.variance, parameterisation="head", head_preset=cfg.rtb_head,
-                     features=["x0hat", "grad"], guidance=guidance, guidance_scale=scale,
-                     amortized=True, logz="vargrad", group_size=cfg.rtb_group, steps=cfg.rtb_steps,
-                     batch_size=cfg.rtb_batch, lr=cfg.rtb_lr, replay_rate=cfg.rtb_replay_rate,
-                     prior_rate=0.0, tempered_rate=0.1,
-                     dps_rate=cfg.rtb_dps_rate if guidance == "none" else 0.0, dps_scale=dps_scale,
-                     seed=cfg.seed, device=cfg.device, log_every=max(1, cfg.rtb_steps // 20),
-                     checkpoint_every=max(1, cfg.rtb_steps), eval_samples=cfg.n_samples)
+    return RTBConfig(
+        policy=PolicyConfig(parameterisation="head", head_preset=cfg.rtb_head, features=["x0hat", "grad"],
+                            guidance=guidance, guidance_scale=scale),
+        objective=ObjectiveConfig(amortized=True, logz="vargrad", group_size=cfg.rtb_group),
+        optim=OptimConfig(batch_size=cfg.rtb_batch, lr=cfg.rtb_lr),
+        exploration=ExplorationConfig(replay_rate=cfg.rtb_replay_rate, prior_rate=0.0, tempered_rate=0.1,
+                                      dps_rate=cfg.rtb_dps_rate if guidance == "none" else 0.0, dps_scale=dps_scale),
+        run=RunConfig(steps=cfg.rtb_steps, seed=cfg.seed, log_every=max(1, cfg.rtb_steps // 20),
+                      checkpoint_every=max(1, cfg.rtb_steps), eval_samples=cfg.n_samples))
 
 
 def policy_samples(post, problem, cond_fn, y, n, generator, K):
@@ -98,7 +100,7 @@ def tune_rtb_dps_scale(cfg: VisionConfig, task: Task, seed: int) -> tuple[float,
     cond_fn, cond_channels = cond_fn_for(task)
 
     def sampler_at(scale):
-        spec = posterior_spec(task.prior, rtb_config(cfg, "dps", scale, scale), cond_channels=cond_channels)
+        spec = posterior_spec(task.prior, task.chain, rtb_config(cfg, "dps", scale, scale), cond_channels=cond_channels)
         post = build_posterior(task.prior, spec)
         return RTBSampler(post, "rtb_dps", cond_fn=cond_fn, batch_size=cfg.n_samples)
 
@@ -114,11 +116,11 @@ class RTBMethod:
         self.task, self.guidance = task, guidance
         self.cond_fn, cond_channels = cond_fn_for(task)
         self.rcfg = rtb_config(cfg, guidance, scale, dps_scale)
-        spec = posterior_spec(task.prior, self.rcfg, cond_channels=cond_channels)
+        spec = posterior_spec(task.prior, task.chain, self.rcfg, cond_channels=cond_channels)
         self.post = build_posterior(task.prior, spec)
         name = f"{task.ds_name}-{task.space}-{task.task}-{'rtb_dps' if guidance != 'none' else 'rtb'}"
         prior_id = str(task.prior.meta.get("checkpoint", ""))
-        run_dir = ctx.out / "rtb" / f"{name}-{config_hash([self.rcfg.hash_fields(), spec, prior_id])}"
+        run_dir = ctx.out / "rtb" / f"{name}-{config_hash([self.rcfg.recipe(), spec, prior_id])}"
         self.trainer = RTBTrainer(self.post, self.rcfg, problem=task.problem, obs_sampler=task.obs_sampler,
                                   cond_fn=self.cond_fn,
                                   run_dir=run_dir, metrics_path=run_dir / "metrics.jsonl", spec=spec)

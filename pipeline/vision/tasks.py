@@ -50,7 +50,7 @@ def recorded_train_seconds(run_dir: Path) -> float | None:
 def prior_config(cfg: VisionConfig, *, unet: str, steps: int, augment: str, channel_mults=None) -> PriorConfig:
     """The diffusion-prior training settings of a pixel or latent prior (budgets from ``cfg``)."""
     return PriorConfig(unet=unet, channel_mults=channel_mults, steps=steps, batch_size=cfg.prior_batch,
-                       lr=cfg.prior_lr, seed=cfg.seed, device=cfg.device, augment=augment, sample_K=cfg.K, sample_variance=cfg.variance,
+                       lr=cfg.prior_lr, seed=cfg.seed, augment=augment,
                        warmup_steps=min(100, max(1, steps // 10)), checkpoint_every=max(100, steps // 4),
                        log_every=max(10, steps // 20), ema_decay=0.999 if steps >= 2000 else 0.99)
 
@@ -81,7 +81,7 @@ class Context:
             pcfg = prior_config(self.cfg, unet=self.cfg.prior_unet, steps=self.cfg.prior_steps, augment=augment,
                                 channel_mults=self.cfg.prior_channel_mults)
             run_dir = self.out / "priors" / f"{ds.name}-{pcfg.result_hash()}"
-            res = train_prior(pcfg, path, run_dir)
+            res = train_prior(pcfg, path, run_dir, device=self.cfg.device)
             if not res.completed:
                 raise RuntimeError(f"prior training for {name} did not complete ({res.step}/{res.target_steps})")
             self._prior[name] = ClippedPrior(load_prior(run_dir, device=self.device), -1.0, 1.0)
@@ -126,7 +126,7 @@ class Context:
             pcfg = prior_config(self.cfg, unet=self.cfg.latent_prior_unet, steps=self.cfg.latent_prior_steps,
                                 augment="none")
             run_dir = self.out / "priors" / f"{ae_id}-latent-{pcfg.result_hash()}"
-            res = train_prior(pcfg, path, run_dir)
+            res = train_prior(pcfg, path, run_dir, device=self.cfg.device)
             if not res.completed:
                 raise RuntimeError(f"latent prior training for {name} did not complete")
             lp = load_prior(run_dir, device=self.device)
