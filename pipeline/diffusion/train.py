@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.config import config_hash
+from pipeline.config import config_hash, param
 from pipeline.diffusion.schedule import NoiseSchedule
 from pipeline.diffusion.unet import PRESETS, UNet, build_unet, count_parameters
 from pipeline.errors import ConfigError, InputFileError
@@ -44,35 +44,40 @@ class PriorConfig:
     """Section ``prior:`` of the pipeline config (diffusion prior training; the chain it is sampled on is
     the ``chain:`` section, the device the top-level ``device``)."""
 
-    data: str | None = None                 # training FITS (CLI --data overrides)
-    out: str | None = None                  # run directory (CLI --out overrides)
-    data_hdu: str = "TRAIN"                 # image HDU with (N, H, W) or (N, C, H, W) physical images
-    scale: float = field(default=1.0, metadata={"gt": 0})     # x_phys = scale * x + offset
-    offset: float = 0.0
-    image_size: int | None = field(default=None, metadata={"min": 4})   # if set, must match the data
-    channels: int | None = field(default=None, metadata={"min": 1})     # if set, must match the data
-    unet: str = field(default="small", metadata={"choices": sorted(PRESETS)})
-    base_channels: int | None = field(default=None, metadata={"min": 1, "max": 1024})
-    channel_mults: list[int] | None = field(default=None, metadata={"min": 1, "max": 16})
-    num_res_blocks: int | None = field(default=None, metadata={"min": 1, "max": 8})
-    attn_levels: list[int] | None = field(default=None, metadata={"min": 0})
-    dropout: float | None = field(default=None, metadata={"min": 0.0, "max": 0.9})
-    T: int = field(default=1000, metadata={"min": 2})
-    beta_start: float = field(default=1e-4, metadata={"gt": 0, "max": 0.5})
-    beta_end: float = field(default=0.02, metadata={"gt": 0, "max": 0.999})
-    steps: int = field(default=3000, metadata={"min": 1})
-    batch_size: int = field(default=32, metadata={"min": 1})
-    lr: float = field(default=2e-4, metadata={"gt": 0, "max": 1.0})
-    warmup_steps: int = field(default=100, metadata={"min": 0})
-    weight_decay: float = field(default=0.0, metadata={"min": 0.0})
-    grad_clip: float = field(default=1.0, metadata={"min": 0.0})   # 0 disables clipping
-    ema_decay: float = field(default=0.999, metadata={"min": 0.0, "max": 1.0})
-    augment: str = field(default="dihedral", metadata={"choices": ["none", "flip", "dihedral"]})
-    seed: int = field(default=0, metadata={"min": 0})
-    checkpoint_every: int = field(default=500, metadata={"min": 1})
-    keep_checkpoints: int = field(default=3, metadata={"min": 1})
-    log_every: int = field(default=50, metadata={"min": 1})
-    max_wall_seconds: float = field(default=0.0, metadata={"min": 0.0})  # 0 = no cap
+    data: str | None = param(None, "Training FITS file (the command's --data overrides it).")
+    out: str | None = param(None, "Run directory (the command's --out overrides it).")
+    data_hdu: str = param("TRAIN", "Image HDU holding the (N, H, W) or (N, C, H, W) training images in physical units.")
+    scale: float = param(1.0, "Network units to physical: x_phys = scale * x + offset.", "electron/(s arcsec2)", gt=0)
+    offset: float = param(0.0, "Offset of the map from network units to physical ones.", "electron/(s arcsec2)")
+    image_size: int | None = param(None, "Image side; when set, the data must match it.", "pixel", min=4)
+    channels: int | None = param(None, "Image channels; when set, the data must match it.", min=1)
+    unet: str = param("small", "U-Net preset (channels, levels, attention); the fields below override parts of it.",
+                      choices=sorted(PRESETS))
+    base_channels: int | None = param(None, "Channels of the first U-Net level (null: the preset's).", min=1, max=1024)
+    channel_mults: list[int] | None = param(None, "Channel multiplier per U-Net level (null: the preset's).",
+                                            min=1, max=16)
+    num_res_blocks: int | None = param(None, "Residual blocks per U-Net level (null: the preset's).", min=1, max=8)
+    attn_levels: list[int] | None = param(None, "U-Net levels with self-attention (null: the preset's).", min=0)
+    dropout: float | None = param(None, "Dropout in the residual blocks (null: the preset's).", min=0.0, max=0.9)
+    T: int = param(1000, "Training diffusion steps of the noise schedule.", "steps", min=2)
+    beta_start: float = param(1e-4, "First beta of the linear noise schedule.", gt=0, max=0.5)
+    beta_end: float = param(0.02, "Last beta of the linear noise schedule.", gt=0, max=0.999)
+    steps: int = param(3000, "Optimiser steps; a finished run given more steps resumes and trains on.", "steps", min=1)
+    batch_size: int = param(32, "Training images per step.", "samples", min=1)
+    lr: float = param(2e-4, "AdamW learning rate after the warm-up.", gt=0, max=1.0)
+    warmup_steps: int = param(100, "Steps of linear learning-rate warm-up.", "steps", min=0)
+    weight_decay: float = param(0.0, "AdamW weight decay.", min=0.0)
+    grad_clip: float = param(1.0, "Global gradient-norm clip; 0 disables clipping.", min=0.0)
+    ema_decay: float = param(0.999, "Decay of the exponential moving average of the weights that is exported.",
+                             min=0.0, max=1.0)
+    augment: str = param("dihedral", "Random symmetries applied to each training image (flips, or the 8 flips "
+                         "and quarter turns).", choices=["none", "flip", "dihedral"])
+    seed: int = param(0, "Seed of data order, augmentation, timesteps and noise.", min=0)
+    checkpoint_every: int = param(500, "Steps between rolling checkpoints.", "steps", min=1)
+    keep_checkpoints: int = param(3, "Rolling checkpoints kept.", min=1)
+    log_every: int = param(50, "Steps between log lines.", "steps", min=1)
+    max_wall_seconds: float = param(0.0, "Safety cap: checkpoint and stop after this long (rerun to resume); 0 = "
+                                    "no cap.", "s", min=0.0)
 
     def validate(self, source, prefix: str = "") -> None:
         if self.beta_start > self.beta_end:

@@ -21,7 +21,7 @@ RECIPE_VERSION = "v2"
 class PolicyConfig:
     """The posterior policy q_phi: its network, inputs, learned variances and guidance."""
 
-    parameterisation: str = param("head", "head = frozen prior plus a zero-initialised correction network; "
+    parameterisation: str = param("head", "Head = frozen prior plus a zero-initialised correction network; "
                                           "full = a trainable copy of the prior network.", choices=["head", "full"])
     lora_rank: int = param(0, "With parameterisation full: rank of low-rank adapters on the copy (0 fine-tunes "
                               "every weight).", min=0)
@@ -49,7 +49,7 @@ class ObjectiveConfig:
 
     amortized: bool = param(False, "One network for every observation (conditioned on y) instead of one "
                                    "posterior per observation.")
-    logz: str = param("scalar", "log Z estimate: scalar = one learned value (single observation); vargrad = "
+    logz: str = param("scalar", "How log Z is estimated: scalar = one learned value (single observation); vargrad = "
                                 "per group of trajectories sharing one y (needed when amortized).",
                       choices=["scalar", "vargrad"])
     group_size: int = param(8, "Trajectories per observation in a batch (vargrad).", min=2)
