@@ -33,6 +33,7 @@ def results(tmp_path_factory):
             torch.load(two / "rank0.pt"), torch.load(two / "rank1.pt"))
 
 
+@pytest.mark.slow
 def test_two_rank_gradient_equals_single_process_gradient(results):
     single, r0, r1 = results
     assert single["world"] == 1 and r0["world"] == 2
@@ -42,6 +43,7 @@ def test_two_rank_gradient_equals_single_process_gradient(results):
         torch.testing.assert_close(r1["grads"][name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow
 def test_weights_stay_in_sync_across_ranks(results):
     _, r0, r1 = results
     for name, w in r0["weights"].items():

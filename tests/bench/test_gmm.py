@@ -51,6 +51,7 @@ def test_analytic_logz_matches_monte_carlo():
     assert analytic_logz(c, y) == pytest.approx(mc, abs=0.02)
 
 
+@pytest.mark.slow
 def test_chain_reference_evidence_and_floor():
     c = make_case("2d")
     chain = c.prior.schedule.chain(10)
@@ -88,6 +89,7 @@ def test_tiny_benchmark_run_writes_json_and_figure(tmp_path):
     assert rows == {m: f"{int(w)}/1" for m, w in by_method.items()}
 
 
+@pytest.mark.slow
 def test_benchmark_resumes_finished_cases_and_runs_cases_in_workers(tmp_path, caplog):
     """Finished cases are written to cases/<name>.json and reused by a rerun with the same settings;
     jobs > 1 runs cases in spawned worker processes with the same results format."""
@@ -119,6 +121,7 @@ def test_bench_cli_dispatch(capsys):
     assert "bench vision" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_smc_reference_matches_plain_importance_sampling():
     """The twisted-SMC reference (higher-dimensional cases) against plain prior-chain importance sampling
     on a case where the latter is still efficient: same log Z (the SMC estimate is unbiased) and the
@@ -174,6 +177,7 @@ def test_rtb_guidance_scale_tuned_on_separate_seed():
     assert rec["values"][RTB_GUIDANCE_GRIDS["dps_cla"].index(rec["scale"])] == max(finite)
 
 
+@pytest.mark.slow
 def test_rtb_divergence_is_decided_by_the_large_log_z_estimate(tmp_path):
     """RTB runs record log Z_IW from n_logz fresh trajectories beside the n-sample one, and the
     divergence flag follows the large estimate (|log Z_IW - log Z_ref| > 1 nat)."""
@@ -207,6 +211,7 @@ def test_rtb_steps_and_hidden_defaults_and_scaling():
     assert rtb_config(c80, False, False, 0, steps=15).beta_ramp_steps == 7
 
 
+@pytest.mark.slow
 def test_bench_gmm_rtb_flags_reach_the_recorded_runs(tmp_path, capsys):
     """--rtb-steps / --rtb-hidden of `bench gmm` set the steps RTB trains (recorded per run) and the head
     width, are documented in --help, and are part of the settings a finished case is reused under."""

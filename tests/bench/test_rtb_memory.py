@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from pipeline.bench.rtb_memory import _checks, worker
 
 
@@ -16,6 +18,7 @@ def test_worker_measures_one_step_both_ways():
     assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * b["grad_norm"]
 
 
+@pytest.mark.slow
 def test_worker_subprocess_prints_json():
     out = subprocess.run([sys.executable, "-m", "pipeline.bench.rtb_memory", "--worker", "--method", "two_pass",
                           "--K", "3", "--batch", "2", "--chunk", "2", "--preset", "tiny", "--image-size", "8"],

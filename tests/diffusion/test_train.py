@@ -115,6 +115,7 @@ def test_wall_clock_cap_checkpoints_and_stops_without_done(tmp_path, blob_fits):
     assert train_prior(_cfg(), blob_fits, tmp_path / "run").completed
 
 
+@pytest.mark.slow
 def test_loss_decreases_on_blobs(tmp_path, blob_fits):
     res = train_prior(_cfg(steps=150, batch_size=16, lr=2e-3, warmup_steps=10, log_every=50,
                            checkpoint_every=150), blob_fits, tmp_path / "run")

@@ -69,6 +69,7 @@ def _world(tmp_path, n_obs=40, n_s=48, seed=0):
     return obs_dir, post, loader, C, cov
 
 
+@pytest.mark.slow
 def test_calibrate_exact_vs_narrow(tmp_path):
     obs_dir, post, loader, C, cov = _world(tmp_path)
     out = tmp_path / "cal"
@@ -139,6 +140,7 @@ def test_calibrate_cli_errors(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_calibrate_then_report(tmp_path):
     obs_dir, post, loader, C, cov = _world(tmp_path, n_obs=20, n_s=24, seed=1)
     for set_name in ("prior", "heldout"):
@@ -209,6 +211,7 @@ def test_mean_err_and_sharpness_come_from_the_samples_not_the_files_moments(tmp_
     assert r["sharpness"] == pytest.approx(np.median(sh), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_footprint_coverage_of_exact_samples_is_not_biased_low(tmp_path):
     # exact Gaussian posteriors N(m, 0.15^2) per pixel around blob-shaped means, 32 samples, 80
     # observations (no operator: coverage only). The footprint must not be chosen by the truth alone

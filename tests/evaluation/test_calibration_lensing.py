@@ -19,6 +19,7 @@ GEOM = dict(image_npix=12, image_pixscale=0.15, source_npix=10, source_pixscale=
             psf_fwhm=0.15, psf_npix=5)
 
 
+@pytest.mark.slow
 def test_calibrate_lensing_files_exact_gaussian(tmp_path):
     rng = np.random.default_rng(7)
     geom = GeometryConfig(**GEOM)
@@ -84,6 +85,7 @@ def test_calibrate_lensing_files_exact_gaussian(tmp_path):
     assert r2["chi2_median"] > 2.0
 
 
+@pytest.mark.slow
 def test_sample_writes_prior_is_log_z(tmp_path, blob_fits):
     # prior_is computes log Z over all its prior-chain proposals; `sample` must write it to the FITS
     import torch

@@ -18,7 +18,7 @@ import pytest
 
 from pipeline.io.atomic import atomic_directory, atomic_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _mode(path) -> int:

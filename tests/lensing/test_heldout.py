@@ -124,6 +124,7 @@ def heldout_dir(tmp_path_factory):
     return src, cfg, out
 
 
+@pytest.mark.slow
 def test_heldout_set_truths_are_block_averages_of_finer_renderings_per_kind(heldout_dir):
     from pipeline.lensing.config import load_lensing_config
 
@@ -184,6 +185,7 @@ def test_heldout_set_truths_are_block_averages_of_finer_renderings_per_kind(held
     assert man["per_kind"]["hst"]["truth_chi2_nu_median"] > 1.5
 
 
+@pytest.mark.slow
 def test_simulate_command_refuses_a_factor_below_two(heldout_dir, tmp_path, capsys):
     from pipeline.cli import main
 

@@ -196,6 +196,7 @@ def test_rescaling_data_shifts_log_z_by_minus_m_log_sy():
     assert torch.allclose(d, torch.full_like(d, -m * math.log(s_y)), atol=1e-6 * m)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_problem_on_cuda_matches_cpu():
     cpu = _problem()

@@ -131,6 +131,7 @@ def test_build_sources_stratified_counts():
     assert not (flat["TRAIN"] & flat["TEST"]) and not (flat["TRAIN"] & flat["VALID"])
 
 
+@pytest.mark.slow
 def test_sources_command_writes_cube_with_provenance(tmp_path):
     cfgf = tmp_path / "cfg.yaml"
     cfgf.write_text("lensing:\n  sources: {n_galsim: 10, n_hst: 10, seed: 2}\n")
@@ -152,6 +153,7 @@ def test_sources_command_writes_cube_with_provenance(tmp_path):
         read_sources(out, "bogus")
 
 
+@pytest.mark.slow
 def test_config_errors_are_one_line(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("lensing:\n  sources: {split: [0.5, 0.2, 0.2]}\n")

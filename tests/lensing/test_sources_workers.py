@@ -9,6 +9,7 @@ from pipeline.lensing.config import GalSimConfig  # noqa: E402
 from pipeline.lensing.sources_galsim import galsim_sources  # noqa: E402
 
 
+@pytest.mark.slow
 def test_parallel_rendering_is_bit_identical():
     cfg = GalSimConfig()
     one, p1 = galsim_sources(6, cfg, 16, 0.05, seed=3, return_params=True)

@@ -12,7 +12,7 @@ from pipeline.errors import InputFileError
 from pipeline.io.posterior import read_posterior
 from pipeline.lensing.tuning import read_tuning_record
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PRIOR = ROOT / "data" / "pretrained" / "prior"
 
 

@@ -21,6 +21,7 @@ def test_w1_unequal_sizes_uses_quantiles():
     assert float(wasserstein_1d(x, y)) == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.slow
 def test_sliced_w2_of_gaussian_shift():
     # SW_2 between N(0, I) and N(m, I): E_theta (theta.m)^2 = |m|^2 / d, so SW_2 = |m| / sqrt(d)
     g = torch.Generator().manual_seed(1)

@@ -45,6 +45,7 @@ def test_ignoring_y_is_calibrated():
     assert max_deviation(f, BINS) < 0.11
 
 
+@pytest.mark.slow
 def test_null_gaussian_agrees_with_exact_rank_null():
     rng = np.random.default_rng(0)
     # pooled normalisation at a higher dimension: still the rank law

@@ -13,7 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1] / "pipeline"
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2] / "pipeline"
 LAYER = {"errors": 0, "config": 0, "runtime": 0, "distributed": 0, "problems": 0, "io": 0, "metrics": 0,
          "plots": 0, "diffusion": 1, "samplers": 2, "rtb": 2, "lensing": 3, "vision": 3, "bench": 4,
          "evaluation": 4,
@@ -47,6 +49,7 @@ def test_no_import_runs_upward():
     assert not bad, "imports running upward:\n" + "\n".join(bad)
 
 
+@pytest.mark.slow
 def test_inference_does_not_import_the_trainer():
     code = ("import sys, pipeline.rtb.loading, pipeline.diffusion.network_prior, pipeline.lensing.sample, "
             "pipeline.lensing.checks, pipeline.lensing.tuning; "

@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-LENSING = Path(__file__).resolve().parents[1] / "pipeline" / "lensing"
+LENSING = Path(__file__).resolve().parents[2] / "pipeline" / "lensing"
 DATA_MODULES = ("sources", "sources_galsim", "sources_hst", "sources_user", "grids", "simulate", "heldout",
                 "observation")
 

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "data" / "pretrained"
 CONFIG = ROOT / "config" / "config.yaml"
 RECORD = json.loads((SHIPPED / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_shipped_prior_matches_config_and_reproduces_its_samples():
     from pipeline.config import load_section, load_yaml
     from pipeline.diffusion.sampling import sample_prior
@@ -37,6 +38,7 @@ def test_shipped_prior_matches_config_and_reproduces_its_samples():
     np.testing.assert_allclose(float(phys.std()), rec["std"], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_shipped_posterior_matches_config_and_reproduces_its_fit():
     from pipeline.config import load_section, load_yaml
     from pipeline.diffusion.network_prior import load_prior
@@ -61,6 +63,7 @@ def test_shipped_posterior_matches_config_and_reproduces_its_fit():
     assert got["mean_log_r"] == pytest.approx(rec["mean_log_r"], rel=1e-4, abs=1e-2)
 
 
+@pytest.mark.slow
 def test_install_prior_refuses_another_recipe_in_one_line(tmp_path):
     import subprocess
     import sys
@@ -79,6 +82,7 @@ def test_install_prior_refuses_another_recipe_in_one_line(tmp_path):
     assert not (tmp_path / "run" / "final").exists()
 
 
+@pytest.mark.slow
 def test_check_posterior_draws_the_same_observations_as_the_shipped_record():
     """check-posterior's first observation for seed s is evaluate_shipped_posterior's observation for s,
     so with the same sample count it reproduces the recorded chi2; a trainer checkpoint (no recorded
@@ -104,6 +108,7 @@ def test_check_posterior_draws_the_same_observations_as_the_shipped_record():
         check_posterior(CONFIG, prior, SHIPPED / "posterior", n_obs=1, n=2)
 
 
+@pytest.mark.slow
 def test_amortized_samples_at_a_batch_equal_to_the_feature_channels():
     """Two trajectories (= the two conditioning channels) are conditioned like any other batch (the
     rollout once took the channel axis of the one conditioning map for the batch, and failed)."""

@@ -18,6 +18,7 @@ def _png_ok(path, min_w=600, min_h=250):
     assert not list(path.parent.glob(".*.png"))  # no temp files left
 
 
+@pytest.mark.slow
 def test_lens_figure_from_posterior_file(tmp_path):
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:16, :16] - 7.5

@@ -1,5 +1,6 @@
 """Full-network posteriors (copy of the prior U-Net, optionally LoRA): q = p at init; exact two-pass gradient."""
 
+import pytest
 import torch
 
 from pipeline.diffusion.network_prior import NetworkPrior
@@ -40,6 +41,7 @@ def test_lora_starts_as_the_original_and_trains_only_adapters():
     assert trainable and all(".down." in n or ".up." in n for n in trainable)
 
 
+@pytest.mark.slow
 def test_full_and_lora_posteriors_equal_prior_at_init_and_two_pass_is_exact():
     prior, problem = _prior(), _Mask()
     y = torch.zeros(1, 8, 8)

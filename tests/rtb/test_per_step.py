@@ -4,6 +4,7 @@ checkpointing, their rollback, and that training moves the gain the right way.""
 
 import math
 
+import pytest
 import torch
 
 from pipeline.diffusion.prior import GaussianMixturePrior
@@ -136,6 +137,7 @@ def test_rollback_restores_the_per_step_scalars():
         torch.testing.assert_close(p.detach(), saved[n], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_training_turns_down_an_overstrong_guidance():
     """DPS+CLA at 8x a sensible scale over-concentrates the guided chain; RTB's ELBO gradient must lower
     the learned gain (mean log-gain < -0.1 after 150 steps; measured -0.31) and raise the ELBO."""
@@ -201,6 +203,7 @@ def test_guided_variance_is_the_gaussian_product_with_the_diagonal_data_precisio
         make_posterior(prior, cfg).guided_variance_offset(x, k, yb, NoDiag())
 
 
+@pytest.mark.slow
 def test_training_raises_the_guided_variance_where_the_data_is_precise():
     """A high-SNR observation of both coordinates: the posterior is far narrower than the prior's last
     steps, so RTB's gradient must raise the guided-variance gain of the final step from its e^-3 start

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from pipeline.diffusion.network_prior import NetworkPrior
@@ -73,6 +74,7 @@ def _run(tmp_path, name, steps=None):
     return load_checkpoint(tmp_path / name)
 
 
+@pytest.mark.slow
 def test_two_runs_from_scratch_are_identical(tmp_path):
     a, b = _run(tmp_path, "a"), _run(tmp_path, "bb")
     assert a.step == b.step == 3
@@ -92,6 +94,7 @@ def test_two_runs_from_scratch_are_identical(tmp_path):
     assert float(a.state["log_z"]) == float(b.state["log_z"])
 
 
+@pytest.mark.slow
 def test_resumed_finetune_writes_each_metrics_step_once(tmp_path):
     _run(tmp_path, "r", steps=2)
     run = tmp_path / "r"

@@ -23,6 +23,7 @@ def _problem():
     return prior, DenseLinearProblem([[1.0]], 1.0), torch.tensor([-0.5])
 
 
+@pytest.mark.slow
 def test_rtb_reaches_chain_reference_on_1d_mixture():
     """W1(RTB, reference) <= 2 x the Monte-Carlo floor at N = 2000, seed 0 (chain-prior reference by IS)."""
     torch.manual_seed(0)

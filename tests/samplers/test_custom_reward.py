@@ -14,9 +14,10 @@ from pipeline.metrics.logz import estimate_logz_samples
 from pipeline.samplers import make_sampler
 from pipeline.samplers.reward import RewardProblem
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "custom_reward.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "custom_reward.md"
 
 
+@pytest.mark.slow
 def test_the_documented_example_runs_and_moves_the_samples_to_the_reward(capsys):
     """Prior: modes at x_0 = -2 and 2 (std 0.5); reward N(x_0; 1, 0.5^2). The exact posterior keeps the
     right mode (the left one's weight is e^-8 of it), with x_0 mean (2 + 1) / 2 = 1.5 (equal variances).

@@ -14,6 +14,7 @@ from pipeline.samplers.tuning import tune_on_separate_seed, tuning_observation
 N = 20000
 
 
+@pytest.mark.slow
 def test_exact_guidance_samples_match_the_propagated_guided_chain():
     # d = 4, d_y = 2, K = 100, N = 20,000 in one rollout; the law comes from propagating the prior chain of the
     # analytic posterior (independent code: gaussian_chain), then the frozen prior's final denoise.
@@ -52,6 +53,7 @@ def test_cla_matches_exact_guidance_law_for_flat_prior():
     assert 0.95 <= err["eig_ratio_min"] and err["eig_ratio_max"] <= 1.05
 
 
+@pytest.mark.slow
 def test_prior_is_recovers_chain_posterior_and_log_z():
     case = gaussian_case(2, 1)
     chain = case["prior"].schedule.chain(20)
@@ -72,6 +74,7 @@ def test_prior_is_recovers_chain_posterior_and_log_z():
     assert float(torch.logsumexp(lw, 0) - math.log(lw.numel())) == pytest.approx(logz, abs=0.02)
 
 
+@pytest.mark.slow
 def test_tuned_dps_and_dps_cla_beat_the_prior_and_record_their_tuning():
     # Errors of DPS / DPS+CLA are measured (neither is exact); tuning on a separate seed must at least improve
     # on no guidance (scale 0 = the prior chain), and the record must describe the frozen choice.

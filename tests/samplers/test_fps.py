@@ -145,6 +145,7 @@ def test_fps_smc_converges_to_the_bridged_model_posterior():
     assert out["resamples"][0] > 0
 
 
+@pytest.mark.slow
 def test_fps_smc_particle_sweep_reaches_a_plateau():
     # Distance to the chain-posterior reference as M grows (1, 5, 20, 100): it settles on a plateau, the
     # posterior of FPS's bridged model. Measured here: that plateau is NOT the chain posterior (it is
@@ -209,6 +210,7 @@ def _exact_rank_coverage(n, level):
     return float(((u - 0.5).abs() <= level / 2 + 1e-12).double().mean())
 
 
+@pytest.mark.slow
 def test_default_fps_smc_runs_are_calibrated_and_weighted_particles_too_narrow():
     # Linear-Gaussian toy with truths from the chain's own x0 law, so exact chain-posterior samples
     # give the rank-interval coverage exactly (n = 32: 0.697 / 0.939 at 68 / 95 %). The default

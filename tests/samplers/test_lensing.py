@@ -81,7 +81,7 @@ def test_default_config_samples_fps_smc_in_runs_mode_with_its_own_particle_key(t
     from pipeline.lensing.config import PosteriorConfig
     from pipeline.lensing.sample import fps_smc_options
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     pcfg = load_section(root / "config" / "config.yaml", "posterior", PosteriorConfig)
     assert pcfg.fps_smc_mode == PosteriorConfig().fps_smc_mode == "runs"
     assert fps_smc_options(pcfg, 32) == {"particles": pcfg.fps_smc_particles, "mode": "runs",

@@ -92,6 +92,7 @@ def test_samples_do_not_depend_on_other_batch_members(setup, name):
     assert torch.allclose(a.log_q_traj[0], b.log_q_traj[0], atol=1e-4)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", TRAINING_FREE)
 def test_runs_on_cuda(setup, name):

@@ -37,6 +37,7 @@ def test_shapes():
         A.AutoEncoder(image_size=30, n_down=2)
 
 
+@pytest.mark.slow
 def test_trained_autoencoder_beats_mean_image(trained, mnist_small):
     ae, hist = trained
     train, test = mnist_small
@@ -50,6 +51,7 @@ def test_trained_autoencoder_beats_mean_image(trained, mnist_small):
     assert abs(float(z.std()) - 1.0) < 0.1
 
 
+@pytest.mark.slow
 def test_save_load_round_trip(trained, tmp_path, mnist_small):
     ae, _ = trained
     path = A.save_autoencoder(ae, tmp_path / "ae.pt", meta={"dataset": "mnist"})
@@ -64,6 +66,7 @@ def test_save_load_round_trip(trained, tmp_path, mnist_small):
         A.load_autoencoder(tmp_path / "missing.pt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["box_inpaint", "phase_retrieval", "nonlinear_deblur"])
 def test_latent_problem_round_trip(trained, mnist_small, task):
     ae, _ = trained
@@ -90,6 +93,7 @@ def test_latent_problem_round_trip(trained, mnist_small, task):
     assert float((g * v).sum()) == pytest.approx(float(fd), rel=2e-2)
 
 
+@pytest.mark.slow
 def test_latent_problem_rejects_mismatch(trained):
     ae, _ = trained
     with pytest.raises(ValueError, match="differ"):

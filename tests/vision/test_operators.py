@@ -46,7 +46,7 @@ def test_seed_changes_operator(task):
 
 
 @pytest.mark.parametrize("task", O.LINEAR_TASKS)
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", [SHAPES[0], pytest.param(SHAPES[1], marks=pytest.mark.slow)])
 def test_adjoint(task, shape):
     op = O.make_operator(task, shape, seed=5)
     assert op.is_linear
