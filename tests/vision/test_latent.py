@@ -119,3 +119,21 @@ def test_clipped_prior():
     assert p.meta["clip"] == [-1.0, 1.0]
     with pytest.raises(ValueError):
         ClippedPrior(inner, 1.0, 1.0)
+
+
+def test_latent_problem_of_an_untrained_autoencoder():
+    """The fast-tier check of LatentProblem (the trained round trip above is slow): forward is the image
+    operator on the decoded latents, the likelihood is the image one (its normalising constant at
+    noise-free y), and a decoder made for other images is refused."""
+    torch.manual_seed(0)
+    ae = A.AutoEncoder(in_channels=1, latent_channels=2, base_channels=4, n_down=2, image_size=16)
+    img_op = make_operator("box_inpaint", (1, 16, 16), seed=0, box=6)
+    lp = LatentProblem(img_op, ae)
+    assert lp.x_shape == (2, 4, 4) and lp.y_shape == img_op.y_shape and not lp.is_linear
+    z = torch.randn((3, *lp.x_shape), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(lp.forward(z), img_op.forward(ae.decode(z)), rtol=0, atol=0)
+    y0 = lp.forward(z[:1])[0]
+    assert math.isclose(float(lp.log_likelihood(z[:1], y0)), img_op.log_norm_const(), abs_tol=1e-6)
+    assert float(lp.log_likelihood(z[1:], y0).max()) < img_op.log_norm_const()
+    with pytest.raises(ValueError, match="differ"):
+        LatentProblem(make_operator("box_inpaint", (3, 16, 16)), ae)
