@@ -1,0 +1,112 @@
+"""The lensing commands chained on a tiny problem (12x12 pixels, a 2-step prior, a 1-step posterior), in
+process: sources -> train-prior -> install-prior -> simulate-prior-set -> finetune-posterior -> sample /
+tune / check-posterior. Each test checks what its command writes; the numbers' accuracy is checked by
+the slow end-to-end tests and the workflow."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from astropy.io import fits
+
+from pipeline.cli import main
+from pipeline.io.posterior import read_posterior
+
+CONFIG = {
+    "device": "cpu",
+    "lensing": {
+        "geometry": {"image_npix": 12, "image_pixscale": 0.2, "source_npix": 12, "source_pixscale": 0.1,
+                     "supersample": 1, "psf_fwhm": 0.3, "psf_npix": 5},
+        "sources": {"seed": 0, "n_galsim": 10, "n_hst": 0, "split": [0.6, 0.2, 0.2]},
+        "noise": {"sigma": 0.05},
+    },
+    "prior": {"unet": "tiny", "base_channels": 8, "steps": 2, "batch_size": 4, "checkpoint_every": 2,
+              "log_every": 1, "warmup_steps": 1, "sample_K": 4, "scale": 0.5},
+    "rtb": {"K": 4, "amortized": True, "logz": "vargrad", "group_size": 2, "batch_size": 4, "steps": 1,
+            "checkpoint_every": 1, "log_every": 1, "head_preset": "tiny", "seed": 5},
+    "posterior": {"n_lenses": 2, "n_truths": 4, "batch_size": 4, "particles": 2,
+                  "guidance_scales": {"dps": [0.003, 0.01]}},
+}
+
+
+def _cli(capsys, *args) -> dict:
+    """Run one command in process; returns its last stdout line parsed as JSON."""
+    assert main([str(a) for a in args]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny trained prior, a prior-chain observation set and a fine-tuned posterior, built once."""
+    root = tmp_path_factory.mktemp("lensing_run")
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    assert main(["sources", "--config", str(config), "--out", str(root / "sources.fits")]) == 0
+    assert main(["train-prior", "--config", str(config), "--data", str(root / "sources.fits"),
+                 "--out", str(root / "prior")]) == 0
+    assert main(["simulate-prior-set", "--config", str(config), "--checkpoint", str(root / "prior"), "--n", "2",
+                 "--out", str(root / "obs")]) == 0
+    assert main(["finetune-posterior", "--config", str(config), "--prior", str(root / "prior"),
+                 "--run-dir", str(root / "ft"), "--out", str(root / "posterior")]) == 0
+    return root
+
+
+def test_sources_writes_the_configured_splits(run):
+    with fits.open(run / "sources.fits") as hdul:
+        shapes = {name: hdul[name].data.shape for name in ("TRAIN", "VALID", "TEST")}
+    assert sum(s[0] for s in shapes.values()) == 10
+    assert all(s[1:] == (12, 12) for s in shapes.values()) and shapes["TRAIN"][0] >= 4
+
+
+def test_simulate_prior_set_writes_one_file_per_observation(run):
+    files = sorted((run / "obs").glob("obs-*.fits"))
+    assert len(files) == 2 and (run / "obs" / "manifest.json").is_file()
+    with fits.open(files[0]) as hdul:
+        assert hdul[0].header["TRUTHSRC"] == "prior-chain" and hdul[0].header["PRIORK"] == 4
+
+
+def test_install_prior_copies_a_matching_prior_and_refuses_another_recipe(run, tmp_path, capsys):
+    out = _cli(capsys, "install-prior", "--checkpoint", run / "prior" / "final", "--config", run / "config.yaml",
+               "--out", tmp_path / "installed")
+    assert out["installed"] == str(tmp_path / "installed" / "final")
+    for f in (run / "prior" / "final").iterdir():
+        if f.is_file():
+            assert (tmp_path / "installed" / "final" / f.name).read_bytes() == f.read_bytes(), f.name
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**CONFIG, "prior": {**CONFIG["prior"], "lr": 1e-3}}))
+    assert main(["install-prior", "--checkpoint", str(run / "prior" / "final"), "--config", str(other),
+                 "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(other) in err and "prior" in err
+    assert not (tmp_path / "refused").exists()
+
+
+def test_sample_writes_one_posterior_file_per_observation(run, tmp_path, capsys):
+    out = _cli(capsys, "sample", "--config", run / "config.yaml", "--method", "rtb_amortized",
+               "--prior", run / "prior", "--posterior", run / "posterior", "--obs", run / "obs", "--n", 3,
+               "--out", tmp_path / "samples")
+    assert out == {"method": "rtb_amortized", "n_obs": 2, "seconds": out["seconds"]}
+    files = sorted((tmp_path / "samples").glob("*.fits"))
+    assert [f.name for f in files] == [f.name for f in sorted((run / "obs").glob("obs-*.fits"))]
+    post = read_posterior(files[0])
+    assert post["samples"].shape == (3, 12, 12) and np.isfinite(post["samples"]).all()
+
+
+def test_tune_freezes_a_scale_from_the_grid(run, tmp_path, capsys):
+    out = _cli(capsys, "tune", "--config", run / "config.yaml", "--method", "dps", "--prior", run / "prior",
+               "--obs", run / "obs", "--out", tmp_path / "dps.json")
+    record = json.loads((tmp_path / "dps.json").read_text())
+    assert record["method"] == "dps" and record["scale"] in (0.003, 0.01) and out["scale"] == record["scale"]
+
+
+def test_check_posterior_prints_fit_statistics(run, capsys):
+    rec = _cli(capsys, "check-posterior", "--config", run / "config.yaml", "--prior", run / "prior",
+               "--posterior", run / "posterior", "--n-obs", 2, "--samples", 2)
+    assert rec["n_obs"] == 2 and rec["n_samples"] == 2 and rec["noise_sigma"] == 0.05
+    assert len(rec["per_observation"]["chi2_nu"]) == 2 == len(rec["per_observation"]["truth_chi2_nu"])
+    # the truths are drawn from the noise model the check assumes: their chi2_nu is ~1 (144 pixels each)
+    assert 0.6 < rec["truth_chi2_nu_median"] < 1.5
+    assert rec["chi2_nu_median"] > 0 and np.isfinite(rec["elbo_median"])

@@ -1,0 +1,211 @@
+"""The Snakemake DAG: lint, dry runs, a real tiny run, and resume after kill -9 / a truncated checkpoint.
+
+Every run uses ``--directory`` in a temp dir with absolute ``--snakefile``/``--configfile``,
+so existing results in the checkout never mask the DAG.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.workflow, pytest.mark.slow]  # every test here runs snakemake or a notebook
+
+ROOT = Path(__file__).resolve().parents[2]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+CI_CONFIG = ROOT / "tests" / "config" / "ci.yaml"
+
+
+def snakemake(workdir, *args, timeout=900, check=True, config=CI_CONFIG):
+    cmd = [SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir), "--cores", "2"]
+    cmd += list(args)
+    if config is not None:  # last: --configfile takes several values and would swallow targets
+        cmd += ["--configfile", str(config)]
+    env = dict(os.environ, PIPELINE_NUM_THREADS="1")
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    if check and res.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return res
+
+
+def test_lint_is_clean(tmp_path):
+    res = snakemake(tmp_path, "--lint", config=None)
+    assert "Congratulations, your workflow is in a good condition" in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("target", ["all", "vision"])
+def test_dry_run(tmp_path, target):
+    res = snakemake(tmp_path, "-n", target)
+    out = res.stdout + res.stderr
+    assert "This was a dry-run" in out
+    expected = ["sources", "train_prior", "finetune_posterior", "sample", "calibrate", "report"] \
+        if target == "all" else ["bench_vision"]
+    for rule in expected:
+        assert f"rule {rule}:" in out or f"\n{rule} " in out, rule
+
+
+def test_dry_run_slurm_profile(tmp_path):
+    res = snakemake(tmp_path, "-n", "--workflow-profile", str(ROOT / "profiles" / "slurm"), config=None)
+    out = res.stdout + res.stderr
+    assert "profiles/slurm" in out and "This was a dry-run" in out
+    assert "finetune_posterior" in out
+
+
+def test_bad_config_is_refused_in_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("methods: [not_a_method]\n")
+    res = snakemake(tmp_path / "wd", "-n", config=bad, check=False)
+    assert res.returncode != 0
+    assert "not_a_method" in res.stdout + res.stderr
+
+
+def test_the_workflows_method_lists_equal_the_packages():
+    """The generated config schema's enum names exactly pipeline.samplers.METHODS, and the workflow takes
+    its method lists from the package (no copy to keep in step)."""
+    import yaml
+
+    from pipeline.samplers import METHODS
+
+    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    assert set(schema["properties"]["methods"]["items"]["enum"]) == set(METHODS)
+    common = (ROOT / "workflow" / "rules" / "common.smk").read_text()
+    assert "from pipeline.samplers.registry import METHODS, TUNED_METHODS" in common
+    assert 'method="|".join(METHODS)' in common
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The whole DAG on the tiny CI config, for real (shared by the notebook tests)."""
+    wd = tmp_path_factory.mktemp("tiny_run")
+    snakemake(wd)
+    return wd
+
+
+@pytest.mark.slow
+def test_tiny_run_produces_report_and_is_idempotent(tiny_run):
+    res = tiny_run / "results"
+    assert (res / "report.md").stat().st_size > 500
+    for s in ("prior", "heldout"):
+        summary = res / "calibration" / s / "summary.json"
+        assert summary.is_file()
+        for m in ("rtb_amortized", "rtb_amortized_is", "dps", "fps_smc"):
+            files = sorted((res / "posteriors" / s / m).glob("*.fits"))
+            assert len(files) == 3, (s, m)
+    # RTB + importance resampling keeps every trajectory as a particle, weighted 1/n per group
+    import numpy as np
+    from astropy.io import fits
+
+    with fits.open(sorted((res / "posteriors" / "prior" / "rtb_amortized_is").glob("*.fits"))[0]) as h:
+        n, m = h["SAMPLES"].data.shape[0], h["PARTICLES"].data.shape[0] // h["SAMPLES"].data.shape[0]
+        assert m == 2 and h["PARTICLES"].data.shape[0] == n * m
+        w = h["WEIGHTS"].data.reshape(n, m)
+        np.testing.assert_allclose(w.sum(1), 1.0 / n, rtol=1e-6)
+    again = snakemake(tiny_run, "-n")
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_rtb_guidance_is_tuned_by_untrained_elbo_and_its_gain_is_learned(tiny_run):
+    """RTB with guidance on the amortized lensing posterior (the CI config turns it on): the tuner's
+    record, and the exported per-step gains."""
+    import json
+
+    from pipeline.io.checkpoint import load_checkpoint
+
+    res = subprocess.run([sys.executable, "-m", "pipeline", "finetune-posterior", "--config",
+                          "results/config/posterior.yaml", "--prior", "results/prior/run/final", "--sources",
+                          "results/sources/sources.fits", "--tune-guidance"], capture_output=True, text=True, cwd=tiny_run, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rec = json.loads(res.stdout.strip().splitlines()[-1])
+    assert rec["method"] == "rtb_dps_cla" and rec["n_obs"] == 4 and rec["scale"] in rec["grid"]
+    vals = [v for v in rec["values"] if v is not None]
+    assert len(vals) == len(rec["grid"]) and rec["values"][rec["grid"].index(rec["scale"])] == max(vals)
+    ck = load_checkpoint(tiny_run / "results" / "posterior" / "run" / "final")
+    gains = ck.states["per_step"]  # exported with the network: sampling needs them
+    assert gains["guidance_log_gain"].shape == (7,) and bool((gains["guidance_log_gain"][2:] != 0).any())
+
+
+def _python_pids(command: str, cwd: Path) -> list[int]:
+    """PIDs of python processes running ``-m pipeline COMMAND`` in ``cwd`` (not the wrapping shell)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            here = os.path.realpath(proc / "cwd")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in argv if a]
+        if (args and "python" in Path(args[0]).name and command in args
+                and here == os.path.realpath(cwd)):
+            pids.append(int(proc.name))
+    return pids
+
+
+def _wait_for(predicate, timeout):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+@pytest.mark.slow
+def test_finetune_resumes_after_kill_and_falls_back_from_truncated_checkpoint(tmp_path):
+    cfg = tmp_path / "long.yaml"
+    cfg.write_text(CI_CONFIG.read_text().replace("  steps: 6\n", "  steps: 400\n"))
+    wd = tmp_path / "wd"
+    snakemake(wd, "results/prior/run/final", config=cfg)
+    run_dir = wd / "results" / "posterior" / "run"
+    cmd = [SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), "--directory", str(wd), "--cores", "1",
+           "results/posterior/run/final", "--configfile", str(cfg)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        assert _wait_for(lambda: len(list(run_dir.glob("step-*"))) >= 3, 300), "no checkpoints appeared"
+        # kill -9 the fine-tuning python process itself (not snakemake)
+        pids = _python_pids("finetune-posterior", wd)
+        assert pids, "fine-tuning process not found"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not (run_dir / "final").exists()
+    steps = sorted(run_dir.glob("step-*"))
+    newest, previous = steps[-1], steps[-2]
+    # truncate the newest checkpoint's weights: the rerun must fall back to the previous one
+    weights = newest / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:100])
+    cfg.write_text(cfg.read_text().replace("  steps: 400\n", f"  steps: {int(previous.name.split('-')[1]) + 4}\n"))
+    # (the step count is not part of the resume hash: more or fewer steps may continue a run)
+    snakemake(wd, "--rerun-incomplete", "results/posterior/run/final", config=cfg)
+    log = (wd / "logs" / "finetune_posterior.log").read_text()
+    assert "falling back to the previous one" in log
+    prev_step = int(previous.name.split("-")[1])
+    assert f"resumed RTB training from results/posterior/run/{previous.name}" in log
+    assert f"resuming fine-tuning at step {prev_step}" in log
+    assert (run_dir / "final" / "hparams.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("notebook", ["01_quickstart.ipynb", "02_your_own_data.ipynb"])
+def test_notebook_runs_on_the_tiny_run(tiny_run, notebook, tmp_path):
+    """Both notebooks execute top to bottom (nbmake) against the tiny run's outputs."""
+    nb = ROOT / "notebooks" / notebook
+    assert all(not c.get("outputs") for c in __import__("json").loads(nb.read_text())["cells"]
+               if c["cell_type"] == "code"), "commit notebooks with outputs stripped"
+    env = dict(os.environ, PIPELINE_RESULTS=str(tiny_run / "results"), PIPELINE_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbmake",
+                          "--nbmake-timeout=600", str(nb)], capture_output=True, text=True, cwd=nb.parent,
+                         env=env, timeout=900)
+    assert res.returncode == 0, res.stdout[-4000:]
