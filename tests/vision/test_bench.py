@@ -33,7 +33,7 @@ def test_config_precedence(tmp_path):
 
 @pytest.mark.parametrize("section, field", [
     ({"n_obs": 0}, "vision.n_obs"),
-    ({"tasks": ["superres"]}, "vision.tasks"),
+    ({"tasks": ["superres"]}, "vision.tasks[0]"),
     ({"rtb_batch": 10, "rtb_group": 4}, "vision.rtb_group"),
     ({"sigma_y": -1.0}, "vision.sigma_y"),
     ({"unknown_key": 1}, "vision.unknown_key"),
