@@ -12,6 +12,8 @@ import dataclasses
 import json
 import logging
 
+from pipeline.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -28,7 +30,6 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import torch
 
-    from pipeline.errors import ConfigError
     from pipeline.diffusion.network_prior import load_prior
     from pipeline.lensing.config import load_lensing_config
     from pipeline.lensing.finetune import resolve_noise_sigma

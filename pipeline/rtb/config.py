@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from pipeline.errors import ConfigError
 
@@ -87,8 +87,6 @@ class RTBConfig:
     def hash_fields(self) -> dict:
         """Fields that define the model and objective (a resume must match them; ``steps``,
         logging and checkpoint cadence and the device may change)."""
-        from dataclasses import asdict
-
         d = asdict(self)
         for k in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_samples", "device"):
             d.pop(k)

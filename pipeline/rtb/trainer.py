@@ -52,6 +52,7 @@ from pipeline.rtb.objective import (RTBBatch, deltas_scalar, deltas_vargrad, eva
                                     loss_value, policy_rollout, prior_rollout, two_pass_backward)
 from pipeline.rtb.trainer_guards import TrainerCheckpoints, TrainerGuards
 from pipeline.runtime import tqdm_disable
+from pipeline.samplers.guidance import dps_guidance
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,6 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
 
     def _make_dps_behaviour(self):
         """DPS guidance through the frozen prior as an exploration-only mean offset."""
-        from pipeline.samplers.guidance import dps_guidance
-
         post = self.post
 
         def behaviour(x, k, eps_p, y, problem):
