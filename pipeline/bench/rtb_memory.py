@@ -101,8 +101,8 @@ def worker(method: str, K: int, batch: int, chunk: int, preset: str, image_size:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     # reset the high-water mark first, then read the baseline: the peak window then starts no later than
-    # the baseline, so peak >= baseline (read the other way round, memory freed in between made a tiny
-    # step's increase come out negative, -0.18 MiB in CI)
+    # the baseline, so peak >= baseline (read the other way round, memory freed in between can make a
+    # tiny step's increase negative)
     reset_ok = _reset_peak()
     base_rss = _rss_kib("VmRSS")
     t0 = time.perf_counter()
