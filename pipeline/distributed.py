@@ -12,6 +12,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 def env_world_size() -> int:
@@ -58,8 +59,6 @@ def wrap(module: torch.nn.Module) -> torch.nn.Module:
     """DDP-wrap a module with trainable parameters when distributed (else return it unchanged)."""
     if not is_distributed() or not any(p.requires_grad for p in module.parameters()):
         return module
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     dev = next(module.parameters()).device
     return DDP(module, device_ids=[dev.index] if dev.type == "cuda" else None)
 

@@ -22,20 +22,17 @@ from pipeline.rtb.sampler import RTBSampler
 from pipeline.rtb.trainer import RTBTrainer
 from pipeline.rtb.tuning import tune_guidance_scale
 
-# Trajectories behind the log Z_IW that decides divergence (|log Z_IW - log Z_ref| > 1 nat). At 2,000
-# (the samples behind the distances) the estimate of ONE trained 80-D posterior scattered over
-# [-1.3, +1.9] nats around log Z_ref in five independent draws (ESS 1-28): the test then flagged the
-# estimator, not the training. At 20,000 the same posteriors' draws stayed within [-0.9, +0.1] (and a
-# posterior that missed modes stayed off: -1.55 / -0.96 / -0.58 at 20,000, -2.23 at 100,000).
+# Trajectories behind the log Z_IW that decides divergence (|log Z_IW - log Z_ref| > 1 nat): from the 2,000
+# samples behind the distances an 80-D estimate scatters by more than that tolerance, so the test would
+# judge the estimator instead of the training (experiments page, "Why 20,000 trajectories").
 N_LOGZ = 20_000
 
 
 def default_rtb_steps(d_x: int, quick: bool) -> int:
     """Training steps of single-observation RTB: 300 (quick) / 400 on the 2-D case, 500 above it.
 
-    Sized so the full benchmark (7 cases x 10 seeds x 4 RTB variants) fits in ~1.5 h on 2 cores;
-    1,000 steps in 80-D made plain RTB worse (excess sw 2.06 -> 2.44 on 80d_y2, 1.09 -> 2.00 on 80d_y4)
-    with more loss-spike rollbacks."""
+    Sized so the full benchmark (7 cases x 10 seeds x 4 RTB variants) fits in ~1.5 h on 2 cores; more
+    steps did not make plain RTB better in 80-D (experiments page, "Exact-posterior benchmark")."""
     return (300 if quick else 400) if d_x == 2 else 500
 
 
@@ -62,18 +59,17 @@ def rtb_config(case: GMMCase, quick: bool, amortized: bool, seed: int, guided: b
         steps = base
     hidden = default_rtb_hidden(quick) if hidden is None else hidden
     batch = 256 if case.d_x == 2 else 128  # higher dimension: smaller batches keep 70 RTB runs within budget
-    # Prior rollouts are what finds the modes: with replay-only exploration the 80-D posteriors collapsed
-    # onto wrong modes (mode TV ~0.98, 80d_y2 / 80d_y4 seed 0).
+    # prior rollouts are what finds the modes (with replay-only exploration 80-D posteriors settle on wrong ones)
     explore = dict(prior_rate=0.05, tempered_rate=0.1)
     # Above 2-D the policy (q = p at the start) locks onto the first modes its samples find; a reward
-    # temperature ramp beta 0.1 -> 1 over the first half keeps it broad while it explores (80d_y4 seed 2:
-    # excess sw 5.45 -> 0.71). Outputs and log Z always use beta = 1.
+    # temperature ramp beta 0.1 -> 1 over the first half keeps it broad while it explores. Outputs and
+    # log Z always use beta = 1.
     ramp = dict(beta_start=0.1, beta_ramp_steps=steps // 2) if case.d_x > 2 else {}
-    # lr 3e-3 made 80d_y2 seed 0 blow up around step 50 (loss x1e4, 3 rollbacks): 1e-3 in 80-D; the
-    # amortized and guided 80-D variants, which train longer, at 5e-4 (0 of 30 / 40 seeds > 1 nat off).
+    # lr 3e-3 makes 80-D training blow up (loss spikes past the rollbacks): 1e-3 there, and 5e-4 for the
+    # amortized and guided 80-D variants, which train longer
     lr = 3e-3 if case.d_x < 80 else (5e-4 if amortized or guided else 1e-3)
     # The guided 80-D variants start from a weaker guidance, gain e^-1 of the tuned scale on every step
-    # (training raises it where it pays): at gain 1 training never left the modes DPS picks.
+    # (training raises it where it pays): from gain 1 training can stay on the modes DPS picks.
     gain0 = math.exp(-1.0) if guided and case.d_x >= 80 else 1.0
     return RTBConfig(
         policy=PolicyConfig(head_hidden=hidden, head_layers=3, in_scale=8.0, guidance_gain_init=gain0),

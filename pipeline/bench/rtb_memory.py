@@ -26,6 +26,17 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from pipeline.diffusion.network_prior import NetworkPrior
+from pipeline.diffusion.schedule import NoiseSchedule
+from pipeline.diffusion.unet import build_unet, count_parameters
+from pipeline.io.atomic import write_json
+from pipeline.problems import InverseProblem
+from pipeline.rtb.objective import deltas_scalar, naive_loss, policy_rollout, two_pass_backward
+from pipeline.rtb.posterior import EpsNetModel, RTBPosterior, copy_network
+from pipeline.runtime import choose_device, configure_threads
+
 
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as fh:
@@ -46,10 +57,6 @@ def _reset_peak() -> bool:
 
 def _inpaint_problem(image_size: int):
     """y = mask * x + noise (sigma 0.1) on a fixed random half of the pixels: a cheap linear likelihood."""
-    import torch
-
-    from pipeline.problems import InverseProblem
-
     class Inpaint(InverseProblem):
         def __init__(self):
             g = torch.Generator().manual_seed(1)
@@ -66,8 +73,6 @@ def _inpaint_problem(image_size: int):
 def _peak_fields(cuda: bool, base, reset_ok: bool) -> dict:
     """Peak memory above the baseline in MiB (``base``: allocated bytes on CUDA, else resident KiB)."""
     if cuda:
-        import torch
-
         return {"peak_mib": (torch.cuda.max_memory_allocated() - base) / 2 ** 20,
                 "memory": "cuda max_memory_allocated - baseline"}
     peak = _rss_kib("VmHWM") if reset_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -78,15 +83,6 @@ def _peak_fields(cuda: bool, base, reset_ok: bool) -> dict:
 
 def worker(method: str, K: int, batch: int, chunk: int, preset: str, image_size: int, seed: int = 0) -> dict:
     """One RTB step in this process; returns the measurement record."""
-    import torch
-
-    from pipeline.diffusion.network_prior import NetworkPrior
-    from pipeline.diffusion.schedule import NoiseSchedule
-    from pipeline.diffusion.unet import build_unet, count_parameters
-    from pipeline.rtb.objective import deltas_scalar, naive_loss, policy_rollout, two_pass_backward
-    from pipeline.rtb.posterior import EpsNetModel, RTBPosterior, copy_network
-    from pipeline.runtime import choose_device, configure_threads
-
     configure_threads()
     device = choose_device("auto")
     torch.manual_seed(seed)
@@ -105,8 +101,8 @@ def worker(method: str, K: int, batch: int, chunk: int, preset: str, image_size:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     # reset the high-water mark first, then read the baseline: the peak window then starts no later than
-    # the baseline, so peak >= baseline (read the other way round, memory freed in between made a tiny
-    # step's increase come out negative, -0.18 MiB in CI)
+    # the baseline, so peak >= baseline (read the other way round, memory freed in between can make a
+    # tiny step's increase negative)
     reset_ok = _reset_peak()
     base_rss = _rss_kib("VmRSS")
     t0 = time.perf_counter()
@@ -195,8 +191,6 @@ def run_memory_benchmark(out_dir, *, Ks=(20, 50, 100, 200), batch: int = 16, chu
     res = {"benchmark": "rtb_memory", "batch": batch, "chunk": chunk, "preset": preset, "image_size": image_size,
            "posterior": "full network copy (replace mode)", "memory_limit_gb": memory_limit_gb,
            "runs": runs, "checks": _checks(runs, Ks), "wall_seconds": time.perf_counter() - t0}
-    from pipeline.io.atomic import write_json
-
     write_json(out_dir / "rtb_memory.json", res, indent=1)
     return res
 
@@ -213,9 +207,8 @@ def _main(argv=None) -> int:
     p.add_argument("--memory-limit-gb", type=float, default=None)
     a = p.parse_args(argv)
     if a.memory_limit_gb:
-        # cap the address space above what the process already maps, so an exceeded cap reads as OOM
-        import torch  # noqa: F401 - map torch's libraries first
-
+        # cap the address space above what the process already maps (torch and the package, imported at
+        # module top), so an exceeded cap reads as OOM
         with open("/proc/self/status") as fh:
             vm = next(int(line.split()[1]) for line in fh if line.startswith("VmSize:"))
         lim = int(vm * 1024 + a.memory_limit_gb * 2 ** 30)

@@ -16,7 +16,11 @@ import shlex
 import sys
 from pathlib import Path
 
+from pipeline.bench.gmm import run_benchmark
+from pipeline.bench.gmm_summary import table
+from pipeline.bench.rtb_memory import run_memory_benchmark
 from pipeline.commands import int_at_least
+from pipeline.io.atomic import write_text
 from pipeline.runtime import configure_threads
 
 log = logging.getLogger(__name__)
@@ -67,10 +71,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_gmm(args) -> int:
-    from pipeline.bench.gmm import run_benchmark
-    from pipeline.bench.gmm_summary import table
-    from pipeline.io.atomic import write_text
-
     seeds = None if args.seeds is None else list(range(args.seeds))
     cmd = "python -m pipeline " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     res = run_benchmark(args.out, quick=args.quick, seeds=seeds, cases=args.cases, methods=args.methods, K=args.K,
@@ -85,8 +85,6 @@ def _run_gmm(args) -> int:
 
 
 def _run_memory(args) -> int:
-    from pipeline.bench.rtb_memory import run_memory_benchmark
-
     res = run_memory_benchmark(args.out, Ks=args.K, batch=args.batch, chunk=args.chunk, preset=args.preset,
                                image_size=args.image_size, timeout=args.timeout,
                                memory_limit_gb=args.memory_limit_gb)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 
+from pipeline.errors import PipelineError
+
 log = logging.getLogger(__name__)
 
 
@@ -35,12 +37,10 @@ def run(args) -> int:
     from pipeline import distributed
     from pipeline.config import read_device
     from pipeline.diffusion.network_prior import load_prior
-    from pipeline.lensing.finetune import finetune
+    from pipeline.lensing.finetune import finetune, tune_rtb_guidance
     from pipeline.runtime import choose_device, configure_threads
 
     if not args.tune_guidance and (args.run_dir is None or args.out is None):
-        from pipeline.errors import PipelineError
-
         raise PipelineError("finetune-posterior needs --run-dir and --out (unless --tune-guidance)")
     configure_threads()
     device = choose_device(read_device(args.config))
@@ -48,8 +48,6 @@ def run(args) -> int:
     device = distributed.local_device(device)
     prior = load_prior(args.prior, device=device)
     if args.tune_guidance:
-        from pipeline.lensing.finetune import tune_rtb_guidance
-
         print(json.dumps(tune_rtb_guidance(args.config, prior, sources_path=args.sources)))
         return 0
     try:

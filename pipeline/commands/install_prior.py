@@ -14,6 +14,8 @@ import json
 import shutil
 from pathlib import Path
 
+from pipeline.errors import ConfigError, InputFileError
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="DIR", help="shipped prior checkpoint directory")
@@ -24,7 +26,6 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from pipeline.config import load_section
     from pipeline.diffusion.train import PriorConfig
-    from pipeline.errors import ConfigError, InputFileError
     from pipeline.io.atomic import atomic_directory, write_text
     from pipeline.diffusion.network_prior import load_prior
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 
+from pipeline.errors import ConfigError
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, metavar="FILE", help="pipeline YAML config")
@@ -29,7 +31,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from pipeline.errors import ConfigError
     from pipeline.io.atomic import atomic_directory
     from pipeline.lensing.sample import sample_observations
     from pipeline.lensing.tuning import read_tuning_record

@@ -20,6 +20,7 @@ import logging
 import time
 
 from pipeline.config import config_hash
+from pipeline.errors import ConfigError, InputFileError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from pipeline.errors import ConfigError
     from pipeline.lensing.config import load_lensing_config
     from pipeline.lensing.heldout import heldout_kind_summary, simulate_heldout_set
     from pipeline.lensing.simulate import peak_snr_stats, typical_noise_sigma
@@ -53,23 +53,15 @@ def run(args) -> int:
     sources, sh = read_sources(args.sources, args.split)
     g = cfg.geometry
     if len(sources) == 0:
-        from pipeline.errors import InputFileError
-
         raise InputFileError(args.sources, "the split holds no sources", field=args.split)
     if sources.shape[1:] != (g.source_npix, g.source_npix):
-        from pipeline.errors import InputFileError
-
         raise InputFileError(args.sources, f"sources are {sources.shape[1:]}, config source grid is "
                              f"({g.source_npix}, {g.source_npix})", field=args.split)
     if abs(float(sh.get("PIXSCALE", g.source_pixscale)) / g.source_pixscale - 1) > 1e-6:
-        from pipeline.errors import InputFileError
-
         raise InputFileError(args.sources, f"PIXSCALE {sh['PIXSCALE']} != lensing.geometry.source_pixscale "
                              f"{g.source_pixscale}", field=f"{args.split}.PIXSCALE")
     records = read_source_records(args.sources, args.split)
     if len(records) != len(sources):
-        from pipeline.errors import InputFileError
-
         raise InputFileError(args.sources, f"KINDS lists {len(records)} {args.split} sources, the HDU holds "
                              f"{len(sources)}", field="KINDS")
     t0 = time.perf_counter()

@@ -12,6 +12,8 @@ import dataclasses
 import json
 import logging
 
+from pipeline.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 

@@ -13,6 +13,7 @@ import time
 
 from pipeline.commands import int_at_least
 from pipeline.config import config_hash
+from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,6 @@ def run(args) -> int:
     result = build_sources(cfg.sources, g.source_npix, g.source_pixscale, workers=args.workers)
     n_total = sum(len(a) for a in result["splits"].values())
     if n_total == 0:
-        from pipeline.errors import ConfigError
-
         raise ConfigError(args.config, "lensing.sources", "no sources configured (n_galsim, n_hst, user_cube)")
     h = config_hash({"sources": cfg.sources, "npix": g.source_npix, "pixscale": g.source_pixscale})
     write_sources(args.out, result, cfg.sources, g.source_npix, g.source_pixscale, h)

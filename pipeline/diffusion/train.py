@@ -32,6 +32,7 @@ from pipeline.diffusion.schedule import NoiseSchedule
 from pipeline.diffusion.unet import PRESETS, UNet, build_unet, count_parameters
 from pipeline.errors import ConfigError, InputFileError
 from pipeline.diffusion.network_prior import export_prior, prior_hparams
+from pipeline.io.atomic import write_text
 from pipeline.io.checkpoint import has_checkpoints, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from pipeline.io.fits import read_image_hdu
 from pipeline.runtime import choose_device, tqdm_disable
@@ -181,8 +182,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except ValueError:
             continue  # a line cut by a kill
-    from pipeline.io.atomic import write_text
-
     write_text(path, "".join(line + "\n" for line in keep))
 
 
@@ -329,8 +328,6 @@ def train_prior(cfg: PriorConfig, data_path, run_dir, *, steps: int | None = Non
         export_prior(run_dir / "final", ema.state_dict(), {**hparams, "step": step})
         marker = {"step": step, "target_steps": target, "config_hash": chash, "final_loss": last_loss,
                   "n_params": n_params}
-        from pipeline.io.atomic import write_text
-
         write_text(done_path, json.dumps(marker, indent=2) + "\n")
     sps = (step - start_step) / wall if wall > 0 else float("nan")
     return TrainResult(run_dir=run_dir, step=step, target_steps=target, completed=completed, final_loss=last_loss,

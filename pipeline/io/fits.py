@@ -13,6 +13,7 @@ import numpy as np
 from astropy.io import fits
 
 from pipeline.errors import InputFileError
+from pipeline.io.atomic import atomic_file
 
 
 def _open(path):
@@ -80,8 +81,6 @@ def write_fits_atomic(path, hdul: fits.HDUList | list) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not isinstance(hdul, fits.HDUList):
         hdul = fits.HDUList(list(hdul))
-    from pipeline.io.atomic import atomic_file
-
     with atomic_file(path) as tmp:
         hdul.writeto(tmp, overwrite=True, checksum=True)
     return path

@@ -29,6 +29,7 @@ import numpy as np
 from astropy.io import fits
 
 from pipeline.errors import InputFileError
+from pipeline.io.atomic import atomic_file
 
 SOURCE_HDUS = ("SAMPLES", "MEAN", "STD", "TRUTH", "PARTICLES")
 _PROV_KEYS = {"version": "PIPEVER", "seed": "SEED", "config_hash": "CFGHASH"}
@@ -206,8 +207,6 @@ def write_posterior(path, samples, *, mean=None, std=None, truth=None, obs=None,
         hdus.append(fits.ImageHDU(data=w.astype(np.float64), name="WEIGHTS"))
     if chi2_arr is not None:
         hdus.append(fits.ImageHDU(data=chi2_arr, name="CHI2"))
-
-    from pipeline.io.atomic import atomic_file
 
     with atomic_file(path) as tmp:
         fits.HDUList(hdus).writeto(tmp, overwrite=True, checksum=True)

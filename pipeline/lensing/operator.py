@@ -27,7 +27,10 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import scipy.sparse as sp
 import torch
+from scipy import ndimage
+from scipy.signal import convolve2d
 
 from pipeline.problems import LinearInverseProblem
 
@@ -93,8 +96,6 @@ def resample_psf(psf: np.ndarray, from_scale: float, to_scale: float, npix: int 
     and renormalised to sum 1. When the scales agree the PSF is returned (normalised) unchanged.
     The PSF should be Nyquist-sampled at ``from_scale`` for this to be accurate.
     """
-    from scipy import ndimage
-
     psf = np.asarray(psf, dtype=np.float64)
     if psf.ndim != 2 or psf.shape[0] % 2 == 0 or psf.shape[1] % 2 == 0:
         raise ValueError(f"PSF must be 2-D with odd sizes, got {psf.shape}")
@@ -191,8 +192,6 @@ def assemble_matrix(lens: LensParams, image_shape: tuple[int, int], image_pixsca
     beyond) at the ray-traced positions of the PSF-padded supersampled grid (traced by caustics in
     float64), Conv is the true convolution with the normalised PSF (caustics' conv2d/fft modes) and Pool
     the ss x ss average. Matches caustics to ~1e-7 relative (tested) at a cost of milliseconds."""
-    import scipy.sparse as sp
-
     ny, nx = image_shape
     ss = int(supersample)
     k = np.ones((1, 1)) if psf is None else np.asarray(psf, np.float64)
@@ -227,8 +226,6 @@ def assemble_matrix(lens: LensParams, image_shape: tuple[int, int], image_pixsca
     # --- K = Pool . Crop . Conv. Image pixel (i, j) averages sub-pixels (hy + i ss + a, hx + j ss + b) of the
     # convolved grid; conv[p] = sum_q psf[h + q] mu[p - q]. Together: image(i, j) = sum_t Kc[t] mu[i ss + t]
     # with the combined kernel Kc = box(ss)/ss^2 (*) psf reversed (full convolution, size ss + 2h).
-    from scipy.signal import convolve2d
-
     Kc = convolve2d(np.full((ss, ss), 1.0 / (ss * ss)), k[::-1, ::-1], mode="full")
     ty, tx = np.nonzero(Kc)
     kw = Kc[ty, tx]

@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 from scipy import ndimage as ndi
+from skimage.data import hubble_deep_field
 
 from pipeline.errors import InputFileError
 from pipeline.lensing.config import HSTConfig
@@ -32,9 +33,7 @@ HDF_PER_SOURCE_PIXEL = 2.0   # held-out HDF objects: HDF pixels per source pixel
 
 def _hdf_image() -> tuple[np.ndarray, np.ndarray]:
     """The deep field's grey image (RGB mean) and RGB maximum, (ny, nx) float64 [JPEG levels 0..255]."""
-    from skimage import data  # heavy: only the hst kind needs it
-
-    rgb = data.hubble_deep_field().astype(np.float64)
+    rgb = hubble_deep_field().astype(np.float64)
     return rgb.mean(-1), rgb.max(-1)
 
 

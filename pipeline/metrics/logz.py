@@ -9,8 +9,8 @@ normalised. Then
 * Kish effective sample size ``(sum w)^2 / sum w^2``.
 
 Z depends on the observation y, so every estimator here takes the samples of ONE observation, or
-an explicit group index (one group per observation); nothing is ever pooled across groups
-(the reference code's bug 8). All sums are float64.
+an explicit group index (one group per observation); nothing is ever pooled across groups.
+All sums are float64.
 """
 
 from __future__ import annotations

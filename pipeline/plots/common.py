@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from astropy.visualization import AsinhStretch, ImageNormalize, ManualInterval  # noqa: E402
 
+from pipeline.io.atomic import atomic_file
+
 
 def extent(shape, pixscale: float):
     """imshow extent in arcsec with the origin at the array centre (+x along columns)."""
@@ -31,8 +33,6 @@ def asinh_norm(*images, a: float = 0.1, percent: float = 99.5) -> ImageNormalize
 
 def save_figure(fig, path, dpi: int = 110, **savefig_kw) -> Path:
     """Write ``fig`` to ``path`` atomically (see :mod:`pipeline.io.atomic`) and close it."""
-    from pipeline.io.atomic import atomic_file
-
     path = Path(path)
     try:
         with atomic_file(path) as tmp:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.io.posterior import read_posterior
+from pipeline.metrics.chi2 import forward_view, normalised_residual
 from pipeline.plots.common import asinh_norm, extent, plt, save_figure
 
 
@@ -68,12 +70,8 @@ def plot_posterior_file(posterior_path, out_path, *, problem=None, y=None, resid
     The residual panel (y - A(mean)) / sigma needs the forward model: pass ``problem`` and ``y``
     (e.g. from ``load_observation``; the file's XUNITS picks ``physical_forward`` or ``forward``),
     or a precomputed image-plane ``residual``; without either the panel is left out."""
-    from pipeline.io.posterior import read_posterior
-
     d = read_posterior(posterior_path)
     if residual is None and problem is not None and y is not None:
-        from pipeline.metrics.chi2 import forward_view, normalised_residual
-
         residual = normalised_residual(forward_view(problem, d["units"]), d["mean"], y)
     pix = obs_pixscale if obs_pixscale is not None else d["obs_pixscale"]
     name = d["obs_file"] or str(posterior_path)

@@ -6,13 +6,13 @@ For a trajectory tau = (x_K -> ... -> x_1), sample x0 = f(x_1):
     loss       = mean_b 1/2 delta_b^2        (optionally with a dead-zone: 1/2 relu(delta^2 - c))
 
 The start terms log N(x_K; 0, I) of q and p cancel. States are always detached: only log q_phi of
-fixed transitions is differentiated (reference bug 4).
+fixed transitions is differentiated.
 
 Two-pass gradient (memory independent of K): pass 1 computes delta per trajectory without grad;
 pass 2 recomputes each step's log q_phi with grad, a chunk of steps at a time, and backprops
 ``(delta_b / B) * log q_phi(step)``. log Z's gradient ``mean_b delta_b`` is added once, after the
-chunk loop (the reference code added it once per chunk, bug 6). ``sync_context(is_last)`` lets a DDP
-wrapper skip the all-reduce for every chunk but the last.
+chunk loop (not once per chunk). ``sync_context(is_last)`` lets a DDP wrapper skip the all-reduce
+for every chunk but the last.
 """
 
 from __future__ import annotations

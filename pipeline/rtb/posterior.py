@@ -39,6 +39,9 @@ import torch
 from torch import nn
 
 from pipeline.diffusion.schedule import Chain, gaussian_log_prob
+from pipeline.diffusion.unet import build_unet
+from pipeline.rtb.lora import apply_lora
+from pipeline.samplers.guidance import frozen_guidance_shift
 
 FEATURES = ("x0hat", "grad")
 VAR_BOUND = 4.0  # bound of the learned log-variance offset
@@ -97,8 +100,6 @@ class UNetCorrection(nn.Module):
     def __init__(self, channels: int, feat_channels: int = 0, cond_channels: int = 0, preset: str = "tiny",
                  out_mult: int = 1, **overrides):
         super().__init__()
-        from pipeline.diffusion.unet import build_unet
-
         self.feat_channels, self.cond_channels = feat_channels, cond_channels
         extra = feat_channels + cond_channels
         self.net = build_unet(preset, in_channels=channels, out_channels=channels * out_mult, cond_channels=extra,
@@ -282,8 +283,6 @@ def make_frozen_guidance(method: str, chain: Chain, scale: float):
     """Guidance hook ``(x, k, eps_prior, y, problem) -> mean offset`` from the frozen prior's detached
     x0_hat (``pipeline.samplers.guidance.frozen_guidance_shift``; no backprop through any network);
     the problem is the caller's, per call."""
-    from pipeline.samplers.guidance import frozen_guidance_shift
-
     def guide(x, k, eps_p, y, problem):
         return frozen_guidance_shift(method, chain, problem, y, x, eps_p, k, scale)
 
@@ -335,8 +334,6 @@ def build_model(spec: dict, prior=None) -> nn.Module:
             raise ValueError("parameterisation 'full' needs a network prior (with .net) to copy")
         net = copy_network(prior.net)
         if kw.get("lora_rank", 0):
-            from pipeline.rtb.lora import apply_lora
-
             net = apply_lora(net, int(kw["lora_rank"]), kw.get("lora_alpha"))
         return EpsNetModel(net)
     raise ValueError(f"unknown posterior model type {kind!r}")

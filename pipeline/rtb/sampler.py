@@ -20,6 +20,7 @@ import torch
 from pipeline.diffusion.schedule import gaussian_log_prob
 from pipeline.metrics.logz import estimate_logz
 from pipeline.rtb.objective import policy_rollout
+from pipeline.rtb.twisted_step import GaussNewtonLastStep
 from pipeline.samplers.base import Sampler, Samples
 from pipeline.samplers.registry import RTB_METHODS
 # Gauss-Newton iterations of the twisted last step: the second linearisation, at the first one's mean,
@@ -109,8 +110,6 @@ class RTBSampler(Sampler):
     def _last_step(self, problem, y):
         if self.last_step == "policy":
             return None
-        from pipeline.rtb.twisted_step import GaussNewtonLastStep
-
         return GaussNewtonLastStep(self.post.prior, self.post.chain, problem, y, iterations=GN_ITERATIONS)
 
     def _nfe(self) -> int:

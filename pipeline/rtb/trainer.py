@@ -17,11 +17,11 @@ One iteration:
    judged like any other). Ending with |log Z_IW - log Z_ref| > ``diverged_logz_tol`` when a reference
    is given also marks it diverged.
 
-Why VarGrad for the amortized posterior: Z depends on y, so a shared scalar is wrong (reference bug
-6); a network log Z_psi(y) adds a second regression problem whose error enters every delta, while
-the VarGrad estimate (mean over trajectories of one y of beta log r - sum(log q - log p)) is the
-loss-minimising log Z for that group, needs no parameters, and is exact in the limit of a perfect
-posterior. Each batch therefore holds ``batch_size / group_size`` observations with ``group_size``
+Why VarGrad for the amortized posterior: Z depends on y, so a shared scalar is wrong; a network
+log Z_psi(y) adds a second regression problem whose error enters every delta, while the VarGrad
+estimate (mean over trajectories of one y of beta log r - sum(log q - log p)) is the loss-minimising
+log Z for that group, needs no parameters, and is exact in the limit of a perfect posterior. Each
+batch therefore holds ``batch_size / group_size`` observations with ``group_size``
 trajectories each. The per-y evidence is then reported by the IW/ELBO estimators.
 
 The guards and the checkpoint I/O live in :mod:`pipeline.rtb.trainer_guards`. Checkpoints
@@ -52,6 +52,7 @@ from pipeline.rtb.objective import (RTBBatch, deltas_scalar, deltas_vargrad, eva
                                     loss_value, policy_rollout, prior_rollout, two_pass_backward)
 from pipeline.rtb.trainer_guards import TrainerCheckpoints, TrainerGuards
 from pipeline.runtime import tqdm_disable
+from pipeline.samplers.guidance import dps_guidance
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +130,6 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
 
     def _make_dps_behaviour(self):
         """DPS guidance through the frozen prior as an exploration-only mean offset."""
-        from pipeline.samplers.guidance import dps_guidance
-
         post = self.post
 
         def behaviour(x, k, eps_p, y, problem):

@@ -16,6 +16,7 @@ What a method returns instead of (or beside) its samples is declared in ``logz``
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from dataclasses import dataclass
 
@@ -47,8 +48,6 @@ class MethodSpec:
     logz: str = "trajectory"
 
     def sampler_class(self):
-        import importlib
-
         return getattr(importlib.import_module(self.module), self.cls)
 
     def options(self) -> set[str]:

