@@ -32,7 +32,6 @@ def run(args) -> int:
 
     from pipeline.config import read_device
     from pipeline.diffusion.chain_config import load_chain
-    from pipeline.errors import ConfigError
     from pipeline.diffusion.network_prior import load_prior
     from pipeline.lensing.config import load_lensing_config
     from pipeline.lensing.finetune import resolve_noise_sigma
