@@ -143,8 +143,11 @@ def unknown_field(source, prefix: str, key, names) -> ConfigError:
     return ConfigError(source, dotted, f"unknown field ({hint})")
 
 
-def from_mapping(cls: type[T], data: dict | None, source="<config>", prefix: str = "") -> T:
-    """Build dataclass ``cls`` from ``data`` (missing keys take defaults), validating every field."""
+def from_mapping(cls: type[T], data: dict | None, source="<config>", prefix: str = "", base=None) -> T:
+    """Build dataclass ``cls`` from ``data``, validating every field. Missing keys take the values of
+    ``base`` (an instance of ``cls``) when given, else the class defaults; a nested section given as a
+    mapping is built on top of its field's default, so a section nested with other defaults than its
+    class's (``param(factory=...)``) keeps them for the keys it does not set."""
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -155,9 +158,16 @@ def from_mapping(cls: type[T], data: dict | None, source="<config>", prefix: str
     for f in dataclasses.fields(cls):
         name = prefix + f.name
         if f.name in data:
-            value = _convert(data[f.name], hints[f.name], source, name)
+            value, typ = data[f.name], hints[f.name]
+            if dataclasses.is_dataclass(typ) and isinstance(value, dict):
+                inner = getattr(base, f.name) if base is not None else _field_default(f)
+                value = from_mapping(typ, value, source, prefix=name + ".", base=inner)
+            else:
+                value = _convert(value, typ, source, name)
             _check_range(value, f.metadata, source, name)
             kwargs[f.name] = value
+        elif base is not None:
+            kwargs[f.name] = copy.deepcopy(getattr(base, f.name))
     try:
         obj = cls(**kwargs)
     except TypeError as exc:
@@ -166,6 +176,13 @@ def from_mapping(cls: type[T], data: dict | None, source="<config>", prefix: str
     if callable(check):
         check(source, prefix)
     return obj
+
+
+def _field_default(f: dataclasses.Field):
+    """The default value of field ``f`` (a fresh instance for a default factory), or None without one."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def load_section(path, section: str, cls: type[T], required: bool = False) -> T:

@@ -32,7 +32,8 @@ ALL_FIELDS = list(walk(PipelineConfig, ""))
 def test_walk_reaches_the_nested_sections():
     names = {name for name, _ in ALL_FIELDS}
     assert {"lensing.geometry.psf_fwhm", "lensing.sources.galsim.n_knots", "lensing.sources.hst.zoom",
-            "lensing.noise.sigma", "posterior.fps_smc_mode", "calibration.n_obs", "vision.rtb_head"} <= names
+            "lensing.noise.sigma", "posterior.fps_smc_mode", "calibration.n_obs",
+            "vision.rtb.policy.head_preset"} <= names
     assert len(ALL_FIELDS) > 100
 
 
@@ -59,7 +60,7 @@ def test_every_field_has_a_doc_and_a_unit_entry(name, f):
     ("lensing.noise.exposure_time", "s"),
     ("lensing.brightness.scale", "electron/(s arcsec2)"),
     ("lensing.lens.q", None),
-    ("vision.K", "steps"),
+    ("vision.chain.K", "steps"),
 ])
 def test_physical_fields_state_their_unit(name, unit):
     assert dict(ALL_FIELDS)[name].metadata["unit"] == unit

@@ -45,10 +45,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import config_hash, from_mapping, load_yaml
+from pipeline.config import DEVICES, config_hash, from_mapping, load_yaml, read_device
 from pipeline.errors import ConfigError
 from pipeline.io.atomic import write_text
-from pipeline.runtime import choose_device, configure_threads
+from pipeline.runtime import configure_threads
 from pipeline.vision.config import QUICK, VisionConfig, method_applies
 from pipeline.vision.methods import RTBMethod, build_sampler, score_observation, tune_dps_scale, tune_rtb_dps_scale
 from pipeline.vision.outputs import aggregate, claim_check, render_markdown, task_figure
@@ -74,34 +74,53 @@ def add_arguments(parser) -> None:
     parser.add_argument("--cifar10-dir", metavar="DIR", help="cifar-10-batches-py directory (else the stand-in)")
     parser.add_argument("--n-obs", type=int, metavar="N", help="override vision.n_obs")
     parser.add_argument("--n-samples", type=int, metavar="N", help="override vision.n_samples")
-    parser.add_argument("--seed", type=int, help="override vision.seed")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override vision.device")
+    parser.add_argument("--seed", type=int, help="override vision.seed and the seeds of every training "
+                        "(vision.prior.seed, vision.latent_prior.seed, vision.rtb.run.seed)")
+    parser.add_argument("--device", choices=list(DEVICES), help="override the config's top-level device")
+
+
+def merged(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` applied key by key, nested mappings merged (neither is modified)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            value = merged(out[key], value)
+        out[key] = value
+    return out
 
 
 def config_from_args(args) -> tuple[VisionConfig, str]:
-    """Config = defaults <- file section <- --quick <- explicit flags (validated together)."""
+    """Config = defaults <- file section <- --quick <- explicit flags (validated together; nested sections
+    merge key by key)."""
     source = args.config or "<defaults>"
     data: dict = {}
     if args.config:
-        raw = load_yaml(args.config).get("vision") or {}
-        if not isinstance(raw, dict):
+        data = load_yaml(args.config).get("vision") or {}
+        if not isinstance(data, dict):
             raise ConfigError(args.config, "vision", "expected a mapping")
-        data.update(raw)
     if getattr(args, "quick", False):
-        data.update(QUICK)
+        data = merged(data, QUICK)
     flags = {"out": args.out, "datasets": args.datasets, "tasks": args.tasks, "methods": args.methods,
              "latent_datasets": args.latent_datasets, "latent_tasks": args.latent_tasks,
              "mnist_dir": args.mnist_dir, "cifar10_dir": args.cifar10_dir, "n_obs": args.n_obs,
-             "n_samples": args.n_samples, "seed": args.seed, "device": args.device}
-    data.update({k: v for k, v in flags.items() if v is not None})
+             "n_samples": args.n_samples, "seed": args.seed}
+    data = merged(data, {k: v for k, v in flags.items() if v is not None})
+    if args.seed is not None:
+        data = merged(data, {"prior": {"seed": args.seed}, "latent_prior": {"seed": args.seed},
+                             "rtb": {"run": {"seed": args.seed}}})
     cfg = from_mapping(VisionConfig, data, source, prefix="vision.")
     return cfg, source
 
 
+def device_from_args(args) -> str:
+    """``--device``, else the config file's top-level ``device``, else auto."""
+    return args.device or (read_device(args.config) if args.config else "auto")
+
+
 def run(args) -> int:
     configure_threads()
-    cfg, source = config_from_args(args)
-    summary = run_bench(cfg)
+    cfg, _ = config_from_args(args)
+    summary = run_bench(cfg, device_from_args(args))
     print(json.dumps({"out": cfg.out, "rows": len(summary["rows"]), "claim": summary["claim"]["summary"]}))
     return 0
 
@@ -155,11 +174,12 @@ def run_observations(cfg: VisionConfig, task: Task, method: str, sample_fn) -> t
     return obs_recs, panel
 
 
-def run_bench(cfg: VisionConfig) -> dict:
-    """Run every dataset x space x task x method of ``cfg``; write the table, JSON and figures."""
+def run_bench(cfg: VisionConfig, device: str = "auto") -> dict:
+    """Run every dataset x space x task x method of ``cfg`` on ``device`` (auto, cpu or cuda); write the
+    table, JSON and figures."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(cfg, out, choose_device(cfg.device))
+    ctx = Context(cfg, out, device)
     combos = [(d, "pixel", t) for d in cfg.datasets for t in cfg.tasks]
     combos += [(d, "latent", t) for d in cfg.latent_datasets for t in cfg.latent_tasks]
     rows, per_obs, figures, tuning = [], [], [], {}

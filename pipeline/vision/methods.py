@@ -17,8 +17,7 @@ import torch
 
 from pipeline.config import config_hash
 from pipeline.metrics.logz import estimate_logz, log_weights
-from pipeline.rtb.config import (ExplorationConfig, ObjectiveConfig, OptimConfig, PolicyConfig, RTBConfig,
-                                 RunConfig)
+from pipeline.rtb.config import RTBConfig
 from pipeline.rtb.posterior import build_posterior, posterior_spec
 from pipeline.rtb.sampler import RTBSampler
 from pipeline.rtb.trainer import RTBTrainer
@@ -73,16 +72,11 @@ def cond_fn_for(task: Task):
 
 
 def rtb_config(cfg: VisionConfig, guidance: str, scale: float, dps_scale: float) -> RTBConfig:
-    """Amortized RTB settings of one task (budgets from ``cfg``; ``guidance`` 'none' or 'dps' at ``scale``)."""
-    return RTBConfig(
-        policy=PolicyConfig(parameterisation="head", head_preset=cfg.rtb_head, features=["x0hat", "grad"],
-                            guidance=guidance, guidance_scale=scale),
-        objective=ObjectiveConfig(amortized=True, logz="vargrad", group_size=cfg.rtb_group),
-        optim=OptimConfig(batch_size=cfg.rtb_batch, lr=cfg.rtb_lr),
-        exploration=ExplorationConfig(replay_rate=cfg.rtb_replay_rate, prior_rate=0.0, tempered_rate=0.1,
-                                      dps_rate=cfg.rtb_dps_rate if guidance == "none" else 0.0, dps_scale=dps_scale),
-        run=RunConfig(steps=cfg.rtb_steps, seed=cfg.seed, log_every=max(1, cfg.rtb_steps // 20),
-                      checkpoint_every=max(1, cfg.rtb_steps), eval_samples=cfg.n_samples))
+    """``cfg.rtb`` for one RTB variant: ``guidance`` 'none' (plain amortized RTB, whose DPS-explored
+    rollouts use ``dps_scale``) or 'dps' (frozen DPS guidance at ``scale`` in the policy; no DPS
+    exploration). Both record ``scale`` as the guidance scale, so their run directories stay apart."""
+    dps_rate = cfg.rtb.exploration.dps_rate if guidance == "none" else 0.0
+    return cfg.rtb.with_fields(guidance=guidance, guidance_scale=scale, dps_rate=dps_rate, dps_scale=dps_scale)
 
 
 def policy_samples(post, problem, cond_fn, y, n, generator, K):
@@ -139,7 +133,7 @@ class RTBMethod:
 
     def budget(self, cfg: VisionConfig) -> str:
         flag = "DIVERGED (rollback limit hit); " if self.summary.get("diverged") else ""
-        return (f"{flag}K={cfg.K}; train {self.summary['steps']} it x {cfg.rtb_batch} traj, "
+        return (f"{flag}K={cfg.chain.K}; train {self.summary['steps']} it x {cfg.rtb.optim.batch_size} traj, "
                 f"{self.summary.get('rollbacks', 0)} rollbacks "
                 f"({self.train_seconds:.0f} s this run), head {self.n_head_params / 1e3:.0f}k params; "
                 f"sample: K prior + K-1 head evals")
@@ -148,18 +142,18 @@ class RTBMethod:
 def build_sampler(method: str, cfg: VisionConfig, task: Task, dps_scale: float):
     """(training-free sampler, budget text) of ``method`` on ``task``."""
     if method == "dps":
-        return make_sampler("dps", task.prior, task.chain, scale=dps_scale), f"K={cfg.K}, scale {dps_scale:g}"
+        return make_sampler("dps", task.prior, task.chain, scale=dps_scale), f"K={cfg.chain.K}, scale {dps_scale:g}"
     if method == "dps_cla":
         return (make_sampler("dps_cla", task.prior, task.chain, scale=cfg.dps_cla_scale),
-                f"K={cfg.K}, scale {cfg.dps_cla_scale:g}")
+                f"K={cfg.chain.K}, scale {cfg.dps_cla_scale:g}")
     if method == "prior_is":
         return (make_sampler("prior_is", task.prior, task.chain, particles=cfg.prior_is_particles),
-                f"K={cfg.K}, {cfg.prior_is_particles} proposals/sample")
+                f"K={cfg.chain.K}, {cfg.prior_is_particles} proposals/sample")
     if method == "fps":
-        return make_sampler("fps", task.prior, task.chain, c_rate=cfg.fps_c_rate), f"K={cfg.K}, 1 particle"
+        return make_sampler("fps", task.prior, task.chain, c_rate=cfg.fps_c_rate), f"K={cfg.chain.K}, 1 particle"
     if method == "fps_smc":
         return (make_sampler("fps_smc", task.prior, task.chain, particles=cfg.fps_smc_particles,
-                             c_rate=cfg.fps_c_rate), f"K={cfg.K}, {cfg.fps_smc_particles} particles/sample")
+                             c_rate=cfg.fps_c_rate), f"K={cfg.chain.K}, {cfg.fps_smc_particles} particles/sample")
     raise ValueError(method)
 
 

@@ -74,7 +74,7 @@ def render_markdown(summary: dict) -> str:
         tag = "**STAND-IN (not CIFAR-10)**: " if d["standin"] else ""
         lines.append(f"- {name}: {tag}{d['name']}, {d['image_shape']}, splits {d['n']}")
     lines += [
-        f"- sigma_y = {cfg['sigma_y']}; K = {cfg['K']} chain steps for every method; {cfg['n_obs']} test "
+        f"- sigma_y = {cfg['sigma_y']}; K = {cfg['chain']['K']} chain steps for every method; {cfg['n_obs']} test "
         f"observations per task, {cfg['n_samples']} samples per observation and method; seed {cfg['seed']}.",
         "- log Z in nats, per observation then averaged over observations: ELBO +- SE (mean of "
         "log r + log p(tau) - log q(tau)) and IW (log-mean-exp). FPS-SMC: not available (SMC normaliser of "

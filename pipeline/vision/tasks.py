@@ -18,7 +18,8 @@ import torch
 
 from pipeline.config import config_hash
 from pipeline.diffusion.network_prior import load_prior
-from pipeline.diffusion.train import PriorConfig, train_prior
+from pipeline.diffusion.train import train_prior
+from pipeline.runtime import choose_device
 from pipeline.vision.autoencoder import encode_images, load_autoencoder, save_autoencoder, train_autoencoder
 from pipeline.vision.clipped_prior import ClippedPrior
 from pipeline.vision.config import VisionConfig
@@ -47,19 +48,13 @@ def recorded_train_seconds(run_dir: Path) -> float | None:
     return None
 
 
-def prior_config(cfg: VisionConfig, *, unet: str, steps: int, augment: str, channel_mults=None) -> PriorConfig:
-    """The diffusion-prior training settings of a pixel or latent prior (budgets from ``cfg``)."""
-    return PriorConfig(unet=unet, channel_mults=channel_mults, steps=steps, batch_size=cfg.prior_batch,
-                       lr=cfg.prior_lr, seed=cfg.seed, augment=augment,
-                       warmup_steps=min(100, max(1, steps // 10)), checkpoint_every=max(100, steps // 4),
-                       log_every=max(10, steps // 20), ema_decay=0.999 if steps >= 2000 else 0.99)
-
-
 class Context:
-    """Trained artefacts per dataset (loaded lazily, cached): dataset, pixel prior, autoencoder, latent prior."""
+    """Trained artefacts per dataset (loaded lazily, cached): dataset, pixel prior, autoencoder, latent prior.
+    ``device``: auto, cpu or cuda (:func:`pipeline.runtime.choose_device`)."""
 
-    def __init__(self, cfg: VisionConfig, out: Path, device):
-        self.cfg, self.out, self.device = cfg, out, device
+    def __init__(self, cfg: VisionConfig, out: Path, device: str = "auto"):
+        self.cfg, self.out, self.device_choice = cfg, out, device
+        self.device = choose_device(device)
         self._ds, self._prior, self._ae, self._lprior = {}, {}, {}, {}
         self.costs: dict[str, dict] = {}
 
@@ -77,11 +72,9 @@ class Context:
     def prior(self, name):
         if name not in self._prior:
             ds, path = self.dataset(name)
-            augment = "none" if name == "mnist" else "flip"  # digits are not mirror-symmetric
-            pcfg = prior_config(self.cfg, unet=self.cfg.prior_unet, steps=self.cfg.prior_steps, augment=augment,
-                                channel_mults=self.cfg.prior_channel_mults)
+            pcfg = self.cfg.pixel_prior(name)
             run_dir = self.out / "priors" / f"{ds.name}-{pcfg.result_hash()}"
-            res = train_prior(pcfg, path, run_dir, device=self.cfg.device)
+            res = train_prior(pcfg, path, run_dir, device=self.device_choice)
             if not res.completed:
                 raise RuntimeError(f"prior training for {name} did not complete ({res.step}/{res.target_steps})")
             self._prior[name] = ClippedPrior(load_prior(run_dir, device=self.device), -1.0, 1.0)
@@ -123,10 +116,9 @@ class Context:
                                     encode_images(ae, ds.test), source=f"latents of {ds.name} by {ae_id}",
                                     standin=ds.standin)
                 write_training_fits(path, lds)
-            pcfg = prior_config(self.cfg, unet=self.cfg.latent_prior_unet, steps=self.cfg.latent_prior_steps,
-                                augment="none")
+            pcfg = self.cfg.latent_prior
             run_dir = self.out / "priors" / f"{ae_id}-latent-{pcfg.result_hash()}"
-            res = train_prior(pcfg, path, run_dir, device=self.cfg.device)
+            res = train_prior(pcfg, path, run_dir, device=self.device_choice)
             if not res.completed:
                 raise RuntimeError(f"latent prior training for {name} did not complete")
             lp = load_prior(run_dir, device=self.device)
@@ -159,7 +151,7 @@ class Task:
         else:
             self.prior = ctx.prior(dataset)
             self.problem = self.image_op
-        self.chain = self.prior.schedule.chain(cfg.K, cfg.variance)
+        self.chain = cfg.chain.build(self.prior.schedule, prefix="vision.chain.")
         # observations: n_obs test images + 1 tuning image; the noise is seeded per observation
         rng = np.random.default_rng(cfg.seed + 7)
         idx = rng.choice(len(ds.test), size=cfg.n_obs + 1, replace=False)

@@ -22,19 +22,27 @@ def _args(*argv):
 
 def test_config_precedence(tmp_path):
     cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text(yaml.safe_dump({"vision": {"n_obs": 7, "K": 30, "tasks": ["phase_retrieval"]}}))
+    cfg_file.write_text(yaml.safe_dump({"vision": {"n_obs": 7, "chain": {"K": 30}, "tasks": ["phase_retrieval"],
+                                                   "prior": {"steps": 5000, "lr": 1e-3}}}))
     cfg, src = bench.config_from_args(_args("--config", str(cfg_file)))
-    assert (cfg.n_obs, cfg.K, cfg.tasks) == (7, 30, ["phase_retrieval"]) and src == str(cfg_file)
-    # --quick overrides the file, explicit flags override --quick
+    assert (cfg.n_obs, cfg.chain.K, cfg.tasks) == (7, 30, ["phase_retrieval"]) and src == str(cfg_file)
+    assert (cfg.prior.steps, cfg.prior.lr) == (5000, 1e-3)
+    # --quick overrides the file key by key (the file's prior.lr stays), explicit flags override --quick
     cfg, _ = bench.config_from_args(_args("--config", str(cfg_file), "--quick", "--n-obs", "3"))
-    assert cfg.K == QUICK["K"] and cfg.n_obs == 3 and cfg.tasks == QUICK["tasks"]
+    assert cfg.chain.K == QUICK["chain"]["K"] and cfg.n_obs == 3 and cfg.tasks == QUICK["tasks"]
+    assert (cfg.prior.steps, cfg.prior.lr) == (300, 1e-3)
     assert VisionConfig().sigma_y == 0.05
 
 
 @pytest.mark.parametrize("section, field", [
     ({"n_obs": 0}, "vision.n_obs"),
     ({"tasks": ["superres"]}, "vision.tasks[0]"),
-    ({"rtb_batch": 10, "rtb_group": 4}, "vision.rtb_group"),
+    ({"rtb": {"optim": {"batch_size": 10}, "objective": {"group_size": 4}}}, "vision.rtb.objective.group_size"),
+    ({"rtb": {"exploration": {"replay_rate": 0.5, "dps_rate": 0.5}}}, "vision.rtb.exploration.replay_rate"),
+    ({"rtb": {"policy": {"guidance": "dps"}}}, "vision.rtb.policy.guidance"),
+    ({"prior_augment": {"mnist": "rotate"}}, "vision.prior_augment.mnist"),
+    ({"chain": {"K": 1}}, "vision.chain.K"),
+    ({"latent_prior": {"data": "x.fits"}}, "vision.latent_prior.data"),
     ({"sigma_y": -1.0}, "vision.sigma_y"),
     ({"unknown_key": 1}, "vision.unknown_key"),
 ])
@@ -86,12 +94,13 @@ def test_claim_check_counts_per_observation():
 @pytest.mark.slow
 def test_end_to_end_tiny(tmp_path):
     cfg_file = tmp_path / "v.yaml"
-    cfg_file.write_text(yaml.safe_dump({"vision": {
+    cfg_file.write_text(yaml.safe_dump({"device": "cpu", "vision": {
         "datasets": ["mnist"], "tasks": ["random_inpaint", "phase_retrieval"], "latent_datasets": ["mnist"],
-        "latent_tasks": ["nonlinear_deblur"], "n_obs": 1, "n_samples": 4, "K": 4, "prior_steps": 8,
-        "latent_prior_steps": 8, "prior_unet": "tiny", "ae_steps": 10, "rtb_steps": 2, "rtb_batch": 4,
-        "rtb_group": 2, "prior_is_particles": 2, "fps_smc_particles": 2, "dps_grid": [0.01],
-        "rtb_dps_grid": [0.001], "figure_samples": 2, "device": "cpu"}}))
+        "latent_tasks": ["nonlinear_deblur"], "n_obs": 1, "n_samples": 4, "chain": {"K": 4},
+        "prior": {"steps": 8}, "latent_prior": {"steps": 8}, "ae_steps": 10,
+        "rtb": {"run": {"steps": 2}, "optim": {"batch_size": 4}, "objective": {"group_size": 2}},
+        "prior_is_particles": 2, "fps_smc_particles": 2, "dps_grid": [0.01], "rtb_dps_grid": [0.001],
+        "figure_samples": 2}}))
     out = tmp_path / "out"
     assert bench.run(_args("--config", str(cfg_file), "--out", str(out))) == 0
     summary = json.loads((out / "table.json").read_text())

@@ -27,12 +27,14 @@ def test_recorded_train_seconds_reads_the_last_record(tmp_path):
 
 def test_smallest_run_scores_every_method_on_pixel_and_latent_tasks(tmp_path):
     cfg_file = tmp_path / "v.yaml"
-    cfg_file.write_text(yaml.safe_dump({"vision": {
+    prior = {"steps": 2, "batch_size": 4}
+    cfg_file.write_text(yaml.safe_dump({"device": "cpu", "vision": {
         "datasets": ["mnist"], "tasks": ["random_inpaint"], "latent_datasets": ["mnist"],
         "latent_tasks": ["random_inpaint"], "methods": ["rtb_amortized", "dps", "fps"], "standin_train": 64,
-        "n_obs": 1, "n_samples": 2, "K": 2, "prior_steps": 2, "latent_prior_steps": 2, "prior_unet": "tiny",
-        "prior_batch": 4, "ae_steps": 2, "ae_base_channels": 4, "rtb_steps": 1, "rtb_batch": 2, "rtb_group": 2,
-        "dps_tune": False, "figure_samples": 1, "device": "cpu"}}))
+        "n_obs": 1, "n_samples": 2, "chain": {"K": 2}, "prior": prior, "latent_prior": prior, "ae_steps": 2,
+        "ae_base_channels": 4, "rtb": {"objective": {"group_size": 2}, "optim": {"batch_size": 2},
+                                       "run": {"steps": 1}},
+        "dps_tune": False, "figure_samples": 1}}))
     out = tmp_path / "out"
     assert bench.run(_args("--config", str(cfg_file), "--out", str(out))) == 0
     rows = json.loads((out / "table.json").read_text())["rows"]
