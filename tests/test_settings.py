@@ -73,6 +73,12 @@ def test_command_refuses_a_misspelt_section_in_one_line(tmp_path, capsys):
     assert err.splitlines() == [f"error: {path}: field 'lensin': unknown field (did you mean 'lensing'?)"]
 
 
+def test_bench_vision_checks_the_whole_file_too(tmp_path, capsys):
+    path = _write(tmp_path, {"lensin": {}, "vision": {"datasets": ["mnist"]}})
+    assert main(["bench", "vision", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "field 'lensin'" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_command_logs_the_sections_taken_from_defaults(tmp_path, caplog):
     path = _write(tmp_path, {"lensing": {"simulate_seed": 3}})
     with caplog.at_level(logging.INFO, logger="pipeline.settings"):

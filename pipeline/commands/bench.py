@@ -22,6 +22,7 @@ from pipeline.bench.rtb_memory import run_memory_benchmark
 from pipeline.commands import int_at_least
 from pipeline.io.atomic import write_text
 from pipeline.runtime import configure_threads
+from pipeline.settings import load_config
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,10 @@ def _run_vision(args) -> int:
     mod = importlib.import_module("pipeline.vision.bench")
     p = argparse.ArgumentParser(prog="python -m pipeline bench vision")
     mod.add_arguments(p)
-    return int(mod.run(p.parse_args(args.rest)) or 0)
+    vargs = p.parse_args(args.rest)
+    if vargs.config:
+        load_config(vargs.config)  # the whole file, as every command checks it: one line per error
+    return int(mod.run(vargs) or 0)
 
 
 def run(args) -> int:
