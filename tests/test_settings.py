@@ -103,6 +103,15 @@ def test_workflow_errors_name_the_source_that_set_the_field(tmp_path):
     assert err.value.source == "--config" and err.value.field == "calibration.n_obs"
 
 
+def test_config_command_checks_files_and_the_committed_copies(tmp_path, capsys):
+    assert main(["config", "check", str(SHIPPED[0])]) == 0
+    assert capsys.readouterr().out.strip() == f"{SHIPPED[0]}: ok"
+    bad = _write(tmp_path, {"rtb": {"optim": {"lr": "fast"}}})
+    assert main(["config", "check", str(bad)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {bad}: field 'rtb.optim.lr': expected float, got str 'fast'"
+    assert main(["config", "schema", "--check"]) == 0
+
+
 def test_committed_schema_and_reference_page_are_current():
     for path, text in generated().items():
         assert path.read_text() == text, f"{path} is stale: run `python -m pipeline config schema --write`"
