@@ -143,17 +143,19 @@ def _check_pixel_area(path, pix: float, sci_h, prim_h) -> None:
                                          f"scale {pix:.6g}\"/pixel ({pix * pix:.6g} arcsec2)", field=f"{name}.{key}")
 
 
-def check_science(path, sci, sigma, used, noise_name: str, max_ratio: float) -> None:
-    """Refuse data that cannot be fitted: SCI without a finite pixel, SCI all zero, and SCI whose
-    robust scatter (1.4826 x median absolute deviation) over the used pixels differs from the median
-    noise by more than ``max_ratio`` either way (SCI and noise in different units or scales)."""
+def check_sci_values(path, sci) -> None:
+    """Refuse SCI without a finite pixel, and SCI that is all zero."""
     finite = np.isfinite(sci)
     if not finite.any():
         raise InputFileError(path, "SCI has no finite pixel (all NaN or inf)", field="SCI")
     if not (sci[finite] != 0).any():
         raise InputFileError(path, "SCI is all zero", field="SCI")
-    if not used.any():
-        return
+
+
+def check_noise_scale(path, sci, sigma, used, noise_name: str, max_ratio: float) -> None:
+    """Refuse SCI whose robust scatter (1.4826 x median absolute deviation) over the ``used`` pixels
+    differs from the median noise by more than ``max_ratio`` either way (SCI and noise in different
+    units or scales)."""
     vals = sci[used]
     scatter = 1.4826 * float(np.median(np.abs(vals - np.median(vals))))
     level = float(np.median(sigma[used]))

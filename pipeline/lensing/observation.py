@@ -40,7 +40,8 @@ import yaml
 from pipeline.errors import InputFileError
 from pipeline.io.fits import _open
 from pipeline.lensing.config import BrightnessConfig, GeometryConfig, LensingConfig, ObservationConfig
-from pipeline.lensing.conventions import check_science, noise_sigma, pixel_geometry, quality_mask
+from pipeline.lensing.conventions import (check_noise_scale, check_sci_values, noise_sigma, pixel_geometry,
+                                         quality_mask)
 from pipeline.lensing.operator import LensingProblem, LensParams, psf_fwhm, resample_psf
 from pipeline.lensing.rebin import Pixels, crop, rebin, rebin_factor
 from pipeline.lensing.units import (conversion_factor, data_unit, header_number, is_surface_brightness, model_factor,
@@ -334,8 +335,9 @@ def load_observation(path, config: LensingConfig | None = None, *, device="cpu",
         raise InputFileError(path, f"SCI must be a 2-D image HDU, {shape} (HDUs: {', '.join(hdus)})", field="SCI")
     file_pix, J, crpix_off = pixel_geometry(path, hdus["SCI"][1], prim_h, hdus["SCI"][0].shape)
     d = _science(path, hdus, prim_h, file_pix, cfg, warn)
+    check_sci_values(path, d["sci"])
     mask, bad = _usable_pixels(path, hdus, d, cfg.observation.nan_policy, warn)
-    check_science(path, d["sci"], d["sigma"], mask, d["noise_hdu"], cfg.observation.max_noise_ratio)
+    check_noise_scale(path, d["sci"], d["sigma"], mask, d["noise_hdu"], cfg.observation.max_noise_ratio)
     psf, psfsamp = _psf(path, hdus, file_pix, cfg.observation, warn)
     lens, frame, lens_source = _lens(path, prim_h, hdus["SCI"][1], J, crpix_off, (cfg.lens.z_lens, cfg.lens.z_source))
     file_shape = d["sci"].shape
