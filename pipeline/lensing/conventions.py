@@ -115,15 +115,15 @@ def pixel_geometry(path, sci_h, prim_h, shape) -> tuple[float, np.ndarray | None
                           for k, n in (("CRPIX1", nx), ("CRPIX2", ny))])
         offset = crpix - np.array([(nx + 1) / 2, (ny + 1) / 2])
     pix_kw = [(name, h) for name, h in (("SCI", sci_h), ("PRIMARY", prim_h)) if "PIXSCALE" in h]
-    for name, h in pix_kw:
+    for i, (name, h) in enumerate(pix_kw):
         v = header_number(h, "PIXSCALE", path, name)
-        if J is None:
+        if J is None and i == 0:
             if not v > 0:
                 raise InputFileError(path, f"PIXSCALE must be > 0, got {v}", field=f"{name}.PIXSCALE")
             pix = v
-            break
-        if abs(v / pix - 1) > 1e-3:
-            raise InputFileError(path, f"PIXSCALE {v} disagrees with the WCS pixel scale {pix:.6g}",
+        elif abs(v / pix - 1) > 1e-3:
+            where = "WCS pixel scale" if J is not None else f"{pix_kw[0][0]} PIXSCALE"
+            raise InputFileError(path, f"PIXSCALE {v} disagrees with the {where} {pix:.6g}",
                                  field=f"{name}.PIXSCALE")
     if J is None and not pix_kw:
         raise InputFileError(path, "pixel scale missing: give SCI a CD/CDELT WCS in arcsec or PIXSCALE",
