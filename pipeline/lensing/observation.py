@@ -309,6 +309,25 @@ def _truth(hdus: dict, ns: int, warn) -> np.ndarray | None:
     return truth
 
 
+def _read_checked(path: Path, cfg: LensingConfig, warn) -> dict:
+    """Every HDU read, converted and checked, before any resizing: keys hdus, prim_h, file_pix, d (from
+    :func:`_science`), mask, bad, psf, psfsamp, lens, frame, lens_source."""
+    hdus = _read_all(path)
+    prim_h = hdus.setdefault("PRIMARY", (None, {}))[1]
+    if "SCI" not in hdus or hdus["SCI"][0] is None or hdus["SCI"][0].ndim != 2:
+        shape = "missing" if "SCI" not in hdus or hdus["SCI"][0] is None else f"of shape {hdus['SCI'][0].shape}"
+        raise InputFileError(path, f"SCI must be a 2-D image HDU, {shape} (HDUs: {', '.join(hdus)})", field="SCI")
+    file_pix, J, crpix_off = pixel_geometry(path, hdus["SCI"][1], prim_h, hdus["SCI"][0].shape)
+    d = _science(path, hdus, prim_h, file_pix, cfg, warn)
+    check_sci_values(path, d["sci"])
+    mask, bad = _usable_pixels(path, hdus, d, cfg.observation.nan_policy, warn)
+    check_noise_scale(path, d["sci"], d["sigma"], mask, d["noise_hdu"], cfg.observation.max_noise_ratio)
+    psf, psfsamp = _psf(path, hdus, file_pix, cfg.observation, warn)
+    lens, frame, lens_source = _lens(path, prim_h, hdus["SCI"][1], J, crpix_off, (cfg.lens.z_lens, cfg.lens.z_source))
+    return {"hdus": hdus, "prim_h": prim_h, "file_pix": file_pix, "d": d, "mask": mask, "bad": bad, "psf": psf,
+            "psfsamp": psfsamp, "lens": lens, "frame": frame, "lens_source": lens_source}
+
+
 def load_observation(path, config: LensingConfig | None = None, *, device="cpu",
                      brightness: BrightnessConfig | None = None):
     """Validate the observation at ``path`` and build its problem.
@@ -328,20 +347,11 @@ def load_observation(path, config: LensingConfig | None = None, *, device="cpu",
         warnings.append(msg)
         log.warning("%s: %s", path, msg)
 
-    hdus = _read_all(path)
-    prim_h = hdus.setdefault("PRIMARY", (None, {}))[1]
-    if "SCI" not in hdus or hdus["SCI"][0] is None or hdus["SCI"][0].ndim != 2:
-        shape = "missing" if "SCI" not in hdus or hdus["SCI"][0] is None else f"of shape {hdus['SCI'][0].shape}"
-        raise InputFileError(path, f"SCI must be a 2-D image HDU, {shape} (HDUs: {', '.join(hdus)})", field="SCI")
-    file_pix, J, crpix_off = pixel_geometry(path, hdus["SCI"][1], prim_h, hdus["SCI"][0].shape)
-    d = _science(path, hdus, prim_h, file_pix, cfg, warn)
-    check_sci_values(path, d["sci"])
-    mask, bad = _usable_pixels(path, hdus, d, cfg.observation.nan_policy, warn)
-    check_noise_scale(path, d["sci"], d["sigma"], mask, d["noise_hdu"], cfg.observation.max_noise_ratio)
-    psf, psfsamp = _psf(path, hdus, file_pix, cfg.observation, warn)
-    lens, frame, lens_source = _lens(path, prim_h, hdus["SCI"][1], J, crpix_off, (cfg.lens.z_lens, cfg.lens.z_source))
+    r = _read_checked(path, cfg, warn)
+    hdus, prim_h, d, file_pix, psf, psfsamp = r["hdus"], r["prim_h"], r["d"], r["file_pix"], r["psf"], r["psfsamp"]
+    lens, frame, lens_source, bad = r["lens"], r["frame"], r["lens_source"], r["bad"]
     file_shape = d["sci"].shape
-    px, lens, k = _resize(path, Pixels(d["sci"], d["sigma"], mask, file_pix), cfg, lens)
+    px, lens, k = _resize(path, Pixels(d["sci"], d["sigma"], r["mask"], file_pix), cfg, lens)
     sci, noise, mask, pix = px.sci, px.sigma, px.used, px.pix
     psf_used = resample_psf(psf, psfsamp, pix / geom.supersample)
     ns, sps = geom.source_npix, geom.source_pixscale
