@@ -1,17 +1,22 @@
-"""Reading an observation FITS file into a :class:`LensingProblem` (the contract with users).
+"""Reading an observation FITS file into a :class:`LensingProblem` (the contract with users;
+docs/observations.md describes it for users).
 
 File: ImageHDUs ``SCI`` (lens-light-subtracted image, or with an optional ``LENSLIGHT`` HDU holding the
-lens light model in SCI's units, which is subtracted on read), ``NOISE`` (1 sigma, SCI's unit,
-uncorrelated), ``PSF`` (odd, sums to 1, ``PSFSAMP`` [arcsec/px], in SCI's pixel orientation; the optical
-PSF *without* pixel response (``PSFPIXR`` = T gives a warning), resampled to the supersampled scale by
+lens light model, which is subtracted on read), the noise (``NOISE`` or ``ERR`` 1 sigma, ``IVM``, or
+``WHT`` labelled as inverse variance: :mod:`pipeline.lensing.conventions`), ``PSF`` (odd, sums to 1,
+``PSFSAMP`` [arcsec/px], in SCI's pixel orientation; the optical PSF *without* pixel response
+(``PSFPIXR`` = T gives a warning), resampled to the supersampled scale by
 :func:`pipeline.lensing.operator.resample_psf`), optional ``MASK`` (``MASKTYPE`` 'GOOD' (default):
-nonzero = used; 'BAD': nonzero = ignored), optional ``TRUTH``. Pixel scale and orientation come from
-SCI's pixel->world matrix (CD, or PC*CDELT; CUNIT arcsec/arcmin/deg), or from ``PIXSCALE`` when there is
-no WCS; pixels must be square.
+nonzero = used; 'BAD': nonzero = ignored) and ``DQ`` (nonzero = bad), optional ``TRUTH``. Pixel scale
+and orientation come from SCI's WCS (astropy.wcs: CD, PC*CDELT, CROTA2; CUNIT arcsec/arcmin/deg), or
+from ``PIXSCALE`` when there is no WCS; pixels must be square.
 
-Units: if SCI's ``BUNIT`` is a surface brightness (per arcsec^2 or per sr) the model is caustics' mean
-surface brightness; otherwise (e.g. electron/s, the default when BUNIT is missing) SCI is flux per pixel
-and the model is multiplied by the pixel area. The likelihood stays in SCI's own units (log Z too).
+Units: SCI, the noise and LENSLIGHT are converted from their ``BUNIT`` to the data unit
+``lensing.noise.bunit`` (flux per pixel, default electron/s) by :mod:`pipeline.lensing.units`; the
+model is caustics' mean surface brightness [``lensing.sources.bunit``] times the pixel area, and the
+likelihood (log Z too) is in the data unit. The image may then be rebinned to the trained pixel scale
+and cropped to the trained size (:mod:`pipeline.lensing.rebin`, ``lensing.observation.rebin`` / ``crop``)
+before the operator is built.
 
 Lens model: the keywords that :mod:`pipeline.lensing.simulate` writes (LENSMOD, LENS_X0, ...) in the
 primary (or SCI) header, or a YAML file beside the FITS (``<stem>.lens.yaml`` or ``<stem>.yaml``; keys
@@ -152,7 +157,7 @@ def _unit_factor(path, name: str, hdus: dict, bunit: str, pix: float, ocfg, targ
     EXPTIME and photometric keywords are looked up in that HDU, SCI, then the primary header."""
     unit = parse_bunit(bunit, path, f"{name}.BUNIT")
     headers = [(n, hdus[n][1]) for n in dict.fromkeys((name, "SCI", "PRIMARY")) if n in hdus]
-    return conversion_factor(unit, target, pix * pix, headers, path, f"{name}.BUNIT", ocfg.gain), \
+    return conversion_factor(unit, target, pix * pix, headers, path, f"{name}.BUNIT", ocfg.gain, bunit), \
         is_surface_brightness(unit)
 
 

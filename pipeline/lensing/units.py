@@ -104,12 +104,14 @@ def header_number(header, key: str, path, hdu: str) -> float:
 
 
 def conversion_factor(unit: u.UnitBase, target: u.UnitBase, pixel_area: float, headers, path, field: str,
-                      gain: float) -> float:
+                      gain: float, text: str | None = None) -> float:
     """The factor taking an image in ``unit`` to ``target`` (a flux per pixel, e.g. electron/s).
 
     ``pixel_area`` [arcsec^2]; ``headers``: (HDU name, header) pairs searched in order for EXPTIME and
     the photometric keywords; ``field`` ("HDU.BUNIT") names the unit in errors; ``gain``
-    [electron/count]. See the module docstring for the conventions."""
+    [electron/count]; ``text``: the unit as the file wrote it, for messages. See the module docstring
+    for the conventions."""
+    label = text or unit.to_string()
     q = 1.0 * unit
     if is_surface_brightness(unit):
         q = q * (pixel_area * u.arcsec ** 2)
@@ -117,7 +119,7 @@ def conversion_factor(unit: u.UnitBase, target: u.UnitBase, pixel_area: float, h
     if q.unit.is_equivalent(u.electron) or q.unit.is_equivalent(u.count):
         exptime, _ = _keyword(headers, "EXPTIME", path)
         if exptime is None:
-            raise InputFileError(path, f"BUNIT {unit.to_string()!r} is a count without a time: EXPTIME is "
+            raise InputFileError(path, f"BUNIT {label!r} is a count without a time: EXPTIME is "
                                  "needed to make it a rate", field=f"{hdu}.EXPTIME")
         if not exptime > 0:
             raise InputFileError(path, f"EXPTIME must be > 0, got {exptime}", field=f"{hdu}.EXPTIME")
@@ -125,15 +127,15 @@ def conversion_factor(unit: u.UnitBase, target: u.UnitBase, pixel_area: float, h
     if q.unit.is_equivalent(u.count / u.s):
         q = q.to(u.count / u.s) * (gain * u.electron / u.count)
     if not q.unit.is_equivalent(target):
-        q = _photometric(q, unit, pixel_area, headers, path, field, gain)
+        q = _photometric(q, label, pixel_area, headers, path, field, gain)
     try:
         return float(q.to_value(target))
     except u.UnitConversionError:
-        raise InputFileError(path, f"unit {unit.to_string()!r} cannot be converted to {target.to_string()!r}",
+        raise InputFileError(path, f"unit {label!r} cannot be converted to {target.to_string()!r}",
                              field=field) from None
 
 
-def _photometric(q, unit, pixel_area, headers, path, field, gain):
+def _photometric(q, label: str, pixel_area, headers, path, field, gain):
     """``q`` (a flux density per pixel) as electron/s through the first photometric keyword that applies."""
     hdu = field.split(".")[0]
     applicable = []
@@ -153,10 +155,10 @@ def _photometric(q, unit, pixel_area, headers, path, field, gain):
             return n_rate * gain * u.electron / u.s
         return n_rate * rate
     if applicable:
-        raise InputFileError(path, f"BUNIT {unit.to_string()!r} is a flux density: the photometric keyword "
+        raise InputFileError(path, f"BUNIT {label!r} is a flux density: the photometric keyword "
                              f"{' or '.join(applicable)} is needed to convert it to a count rate",
                              field=f"{hdu}.{applicable[0]}")
-    raise InputFileError(path, f"unit {unit.to_string()!r} cannot be converted to a flux or surface brightness "
+    raise InputFileError(path, f"unit {label!r} cannot be converted to a flux or surface brightness "
                          "(e.g. electron/s, electron/(s arcsec2), MJy/sr)", field=field)
 
 
