@@ -138,3 +138,19 @@ def test_all_zero_or_all_nan_sci_refused_naming_sci(obs_file, tmp_path, fill, ms
         load_observation(bad, LensingConfig(geometry=GEOM))
     text = str(e.value)
     assert "[SCI]" in text and msg in text and "[MASK]" not in text
+
+
+def test_lens_light_converted_from_its_own_unit(obs_file, tmp_path):
+    """LENSLIGHT in MJy/sr (PHOTMJSR = 0.5 in SCI) is converted before it is subtracted from an
+    electron/s SCI: adding 2 electron/s to SCI and 1 MJy/sr of lens light gives back the same y."""
+    def add(hl):
+        hl["SCI"].data = hl["SCI"].data + 2.0
+        hl["SCI"].header["PHOTMJSR"] = 0.5
+        ll = fits.ImageHDU(np.ones((16, 16), np.float32), name="LENSLIGHT")
+        ll.header["BUNIT"] = "MJy/sr"
+        hl.append(ll)
+
+    _, y0, _ = load_observation(obs_file, LensingConfig(geometry=GEOM))
+    _, y1, m1 = load_observation(_edit(obs_file, tmp_path / "ll.fits", add), LensingConfig(geometry=GEOM))
+    assert m1["lens_light_subtracted"]
+    assert np.allclose(y1.numpy(), y0.numpy(), rtol=0, atol=1e-5)
