@@ -16,7 +16,7 @@ from astropy.io import fits
 
 from pipeline.cli import main
 from pipeline.io.posterior import read_posterior
-from pipeline.lensing.config import GeometryConfig, LensingConfig, NoiseConfig, load_lensing_config
+from pipeline.lensing.config import GeometryConfig, NoiseConfig, load_lensing_config
 from pipeline.lensing.observation import load_observation
 from pipeline.lensing.operator import LensParams, gaussian_psf
 from pipeline.lensing.simulate import simulate_observation, write_observation
