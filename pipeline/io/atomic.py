@@ -15,6 +15,9 @@ convenience writers :func:`write_bytes`, :func:`write_text`, :func:`write_json` 
   the temporaries of that target whose writer was on this host and is no longer running. Temporaries of
   live processes or of other hosts are left alone. :func:`remove_stale_temporaries` does the same for a
   whole directory.
+* **Stopped runs.** While a write is in progress in the main thread, SIGTERM (what schedulers and
+  ``timeout`` send) raises ``SystemExit(143)`` instead of ending the process at once, so the temporary
+  is removed as for any other exception; a handler the program installed itself is left in place.
 * **Lock.** A write holds an exclusive ``flock`` on ``.NAME.lock`` beside the target from before the
   temporary is created until after the rename. A second process (or thread) writing the same target
   waits up to ``lock_timeout`` seconds (default :data:`LOCK_TIMEOUT_S`) for the first to finish, then
@@ -39,6 +42,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -223,6 +227,24 @@ def _fsync(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
+def _raise_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit():
+    """Within the block, SIGTERM raises SystemExit(143) (main thread, default handler only)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 # -- writers -------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def atomic_file(target, *, lock_timeout: float = LOCK_TIMEOUT_S, fsync: bool = True):
@@ -233,7 +255,7 @@ def atomic_file(target, *, lock_timeout: float = LOCK_TIMEOUT_S, fsync: bool = T
     (waits up to ``lock_timeout`` seconds, then :class:`OutputLockedError`)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(target, lock_timeout):
+    with _sigterm_as_exit(), _locked(target, lock_timeout):
         tmp = _temp_path(target, target.suffix)
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         try:
@@ -256,7 +278,7 @@ def atomic_directory(target, *, lock_timeout: float = LOCK_TIMEOUT_S):
     :func:`atomic_file`."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(target, lock_timeout):
+    with _sigterm_as_exit(), _locked(target, lock_timeout):
         tmp = _temp_path(target, "")
         os.mkdir(tmp, 0o700)
         try:

@@ -181,6 +181,22 @@ class ObservationConfig:
     nan_policy: str = param("mask", "What a NaN or infinite pixel does: mask it out, or raise an error.",
                             choices=["mask", "error"])
     psf_sum_tol: float = param(0.01, "Largest allowed |sum(PSF) - 1| of a file's PSF.", gt=0)
+    gain: float = param(1.0, "Electrons per count (DN), used when a file's unit is in counts or DN (also after "
+                        "PHOTMJSR, which gives DN/s).", "electron/count", gt=0)
+    wht: str = param("header", "How a WHT extension is read: as an inverse variance only when its WHTTYPE says "
+                     "IVM (header), or always (ivm); HST drizzle's default WHT is an exposure-time map.",
+                     choices=["header", "ivm"])
+    rebin: str = param("off", "Sum k x k pixels (noise in quadrature) when the file's pixel scale is the "
+                       "geometry's image_pixscale / k for an integer k >= 2 (auto), or keep the file's pixels.",
+                       choices=["off", "auto"])
+    crop: str = param("off", "Cut a larger image to image_npix x image_npix around the array centre or the lens "
+                      "centre, after any rebinning, or keep it whole.", choices=["off", "centre", "lens"])
+    max_image_npix: int = param(256, "Largest image side accepted after rebinning and cropping; larger images "
+                                "are refused before the lens operator, whose cost grows with the pixel count, "
+                                "is built.", "pixel", min=4)
+    max_noise_ratio: float = param(1000.0, "Largest ratio, either way, between SCI's robust pixel scatter and "
+                                   "the median noise before a file is refused as having SCI and noise in "
+                                   "different units or scales.", gt=1)
 
 
 @dataclass

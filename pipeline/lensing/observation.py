@@ -1,17 +1,22 @@
-"""Reading an observation FITS file into a :class:`LensingProblem` (the contract with users).
+"""Reading an observation FITS file into a :class:`LensingProblem` (the contract with users;
+docs/observations.md describes it for users).
 
 File: ImageHDUs ``SCI`` (lens-light-subtracted image, or with an optional ``LENSLIGHT`` HDU holding the
-lens light model in SCI's units, which is subtracted on read), ``NOISE`` (1 sigma, SCI's unit,
-uncorrelated), ``PSF`` (odd, sums to 1, ``PSFSAMP`` [arcsec/px], in SCI's pixel orientation; the optical
-PSF *without* pixel response (``PSFPIXR`` = T gives a warning), resampled to the supersampled scale by
+lens light model, which is subtracted on read), the noise (``NOISE`` or ``ERR`` 1 sigma, ``IVM``, or
+``WHT`` labelled as inverse variance: :mod:`pipeline.lensing.conventions`), ``PSF`` (odd, sums to 1,
+``PSFSAMP`` [arcsec/px], in SCI's pixel orientation; the optical PSF *without* pixel response
+(``PSFPIXR`` = T gives a warning), resampled to the supersampled scale by
 :func:`pipeline.lensing.operator.resample_psf`), optional ``MASK`` (``MASKTYPE`` 'GOOD' (default):
-nonzero = used; 'BAD': nonzero = ignored), optional ``TRUTH``. Pixel scale and orientation come from
-SCI's pixel->world matrix (CD, or PC*CDELT; CUNIT arcsec/arcmin/deg), or from ``PIXSCALE`` when there is
-no WCS; pixels must be square.
+nonzero = used; 'BAD': nonzero = ignored) and ``DQ`` (nonzero = bad), optional ``TRUTH``. Pixel scale
+and orientation come from SCI's WCS (astropy.wcs: CD, PC*CDELT, CROTA2; CUNIT arcsec/arcmin/deg), or
+from ``PIXSCALE`` when there is no WCS; pixels must be square.
 
-Units: if SCI's ``BUNIT`` is a surface brightness (per arcsec^2 or per sr) the model is caustics' mean
-surface brightness; otherwise (e.g. electron/s, the default when BUNIT is missing) SCI is flux per pixel
-and the model is multiplied by the pixel area. The likelihood stays in SCI's own units (log Z too).
+Units: SCI, the noise and LENSLIGHT are converted from their ``BUNIT`` to the data unit
+``lensing.noise.bunit`` (flux per pixel, default electron/s) by :mod:`pipeline.lensing.units`; the
+model is caustics' mean surface brightness [``lensing.sources.bunit``] times the pixel area, and the
+likelihood (log Z too) is in the data unit. The image may then be rebinned to the trained pixel scale
+and cropped to the trained size (:mod:`pipeline.lensing.rebin`, ``lensing.observation.rebin`` / ``crop``)
+before the operator is built.
 
 Lens model: the keywords that :mod:`pipeline.lensing.simulate` writes (LENSMOD, LENS_X0, ...) in the
 primary (or SCI) header, or a YAML file beside the FITS (``<stem>.lens.yaml`` or ``<stem>.yaml``; keys
@@ -28,11 +33,11 @@ model, x0, y0, q, phi, rein, t, g1, g2, z_lens, z_source, frame). Frame (``LENSF
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
 
-import astropy.units as u
 import numpy as np
 import torch
 import yaml
@@ -40,8 +45,12 @@ import yaml
 from pipeline.errors import InputFileError
 from pipeline.io.fits import _open
 from pipeline.lensing.config import BrightnessConfig, GeometryConfig, LensingConfig, ObservationConfig
-from pipeline.lensing.grids import ARCSEC_PER_UNIT, pixel_matrix
+from pipeline.lensing.conventions import (check_noise_scale, check_sci_values, noise_sigma, pixel_geometry,
+                                         quality_mask)
 from pipeline.lensing.operator import LensingProblem, LensParams, psf_fwhm, resample_psf
+from pipeline.lensing.rebin import Pixels, crop, rebin, rebin_factor
+from pipeline.lensing.units import (conversion_factor, data_unit, header_number, is_surface_brightness, model_factor,
+                                    parse_bunit)
 
 log = logging.getLogger(__name__)
 
@@ -62,19 +71,6 @@ def _read_all(path):
                 data = None
             out[name] = (data, h.header.copy())
     return out
-
-
-def _is_surface_brightness(bunit: str) -> bool:
-    """True when ``bunit`` is per unit solid angle (arcsec^-2, sr^-1, ...)."""
-    try:
-        unit = u.Unit(bunit, parse_strict="raise")
-        for base, power in zip(unit.decompose().bases, unit.decompose().powers):
-            if base == u.rad and power <= -2:
-                return True
-        return False
-    except (ValueError, TypeError):
-        b = bunit.lower().replace(" ", "")
-        return "arcsec" in b or "/sr" in b or "sr-1" in b
 
 
 def _lens_from_header(h) -> dict | None:
@@ -156,100 +152,61 @@ def world_to_array(lens: LensParams, J: np.ndarray, crpix_offset: np.ndarray) ->
                       z_lens=lens.z_lens, z_source=lens.z_source)
 
 
-def _pixel_geometry(path, sci_h, prim_h):
-    """(pixscale, J [arcsec/px] or None, crpix offset (x, y) in px) from SCI's WCS or PIXSCALE."""
-    try:
-        J = pixel_matrix(sci_h)
-    except KeyError:
-        J = None
-    if J is not None:  # FITS default CUNIT for celestial axes is deg
-        u1 = str(sci_h.get("CUNIT1", "deg")).strip().lower()
-        u2 = str(sci_h.get("CUNIT2", u1)).strip().lower()
-        if u1 not in ARCSEC_PER_UNIT or u2 not in ARCSEC_PER_UNIT:
-            raise InputFileError(path, f"unsupported WCS unit {u1!r}/{u2!r} (arcsec, arcmin, deg)", field="SCI.CUNIT1")
-        J = J * np.array([[ARCSEC_PER_UNIT[u1]], [ARCSEC_PER_UNIT[u2]]])
-        det = np.linalg.det(J)
-        if not np.isfinite(J).all() or abs(det) <= 0:
-            raise InputFileError(path, "pixel->world matrix is singular", field="SCI.CD1_1")
-        pix = math.sqrt(abs(det))
-        if not np.allclose(J.T @ J, pix * pix * np.eye(2), rtol=1e-4, atol=1e-8 * pix * pix):
-            raise InputFileError(path, "pixels are not square or the WCS is skewed (CD/PC matrix not a scaled "
-                                 "rotation); resample to square pixels first", field="SCI.CD1_1")
-        for key in ("PIXSCALE",):
-            for h in (sci_h, prim_h):
-                if key in h and abs(float(h[key]) / pix - 1) > 1e-3:
-                    raise InputFileError(path, f"PIXSCALE {h[key]} disagrees with the WCS pixel scale {pix:.6g}",
-                                         field=f"SCI.{key}")
-        ny, nx = int(sci_h["NAXIS2"]), int(sci_h["NAXIS1"])
-        crpix = np.array([float(sci_h.get("CRPIX1", (nx + 1) / 2)), float(sci_h.get("CRPIX2", (ny + 1) / 2))])
-        return pix, J, crpix - np.array([(nx + 1) / 2, (ny + 1) / 2])
-    for h in (sci_h, prim_h):
-        if "PIXSCALE" in h:
-            pix = float(h["PIXSCALE"])
-            if not pix > 0:
-                raise InputFileError(path, f"PIXSCALE must be > 0, got {pix}", field="SCI.PIXSCALE")
-            return pix, None, np.zeros(2)
-    raise InputFileError(path, "pixel scale missing: give SCI a CD/CDELT WCS in arcsec or PIXSCALE",
-                         field="SCI.PIXSCALE")
+def _unit_factor(path, name: str, hdus: dict, bunit: str, pix: float, ocfg, target) -> tuple[float, bool]:
+    """(factor taking HDU ``name`` from ``bunit`` to ``target``, whether ``bunit`` is a surface brightness);
+    EXPTIME and photometric keywords are looked up in that HDU, SCI, then the primary header."""
+    unit = parse_bunit(bunit, path, f"{name}.BUNIT")
+    headers = [(n, hdus[n][1]) for n in dict.fromkeys((name, "SCI", "PRIMARY")) if n in hdus]
+    return conversion_factor(unit, target, pix * pix, headers, path, f"{name}.BUNIT", ocfg.gain, bunit), \
+        is_surface_brightness(unit)
 
 
-def _science(path, hdus: dict, prim_h, warn) -> tuple[np.ndarray, np.ndarray, str, bool]:
-    """(SCI, NOISE, BUNIT, lens light subtracted?): the required HDUs SCI / NOISE / PSF checked present,
-    SCI 2-D, NOISE of SCI's shape and unit, and the optional LENSLIGHT (same shape and unit, finite)
-    subtracted from SCI. Arrays (ny, nx) float64 in BUNIT (may hold NaN)."""
-    for name in ("SCI", "NOISE", "PSF"):
-        if name not in hdus or hdus[name][0] is None:
-            raise InputFileError(path, f"required image HDU {name} missing (HDUs: {', '.join(hdus)})", field=name)
+def _science(path, hdus: dict, prim_h, pix: float, cfg: LensingConfig, warn) -> dict:
+    """SCI less any LENSLIGHT, and the noise (NOISE, ERR, IVM or WHT), each converted from its BUNIT
+    (default SCI's, then the primary header's) to the data unit ``cfg.noise.bunit``: keys sci, sigma
+    ((ny, nx) float64, may hold NaN), covered (bool), noise_hdu, bunit, surface_brightness, factor,
+    lens_light."""
+    if "PSF" not in hdus or hdus["PSF"][0] is None:
+        raise InputFileError(path, f"required image HDU PSF missing (HDUs: {', '.join(hdus)})", field="PSF")
     sci, sci_h = hdus["SCI"]
-    noise, noise_h = hdus["NOISE"]
-    if sci.ndim != 2:
-        raise InputFileError(path, f"SCI must be 2-D, got shape {sci.shape}", field="SCI")
-    if noise.shape != sci.shape:
-        raise InputFileError(path, f"NOISE shape {noise.shape} != SCI shape {sci.shape}", field="NOISE")
+    noise_name, sigma, covered = noise_sigma(path, hdus, cfg.observation.wht)
+    if sigma.shape != sci.shape:
+        raise InputFileError(path, f"{noise_name} shape {sigma.shape} != SCI shape {sci.shape}", field=noise_name)
+    target = data_unit(cfg)
     bunit = str(sci_h.get("BUNIT", prim_h.get("BUNIT", ""))).strip()
-    nb = str(noise_h.get("BUNIT", bunit)).strip()
-    if nb != bunit:
-        raise InputFileError(path, f"NOISE BUNIT {nb!r} differs from SCI BUNIT {bunit!r}", field="NOISE.BUNIT")
     if not bunit:
-        warn("SCI has no BUNIT: taken as flux per pixel")
-    if "LENSLIGHT" not in hdus or hdus["LENSLIGHT"][0] is None:
-        return sci, noise, bunit, False
-    ll, llh = hdus["LENSLIGHT"]
-    if ll.shape != sci.shape:
-        raise InputFileError(path, f"LENSLIGHT shape {ll.shape} != SCI shape {sci.shape}", field="LENSLIGHT")
-    if not np.isfinite(ll).all():
-        raise InputFileError(path, "LENSLIGHT contains NaN or inf", field="LENSLIGHT")
-    lb = str(llh.get("BUNIT", bunit)).strip()
-    if lb != bunit:
-        raise InputFileError(path, f"LENSLIGHT BUNIT {lb!r} differs from SCI BUNIT {bunit!r}", field="LENSLIGHT.BUNIT")
-    return sci - ll, noise, bunit, True
+        warn(f"SCI has no BUNIT: taken as {cfg.noise.bunit} (flux per pixel)")
+    factor, sb = _unit_factor(path, "SCI", hdus, bunit or cfg.noise.bunit, pix, cfg.observation, target)
+    noise_unit = bunit if noise_name in ("IVM", "WHT") else str(hdus[noise_name][1].get("BUNIT", bunit)).strip()
+    nfactor = _unit_factor(path, noise_name, hdus, noise_unit or cfg.noise.bunit, pix, cfg.observation, target)[0]
+    lens_light = "LENSLIGHT" in hdus and hdus["LENSLIGHT"][0] is not None
+    if lens_light:
+        ll, llh = hdus["LENSLIGHT"]
+        if ll.shape != sci.shape:
+            raise InputFileError(path, f"LENSLIGHT shape {ll.shape} != SCI shape {sci.shape}", field="LENSLIGHT")
+        if not np.isfinite(ll).all():
+            raise InputFileError(path, "LENSLIGHT contains NaN or inf", field="LENSLIGHT")
+        lfactor = _unit_factor(path, "LENSLIGHT", hdus, str(llh.get("BUNIT", bunit)).strip() or cfg.noise.bunit,
+                               pix, cfg.observation, target)[0]
+        sci = sci * factor - ll * lfactor if (factor, lfactor) != (1.0, 1.0) else sci - ll
+    elif factor != 1.0:
+        sci = sci * factor
+    if nfactor != 1.0:
+        sigma = sigma * nfactor
+    return {"sci": sci, "sigma": sigma, "covered": covered, "noise_hdu": noise_name, "bunit": bunit,
+            "surface_brightness": sb, "factor": factor, "lens_light": lens_light}
 
 
-def _file_mask(path, hdus: dict, shape) -> np.ndarray:
-    """The MASK HDU as a bool array (True = used; MASKTYPE GOOD: nonzero used, BAD: nonzero ignored),
-    all True without one."""
-    if "MASK" not in hdus or hdus["MASK"][0] is None:
-        return np.ones(shape, bool)
-    m, mh = hdus["MASK"]
-    if m.shape != shape:
-        raise InputFileError(path, f"MASK shape {m.shape} != SCI shape {shape}", field="MASK")
-    if not np.isfinite(m).all():
-        raise InputFileError(path, "MASK contains NaN", field="MASK")
-    kind = str(mh.get("MASKTYPE", "GOOD")).upper()
-    if kind not in ("GOOD", "BAD"):
-        raise InputFileError(path, f"MASKTYPE must be GOOD or BAD, got {kind!r}", field="MASK.MASKTYPE")
-    return (m != 0) if kind == "GOOD" else (m == 0)
-
-
-def _usable_pixels(path, hdus: dict, sci, noise, nan_policy: str, warn) -> tuple[np.ndarray, np.ndarray]:
-    """(mask, bad): the file's MASK less the NaN/inf pixels of SCI or NOISE (an error with
-    ``nan_policy`` 'error' when a used pixel is one), and those NaN/inf pixels; NOISE must be > 0
-    on every used pixel. Both (ny, nx) bool."""
-    mask = _file_mask(path, hdus, sci.shape)
+def _usable_pixels(path, hdus: dict, d: dict, nan_policy: str, warn) -> tuple[np.ndarray, np.ndarray]:
+    """(used, bad): MASK and DQ, less pixels without coverage, less the NaN/inf pixels of SCI or the noise
+    (an error with ``nan_policy`` 'error' when a used pixel is one); the noise must be > 0 on every used
+    pixel. Both (ny, nx) bool; ``bad`` are the NaN/inf pixels."""
+    sci, noise, name = d["sci"], d["sigma"], d["noise_hdu"]
+    mask = quality_mask(path, hdus, sci.shape) & d["covered"]
     bad = ~np.isfinite(sci) | ~np.isfinite(noise)
     nbad = int((bad & mask).sum())
     if nbad:
-        which = "SCI" if (~np.isfinite(sci) & mask).any() else "NOISE"
+        which = "SCI" if (~np.isfinite(sci) & mask).any() else name
         if nan_policy == "error":
             raise InputFileError(path, f"{nbad} NaN/inf pixels (lensing.observation.nan_policy = error)", field=which)
         warn(f"{nbad} NaN/inf pixels in {which} masked")
@@ -257,9 +214,33 @@ def _usable_pixels(path, hdus: dict, sci, noise, nan_policy: str, warn) -> tuple
     if not mask.any():
         raise InputFileError(path, "no usable pixels (all masked or NaN)", field="MASK")
     if (noise[mask] <= 0).any():
-        raise InputFileError(path, f"NOISE must be > 0 on used pixels ({int((noise[mask] <= 0).sum())} are not)",
-                             field="NOISE")
+        raise InputFileError(path, f"{name} must be > 0 on used pixels ({int((noise[mask] <= 0).sum())} are not)",
+                             field=name)
     return mask, bad
+
+
+def _resize(path, px: Pixels, cfg: LensingConfig, lens: LensParams) -> tuple[Pixels, LensParams, int]:
+    """``px`` rebinned to the geometry's pixel scale and cropped to its size as ``cfg.observation`` asks,
+    with the lens shifted to the new array centre; (pixels, lens, rebin factor or 1). Refuses an image
+    larger than ``max_image_npix`` before the operator is built."""
+    ocfg, geom = cfg.observation, cfg.geometry
+    k = rebin_factor(px.pix, geom.image_pixscale) if ocfg.rebin == "auto" else None
+    if k:
+        px = rebin(px, k)
+        log.info("%s: rebinned %dx%d to %.6g\"/pixel", path, k, k, px.pix)
+    if ocfg.crop != "off" and max(px.shape) > geom.image_npix:
+        shape = px.shape
+        px = crop(px, geom.image_npix, (lens.x0, lens.y0) if ocfg.crop == "lens" else None)
+        log.info("%s: cropped %dx%d to %dx%d around the %s centre", path, *shape, *px.shape,
+                 "lens" if ocfg.crop == "lens" else "array")
+    if max(px.shape) > ocfg.max_image_npix:
+        raise InputFileError(path, f"SCI is {px.shape[0]}x{px.shape[1]} pixels, more than "
+                             f"lensing.observation.max_image_npix = {ocfg.max_image_npix}: set "
+                             f"lensing.observation.crop (centre or lens) to cut it to {geom.image_npix}x"
+                             f"{geom.image_npix}", field="SCI")
+    if px.shift != (0.0, 0.0):
+        lens = dataclasses.replace(lens, x0=lens.x0 - px.shift[0], y0=lens.y0 - px.shift[1])
+    return px, lens, k or 1
 
 
 def _psf(path, hdus: dict, pix: float, ocfg: ObservationConfig, warn) -> tuple[np.ndarray, float]:
@@ -276,7 +257,7 @@ def _psf(path, hdus: dict, pix: float, ocfg: ObservationConfig, warn) -> tuple[n
         raise InputFileError(path, f"PSF must be normalised to 1 (sum {psf.sum():.6g}, tolerance "
                              f"{ocfg.psf_sum_tol})", field="PSF")
     if "PSFSAMP" in psf_h:
-        psfsamp = float(psf_h["PSFSAMP"])
+        psfsamp = header_number(psf_h, "PSFSAMP", path, "PSF")
         if not psfsamp > 0:
             raise InputFileError(path, f"PSFSAMP must be > 0, got {psfsamp}", field="PSF.PSFSAMP")
     else:
@@ -308,12 +289,15 @@ def _lens(path: Path, prim_h, sci_h, J, crpix_off, default_z) -> tuple[LensParam
     return lens, frame, lens_source
 
 
-def _header_source_grid(prim_h, geom: GeometryConfig, warn) -> tuple:
+def _header_source_grid(path, prim_h, geom: GeometryConfig, warn) -> tuple:
     """The file's SRCNPIX / SRCPIXSC (None when absent), with a warning when they differ from the
     configured source grid (which is used)."""
     ns, sps = geom.source_npix, geom.source_pixscale
-    hdr_ns, hdr_sps = prim_h.get("SRCNPIX"), prim_h.get("SRCPIXSC")
-    if (hdr_ns is not None and int(hdr_ns) != ns) or (hdr_sps is not None and abs(float(hdr_sps) / sps - 1) > 1e-6):
+    hdr_ns, hdr_sps = (header_number(prim_h, k, path, "PRIMARY") if k in prim_h else None
+                       for k in ("SRCNPIX", "SRCPIXSC"))
+    if hdr_ns is not None:
+        hdr_ns = int(hdr_ns)
+    if (hdr_ns is not None and hdr_ns != ns) or (hdr_sps is not None and abs(float(hdr_sps) / sps - 1) > 1e-6):
         warn(f"file's source grid ({hdr_ns}, {hdr_sps}\"/px) differs from the configured ({ns}, {sps}\"/px); "
              "using the configured grid")
     return hdr_ns, hdr_sps
@@ -330,15 +314,35 @@ def _truth(hdus: dict, ns: int, warn) -> np.ndarray | None:
     return truth
 
 
+def _read_checked(path: Path, cfg: LensingConfig, warn) -> dict:
+    """Every HDU read, converted and checked, before any resizing: keys hdus, prim_h, file_pix, d (from
+    :func:`_science`), mask, bad, psf, psfsamp, lens, frame, lens_source."""
+    hdus = _read_all(path)
+    prim_h = hdus.setdefault("PRIMARY", (None, {}))[1]
+    if "SCI" not in hdus or hdus["SCI"][0] is None or hdus["SCI"][0].ndim != 2:
+        shape = "missing" if "SCI" not in hdus or hdus["SCI"][0] is None else f"of shape {hdus['SCI'][0].shape}"
+        raise InputFileError(path, f"SCI must be a 2-D image HDU, {shape} (HDUs: {', '.join(hdus)})", field="SCI")
+    file_pix, J, crpix_off = pixel_geometry(path, hdus["SCI"][1], prim_h, hdus["SCI"][0].shape)
+    d = _science(path, hdus, prim_h, file_pix, cfg, warn)
+    check_sci_values(path, d["sci"])
+    mask, bad = _usable_pixels(path, hdus, d, cfg.observation.nan_policy, warn)
+    check_noise_scale(path, d["sci"], d["sigma"], mask, d["noise_hdu"], cfg.observation.max_noise_ratio)
+    psf, psfsamp = _psf(path, hdus, file_pix, cfg.observation, warn)
+    lens, frame, lens_source = _lens(path, prim_h, hdus["SCI"][1], J, crpix_off, (cfg.lens.z_lens, cfg.lens.z_source))
+    return {"hdus": hdus, "prim_h": prim_h, "file_pix": file_pix, "d": d, "mask": mask, "bad": bad, "psf": psf,
+            "psfsamp": psfsamp, "lens": lens, "frame": frame, "lens_source": lens_source}
+
+
 def load_observation(path, config: LensingConfig | None = None, *, device="cpu",
                      brightness: BrightnessConfig | None = None):
     """Validate the observation at ``path`` and build its problem.
 
     Returns ``(problem, y, meta)``: ``problem`` a :class:`LensingProblem` (sources in network units via
     ``brightness``, default ``config.brightness``), ``y`` the SCI image (ny, nx) float32 tensor on
-    ``device`` [SCI's BUNIT] (masked / NaN pixels set to 0), and ``meta`` (lens, frame, pixscale
-    [arcsec/px], bunit, unit_factor, source grid, psf, truth, mask fraction, peak SNR, warnings). Errors
-    are one-line :class:`InputFileError` naming the file and the HDU/keyword."""
+    ``device`` in the data unit ``config.noise.bunit`` (masked / NaN pixels set to 0), and ``meta``
+    (lens, frame, pixscale [arcsec/px], the file's bunit, unit_factor, source grid, psf, truth, mask
+    fraction, peak SNR, rebinning and cropping, warnings). Errors are one-line :class:`InputFileError`
+    naming the file and the HDU/keyword."""
     cfg = config or LensingConfig()
     geom = cfg.geometry
     path = Path(path)
@@ -348,19 +352,17 @@ def load_observation(path, config: LensingConfig | None = None, *, device="cpu",
         warnings.append(msg)
         log.warning("%s: %s", path, msg)
 
-    hdus = _read_all(path)
-    prim_h = hdus.get("PRIMARY", (None, {}))[1]
-    sci, noise, bunit, lens_light = _science(path, hdus, prim_h, warn)
-    mask, bad = _usable_pixels(path, hdus, sci, noise, cfg.observation.nan_policy, warn)
-    pix, J, crpix_off = _pixel_geometry(path, hdus["SCI"][1], prim_h)
-    unit_sb = bool(bunit) and _is_surface_brightness(bunit)
-    unit_factor = 1.0 if unit_sb else pix * pix
-    psf, psfsamp = _psf(path, hdus, pix, cfg.observation, warn)
+    r = _read_checked(path, cfg, warn)
+    hdus, prim_h, d, file_pix, psf, psfsamp = r["hdus"], r["prim_h"], r["d"], r["file_pix"], r["psf"], r["psfsamp"]
+    lens, frame, lens_source, bad = r["lens"], r["frame"], r["lens_source"], r["bad"]
+    file_shape = d["sci"].shape
+    px, lens, k = _resize(path, Pixels(d["sci"], d["sigma"], r["mask"], file_pix), cfg, lens)
+    sci, noise, mask, pix = px.sci, px.sigma, px.used, px.pix
     psf_used = resample_psf(psf, psfsamp, pix / geom.supersample)
-    lens, frame, lens_source = _lens(path, prim_h, hdus["SCI"][1], J, crpix_off, (cfg.lens.z_lens, cfg.lens.z_source))
     ns, sps = geom.source_npix, geom.source_pixscale
-    header_grid = _header_source_grid(prim_h, geom, warn)
+    header_grid = _header_source_grid(path, prim_h, geom, warn)
     b = brightness or cfg.brightness
+    unit_factor = model_factor(cfg, pix)
     y_np = np.where(mask, sci, 0.0).astype(np.float32)
     sigma_np = np.where(mask, noise, 1.0).astype(np.float32)
     problem = LensingProblem.from_lens(
@@ -371,13 +373,15 @@ def load_observation(path, config: LensingConfig | None = None, *, device="cpu",
     snr = np.where(mask, sci / sigma_np, 0.0)
     meta = {
         "path": str(path), "obs_id": str(prim_h.get("OBSID", path.stem)), "lens": lens, "frame": frame,
-        "lens_source": lens_source, "pixscale": pix, "bunit": bunit or "flux/pixel (assumed)",
-        "surface_brightness": unit_sb, "unit_factor": unit_factor, "image_shape": tuple(sci.shape),
+        "lens_source": lens_source, "pixscale": pix, "bunit": d["bunit"] or "flux/pixel (assumed)",
+        "data_unit": cfg.noise.bunit, "unit_conversion": d["factor"], "noise_hdu": d["noise_hdu"],
+        "surface_brightness": d["surface_brightness"], "unit_factor": unit_factor, "image_shape": tuple(sci.shape),
+        "file_shape": tuple(file_shape), "file_pixscale": file_pix, "rebin": k, "crop_shift": px.shift,
         "source_npix": ns, "source_pixscale": sps, "supersample": geom.supersample,
         "psf_shape": tuple(psf.shape), "psfsamp": psfsamp, "psf_fwhm": psf_fwhm(psf, psfsamp),
         "psf_used": psf_used, "mask": mask, "mask_fraction": float(1 - mask.mean()),
         "n_nan": int(bad.sum()), "peak_snr_data": float(snr.max()), "truth": truth,
-        "header_source_grid": header_grid, "lens_light_subtracted": lens_light, "warnings": warnings,
+        "header_source_grid": header_grid, "lens_light_subtracted": d["lens_light"], "warnings": warnings,
     }
     if truth is not None:
         model = problem.physical_forward(torch.as_tensor(truth, device=problem.device)[None])[0].cpu().numpy()
