@@ -13,6 +13,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.config import load_section, load_yaml
+from pipeline.lensing.config import PosteriorConfig
+from pipeline.lensing.guard import check_observation, policy_of, read_trained_record
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -27,8 +31,6 @@ def add_arguments(parser):
 def posterior_dir(args):
     """``--posterior``, else the config's ``posterior_checkpoint`` resolved against the repository (as the
     workflow does); None when neither names one."""
-    from pipeline.config import load_yaml
-
     if args.posterior:
         return Path(args.posterior)
     shipped = load_yaml(args.config).get("posterior_checkpoint") if args.config else None
@@ -39,10 +41,6 @@ def posterior_dir(args):
 
 def guard_verdicts(args, problem, y, meta) -> dict | None:
     """condition -> {inside, policy, reason} against the posterior's trained conditions (None: no posterior)."""
-    from pipeline.config import load_section
-    from pipeline.lensing.config import PosteriorConfig
-    from pipeline.lensing.guard import check_observation, policy_of, read_trained_record
-
     pdir = posterior_dir(args)
     if pdir is None:
         return None
