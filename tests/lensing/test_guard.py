@@ -254,3 +254,29 @@ def test_sample_refuses_or_warns_with_the_shipped_checkpoint(inside, tmp_path, c
     rc, _, err = _cli(capsys, *base, "--obs", inside, grid, "--out", tmp_path / "refused")
     assert rc == 2 and len(err.strip().splitlines()) == 1 and str(grid) in err and "SCI.NAXIS1" in err
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_surface_brightness_file_is_judged_in_flux_per_pixel(inside, record, tmp_path):
+    def to_sb(hl):
+        for name in ("SCI", "NOISE"):
+            hl[name].data = (hl[name].data / 0.01).astype(np.float32)  # per 0.01 arcsec2 pixel
+            hl[name].header["BUNIT"] = "electron/(s arcsec2)"
+
+    sb = _edit(inside, tmp_path / "sb.fits", to_sb)
+    assert _judge(sb, record)[0] == set()
+    noisy = _edit(sb, tmp_path / "sb_noisy.fits", _scale("NOISE", 1.3))
+    assert "noise" in _judge(noisy, record)[0]
+
+
+def test_an_export_without_a_record_is_judged_on_its_lensing_entry(inside, tmp_path):
+    from pipeline.lensing.guard import trained_record
+
+    old = {"lensing": {"noise_sigma": SIGMA, "geometry": dataclasses.asdict(DEFAULT.geometry),
+                       "lens_ranges": dataclasses.asdict(DEFAULT.lens), "n_lenses": 512, "n_truths": 4096}}
+    rec = trained_record(old, tmp_path)
+    outside, verdicts = _judge(_edit(inside, tmp_path / "big.fits", _keys(LENS_RE=2.5)), rec)
+    assert outside == {"lens_rein"}
+    assert {v.condition for v in verdicts} == set(CONDITIONS) - {"lens_slope", "peak_snr", "flux"}  # not recorded
+    with pytest.raises(InputFileError, match="trained_on") as err:
+        trained_record({"kind": "rtb_posterior"}, tmp_path)
+    assert "\n" not in str(err.value) and "hparams.json" in str(err.value)
