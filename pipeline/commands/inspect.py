@@ -1,18 +1,64 @@
-"""``python -m pipeline inspect FILE [--config CFG] [--json]``: validate an observation and summarise it.
+"""``python -m pipeline inspect FILE [--config CFG] [--posterior DIR] [--json]``: validate an observation
+and summarise it.
 
 Prints shapes, units, pixel scales, the lens model (array frame), PSF, mask fraction, NaN count and
-peak SNR; exits 2 with a one-line error naming the file and the HDU/keyword when the file is invalid.
+peak SNR, and the guard's verdict on every condition the amortized posterior was trained on (``--posterior``,
+default the config's ``posterior_checkpoint`` relative to the repository; :mod:`pipeline.lensing.guard`)
+with the policy ``posterior.guard`` gives it; exits 2 with a one-line error naming the file and the
+HDU/keyword when the file is invalid.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+from pipeline.config import load_section, load_yaml
+from pipeline.lensing.config import PosteriorConfig
+from pipeline.lensing.guard import check_observation, policy_of, read_trained_record
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def add_arguments(parser):
     parser.add_argument("file", help="observation FITS file")
     parser.add_argument("--config", default=None, help="pipeline YAML config (lensing: geometry, observation)")
+    parser.add_argument("--posterior", default=None, metavar="DIR", help="amortized posterior whose trained "
+                        "conditions the observation is judged against (default: the config's posterior_checkpoint)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def posterior_dir(args):
+    """``--posterior``, else the config's ``posterior_checkpoint`` resolved against the repository (as the
+    workflow does); None when neither names one."""
+    if args.posterior:
+        return Path(args.posterior)
+    shipped = load_yaml(args.config).get("posterior_checkpoint") if args.config else None
+    if not shipped:
+        return None
+    return Path(shipped) if Path(shipped).is_absolute() else ROOT / shipped
+
+
+def guard_verdicts(args, problem, y, meta) -> dict | None:
+    """condition -> {inside, policy, reason} against the posterior's trained conditions (None: no posterior)."""
+    pdir = posterior_dir(args)
+    if pdir is None:
+        return None
+    gcfg = load_section(args.config, "posterior", PosteriorConfig).guard if args.config else PosteriorConfig().guard
+    verdicts = check_observation(read_trained_record(pdir), problem, y, meta, gcfg)
+    return {"posterior": str(pdir), "conditions": {
+        v.condition: {"inside": v.inside, "policy": policy_of(gcfg, v.condition), "keyword": v.keyword,
+                      **({} if v.inside else {"reason": v.reason})} for v in verdicts}}
+
+
+def print_guard(guard: dict | None) -> None:
+    if guard is None:
+        print("  trained conditions: no posterior (give --posterior or a config with posterior_checkpoint)")
+        return
+    print(f"  trained conditions of {guard['posterior']}:")
+    for name, v in guard["conditions"].items():
+        verdict = "inside" if v["inside"] else f"OUTSIDE ({v['policy']}): {v['reason']}"
+        print(f"    {name:12s} {verdict}")
 
 
 def summarise(meta: dict, problem) -> dict:
@@ -42,8 +88,9 @@ def run(args) -> int:
 
     configure_threads()
     cfg = load_lensing_config(args.config) if args.config else LensingConfig()
-    problem, _y, meta = load_observation(args.file, cfg)
+    problem, y, meta = load_observation(args.file, cfg)
     s = summarise(meta, problem)
+    s["guard"] = guard_verdicts(args, problem, y, meta)
     if args.json:
         print(json.dumps(s, indent=1))
         return 0
@@ -64,4 +111,5 @@ def run(args) -> int:
     print(snr)
     for w in s["warnings"]:
         print(f"  warning: {w}")
+    print_guard(s["guard"])
     return 0

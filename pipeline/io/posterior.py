@@ -6,7 +6,8 @@ Layout (``write_posterior`` / ``read_posterior``):
   ``LOGZIW``; absent keys mean "not available", e.g. for particle methods), ``XUNITS`` (``physical`` or
   ``network`` source units), ``CHI2NU`` (median chi2_nu over samples), ``SAMPSEC`` (sampling wall seconds for this observation), ``OBSFILE``
   (the observation file's name), provenance (``PIPEVER``, ``SEED``, ``CFGHASH`` and the whole
-  provenance mapping as JSON in ``PROVJSON``).
+  provenance mapping as JSON in ``PROVJSON``); one ``OODWARN`` card per condition the observation lies
+  outside of the amortized posterior's trained ones (:mod:`pipeline.lensing.guard`; none when inside).
 - ``SAMPLES`` (n_samples, ny, nx) float32: equally weighted draws (particle methods: resampled).
 - ``MEAN``, ``STD`` (ny, nx): weighted over ``PARTICLES`` when particles and weights are given.
 - optional ``TRUTH``, ``OBS`` (the observed image, image-plane), ``PARTICLES`` (n_p, ny, nx),
@@ -102,7 +103,8 @@ def write_posterior(path, samples, *, mean=None, std=None, truth=None, obs=None,
                     weights=None, logz: dict | None = None, chi2=None, src_pixscale: float,
                     method: str, provenance: dict | None = None, seconds: float | None = None,
                     obs_file: str | None = None, obs_pixscale: float | None = None,
-                    bunit: str = "", units: str = "physical", extra_header: dict | None = None) -> Path:
+                    bunit: str = "", units: str = "physical", extra_header: dict | None = None,
+                    ood_warnings: list[str] | None = None) -> Path:
     """Write one observation's posterior to ``path`` (atomically, with checksums).
 
     samples: (n, ny, nx) or (n, 1, ny, nx) equally weighted draws, in the units named by ``bunit``.
@@ -114,7 +116,8 @@ def write_posterior(path, samples, *, mean=None, std=None, truth=None, obs=None,
     units: ``physical`` (x_phys = s*x + b, the SCI brightness units; the default and the
     recommendation) or ``network`` (the prior's own units); stored as ``XUNITS`` so calibration
     applies the right forward model. seconds: sampling wall time for this observation. provenance: JSON-serialisable mapping
-    (``version``, ``seed``, ``config_hash`` get their own keys). Returns the path.
+    (``version``, ``seed``, ``config_hash`` get their own keys). ood_warnings: one line per condition the
+    observation lies outside of the posterior's trained ones (``OODWARN`` cards). Returns the path.
     """
     path = Path(path)
     if not (src_pixscale and float(src_pixscale) > 0):
@@ -179,6 +182,8 @@ def write_posterior(path, samples, *, mean=None, std=None, truth=None, obs=None,
         h["PROVJSON"] = json.dumps(prov, sort_keys=True, default=str)
     for k, v in (extra_header or {}).items():
         h[k] = v
+    for reason in ood_warnings or []:
+        h.append(("OODWARN", str(reason)), end=True)
 
     hdus = [prim]
 
@@ -217,7 +222,8 @@ def read_posterior(path) -> dict:
     """Read a posterior file written by :func:`write_posterior`; arrays come back native float32
     (WEIGHTS and CHI2 float64). Returns a dict with keys samples, mean, std, truth, obs, particles,
     weights, chi2 (arrays or None), obs_pixscale, method, n_samples, src_pixscale, logz (dict elbo/elbo_se/iw,
-    None where not available), chi2_median, seconds, obs_file, provenance, header.
+    None where not available), chi2_median, seconds, obs_file, provenance, ood_warnings (the OODWARN
+    lines, empty when none), header.
     A missing, truncated or checksum-failing file raises :class:`InputFileError`."""
     path = Path(path)
     if not path.is_file():
@@ -265,6 +271,7 @@ def read_posterior(path) -> dict:
     out["obs_file"] = h.get("OBSFILE")
     out["bunit"] = h.get("BUNIT", "")
     out["units"] = str(h.get("XUNITS", "physical"))
+    out["ood_warnings"] = [str(c.value) for c in h.cards if c.keyword == "OODWARN"]
     prov = {}
     if "PROVJSON" in h:
         try:

@@ -242,6 +242,44 @@ def check_rtb_for_lensing(rcfg, path) -> None:
                           f"amortized lensing posterior (a batch mixes lenses); set it to 0 (got {rcfg.exploration.dps_rate})")
 
 
+_GUARD_POLICY = ["warn", "error"]
+
+
+def _policy(default, what):
+    return param(default, f"What an observation outside the trained {what} does: warn (log and OODWARN "
+                 "header cards) or error (refused before sampling).", choices=_GUARD_POLICY)
+
+
+@dataclass
+class GuardConfig:
+    """Section ``posterior.guard``: what happens when an observation lies outside a condition the amortized
+    posterior was trained on (its ``trained_on`` record). ``error`` by default where the network cannot
+    represent the observation (another image grid, pixel scale or source grid), ``warn`` elsewhere."""
+
+    image_grid: str = _policy("error", "image grid")
+    pixel_scale: str = _policy("error", "image pixel scale")
+    source_grid: str = _policy("error", "source grid")
+    supersample: str = _policy("warn", "supersampling")
+    psf: str = _policy("warn", "PSF FWHM")
+    noise: str = _policy("warn", "noise level")
+    lens_model: str = _policy("warn", "lens model")
+    lens_rein: str = _policy("warn", "Einstein-radius range")
+    lens_q: str = _policy("warn", "axis-ratio range")
+    lens_phi: str = _policy("warn", "position-angle range")
+    lens_center: str = _policy("warn", "lens-centre range")
+    lens_slope: str = _policy("warn", "EPL-slope range")
+    lens_shear: str = _policy("warn", "shear maximum")
+    mask: str = _policy("warn", "masked fraction")
+    peak_snr: str = _policy("warn", "peak-SNR range")
+    flux: str = _policy("warn", "image-flux range")
+    pixscale_rtol: float = param(1e-3, "Relative tolerance on the image and source pixel scales.", min=0)
+    psf_rtol: float = param(0.1, "Relative tolerance on the PSF FWHM.", min=0)
+    noise_rtol: float = param(0.1, "Relative tolerance on the median noise level against the trained range.",
+                              min=0)
+    mask_slack: float = param(0.02, "Masked fraction allowed beyond the trained one (a few bad pixels).",
+                              min=0, max=1)
+
+
 @dataclass
 class PosteriorConfig:
     """Section ``posterior:``: amortized training set-up and sampling defaults of the lensing posterior."""
@@ -266,3 +304,5 @@ class PosteriorConfig:
     tune_seed: int = param(987654, "Seed of the tuning observations, apart from every trained and evaluated set.",
                            min=0)
     seed: int = param(0, "Seed of the training pools and the default sampling seed.", min=0)
+    guard: GuardConfig = param(GuardConfig, "What sample, inspect and the user target do with an observation "
+                               "outside the posterior's trained conditions.")

@@ -10,6 +10,7 @@ from the configured ranges (a pool of ``n_lenses`` assembled sparse operators) a
 the fixed noise level (independent of the truth). The network sees the observation through
 source-plane features (:func:`pipeline.lensing.amortized.lens_features`); each observation's lens
 travels with it as a lens index into the pool (:meth:`pipeline.lensing.amortized.MultiLensProblem.take`).
+The export records what the pool covered (``trained_on``, :mod:`pipeline.lensing.guard`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pipeline.errors import ConfigError, InputFileError
 from pipeline.io.checkpoint import has_checkpoints, load_checkpoint, save_checkpoint, write_checkpoint_dir
 from pipeline.lensing.amortized import MultiLensProblem, amortized_sampler, lens_features
 from pipeline.lensing.config import PosteriorConfig, check_rtb_for_lensing, load_lensing_config
+from pipeline.lensing.guard import measure_trained_conditions
 from pipeline.lensing.simulate import draw_lens, make_problem, typical_noise_sigma
 from pipeline.lensing.sources import read_sources
 from pipeline.lensing.tuning import prior_predictive_observation
@@ -40,6 +42,8 @@ from pipeline.runtime import seed_everything
 from pipeline.samplers.tuning import tune_scale
 
 log = logging.getLogger(__name__)
+
+RECORD_TRUTHS = 256  # truths measured for the trained conditions when the run drew none
 
 
 def resolve_noise_sigma(lcfg, sources_path) -> float:
@@ -103,6 +107,13 @@ def warm_start_posterior(post, spec: dict, checkpoint) -> None:
              f" and {sorted(shared)}" if shared else "")
 
 
+def record_truths(prior, chain, pcfg):
+    """The first ``RECORD_TRUTHS`` of the pool's prior-chain truths (same seed and batches), drawn to
+    measure the trained conditions of a run that drew none (no step left to train) and records none."""
+    gen = torch.Generator().manual_seed(pcfg.seed)
+    return sample_prior(prior, chain, min(pcfg.n_truths, RECORD_TRUTHS), generator=gen, batch_size=pcfg.batch_size)
+
+
 def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=None, init_from=None,
              warm_start=None) -> dict:
     """Amortized RTB over the prior predictive; resumes from ``run_dir`` (or starts it from the
@@ -144,6 +155,8 @@ def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=N
         warm_start_posterior(post, spec, warm_start)
     trainer = RTBTrainer(post, rcfg, problem=pool, obs_sampler=obs_sampler, cond_fn=lens_features, run_dir=run_dir,
                          metrics_path=run_dir / "metrics.jsonl", spec=spec)
+    # the conditions recorded by the checkpoint resumed from: they stand when no step is trained here
+    carried = load_checkpoint(run_dir, names=[]).hparams.get("trained_on") if has_checkpoints(run_dir) else None
     if trainer.resume():
         log.info("resuming fine-tuning at step %d", trainer.step_idx)
     t0 = time.time()
@@ -157,6 +170,8 @@ def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=N
     hp["lensing"] = {"noise_sigma": sigma, "geometry": vars(lcfg.geometry), "lens_ranges": vars(lcfg.lens),
                      "n_lenses": pcfg.n_lenses, "n_truths": pcfg.n_truths}
     hp["prior_checkpoint"] = str(prior.meta.get("checkpoint"))
+    hp["trained_on"] = carried if carried and not truth_cache else measure_trained_conditions(
+        lcfg, sigma, pool, truth_cache[0] if truth_cache else record_truths(prior, chain, pcfg), prior)
     states = {k: v for k, v in ck.states.items() if k in ("model", "ema", "per_step")}  # per_step: learned gains
     write_checkpoint_dir(out_dir, states, hp, {**ck.state, "summary": summary})
     return summary

@@ -2,7 +2,9 @@
 
 ``sample_observations`` loads the prior (and the amortized posterior), builds the method's sampler
 once (:func:`pipeline.samplers.make_sampler`), samples each observation and writes one posterior FITS
-per observation.
+per observation. For the amortized posterior every observation is first judged against the conditions
+it was trained on (:mod:`pipeline.lensing.guard`, policy ``posterior.guard``): refused with one line
+before anything is sampled, or sampled with warnings in the log and ``OODWARN`` header cards.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pipeline.errors import ConfigError, InputFileError
 from pipeline.io.posterior import write_posterior
 from pipeline.lensing.amortized import amortized_sampler
 from pipeline.lensing.config import BrightnessConfig, PosteriorConfig, load_lensing_config
+from pipeline.lensing.guard import apply_policy, check_observation, trained_record
 from pipeline.lensing.observation import load_observation
 from pipeline.lensing.tuning import tune_guidance_scale
 from pipeline.metrics.chi2 import chi2_per_sample
@@ -41,17 +44,20 @@ def load_amortized(posterior_dir, prior, chain=None):
     return load_posterior(posterior_dir, prior, chain=chain)
 
 
-def check_in_trained_range(meta_lens, hp, path):
-    """Warn when an observation's lens falls outside the ranges the amortized posterior saw."""
-    ranges = (hp.get("lensing") or {}).get("lens_ranges") or {}
-    for key, attr in (("rein", "rein"), ("q", "q")):
-        lo_hi = ranges.get(key)
-        if lo_hi is None:
-            continue
-        v = getattr(meta_lens, attr, None)
-        if v is not None and not (lo_hi[0] - 1e-9 <= v <= lo_hi[1] + 1e-9):
-            log.warning("%s: lens %s=%.3f outside the trained range %s: the amortized posterior may be "
-                        "unreliable", path, key, v, list(lo_hi))
+def guard_observations(files, lcfg, brightness, device, record, gcfg) -> list[tuple]:
+    """Read every observation and judge it against the posterior's trained conditions ``record`` (None:
+    not judged) before any is sampled, so an ``error`` policy refuses the whole call with one line and
+    no output. Returns (problem, y, meta, out-of-condition warnings) per file."""
+    loaded = []
+    for path in files:
+        problem, y, meta = load_observation(path, lcfg, device=device, brightness=brightness)
+        ood = []
+        if record is not None:
+            ood = apply_policy(path, check_observation(record, problem, y, meta, gcfg), gcfg)
+            for reason in ood:
+                log.warning("%s: outside the posterior's trained conditions: %s", path, reason)
+        loaded.append((problem, y, meta, ood))
+    return loaded
 
 
 def fps_smc_options(pcfg: PosteriorConfig, n: int) -> dict:
@@ -176,12 +182,11 @@ def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs
     sampler, prov, hp = _build_sampler(method, config_path, prior, chain, posterior_dir, files[0], lcfg, pcfg, n,
                                        device, tuning)
     provenance.update(prov)
+    record = None if hp is None else trained_record(hp, posterior_dir)
+    loaded = guard_observations(files, lcfg, brightness, device, record, pcfg.guard)
     spec = method_spec(method)
     results = []
-    for i, path in enumerate(files):
-        problem, y, meta = load_observation(path, lcfg, device=device, brightness=brightness)
-        if hp is not None:
-            check_in_trained_range(meta.get("lens"), hp, path)
+    for i, (path, (problem, y, meta, ood)) in enumerate(zip(files, loaded)):
         gen = torch.Generator().manual_seed(seed * 100003 + i)
         t0 = time.time()
         smp = sampler.sample(problem, y, n, generator=gen)
@@ -194,7 +199,7 @@ def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs
                         particles=particles, weights=weights,
                         chi2=chi["chi2_nu"], src_pixscale=lcfg.geometry.source_pixscale, method=method,
                         provenance=provenance, seconds=seconds, obs_file=str(path),
-                        obs_pixscale=meta.get("pixscale"), bunit=lcfg.sources.bunit)
+                        obs_pixscale=meta.get("pixscale"), bunit=lcfg.sources.bunit, ood_warnings=ood)
         results.append({"obs": str(path), "out": str(target), "seconds": seconds, "logz": logz,
                         "chi2_median": float(np.median(chi["chi2_nu"]))})
         log.info("%s %s: %.1f s, chi2_nu median %.3f, log Z %s", method, path.stem, seconds,

@@ -113,3 +113,37 @@ def test_check_posterior_prints_fit_statistics(run, capsys):
     # the truths are drawn from the noise model the check assumes: their chi2_nu is ~1 (144 pixels each)
     assert 0.6 < rec["truth_chi2_nu_median"] < 1.5
     assert rec["chi2_nu_median"] > 0 and np.isfinite(rec["elbo_median"])
+
+
+def test_finetune_records_the_trained_conditions(run):
+    from pipeline.io.checkpoint import load_checkpoint
+
+    rec = load_checkpoint(run / "posterior", names=[]).hparams["trained_on"]
+    assert (rec["image_npix"], rec["image_pixscale"], rec["source_npix"], rec["psf_fwhm"]) == (12, 0.2, 12, 0.3)
+    assert rec["noise_sigma"] == [0.05, 0.05] and rec["rein"] == [0.5, 0.9] and rec["shear_max"] == 0.15
+    assert rec["measured_on"] == {"lenses": 2, "truths": 4, "from": "pool"}
+    assert 0 < rec["peak_snr"][0] <= rec["peak_snr"][1] and 0 < rec["source_flux"][0] <= rec["source_flux"][1]
+
+
+def test_a_run_with_no_step_left_keeps_the_record_it_resumed(run, tmp_path):
+    """A finished checkpoint (as the shipped one) seeds a run with nothing left to train: the export keeps
+    the checkpoint's trained conditions instead of measuring a pool the network never saw."""
+    import hashlib
+    import shutil
+
+    from pipeline.io.checkpoint import load_checkpoint
+
+    step = load_checkpoint(run / "ft", names=[]).path
+    shipped = tmp_path / step.name
+    shutil.copytree(step, shipped)
+    hp = json.loads((shipped / "hparams.json").read_text())
+    hp["trained_on"] = {**load_checkpoint(run / "posterior", names=[]).hparams["trained_on"], "rein": [0.3, 0.4]}
+    (shipped / "hparams.json").write_text(json.dumps(hp, indent=2, sort_keys=True))
+    man = json.loads((shipped / "manifest.json").read_text())
+    data = (shipped / "hparams.json").read_bytes()
+    man["files"]["hparams.json"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (shipped / "manifest.json").write_text(json.dumps(man))
+    assert main(["finetune-posterior", "--config", str(run / "config.yaml"), "--prior", str(run / "prior"),
+                 "--run-dir", str(tmp_path / "ft"), "--out", str(tmp_path / "export"),
+                 "--init-from", str(shipped)]) == 0
+    assert load_checkpoint(tmp_path / "export", names=[]).hparams["trained_on"] == hp["trained_on"]
