@@ -194,9 +194,9 @@ class ObservationConfig:
     max_image_npix: int = param(256, "Largest image side accepted after rebinning and cropping; larger images "
                                 "are refused before the lens operator, whose cost grows with the pixel count, "
                                 "is built.", "pixel", min=4)
-    max_noise_ratio: float = param(1000.0, "Largest ratio, either way, between SCI's robust pixel scatter and "
+    max_noise_ratio: float = param(1.0e5, "Largest ratio, either way, between SCI's robust pixel scatter and "
                                    "the median noise before a file is refused as having SCI and noise in "
-                                   "different units or scales.", gt=1)
+                                   "different units or scales (bright, well-exposed images reach 10^3).", gt=1)
 
 
 @dataclass

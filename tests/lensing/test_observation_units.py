@@ -128,6 +128,16 @@ def test_sci_on_another_scale_than_noise_is_refused(obs_file, tmp_path):
     load_observation(bad, cfg)
 
 
+def test_a_bright_image_far_above_its_noise_is_accepted(obs_file, tmp_path):
+    """SCI scatter 3,000 times the noise (a bright, deep exposure; the tiny CI observations reach 2,000)
+    is not a unit mix-up."""
+    def bright(hl):
+        hl["SCI"].data = hl["SCI"].data * 3e3 / (1.4826 * np.median(np.abs(hl["SCI"].data - np.median(hl["SCI"].data)))
+                                                 / np.median(hl["NOISE"].data))
+
+    load_observation(_edit(obs_file, tmp_path / "bright.fits", bright), LensingConfig(geometry=GEOM))
+
+
 @pytest.mark.parametrize("fill,msg", [(0.0, "SCI is all zero"), (np.nan, "SCI has no finite pixel")])
 def test_all_zero_or_all_nan_sci_refused_naming_sci(obs_file, tmp_path, fill, msg):
     def blank(hl):
