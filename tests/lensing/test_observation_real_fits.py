@@ -126,6 +126,8 @@ def test_lenstronomy_mjy_sr_file_matches_project_units(tmp_path):
     assert (a.x0, a.y0, a.phi, a.g1, a.g2) == pytest.approx((LENS.x0, LENS.y0, LENS.phi, LENS.g1, LENS.g2), abs=1e-9)
     c1, c0 = _chi2(jwst, tmp_path / "jwst_post.fits"), _chi2(ours, tmp_path / "ours_post.fits")
     assert abs(c1 - c0) <= 0.02, (c1, c0)
+    assert read_posterior(tmp_path / "jwst_post.fits")["ood_warnings"] == read_posterior(
+        tmp_path / "ours_post.fits")["ood_warnings"]
 
 
 def _source(n=32, pix=0.05):
@@ -160,3 +162,5 @@ def test_half_pixel_scale_observation_rebinned_to_trained_scale(tmp_path):
     c_fine = _chi2(f_fine, tmp_path / "fine_post.fits", config=rebin_cfg)
     c_coarse = _chi2(f_coarse, tmp_path / "coarse_post.fits")
     assert abs(c_fine - c_coarse) <= 0.1, (c_fine, c_coarse)
+    # the rebinned observation passes the shipped posterior's guard: not refused, and no condition warned
+    assert read_posterior(tmp_path / "fine_post.fits")["ood_warnings"] == []
