@@ -15,6 +15,7 @@ from pipeline.lensing.observation import load_observation
 from pipeline.lensing.operator import LensParams, gaussian_psf
 from pipeline.lensing.simulate import (draw_lens, make_problem, simulate_observation, typical_noise_sigma,
                                        write_observation)
+from small_observation import edit_fits
 
 GEOM = GeometryConfig(image_npix=16, image_pixscale=0.1, source_npix=16, source_pixscale=0.1, supersample=2,
                       psf_npix=7)
@@ -37,14 +38,6 @@ def obs_file(tmp_path):
     path = tmp_path / "obs.fits"
     write_observation(path, obs, {"OBSID": ("obs", "id")})
     return path, obs
-
-
-def _edit(src, dst, fn):
-    with fits.open(src) as f:
-        hl = fits.HDUList([h.copy() for h in f])
-    fn(hl)
-    hl.writeto(dst, overwrite=True)
-    return dst
 
 
 def test_round_trip_and_chi2(obs_file):
@@ -78,7 +71,7 @@ def test_surface_brightness_bunit_is_converted_to_flux_per_pixel(obs_file, tmp_p
             hl[name].data = hl[name].data / 0.01
             hl[name].header["BUNIT"] = "electron/(s arcsec2)"
 
-    sb = _edit(path, tmp_path / "sb.fits", to_sb)
+    sb = edit_fits(path, tmp_path / "sb.fits", to_sb)
     p1, y1, m1 = load_observation(path, CFG)
     p2, y2, m2 = load_observation(sb, CFG)
     assert m2["surface_brightness"] and not m1["surface_brightness"]
@@ -151,7 +144,7 @@ def test_validation_errors_one_line(obs_file, tmp_path, case, field, msg):
     if case == "nan_error":
         cfg = LensingConfig(geometry=GEOM)
         cfg.observation.nan_policy = "error"
-    bad = _edit(path, tmp_path / f"{case}.fits", fn)
+    bad = edit_fits(path, tmp_path / f"{case}.fits", fn)
     with pytest.raises(InputFileError) as e:
         load_observation(bad, cfg)
     text = str(e.value)
@@ -167,7 +160,7 @@ def test_nan_pixels_masked_with_warning_and_user_mask(obs_file, tmp_path, caplog
         m[0, :] = 0
         hl.append(fits.ImageHDU(m, name="MASK"))
 
-    f = _edit(path, tmp_path / "nan.fits", fn)
+    f = edit_fits(path, tmp_path / "nan.fits", fn)
     prob, y, meta = load_observation(f, CFG)
     assert not bool(prob.mask[2, 5]) and not prob.mask[0].any()
     assert prob.n_data == 256 - 16 - 1 and float(y[2, 5]) == 0.0
@@ -179,7 +172,7 @@ def test_nan_pixels_masked_with_warning_and_user_mask(obs_file, tmp_path, caplog
     def bad_type(hl):
         hl["MASK"].header["MASKTYPE"] = "BAD"
 
-    g = _edit(f, tmp_path / "badmask.fits", bad_type)    # now 1 = ignored: only row 0 is used
+    g = edit_fits(f, tmp_path / "badmask.fits", bad_type)    # now 1 = ignored: only row 0 is used
     prob2, _, _ = load_observation(g, CFG)
     assert prob2.n_data == 16
 
@@ -193,7 +186,7 @@ def test_lens_light_hdu_is_subtracted(obs_file, tmp_path):
         hl["SCI"].data = hl["SCI"].data + light
         hl.append(fits.ImageHDU(light, name="LENSLIGHT"))
 
-    f = _edit(path, tmp_path / "light.fits", add)
+    f = edit_fits(path, tmp_path / "light.fits", add)
     p1, y1, m1 = load_observation(path, CFG)
     p2, y2, m2 = load_observation(f, CFG)
     assert m2["lens_light_subtracted"] and not m1["lens_light_subtracted"]
@@ -202,7 +195,7 @@ def test_lens_light_hdu_is_subtracted(obs_file, tmp_path):
     def bad(hl):
         hl["LENSLIGHT"].data = hl["LENSLIGHT"].data[:4]
 
-    g = _edit(f, tmp_path / "badlight.fits", bad)
+    g = edit_fits(f, tmp_path / "badlight.fits", bad)
     with pytest.raises(InputFileError, match=r"\[LENSLIGHT\].*shape"):
         load_observation(g, CFG)
 
@@ -215,7 +208,7 @@ def test_lens_from_yaml_beside_file(obs_file, tmp_path):
             if k.startswith(("LENS", "SHEAR", "Z_")):
                 del hl[0].header[k]
 
-    f = _edit(path, tmp_path / "nolens.fits", strip)
+    f = edit_fits(path, tmp_path / "nolens.fits", strip)
     (tmp_path / "nolens.lens.yaml").write_text(
         "lens: {model: SIE+SHEAR, x0: 0.02, y0: -0.01, q: 0.75, phi: 0.6, rein: 0.5, g1: 0.03, g2: -0.02}\n")
     p_yaml, y, meta = load_observation(f, CFG)
@@ -245,7 +238,7 @@ def test_flipped_world_frame_file_gives_same_likelihood(obs_file, tmp_path):
             hh.update({"CD1_1": -0.1, "CD1_2": 0.0, "CD2_1": 0.0, "CD2_2": 0.1})
         hl["PSF"].data = hl["PSF"].data[:, ::-1].copy()
 
-    f = _edit(path, tmp_path / "flip.fits", flip)
+    f = edit_fits(path, tmp_path / "flip.fits", flip)
     p1, y1, m1 = load_observation(path, CFG)
     p2, y2, m2 = load_observation(f, CFG)
     lens2 = m2["lens"]
@@ -273,8 +266,8 @@ def test_psf_at_image_scale_is_resampled(obs_file, tmp_path):
         hl["PSF"].data = gaussian_psf(wide, 0.1, 13).astype(np.float32)
         hl["PSF"].header["PSFSAMP"] = 0.1
 
-    fe = _edit(path, tmp_path / "pe.fits", psf_exact)
-    fc = _edit(path, tmp_path / "pc.fits", psf_coarse)
+    fe = edit_fits(path, tmp_path / "pe.fits", psf_exact)
+    fc = edit_fits(path, tmp_path / "pc.fits", psf_coarse)
     pe, _, me = load_observation(fe, CFG)
     pc, _, mc = load_observation(fc, CFG)
     assert me["psf_fwhm"] == pytest.approx(wide, rel=0.01) and mc["psf_fwhm"] == pytest.approx(wide, rel=0.01)

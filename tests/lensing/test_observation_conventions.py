@@ -10,36 +10,16 @@ import torch
 from astropy.io import fits
 
 from pipeline.errors import InputFileError
-from pipeline.lensing.config import GeometryConfig, LensingConfig, NoiseConfig
+from pipeline.lensing.config import LensingConfig
 from pipeline.lensing.observation import load_observation
-from pipeline.lensing.operator import LensParams
-from pipeline.lensing.simulate import simulate_observation, write_observation
 
-GEOM = GeometryConfig(image_npix=16, image_pixscale=0.1, source_npix=16, source_pixscale=0.1, supersample=2,
-                      psf_npix=7)
-LENS = LensParams(x0=0.02, y0=-0.01, q=0.75, phi=0.6, rein=0.5, g1=0.03, g2=-0.02)
-
-
-def _source(n=16, pix=0.1):
-    c = (np.arange(n) - (n - 1) / 2) * pix
-    xx, yy = np.meshgrid(c, c)
-    return (200 * np.exp(-((xx - 0.05) ** 2 + (yy + 0.03) ** 2) / (2 * 0.15 ** 2))).astype(np.float32)
+from small_observation import GEOM, LENS, edit_fits, world_lens, write_small_observation
 
 
 @pytest.fixture
 def obs_file(tmp_path):
-    obs = simulate_observation(_source(), LENS, GEOM, NoiseConfig(sigma=0.1), np.random.default_rng(1))
-    path = tmp_path / "obs.fits"
-    write_observation(path, obs)
-    return path
+    return write_small_observation(tmp_path / "obs.fits")
 
-
-def _edit(src, dst, fn):
-    with fits.open(src) as f:
-        hl = fits.HDUList([h.copy() for h in f])
-    fn(hl)
-    hl.writeto(dst, overwrite=True)
-    return dst
 
 
 def _load(path, **obs_keys):
@@ -61,7 +41,7 @@ def test_err_hdu_is_one_sigma(obs_file, tmp_path):
         hl["NOISE"].name = "ERR"
 
     p0, y0, _ = _load(obs_file)
-    p1, y1, m1 = _load(_edit(obs_file, tmp_path / "err.fits", to_err))
+    p1, y1, m1 = _load(edit_fits(obs_file, tmp_path / "err.fits", to_err))
     assert m1["noise_hdu"] == "ERR" and torch.equal(y1, y0) and torch.equal(p1.sigma, p0.sigma)
 
 
@@ -78,7 +58,7 @@ def test_inverse_variance_hdus(obs_file, tmp_path, name, keys, obs_keys):
         hl.append(hdu)
 
     p0, y0, m0 = _load(obs_file)
-    p1, y1, m1 = _load(_edit(obs_file, tmp_path / "ivm.fits", to_ivm), **obs_keys)
+    p1, y1, m1 = _load(edit_fits(obs_file, tmp_path / "ivm.fits", to_ivm), **obs_keys)
     assert m1["noise_hdu"] == name and not m1["warnings"]
     used = m1["mask"]
     assert not used[2, 3] and used.sum() == m0["mask"].sum() - 1
@@ -89,7 +69,7 @@ def test_unlabelled_wht_refused(obs_file, tmp_path):
     def to_wht(hl):
         hl["NOISE"].name = "WHT"         # an exposure-time map as drizzle writes it by default
 
-    _refused(_edit(obs_file, tmp_path / "wht.fits", to_wht), "WHT.WHTTYPE", "exposure-time map")
+    _refused(edit_fits(obs_file, tmp_path / "wht.fits", to_wht), "WHT.WHTTYPE", "exposure-time map")
 
 
 def test_dq_nonzero_is_bad_and_combines_with_mask(obs_file, tmp_path):
@@ -101,22 +81,8 @@ def test_dq_nonzero_is_bad_and_combines_with_mask(obs_file, tmp_path):
         hl.append(fits.ImageHDU(dq, name="DQ"))
         hl.append(fits.ImageHDU(m, name="MASK"))
 
-    _, _, m = _load(_edit(obs_file, tmp_path / "dq.fits", add_dq))
+    _, _, m = _load(edit_fits(obs_file, tmp_path / "dq.fits", add_dq))
     assert not m["mask"][1, 1] and not m["mask"][4, 7] and not m["mask"][9, 9] and m["mask"].sum() == 256 - 3
-
-
-def _world_lens(lens: LensParams, Q: np.ndarray) -> LensParams:
-    """The array-frame lens in a world frame w = Q a (Q orthogonal; reference pixel at the array centre),
-    worked out directly: positions and the directions of phi and of the shear angle map through Q."""
-    def turn(angle):
-        v = Q @ np.array([math.cos(angle), math.sin(angle)])
-        return math.atan2(v[1], v[0])
-
-    x0, y0 = Q @ np.array([lens.x0, lens.y0])
-    g = math.hypot(lens.g1, lens.g2)
-    theta = turn(0.5 * math.atan2(lens.g2, lens.g1))
-    return LensParams(x0=float(x0), y0=float(y0), q=lens.q, phi=turn(lens.phi) % math.pi, rein=lens.rein,
-                      g1=g * math.cos(2 * theta), g2=g * math.sin(2 * theta))
 
 
 def test_crota2_orientation(obs_file, tmp_path):
@@ -125,7 +91,7 @@ def test_crota2_orientation(obs_file, tmp_path):
     rho, p = math.radians(30.0), 0.1
     # FITS CROTA2 convention: CD = [[CDELT1 cos, -CDELT2 sin], [CDELT1 sin, CDELT2 cos]]
     J = np.array([[-p * math.cos(rho), -p * math.sin(rho)], [-p * math.sin(rho), p * math.cos(rho)]])
-    w = _world_lens(LENS, J / p)
+    w = world_lens(LENS, J / p)
 
     def to_sky(hl):
         h = hl["SCI"].header
@@ -137,7 +103,7 @@ def test_crota2_orientation(obs_file, tmp_path):
                              "SHEAR_G1": w.g1, "SHEAR_G2": w.g2})
 
     p0, y0, m0 = _load(obs_file)
-    p1, y1, m1 = _load(_edit(obs_file, tmp_path / "rot.fits", to_sky))
+    p1, y1, m1 = _load(edit_fits(obs_file, tmp_path / "rot.fits", to_sky))
     a = m1["lens"]
     assert (a.x0, a.y0, a.phi, a.g1, a.g2) == pytest.approx((LENS.x0, LENS.y0, LENS.phi, LENS.g1, LENS.g2), abs=1e-9)
     assert m1["pixscale"] == pytest.approx(p, rel=1e-12)
@@ -170,7 +136,7 @@ def test_numeric_keyword_given_text_one_line(obs_file, tmp_path, hdu, key, needs
                 hl[name].header["BUNIT"] = needs
         hl[0 if hdu == "PRIMARY" else hdu].header[key] = "0.1 arcsec"
 
-    bad = _edit(obs_file, tmp_path / f"{key}.fits", spoil)
+    bad = edit_fits(obs_file, tmp_path / f"{key}.fits", spoil)
     field = key if key.startswith(("LENS_", "SHEAR_", "Z_")) else f"{hdu}.{key}"
     _refused(bad, field, "not a number: '0.1 arcsec'")
 
@@ -182,7 +148,7 @@ def test_wrong_pixscale_caught_by_pixel_area(obs_file, tmp_path):
         hl["SCI"].header["PIXSCALE"] = hl[0].header["PIXSCALE"] = 0.05
         hl["SCI"].header["PIXAR_A2"] = 0.01
 
-    _refused(_edit(obs_file, tmp_path / "pix.fits", wrong), "SCI.PIXAR_A2", "disagrees with the pixel scale")
+    _refused(edit_fits(obs_file, tmp_path / "pix.fits", wrong), "SCI.PIXAR_A2", "disagrees with the pixel scale")
 
 
 def _big_cutout(src, dst, n=512):
@@ -200,7 +166,7 @@ def _big_cutout(src, dst, n=512):
             hl[name].header["CRPIX1"] = hl[name].header["CRPIX2"] = (n + 1) / 2
         del hl["TRUTH"]
 
-    return _edit(src, dst, grow)
+    return edit_fits(src, dst, grow)
 
 
 def test_512_cutout_cropped_or_refused_within_5_s(obs_file, tmp_path):
@@ -224,7 +190,7 @@ def test_crop_around_lens_centre_moves_the_lens_to_the_new_centre(obs_file, tmp_
     def move(hl):                                    # put the lens 1.05" right, 0.3" down of the centre
         hl[0].header["LENS_X0"], hl[0].header["LENS_Y0"] = 1.05, -0.3
 
-    f = _edit(big, tmp_path / "moved.fits", move)
+    f = edit_fits(big, tmp_path / "moved.fits", move)
     _, _, m = _load(f, crop="lens")
     # the 16x16 window is centred on the pixel nearest the lens: the lens lands within half a pixel of the centre
     assert m["image_shape"] == (16, 16)

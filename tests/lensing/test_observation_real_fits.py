@@ -20,6 +20,7 @@ from pipeline.lensing.config import GeometryConfig, NoiseConfig, load_lensing_co
 from pipeline.lensing.observation import load_observation
 from pipeline.lensing.operator import LensParams, gaussian_psf
 from pipeline.lensing.simulate import simulate_observation, write_observation
+from small_observation import world_lens
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "config" / "config.yaml"
@@ -37,19 +38,6 @@ def _chi2(obs, out, config=CONFIG, n=16):
                "--posterior", str(POSTERIOR), "--obs", str(obs), "--out-file", str(out), "--n", str(n)])
     assert rc == 0
     return float(read_posterior(out)["chi2_median"])
-
-
-def _world_lens(lens: LensParams, Q: np.ndarray) -> LensParams:
-    """The array-frame lens in the world frame w = Q a (Q orthogonal, reference pixel at the centre)."""
-    def turn(angle):
-        v = Q @ np.array([math.cos(angle), math.sin(angle)])
-        return math.atan2(v[1], v[0])
-
-    x0, y0 = Q @ np.array([lens.x0, lens.y0])
-    g = math.hypot(lens.g1, lens.g2)
-    theta = turn(0.5 * math.atan2(lens.g2, lens.g1))
-    return LensParams(x0=float(x0), y0=float(y0), q=lens.q, phi=turn(lens.phi) % math.pi, rein=lens.rein,
-                      g1=g * math.cos(2 * theta), g2=g * math.sin(2 * theta))
 
 
 def _lenstronomy_image(J, lens_w: LensParams, psf):
@@ -80,7 +68,7 @@ def test_lenstronomy_mjy_sr_file_matches_project_units(tmp_path):
     pytest.importorskip("lenstronomy")
     rho, photmjsr = math.radians(30.0), 0.37          # PHOTMJSR: MJy/sr per DN/s (gain 1 electron/DN)
     J = np.array([[-PIX * math.cos(rho), -PIX * math.sin(rho)], [-PIX * math.sin(rho), PIX * math.cos(rho)]])
-    lens_w = _world_lens(LENS, J / PIX)
+    lens_w = world_lens(LENS, J / PIX)
     psf = gaussian_psf(0.15, PIX / SS, 11)
     rng = np.random.default_rng(7)
     y = _lenstronomy_image(J, lens_w, psf) + SIGMA * rng.standard_normal((N, N))

@@ -11,30 +11,18 @@ import pytest
 from astropy.io import fits
 
 from pipeline.errors import InputFileError
-from pipeline.lensing.config import GeometryConfig, LensingConfig, NoiseConfig
+from pipeline.lensing.config import LensingConfig
 from pipeline.lensing.observation import load_observation
-from pipeline.lensing.operator import LensParams
-from pipeline.lensing.simulate import simulate_observation, write_observation
 
-GEOM = GeometryConfig(image_npix=16, image_pixscale=0.1, source_npix=16, source_pixscale=0.1, supersample=2,
-                      psf_npix=7)
-LENS = LensParams(x0=0.02, y0=-0.01, q=0.75, phi=0.6, rein=0.5, g1=0.03, g2=-0.02)
+from small_observation import GEOM, edit_fits, write_small_observation
+
 ARCSEC2_PER_SR = (180 * 3600 / math.pi) ** 2
 PIX_AREA = 0.1 * 0.1        # arcsec2
 
 
-def _source(n=16, pix=0.1):
-    c = (np.arange(n) - (n - 1) / 2) * pix
-    xx, yy = np.meshgrid(c, c)
-    return (200 * np.exp(-((xx - 0.05) ** 2 + (yy + 0.03) ** 2) / (2 * 0.15 ** 2))).astype(np.float32)
-
-
 @pytest.fixture
 def obs_file(tmp_path):
-    obs = simulate_observation(_source(), LENS, GEOM, NoiseConfig(sigma=0.1), np.random.default_rng(1))
-    path = tmp_path / "obs.fits"
-    write_observation(path, obs)
-    return path
+    return write_small_observation(tmp_path / "obs.fits")
 
 
 def _rewrite(src, dst, bunit, factor, sci_keys=None, prim_keys=None, noise_name="NOISE"):
@@ -107,19 +95,12 @@ def test_unit_refusals_one_line(obs_file, tmp_path, bunit, keys, field, msg):
     assert "\n" not in text and str(bad) in text and f"[{field}]" in text and msg in text
 
 
-def _edit(src, dst, fn):
-    with fits.open(src) as f:
-        hl = fits.HDUList([h.copy() for h in f])
-    fn(hl)
-    hl.writeto(dst, overwrite=True)
-    return dst
-
 
 def test_sci_on_another_scale_than_noise_is_refused(obs_file, tmp_path):
     def scale(hl):
         hl["SCI"].data = hl["SCI"].data * 1e6
 
-    bad = _edit(obs_file, tmp_path / "x1e6.fits", scale)
+    bad = edit_fits(obs_file, tmp_path / "x1e6.fits", scale)
     with pytest.raises(InputFileError) as e:
         load_observation(bad, LensingConfig(geometry=GEOM))
     assert "[SCI]" in str(e.value) and "different units or scales" in str(e.value)
@@ -135,7 +116,7 @@ def test_a_bright_image_far_above_its_noise_is_accepted(obs_file, tmp_path):
         hl["SCI"].data = hl["SCI"].data * 3e3 / (1.4826 * np.median(np.abs(hl["SCI"].data - np.median(hl["SCI"].data)))
                                                  / np.median(hl["NOISE"].data))
 
-    load_observation(_edit(obs_file, tmp_path / "bright.fits", bright), LensingConfig(geometry=GEOM))
+    load_observation(edit_fits(obs_file, tmp_path / "bright.fits", bright), LensingConfig(geometry=GEOM))
 
 
 @pytest.mark.parametrize("fill,msg", [(0.0, "SCI is all zero"), (np.nan, "SCI has no finite pixel")])
@@ -143,7 +124,7 @@ def test_all_zero_or_all_nan_sci_refused_naming_sci(obs_file, tmp_path, fill, ms
     def blank(hl):
         hl["SCI"].data = np.full_like(hl["SCI"].data, fill)
 
-    bad = _edit(obs_file, tmp_path / "blank.fits", blank)
+    bad = edit_fits(obs_file, tmp_path / "blank.fits", blank)
     with pytest.raises(InputFileError) as e:
         load_observation(bad, LensingConfig(geometry=GEOM))
     text = str(e.value)
@@ -161,6 +142,6 @@ def test_lens_light_converted_from_its_own_unit(obs_file, tmp_path):
         hl.append(ll)
 
     _, y0, _ = load_observation(obs_file, LensingConfig(geometry=GEOM))
-    _, y1, m1 = load_observation(_edit(obs_file, tmp_path / "ll.fits", add), LensingConfig(geometry=GEOM))
+    _, y1, m1 = load_observation(edit_fits(obs_file, tmp_path / "ll.fits", add), LensingConfig(geometry=GEOM))
     assert m1["lens_light_subtracted"]
     assert np.allclose(y1.numpy(), y0.numpy(), rtol=0, atol=1e-5)
