@@ -1,7 +1,7 @@
 """Figures (matplotlib, Agg backend): per-lens posterior panels and the coverage figure.
 
-Images use an asinh stretch (astropy ``AsinhStretch``, shared between truth, mean and samples) and
-arcsec axes from the pixel scales, origin at the array centre.
+Images use an asinh stretch (astropy ``AsinhStretch``, shared between truth, mean and samples; another
+shared between data and model) and arcsec axes from the pixel scales, origin at the array centre.
 """
 
 from pipeline.plots.coverage import plot_coverage

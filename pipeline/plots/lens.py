@@ -9,6 +9,8 @@ panels another) and a colour bar labelled with its unit. The grid is fixed (no c
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from astropy.io import fits
@@ -152,7 +154,7 @@ def _model_image(problem, units: str, mean) -> np.ndarray:
 
 
 def plot_posterior_file(posterior_path, out_path, *, problem=None, y=None, residual=None, obs_pixscale=None,
-                        n_show: int = 2, lens_curves=None):
+                        n_show: int = 2, lens_curves: Callable | None = None):
     """Plot a posterior FITS file written by :func:`pipeline.io.posterior.write_posterior`.
 
     The model and residual panels use the file's ``MODEL`` and ``RESID`` HDUs when it has them (a given
