@@ -101,7 +101,9 @@ def _read_reference(args, shape, unit, pixscale) -> tuple[np.ndarray, dict]:
     if data.ndim != 3 or data.shape[1:] != tuple(shape):
         raise InputFileError(args.data, f"images of shape {data.shape[1:]} do not match the draws' "
                                         f"{tuple(shape)}", field=hdu)
-    if unit and hdr.get("BUNIT") != unit:
+    if not unit:
+        log.warning("the draws record no unit: %s[%s] BUNIT %r is taken on trust", args.data, hdu, hdr.get("BUNIT"))
+    elif hdr.get("BUNIT") != unit:
         raise InputFileError(args.data, f"BUNIT {hdr.get('BUNIT')!r} differs from the prior's unit {unit!r}",
                              field=f"{hdu} BUNIT")
     if hdr.get("PIXSCALE") is None:
