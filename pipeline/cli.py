@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "install-prior": ("pipeline.commands.install_prior",
                       "install a shipped, pipeline-trained prior checkpoint instead of training"),
     "sample-prior": ("pipeline.commands.sample_prior", "draw samples from a trained prior into FITS"),
+    "check-prior": ("pipeline.commands.check_prior",
+                    "do the prior chain's draws look like galaxies? statistics and a classifier test against data"),
     "sources": ("pipeline.commands.sources", "build the source-galaxy FITS cube (GalSim, HST, user)"),
     "simulate": ("pipeline.commands.simulate", "simulate lensed observations as FITS files"),
     "simulate-prior-set": ("pipeline.commands.simulate_prior_set",
