@@ -38,7 +38,7 @@ def half_light_radius(x, pixscale: float) -> np.ndarray:
     Around the flux-weighted centroid, the radius of the circle holding half the total flux: pixels are
     taken at their centres and sorted by distance, each counted half inside at its own distance, and the
     radius at which the cumulative flux first reaches half the total is interpolated linearly between
-    neighbouring pixel distances (within 2 % of the exact value for a Gaussian of sigma >= 3 pixels).
+    neighbouring pixel distances (within 2.5 % of the exact value for a Gaussian of sigma >= 3 pixels).
     Signed values are used (sample noise averages out); NaN where the total flux is not positive."""
     a = _stack(x)
     n, ny, nx = a.shape
