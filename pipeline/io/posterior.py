@@ -249,7 +249,7 @@ def write_posterior(path, samples, *, mean=None, std=None, truth=None, obs=None,
             del hdu.header["SRCPIXSC"]
         if not source and obs_pixscale:
             hdu.header["PIXSCALE"] = (float(obs_pixscale), "image pixel scale [arcsec/pixel]")
-        if unit or name in ("RESID",):
+        if unit or name == "RESID":
             hdu.header["BUNIT"] = unit
         hdus.append(hdu)
 

@@ -5,6 +5,9 @@ once (:func:`pipeline.samplers.make_sampler`), samples each observation and writ
 per observation. For the amortized posterior every observation is first judged against the conditions
 it was trained on (:mod:`pipeline.lensing.guard`, policy ``posterior.guard``): refused with one line
 before anything is sampled, or sampled with warnings in the log and ``OODWARN`` header cards.
+Besides the samples, each file carries the model and residual images of the posterior mean, the lens it
+is conditional on, the observation's sky WCS and the source's flux, magnification and half-light radius
+(docs/posterior-files.md).
 """
 
 from __future__ import annotations
