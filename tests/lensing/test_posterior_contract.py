@@ -25,7 +25,8 @@ PRIOR = ROOT / "data" / "pretrained" / "prior"
 DOC = ROOT / "docs" / "posterior-files.md"
 LENS = LensParams(x0=0.02, y0=-0.03, q=0.8, phi=0.7, rein=0.7, g1=0.04, g2=-0.03)
 PHOTMJSR = 0.37
-SOURCE_HDUS = ("SAMPLES", "MEAN", "STD", "TRUTH", "PARTICLES")
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # ~20 s: the fixture samples
 
 
 def _truth(n=32, pix=0.05):
