@@ -1,22 +1,11 @@
 """Posterior FITS files: one file per observation and method.
 
-Layout (``write_posterior`` / ``read_posterior``):
-
-- Primary HDU, no data: ``METHOD``, ``NSAMPLE``, log Z (``LOGZAVL`` T/F, ``LOGZELBO``, ``LOGZSE``,
-  ``LOGZIW``; absent keys mean "not available", e.g. for particle methods), ``XUNITS`` (``physical`` or
-  ``network`` source units), ``CHI2NU`` (median chi2_nu over samples), ``SAMPSEC`` (sampling wall seconds for this observation), ``OBSFILE``
-  (the observation file's name), provenance (``PIPEVER``, ``SEED``, ``CFGHASH`` and the whole
-  provenance mapping as JSON in ``PROVJSON``); one ``OODWARN`` card per condition the observation lies
-  outside of the amortized posterior's trained ones (:mod:`pipeline.lensing.guard`; none when inside).
-- ``SAMPLES`` (n_samples, ny, nx) float32: equally weighted draws (particle methods: resampled).
-- ``MEAN``, ``STD`` (ny, nx): weighted over ``PARTICLES`` when particles and weights are given.
-- optional ``TRUTH``, ``OBS`` (the observed image, image-plane), ``PARTICLES`` (n_p, ny, nx),
-  ``WEIGHTS`` (n_p,) normalised float64, ``CHI2`` (n_samples,) per-sample chi2_nu.
-
-Source-plane images carry a linear WCS in arcsec: ``CTYPE1/2 = OFFSET-X/Y``, ``CUNIT = arcsec``,
-``CDELT = SRCPIXSC``, ``CRPIX = (n+1)/2``, ``CRVAL = 0`` (the array centre is the origin, +x along
-columns, +y along rows: the package's array frame). Files are written atomically
-(:mod:`pipeline.io.atomic`) with FITS checksums; ``read_posterior`` verifies them.
+:func:`write_posterior` writes them and :func:`read_posterior` reads them back; docs/posterior-files.md
+lists every HDU and keyword a file carries, with units and when each is present. Source-plane images
+carry a linear WCS in arcsec (:func:`source_wcs`: the array centre is the origin, +x along columns, +y
+along rows: the package's array frame); image-plane images the observation's sky WCS when it has one.
+Files are written atomically (:mod:`pipeline.io.atomic`) with FITS checksums; ``read_posterior``
+verifies them.
 """
 
 from __future__ import annotations
@@ -34,6 +23,9 @@ from pipeline.io.atomic import atomic_file
 
 SOURCE_HDUS = ("SAMPLES", "MEAN", "STD", "TRUTH", "PARTICLES")
 _PROV_KEYS = {"version": "PIPEVER", "seed": "SEED", "config_hash": "CFGHASH"}
+LENS_CARDS = ("LENSMOD", "LENSFRAM", "LENSFILE", "LENS_X0", "LENS_Y0", "LENS_Q", "LENS_PHI", "LENS_RE", "LENS_T",
+              "SHEAR_G1", "SHEAR_G2", "Z_LENS", "Z_SRC")
+"""The lens keywords a posterior carries (the observation files' names, :mod:`pipeline.lensing.simulate`)."""
 
 
 def _as_numpy(a, dtype=np.float32) -> np.ndarray | None:
@@ -99,25 +91,79 @@ def _finite_or_none(v):
     return v if np.isfinite(v) else None
 
 
+STAT_KEYS = {"flux": "SRCFLUX", "magnification": "MAGNIF", "r_half": "RHALF"}
+"""Source statistic -> primary keyword of its posterior mean; ``L`` / ``H`` appended: the 16th / 84th
+percentiles (:mod:`pipeline.metrics.source_stats`)."""
+_STAT_DOC = {"flux": "total source flux", "magnification": "magnification", "r_half": "half-light radius"}
+
+
+def posterior_moments(samples, particles=None, weights=None) -> tuple[np.ndarray, np.ndarray]:
+    """(MEAN, STD) as :func:`write_posterior` computes them: the weighted moments of ``particles`` when
+    ``weights`` is given, else the moments of ``samples``; float32 (ny, nx)."""
+    s = _image_stack(samples, "samples")
+    if particles is not None and weights is not None:
+        w = np.asarray(_as_numpy(weights, np.float64)).reshape(-1)
+        return weighted_moments(_image_stack(particles, "particles"), w / w.sum())
+    return s.mean(0, dtype=np.float64).astype(np.float32), s.std(0, dtype=np.float64).astype(np.float32)
+
+
+def _extra_cards(extra: dict | None, taken) -> list[tuple]:
+    """Method-specific primary cards ``{key: value or (value, comment)}`` checked: FITS keywords of at most
+    8 upper-case letters, digits, '-' or '_', none already written by the writer."""
+    cards = []
+    for k, v in (extra or {}).items():
+        key = str(k)
+        if not (0 < len(key) <= 8 and all(c.isupper() or c.isdigit() or c in "-_" for c in key)):
+            raise ValueError(f"extra header key {key!r} must be 1-8 upper-case letters, digits, '-' or '_'")
+        if key in taken:
+            raise ValueError(f"extra header key {key!r} is already a posterior keyword")
+        value, comment = v if isinstance(v, tuple) else (v, "")
+        cards.append((key, value, comment))
+    return cards
+
+
+def _stat_cards(h: fits.Header, stats: dict | None, flux_unit: str) -> None:
+    """Primary cards of the source statistics ``{"flux"|"magnification"|"r_half": {"mean", "lo", "hi"}}``."""
+    units = {"flux": "FLUXUNIT", "magnification": "", "r_half": "arcsec"}
+    for name, key in STAT_KEYS.items():
+        v = (stats or {}).get(name) or {}
+        unit = f" [{units[name]}]" if units[name] else ""
+        for suffix, which, what in (("", "mean", "posterior mean"), ("L", "lo", "16th percentile"),
+                                    ("H", "hi", "84th percentile")):
+            if _finite_or_none(v.get(which)) is not None:
+                h[key + suffix] = (float(v[which]), f"{_STAT_DOC[name]}, {what}{unit}")
+    if stats and flux_unit:
+        h["FLUXUNIT"] = (flux_unit, "unit of SRCFLUX (source unit x arcsec2)")
+
+
 def write_posterior(path, samples, *, mean=None, std=None, truth=None, obs=None, particles=None,
                     weights=None, logz: dict | None = None, chi2=None, src_pixscale: float,
                     method: str, provenance: dict | None = None, seconds: float | None = None,
                     obs_file: str | None = None, obs_pixscale: float | None = None,
                     bunit: str = "", units: str = "physical", extra_header: dict | None = None,
-                    ood_warnings: list[str] | None = None) -> Path:
+                    ood_warnings: list[str] | None = None, model=None, resid=None, data_unit: str = "",
+                    image_wcs: fits.Header | None = None, lens_cards: dict | None = None,
+                    source_stats: dict | None = None, flux_unit: str = "") -> Path:
     """Write one observation's posterior to ``path`` (atomically, with checksums).
 
-    samples: (n, ny, nx) or (n, 1, ny, nx) equally weighted draws, in the units named by ``bunit``.
-    mean/std: default to the weighted moments of ``particles`` when ``weights`` is given, else to
-    the sample moments. particles/weights: raw particles (n_p, ny, nx) and their non-negative weights
-    (normalised on write). logz: ``{"elbo", "elbo_se", "iw"}``, each a float or None (not
-    available); ``None`` means no estimate at all. chi2: per-sample chi2_nu values (n,).
-    src_pixscale: source pixel scale [arcsec/pixel]; obs_pixscale: the image's, for OBS.
-    units: ``physical`` (x_phys = s*x + b, the SCI brightness units; the default and the
-    recommendation) or ``network`` (the prior's own units); stored as ``XUNITS`` so calibration
-    applies the right forward model. seconds: sampling wall time for this observation. provenance: JSON-serialisable mapping
-    (``version``, ``seed``, ``config_hash`` get their own keys). ood_warnings: one line per condition the
-    observation lies outside of the posterior's trained ones (``OODWARN`` cards). Returns the path.
+    samples: (n, ny, nx) or (n, 1, ny, nx) equally weighted draws, in the units named by ``bunit`` (the
+    source surface brightness unit). mean/std: default to :func:`posterior_moments`. particles/weights:
+    raw particles (n_p, ny, nx) and their non-negative weights (normalised on write). logz:
+    ``{"elbo", "elbo_se", "iw"}``, each a float [nats] or None (not available); ``None`` means no
+    estimate at all. chi2: per-sample chi2_nu values (n,). src_pixscale: source pixel scale
+    [arcsec/pixel]; obs_pixscale: the image's, for the image-plane HDUs. units: ``physical`` (x_phys =
+    s*x + b, the SCI brightness units; the default and the recommendation) or ``network`` (the prior's
+    own units); stored as ``XUNITS`` so calibration applies the right forward model. seconds: sampling
+    wall time for this observation. provenance: JSON-serialisable mapping (``version``, ``seed``,
+    ``config_hash`` get their own keys). ood_warnings: one line per condition the observation lies
+    outside of the posterior's trained ones (``OODWARN`` cards).
+    obs / model / resid: image-plane (ny, nx) data, model image of the posterior mean [both
+    ``data_unit``, flux per pixel] and normalised residuals (dimensionless; NaN on masked pixels).
+    image_wcs: the WCS cards of the image plane (e.g. a sky WCS); None: a linear offset WCS at
+    ``obs_pixscale``. lens_cards: ``{keyword: (value, comment)}`` of the lens the posterior is
+    conditional on. source_stats: ``{"flux", "magnification", "r_half"}`` each ``{"mean", "lo", "hi"}``
+    with flux in ``flux_unit``, r_half in arcsec. extra_header: method cards ``{key: value or (value,
+    comment)}`` (keys <= 8 upper-case characters). Returns the path.
     """
     path = Path(path)
     if not (src_pixscale and float(src_pixscale) > 0):
@@ -132,17 +178,17 @@ def write_posterior(path, samples, *, mean=None, std=None, truth=None, obs=None,
             raise ValueError("weights need particles with the same leading length")
         if not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
             raise ValueError("weights must be finite, non-negative and not all zero")
-        w = w / w.sum()
     if mean is None or std is None:
-        if p is not None and w is not None:
-            m_, s_ = weighted_moments(p, w)
-        else:
-            m_, s_ = s.mean(0, dtype=np.float64).astype(np.float32), s.std(0, dtype=np.float64).astype(np.float32)
+        m_, s_ = posterior_moments(s, p, w)
         mean = m_ if mean is None else mean
         std = s_ if std is None else std
+    if w is not None:
+        w = w / w.sum()
     mean, std = _image(mean, "mean", shape), _image(std, "std", shape)
     truth = _image(truth, "truth", shape)
     obs = _image(obs, "obs")
+    model = _image(model, "model", None if obs is None else obs.shape)
+    resid = _image(resid, "resid", None if obs is None else obs.shape)
 
     if units not in ("physical", "network"):
         raise ValueError(f"units must be 'physical' or 'network', got {units!r}")
@@ -153,7 +199,9 @@ def write_posterior(path, samples, *, mean=None, std=None, truth=None, obs=None,
     h["NSAMPLE"] = (int(s.shape[0]), "equally weighted samples in SAMPLES")
     h["SRCPIXSC"] = (float(src_pixscale), "source pixel scale [arcsec/pixel]")
     if bunit:
-        h["BUNIT"] = bunit
+        h["BUNIT"] = (bunit, "unit of the source-plane HDUs")
+    if data_unit:
+        h["DATAUNIT"] = (data_unit, "unit of OBS and MODEL (flux per pixel)")
     if obs_file:
         h["OBSFILE"] = (os.path.basename(str(obs_file)), "observation file")
     if seconds is not None:
@@ -174,29 +222,35 @@ def write_posterior(path, samples, *, mean=None, std=None, truth=None, obs=None,
         fin = chi2_arr[np.isfinite(chi2_arr)]
         if fin.size:
             h["CHI2NU"] = (float(np.median(fin)), "median chi2_nu over samples")
+    for k, v in (lens_cards or {}).items():
+        h[k] = v
+    _stat_cards(h, source_stats, flux_unit)
     prov = dict(provenance or {})
     for key, card in _PROV_KEYS.items():
         if prov.get(key) is not None:
             h[card] = prov[key]
     if prov:
         h["PROVJSON"] = json.dumps(prov, sort_keys=True, default=str)
-    for k, v in (extra_header or {}).items():
-        h[k] = v
+    for key, value, comment in _extra_cards(extra_header, set(h.keys()) | {"OODWARN"}):
+        h[key] = (value, comment)
     for reason in ood_warnings or []:
         h.append(("OODWARN", str(reason)), end=True)
 
     hdus = [prim]
 
-    def add(data, name, cube=False, source=True, pixscale=None):
+    def add(data, name, cube=False, source=True, unit=bunit):
         hdu = fits.ImageHDU(data=data, name=name)
         if source:
             source_wcs(hdu.header, data.shape, float(src_pixscale), cube=cube)
-        elif pixscale:
-            source_wcs(hdu.header, data.shape, float(pixscale), cube=cube)
+        elif image_wcs is not None:
+            hdu.header.update(image_wcs)
+        elif obs_pixscale:
+            source_wcs(hdu.header, data.shape, float(obs_pixscale), cube=cube)
             del hdu.header["SRCPIXSC"]
-            hdu.header["PIXSCALE"] = (float(pixscale), "image pixel scale [arcsec/pixel]")
-        if bunit:
-            hdu.header["BUNIT"] = bunit
+        if not source and obs_pixscale:
+            hdu.header["PIXSCALE"] = (float(obs_pixscale), "image pixel scale [arcsec/pixel]")
+        if unit or name == "RESID":
+            hdu.header["BUNIT"] = unit
         hdus.append(hdu)
 
     add(s, "SAMPLES", cube=True)
@@ -204,14 +258,16 @@ def write_posterior(path, samples, *, mean=None, std=None, truth=None, obs=None,
     add(std, "STD")
     if truth is not None:
         add(truth, "TRUTH")
-    if obs is not None:
-        add(obs, "OBS", source=False, pixscale=obs_pixscale)
+    for data, name, unit in ((obs, "OBS", data_unit), (model, "MODEL", data_unit), (resid, "RESID", "")):
+        if data is not None:
+            add(data, name, source=False, unit=unit)
     if p is not None:
         add(p, "PARTICLES", cube=True)
-    if w is not None:
-        hdus.append(fits.ImageHDU(data=w.astype(np.float64), name="WEIGHTS"))
-    if chi2_arr is not None:
-        hdus.append(fits.ImageHDU(data=chi2_arr, name="CHI2"))
+    for data, name in ((w, "WEIGHTS"), (chi2_arr, "CHI2")):
+        if data is not None:
+            hdu = fits.ImageHDU(data=data.astype(np.float64), name=name)
+            hdu.header["BUNIT"] = ""
+            hdus.append(hdu)
 
     with atomic_file(path) as tmp:
         fits.HDUList(hdus).writeto(tmp, overwrite=True, checksum=True)
@@ -223,7 +279,9 @@ def read_posterior(path) -> dict:
     (WEIGHTS and CHI2 float64). Returns a dict with keys samples, mean, std, truth, obs, particles,
     weights, chi2 (arrays or None), obs_pixscale, method, n_samples, src_pixscale, logz (dict elbo/elbo_se/iw,
     None where not available), chi2_median, seconds, obs_file, provenance, ood_warnings (the OODWARN
-    lines, empty when none), header.
+    lines, empty when none), data_unit, lens (the lens keywords, None when absent), lens_file, source_stats
+    (``{"flux"|"magnification"|"r_half": {"mean", "lo", "hi"}}``, None where absent), flux_unit,
+    header, samples_header, obs_header; model and resid are the MODEL and RESID images (None when absent).
     A missing, truncated or checksum-failing file raises :class:`InputFileError`."""
     path = Path(path)
     if not path.is_file():
@@ -238,7 +296,7 @@ def read_posterior(path) -> dict:
                 if "SAMPLES" not in names:
                     raise InputFileError(path, "no SAMPLES HDU: not a posterior file", "SAMPLES")
                 h = hdul[0].header.copy()
-                for name in ("SAMPLES", "MEAN", "STD", "TRUTH", "OBS", "PARTICLES"):
+                for name in ("SAMPLES", "MEAN", "STD", "TRUTH", "OBS", "MODEL", "RESID", "PARTICLES"):
                     out[name.lower()] = (np.asarray(hdul[name].data, dtype=np.float32)
                                          if name in names else None)
                 for name in ("WEIGHTS", "CHI2"):
@@ -246,6 +304,7 @@ def read_posterior(path) -> dict:
                                          if name in names else None)
                 sh = hdul["SAMPLES"].header
                 out["obs_pixscale"] = (hdul["OBS"].header.get("PIXSCALE") if "OBS" in names else None)
+                out["obs_header"] = hdul["OBS"].header.copy() if "OBS" in names else None
                 out["header"] = h
                 out["samples_header"] = sh.copy()
         bad = [str(w.message) for w in caught if "checksum" in str(w.message).lower()
@@ -272,6 +331,12 @@ def read_posterior(path) -> dict:
     out["bunit"] = h.get("BUNIT", "")
     out["units"] = str(h.get("XUNITS", "physical"))
     out["ood_warnings"] = [str(c.value) for c in h.cards if c.keyword == "OODWARN"]
+    out["data_unit"] = h.get("DATAUNIT", "")
+    out["lens"] = ({k: h[k] for k in LENS_CARDS if k in h} if "LENSMOD" in h else None)
+    out["lens_file"] = h.get("LENSFILE")
+    out["source_stats"] = {name: {"mean": h.get(key), "lo": h.get(key + "L"), "hi": h.get(key + "H")}
+                           for name, key in STAT_KEYS.items()}
+    out["flux_unit"] = h.get("FLUXUNIT", "")
     prov = {}
     if "PROVJSON" in h:
         try:

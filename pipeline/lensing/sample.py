@@ -5,6 +5,9 @@ once (:func:`pipeline.samplers.make_sampler`), samples each observation and writ
 per observation. For the amortized posterior every observation is first judged against the conditions
 it was trained on (:mod:`pipeline.lensing.guard`, policy ``posterior.guard``): refused with one line
 before anything is sampled, or sampled with warnings in the log and ``OODWARN`` header cards.
+Besides the samples, each file carries the model and residual images of the posterior mean, the lens it
+is conditional on, the observation's sky WCS and the source's flux, magnification and half-light radius
+(docs/posterior-files.md).
 """
 
 from __future__ import annotations
@@ -13,22 +16,28 @@ import logging
 import time
 from pathlib import Path
 
+import astropy.units as u
 import numpy as np
 import torch
+from astropy.io import fits
 
 import pipeline
 from pipeline.config import config_hash, load_section, load_yaml, read_device
 from pipeline.diffusion.chain_config import load_chain
 from pipeline.diffusion.network_prior import load_prior
 from pipeline.errors import ConfigError, InputFileError
-from pipeline.io.posterior import write_posterior
+from pipeline.io.posterior import posterior_moments, write_posterior
 from pipeline.lensing.amortized import amortized_sampler
 from pipeline.lensing.config import BrightnessConfig, PosteriorConfig, load_lensing_config
 from pipeline.lensing.guard import apply_policy, check_observation, trained_record
 from pipeline.lensing.observation import load_observation
+from pipeline.lensing.simulate import lens_header
+from pipeline.lensing.sky_wcs import observation_wcs_header
 from pipeline.lensing.tuning import tune_guidance_scale
+from pipeline.lensing.units import model_factor, parse_bunit
 from pipeline.metrics.chi2 import chi2_per_sample
 from pipeline.metrics.logz import estimate_logz_samples
+from pipeline.metrics.source_stats import source_stats
 from pipeline.rtb.loading import load_posterior
 from pipeline.rtb.sampler import GN_ITERATIONS
 from pipeline.runtime import choose_device
@@ -160,12 +169,54 @@ def _to_write(prior, smp, problem, n, gen):
     return x_net, x_phys, None, None
 
 
+def image_products(problem, y, mean, x_phys) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(MODEL, RESID, per-sample image flux): the noiseless image of the posterior mean ``mean``
+    [physical source units, (ny_s, nx_s)] in the data unit, the residuals (y - MODEL) / sigma
+    (dimensionless, NaN on masked pixels), and the total model-image flux of each physical sample
+    ``x_phys`` (n, ...) [data unit, every image pixel]."""
+    dev = problem.device
+    model = problem.physical_forward(torch.as_tensor(mean, device=dev)[None])[0].cpu().numpy()
+    used = problem.mask.cpu().numpy() > 0
+    resid = np.where(used, (y.cpu().numpy() - model) / problem.sigma.cpu().numpy(), np.nan).astype(np.float32)
+    with torch.no_grad():
+        flux = problem.physical_forward(x_phys).double().sum(dim=(-2, -1)).cpu().numpy()
+    return model.astype(np.float32), resid, flux
+
+
+def lens_cards(meta: dict) -> dict:
+    """The lens the posterior is conditional on as primary cards: the observation files' keywords, in the
+    array frame of the image inference used (after any crop), and LENSFILE, where it was read from."""
+    h = fits.Header()
+    lens_header(meta["lens"], h)
+    cards = {c.keyword: (c.value, c.comment) for c in h.cards}
+    cards["LENSFILE"] = (Path(meta["lens_source"]).name, "file the lens was read from")
+    return cards
+
+
+def flux_unit(lcfg) -> str:
+    """The unit of total source flux: ``lensing.sources.bunit`` x arcsec^2 (electron/s by default)."""
+    return (parse_bunit(lcfg.sources.bunit, "config", "lensing.sources.bunit") * u.arcsec ** 2).to_string()
+
+
+def _products(path, lcfg, problem, y, meta, x_phys, particles, weights) -> dict:
+    """write_posterior's image-plane, lens and source-statistics arguments for one observation."""
+    x_np = x_phys.cpu().numpy()
+    mean, std = posterior_moments(x_np, particles, weights)
+    model, resid, image_flux = image_products(problem, y, mean, x_phys)
+    stats = source_stats(x_np, lcfg.geometry.source_pixscale, image_flux, model_factor(lcfg, 1.0))
+    return {"mean": mean, "std": std, "model": model, "resid": resid, "data_unit": lcfg.noise.bunit,
+            "image_wcs": observation_wcs_header(fits.getheader(path, "SCI"), meta), "lens_cards": lens_cards(meta),
+            "source_stats": stats, "flux_unit": flux_unit(lcfg)}
+
+
 def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs, out_dir=None, *, out_file=None,
                         png=None, n=None, seed=None, tuning=None) -> list[dict]:
     """Sample ``method``'s posterior for every observation; one posterior FITS per observation.
 
     Load the prior (and posterior), build the sampler once (tuning its guidance scale if it has one, unless
-    ``tuning`` gives the frozen record), then sample and write each observation in turn.
+    ``tuning`` gives the frozen record), then sample and write each observation in turn. Returns one dict
+    per observation: obs, out, seconds, logz, chi2_median, source_stats (``{"flux" [flux_unit],
+    "magnification", "r_half" [arcsec]}``, each posterior mean and 16th / 84th percentiles), flux_unit.
     """
     lcfg = load_lensing_config(config_path)
     pcfg = load_section(config_path, "posterior", PosteriorConfig)
@@ -195,17 +246,30 @@ def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs
         logz = _logz(spec, smp)
         chi = chi2_per_sample(problem, x_net, y)
         target = Path(out_file) if out_file else Path(out_dir) / f"{path.stem}.fits"
+        products = _products(path, lcfg, problem, y, meta, x_phys, particles, weights)
         write_posterior(target, x_phys.cpu().numpy(), truth=meta.get("truth"), obs=y.cpu().numpy(), logz=logz,
                         particles=particles, weights=weights,
                         chi2=chi["chi2_nu"], src_pixscale=lcfg.geometry.source_pixscale, method=method,
                         provenance=provenance, seconds=seconds, obs_file=str(path),
-                        obs_pixscale=meta.get("pixscale"), bunit=lcfg.sources.bunit, ood_warnings=ood)
+                        obs_pixscale=meta.get("pixscale"), bunit=lcfg.sources.bunit, ood_warnings=ood,
+                        extra_header=smp.info.get("header"), **products)
+        stats = products["source_stats"]
         results.append({"obs": str(path), "out": str(target), "seconds": seconds, "logz": logz,
-                        "chi2_median": float(np.median(chi["chi2_nu"]))})
-        log.info("%s %s: %.1f s, chi2_nu median %.3f, log Z %s", method, path.stem, seconds,
-                 results[-1]["chi2_median"], None if logz is None else round(logz["elbo"], 2))
+                        "chi2_median": float(np.median(chi["chi2_nu"])), "source_stats": stats,
+                        "flux_unit": products["flux_unit"]})
+        log.info("%s %s: %.1f s, chi2_nu median %.3f, log Z %s, source flux %s %s, magnification %s, "
+                 "r_half %s arcsec", method, path.stem, seconds, results[-1]["chi2_median"],
+                 None if logz is None else round(logz["elbo"], 2), _fmt(stats["flux"]), products["flux_unit"],
+                 _fmt(stats["magnification"]), _fmt(stats["r_half"]))
         if png:
             from pipeline.plots.lens import plot_posterior_file
 
             plot_posterior_file(target, png, obs_pixscale=meta.get("pixscale"))
     return results
+
+
+def _fmt(v: dict) -> str:
+    """'mean [lo, hi]' of a summarised statistic, or 'n/a'."""
+    if v["mean"] is None:
+        return "n/a"
+    return f"{v['mean']:.4g} [{v['lo']:.4g}, {v['hi']:.4g}]"

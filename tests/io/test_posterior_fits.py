@@ -93,3 +93,44 @@ def test_bad_inputs_and_corruption(tmp_path):
     fits.HDUList([fits.PrimaryHDU(np.zeros((2, 2)))]).writeto(tmp_path / "other.fits")
     with pytest.raises(InputFileError, match="SAMPLES"):
         read_posterior(tmp_path / "other.fits")
+
+
+def test_image_products_lens_statistics_and_method_cards_round_trip(tmp_path):
+    rng = np.random.default_rng(3)
+    s = _arrays(rng)
+    obs, model = rng.normal(size=(2, 12, 12)).astype(np.float32)
+    resid = np.where(np.arange(144).reshape(12, 12) % 7 == 0, np.nan, obs - model).astype(np.float32)
+    sky = fits.Header({"CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CUNIT1": "deg", "CUNIT2": "deg",
+                       "CRPIX1": 3.0, "CRPIX2": 4.0, "CRVAL1": 10.0, "CRVAL2": 20.0, "CDELT1": -1e-5,
+                       "CDELT2": 1e-5})
+    lens = {"LENSMOD": ("SIE+SHEAR", ""), "LENSFRAM": ("ARRAY", ""), "LENS_X0": (0.1, ""), "LENS_RE": (0.7, ""),
+            "LENSFILE": ("o.lens.yaml", "")}
+    stats = {"flux": {"mean": 60.0, "lo": 55.0, "hi": 65.0}, "magnification": {"mean": 9.0, "lo": 8.0, "hi": 10.0},
+             "r_half": {"mean": 0.2, "lo": None, "hi": 0.25}}
+    p = write_posterior(tmp_path / "p.fits", s, obs=obs, model=model, resid=resid, src_pixscale=0.05,
+                        obs_pixscale=0.1, method="inversion", bunit="electron/(s arcsec2)", data_unit="electron/s",
+                        image_wcs=sky, lens_cards=lens, source_stats=stats, flux_unit="electron / s",
+                        extra_header={"REGLAMB": (0.3, "regularisation strength"), "INVITER": 4})
+    d = read_posterior(p)
+    np.testing.assert_array_equal(d["model"], model)
+    np.testing.assert_array_equal(d["resid"], resid)  # NaN on masked pixels survives
+    assert d["data_unit"] == "electron/s" and d["bunit"] == "electron/(s arcsec2)"
+    assert d["lens"] == {"LENSMOD": "SIE+SHEAR", "LENSFRAM": "ARRAY", "LENS_X0": 0.1, "LENS_RE": 0.7,
+                         "LENSFILE": "o.lens.yaml"} and d["lens_file"] == "o.lens.yaml"
+    assert d["source_stats"]["flux"] == stats["flux"] and d["flux_unit"] == "electron / s"
+    assert d["source_stats"]["r_half"] == {"mean": 0.2, "lo": None, "hi": 0.25}
+    assert d["header"]["REGLAMB"] == 0.3 and d["header"]["INVITER"] == 4
+    with fits.open(p) as h:
+        assert [h[k].header["BUNIT"] for k in ("OBS", "MODEL", "RESID", "SAMPLES")] == [
+            "electron/s", "electron/s", "", "electron/(s arcsec2)"]
+        assert all(h[k].header["CTYPE1"] == "RA---TAN" and h[k].header["CRPIX2"] == 4.0 for k in ("OBS", "RESID"))
+    assert read_posterior(write_posterior(tmp_path / "q.fits", s, src_pixscale=0.05, method="x"))["lens"] is None
+
+
+@pytest.mark.parametrize("extra, msg", [({"toolong12": 1}, "1-8 upper-case"), ({"lower": 1}, "1-8 upper-case"),
+                                        ({"METHOD": "x"}, "already a posterior keyword"),
+                                        ({"OODWARN": "x"}, "already a posterior keyword")])
+def test_method_cards_must_be_fits_keywords_of_their_own(tmp_path, extra, msg):
+    with pytest.raises(ValueError, match=msg):
+        write_posterior(tmp_path / "p.fits", _arrays(np.random.default_rng(4)), src_pixscale=0.05, method="m",
+                        extra_header=extra)

@@ -1,9 +1,12 @@
-# The `user` target: posteriors and plots for the user's own observation FITS files.
-# Point `observations:` in the config at a glob, e.g.
+# The `user` target: posteriors and plots for the user's own observation FITS files, one folder per
+# method (`user_method`, default rtb_amortized). Point `observations:` in the config at a glob, e.g.
 #   snakemake --cores 2 user --config observations='data/my_lenses/*.fits'
+USER_METHOD = config.get("user_method", "rtb_amortized")
+
+
 rule user:
     input:
-        expand("results/user/{obs}/posterior.fits", obs=sorted(USER_OBS)),
+        expand("results/user/{method}/{obs}/posterior.fits", method=USER_METHOD, obs=sorted(USER_OBS)),
 
 
 rule sample_user:
@@ -13,16 +16,15 @@ rule sample_user:
         posterior="results/posterior/run/final",
         obs=user_obs_file,
     output:
-        fits="results/user/{obs}/posterior.fits",
-        png="results/user/{obs}/posterior.png",
+        fits="results/user/{method}/{obs}/posterior.fits",
+        png="results/user/{method}/{obs}/posterior.png",
     params:
         py=PY,
-        method=config.get("user_method", "rtb_amortized"),
     conda:
         "../../environment.yml"
     log:
-        "logs/user/{obs}.log",
+        "logs/user/{method}/{obs}.log",
     shell:
-        "{params.py} -m pipeline sample --config {input.cfg} --method {params.method}"
+        "{params.py} -m pipeline sample --config {input.cfg} --method {wildcards.method}"
         " --prior {input.prior} --posterior {input.posterior} --obs {input.obs}"
         " --out-file {output.fits} --png {output.png} > {log} 2>&1"
