@@ -28,6 +28,7 @@ from pipeline.errors import InputFileError, PipelineError
 from pipeline.evaluation.records import (default_loader, drop_truthless, expand_posteriors, figure_pairs,
                                          load_prior_samples, read_records, score_observations)
 from pipeline.io.atomic import write_json
+from pipeline.lensing.critical import curves_from_header
 from pipeline.metrics.coverage import exact_coverage_curve, exact_coverage_level, footprint, interval_coverage
 from pipeline.metrics.sharpness import mean_error, prior_std_map, sample_moments, sharpness
 from pipeline.metrics.tarp import null_distribution, tarp_summary
@@ -236,8 +237,12 @@ def plot_lens_figures(by_method: dict, figure_obs: set, set_name: str, out_dir: 
                 continue
             med = np.median(r["chi2"]["chi2_nu"]) if r["chi2"] is not None else None
             png = out_dir / "lenses" / f"{set_name}_{method}_{Path(r['obs']).stem}.png"
+            curves = curves_from_header(r["lens_cards"], r["file"]) if r.get("lens_cards") else None
+            critical, caustics = curves if curves is not None else (None, None)
             plot_lens(png, mean=r["mean"], std=r["std"], samples=r["samples"], truth=r["truth"], obs=r["obs_img"],
-                      obs_pixscale=r["obs_pix"], residual=r["residual"], src_pixscale=r["src_pixscale"],
+                      obs_pixscale=r["obs_pix"], model=r.get("model"), residual=r["residual"],
+                      src_pixscale=r["src_pixscale"], critical=critical, caustics=caustics,
+                      bunit=r.get("bunit", ""), image_bunit=r.get("data_unit", ""),
                       title=f"{set_name} set, {method}: {r['obs']}", chi2=med)
             pngs.append(str(png.relative_to(out_dir)))
         lens_pngs[method] = pngs

@@ -108,7 +108,8 @@ def read_records(files, obs_dir: Path) -> tuple[dict, dict]:
                "truth_chi2": None, "logz": (d["logz"] if d["logz_available"] else None), "seconds": d["seconds"],
                "obs": obs_path.name, "file": f, "src_pixscale": d["src_pixscale"], "units": d["units"],
                "method": method, "residual": None, "obs_img": None, "obs_pix": None,
-               "kind": source_kind(obs_path)}
+               "kind": source_kind(obs_path), "model": d.get("model"), "lens_cards": d.get("lens"),
+               "bunit": d.get("bunit", ""), "data_unit": d.get("data_unit", "")}
         by_method.setdefault(method, []).append(rec)
         by_obs.setdefault(obs_path, []).append(rec)
     return by_method, by_obs

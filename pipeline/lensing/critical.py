@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import InputFileError
-from pipeline.lensing.observation import _lens_from_header, parse_lens
+from pipeline.lensing.observation import lens_keywords, parse_lens
 from pipeline.lensing.operator import LensParams, build_simulator
 
 DEFAULT_GRID = 256        # grid nodes per side (even: no node on the singular lens centre)
@@ -100,7 +100,7 @@ def lens_from_header(header, source) -> LensParams | None:
     names, parsed by :func:`pipeline.lensing.observation.parse_lens`), or None when LENSMOD is absent.
     Only the array frame (``LENSFRAM`` absent or ARRAY) is accepted: a header has no WCS to map
     another frame with. ``source`` names the file in errors."""
-    raw = _lens_from_header(header)
+    raw = lens_keywords(header)
     if raw is None:
         return None
     lens, frame = parse_lens(raw, source)

@@ -73,7 +73,9 @@ def _read_all(path):
     return out
 
 
-def _lens_from_header(h) -> dict | None:
+def lens_keywords(h) -> dict | None:
+    """The raw lens keywords of header ``h`` (LENSMOD, LENSFRAM, LENS_KEYS) as a dict of the YAML keys,
+    or None when LENSMOD is absent; :func:`parse_lens` checks and converts them."""
     if "LENSMOD" not in h:
         return None
     out = {"model": str(h["LENSMOD"]), "frame": str(h.get("LENSFRAM", "ARRAY"))}
@@ -271,7 +273,7 @@ def _psf(path, hdus: dict, pix: float, ocfg: ObservationConfig, warn) -> tuple[n
 def _lens(path: Path, prim_h, sci_h, J, crpix_off, default_z) -> tuple[LensParams, str, str]:
     """(lens in the array frame, the file's frame, where it was read): from the primary or SCI header,
     else from the YAML file beside ``path``; WORLD-frame lenses mapped through SCI's WCS ``J``."""
-    raw = _lens_from_header(prim_h) or _lens_from_header(sci_h)
+    raw = lens_keywords(prim_h) or lens_keywords(sci_h)
     lens_source = str(path)
     if raw is None:
         raw, ypath = _lens_from_yaml(path)

@@ -29,6 +29,7 @@ from pipeline.errors import ConfigError, InputFileError
 from pipeline.io.posterior import posterior_moments, write_posterior
 from pipeline.lensing.amortized import amortized_sampler
 from pipeline.lensing.config import BrightnessConfig, PosteriorConfig, load_lensing_config
+from pipeline.lensing.critical import curves_from_header
 from pipeline.lensing.guard import apply_policy, check_observation, trained_record
 from pipeline.lensing.observation import load_observation
 from pipeline.lensing.simulate import lens_header
@@ -264,7 +265,7 @@ def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs
         if png:
             from pipeline.plots.lens import plot_posterior_file
 
-            plot_posterior_file(target, png, obs_pixscale=meta.get("pixscale"))
+            plot_posterior_file(target, png, obs_pixscale=meta.get("pixscale"), lens_curves=curves_from_header)
     return results
 
 
