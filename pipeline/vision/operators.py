@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.problems import InverseProblem, LinearInverseProblem
-from pipeline.vision.config import LINEAR_TASKS, TASKS
+from pipeline.vision.config import TASKS
 
 
 def _check_shape(image_shape) -> tuple[int, int, int]:
