@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 
 from pipeline.config import DEVICES, from_mapping, load_yaml, param
 from pipeline.diffusion.chain_config import ChainConfig
-from pipeline.diffusion.train import PriorConfig
+from pipeline.diffusion.prior_config import PriorConfig
 from pipeline.errors import ConfigError
 from pipeline.lensing.config import CalibrationConfig, LensingConfig, PosteriorConfig
 from pipeline.rtb.config import RTBConfig

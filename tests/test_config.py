@@ -5,7 +5,7 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.config import from_mapping, load_section
-from pipeline.diffusion.train import PriorConfig
+from pipeline.diffusion.prior_config import PriorConfig
 from pipeline.errors import ConfigError
 
 

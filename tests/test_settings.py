@@ -117,6 +117,20 @@ def test_committed_schema_and_reference_page_are_current():
         assert path.read_text() == text, f"{path} is stale: run `python -m pipeline config schema --write`"
 
 
+def test_config_tree_and_method_registry_import_without_torch():
+    """What the Snakefile's config check and ``snakemake -n`` load (the config tree, its reference-page
+    generator, the method registry) pulls in no torch, numpy, astropy or scipy and no sampler or network
+    module, so a dry run does not pay their ~2 s import."""
+    code = ("import sys, pipeline.settings, pipeline.config_docs, pipeline.samplers.registry; "
+            "heavy = {'torch', 'numpy', 'astropy', 'scipy', 'skimage', 'caustics'}; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m in "
+            "('pipeline.samplers.base', 'pipeline.diffusion.schedule', 'pipeline.diffusion.unet', "
+            "'pipeline.lensing.operator')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                         timeout=120).stdout.strip()
+    assert out == "[]"
+
+
 @pytest.mark.slow
 @pytest.mark.workflow
 @pytest.mark.parametrize("bad,field", [

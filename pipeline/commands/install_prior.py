@@ -25,7 +25,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from pipeline.config import load_section
-    from pipeline.diffusion.train import PriorConfig
+    from pipeline.diffusion.prior_config import PriorConfig
     from pipeline.io.atomic import atomic_directory, write_text
     from pipeline.diffusion.network_prior import load_prior
 

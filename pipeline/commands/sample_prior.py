@@ -12,6 +12,7 @@ from pipeline.diffusion.chain_config import ChainConfig
 from pipeline.diffusion.network_prior import load_prior
 from pipeline.diffusion.prior_samples import write_prior_samples
 from pipeline.diffusion.sampling import sample_prior
+from pipeline.diffusion.schedule import build_chain
 from pipeline.errors import ConfigError
 from pipeline.plots.grid import save_grid_png
 from pipeline.runtime import choose_device, configure_threads, seed_everything
@@ -54,7 +55,7 @@ def run(args) -> int:
         ccfg.variance = args.variance
     device = choose_device(args.device or (read_device(args.config) if args.config else "auto"))
     prior = load_prior(args.checkpoint, device=device)
-    chain = ccfg.build(prior.schedule, source)
+    chain = build_chain(ccfg, prior.schedule, source)
     K, variance = chain.K, chain.variance
     gen = seed_everything(args.seed)
     log.info("sampling %d images from %s with K=%d (%s variance) on %s", args.n, args.checkpoint, K, variance, device)

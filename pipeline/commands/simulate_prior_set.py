@@ -31,7 +31,7 @@ def run(args) -> int:
     import torch
 
     from pipeline.config import read_device
-    from pipeline.diffusion.chain_config import load_chain
+    from pipeline.diffusion.schedule import load_chain
     from pipeline.diffusion.network_prior import load_prior
     from pipeline.lensing.config import load_lensing_config
     from pipeline.lensing.finetune import resolve_noise_sigma

@@ -28,7 +28,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from pipeline.diffusion.train import PriorConfig, train_prior
+    from pipeline.diffusion.prior_config import PriorConfig
+    from pipeline.diffusion.train import train_prior
     from pipeline.runtime import configure_threads
 
     configure_threads()

@@ -2,19 +2,38 @@
 
 The chain is K of the prior's T training timesteps, ``0 = t_0 < t_1 < ... < t_K = T``
 (:class:`pipeline.diffusion.schedule.Chain`). Prior-chain sampling, the prior-drawn calibration set, RTB
-fine-tuning and its checks all read it from here, so they cannot disagree.
+fine-tuning and its checks all read it from here, so they cannot disagree. This module is plain Python
+(no torch), so the config tree imports fast; the chain itself is built by
+:func:`pipeline.diffusion.schedule.build_chain` and :func:`pipeline.diffusion.schedule.load_chain`.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
-from pipeline.config import load_section, param
-from pipeline.diffusion.schedule import Chain, NoiseSchedule, timestep_grid
+from pipeline.config import param
 from pipeline.errors import ConfigError
 
-log = logging.getLogger(__name__)
+
+def timestep_grid(T: int, K: int, spacing: str = "uniform") -> list[int]:
+    """K+1 training timesteps ``0 = t_0 < ... < t_K = T`` (integers, in steps): ``uniform`` evenly spaced
+    (``round(k T / K)``, halves to even, exactly as ``torch.round(torch.linspace(0, T, K + 1))`` in float64),
+    ``quadratic`` ``round(T (k / K)^2)`` (denser at low noise; a step that would repeat its predecessor is
+    moved up by one)."""
+    if not 2 <= K <= T:
+        raise ValueError(f"chain length K must be in [2, T={T}], got {K}")
+    if spacing == "uniform":
+        # linspace's float64 points: k * step below the midpoint, T - (K - k) * step from it on
+        step = T / K
+        return [round(k * step) if k < (K + 1) // 2 else round(T - step * (K - k)) for k in range(K + 1)]
+    if spacing != "quadratic":
+        raise ValueError(f"chain spacing must be 'uniform' or 'quadratic', got {spacing!r}")
+    t = [round(T * (k / K) ** 2) for k in range(K + 1)]
+    for k in range(1, K + 1):
+        t[k] = max(t[k], t[k - 1] + 1)
+    if t[-1] != T:
+        raise ValueError(f"K={K} is too long for a quadratic grid on T={T}")
+    return t
 
 
 @dataclass
@@ -55,21 +74,3 @@ class ChainConfig:
             return timestep_grid(T, self.K, self.spacing)
         except ValueError as exc:
             raise ConfigError(source, prefix + "K", str(exc)) from None
-
-    def build(self, schedule: NoiseSchedule, source="<config>", prefix: str = "chain.") -> Chain:
-        """The :class:`Chain` on ``schedule``; a one-line ConfigError naming ``source`` if the grid does not fit."""
-        return Chain(schedule, self.K, self.variance, timesteps=self.grid(schedule.T, source, prefix))
-
-
-def load_chain(config_path, prior) -> Chain:
-    """The ``chain:`` section of the config file at ``config_path`` (defaults when absent), built on the
-    noise schedule of ``prior``. A prior exported with a recorded sampling chain (``sample_K`` /
-    ``sample_variance`` in its metadata, from before this section existed) that differs gets a warning:
-    the config decides."""
-    chain = load_section(config_path, "chain", ChainConfig).build(prior.schedule, config_path)
-    meta = getattr(prior, "meta", None) or {}
-    recorded = (meta.get("sample_K", chain.K), meta.get("sample_variance", chain.variance))
-    if (int(recorded[0]), str(recorded[1])) != (chain.K, chain.variance):
-        log.warning("%s: chain K=%d (%s) differs from the chain the prior recorded at training, K=%s (%s); "
-                    "the config's chain is used", config_path, chain.K, chain.variance, *recorded)
-    return chain

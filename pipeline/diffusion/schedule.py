@@ -18,10 +18,16 @@ Conventions (used everywhere in the package):
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
+
+from pipeline.config import load_section
+from pipeline.diffusion.chain_config import ChainConfig, timestep_grid
+
+log = logging.getLogger(__name__)
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -61,31 +67,13 @@ class NoiseSchedule:
         return {"T": self.T, "beta_start": self.beta_start, "beta_end": self.beta_end}
 
 
-def timestep_grid(T: int, K: int, spacing: str = "uniform") -> list[int]:
-    """K+1 training timesteps ``0 = t_0 < ... < t_K = T`` (integers): ``uniform`` evenly spaced
-    (``round(k T / K)``), ``quadratic`` ``round(T (k / K)^2)`` (denser at low noise; a step that would
-    repeat its predecessor is moved up by one)."""
-    if not 2 <= K <= T:
-        raise ValueError(f"chain length K must be in [2, T={T}], got {K}")
-    if spacing == "uniform":
-        return torch.round(torch.linspace(0, T, K + 1, dtype=torch.float64)).long().tolist()
-    if spacing != "quadratic":
-        raise ValueError(f"chain spacing must be 'uniform' or 'quadratic', got {spacing!r}")
-    t = [round(T * (k / K) ** 2) for k in range(K + 1)]
-    for k in range(1, K + 1):
-        t[k] = max(t[k], t[k - 1] + 1)
-    if t[-1] != T:
-        raise ValueError(f"K={K} is too long for a quadratic grid on T={T}")
-    return t
-
-
 class Chain:
     """A strided K-step reverse chain on a :class:`NoiseSchedule`.
 
     Index ``k`` runs 0..K; ``t[k]`` is the training timestep of chain state k (``t[0] = 0``,
     ``t[K] = T``): ``timesteps`` (K+1 increasing integers) or, by default, evenly spaced
-    (:func:`timestep_grid`). All coefficient tensors are float64 of length K+1 and
-    indexed by k (entries that do not apply at k = 0 are NaN).
+    (:func:`pipeline.diffusion.chain_config.timestep_grid`). All coefficient tensors are float64 of
+    length K+1 and indexed by k (entries that do not apply at k = 0 are NaN).
     """
 
     def __init__(self, schedule: NoiseSchedule, K: int, variance: str = "small", timesteps=None):
@@ -159,6 +147,26 @@ class Chain:
         a, b = float(self.a[k]), float(self.b[k])
         noise = torch.randn(x_prev.shape, generator=generator, dtype=x_prev.dtype, device="cpu").to(x_prev.device)
         return math.sqrt(a) * x_prev + math.sqrt(b) * noise
+
+
+def build_chain(cfg: ChainConfig, schedule: NoiseSchedule, source="<config>", prefix: str = "chain.") -> Chain:
+    """The :class:`Chain` of the ``chain:`` section ``cfg`` on ``schedule``; a one-line ConfigError naming
+    ``source`` and the field (under ``prefix``) if its grid does not fit the schedule."""
+    return Chain(schedule, cfg.K, cfg.variance, timesteps=cfg.grid(schedule.T, source, prefix))
+
+
+def load_chain(config_path, prior) -> Chain:
+    """The ``chain:`` section of the config file at ``config_path`` (defaults when absent), built on the
+    noise schedule of ``prior``. A prior exported with a recorded sampling chain (``sample_K`` /
+    ``sample_variance`` in its metadata, from before this section existed) that differs gets a warning:
+    the config decides."""
+    chain = build_chain(load_section(config_path, "chain", ChainConfig), prior.schedule, config_path)
+    meta = getattr(prior, "meta", None) or {}
+    recorded = (meta.get("sample_K", chain.K), meta.get("sample_variance", chain.variance))
+    if (int(recorded[0]), str(recorded[1])) != (chain.K, chain.variance):
+        log.warning("%s: chain K=%d (%s) differs from the chain the prior recorded at training, K=%s (%s); "
+                    "the config's chain is used", config_path, chain.K, chain.variance, *recorded)
+    return chain
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std) -> torch.Tensor:

@@ -14,12 +14,11 @@ the run checkpoints and stops without a ``done`` marker; re-running resumes it.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.config import config_hash, param
+from pipeline.diffusion.prior_config import PriorConfig
 from pipeline.diffusion.schedule import NoiseSchedule
-from pipeline.diffusion.unet import PRESETS, UNet, build_unet, count_parameters
-from pipeline.errors import ConfigError, InputFileError
+from pipeline.diffusion.unet import UNet, build_unet, count_parameters
+from pipeline.errors import InputFileError
 from pipeline.diffusion.network_prior import export_prior, prior_hparams
 from pipeline.io.atomic import write_text
 from pipeline.io.checkpoint import has_checkpoints, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
@@ -40,72 +39,17 @@ from pipeline.runtime import choose_device, tqdm_disable
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class PriorConfig:
-    """Section ``prior:`` of the pipeline config (diffusion prior training; the chain it is sampled on is
-    the ``chain:`` section, the device the top-level ``device``)."""
+def prior_unet(cfg: PriorConfig, in_channels: int, image_size: int) -> UNet:
+    """The U-Net of the ``prior:`` section ``cfg`` (its preset with the section's overrides) for images of
+    ``in_channels`` channels and side ``image_size`` pixels."""
+    return build_unet(cfg.unet, in_channels=in_channels, image_size=image_size,
+                      base_channels=cfg.base_channels, channel_mults=cfg.channel_mults,
+                      num_res_blocks=cfg.num_res_blocks, attn_levels=cfg.attn_levels, dropout=cfg.dropout)
 
-    data: str | None = param(None, "Training FITS file (the command's --data overrides it).")
-    out: str | None = param(None, "Run directory (the command's --out overrides it).")
-    data_hdu: str = param("TRAIN", "Image HDU holding the (N, H, W) or (N, C, H, W) training images in physical units.")
-    scale: float = param(1.0, "Network units to physical: x_phys = scale * x + offset.", "electron/(s arcsec2)", gt=0)
-    offset: float = param(0.0, "Offset of the map from network units to physical ones.", "electron/(s arcsec2)")
-    image_size: int | None = param(None, "Image side; when set, the data must match it.", "pixel", min=4)
-    channels: int | None = param(None, "Image channels; when set, the data must match it.", min=1)
-    unet: str = param("small", "U-Net preset (channels, levels, attention); the fields below override parts of it.",
-                      choices=sorted(PRESETS))
-    base_channels: int | None = param(None, "Channels of the first U-Net level (null: the preset's).", min=1, max=1024)
-    channel_mults: list[int] | None = param(None, "Channel multiplier per U-Net level (null: the preset's).",
-                                            min=1, max=16)
-    num_res_blocks: int | None = param(None, "Residual blocks per U-Net level (null: the preset's).", min=1, max=8)
-    attn_levels: list[int] | None = param(None, "U-Net levels with self-attention (null: the preset's).", min=0)
-    dropout: float | None = param(None, "Dropout in the residual blocks (null: the preset's).", min=0.0, max=0.9)
-    T: int = param(1000, "Training diffusion steps of the noise schedule.", "steps", min=2)
-    beta_start: float = param(1e-4, "First beta of the linear noise schedule.", gt=0, max=0.5)
-    beta_end: float = param(0.02, "Last beta of the linear noise schedule.", gt=0, max=0.999)
-    steps: int = param(3000, "Optimiser steps; a finished run given more steps resumes and trains on.", "steps", min=1)
-    batch_size: int = param(32, "Training images per step.", "samples", min=1)
-    lr: float = param(2e-4, "AdamW learning rate after the warm-up.", gt=0, max=1.0)
-    warmup_steps: int = param(100, "Steps of linear learning-rate warm-up.", "steps", min=0)
-    weight_decay: float = param(0.0, "AdamW weight decay.", min=0.0)
-    grad_clip: float = param(1.0, "Global gradient-norm clip; 0 disables clipping.", min=0.0)
-    ema_decay: float = param(0.999, "Decay of the exponential moving average of the weights that is exported.",
-                             min=0.0, max=1.0)
-    augment: str = param("dihedral", "Random symmetries applied to each training image (flips, or the 8 flips "
-                         "and quarter turns).", choices=["none", "flip", "dihedral"])
-    seed: int = param(0, "Seed of data order, augmentation, timesteps and noise.", min=0)
-    checkpoint_every: int = param(500, "Steps between rolling checkpoints.", "steps", min=1)
-    keep_checkpoints: int = param(3, "Rolling checkpoints kept.", min=1)
-    log_every: int = param(50, "Steps between log lines.", "steps", min=1)
-    max_wall_seconds: float = param(0.0, "Safety cap: checkpoint and stop after this long (rerun to resume); 0 = "
-                                    "no cap.", "s", min=0.0)
 
-    def validate(self, source, prefix: str = "") -> None:
-        if self.beta_start > self.beta_end:
-            raise ConfigError(source, prefix + "beta_start", f"must be <= beta_end ({self.beta_end}), got {self.beta_start}")
-        mults = self.channel_mults if self.channel_mults is not None else PRESETS[self.unet]["channel_mults"]
-        if not mults:
-            raise ConfigError(source, prefix + "channel_mults", "must not be empty")
-        if self.attn_levels is not None and any(a >= len(mults) for a in self.attn_levels):
-            raise ConfigError(source, prefix + "attn_levels", f"levels must be < {len(mults)} (len(channel_mults))")
-        if self.image_size is not None and self.image_size % 2 ** (len(mults) - 1):
-            raise ConfigError(source, prefix + "image_size",
-                              f"must be divisible by {2 ** (len(mults) - 1)} for {len(mults)} UNet levels")
-
-    def result_hash(self) -> str:
-        """Hash of the fields that change the trained weights (not steps, logging, paths or caps),
-        so a run can be resumed with more steps but not with a different recipe. (Checkpoints made when
-        the section also held the device and the sampling chain skipped those too: same hash.)"""
-        skip = {"data", "out", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "max_wall_seconds"}
-        return config_hash({k: v for k, v in dataclasses.asdict(self).items() if k not in skip})
-
-    def build_unet(self, in_channels: int, image_size: int) -> UNet:
-        return build_unet(self.unet, in_channels=in_channels, image_size=image_size,
-                          base_channels=self.base_channels, channel_mults=self.channel_mults,
-                          num_res_blocks=self.num_res_blocks, attn_levels=self.attn_levels, dropout=self.dropout)
-
-    def schedule(self) -> NoiseSchedule:
-        return NoiseSchedule(T=self.T, beta_start=self.beta_start, beta_end=self.beta_end)
+def prior_schedule(cfg: PriorConfig) -> NoiseSchedule:
+    """The linear-beta noise schedule of the ``prior:`` section ``cfg`` (``T`` steps)."""
+    return NoiseSchedule(T=cfg.T, beta_start=cfg.beta_start, beta_end=cfg.beta_end)
 
 
 def load_training_images(path, hdu: str = "TRAIN", scale: float = 1.0, offset: float = 0.0,
@@ -216,12 +160,12 @@ def train_prior(cfg: PriorConfig, data_path, run_dir, *, steps: int | None = Non
     if cfg.augment == "dihedral" and h != w:
         raise InputFileError(data_path, f"images are {h}x{w}: dihedral augmentation needs square images "
                                         "(set augment: flip)", field=cfg.data_hdu)
-    schedule = cfg.schedule()
+    schedule = prior_schedule(cfg)
     chash = cfg.result_hash()
 
     torch.manual_seed(cfg.seed)  # network initialisation
     try:
-        net = cfg.build_unet(c, h)
+        net = prior_unet(cfg, c, h)
         net(torch.zeros(1, c, h, w), torch.ones(1, dtype=torch.long))  # shape check before training
     except ValueError as exc:
         raise InputFileError(data_path, f"images of shape {c}x{h}x{w} do not fit the UNet ({exc})",

@@ -28,15 +28,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-# Named sizes. "small" trains at 32x32 on one CPU thread in minutes (~0.5 M parameters);
-# "paper" is the GPU size (64x64 images, ~9 M parameters, attention at 16x16 and 8x8).
-PRESETS: dict[str, dict] = {
-    "tiny": {"base_channels": 16, "channel_mults": [1, 2], "num_res_blocks": 1, "attn_levels": []},
-    "small": {"base_channels": 32, "channel_mults": [1, 2, 2], "num_res_blocks": 1, "attn_levels": []},
-    "medium": {"base_channels": 64, "channel_mults": [1, 2, 2], "num_res_blocks": 1, "attn_levels": []},
-    "paper": {"base_channels": 64, "channel_mults": [1, 2, 2, 4], "num_res_blocks": 2, "attn_levels": [2, 3],
-              "dropout": 0.1},
-}
+from pipeline.diffusion.unet_presets import PRESETS  # named sizes (plain numbers)
 
 
 def _groups(ch: int) -> int:

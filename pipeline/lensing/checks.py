@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.diffusion.chain_config import load_chain
+from pipeline.diffusion.schedule import load_chain
 from pipeline.diffusion.sampling import sample_prior
 from pipeline.errors import InputFileError
 from pipeline.io.checkpoint import load_checkpoint

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.config import load_section
-from pipeline.diffusion.chain_config import load_chain
+from pipeline.diffusion.schedule import load_chain
 from pipeline.diffusion.sampling import sample_prior
 from pipeline.errors import ConfigError, InputFileError
 from pipeline.io.checkpoint import has_checkpoints, load_checkpoint, save_checkpoint, write_checkpoint_dir

@@ -23,7 +23,7 @@ from astropy.io import fits
 
 import pipeline
 from pipeline.config import config_hash, load_section, load_yaml, read_device
-from pipeline.diffusion.chain_config import load_chain
+from pipeline.diffusion.schedule import load_chain
 from pipeline.diffusion.network_prior import load_prior
 from pipeline.errors import ConfigError, InputFileError
 from pipeline.io.posterior import posterior_moments, write_posterior

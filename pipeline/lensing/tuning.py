@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.config import load_section, read_device
-from pipeline.diffusion.chain_config import load_chain
+from pipeline.diffusion.schedule import load_chain
 from pipeline.diffusion.network_prior import load_prior
 from pipeline.errors import InputFileError
 from pipeline.lensing.config import BrightnessConfig, PosteriorConfig, load_lensing_config

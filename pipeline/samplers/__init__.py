@@ -21,7 +21,9 @@ Method names, used everywhere (configs, results files, tables):
 ========================  ===============================================================================
 
 One registry (:mod:`.registry`) holds every method's builder and properties; the method tuples
-below are derived from it. ``make_sampler(name, prior, chain, **opts)`` builds any method; options are
+below are derived from it. The package re-exports the registry only, which imports no torch (so the
+config tree can list the methods cheaply); the interface itself, ``Sampler`` and ``Samples``, is in
+:mod:`.base`. ``make_sampler(name, prior, chain, **opts)`` builds any method; options are
 the sampler's keyword arguments (``scale``, ``particles``, ``c_rate``, ``ess_threshold``, ``mode``,
 ``device``, ``batch_size``, ``cond``, ``tuning_record``; for RTB ``posterior``, ``cond_fn``,
 ``particles``, ``batch_size``). Unknown options are an error, not ignored.
@@ -29,11 +31,9 @@ the sampler's keyword arguments (``scale``, ``particles``, ``c_rate``, ``ess_thr
 
 from __future__ import annotations
 
-from pipeline.samplers.base import Sampler, Samples
 from pipeline.samplers.registry import (AMORTIZED_METHODS, LINEAR_ONLY, METHODS, PARTICLE_METHODS, REGISTRY,
                                         RTB_METHODS, TRAINING_FREE, TUNED_METHODS, MethodSpec, make_sampler,
                                         method_spec, sampler_class)
 
 __all__ = ["AMORTIZED_METHODS", "LINEAR_ONLY", "METHODS", "PARTICLE_METHODS", "REGISTRY", "RTB_METHODS",
-           "TRAINING_FREE", "TUNED_METHODS", "MethodSpec", "Sampler", "Samples", "make_sampler", "method_spec",
-           "sampler_class"]
+           "TRAINING_FREE", "TUNED_METHODS", "MethodSpec", "make_sampler", "method_spec", "sampler_class"]

@@ -19,9 +19,12 @@ from __future__ import annotations
 import importlib
 import inspect
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pipeline.errors import PipelineError
-from pipeline.samplers.base import Sampler
+
+if TYPE_CHECKING:  # the registry stays importable without torch: sampler modules load on use
+    from pipeline.samplers.base import Sampler
 
 LOGZ_KINDS = ("trajectory", "info", "none")
 

@@ -2,7 +2,7 @@
 
 The section nests the same sections as the lensing pipeline: ``chain:`` (the reverse chain every
 method runs, :class:`pipeline.diffusion.chain_config.ChainConfig`), ``prior:`` and ``latent_prior:``
-(diffusion-prior training, :class:`pipeline.diffusion.train.PriorConfig`) and ``rtb:`` (amortized RTB,
+(diffusion-prior training, :class:`pipeline.diffusion.prior_config.PriorConfig`) and ``rtb:`` (amortized RTB,
 :class:`pipeline.rtb.config.RTBConfig`), each with vision defaults. The device is the config's
 top-level ``device``.
 
@@ -21,14 +21,17 @@ from dataclasses import dataclass, replace
 
 from pipeline.config import param
 from pipeline.diffusion.chain_config import ChainConfig
-from pipeline.diffusion.train import PriorConfig
+from pipeline.diffusion.prior_config import PriorConfig
 from pipeline.errors import ConfigError
 from pipeline.rtb.config import (ExplorationConfig, ObjectiveConfig, OptimConfig, PolicyConfig, RTBConfig,
                                  RunConfig)
-from pipeline.samplers import LINEAR_ONLY
-from pipeline.vision.datasets import DATASETS
-from pipeline.vision.operators import LINEAR_TASKS, TASKS
+from pipeline.samplers.registry import LINEAR_ONLY
 
+# The names the config accepts; the data loaders (:mod:`pipeline.vision.datasets`) and the operators
+# (:mod:`pipeline.vision.operators`) take theirs from here.
+DATASETS = ("mnist", "cifar10")
+TASKS = ("box_inpaint", "random_inpaint", "phase_retrieval", "nonlinear_deblur")
+LINEAR_TASKS = ("box_inpaint", "random_inpaint")  # the tasks with a linear forward model
 VISION_METHODS = ("rtb_amortized", "rtb_dps", "dps", "dps_cla", "prior_is", "fps", "fps_smc")
 LINEAR_ONLY_METHODS = tuple(m for m in VISION_METHODS if m in LINEAR_ONLY)
 AUGMENTATIONS = ("none", "flip", "dihedral")

@@ -33,11 +33,11 @@ from skimage.transform import rescale
 
 from pipeline.errors import InputFileError
 from pipeline.io.fits import write_fits_atomic
+from pipeline.vision.config import DATASETS
 
 log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 32
-DATASETS = ("mnist", "cifar10")
 
 # Photos for the CIFAR-10 stand-in: (loader key, name). Test/valid photos are held out whole.
 STANDIN_PHOTOS = (

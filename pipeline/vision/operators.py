@@ -32,9 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.problems import InverseProblem, LinearInverseProblem
-
-TASKS = ("box_inpaint", "random_inpaint", "phase_retrieval", "nonlinear_deblur")
-LINEAR_TASKS = ("box_inpaint", "random_inpaint")
+from pipeline.vision.config import TASKS
 
 
 def _check_shape(image_shape) -> tuple[int, int, int]:
@@ -207,7 +205,7 @@ class NonlinearDeblur(InverseProblem):
 def make_operator(task: str, image_shape, *, sigma_y: float = 0.05, seed: int = 0, box: int | None = None,
                   p_missing: float = 0.7, oversample: float = 2.0, kernel_size: int | None = None,
                   crf_strength: float = 3.0) -> InverseProblem:
-    """Build the operator for ``task`` (one of :data:`TASKS`); ``seed`` fixes its random parts."""
+    """Build the operator for ``task`` (one of :data:`pipeline.vision.config.TASKS`); ``seed`` fixes its random parts."""
     if task == "box_inpaint":
         return BoxInpainting(image_shape, box=box, sigma_y=sigma_y, seed=seed)
     if task == "random_inpaint":

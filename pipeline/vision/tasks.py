@@ -18,6 +18,7 @@ import torch
 
 from pipeline.config import config_hash
 from pipeline.diffusion.network_prior import load_prior
+from pipeline.diffusion.schedule import build_chain
 from pipeline.diffusion.train import train_prior
 from pipeline.runtime import choose_device
 from pipeline.vision.autoencoder import encode_images, load_autoencoder, save_autoencoder, train_autoencoder
@@ -151,7 +152,7 @@ class Task:
         else:
             self.prior = ctx.prior(dataset)
             self.problem = self.image_op
-        self.chain = cfg.chain.build(self.prior.schedule, prefix="vision.chain.")
+        self.chain = build_chain(cfg.chain, self.prior.schedule, prefix="vision.chain.")
         # observations: n_obs test images + 1 tuning image; the noise is seeded per observation
         rng = np.random.default_rng(cfg.seed + 7)
         idx = rng.choice(len(ds.test), size=cfg.n_obs + 1, replace=False)

@@ -6,8 +6,8 @@ import torch
 import yaml
 
 from pipeline.config import from_mapping, load_section
-from pipeline.diffusion.chain_config import ChainConfig, load_chain
-from pipeline.diffusion.schedule import NoiseSchedule
+from pipeline.diffusion.chain_config import ChainConfig
+from pipeline.diffusion.schedule import NoiseSchedule, build_chain, load_chain
 from pipeline.errors import ConfigError
 
 
@@ -22,7 +22,7 @@ def _valid(chain, K, T):
 @pytest.mark.parametrize("K", [2, 6, 20, 50, 333, 1000])
 def test_uniform_grid_is_the_evenly_rounded_grid(K):
     sched = NoiseSchedule()
-    chain = ChainConfig(K=K).build(sched)
+    chain = build_chain(ChainConfig(K=K), sched)
     want = torch.round(torch.linspace(0, sched.T, K + 1, dtype=torch.float64)).long()
     assert torch.equal(chain.t, want)
     assert torch.equal(chain.t, sched.chain(K).t)  # the chain's own default grid
@@ -32,7 +32,7 @@ def test_uniform_grid_is_the_evenly_rounded_grid(K):
 @pytest.mark.parametrize("K", [2, 6, 20, 50, 100])
 def test_quadratic_grid_builds_a_valid_chain_denser_at_low_noise(K):
     sched = NoiseSchedule()
-    chain = ChainConfig(K=K, spacing="quadratic").build(sched)
+    chain = build_chain(ChainConfig(K=K, spacing="quadratic"), sched)
     _valid(chain, K, sched.T)
     gaps = torch.diff(chain.t)
     assert int(gaps[0]) < int(gaps[-1])  # small steps near the data, large ones near the noise
@@ -66,7 +66,7 @@ def test_bad_explicit_grid_is_a_one_line_error_naming_chain_timesteps(tmp_path, 
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"chain": {"K": 5, "timesteps": grid}}))
     with pytest.raises(ConfigError) as err:
-        load_section(path, "chain", ChainConfig).build(NoiseSchedule(), path)
+        build_chain(load_section(path, "chain", ChainConfig), NoiseSchedule(), path)
     msg = str(err.value)
     assert "\n" not in msg and str(path) in msg and "chain.timesteps" in msg and words in msg
 
@@ -77,7 +77,7 @@ def test_bad_K_and_spacing_are_one_line_errors():
     with pytest.raises(ConfigError, match=r"field 'chain.spacing'.*must be one of"):
         from_mapping(ChainConfig, {"spacing": "cosine"}, "c.yaml", prefix="chain.")
     with pytest.raises(ConfigError, match=r"c.yaml: field 'chain.K'.*T=10"):
-        ChainConfig(K=20).build(NoiseSchedule(T=10), "c.yaml")
+        build_chain(ChainConfig(K=20), NoiseSchedule(T=10), "c.yaml")
 
 
 def test_a_prior_that_recorded_another_chain_warns_and_the_config_decides(tmp_path, caplog):

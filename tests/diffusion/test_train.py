@@ -7,7 +7,8 @@ import torch
 
 from conftest import TINY_PRIOR
 from pipeline.config import from_mapping
-from pipeline.diffusion.train import PriorConfig, augment_batch, load_training_images, train_prior
+from pipeline.diffusion.prior_config import PriorConfig
+from pipeline.diffusion.train import augment_batch, load_training_images, train_prior
 from pipeline.errors import InputFileError
 from pipeline.diffusion.network_prior import load_prior
 from pipeline.io.checkpoint import list_checkpoints, load_checkpoint

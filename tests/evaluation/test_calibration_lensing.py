@@ -92,7 +92,7 @@ def test_sample_writes_prior_is_log_z(tmp_path, blob_fits):
     from conftest import TINY_PRIOR
 
     from pipeline.cli import main
-    from pipeline.diffusion.chain_config import load_chain
+    from pipeline.diffusion.schedule import load_chain
     from pipeline.diffusion.network_prior import load_prior
     from pipeline.lensing.config import BrightnessConfig, load_lensing_config
     from pipeline.lensing.observation import load_observation

@@ -20,7 +20,7 @@ RECORD = json.loads((SHIPPED / "metrics.json").read_text())
 def test_shipped_prior_matches_config_and_reproduces_its_samples():
     from pipeline.config import load_section, load_yaml
     from pipeline.diffusion.sampling import sample_prior
-    from pipeline.diffusion.train import PriorConfig
+    from pipeline.diffusion.prior_config import PriorConfig
     from pipeline.diffusion.network_prior import load_prior
 
     cfg = load_yaml(CONFIG)
@@ -43,7 +43,7 @@ def test_shipped_posterior_matches_config_and_reproduces_its_fit():
     from pipeline.config import load_section, load_yaml
     from pipeline.diffusion.network_prior import load_prior
     from pipeline.io.checkpoint import load_checkpoint
-    from pipeline.diffusion.chain_config import load_chain
+    from pipeline.diffusion.schedule import load_chain
     from pipeline.rtb.config import RTBConfig, legacy_v1_hash
 
     cfg = load_yaml(CONFIG)
@@ -125,7 +125,7 @@ def test_amortized_samples_at_a_batch_equal_to_the_feature_channels():
     from pipeline.lensing.config import load_lensing_config
     from pipeline.lensing.sample import load_amortized
 
-    from pipeline.diffusion.chain_config import load_chain
+    from pipeline.diffusion.schedule import load_chain
 
     rec = RECORD["posterior"]
     prior = load_prior(SHIPPED / "prior")
@@ -169,7 +169,8 @@ def test_shipped_posterior_records_the_shipped_prior_and_refuses_another():
     from pipeline.errors import InputFileError
     from pipeline.diffusion.network_prior import load_prior
     from pipeline.io.checkpoint import load_checkpoint
-    from pipeline.diffusion.chain_config import ChainConfig, load_chain
+    from pipeline.diffusion.chain_config import ChainConfig
+    from pipeline.diffusion.schedule import build_chain, load_chain
     from pipeline.rtb.loading import load_posterior
 
     prior = load_prior(SHIPPED / "prior")
@@ -179,7 +180,7 @@ def test_shipped_posterior_records_the_shipped_prior_and_refuses_another():
     assert ck.hparams["prior"] == {"recipe_hash": prior.meta["config_hash"], "K": chain.K, "variance": chain.variance}
     post, _ = load_posterior(SHIPPED / "posterior", prior, chain=chain)
     assert post.chain.t.tolist() == chain.t.tolist()
-    other_grid = ChainConfig(K=chain.K, spacing="quadratic").build(prior.schedule)
+    other_grid = build_chain(ChainConfig(K=chain.K, spacing="quadratic"), prior.schedule)
     with pytest.raises(InputFileError, match=r"posterior.*prior\.timesteps"):
         load_posterior(SHIPPED / "posterior", prior, chain=other_grid)
     prior.meta["config_hash"] = "0" * 16  # a prior of another recipe

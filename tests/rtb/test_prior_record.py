@@ -9,7 +9,7 @@ import torch
 
 from pipeline.diffusion.chain_config import ChainConfig
 from pipeline.diffusion.prior import GaussianMixturePrior
-from pipeline.diffusion.schedule import NoiseSchedule
+from pipeline.diffusion.schedule import NoiseSchedule, build_chain
 from pipeline.errors import InputFileError, PipelineError
 from pipeline.problems import DenseLinearProblem
 from pipeline.rtb.config import RTBConfig
@@ -56,7 +56,7 @@ def test_posterior_records_its_prior_and_chain(tmp_path):
     (dict(recipe="bbbb2222"), CHAIN, "prior.recipe_hash"),
     ({}, NoiseSchedule().chain(10), "prior.K"),
     ({}, NoiseSchedule().chain(8, "large"), "prior.variance"),
-    ({}, ChainConfig(K=8, spacing="quadratic").build(NoiseSchedule()), "prior.timesteps")])
+    ({}, build_chain(ChainConfig(K=8, spacing="quadratic"), NoiseSchedule()), "prior.timesteps")])
 def test_posterior_is_refused_against_another_prior_or_chain(tmp_path, other, chain, field):
     _, problem, y, cfg = _trained(tmp_path, _prior())
     with pytest.raises(InputFileError) as exc:

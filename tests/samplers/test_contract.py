@@ -21,7 +21,8 @@ from pipeline.problems import DenseLinearProblem
 from pipeline.rtb.config import RTBConfig
 from pipeline.rtb.htransform import LinearGaussianHTransform
 from pipeline.rtb.posterior import make_posterior
-from pipeline.samplers import METHODS, REGISTRY, Sampler, Samples, make_sampler
+from pipeline.samplers import METHODS, REGISTRY, make_sampler
+from pipeline.samplers.base import Sampler, Samples
 from pipeline.samplers.registry import LOGZ_KINDS
 
 K = 8

@@ -6,8 +6,8 @@ import torch
 from pipeline.diffusion.prior import GaussianMixturePrior
 from pipeline.errors import PipelineError
 from pipeline.problems import DenseLinearProblem
-from pipeline.samplers import (METHODS, PARTICLE_METHODS, RTB_METHODS, TRAINING_FREE, Sampler, Samples,
-                               make_sampler)
+from pipeline.samplers import METHODS, PARTICLE_METHODS, RTB_METHODS, TRAINING_FREE, make_sampler
+from pipeline.samplers.base import Sampler, Samples
 from pipeline.samplers.tuning import tune_on_separate_seed
 
 K = 12

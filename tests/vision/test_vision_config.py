@@ -10,7 +10,7 @@ import yaml
 
 from pipeline.config import from_mapping
 from pipeline.diffusion.chain_config import ChainConfig
-from pipeline.diffusion.train import PriorConfig
+from pipeline.diffusion.prior_config import PriorConfig
 from pipeline.errors import ConfigError
 from pipeline.settings import load_config
 from pipeline.vision import bench
