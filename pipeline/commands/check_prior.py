@@ -20,6 +20,7 @@ from pipeline.config import load_section, read_device
 from pipeline.diffusion.chain_config import ChainConfig
 from pipeline.diffusion.network_prior import load_prior
 from pipeline.diffusion.sampling import sample_prior
+from pipeline.diffusion.schedule import build_chain
 from pipeline.errors import InputFileError
 from pipeline.evaluation.prior_classifier import ClassifierBudget, classifier_two_sample_test
 from pipeline.evaluation.prior_fidelity import NEG_THRESHOLD, fidelity_statistics
@@ -62,7 +63,7 @@ def _sample_draws(args) -> tuple[np.ndarray, dict]:
     if prior.event_shape[0] != 1:
         raise InputFileError(args.checkpoint, f"prior makes {prior.event_shape[0]}-channel images; "
                                               "check-prior compares single-band images", field="event_shape")
-    chain = ccfg.build(prior.schedule, args.config or "<defaults>")
+    chain = build_chain(ccfg, prior.schedule, args.config or "<defaults>")
     n, gen = args.n or DEFAULT_N, seed_everything(args.seed)
     log.info("sampling %d draws from %s, K=%d (%s) on %s", n, args.checkpoint, chain.K, ccfg.spacing, device)
     batches = [min(args.batch_size, n - s) for s in range(0, n, args.batch_size)]
