@@ -74,6 +74,7 @@ _SPECS = (
     MethodSpec("prior_is", "pipeline.samplers.prior_is", "PriorISSampler", particle=True, logz="info"),
     MethodSpec("fps", "pipeline.samplers.fps", "FPSSampler", linear_only=True),
     MethodSpec("fps_smc", "pipeline.samplers.fps", "FPSSMCSampler", linear_only=True, particle=True, logz="none"),
+    MethodSpec("inversion", "pipeline.samplers.inversion", "InversionSampler", linear_only=True, logz="info"),
 )
 REGISTRY: dict[str, MethodSpec] = {s.name: s for s in _SPECS}
 
