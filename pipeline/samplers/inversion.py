@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from scipy.linalg import lapack
+from threadpoolctl import threadpool_limits
 
 from pipeline.errors import PipelineError
 from pipeline.samplers.base import Sampler, Samples
@@ -137,7 +138,9 @@ def tridiagonal(data: GaussianData, R: torch.Tensor, lam_g: float) -> tuple[np.n
     one Householder reduction (LAPACK dsytrd, a third of a full eigen-decomposition), and h = Q^T g."""
     K = (data.F + lam_g * R).numpy()
     lwork = int(lapack.dsytrd_lwork(K.shape[0], lower=1)[0])
-    c, a, b, tau, info = lapack.dsytrd(K, lower=1, lwork=max(lwork, K.shape[0]))
+    # scipy's BLAS follows torch's thread count (the package's policy, pipeline.runtime), not all cores
+    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+        c, a, b, tau, info = lapack.dsytrd(K, lower=1, lwork=max(lwork, K.shape[0]))
     if info != 0:
         raise PipelineError(f"method 'inversion': the tridiagonal reduction failed (LAPACK info {info})")
     h = data.g.numpy().copy()
