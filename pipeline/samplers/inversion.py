@@ -18,8 +18,8 @@ The likelihood is the problem's own fully normalised Gaussian over the m unmaske
             - sum log sigma - m/2 log 2 pi.
 
 Hyperparameters. The hyperprior is uniform in (log10 lam_g, log10 lam_0) on the rectangle ``lam_g_range``
-x ``lam_0_range`` (decades). For one lam_g, one eigen-decomposition ``F + lam_g R = U diag(e) U^T`` gives
-log Z for every lam_0 in O(d) (``C = U diag(e + lam_0) U^T``; ``log det P`` from the eigenvalues of R), so
+x ``lam_0_range`` (decades). For one lam_g, one tridiagonal reduction ``F + lam_g R = Q T Q^T`` gives
+log Z for every lam_0 in O(d) (``L D L^T`` of ``T + lam_0 I``; ``log det P`` from the eigenvalues of R), so
 lam_0 is scanned on a fine grid (``LAM0_STEP`` dex) and lam_g on a grid that starts at ``LAM_G_STEP`` dex
 and is halved around the best lam_g until the estimates settle, then refined by one parabolic step.
 
@@ -31,8 +31,8 @@ and is halved around the best lam_g until the estimates settle, then refined by 
   with the other methods' log Z under a stated hyperprior.
 
 Samples are exact draws ``mu + L^-T z`` from the posterior at the evidence-maximising hyperparameters
-(``L L^T = C``). Cost per observation: forming F (one (m, d) x (d, m) product) and one O(d^3)
-eigen-decomposition per evaluated lam_g (about 10 to 15 at d = 1024).
+(``L L^T = C``). Cost per observation: forming F (one (d, m) x (m, d) product) and one O(d^3)
+tridiagonal reduction per evaluated lam_g (5 to 14 of them): about 2 s at d = 1024 on one CPU thread.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ class EvidenceFit:
     lam_0: float              # 1/(network unit)^2, at the type-II maximum
     type2: float              # nats: max log Z over the searched hyperparameters
     marginal: float           # nats: log Z with (log10 lam_g, log10 lam_0) marginalised over the hyperprior
-    evaluations: int          # eigen-decompositions (lam_g values) used
+    evaluations: int          # tridiagonal reductions (lam_g values) used
     bound: str | None         # which search bound the maximum lies on, if any
 
 
