@@ -32,7 +32,7 @@ and is halved around the best lam_g until the estimates settle, then refined by 
 
 Samples are exact draws ``mu + L^-T z`` from the posterior at the evidence-maximising hyperparameters
 (``L L^T = C``). Cost per observation: forming F (one (d, m) x (m, d) product) and one O(d^3)
-tridiagonal reduction per evaluated lam_g (5 to 14 of them): about 2 s at d = 1024 on one CPU thread.
+tridiagonal reduction per evaluated lam_g (7 to 14 of them on the demo lenses): about 2 s at d = 1024 on one CPU thread.
 """
 
 from __future__ import annotations
