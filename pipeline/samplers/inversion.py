@@ -227,7 +227,7 @@ def fit_hyperparameters(data: GaussianData, R: torch.Tensor, r_eig: torch.Tensor
         return best, evals[best][0], marg - math.log((hi_g - lo_g) * (hi_0 - lo_0))
 
     n_coarse = max(1, int(math.ceil((hi_g - lo_g) / LAM_G_STEP)))
-    for lg in torch.linspace(lo_g, hi_g, n_coarse + 1).tolist():
+    for lg in torch.linspace(lo_g, hi_g, n_coarse + 1, dtype=torch.float64).tolist():
         evaluate(lg)
     step = (hi_g - lo_g) / n_coarse
     best, t2, marg = estimates()
