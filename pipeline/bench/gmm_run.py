@@ -55,7 +55,7 @@ class CaseRun:
 def training_free_methods(quick: bool) -> list[tuple[str, str, dict]]:
     """(label, method, options) for the registry's training-free samplers that exist here."""
     out = []
-    for m in TRAINING_FREE:
+    for m in (m for m in TRAINING_FREE if m != "inversion"):  # inversion: its own prior, not the case's
         try:
             sampler_class(m)
         except Exception:  # noqa: BLE001 - a method whose module is missing is skipped, and logged

@@ -18,6 +18,7 @@ Method names, used everywhere (configs, results files, tables):
 ``prior_is``              prior chain + importance resampling (:mod:`.prior_is`)
 ``fps``                   FPS, one particle, Gaussian steps (:mod:`.fps`)
 ``fps_smc``               FPS-SMC, M particles, weights (:mod:`.fps`)
+``inversion``             regularised linear inversion, no diffusion prior, evidence-tuned (:mod:`.inversion`)
 ========================  ===============================================================================
 
 One registry (:mod:`.registry`) holds every method's builder and properties; the method tuples

@@ -10,7 +10,8 @@ What a method returns instead of (or beside) its samples is declared in ``logz``
 * ``"trajectory"``: ``Samples.log_q_traj`` / ``log_p_traj`` per sample, so the ELBO and the
   importance-weighted log Z come from :func:`pipeline.metrics.logz.estimate_logz_samples`;
 * ``"info"``: the returned samples are resampled from more proposals; ``Samples.info["logz"]`` holds
-  ``{"elbo", "elbo_se", "iw"}`` (nats) over all proposals of one observation, ``log_w`` is zero;
+  ``{"elbo", "elbo_se", "iw"}`` (nats) over all proposals of one observation, ``log_w`` is zero
+  (``inversion``: exact draws and its closed-form log Z, ``log_w`` None);
 * ``"none"``: no log Z estimate (``info["logz"]`` is None and ``info["logz_note"]`` says why).
 """
 
@@ -77,6 +78,7 @@ _SPECS = (
     MethodSpec("prior_is", "pipeline.samplers.prior_is", "PriorISSampler", particle=True, logz="info"),
     MethodSpec("fps", "pipeline.samplers.fps", "FPSSampler", linear_only=True),
     MethodSpec("fps_smc", "pipeline.samplers.fps", "FPSSMCSampler", linear_only=True, particle=True, logz="none"),
+    MethodSpec("inversion", "pipeline.samplers.inversion", "InversionSampler", linear_only=True, logz="info"),
 )
 REGISTRY: dict[str, MethodSpec] = {s.name: s for s in _SPECS}
 

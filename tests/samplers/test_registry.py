@@ -24,7 +24,7 @@ def setup():
 
 def test_method_names():
     assert METHODS == ("rtb", "rtb_amortized", "rtb_dps", "rtb_dps_cla", "rtb_amortized_is", "rtb_amortized_gn",
-                       "dps", "dps_cla", "cla", "exact_guidance", "prior_is", "fps", "fps_smc")
+                       "dps", "dps_cla", "cla", "exact_guidance", "prior_is", "fps", "fps_smc", "inversion")
     assert set(TRAINING_FREE) | set(RTB_METHODS) == set(METHODS)
 
 
@@ -52,11 +52,15 @@ def test_interface_contract(setup, name):
     assert isinstance(out, Samples) and out.x0.shape == (n, 2)
     assert out.log_r.dtype == torch.float64 and out.log_r.shape == (n,)
     assert torch.allclose(out.log_r, prob.log_likelihood(out.x0, y))
-    assert out.info["method"] == name and out.nfe >= K
-    if name in PARTICLE_METHODS:
+    assert out.info["method"] == name
+    if name == "inversion":  # its own Gaussian prior, no diffusion chain: exact draws, no network call
+        assert out.nfe == 0 and not out.has_trajectory_density and out.log_w is None
+    elif name in PARTICLE_METHODS:
+        assert out.nfe >= K
         assert out.log_w is not None and out.log_w.shape == (n,)
         assert out.info["particles"] == OPTS[name]["particles"] and out.nfe == OPTS[name]["particles"] * K
     else:
+        assert out.nfe >= K
         assert out.has_trajectory_density and out.log_q_traj.dtype == torch.float64
         assert torch.isfinite(out.log_q_traj).all() and torch.isfinite(out.log_p_traj).all()
     # reproducible from the generator
