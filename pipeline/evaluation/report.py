@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from pipeline.errors import InputFileError
+from pipeline.evaluation.comparison import INVERSION_NOTE, inversion_paragraph
 from pipeline.evaluation.doc import Doc
 from pipeline.io.atomic import atomic_file, write_text
 from pipeline.metrics.coverage import exact_coverage_level
@@ -294,6 +295,12 @@ def build_report(cal_dir, out_path, *, figures=(), sections=(), title="Calibrati
     n_samples = next((r.get("n_samples") for s in set_order for r in sets[s].values() if r.get("n_samples")), 32)
     doc.p(COLUMN_NOTES.format(frac=fmt(next(iter(settings.values()), {}).get("footprint_frac", 0.1)),
                               exact_example=exact_level_example(int(n_samples))))
+    paragraphs = [p for p in (inversion_paragraph(s, sets[s]) for s in set_order) if p]
+    if paragraphs:
+        doc.h(2, "The regularised inversion beside RTB")
+        for para in paragraphs:
+            doc.p(para)
+        doc.p(INVERSION_NOTE)
     rows = kind_rows(sets, set_order)
     if rows:
         doc.h(2, "Per source kind")

@@ -89,18 +89,26 @@ def tiny_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_tiny_run_produces_report_and_is_idempotent(tiny_run):
+    import numpy as np
+    from astropy.io import fits
+
     res = tiny_run / "results"
     assert (res / "report.md").stat().st_size > 500
     for s in ("prior", "heldout"):
         summary = res / "calibration" / s / "summary.json"
         assert summary.is_file()
-        for m in ("rtb_amortized", "rtb_amortized_is", "dps", "fps_smc"):
+        for m in ("rtb_amortized", "rtb_amortized_is", "dps", "fps_smc", "inversion"):
             files = sorted((res / "posteriors" / s / m).glob("*.fits"))
             assert len(files) == 3, (s, m)
+    # every posterior file carries the products: model, residuals, the lens, true units
+    with fits.open(sorted((res / "posteriors" / "heldout" / "inversion").glob("*.fits"))[0]) as h:
+        assert {"MODEL", "RESID", "OBS", "SAMPLES"} <= {x.name for x in h}
+        assert h[0].header["LENSMOD"] == "SIE+SHEAR" and h["OBS"].header["BUNIT"] == h["MODEL"].header["BUNIT"]
+        assert "LOGZT2" in h[0].header and h[0].header["LOGZMARG"] == h[0].header["LOGZELBO"]
+    report = (res / "report.md").read_text()
+    assert "| prior | inversion |" in report and "| heldout | inversion |" in report
+    assert "The regularised inversion beside RTB" in report
     # RTB + importance resampling keeps every trajectory as a particle, weighted 1/n per group
-    import numpy as np
-    from astropy.io import fits
-
     with fits.open(sorted((res / "posteriors" / "prior" / "rtb_amortized_is").glob("*.fits"))[0]) as h:
         n, m = h["SAMPLES"].data.shape[0], h["PARTICLES"].data.shape[0] // h["SAMPLES"].data.shape[0]
         assert m == 2 and h["PARTICLES"].data.shape[0] == n * m
