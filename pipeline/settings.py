@@ -34,7 +34,7 @@ class PipelineConfig:
 
     device: str = param("auto", "Where every command runs: auto picks CUDA when available, else the CPU.",
                         choices=list(DEVICES))
-    methods: list[str] = param(["rtb_amortized", "dps", "dps_cla", "fps_smc", "inversion"],
+    methods: list[str] = param(["rtb_amortized", "dps_cla", "fps_smc", "inversion"],
                                "Posterior methods sampled and calibrated on both sets.", choices=list(METHODS))
     prior_checkpoint: str | None = param(None, "Shipped prior checkpoint directory (relative to the repository) "
                                          "installed instead of training one; null trains the prior from prior:.")

@@ -38,6 +38,9 @@ rule tune:
         "results/tuning/{method}.json",
     wildcard_constraints:
         method="|".join(TUNED_METHODS) or "none",
+    # first among the jobs ready with it: the method's samples wait for it (tuning, then sampling, is the
+    # longest chain of the DAG)
+    priority: 4
     params:
         py=PY,
     conda:
