@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -208,18 +209,20 @@ def equalise_sample_counts(method: str, recs: list[dict]) -> int:
 
 def evaluate_methods(by_method: dict, *, prior_std, n_bins: int, n_boot: int, n_null: int | None,
                      footprint_frac: float, tarp_norm: str, seed: int) -> tuple[dict, dict]:
-    """:func:`evaluate_method` for every method (sorted), one random stream seeded by ``seed``;
-    methods of the same size share one TARP null. Returns (results, nulls by (n_obs, n_s, n_dims))."""
-    rng = np.random.default_rng(seed)
+    """:func:`evaluate_method` for every method (sorted); methods of the same size share one TARP null.
+    Each method and each null draws from its own random stream, seeded by ``seed`` and the method's name
+    (or the null's size), so a method's figures do not depend on which other methods are evaluated beside
+    it. Returns (results, nulls by (n_obs, n_s, n_dims))."""
     nulls: dict[tuple, tuple] = {}
     results = {}
     for method, recs in sorted(by_method.items()):
         n_s = equalise_sample_counts(method, recs)
         key = (len(recs), n_s, int(np.prod(recs[0]["truth"].shape)))
         if key not in nulls:
-            nulls[key] = null_distribution(key[0], key[1], key[2], n_bins=n_bins, rng=rng, norm=tarp_norm,
-                                           n_sim=n_null)
+            nulls[key] = null_distribution(key[0], key[1], key[2], n_bins=n_bins, rng=np.random.default_rng(
+                [seed, *key]), norm=tarp_norm, n_sim=n_null)
         log.info("%s: %d observations x %d samples", method, len(recs), n_s)
+        rng = np.random.default_rng([seed, zlib.crc32(method.encode())])
         results[method] = evaluate_method(recs, prior_std=prior_std, n_bins=n_bins, rng=rng, n_boot=n_boot,
                                           null=nulls[key], footprint_frac=footprint_frac, tarp_norm=tarp_norm)
     return results, nulls

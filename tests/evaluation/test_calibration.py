@@ -239,3 +239,22 @@ def test_footprint_coverage_of_exact_samples_is_not_biased_low(tmp_path):
     assert r["coverage68_footprint_ref"] == pytest.approx(23 / 33)
     assert r["coverage95_footprint_ref"] == pytest.approx(31 / 33)
     assert r["truth_chi2_median"] is None and s["truth_chi2"]["heldout"]["n_obs"] == 0  # no operator given
+
+
+def test_a_methods_figures_do_not_depend_on_the_other_methods_evaluated(tmp_path):
+    # each method draws its TARP reference points from its own seeded stream: adding another method that
+    # sorts before it ("a_narrow" before "exact") leaves "exact"'s figures as they were
+    obs_dir, post, loader, _, _ = _world(tmp_path, n_obs=10, n_s=8)
+    other = tmp_path / "post" / "a_narrow"
+    other.mkdir()
+    for f in sorted(post["narrow"].glob("*.fits")):
+        with fits.open(f) as h:
+            h[0].header["METHOD"] = "a_narrow"
+            h.writeto(other / f.name, checksum=True)
+    kw = dict(loader=loader, n_bins=10, n_boot=20, n_null=50, lens_figures=0, seed=3)
+    both = run_calibration([str(other), str(post["exact"])], obs_dir, "prior", tmp_path / "a", **kw)
+    alone = run_calibration([str(post["exact"])], obs_dir, "prior", tmp_path / "b", **kw)
+    a, b = both["sets"]["prior"]["exact"], alone["sets"]["prior"]["exact"]
+    assert set(both["sets"]["prior"]) == {"a_narrow", "exact"}
+    for key in ("tarp_max_dev", "tarp_p_value", "tarp_null_p95", "tarp", "coverage68", "coverage95"):
+        assert a[key] == b[key], key
