@@ -35,6 +35,7 @@ from pipeline.io.atomic import write_text
 from pipeline.io.checkpoint import has_checkpoints, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from pipeline.io.fits import read_image_hdu
 from pipeline.runtime import choose_device, tqdm_disable
+from pipeline.metrics.source_stats import covered_ranges
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ def load_training_images(path, hdu: str = "TRAIN", scale: float = 1.0, offset: f
     x = (torch.from_numpy(arr) - offset) / scale
     info = {"path": str(path), "hdu": hdu, "n": n, "shape": [c, h, w],
             "bunit": str(hdr.get("BUNIT", "")), "pixscale": hdr.get("PIXSCALE")}
+    if c == 1 and info["pixscale"]:  # source maps: record the flux, size and peak ranges trained on
+        info["covered"] = covered_ranges(arr[:, 0], float(info["pixscale"]))
     return x.float().contiguous(), info
 
 

@@ -71,6 +71,26 @@ def magnification(image_flux, source_flux) -> np.ndarray:
         return np.where(src > 0, img / np.where(src > 0, src, 1.0), np.nan)
 
 
+COVERED_PERCENTILES = (0.0, 1.0, 50.0, 99.0, 100.0)
+"""Percentiles of a training set's per-image quantities that :func:`covered_ranges` records."""
+
+
+def covered_ranges(x, pixscale: float) -> dict:
+    """What a set of source images covers, for a guard to compare new sources with: per image the total
+    flux [unit x arcsec^2], the half-light radius [arcsec] and the peak surface brightness [unit], each
+    summarised by its ``COVERED_PERCENTILES`` (min, 1 %, median, 99 %, max; NaNs dropped).
+
+    Returns {"percentiles": [...], "flux": [...], "r_half": [...], "peak": [...], "n": int}."""
+    a = _stack(x)
+    per_image = {"flux": total_flux(a, pixscale), "r_half": half_light_radius(a, pixscale),
+                 "peak": a.max(axis=(1, 2))}
+    out = {"percentiles": list(COVERED_PERCENTILES), "n": int(a.shape[0])}
+    for name, v in per_image.items():
+        v = v[np.isfinite(v)]
+        out[name] = [float(q) for q in np.percentile(v, COVERED_PERCENTILES)] if v.size else None
+    return out
+
+
 def summarize(values) -> dict:
     """Posterior mean and central 68 % interval (16th and 84th percentiles) of per-sample values, NaNs
     dropped: {"mean", "lo", "hi"} (None when no value is finite)."""

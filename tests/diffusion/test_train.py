@@ -150,3 +150,37 @@ def test_dihedral_augmentation_is_a_symmetry_of_each_image():
         seen.add(match[0])
     assert len(seen) >= 6  # draws cover the group
     assert torch.equal(augment_batch(x, "none", torch.Generator()), x)
+
+
+def test_the_export_records_the_flux_size_and_peak_ranges_of_source_maps(tmp_path):
+    """Source maps with a pixel scale: the exported prior records the percentiles of the training images'
+    total flux [BUNIT x arcsec^2], half-light radius [arcsec] and peak [BUNIT], so a guard can tell how
+    far a new source is from what the prior learned; other images record nothing."""
+    from astropy.io import fits
+
+    from pipeline.io.fits import write_fits_atomic
+
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    peaks = torch.linspace(1.0, 8.0, 32)
+    widths = torch.linspace(3.0, 4.0, 32)  # pixels: circular Gaussians of sigma w have r_half = 1.1774 w
+    imgs = torch.stack([p * torch.exp(-((xx - 15.5) ** 2 + (yy - 15.5) ** 2) / (2 * w ** 2))
+                        for p, w in zip(peaks, widths)]).numpy().astype(">f4")
+    path = tmp_path / "src.fits"
+    hdr = fits.Header({"BUNIT": "electron/(s arcsec2)", "PIXSCALE": 0.05})
+    write_fits_atomic(path, [fits.PrimaryHDU(), fits.ImageHDU(imgs, header=hdr, name="TRAIN")])
+    train_prior(_cfg(), path, tmp_path / "run")
+    cov = load_prior(tmp_path / "run").meta["data"]["covered"]
+    assert cov["n"] == 32 and cov["percentiles"] == [0.0, 1.0, 50.0, 99.0, 100.0]
+    pixel_peaks = (peaks * torch.exp(-0.25 / widths ** 2)).numpy()  # the centre falls between 4 pixels
+    assert cov["peak"][0] == pytest.approx(pixel_peaks.min(), rel=1e-5)
+    assert cov["peak"][-1] == pytest.approx(pixel_peaks.max(), rel=1e-5)
+    flux = (peaks * 2 * torch.pi * widths ** 2 * 0.05 ** 2).numpy()  # the Gaussians' integrals
+    assert cov["flux"][0] == pytest.approx(flux.min(), rel=0.01)
+    assert cov["flux"][-1] == pytest.approx(flux.max(), rel=0.01)
+    assert cov["r_half"][0] == pytest.approx(1.1774 * 3 * 0.05, rel=0.025)
+    assert cov["r_half"][-1] == pytest.approx(1.1774 * 4 * 0.05, rel=0.025)
+
+
+def test_images_without_a_pixel_scale_record_no_ranges(blob_fits):
+    _, info = load_training_images(blob_fits)
+    assert "covered" not in info
