@@ -237,3 +237,22 @@ class _PoolShape:
 
     def __init__(self, y_shape):
         self.y_shape = y_shape
+
+
+@pytest.mark.slow
+def test_demo_finetune_on_the_shipped_checkpoint_assembles_no_lens_operator(tmp_path, monkeypatch):
+    """make demo's finetune-posterior job on the shipped checkpoint has no step left to train: it exports
+    the checkpoint with its recorded trained_on conditions and never assembles the 512 lens operators
+    (about 20 s on 2 CPU cores)."""
+    import pipeline.lensing.finetune as ft
+    from pipeline.diffusion.network_prior import load_prior
+
+    calls = []
+    real = ft.build_lens_pool
+    monkeypatch.setattr(ft, "build_lens_pool", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prior = load_prior(SHIPPED / "prior")
+    ft.finetune(CONFIG, prior, tmp_path / "run", tmp_path / "out", init_from=SHIPPED / "posterior")
+    assert calls == []
+    exported = json.loads((tmp_path / "out" / "hparams.json").read_text())
+    shipped = json.loads((SHIPPED / "posterior" / "hparams.json").read_text())
+    assert exported["trained_on"] == shipped["trained_on"]
