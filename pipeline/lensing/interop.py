@@ -225,10 +225,10 @@ def from_lenstronomy(kwargs_lens, lens_model_list, *, frame: str = "WORLD", kwar
         R, shift = lenstronomy_frame(kwargs_data)
         lens = map_lens(lens, R, shift)
         centre = R @ centre + shift
-    shift_src = math.hypot(g1, g2) * float(np.hypot(*centre))
-    if shift_src > SHEAR_CENTRE_TOL:
+    moved = math.hypot(g1, g2) * float(np.hypot(*centre))
+    if moved > SHEAR_CENTRE_TOL:
         warnings.warn(f"lenstronomy shear centre at ({centre[0]:.4g}, {centre[1]:.4g}) arcsec in the {frame} frame: "
-                      f"centred on the origin here, the source moves by {shift_src:.3g} arcsec", stacklevel=2)
+                      f"centred on the origin here, the source moves by {moved:.3g} arcsec", stacklevel=2)
     return _keywords(lens, frame, z_lens is not None or z_source is not None)
 
 
@@ -246,22 +246,25 @@ def _as_lens(lens) -> tuple[LensParams, str]:
 
 def to_lenstronomy(lens, *, kwargs_data: Mapping | None = None) -> tuple[list[str], list[dict]]:
     """``(lens_model_list, kwargs_lens)`` for lenstronomy of ``lens`` (LensParams in the array frame, or a lens
-    keyword dict with its ``frame``): ['SIE', 'SHEAR'] or ['EPL', 'SHEAR'], shear centred on the origin.
+    keyword dict with its ``frame``): ['SIE', 'SHEAR'] or ['EPL', 'SHEAR'].
 
     An ARRAY-frame lens needs ``kwargs_data`` (lenstronomy's ImageData keywords) to be placed in lenstronomy's
-    ``(ra, dec)`` frame; a WORLD-frame lens is already in it and takes none."""
+    ``(ra, dec)`` frame, with the shear centred (``ra_0``, ``dec_0``) on the array centre as here; a WORLD-frame
+    lens is already in that frame (shear centred on its origin) and takes none."""
     params, frame = _as_lens(lens)
     if (frame == "ARRAY") != (kwargs_data is not None):
         raise LensConversionError("an ARRAY-frame lens needs kwargs_data (lenstronomy's ImageData keywords) and a "
                                   "WORLD-frame lens takes none")
+    centre = np.zeros(2)                            # the shear centre: the array centre
     if frame == "ARRAY":
         R, shift = lenstronomy_frame(kwargs_data)
         params = map_lens(params, R.T, -R.T @ shift)
+        centre = -R.T @ shift
     e1, e2 = q_phi_to_ellipticity(params.q, params.phi)
     main = {"theta_E": params.rein, "e1": e1, "e2": e2, "center_x": params.x0, "center_y": params.y0}
     if params.model == "EPL":
         main["gamma"] = params.t + 1.0
-    shear = {"gamma1": params.g1, "gamma2": params.g2, "ra_0": 0.0, "dec_0": 0.0}
+    shear = {"gamma1": params.g1, "gamma2": params.g2, "ra_0": centre[0], "dec_0": centre[1]}
     return [params.model, "SHEAR"], [{k: float(v) for k, v in main.items()}, {k: float(v) for k, v in shear.items()}]
 
 

@@ -79,10 +79,11 @@ def test_lenstronomy_round_trip(origin):
         assert names == [lens.model, "SHEAR"]
         if lens.model == "EPL":
             assert kwargs[0]["gamma"] == pytest.approx(lens.t + 1, abs=1e-12)
-        shift = math.hypot(lens.g1, lens.g2) * (0 if origin == (0.0, 0.0) else 1)
-        with pytest.warns(UserWarning, match="shear centre") if shift else _no_warning():
+        with _no_warning():                            # the shear goes out centred on the array centre
             back = from_lenstronomy(kwargs, names, frame="ARRAY", kwargs_data=kd)
         _assert_same(lens, back)
+        w = np.array([kd["ra_at_xy_0"], kd["dec_at_xy_0"]]) + kd["transform_pix2angle"] @ np.full(2, (N - 1) / 2)
+        assert (kwargs[1]["ra_0"], kwargs[1]["dec_0"]) == pytest.approx(tuple(w), abs=1e-12)
 
 
 def test_lenstronomy_world_frame_is_unchanged():
@@ -141,7 +142,7 @@ def test_array_frame_matches_the_observation_reader():
                 names, kwargs = to_lenstronomy(dict(lens.as_dict(), model=lens.model, frame="WORLD"))
                 w, _ = parse_lens(from_lenstronomy(kwargs, names), "w")
                 via_wcs = world_to_array(w, kd["transform_pix2angle"], np.asarray(origin))
-                with pytest.warns(UserWarning) if origin != (0.0, 0.0) else _no_warning():
+                with pytest.warns(UserWarning, match="shear centre") if origin != (0.0, 0.0) else _no_warning():
                     direct = from_lenstronomy(kwargs, names, frame="ARRAY", kwargs_data=kd)
                 _assert_same(via_wcs, direct, tol=1e-12)
 
@@ -304,6 +305,14 @@ def test_lenstronomy_image_matches_operator(main):
     assert abs(chi2_o - chi2_l) <= 0.02
     unconverted = image(dict(from_lenstronomy(kl, names), frame="ARRAY"))
     assert np.abs(unconverted - img_l).max() > 0.2 * peak
+
+
+def test_shear_centre_off_the_origin_is_warned_of():
+    """A lenstronomy shear centred at s moves the source plane by Gamma s: warned of with its size."""
+    kl = [dict(theta_E=1.0, e1=0.0, e2=0.0), dict(gamma1=0.03, gamma2=0.04, ra_0=1.0, dec_0=0.0)]
+    with pytest.warns(UserWarning, match=r"source moves by 0.05 arcsec"):
+        k = from_lenstronomy(kl, ["SIE", "SHEAR"])
+    assert (k["g1"], k["g2"]) == (0.03, 0.04)
 
 
 # ------------------------------------------------------------------------------------------ refusals
