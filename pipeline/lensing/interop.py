@@ -106,14 +106,13 @@ def lenstronomy_frame(kwargs_data: Mapping) -> tuple[np.ndarray, np.ndarray]:
     return R, -R @ w0 - pix * centre
 
 
-def _keywords(lens: LensParams, frame: str, z_given: bool) -> dict:
-    """The keyword dict of :func:`parse_lens` (plain floats): t only for EPL, redshifts only when given."""
+def _keywords(lens: LensParams, frame: str, redshifts: dict) -> dict:
+    """The keyword dict of :func:`parse_lens` (plain floats): t only for EPL, of the redshifts those given."""
     out = {"model": f"{lens.model}+SHEAR", "frame": frame, "x0": lens.x0, "y0": lens.y0, "q": lens.q,
            "phi": lens.phi, "rein": lens.rein, "g1": lens.g1, "g2": lens.g2}
     if lens.model == "EPL":
         out["t"] = lens.t
-    if z_given:
-        out.update(z_lens=lens.z_lens, z_source=lens.z_source)
+    out.update({k: getattr(lens, k) for k in redshifts})
     return {k: v if isinstance(v, str) else float(v) for k, v in out.items()}
 
 
@@ -229,7 +228,7 @@ def from_lenstronomy(kwargs_lens, lens_model_list, *, frame: str = "WORLD", kwar
     if moved > SHEAR_CENTRE_TOL:
         warnings.warn(f"lenstronomy shear centre at ({centre[0]:.4g}, {centre[1]:.4g}) arcsec in the {frame} frame: "
                       f"centred on the origin here, the source moves by {moved:.3g} arcsec", stacklevel=2)
-    return _keywords(lens, frame, z_lens is not None or z_source is not None)
+    return _keywords(lens, frame, _redshifts(z_lens, z_source))
 
 
 def _as_lens(lens) -> tuple[LensParams, str]:
@@ -353,7 +352,7 @@ def from_pyautolens(mass, shear=None, *, flip_for_ds9: bool = False, z_lens: flo
     g1, g2 = _pyautolens_shear(shear)
     raw = dict(vals, model=f"{vals['model']}+SHEAR", g1=g1, g2=g2, **_redshifts(z_lens, z_source))
     lens = map_lens(_checked(raw, f"PyAutoLens {_pyautolens_profile(mass)}"), pyautolens_frame(flip_for_ds9), (0, 0))
-    return _keywords(lens, "ARRAY", z_lens is not None or z_source is not None)
+    return _keywords(lens, "ARRAY", _redshifts(z_lens, z_source))
 
 
 def to_pyautolens(lens, *, flip_for_ds9: bool = False) -> tuple[str, dict, dict]:

@@ -8,13 +8,17 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from pipeline.errors import PipelineError
+from pipeline.lensing.config import LensingConfig
 from pipeline.lensing.critical import lens_equation, lens_system
 from pipeline.lensing.interop import (LensConversionError, from_lenstronomy, from_pyautolens, lenstronomy_frame,
                                       pyautolens_frame, to_lenstronomy, to_pyautolens)
-from pipeline.lensing.observation import parse_lens, world_to_array
+from pipeline.lensing.observation import load_observation, parse_lens, world_to_array
 from pipeline.lensing.operator import LensingProblem, LensParams, gaussian_psf
+
+from small_observation import GEOM, LENS, edit_fits, write_small_observation
 
 N, PIX = 32, 0.1
 ROUND_TRIP_TOL = 1e-10
@@ -93,7 +97,7 @@ def test_lenstronomy_world_frame_is_unchanged():
         names, kwargs = to_lenstronomy(world)
         assert kwargs[0]["center_x"] == lens.x0 and kwargs[1]["gamma2"] == lens.g2
         back = from_lenstronomy(kwargs, names, z_lens=lens.z_lens, z_source=lens.z_source)
-        assert back["frame"] == "WORLD" and back["z_source"] == lens.z_source
+        assert back["frame"] == "WORLD" and (back["z_lens"], back["z_source"]) == (lens.z_lens, lens.z_source)
         _assert_same(lens, dict(back, frame="ARRAY"))
 
 
@@ -125,7 +129,9 @@ def test_lenstronomy_convention_values():
     k = from_lenstronomy([sie, dict(gamma_ext=0.05, psi_ext=math.pi / 8)], ["SIE", "SHEAR_GAMMA_PSI"])
     assert k["q"] == pytest.approx(0.9 / 1.1, abs=1e-14) and k["phi"] == pytest.approx(math.pi / 4, abs=1e-14)
     assert (k["g1"], k["g2"]) == pytest.approx((0.05 / math.sqrt(2), 0.05 / math.sqrt(2)), abs=1e-14)
-    assert k["rein"] == 0.9 and (k["x0"], k["y0"]) == (0.1, -0.2) and "t" not in k
+    assert k["rein"] == 0.9 and (k["x0"], k["y0"]) == (0.1, -0.2) and "t" not in k and "z_lens" not in k
+    assert from_lenstronomy([sie], ["SIE"], z_source=2.0)["z_source"] == 2.0
+    assert "z_lens" not in from_pyautolens(dict(einstein_radius=1.0), z_source=2.0)
     sis = from_lenstronomy([dict(theta_E=0.7)], ["SIS"])
     assert (sis["q"], sis["phi"], sis["g1"], sis["g2"]) == (1.0, 0.0, 0.0, 0.0)
     epl = from_lenstronomy([dict(theta_E=0.7, gamma=2.2, e1=-0.1, e2=0.0)], ["EPL_NUMBA"])
@@ -313,6 +319,42 @@ def test_shear_centre_off_the_origin_is_warned_of():
     with pytest.warns(UserWarning, match=r"source moves by 0.05 arcsec"):
         k = from_lenstronomy(kl, ["SIE", "SHEAR"])
     assert (k["g1"], k["g2"]) == (0.03, 0.04)
+
+
+@pytest.mark.parametrize("code", ["lenstronomy WORLD", "lenstronomy ARRAY", "PyAutoLens"])
+def test_converted_lens_read_from_yaml_beside_the_file(tmp_path, code):
+    """The converted keywords written to ``<stem>.lens.yaml`` beside an observation whose SCI WCS is RA-left
+    and turned by 0.4 rad (CRPIX at the centre) give the file's own lens, whichever route."""
+    path = write_small_observation(tmp_path / "obs.fits")
+    n, pix = GEOM.image_npix, GEOM.image_pixscale
+    kd = _kwargs_data(angle=0.4, n=n, pix=pix)
+    T = kd["transform_pix2angle"]
+
+    def to_sky(hl):
+        for k in list(hl[0].header):
+            if k.startswith(("LENS", "SHEAR", "Z_")):
+                del hl[0].header[k]
+        hl["SCI"].header.update({"CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CUNIT1": "deg", "CUNIT2": "deg",
+                                 "CD1_1": T[0, 0] / 3600, "CD1_2": T[0, 1] / 3600, "CD2_1": T[1, 0] / 3600,
+                                 "CD2_2": T[1, 1] / 3600, "CRPIX1": (n + 1) / 2, "CRPIX2": (n + 1) / 2,
+                                 "CRVAL1": 150.0, "CRVAL2": 2.0})
+
+    f = edit_fits(path, tmp_path / "sky.fits", to_sky)
+    names, kwargs = to_lenstronomy(LENS, kwargs_data=kd)     # the fit, as lenstronomy reports it
+    if code == "lenstronomy WORLD":
+        keywords = from_lenstronomy(kwargs, names)
+    elif code == "lenstronomy ARRAY":
+        keywords = from_lenstronomy(kwargs, names, frame="ARRAY", kwargs_data=kd)
+    else:
+        name, mass, shear = to_pyautolens(LENS)
+        keywords = from_pyautolens(mass, shear)
+    (tmp_path / "sky.lens.yaml").write_text(yaml.safe_dump({"lens": keywords}))
+    _, _, meta = load_observation(f, LensingConfig(geometry=GEOM))
+    assert meta["lens_source"].endswith("sky.lens.yaml") and meta["frame"] == keywords["frame"]
+    got = meta["lens"]
+    for k in ("x0", "y0", "q", "rein", "g1", "g2"):
+        assert getattr(got, k) == pytest.approx(getattr(LENS, k), abs=1e-9), k
+    assert _angle_gap(got.phi, LENS.phi) <= 1e-9
 
 
 # ------------------------------------------------------------------------------------------ refusals
