@@ -236,7 +236,7 @@ def _as_lens(lens) -> tuple[LensParams, str]:
     if isinstance(lens, LensParams):
         return lens, "ARRAY"
     if isinstance(lens, Mapping):
-        params, frame = parse_lens(dict(lens), "lens keywords")
+        params, frame = _checked(dict(lens), "lens keywords"), str(lens.get("frame", "ARRAY")).upper()
         if frame not in FRAMES:
             raise LensConversionError(f"lens keywords: frame {frame!r} is not one of {', '.join(FRAMES)}")
         return params, frame

@@ -393,6 +393,10 @@ def test_frame_arguments_refused():
         to_lenstronomy(LensParams())
     with pytest.raises(LensConversionError, match="ARRAY-frame lens"):
         to_pyautolens(dict(LensParams().as_dict(), frame="WORLD"))
+    with pytest.raises(LensConversionError, match=r"lens keywords \[LENS_Q\]: axis ratio"):
+        to_pyautolens(dict(LensParams().as_dict(), q=1.5))
+    with pytest.raises(LensConversionError, match="frame 'SKY'"):
+        to_pyautolens(dict(LensParams().as_dict(), frame="sky"))
 
 
 @pytest.mark.parametrize("mass, shear, match", [
