@@ -225,11 +225,11 @@ class Setup:
         return BrightnessConfig(scale=self.prior.scale, offset=self.prior.offset)
 
 
-def load_setup(config_path, prior_dir, n=None, seed=None) -> Setup:
-    """Read the config at ``config_path`` and load the prior at ``prior_dir`` on the config's device;
-    ``n`` and ``seed`` default to ``posterior.n_samples`` and ``posterior.seed``."""
+def load_setup(config_path, prior_dir, n=None, seed=None, device=None) -> Setup:
+    """Read the config at ``config_path`` and load the prior at ``prior_dir`` on ``device`` (auto, cpu, cuda;
+    default the config's); ``n`` and ``seed`` default to ``posterior.n_samples`` and ``posterior.seed``."""
     pcfg = load_section(config_path, "posterior", PosteriorConfig)
-    device = choose_device(read_device(config_path))
+    device = choose_device(device or read_device(config_path))
     prior = load_prior(prior_dir, device=device)
     return Setup(str(config_path), load_lensing_config(config_path), pcfg, device, prior,
                  load_chain(config_path, prior), n or pcfg.n_samples, pcfg.seed if seed is None else seed)
