@@ -30,6 +30,7 @@ from astropy.wcs import WCS
 
 from pipeline.errors import InputFileError
 from pipeline.lensing.config import GeometryConfig, NoiseConfig, load_lensing_config
+from pipeline.lensing.interop import from_lenstronomy, from_pyautolens
 from pipeline.lensing.observation import LENS_KEYS, load_observation, parse_lens
 from pipeline.lensing.operator import LensParams, gaussian_psf
 from pipeline.lensing.sample import (guard_observation, load_setup, method_run, sample_observation,
@@ -61,27 +62,38 @@ def find_checkpoints(checkpoints=None) -> Path:
                               f"{CHECKPOINTS_ENV}, or run from a source checkout, which ships data/pretrained")
 
 
-def find_config(config, checkpoints: Path) -> Path:
-    """``config``, else ``checkpoints/config.yaml``, else the source checkout's ``config/config.yaml``."""
+def find_config(config, checkpoints: Path | None) -> Path:
+    """``config``, else ``checkpoints/config.yaml`` (``checkpoints`` None: none), else the source checkout's
+    ``config/config.yaml``."""
     if config is not None:
         if not Path(config).is_file():
             raise InputFileError(config, "config file not found", field="config")
         return Path(config)
-    for cand in (checkpoints / "config.yaml", REPOSITORY / "config" / "config.yaml"):
+    for cand in ([checkpoints / "config.yaml"] if checkpoints else []) + [REPOSITORY / "config" / "config.yaml"]:
         if cand.is_file():
             return cand
-    raise _bad("config", f"no config: pass config=PATH or put the checkpoints' config.yaml in {checkpoints}")
+    raise _bad("config", "no config: pass config=PATH, or put the config the checkpoints were made with in their "
+                         "directory as config.yaml")
 
 
-def _lens_header(lens, lens_models=None) -> fits.Header:
-    """The lens keywords (LENSMOD, LENSFRAM, LENS_X0, ...) of ``lens``: a :class:`LensParams` (array frame), a
-    keyword dict as :func:`~pipeline.lensing.observation.parse_lens` reads it, or lenstronomy's
-    ``kwargs_lens`` with ``lens_models``."""
-    h = fits.Header()
+def _lens_keywords(lens, lens_models=None, kwargs_data=None):
+    """``lens`` as LensParams or a keyword dict: lenstronomy's ``kwargs_lens`` with ``lens_models`` (WORLD
+    frame, or the ARRAY frame with lenstronomy's ``kwargs_data``) and PyAutoLens's mass profile, or
+    (mass, shear), converted by :mod:`pipeline.lensing.interop`."""
     if lens_models is not None:
-        from pipeline.lensing.interop import from_lenstronomy  # noqa: PLC0415 (see _lens_dict)
+        return from_lenstronomy(lens, lens_models, frame="ARRAY" if kwargs_data is not None else "WORLD",
+                                kwargs_data=kwargs_data)
+    if isinstance(lens, tuple) and len(lens) == 2:
+        return from_pyautolens(*lens)
+    if hasattr(lens, "einstein_radius") or (isinstance(lens, dict) and "einstein_radius" in lens):
+        return from_pyautolens(lens)
+    return lens
 
-        lens = from_lenstronomy(lens, lens_models)
+
+def _lens_header(lens, lens_models=None, kwargs_data=None) -> fits.Header:
+    """The lens keywords (LENSMOD, LENSFRAM, LENS_X0, ...) of ``lens`` (see :func:`_lens_keywords`)."""
+    h = fits.Header()
+    lens = _lens_keywords(lens, lens_models, kwargs_data)
     if isinstance(lens, LensParams):
         lens_header(lens, h)
     elif isinstance(lens, dict):
@@ -89,8 +101,8 @@ def _lens_header(lens, lens_models=None) -> fits.Header:
         lens_header(params, h)
         h["LENSFRAM"] = frame
     else:
-        raise _bad("lens", f"expected LensParams, a lens keyword dict or lenstronomy kwargs_lens with "
-                           f"lens_models, got {type(lens).__name__}")
+        raise _bad("lens", f"expected LensParams, a lens keyword dict, lenstronomy kwargs_lens with lens_models or "
+                           f"a PyAutoLens mass profile, got {type(lens).__name__}")
     return h
 
 
@@ -147,19 +159,22 @@ def _from_ccd(image: CCDData) -> tuple:
 
 
 def observation_hdul(image, noise=None, psf=None, lens=None, *, pixel_scale=None, psf_pixel_scale=None,
-                     mask=None, unit=None, wcs=None, lens_models=None) -> fits.HDUList:
+                     mask=None, unit=None, wcs=None, lens_models=None, kwargs_data=None) -> fits.HDUList:
     """Pack arrays into the observation format (docs/observations.md): SCI, NOISE, PSF, MASK and the lens
     keywords in the primary header. ``image``: 2-D array or CCDData [``unit``: an astropy unit string, default
     ``lensing.noise.bunit``]; ``noise``: 1 sigma per pixel, array or scalar [the image's unit] (a CCDData's
     uncertainty when None); ``pixel_scale`` [arcsec/pixel] (or ``wcs``: an astropy WCS or header in arcsec or
     degrees, which a WORLD-frame lens is given in); ``mask``: True where a pixel is ignored (numpy's and
-    CCDData's convention); ``psf`` and ``lens`` as :func:`reconstruct` takes them."""
+    CCDData's convention); ``psf``, ``lens``, ``lens_models`` and ``kwargs_data`` as :func:`reconstruct` takes
+    them (the pixel scale defaults to that of ``kwargs_data``'s ``transform_pix2angle``)."""
     extra = {}
     if isinstance(image, CCDData):
         image, ccd_sigma, ccd_mask, ccd_unit, ccd_wcs, extra = _from_ccd(image)
         noise = ccd_sigma if noise is None else noise
         mask = ccd_mask if mask is None else mask
         unit, wcs = unit or ccd_unit, wcs if wcs is not None else ccd_wcs
+    if pixel_scale is None and kwargs_data is not None and "transform_pix2angle" in kwargs_data:
+        pixel_scale = math.sqrt(abs(np.linalg.det(np.asarray(kwargs_data["transform_pix2angle"], float))))
     data = np.asarray(image, dtype=np.float64)
     if data.ndim != 2:
         raise _bad("image", f"expected a 2-D image, got shape {data.shape}")
@@ -182,7 +197,7 @@ def observation_hdul(image, noise=None, psf=None, lens=None, *, pixel_scale=None
         WCS(sci.header).pixel_scale_matrix)))) * 3600.0
     if lens is None:
         raise _bad("lens", "required: the lens model the source is reconstructed behind")
-    hdus = [fits.PrimaryHDU(header=_lens_header(lens, lens_models)), sci,
+    hdus = [fits.PrimaryHDU(header=_lens_header(lens, lens_models, kwargs_data)), sci,
             fits.ImageHDU(_noise_array(noise, data.shape, ~bad), name="NOISE"), _psf_hdu(psf, pix, psf_pixel_scale)]
     if bad.any():
         hdus.append(fits.ImageHDU(bad.astype(np.uint8), name="MASK"))
@@ -190,7 +205,7 @@ def observation_hdul(image, noise=None, psf=None, lens=None, *, pixel_scale=None
     return fits.HDUList(hdus)
 
 
-def _file_hdul(image, lens, lens_models) -> tuple:
+def _file_hdul(image, lens, lens_models=None, kwargs_data=None) -> tuple:
     """(observation, name) for a path or HDUList in the observation format; a given ``lens`` replaces the
     file's lens keywords."""
     if lens is None:
@@ -200,7 +215,7 @@ def _file_hdul(image, lens, lens_models) -> tuple:
     for h in hdul[:1] + ([hdul["SCI"]] if "SCI" in hdul else []):
         for key in ("LENSMOD", "LENSFRAM", *LENS_KEYS.values()):
             h.header.remove(key, ignore_missing=True)
-    hdul[0].header.update(_lens_header(lens, lens_models))
+    hdul[0].header.update(_lens_header(lens, lens_models, kwargs_data))
     return hdul, "HDUList" if isinstance(image, fits.HDUList) else str(image)
 
 
@@ -216,7 +231,8 @@ class Reconstruction:
     (``arc``: pixels where its model exceeds sigma), and the per-sample arrays; ``logz`` the method's log
     evidence estimates [nats] (None when it has none); ``warnings``: the guard's out-of-distribution
     findings and the observation's reading warnings; ``lens`` the lens in the array frame; ``method`` and
-    ``provenance`` as the posterior file records them."""
+    ``provenance`` as the posterior file records them; ``source_stats`` the source's flux [``unit``],
+    magnification and half-light radius [arcsec]; ``truth`` the file's TRUTH source, when it has one."""
 
     samples: np.ndarray
     mean: np.ndarray
@@ -235,6 +251,7 @@ class Reconstruction:
     source_unit: str
     data_unit: str
     source_stats: dict
+    truth: np.ndarray | None = None
     _write: tuple = field(repr=False, default=())
 
     def __repr__(self) -> str:
@@ -266,6 +283,7 @@ class Reconstruction:
         from pipeline.plots.common import plt
 
         fig = lens_figure(mean=self.mean, std=self.std, samples=self.samples, src_pixscale=self.source_pixscale,
+                          truth=self.truth,
                            obs=self.data, obs_pixscale=self.image_pixscale, model=self.model,
                            residual=self.residual, bunit=self.source_unit, image_bunit=self.data_unit,
                           n_show=n_show, title=self.method, chi2=self.chi2["image"])
@@ -273,59 +291,67 @@ class Reconstruction:
         return fig
 
 
-def _observation(image, noise, psf, lens, lens_models, kw, data_unit: str) -> tuple:
-    """(observation for load_observation, its name in messages); arrays without a unit are in ``data_unit``."""
+def _observation(image, noise, psf, lens, kw, data_unit: str) -> tuple:
+    """(observation for load_observation, its name in messages); arrays without a unit are in ``data_unit``.
+    ``kw``: observation_hdul's keyword arguments."""
     if isinstance(image, (str, os.PathLike, fits.HDUList)):
+        lens_kw = {k: kw.pop(k) for k in ("lens_models", "kwargs_data")}
         given = [k for k, v in (("noise", noise), ("psf", psf), *kw.items()) if v is not None]
         if given:
             raise _bad(given[0], "comes from the observation file; give arrays or a CCDData to set it")
-        return _file_hdul(image, lens, lens_models)
+        return _file_hdul(image, lens, **lens_kw)
     if kw["unit"] is None and not (isinstance(image, CCDData) and image.unit is not None):
         kw = {**kw, "unit": data_unit}
-    return observation_hdul(image, noise, psf, lens, lens_models=lens_models, **kw), "image"
+    return observation_hdul(image, noise, psf, lens, **kw), "image"
+
+
+def _checkpoint_dirs(checkpoints, prior, posterior, config) -> tuple[Path, Path, Path]:
+    """(prior, posterior, config) directories and file: the given ones, the rest found as documented."""
+    ckpt = find_checkpoints(checkpoints) if prior is None or posterior is None else None
+    prior_dir = Path(prior) if prior is not None else ckpt / "prior"
+    posterior_dir = Path(posterior) if posterior is not None else ckpt / "posterior"
+    return prior_dir, posterior_dir, find_config(config, ckpt)
 
 
 def reconstruct(image, noise=None, psf=None, lens=None, *, pixel_scale=None, psf_pixel_scale=None, mask=None,
-                unit=None, wcs=None, lens_models=None, method="rtb_amortized", n=None, seed=None, config=None,
-                checkpoints=None, device=None) -> Reconstruction:
+                unit=None, wcs=None, lens_models=None, kwargs_data=None, method="rtb_amortized", n=None, seed=None,
+                config=None, checkpoints=None, prior=None, posterior=None, device=None) -> Reconstruction:
     """Posterior samples of the unlensed source behind ``lens`` given ``image``.
 
     ``image``: a 2-D array (with ``noise``, ``psf`` and ``pixel_scale`` [arcsec/pixel] or ``wcs``), an astropy
     CCDData (its uncertainty, mask, WCS and unit), or an observation file / HDUList in the project's format.
     ``noise``: 1 sigma per pixel, array or scalar, in the image's ``unit`` (default ``lensing.noise.bunit``,
-    electron/s); ``psf``: an image (odd sizes, normalised here; sampled at ``psf_pixel_scale``, default the
-    image's) or a Gaussian FWHM [arcsec]; ``mask``: True where a pixel is ignored; ``lens``: LensParams, the
-    project's lens keyword dict (model, x0, y0, q, phi, rein, g1, g2, ...; frame ARRAY or WORLD), or
-    lenstronomy's ``kwargs_lens`` with ``lens_models`` (e.g. ['SIE', 'SHEAR']). ``method``: any method of the
-    ``sample`` command; ``n`` samples (default ``posterior.n_samples``), ``seed`` (default ``posterior.seed``);
-    ``device``: auto, cpu or cuda (default the config's). Bad inputs raise a one-line
-    :class:`~pipeline.errors.InputFileError` naming the argument."""
+    electron/s); ``psf``: an image (odd sizes, sum 1, sampled at ``psf_pixel_scale``, default the image's) or a
+    Gaussian FWHM [arcsec]; ``mask``: True where a pixel is ignored. ``lens``: LensParams, the project's lens
+    keyword dict (model, x0, y0, q, phi, rein, g1, g2, ...; frame ARRAY or WORLD), lenstronomy's
+    ``kwargs_lens`` with ``lens_models`` (e.g. ['SIE', 'SHEAR']; in the ARRAY frame through lenstronomy's
+    ``kwargs_data``, else the WORLD frame of ``wcs``), or a PyAutoLens mass profile or (mass, shear).
+    ``method``: any method of the ``sample`` command; ``n`` samples (default ``posterior.n_samples``), ``seed``
+    (default ``posterior.seed``); ``checkpoints``: a directory holding prior/ and posterior/ (or ``prior`` and
+    ``posterior`` themselves); ``config``: a YAML path; ``device``: auto, cpu or cuda (default the config's).
+    Bad inputs raise a one-line :class:`~pipeline.errors.InputFileError` naming the argument."""
     if n is not None and n < 2:
         raise _bad("n", f"must be >= 2, got {n}")
-    ckpt = find_checkpoints(checkpoints)
-    cfg_path = find_config(config, ckpt)
-    kw = {"pixel_scale": pixel_scale, "psf_pixel_scale": psf_pixel_scale, "mask": mask, "unit": unit, "wcs": wcs}
-    obs, name = _observation(image, noise, psf, lens, lens_models, kw, load_lensing_config(cfg_path).noise.bunit)
-    setup = load_setup(cfg_path, ckpt / "prior", n, seed, device)
+    prior_dir, posterior_dir, cfg_path = _checkpoint_dirs(checkpoints, prior, posterior, config)
+    kw = {"pixel_scale": pixel_scale, "psf_pixel_scale": psf_pixel_scale, "mask": mask, "unit": unit, "wcs": wcs,
+          "lens_models": lens_models, "kwargs_data": kwargs_data}
+    obs, name = _observation(image, noise, psf, lens, kw, load_lensing_config(cfg_path).noise.bunit)
+    setup = load_setup(cfg_path, prior_dir, n, seed, device)
     problem, y, meta = load_observation(obs, setup.lcfg, device=setup.device, brightness=setup.brightness, name=name)
-    run = method_run(setup, method, ckpt / "prior", ckpt / "posterior", problem)
-    ood = guard_observation(run, name, problem, y, meta)
-    post = sample_observation(run, problem, y, meta, 0, ood)
-    chi = post.chi
-    arc = chi["chi2_arc_nu"]
-    chi2 = {"image": float(np.median(chi["chi2_nu"])),
+    run = method_run(setup, method, prior_dir, posterior_dir, problem)
+    post = sample_observation(run, problem, y, meta, 0, guard_observation(run, name, problem, y, meta))
+    arc = post.chi["chi2_arc_nu"]
+    chi2 = {"image": float(np.median(post.chi["chi2_nu"])),
             "arc": float(np.nanmedian(arc)) if np.isfinite(arc).any() else float("nan"),
-            "image_per_sample": chi["chi2_nu"], "arc_per_sample": arc, "nu": chi["nu"]}
+            "image_per_sample": post.chi["chi2_nu"], "arc_per_sample": arc, "nu": post.chi["nu"]}
     pr = post.products
-    stats = {**pr["source_stats"], "unit": pr["flux_unit"]}
     return Reconstruction(samples=post.x_phys, mean=pr["mean"], std=pr["std"], data=post.obs, model=pr["model"],
-                          residual=pr["resid"], chi2=chi2, logz=post.logz, warnings=list(meta["warnings"]) + ood,
+                          residual=pr["resid"], chi2=chi2, logz=post.logz, warnings=list(meta["warnings"]) + post.ood,
                           lens=meta["lens"], method=method, provenance=run.provenance,
                           source_pixscale=setup.lcfg.geometry.source_pixscale, image_pixscale=meta["pixscale"],
                           source_unit=setup.lcfg.sources.bunit, data_unit=setup.lcfg.noise.bunit,
-                          source_stats=stats, _write=(post, meta, setup.lcfg))
-
-
+                          source_stats={**pr["source_stats"], "unit": pr["flux_unit"]}, truth=meta.get("truth"),
+                          _write=(post, meta, setup.lcfg))
 
 EXAMPLE_LENS = {"model": "SIE+SHEAR", "x0": 0.03, "y0": -0.02, "q": 0.8, "phi": 0.6, "rein": 0.7, "g1": 0.02,
                 "g2": -0.01}
