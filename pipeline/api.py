@@ -29,6 +29,7 @@ from astropy.nddata import CCDData, InverseVariance, StdDevUncertainty, Variance
 from astropy.wcs import WCS
 
 from pipeline.errors import InputFileError
+from pipeline.io.fits import open_fits
 from pipeline.lensing.config import GeometryConfig, NoiseConfig, load_lensing_config
 from pipeline.lensing.interop import from_lenstronomy, from_pyautolens
 from pipeline.lensing.observation import LENS_KEYS, load_observation, parse_lens
@@ -210,8 +211,11 @@ def _file_hdul(image, lens, lens_models=None, kwargs_data=None) -> tuple:
     file's lens keywords."""
     if lens is None:
         return image, ("HDUList" if isinstance(image, fits.HDUList) else str(image))
-    src = image if isinstance(image, fits.HDUList) else fits.open(image, memmap=False)
-    hdul = fits.HDUList([h.copy() for h in src])
+    if isinstance(image, fits.HDUList):
+        hdul = fits.HDUList([h.copy() for h in image])
+    else:
+        with open_fits(image) as src:
+            hdul = fits.HDUList([h.copy() for h in src])
     for h in hdul[:1] + ([hdul["SCI"]] if "SCI" in hdul else []):
         for key in ("LENSMOD", "LENSFRAM", *LENS_KEYS.values()):
             h.header.remove(key, ignore_missing=True)

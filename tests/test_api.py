@@ -11,15 +11,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.nddata import CCDData, InverseVariance, StdDevUncertainty
 
 import pipeline
-from pipeline.api import Reconstruction, example_observation, observation_hdul, reconstruct
+from pipeline.api import (Reconstruction, _file_hdul, example_observation, find_checkpoints, find_config,
+                          observation_hdul, reconstruct)
+from pipeline.cli import main
 from pipeline.errors import InputFileError
 from pipeline.io.posterior import read_posterior
+from pipeline.lensing.interop import to_pyautolens
+from pipeline.lensing.operator import gaussian_psf
 from pipeline.lensing.sample import sample_observations
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,8 +111,6 @@ def test_ccddata_and_hdulist_in(example, obs_file):
 
 
 def test_lens_given_with_a_file_replaces_the_files(obs_file):
-    from pipeline.api import _file_hdul
-
     hdul, name = _file_hdul(obs_file, {"model": "SIE", "x0": 0.1, "y0": 0.0, "q": 0.9, "phi": 0.0, "rein": 0.6}, None)
     assert name == str(obs_file) and hdul[0].header["LENS_RE"] == 0.6 and "SHEAR_G1" in hdul[0].header
 
@@ -140,8 +143,6 @@ def test_bad_image_and_n_and_file_arguments(example, obs_file):
 
 
 def test_checkpoints_and_config_are_found_in_order(tmp_path, monkeypatch):
-    from pipeline.api import find_checkpoints, find_config
-
     monkeypatch.delenv("LENSING_RTB_CHECKPOINTS", raising=False)
     assert find_checkpoints() == CKPT
     with pytest.raises(InputFileError, match=r"\[checkpoints\]: no prior/ checkpoint directory inside"):
@@ -168,6 +169,7 @@ def test_plot_returns_a_figure_with_arcsec_axes_and_units(example):
     assert "posterior mean" in titles and "posterior std" in titles and "sample 2" in titles
 
 
+@pytest.mark.slow
 def test_import_pipeline_stays_light_and_exports_reconstruct_lazily():
     code = ("import sys, pipeline; print('torch' in sys.modules, 'pipeline.api' in sys.modules); "
             "f = pipeline.reconstruct; print('pipeline.api' in sys.modules, f.__module__)")
@@ -179,6 +181,7 @@ def test_import_pipeline_stays_light_and_exports_reconstruct_lazily():
         pipeline.no_such_name  # noqa: B018
 
 
+@pytest.mark.slow
 def test_importing_plots_or_the_api_leaves_the_matplotlib_backend_alone():
     """Only the command line picks Agg: a notebook importing the package keeps its own backend."""
     code = ("import matplotlib, pipeline.plots, pipeline.api; "
@@ -190,10 +193,6 @@ def test_importing_plots_or_the_api_leaves_the_matplotlib_backend_alone():
 
 
 def test_the_command_line_picks_agg(monkeypatch):
-    import matplotlib
-
-    from pipeline.cli import main
-
     monkeypatch.setattr(matplotlib, "use", lambda name: calls.append(name))
     calls = []
     assert main(["config", "schema", "--check"]) == 0
@@ -237,7 +236,6 @@ def _lenstronomy_observation():
     from lenstronomy.LensModel.lens_model import LensModel
     from lenstronomy.LightModel.light_model import LightModel
 
-    from pipeline.lensing.operator import gaussian_psf
 
     n, pix, sigma = 32, 0.1, 0.2573
     c = (n - 1) / 2 * pix
@@ -276,11 +274,14 @@ def test_lens_in_lenstronomy_parameters_fits_a_lenstronomy_image():
 
 @pytest.mark.slow
 def test_lens_as_pyautolens_profiles_gives_the_same_reconstruction(example):
-    from pipeline.lensing.interop import to_pyautolens
-
     _name, mass, shear = to_pyautolens(example["lens"])
     base = reconstruct(example["image"], **_arrays(example), method="inversion", n=4)
     res = reconstruct(example["image"], **{**_arrays(example), "lens": (mass, shear)}, method="inversion", n=4)
     for a, b in zip(dataclasses.astuple(res.lens), dataclasses.astuple(base.lens)):
         assert a == pytest.approx(b, abs=1e-9)
     np.testing.assert_allclose(res.mean, base.mean, rtol=1e-4, atol=1e-4 * np.abs(base.mean).max())
+
+
+def test_a_missing_file_is_a_one_line_error():
+    with pytest.raises(InputFileError, match=r"nope.fits: FITS file not found"):
+        reconstruct("nope.fits", lens={"model": "SIE", "x0": 0, "y0": 0, "q": 0.8, "phi": 0, "rein": 0.7})
