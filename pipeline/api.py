@@ -40,7 +40,7 @@ from pipeline.lensing.simulate import lens_header, simulate_observation
 
 CHECKPOINTS_ENV = "LENSING_RTB_CHECKPOINTS"
 REPOSITORY = Path(__file__).resolve().parents[1]
-PHOTOMETRY_KEYS = ("EXPTIME", "PHOTMJSR", "PHOTFNU", "PHOTFLAM", "PIXAR_A2", "PIXAR_SR", "GAIN")
+PHOTOMETRY_KEYS = ("EXPTIME", "PHOTMJSR", "PHOTFNU", "PHOTFLAM", "PIXAR_A2", "PIXAR_SR")
 """Header keywords copied from a CCDData's ``meta`` into SCI: what unit conversion may need."""
 
 

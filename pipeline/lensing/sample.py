@@ -7,7 +7,9 @@ it was trained on (:mod:`pipeline.lensing.guard`, policy ``posterior.guard``): r
 before anything is sampled, or sampled with warnings in the log and ``OODWARN`` header cards.
 Besides the samples, each file carries the model and residual images of the posterior mean, the lens it
 is conditional on, the observation's sky WCS and the source's flux, magnification and half-light radius
-(docs/posterior-files.md).
+(docs/posterior-files.md). The steps (:func:`load_setup`, :func:`method_run`, :func:`guard_observation`,
+:func:`sample_observation`, :func:`write_observation`) take already-loaded observations, so the Python API
+(``pipeline.reconstruct``) runs them on arrays.
 """
 
 from __future__ import annotations
@@ -213,7 +215,7 @@ class Setup:
     config_path: str
     lcfg: LensingConfig
     pcfg: PosteriorConfig
-    device: str
+    device: torch.device
     prior: object
     chain: object
     n: int
