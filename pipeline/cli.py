@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     name = argv[idx]
     logging.basicConfig(level=logging.DEBUG if top_args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import matplotlib
+
+    matplotlib.use("Agg")  # commands write figures to files and run without a display; set before any plots
     module_name, help_text = COMMANDS[name]
     try:
         module = importlib.import_module(module_name)

@@ -139,9 +139,6 @@ def table(result: dict) -> str:
 
 def figure(case: GMMCase, samples: dict, path: Path) -> None:
     """Scatter plots of each method's samples (seed 0) over the component means, written to ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(samples)

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from astropy.io import fits
 
 from pipeline.errors import InputFileError
 from pipeline.io.fits import _open
@@ -58,18 +59,21 @@ LENS_KEYS = {"x0": "LENS_X0", "y0": "LENS_Y0", "q": "LENS_Q", "phi": "LENS_PHI",
              "t": "LENS_T", "g1": "SHEAR_G1", "g2": "SHEAR_G2", "z_lens": "Z_LENS", "z_source": "Z_SRC"}
 
 
-def _read_all(path):
-    """{HDU name: (array or None, header)} with native float64 arrays; NaNs allowed here."""
+def _read_all(source):
+    """{HDU name: (array or None, header)} of the FITS file at ``source`` or of an in-memory HDUList (left
+    open), with native float64 arrays; NaNs allowed here."""
+    if not isinstance(source, fits.HDUList):
+        with _open(source) as hdul:
+            return _read_all(hdul)
     out = {}
-    with _open(path) as hdul:
-        for i, h in enumerate(hdul):
-            name = h.name or ("PRIMARY" if i == 0 else f"HDU{i}")
-            data = getattr(h, "data", None)
-            if data is not None and isinstance(data, np.ndarray) and data.dtype.fields is None:
-                data = np.array(data, dtype=np.float64)
-            else:
-                data = None
-            out[name] = (data, h.header.copy())
+    for i, h in enumerate(source):
+        name = h.name or ("PRIMARY" if i == 0 else f"HDU{i}")
+        data = getattr(h, "data", None)
+        if data is not None and isinstance(data, np.ndarray) and data.dtype.fields is None:
+            data = np.array(data, dtype=np.float64)
+        else:
+            data = None
+        out[name] = (data, h.header.copy())
     return out
 
 
@@ -316,10 +320,11 @@ def _truth(hdus: dict, ns: int, warn) -> np.ndarray | None:
     return truth
 
 
-def _read_checked(path: Path, cfg: LensingConfig, warn) -> dict:
-    """Every HDU read, converted and checked, before any resizing: keys hdus, prim_h, file_pix, d (from
-    :func:`_science`), mask, bad, psf, psfsamp, lens, frame, lens_source."""
-    hdus = _read_all(path)
+def _read_checked(path: Path, cfg: LensingConfig, warn, hdul: fits.HDUList | None = None) -> dict:
+    """Every HDU read (from ``hdul`` when given, else the file ``path``), converted and checked, before any
+    resizing: keys hdus, prim_h, file_pix, d (from :func:`_science`), mask, bad, psf, psfsamp, lens, frame,
+    lens_source."""
+    hdus = _read_all(path if hdul is None else hdul)
     prim_h = hdus.setdefault("PRIMARY", (None, {}))[1]
     if "SCI" not in hdus or hdus["SCI"][0] is None or hdus["SCI"][0].ndim != 2:
         shape = "missing" if "SCI" not in hdus or hdus["SCI"][0] is None else f"of shape {hdus['SCI'][0].shape}"
@@ -336,9 +341,11 @@ def _read_checked(path: Path, cfg: LensingConfig, warn) -> dict:
 
 
 def load_observation(path, config: LensingConfig | None = None, *, device="cpu",
-                     brightness: BrightnessConfig | None = None):
+                     brightness: BrightnessConfig | None = None, name: str = "HDUList"):
     """Validate the observation at ``path`` and build its problem.
 
+    ``path``: the FITS file, or an in-memory :class:`~astropy.io.fits.HDUList` in the same format, which
+    messages and ``meta["path"]`` call ``name`` (its lens must be in the headers: there is no file beside it).
     Returns ``(problem, y, meta)``: ``problem`` a :class:`LensingProblem` (sources in network units via
     ``brightness``, default ``config.brightness``), ``y`` the SCI image (ny, nx) float32 tensor on
     ``device`` in the data unit ``config.noise.bunit`` (masked / NaN pixels set to 0), and ``meta``
@@ -347,14 +354,15 @@ def load_observation(path, config: LensingConfig | None = None, *, device="cpu",
     naming the file and the HDU/keyword."""
     cfg = config or LensingConfig()
     geom = cfg.geometry
-    path = Path(path)
+    hdul = path if isinstance(path, fits.HDUList) else None
+    path = Path(name if hdul is not None else path)
     warnings: list[str] = []
 
     def warn(msg):
         warnings.append(msg)
         log.warning("%s: %s", path, msg)
 
-    r = _read_checked(path, cfg, warn)
+    r = _read_checked(path, cfg, warn, hdul)
     hdus, prim_h, d, file_pix, psf, psfsamp = r["hdus"], r["prim_h"], r["d"], r["file_pix"], r["psf"], r["psfsamp"]
     lens, frame, lens_source, bad = r["lens"], r["frame"], r["lens_source"], r["bad"]
     file_shape = d["sci"].shape
@@ -384,6 +392,7 @@ def load_observation(path, config: LensingConfig | None = None, *, device="cpu",
         "psf_used": psf_used, "mask": mask, "mask_fraction": float(1 - mask.mean()),
         "n_nan": int(bad.sum()), "peak_snr_data": float(snr.max()), "truth": truth,
         "header_source_grid": header_grid, "lens_light_subtracted": d["lens_light"], "warnings": warnings,
+        "sci_header": hdus["SCI"][1],
     }
     if truth is not None:
         model = problem.physical_forward(torch.as_tensor(truth, device=problem.device)[None])[0].cpu().numpy()

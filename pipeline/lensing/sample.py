@@ -7,13 +7,16 @@ it was trained on (:mod:`pipeline.lensing.guard`, policy ``posterior.guard``): r
 before anything is sampled, or sampled with warnings in the log and ``OODWARN`` header cards.
 Besides the samples, each file carries the model and residual images of the posterior mean, the lens it
 is conditional on, the observation's sky WCS and the source's flux, magnification and half-light radius
-(docs/posterior-files.md).
+(docs/posterior-files.md). The steps (:func:`load_setup`, :func:`method_run`, :func:`guard_observation`,
+:func:`sample_observation`, :func:`write_observation`) take already-loaded observations, so the Python API
+(``pipeline.reconstruct``) runs them on arrays.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import astropy.units as u
@@ -28,7 +31,7 @@ from pipeline.diffusion.network_prior import load_prior
 from pipeline.errors import ConfigError, InputFileError
 from pipeline.io.posterior import posterior_moments, write_posterior
 from pipeline.lensing.amortized import amortized_sampler
-from pipeline.lensing.config import BrightnessConfig, PosteriorConfig, load_lensing_config
+from pipeline.lensing.config import BrightnessConfig, LensingConfig, PosteriorConfig, load_lensing_config
 from pipeline.lensing.critical import curves_from_header
 from pipeline.lensing.guard import apply_policy, check_observation, trained_record
 from pipeline.lensing.observation import load_observation
@@ -54,20 +57,16 @@ def load_amortized(posterior_dir, prior, chain=None):
     return load_posterior(posterior_dir, prior, chain=chain)
 
 
-def guard_observations(files, lcfg, brightness, device, record, gcfg) -> list[tuple]:
-    """Read every observation and judge it against the posterior's trained conditions ``record`` (None:
-    not judged) before any is sampled, so an ``error`` policy refuses the whole call with one line and
-    no output. Returns (problem, y, meta, out-of-condition warnings) per file."""
-    loaded = []
-    for path in files:
-        problem, y, meta = load_observation(path, lcfg, device=device, brightness=brightness)
-        ood = []
-        if record is not None:
-            ood = apply_policy(path, check_observation(record, problem, y, meta, gcfg), gcfg)
-            for reason in ood:
-                log.warning("%s: outside the posterior's trained conditions: %s", path, reason)
-        loaded.append((problem, y, meta, ood))
-    return loaded
+def guard_observation(run: MethodRun, path, problem, y, meta) -> list[str]:
+    """Judge one loaded observation against the posterior's trained conditions (no judgement for methods
+    without a trained posterior): the out-of-condition warnings, logged; policy ``error`` refuses it with one
+    line (:func:`pipeline.lensing.guard.apply_policy`)."""
+    if run.record is None:
+        return []
+    ood = apply_policy(path, check_observation(run.record, problem, y, meta, run.pcfg.guard), run.pcfg.guard)
+    for reason in ood:
+        log.warning("%s: outside the posterior's trained conditions: %s", path, reason)
+    return ood
 
 
 def fps_smc_options(pcfg: PosteriorConfig, n: int) -> dict:
@@ -103,14 +102,12 @@ def observation_files(specs) -> list[Path]:
     return files
 
 
-def _build_sampler(method, config_path, prior, chain, posterior_dir, first_obs, lcfg, pcfg, n, device,
+def _build_sampler(method, config_path, prior, chain, posterior_dir, problem, lcfg, pcfg, n, device,
                    tuning=None):
     """The method's sampler, built once for every observation; returns (sampler, provenance entries,
-    the amortized posterior's hparams or None). ``tuning``: a frozen tuning record to use instead of tuning
-    the guidance scale here."""
+    the amortized posterior's hparams or None). ``problem``: the first observation's (its noise level sets the
+    guidance scale's tuning); ``tuning``: a frozen tuning record to use instead of tuning here."""
     spec = method_spec(method)
-    problem = load_observation(first_obs, lcfg, device=device,
-                               brightness=BrightnessConfig(scale=prior.scale, offset=prior.offset))[0]
     if spec.trained:
         if not spec.amortized:
             raise ConfigError(config_path, "methods", f"lensing samples the amortized RTB posterior "
@@ -199,69 +196,159 @@ def flux_unit(lcfg) -> str:
     return (parse_bunit(lcfg.sources.bunit, "config", "lensing.sources.bunit") * u.arcsec ** 2).to_string()
 
 
-def _products(path, lcfg, problem, y, meta, x_phys, particles, weights) -> dict:
+def _products(lcfg, problem, y, meta, x_phys, particles, weights) -> dict:
     """write_posterior's image-plane, lens and source-statistics arguments for one observation."""
     x_np = x_phys.cpu().numpy()
     mean, std = posterior_moments(x_np, particles, weights)
     model, resid, image_flux = image_products(problem, y, mean, x_phys)
     stats = source_stats(x_np, lcfg.geometry.source_pixscale, image_flux, model_factor(lcfg, 1.0))
     return {"mean": mean, "std": std, "model": model, "resid": resid, "data_unit": lcfg.noise.bunit,
-            "image_wcs": observation_wcs_header(fits.getheader(path, "SCI"), meta), "lens_cards": lens_cards(meta),
+            "image_wcs": observation_wcs_header(meta["sci_header"], meta), "lens_cards": lens_cards(meta),
             "source_stats": stats, "flux_unit": flux_unit(lcfg)}
+
+
+@dataclass
+class Setup:
+    """What every method shares: the config's sections, the device, the prior and its chain, and the number of
+    samples ``n`` and ``seed`` per observation."""
+
+    config_path: str
+    lcfg: LensingConfig
+    pcfg: PosteriorConfig
+    device: torch.device
+    prior: object
+    chain: object
+    n: int
+    seed: int
+
+    @property
+    def brightness(self) -> BrightnessConfig:
+        """The prior's network <-> physical brightness map (observations are loaded with it)."""
+        return BrightnessConfig(scale=self.prior.scale, offset=self.prior.offset)
+
+
+def load_setup(config_path, prior_dir, n=None, seed=None, device=None) -> Setup:
+    """Read the config at ``config_path`` and load the prior at ``prior_dir`` on ``device`` (auto, cpu, cuda;
+    default the config's); ``n`` and ``seed`` default to ``posterior.n_samples`` and ``posterior.seed``."""
+    pcfg = load_section(config_path, "posterior", PosteriorConfig)
+    device = choose_device(device or read_device(config_path))
+    prior = load_prior(prior_dir, device=device)
+    return Setup(str(config_path), load_lensing_config(config_path), pcfg, device, prior,
+                 load_chain(config_path, prior), n or pcfg.n_samples, pcfg.seed if seed is None else seed)
+
+
+@dataclass
+class MethodRun:
+    """One method ready to sample observations: its sampler (built once), the provenance every posterior file
+    records, and the trained conditions the guard judges observations against (None: not judged)."""
+
+    setup: Setup
+    method: str
+    sampler: object
+    provenance: dict
+    record: dict | None
+
+    @property
+    def pcfg(self) -> PosteriorConfig:
+        return self.setup.pcfg
+
+
+def method_run(setup: Setup, method, prior_dir, posterior_dir, problem, tuning=None) -> MethodRun:
+    """Build ``method``'s sampler for ``setup`` (the fine-tuned posterior from ``posterior_dir`` for the
+    amortized methods; the guidance scale tuned at ``problem``'s noise level unless ``tuning`` is given)."""
+    s = setup
+    provenance = {"version": pipeline.__version__, "seed": s.seed,
+                  "config_hash": config_hash(load_yaml(s.config_path)), "prior": str(prior_dir), "K": s.chain.K,
+                  "variance": s.chain.variance}
+    sampler, prov, hp = _build_sampler(method, s.config_path, s.prior, s.chain, posterior_dir, problem, s.lcfg,
+                                       s.pcfg, s.n, s.device, tuning)
+    provenance.update(prov)
+    record = None if hp is None else trained_record(hp, posterior_dir)
+    return MethodRun(setup, method, sampler, provenance, record)
+
+
+@dataclass
+class ObservationPosterior:
+    """One observation's posterior: the physical samples ``x_phys`` (n, ny_s, nx_s) [``lensing.sources.bunit``],
+    any weighted PARTICLES / WEIGHTS, log Z estimates [nats] or None, the per-sample chi2 of
+    :func:`~pipeline.metrics.chi2.chi2_per_sample`, write_posterior's image-plane and source products
+    (:func:`_products`), the data ``obs`` [data unit], sampling time [s], the sampler's extra header cards and
+    the guard's warnings."""
+
+    x_phys: np.ndarray
+    particles: np.ndarray | None
+    weights: np.ndarray | None
+    logz: dict | None
+    chi: dict
+    products: dict
+    obs: np.ndarray
+    seconds: float
+    header: dict | None
+    ood: list[str] = field(default_factory=list)
+
+
+def sample_observation(run: MethodRun, problem, y, meta, index: int = 0, ood=()) -> ObservationPosterior:
+    """Sample observation number ``index`` of a call (its seed is ``seed * 100003 + index``) and compute what
+    its posterior file holds."""
+    s = run.setup
+    gen = torch.Generator().manual_seed(s.seed * 100003 + index)
+    t0 = time.time()
+    smp = run.sampler.sample(problem, y, s.n, generator=gen)
+    seconds = time.time() - t0
+    x_net, x_phys, particles, weights = _to_write(s.prior, smp, problem, s.n, gen)
+    logz = _logz(method_spec(run.method), smp)
+    chi = chi2_per_sample(problem, x_net, y)
+    products = _products(s.lcfg, problem, y, meta, x_phys, particles, weights)
+    return ObservationPosterior(x_phys.cpu().numpy(), particles, weights, logz, chi, products, y.cpu().numpy(),
+                                seconds, smp.info.get("header"), list(ood))
+
+
+def write_observation(target, post: ObservationPosterior, meta, *, method: str, provenance: dict,
+                      lcfg: LensingConfig) -> Path:
+    """Write ``post`` (of the observation ``meta`` describes) as the posterior FITS ``target``
+    (:func:`pipeline.io.posterior.write_posterior`)."""
+    write_posterior(target, post.x_phys, truth=meta.get("truth"), obs=post.obs, logz=post.logz,
+                    particles=post.particles, weights=post.weights, chi2=post.chi["chi2_nu"],
+                    src_pixscale=lcfg.geometry.source_pixscale, method=method, provenance=provenance,
+                    seconds=post.seconds, obs_file=meta["path"], obs_pixscale=meta.get("pixscale"),
+                    bunit=lcfg.sources.bunit, ood_warnings=post.ood, extra_header=post.header, **post.products)
+    return Path(target)
+
+
+def _summary(run: MethodRun, post: ObservationPosterior, meta, target) -> dict:
+    """The result entry of one observation, logged on one line."""
+    stats, unit = post.products["source_stats"], post.products["flux_unit"]
+    out = {"obs": meta["path"], "out": str(target), "seconds": post.seconds, "logz": post.logz,
+           "chi2_median": float(np.median(post.chi["chi2_nu"])), "source_stats": stats, "flux_unit": unit}
+    log.info("%s %s: %.1f s, chi2_nu median %.3f, log Z %s, source flux %s %s, magnification %s, "
+             "r_half %s arcsec", run.method, Path(meta["path"]).stem, post.seconds, out["chi2_median"],
+             None if post.logz is None else round(post.logz["elbo"], 2), _fmt(stats["flux"]), unit,
+             _fmt(stats["magnification"]), _fmt(stats["r_half"]))
+    return out
 
 
 def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs, out_dir=None, *, out_file=None,
                         png=None, n=None, seed=None, tuning=None) -> list[dict]:
     """Sample ``method``'s posterior for every observation; one posterior FITS per observation.
 
-    Load the prior (and posterior), build the sampler once (tuning its guidance scale if it has one, unless
-    ``tuning`` gives the frozen record), then sample and write each observation in turn. Returns one dict
-    per observation: obs, out, seconds, logz, chi2_median, source_stats (``{"flux" [flux_unit],
-    "magnification", "r_half" [arcsec]}``, each posterior mean and 16th / 84th percentiles), flux_unit.
+    Load the prior and every observation (each judged by the guard before any is sampled, so an ``error``
+    policy refuses the whole call with one line and no output), build the sampler once (tuning its guidance
+    scale if it has one, unless ``tuning`` gives the frozen record; the amortized posterior from
+    ``posterior_dir``), then sample and write each observation in turn. Returns one dict per observation: obs,
+    out, seconds, logz, chi2_median, source_stats (``{"flux" [flux_unit], "magnification", "r_half"
+    [arcsec]}``, each posterior mean and 16th / 84th percentiles), flux_unit.
     """
-    lcfg = load_lensing_config(config_path)
-    pcfg = load_section(config_path, "posterior", PosteriorConfig)
-    device = choose_device(read_device(config_path))
-    prior = load_prior(prior_dir, device=device)
-    chain = load_chain(config_path, prior)
-    K, var = chain.K, chain.variance
-    n = n or pcfg.n_samples
-    seed = pcfg.seed if seed is None else seed
+    setup = load_setup(config_path, prior_dir, n, seed)
     files = observation_files(obs_specs)
-    brightness = BrightnessConfig(scale=prior.scale, offset=prior.offset)
-    provenance = {"version": pipeline.__version__, "seed": seed, "config_hash": config_hash(load_yaml(config_path)),
-                  "prior": str(prior_dir), "K": K, "variance": var}
-    sampler, prov, hp = _build_sampler(method, config_path, prior, chain, posterior_dir, files[0], lcfg, pcfg, n,
-                                       device, tuning)
-    provenance.update(prov)
-    record = None if hp is None else trained_record(hp, posterior_dir)
-    loaded = guard_observations(files, lcfg, brightness, device, record, pcfg.guard)
-    spec = method_spec(method)
+    loaded = [load_observation(f, setup.lcfg, device=setup.device, brightness=setup.brightness) for f in files]
+    run = method_run(setup, method, prior_dir, posterior_dir, loaded[0][0], tuning)
+    oods = [guard_observation(run, f, *obs) for f, obs in zip(files, loaded)]
     results = []
-    for i, (path, (problem, y, meta, ood)) in enumerate(zip(files, loaded)):
-        gen = torch.Generator().manual_seed(seed * 100003 + i)
-        t0 = time.time()
-        smp = sampler.sample(problem, y, n, generator=gen)
-        seconds = time.time() - t0
-        x_net, x_phys, particles, weights = _to_write(prior, smp, problem, n, gen)
-        logz = _logz(spec, smp)
-        chi = chi2_per_sample(problem, x_net, y)
-        target = Path(out_file) if out_file else Path(out_dir) / f"{path.stem}.fits"
-        products = _products(path, lcfg, problem, y, meta, x_phys, particles, weights)
-        write_posterior(target, x_phys.cpu().numpy(), truth=meta.get("truth"), obs=y.cpu().numpy(), logz=logz,
-                        particles=particles, weights=weights,
-                        chi2=chi["chi2_nu"], src_pixscale=lcfg.geometry.source_pixscale, method=method,
-                        provenance=provenance, seconds=seconds, obs_file=str(path),
-                        obs_pixscale=meta.get("pixscale"), bunit=lcfg.sources.bunit, ood_warnings=ood,
-                        extra_header=smp.info.get("header"), **products)
-        stats = products["source_stats"]
-        results.append({"obs": str(path), "out": str(target), "seconds": seconds, "logz": logz,
-                        "chi2_median": float(np.median(chi["chi2_nu"])), "source_stats": stats,
-                        "flux_unit": products["flux_unit"]})
-        log.info("%s %s: %.1f s, chi2_nu median %.3f, log Z %s, source flux %s %s, magnification %s, "
-                 "r_half %s arcsec", method, path.stem, seconds, results[-1]["chi2_median"],
-                 None if logz is None else round(logz["elbo"], 2), _fmt(stats["flux"]), products["flux_unit"],
-                 _fmt(stats["magnification"]), _fmt(stats["r_half"]))
+    for i, (path, (problem, y, meta), ood) in enumerate(zip(files, loaded, oods)):
+        post = sample_observation(run, problem, y, meta, i, ood)
+        target = write_observation(Path(out_file) if out_file else Path(out_dir) / f"{path.stem}.fits", post, meta,
+                                   method=method, provenance=run.provenance, lcfg=setup.lcfg)
+        results.append(_summary(run, post, meta, target))
         if png:
             from pipeline.plots.lens import plot_posterior_file
 

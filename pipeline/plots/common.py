@@ -1,15 +1,15 @@
-"""Shared plotting helpers: Agg backend, atomic PNG writes, asinh norms, arcsec extents."""
+"""Shared plotting helpers: atomic PNG writes, asinh norms, arcsec extents.
+
+The matplotlib backend is left alone here (a notebook keeps its inline backend); the command line picks
+the non-interactive Agg backend before any command plots (:func:`pipeline.cli.main`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # rules and tests run without a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from astropy.visualization import AsinhStretch, ImageNormalize, ManualInterval  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from astropy.visualization import AsinhStretch, ImageNormalize, ManualInterval
 
 from pipeline.io.atomic import atomic_file
 

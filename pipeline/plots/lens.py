@@ -75,11 +75,16 @@ def _overlay(ax, curves, ext) -> None:
     ax.set_ylim(ext[2], ext[3])
 
 
-def plot_lens(path, *, mean, std, samples, src_pixscale: float, truth=None, obs=None,
-              obs_pixscale: float | None = None, model=None, residual=None, critical=None, caustics=None,
-              bunit: str = "", image_bunit: str = "", n_show: int = 2, title: str | None = None,
-              chi2: float | None = None):
-    """Write the panel figure to ``path`` (PNG) and return the path.
+def plot_lens(path, **panels):
+    """Write :func:`lens_figure` of ``panels`` to ``path`` (PNG) and return the path."""
+    return save_figure(lens_figure(**panels), path)
+
+
+def lens_figure(*, mean, std, samples, src_pixscale: float, truth=None, obs=None,
+                obs_pixscale: float | None = None, model=None, residual=None, critical=None, caustics=None,
+                bunit: str = "", image_bunit: str = "", n_show: int = 2, title: str | None = None,
+                chi2: float | None = None):
+    """The panel figure (a matplotlib Figure).
 
     Source plane: ``mean``, ``std``, ``truth`` and ``samples`` (n, ny, nx) in ``bunit`` at ``src_pixscale``
     [arcsec/pixel]; the first ``n_show`` samples are drawn. Image plane: ``obs`` (data y) and ``model``
@@ -123,7 +128,7 @@ def plot_lens(path, *, mean, std, samples, src_pixscale: float, truth=None, obs=
         fig.text(0.5, 0.005, "green lines: " + ", ".join(notes), ha="center", va="bottom", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    return save_figure(fig, path)
+    return fig
 
 
 def read_image_plane(path) -> dict:

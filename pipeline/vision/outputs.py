@@ -132,9 +132,6 @@ def task_figure(out: Path, task: Task, panels: dict) -> Path | None:
     ``out/figures/<dataset>_<space>_<task>.png``."""
     if not panels:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     def pic(x):

@@ -20,7 +20,7 @@ LAYER = {"errors": 0, "config": 0, "config_renames": 0, "config_docs": 0, "runti
          "problems": 0, "io": 0, "metrics": 0, "plots": 0, "diffusion": 1, "samplers": 2, "rtb": 2, "lensing": 3,
          "vision": 3, "bench": 4,
          "evaluation": 4,
-         "settings": 5, "commands": 5, "cli": 5, "__main__": 5, "__init__": 5}
+         "settings": 5, "api": 5, "commands": 5, "cli": 5, "__main__": 5, "__init__": 5}
 
 
 def _top(module: str) -> str:
