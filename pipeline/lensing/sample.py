@@ -4,7 +4,9 @@
 once (:func:`pipeline.samplers.make_sampler`), samples each observation and writes one posterior FITS
 per observation. For the amortized posterior every observation is first judged against the conditions
 it was trained on (:mod:`pipeline.lensing.guard`, policy ``posterior.guard``): refused with one line
-before anything is sampled, or sampled with warnings in the log and ``OODWARN`` header cards.
+before anything is sampled, or sampled with warnings in the log and ``OODWARN`` header cards. After
+sampling, every observation gets a posterior predictive check (:mod:`pipeline.metrics.ppc`): a fit whose
+chi2 is inconsistent with the noise is logged as a WARNING and marked ``PPCWARN = T`` in its file.
 Besides the samples, each file carries the model and residual images of the posterior mean, the lens it
 is conditional on, the observation's sky WCS and the source's flux, magnification and half-light radius
 (docs/posterior-files.md).
@@ -38,6 +40,7 @@ from pipeline.lensing.tuning import tune_guidance_scale
 from pipeline.lensing.units import model_factor, parse_bunit
 from pipeline.metrics.chi2 import chi2_per_sample
 from pipeline.metrics.logz import estimate_logz_samples
+from pipeline.metrics.ppc import PPCResult, posterior_predictive_check
 from pipeline.metrics.source_stats import source_stats
 from pipeline.rtb.loading import load_posterior
 from pipeline.rtb.sampler import GN_ITERATIONS
@@ -210,13 +213,23 @@ def _products(path, lcfg, problem, y, meta, x_phys, particles, weights) -> dict:
             "source_stats": stats, "flux_unit": flux_unit(lcfg)}
 
 
+def posterior_check(path, chi: dict) -> PPCResult:
+    """The posterior predictive check of one observation's samples from their per-sample chi2 ``chi``
+    (:func:`~pipeline.metrics.chi2.chi2_per_sample`); a flagged fit is logged as a WARNING naming ``path``."""
+    ppc = posterior_predictive_check(chi)
+    if ppc.flag:
+        log.warning("%s: posterior predictive check flags a misfit: %s", path, ppc.message())
+    return ppc
+
+
 def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs, out_dir=None, *, out_file=None,
                         png=None, n=None, seed=None, tuning=None) -> list[dict]:
     """Sample ``method``'s posterior for every observation; one posterior FITS per observation.
 
     Load the prior (and posterior), build the sampler once (tuning its guidance scale if it has one, unless
     ``tuning`` gives the frozen record), then sample and write each observation in turn. Returns one dict
-    per observation: obs, out, seconds, logz, chi2_median, source_stats (``{"flux" [flux_unit],
+    per observation: obs, out, seconds, logz, chi2_median, ppc (:meth:`~pipeline.metrics.ppc.PPCResult.as_dict`:
+    the posterior predictive check, also in the file's ``PPC*`` cards), source_stats (``{"flux" [flux_unit],
     "magnification", "r_half" [arcsec]}``, each posterior mean and 16th / 84th percentiles), flux_unit.
     """
     lcfg = load_lensing_config(config_path)
@@ -246,6 +259,7 @@ def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs
         x_net, x_phys, particles, weights = _to_write(prior, smp, problem, n, gen)
         logz = _logz(spec, smp)
         chi = chi2_per_sample(problem, x_net, y)
+        ppc = posterior_check(path, chi).as_dict()
         target = Path(out_file) if out_file else Path(out_dir) / f"{path.stem}.fits"
         products = _products(path, lcfg, problem, y, meta, x_phys, particles, weights)
         write_posterior(target, x_phys.cpu().numpy(), truth=meta.get("truth"), obs=y.cpu().numpy(), logz=logz,
@@ -253,10 +267,10 @@ def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs
                         chi2=chi["chi2_nu"], src_pixscale=lcfg.geometry.source_pixscale, method=method,
                         provenance=provenance, seconds=seconds, obs_file=str(path),
                         obs_pixscale=meta.get("pixscale"), bunit=lcfg.sources.bunit, ood_warnings=ood,
-                        extra_header=smp.info.get("header"), **products)
+                        extra_header=smp.info.get("header"), ppc=ppc, **products)
         stats = products["source_stats"]
         results.append({"obs": str(path), "out": str(target), "seconds": seconds, "logz": logz,
-                        "chi2_median": float(np.median(chi["chi2_nu"])), "source_stats": stats,
+                        "chi2_median": float(np.median(chi["chi2_nu"])), "ppc": ppc, "source_stats": stats,
                         "flux_unit": products["flux_unit"]})
         log.info("%s %s: %.1f s, chi2_nu median %.3f, log Z %s, source flux %s %s, magnification %s, "
                  "r_half %s arcsec", method, path.stem, seconds, results[-1]["chi2_median"],
