@@ -218,7 +218,7 @@ def posterior_check(path, chi: dict) -> PPCResult:
     (:func:`~pipeline.metrics.chi2.chi2_per_sample`); a flagged fit is logged as a WARNING naming ``path``."""
     ppc = posterior_predictive_check(chi)
     if ppc.flag:
-        log.warning("%s: posterior predictive check flags a misfit: %s", path, ppc.message())
+        log.warning("%s: posterior predictive check: %s", path, ppc.message())
     return ppc
 
 
