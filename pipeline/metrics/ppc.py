@@ -39,7 +39,7 @@ class PPCResult:
 
     flag: the fit is inconsistent with the noise (image or arc PIT median outside [tail, 1 - tail]).
     image: median chi2_nu over the samples on the ``nu`` unmasked pixels; image_band: the band on it.
-    image_pit: median over samples of F_{chi2_nu}(chi2).
+    image_pit: median over samples of F_{chi2_m}(chi2) with m = nu.
     arc: median chi2_nu over the samples that have an arc (None when none has); arc_band: the band at
     ``arc_m`` = the median arc pixel count of those samples (the PIT uses each sample's own count).
     arc_pit: median over all samples of the arc PIT (0.5 for a sample without arc); n_no_arc: samples
@@ -63,7 +63,8 @@ class PPCResult:
         """One line: verdict, the two medians against their bands, and the PIT medians."""
         lo, hi = self.image_band
         line = (f"{'misfit' if self.flag else 'consistent with the noise'}: chi2_nu median {self.image:.3f} over "
-                f"the image (99.9 % band for exact samples [{lo:.3f}, {hi:.3f}], {self.nu} pixels)")
+                f"the image ({100 * (1 - 2 * self.tail):g} % band for exact samples [{lo:.3f}, {hi:.3f}], "
+                f"{self.nu} pixels)")
         if self.arc is None:
             line += ", no arc pixel in any sample"
         else:
