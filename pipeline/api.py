@@ -234,7 +234,9 @@ class Reconstruction:
     over the samples of chi2 per degree of freedom over the image (``image``) and over each sample's arc
     (``arc``: pixels where its model exceeds sigma), and the per-sample arrays; ``logz`` the method's log
     evidence estimates [nats] (None when it has none); ``warnings``: the guard's out-of-distribution
-    findings and the observation's reading warnings; ``lens`` the lens in the array frame; ``method`` and
+    findings, the observation's reading warnings and a failed posterior predictive check; ``ppc`` that check
+    (:meth:`pipeline.metrics.ppc.PPCResult.as_dict`: ``flag`` and the chi2 medians against the band an
+    exact sampler stays inside); ``lens`` the lens in the array frame; ``method`` and
     ``provenance`` as the posterior file records them; ``source_stats`` the source's flux [``unit``],
     magnification and half-light radius [arcsec]; ``truth`` the file's TRUTH source, when it has one."""
 
@@ -247,6 +249,7 @@ class Reconstruction:
     chi2: dict
     logz: dict | None
     warnings: list[str]
+    ppc: dict
     lens: LensParams
     method: str
     provenance: dict
@@ -350,7 +353,9 @@ def reconstruct(image, noise=None, psf=None, lens=None, *, pixel_scale=None, psf
             "image_per_sample": post.chi["chi2_nu"], "arc_per_sample": arc, "nu": post.chi["nu"]}
     pr = post.products
     return Reconstruction(samples=post.x_phys, mean=pr["mean"], std=pr["std"], data=post.obs, model=pr["model"],
-                          residual=pr["resid"], chi2=chi2, logz=post.logz, warnings=list(meta["warnings"]) + post.ood,
+                          residual=pr["resid"], chi2=chi2, logz=post.logz, ppc=post.ppc.as_dict(),
+                          warnings=list(meta["warnings"]) + post.ood
+                          + ([f"posterior predictive check: {post.ppc.message()}"] if post.ppc.flag else []),
                           lens=meta["lens"], method=method, provenance=run.provenance,
                           source_pixscale=setup.lcfg.geometry.source_pixscale, image_pixscale=meta["pixscale"],
                           source_unit=setup.lcfg.sources.bunit, data_unit=setup.lcfg.noise.bunit,

@@ -62,6 +62,7 @@ def test_arrays_in_reconstruction_out(example):
     assert res.chi2["image_per_sample"].shape == (4,)
     assert res.source_unit == "electron/(s arcsec2)" and res.data_unit == "electron/s"
     assert res.lens.rein == pytest.approx(0.7) and res.warnings == []
+    assert res.ppc["flag"] is False  # and a misfit would add a warning (below)
     assert "inversion: 4 samples" in res.summary()
     # the source flux (electron/s) is recovered within its posterior spread
     truth_flux = example["truth"].sum() * 0.05 ** 2
@@ -285,3 +286,16 @@ def test_lens_as_pyautolens_profiles_gives_the_same_reconstruction(example):
 def test_a_missing_file_is_a_one_line_error():
     with pytest.raises(InputFileError, match=r"nope.fits: FITS file not found"):
         reconstruct("nope.fits", lens={"model": "SIE", "x0": 0, "y0": 0, "q": 0.8, "phi": 0, "rein": 0.7})
+
+
+@pytest.mark.slow
+def test_a_fit_the_model_cannot_make_carries_the_predictive_check_warning(example):
+    """The example image blurred again by 1.5 pixels (arcs wider than the given PSF makes them, the noise
+    smoothed below the stated sigma): the residuals are inconsistent with the noise model, and the result's
+    ``ppc`` flag and warnings say so."""
+    from scipy.ndimage import gaussian_filter
+
+    blurred = gaussian_filter(example["image"], 1.5) + 0.0  # extra blur of 1.5 pixels, noise unchanged
+    res = reconstruct(blurred, **_arrays(example), method="inversion", n=4, seed=0)
+    assert res.ppc["flag"] is True
+    assert any(w.startswith("posterior predictive check:") for w in res.warnings)

@@ -7,7 +7,8 @@ per-pixel 68 %/95 % interval coverage (all pixels and inside the footprint of th
 truth and samples) beside the level an exact sampler reaches with the same number of samples,
 chi2_nu per sample over the image and inside the arc (and the truth's own chi2_nu as its
 reference), sharpness (posterior std / prior std) and the posterior-mean error [source units]
-from the equally weighted samples, log Z per observation, and the figures.
+from the equally weighted samples, log Z per observation, how many observations the sampler's posterior
+predictive check flagged (the files' ``PPCWARN``), and the figures.
 
 Output: ``OUT/summary.json`` = ``{"sets": {SET: {METHOD: {...metrics...}}}, "figures": {SET: {...}},
 "settings": {SET: {...}}, "truth_chi2": {SET: {...}}}``; with ``merge`` an existing
@@ -91,6 +92,7 @@ def evaluate_method(records: list[dict], *, prior_std, n_bins: int, rng: np.rand
         **_coverage_fields(cov, cov_fp, n_s),
         "footprint_frac": footprint_frac, "footprint_pixels": int(fp.sum()),
         **_chi2_fields(records),
+        **_ppc_fields(records),
         "sharpness": None, "mean_err": float(np.mean(err)), "mean_err_rel": None,
         "logz": [r["logz"] for r in records],
         "seconds": (float(np.sum([r["seconds"] for r in records]))
@@ -132,6 +134,13 @@ def _chi2_fields(records: list[dict]) -> dict:
     }
 
 
+def _ppc_fields(records: list[dict]) -> dict:
+    """How many observations the sampler's posterior predictive check flagged (``PPCWARN`` of the files,
+    :mod:`pipeline.metrics.ppc`) out of those checked; ``ppc_flagged`` is None when no file carries a check."""
+    checked = [r["ppc"]["flag"] for r in records if r.get("ppc") is not None]
+    return {"ppc_flagged": int(sum(checked)) if checked else None, "ppc_checked": len(checked)}
+
+
 def _per_obs_fields(records: list[dict], err: np.ndarray) -> dict:
     truth_chi = [r.get("truth_chi2") or {} for r in records]
     return {
@@ -142,6 +151,7 @@ def _per_obs_fields(records: list[dict], err: np.ndarray) -> dict:
                             for r in records],
         "truth_chi2": [c.get("chi2_nu") for c in truth_chi],
         "truth_chi2_arc": [c.get("chi2_arc_nu") for c in truth_chi],
+        "ppc_warn": [None if r.get("ppc") is None else r["ppc"]["flag"] for r in records],
     }
 
 

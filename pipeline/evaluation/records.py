@@ -4,7 +4,8 @@ A *record* is one posterior file (one method, one observation) as a dict: ``samp
 in the file's physical source units, ``mean``/``std`` from the file, ``truth`` (from the posterior
 or its observation), ``chi2`` (per-sample chi2_nu over the image and in the arc, dimensionless),
 ``truth_chi2`` (the truth's own chi2_nu and chi2_arc_nu), ``logz``, ``seconds`` (sampling wall
-time [s]), ``obs`` (observation file name), ``kind`` (the observation's SRCKIND) and, for the
+time [s]), ``obs`` (observation file name), ``kind`` (the observation's SRCKIND), ``ppc`` (the file's
+posterior predictive check, None when it has none) and, for the
 observations drawn as lens figures, ``residual``/``obs_img``/``obs_pix`` (arcsec per image pixel).
 """
 
@@ -109,7 +110,7 @@ def read_records(files, obs_dir: Path) -> tuple[dict, dict]:
                "obs": obs_path.name, "file": f, "src_pixscale": d["src_pixscale"], "units": d["units"],
                "method": method, "residual": None, "obs_img": None, "obs_pix": None,
                "kind": source_kind(obs_path), "model": d.get("model"), "lens_cards": d.get("lens"),
-               "bunit": d.get("bunit", ""), "data_unit": d.get("data_unit", "")}
+               "bunit": d.get("bunit", ""), "data_unit": d.get("data_unit", ""), "ppc": d["ppc"]}
         by_method.setdefault(method, []).append(rec)
         by_obs.setdefault(obs_path, []).append(rec)
     return by_method, by_obs

@@ -5,7 +5,8 @@ Reads every ``summary.json`` below a calibration directory (one per set, as
 ones for the same set and method), and builds the results table (methods x sets) with every
 coverage beside the level an exact sampler reaches with the same number of samples, the truths' own
 chi2 per set, TARP against its exact-sampler null (methods are not ranked against each other by
-TARP), the acceptance checks on the prior-drawn set, and the figures, linked relative to the report
+TARP), how many observations each method's posterior predictive check flagged, the acceptance checks on
+the prior-drawn set, and the figures, linked relative to the report
 so the report directory can be moved together with ``results/``.
 """
 
@@ -26,7 +27,8 @@ CHI2_RANGE = (0.8, 1.25)  # acceptance band for the median chi2_nu (image and ar
 
 COLUMNS = ["set", "method", "n_obs", "n_samples", "TARP max dev", "p (exact null)", "null p95", "TARP ok",
            "cov68 (exact)", "cov95 (exact)", "cov68 fp (exact)", "cov95 fp (exact)", "chi2_nu med",
-           "chi2_nu arc med", "sharpness", "mean err", "log Z ELBO med", "log Z IW med", "sampling s"]
+           "chi2_nu arc med", "PPC flagged", "sharpness", "mean err", "log Z ELBO med", "log Z IW med",
+           "sampling s"]
 
 COLUMN_NOTES = (
     "Columns: TARP max dev = max|ECP - alpha| over the fixed alpha grid; p (exact null) = the fraction of "
@@ -39,6 +41,9 @@ COLUMN_NOTES = (
     "sum((y - A(x_s))/sigma)^2 / nu per posterior sample with nu = unmasked image pixels (median over samples "
     "and observations; 'arc' = pixels where the sample's own noiseless model exceeds sigma); compare it with "
     "the truths' own chi2_nu on the same set (below the set's description), the level exact samples reach. "
+    "PPC flagged = observations whose posterior predictive check (run by `sample`, the files' PPCWARN) finds "
+    "the median chi2 outside the 99.9 % band of exact samples, over the image or in the arc, of those checked "
+    "(docs/posterior-files.md). "
     "sharpness = RMS posterior std / RMS prior std and mean err = RMS(posterior mean - truth) per observation, "
     "averaged, both from the equally weighted returned samples (1 = nothing learnt from y; a sampler that "
     "ignores y passes TARP and coverage, so read them together); log Z = median over observations of the "
@@ -181,13 +186,20 @@ def truth_chi2(sets_methods: dict) -> tuple:
     return None, None
 
 
+def ppc_cell(r: dict) -> str:
+    """'flagged/checked' observations of the posterior predictive check, n/a when none was checked."""
+    if not r.get("ppc_checked"):
+        return "n/a"
+    return f"{r['ppc_flagged']}/{r['ppc_checked']}"
+
+
 def results_row(s: str, m: str, r: dict) -> list:
     """One row of the results table (:data:`COLUMNS`) for method ``m`` on set ``s``."""
     return [s, m, r.get("n_obs"), r.get("n_samples"), fmt(r.get("tarp_max_dev")), fmt(r.get("tarp_p_value")),
             fmt(r.get("tarp_null_p95")), fmt(tarp_ok(r)),
             coverage_cell(r, "coverage68"), coverage_cell(r, "coverage95"),
             coverage_cell(r, "coverage68_footprint"), coverage_cell(r, "coverage95_footprint"),
-            fmt(r.get("chi2_median")), fmt(r.get("chi2_arc_median")), fmt(r.get("sharpness")),
+            fmt(r.get("chi2_median")), fmt(r.get("chi2_arc_median")), ppc_cell(r), fmt(r.get("sharpness")),
             fmt(r.get("mean_err")), logz_median(r.get("logz"), "elbo"), logz_median(r.get("logz"), "iw"),
             "n/a" if r.get("seconds") is None else f"{r['seconds']:.1f}"]
 

@@ -96,6 +96,12 @@ STAT_KEYS = {"flux": "SRCFLUX", "magnification": "MAGNIF", "r_half": "RHALF"}
 percentiles (:mod:`pipeline.metrics.source_stats`)."""
 _STAT_DOC = {"flux": "total source flux", "magnification": "magnification", "r_half": "half-light radius"}
 
+PPC_CARDS = {"image": ("PPCIMG", "median chi2_nu over the image"), "image_pit": ("PPCUIMG", "median PIT, image"),
+             "arc": ("PPCARC", "median chi2_nu in the arc"), "arc_pit": ("PPCUARC", "median PIT, arc"),
+             "arc_m": ("PPCARCM", "arc pixels the arc band is for"), "tail": ("PPCTAIL", "PIT tail flagged")}
+"""Posterior predictive check field -> (primary keyword, comment) (:mod:`pipeline.metrics.ppc`); the flag
+is ``PPCWARN``, the bands ``PPCIMGLO``/``PPCIMGHI`` and ``PPCARCLO``/``PPCARCHI``."""
+
 
 def posterior_moments(samples, particles=None, weights=None) -> tuple[np.ndarray, np.ndarray]:
     """(MEAN, STD) as :func:`write_posterior` computes them: the weighted moments of ``particles`` when
@@ -136,6 +142,32 @@ def _stat_cards(h: fits.Header, stats: dict | None, flux_unit: str) -> None:
         h["FLUXUNIT"] = (flux_unit, "unit of SRCFLUX (source unit x arcsec2)")
 
 
+def _ppc_cards(h: fits.Header, ppc: dict | None) -> None:
+    """Primary cards of a posterior predictive check (:meth:`pipeline.metrics.ppc.PPCResult.as_dict`);
+    non-finite values are left out."""
+    if ppc is None:
+        return
+    h["PPCWARN"] = (bool(ppc["flag"]), "fit inconsistent with the noise (PPC)")
+    for name, (key, comment) in PPC_CARDS.items():
+        if _finite_or_none(ppc.get(name)) is not None:
+            h[key] = (int(ppc[name]) if name == "arc_m" else float(ppc[name]), comment)
+        if name in ("image", "arc") and ppc.get(f"{name}_band") is not None:
+            for suffix, v, what in zip(("LO", "HI"), ppc[f"{name}_band"], ("lower", "upper")):
+                h[key + suffix] = (float(v), f"{what} edge of the 99.9 % chi2_nu band")
+
+
+def _read_ppc(h: fits.Header) -> dict | None:
+    """The check as :func:`_ppc_cards` wrote it (absent fields None), or None without ``PPCWARN``."""
+    if "PPCWARN" not in h:
+        return None
+    out = {"flag": bool(h["PPCWARN"])}
+    for name, (key, _comment) in PPC_CARDS.items():
+        out[name] = h.get(key)
+        if name in ("image", "arc"):
+            out[f"{name}_band"] = (h[key + "LO"], h[key + "HI"]) if key + "LO" in h else None
+    return out
+
+
 def write_posterior(path, samples, *, mean=None, std=None, truth=None, obs=None, particles=None,
                     weights=None, logz: dict | None = None, chi2=None, src_pixscale: float,
                     method: str, provenance: dict | None = None, seconds: float | None = None,
@@ -143,7 +175,7 @@ def write_posterior(path, samples, *, mean=None, std=None, truth=None, obs=None,
                     bunit: str = "", units: str = "physical", extra_header: dict | None = None,
                     ood_warnings: list[str] | None = None, model=None, resid=None, data_unit: str = "",
                     image_wcs: fits.Header | None = None, lens_cards: dict | None = None,
-                    source_stats: dict | None = None, flux_unit: str = "") -> Path:
+                    source_stats: dict | None = None, flux_unit: str = "", ppc: dict | None = None) -> Path:
     """Write one observation's posterior to ``path`` (atomically, with checksums).
 
     samples: (n, ny, nx) or (n, 1, ny, nx) equally weighted draws, in the units named by ``bunit`` (the
@@ -163,7 +195,9 @@ def write_posterior(path, samples, *, mean=None, std=None, truth=None, obs=None,
     ``obs_pixscale``. lens_cards: ``{keyword: (value, comment)}`` of the lens the posterior is
     conditional on. source_stats: ``{"flux", "magnification", "r_half"}`` each ``{"mean", "lo", "hi"}``
     with flux in ``flux_unit``, r_half in arcsec. extra_header: method cards ``{key: value or (value,
-    comment)}`` (keys <= 8 upper-case characters). Returns the path.
+    comment)}`` (keys <= 8 upper-case characters). ppc: the observation's posterior predictive check as
+    :meth:`pipeline.metrics.ppc.PPCResult.as_dict` gives it (``PPCWARN`` and ``PPC*`` cards; chi2_nu and
+    band edges dimensionless). Returns the path.
     """
     path = Path(path)
     if not (src_pixscale and float(src_pixscale) > 0):
@@ -225,6 +259,7 @@ def write_posterior(path, samples, *, mean=None, std=None, truth=None, obs=None,
     for k, v in (lens_cards or {}).items():
         h[k] = v
     _stat_cards(h, source_stats, flux_unit)
+    _ppc_cards(h, ppc)
     prov = dict(provenance or {})
     for key, card in _PROV_KEYS.items():
         if prov.get(key) is not None:
@@ -279,7 +314,9 @@ def read_posterior(path) -> dict:
     (WEIGHTS and CHI2 float64). Returns a dict with keys samples, mean, std, truth, obs, particles,
     weights, chi2 (arrays or None), obs_pixscale, method, n_samples, src_pixscale, logz (dict elbo/elbo_se/iw,
     None where not available), chi2_median, seconds, obs_file, provenance, ood_warnings (the OODWARN
-    lines, empty when none), data_unit, lens (the lens keywords, None when absent), lens_file, source_stats
+    lines, empty when none), ppc (the posterior predictive check: flag, image, image_band, image_pit, arc,
+    arc_band, arc_pit, arc_m, tail; None when the file has no ``PPCWARN``), data_unit, lens (the lens
+    keywords, None when absent), lens_file, source_stats
     (``{"flux"|"magnification"|"r_half": {"mean", "lo", "hi"}}``, None where absent), flux_unit,
     header, samples_header, obs_header; model and resid are the MODEL and RESID images (None when absent).
     A missing, truncated or checksum-failing file raises :class:`InputFileError`."""
@@ -331,6 +368,7 @@ def read_posterior(path) -> dict:
     out["bunit"] = h.get("BUNIT", "")
     out["units"] = str(h.get("XUNITS", "physical"))
     out["ood_warnings"] = [str(c.value) for c in h.cards if c.keyword == "OODWARN"]
+    out["ppc"] = _read_ppc(h)
     out["data_unit"] = h.get("DATAUNIT", "")
     out["lens"] = ({k: h[k] for k in LENS_CARDS if k in h} if "LENSMOD" in h else None)
     out["lens_file"] = h.get("LENSFILE")

@@ -4,7 +4,9 @@
 once (:func:`pipeline.samplers.make_sampler`), samples each observation and writes one posterior FITS
 per observation. For the amortized posterior every observation is first judged against the conditions
 it was trained on (:mod:`pipeline.lensing.guard`, policy ``posterior.guard``): refused with one line
-before anything is sampled, or sampled with warnings in the log and ``OODWARN`` header cards.
+before anything is sampled, or sampled with warnings in the log and ``OODWARN`` header cards. After
+sampling, every observation gets a posterior predictive check (:mod:`pipeline.metrics.ppc`): a fit whose
+chi2 is inconsistent with the noise is logged as a WARNING and marked ``PPCWARN = T`` in its file.
 Besides the samples, each file carries the model and residual images of the posterior mean, the lens it
 is conditional on, the observation's sky WCS and the source's flux, magnification and half-light radius
 (docs/posterior-files.md). The steps (:func:`load_setup`, :func:`method_run`, :func:`guard_observation`,
@@ -41,6 +43,7 @@ from pipeline.lensing.tuning import tune_guidance_scale
 from pipeline.lensing.units import model_factor, parse_bunit
 from pipeline.metrics.chi2 import chi2_per_sample
 from pipeline.metrics.logz import estimate_logz_samples
+from pipeline.metrics.ppc import PPCResult, posterior_predictive_check
 from pipeline.metrics.source_stats import source_stats
 from pipeline.rtb.loading import load_posterior
 from pipeline.rtb.sampler import GN_ITERATIONS
@@ -207,6 +210,15 @@ def _products(lcfg, problem, y, meta, x_phys, particles, weights) -> dict:
             "source_stats": stats, "flux_unit": flux_unit(lcfg)}
 
 
+def posterior_check(path, chi: dict) -> PPCResult:
+    """The posterior predictive check of one observation's samples from their per-sample chi2 ``chi``
+    (:func:`~pipeline.metrics.chi2.chi2_per_sample`); a flagged fit is logged as a WARNING naming ``path``."""
+    ppc = posterior_predictive_check(chi)
+    if ppc.flag:
+        log.warning("%s: posterior predictive check: %s", path, ppc.message())
+    return ppc
+
+
 @dataclass
 class Setup:
     """What every method shares: the config's sections, the device, the prior and its chain, and the number of
@@ -284,6 +296,7 @@ class ObservationPosterior:
     obs: np.ndarray
     seconds: float
     header: dict | None
+    ppc: PPCResult
     ood: list[str] = field(default_factory=list)
 
 
@@ -298,9 +311,10 @@ def sample_observation(run: MethodRun, problem, y, meta, index: int = 0, ood=())
     x_net, x_phys, particles, weights = _to_write(s.prior, smp, problem, s.n, gen)
     logz = _logz(method_spec(run.method), smp)
     chi = chi2_per_sample(problem, x_net, y)
+    ppc = posterior_check(meta["path"], chi)
     products = _products(s.lcfg, problem, y, meta, x_phys, particles, weights)
     return ObservationPosterior(x_phys.cpu().numpy(), particles, weights, logz, chi, products, y.cpu().numpy(),
-                                seconds, smp.info.get("header"), list(ood))
+                                seconds, smp.info.get("header"), ppc, list(ood))
 
 
 def write_observation(target, post: ObservationPosterior, meta, *, method: str, provenance: dict,
@@ -311,7 +325,8 @@ def write_observation(target, post: ObservationPosterior, meta, *, method: str, 
                     particles=post.particles, weights=post.weights, chi2=post.chi["chi2_nu"],
                     src_pixscale=lcfg.geometry.source_pixscale, method=method, provenance=provenance,
                     seconds=post.seconds, obs_file=meta["path"], obs_pixscale=meta.get("pixscale"),
-                    bunit=lcfg.sources.bunit, ood_warnings=post.ood, extra_header=post.header, **post.products)
+                    bunit=lcfg.sources.bunit, ood_warnings=post.ood, extra_header=post.header,
+                    ppc=post.ppc.as_dict(), **post.products)
     return Path(target)
 
 
@@ -319,7 +334,8 @@ def _summary(run: MethodRun, post: ObservationPosterior, meta, target) -> dict:
     """The result entry of one observation, logged on one line."""
     stats, unit = post.products["source_stats"], post.products["flux_unit"]
     out = {"obs": meta["path"], "out": str(target), "seconds": post.seconds, "logz": post.logz,
-           "chi2_median": float(np.median(post.chi["chi2_nu"])), "source_stats": stats, "flux_unit": unit}
+           "chi2_median": float(np.median(post.chi["chi2_nu"])), "ppc": post.ppc.as_dict(), "source_stats": stats,
+           "flux_unit": unit}
     log.info("%s %s: %.1f s, chi2_nu median %.3f, log Z %s, source flux %s %s, magnification %s, "
              "r_half %s arcsec", run.method, Path(meta["path"]).stem, post.seconds, out["chi2_median"],
              None if post.logz is None else round(post.logz["elbo"], 2), _fmt(stats["flux"]), unit,
@@ -335,7 +351,8 @@ def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs
     policy refuses the whole call with one line and no output), build the sampler once (tuning its guidance
     scale if it has one, unless ``tuning`` gives the frozen record; the amortized posterior from
     ``posterior_dir``), then sample and write each observation in turn. Returns one dict per observation: obs,
-    out, seconds, logz, chi2_median, source_stats (``{"flux" [flux_unit], "magnification", "r_half"
+    out, seconds, logz, chi2_median, ppc (:meth:`~pipeline.metrics.ppc.PPCResult.as_dict`:
+    the posterior predictive check, also in the file's ``PPC*`` cards), source_stats (``{"flux" [flux_unit], "magnification", "r_half"
     [arcsec]}``, each posterior mean and 16th / 84th percentiles), flux_unit.
     """
     setup = load_setup(config_path, prior_dir, n, seed)
