@@ -80,6 +80,17 @@ def test_relative_links_resolve(page):
     assert not broken, f"{page.relative_to(ROOT)}: broken links:\n" + "\n".join(broken)
 
 
+def test_code_and_configs_point_at_pages_not_at_the_readme():
+    """Code, configs and the workflow cite a documentation page (``docs/...md``, ``data/pretrained/README.md``),
+    never "the README", whose detail moves to docs/."""
+    bare = re.compile(r"(?<![\w/])README(?!\.md)|(?<![\w/.-])README\.md")
+    files = [f for d in ("pipeline", "config", "workflow") for f in (ROOT / d).rglob("*")
+             if f.suffix in {".py", ".yaml", ".smk"}] + [ROOT / "Snakefile", ROOT / "Makefile"]
+    hits = [f"{f.relative_to(ROOT)}:{i}" for f in files if f.is_file()
+            for i, line in enumerate(f.read_text().splitlines(), 1) if bare.search(line)]
+    assert not hits, "cite the page instead of the README:\n" + "\n".join(hits)
+
+
 def test_link_checker_catches_a_broken_link_and_anchor(tmp_path):
     page = tmp_path / "p.md"
     (tmp_path / "q.md").write_text("# Title\n\n## The `make demo` run (CPU)\n")
