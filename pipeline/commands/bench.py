@@ -37,7 +37,8 @@ def _add_gmm_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument("--n", type=int, default=2000, help="samples per method and seed (default 2000)")
     g.add_argument("--n-logz", type=int_at_least(2), default=None,
                    help="trajectories behind each RTB run's log Z_IW, the estimate that decides divergence "
-                        "(default 20000: at 2000 it scattered by more than the 1-nat tolerance; README)")
+                        "(default 20000: at 2000 it scattered by more than the 1-nat tolerance; "
+                        "docs/results/experiments.md)")
     g.add_argument("--rtb-steps", type=int_at_least(1), default=None,
                    help="training steps of single-observation RTB (default 300 quick / 400 full on the 2-D "
                         "case, 500 above it); the amortized network trains 2x as long (4x in 80-D), the "

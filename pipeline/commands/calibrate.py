@@ -3,13 +3,16 @@
 Parses the options and calls :func:`pipeline.evaluation.calibration.run_calibration` (TARP with its
 exact-sampler null, per-pixel interval coverage, chi2_nu, sharpness, mean error and log Z per
 method). Output: ``OUT/summary.json`` (one set; ``report`` merges every ``summary.json`` below its
-``--calibration`` dir; with ``--merge`` an existing one keeps its other sets), ``OUT/coverage_SET.png``
-and ``OUT/lenses/SET_METHOD_OBS.png``.
+``--calibration`` dir; with ``--merge`` an existing one keeps its other sets; the set's settings record the
+commit and machine it was computed on), ``OUT/coverage_SET.png`` and ``OUT/lenses/SET_METHOD_OBS.png``.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipeline.evaluation.calibration import run_calibration
+from pipeline.evaluation.results_page import stamp_provenance
 from pipeline.runtime import configure_threads
 
 
@@ -52,4 +55,5 @@ def run(args) -> int:
                     prior_samples=args.prior_samples, n_bins=args.alpha_bins, n_boot=args.n_boot,
                     n_null=args.n_null, footprint_frac=args.footprint_frac, lens_figures=args.lens_figures,
                     seed=args.seed, merge=args.merge, tarp_norm=args.tarp_norm)
+    stamp_provenance(Path(args.out) / "summary.json", args.set_name)
     return 0

@@ -1,7 +1,8 @@
 """``python -m pipeline install-prior``: use a shipped, pipeline-trained prior instead of training one.
 
 Training the default prior takes longer than the 20-minute CPU demo allows, so a checkpoint made by
-``train-prior`` on this very config ships under ``data/pretrained/`` (its README gives the command).
+``train-prior`` on this very config ships under ``data/pretrained/`` (``data/pretrained/README.md`` gives
+the command).
 This command checks that the checkpoint loads (checksums), that it was trained with the same
 ``prior:`` recipe as the config (the result hash), then installs it as ``RUN_DIR/final`` - the same
 layout ``train-prior`` produces - so the rest of the DAG cannot tell the difference. Set

@@ -1,9 +1,10 @@
 """``python -m pipeline simulate --config FILE --sources SOURCES.fits --split TEST --n N --out DIR``.
 
 Draws lens parameters from ``lensing.lens`` ranges and writes ``DIR/obs-0000.fits`` ... (one file per
-observation, in the FITS layout of the README) and ``DIR/manifest.json``. The noise level is ``lensing.noise.sigma`` or,
-when null, set from the TRAIN split's typical lensed peak brightness / ``target_peak_snr``: a property of
-the source population, independent of each truth. The directory appears only when complete.
+observation, in the FITS layout of docs/observations.md) and ``DIR/manifest.json``. The noise level is
+``lensing.noise.sigma`` or, when null, set from the TRAIN split's typical lensed peak brightness /
+``target_peak_snr``: a property of the source population, independent of each truth. The directory
+appears only when complete.
 
 Held-out rendering: each source is re-rendered ``--fine-factor`` (default 2, >= 2) times finer than the
 source grid from the generation parameters in the sources file (GalSim galaxies redrawn, deep-field

@@ -24,7 +24,8 @@ from pipeline.rtb.twisted_step import GaussNewtonLastStep
 from pipeline.samplers.base import Sampler, Samples
 from pipeline.samplers.registry import RTB_METHODS
 # Gauss-Newton iterations of the twisted last step: the second linearisation, at the first one's mean,
-# is what brought the ELBO above the policy's own last step on the shipped lensing posterior (README)
+# is what brought the ELBO above the policy's own last step on the shipped lensing posterior
+# (docs/results/experiments.md, "A twisted last step")
 GN_ITERATIONS = 2
 
 

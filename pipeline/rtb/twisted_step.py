@@ -3,8 +3,8 @@
 For a trained posterior whose marginal of x_2 is right, the best last step is the prior's own kernel
 times the likelihood of the final sample, ``q*(x_1 | x_2) ∝ p(x_1 | x_2) r(f(x_1))``, with
 ``f`` the frozen prior's final denoise. On lensing the policy's isotropic last step
-leaves the samples' arc χ² well above the truths' (README, "Where the rest sits"), and a per-pixel
-variance cannot reach the smooth directions the arc constrains.
+leaves the samples' arc χ² well above the truths' (docs/results/experiments.md, "Where the rest sits"), and a
+per-pixel variance cannot reach the smooth directions the arc constrains.
 
 With a linear forward model ``A`` (lensing: ``A(s·x + b)``), whitened by ``W = diag(mask/σ)``, and
 ``f`` linearised at a point ``x̄`` with Jacobian ``J``, the product is Gaussian in x_1:

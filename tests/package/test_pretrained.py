@@ -148,7 +148,7 @@ def test_amortized_samples_at_a_batch_equal_to_the_feature_channels():
 def test_gauss_newton_last_step_fits_the_arc_of_the_shipped_posterior_better():
     """rtb_amortized_gn's twisted last step on the shipped posterior (check-posterior's first seeded
     observation, 2 samples, about a minute on 2 CPU cores): the arc chi2 falls well below the network's
-    own last step (README: 1.67 -> 1.06 with 4 samples; the truth scores 1.02)."""
+    own last step (docs/results/experiments.md: 1.67 -> 1.06 with 4 samples; the truth scores 1.02)."""
     from pipeline.diffusion.network_prior import load_prior
     from pipeline.lensing.checks import check_posterior
 
