@@ -4,13 +4,29 @@ One job handles many observations, so imports, model loading and guidance-scale 
 Methods: rtb_amortized (the fine-tuned posterior), rtb_amortized_is (the same, each sample importance-resampled
 from ``posterior.particles`` of its trajectories), rtb_amortized_gn (the same with the Gauss-Newton twisted last
 step, :mod:`pipeline.rtb.twisted_step`: a GPU method), dps, dps_cla, cla, prior_is, fps, fps_smc.
+
+``--resume`` (what the workflow uses) makes a job stopped by a time limit cheap to rerun: each observation's
+posterior is written, as soon as it is done, into ``.NAME.partial/`` beside the ``--out`` directory NAME; a rerun
+of the same job (same method, config, checkpoints, seed, sample count and tuning) skips the observations already
+there, and the finished directory is renamed into place at the end. ``--shard K/N`` samples the K-th of N
+contiguous shares of the observations (each keeps its own seed, so the shards together equal one whole run).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
+import shutil
+from pathlib import Path
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, InputFileError
+
+log = logging.getLogger(__name__)
+
+JOB_FILE = "job.json"
+"""The fingerprint of the job that wrote a ``.partial`` directory (resumed only by the same job)."""
 
 
 def add_arguments(parser) -> None:
@@ -28,27 +44,123 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, help="default posterior.seed")
     parser.add_argument("--tuning", metavar="JSON", help="frozen guidance-scale record written by `tune` (dps, dps_cla); "
                         "default: tune here on posterior.tune_seed")
+    parser.add_argument("--resume", action="store_true", help="with --out: keep each finished observation in "
+                        ".NAME.partial/ beside the output and skip those a stopped run of the same job finished")
+    parser.add_argument("--shard", metavar="K/N", help="with --out: sample only the K-th (0-based) of N contiguous "
+                        "shares of the observations")
+
+
+def parse_shard(text: str | None, n_files: int) -> set[int] | None:
+    """Indices of the observations of shard ``K/N`` among ``n_files`` (contiguous shares differing in size
+    by at most one); None for no shard."""
+    if text is None:
+        return None
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ConfigError("--shard", "shard", f"expected K/N (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= k < n:
+        raise ConfigError("--shard", "shard", f"needs 0 <= K < N, got {text!r}")
+    return set(range(k * n_files // n, (k + 1) * n_files // n))
+
+
+def _file_digest(path) -> str | None:
+    """sha256 of a file, of a checkpoint directory's manifest, or None for no path."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        p = p / "manifest.json"
+    if not p.is_file():
+        raise InputFileError(path, "not found (or a checkpoint directory without manifest.json)")
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def job_fingerprint(args, files) -> dict:
+    """What makes two runs of ``sample`` write the same files: method, sample count, seed, shard, the
+    observation file names, and the content of the config, checkpoints and tuning record."""
+    return {"method": args.method, "n": args.n, "seed": args.seed, "shard": args.shard,
+            "obs": [f.name for f in files], "config": _file_digest(args.config),
+            "prior": _file_digest(args.prior), "posterior": _file_digest(args.posterior),
+            "tuning": _file_digest(args.tuning)}
+
+
+def partial_dir(out) -> Path:
+    """The directory beside ``out`` that a ``--resume`` run fills one observation at a time."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.partial")
+
+
+def prepare_partial(out, fingerprint: dict) -> Path:
+    """The ``.partial`` directory of ``out``, emptied first unless the same job wrote it."""
+    work = partial_dir(out)
+    job = work / JOB_FILE
+    if work.is_dir() and (not job.is_file() or json.loads(job.read_text()) != fingerprint):
+        log.info("%s: left by a different job (config, checkpoints or options changed): starting afresh", work)
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    if not job.is_file():
+        from pipeline.io.atomic import write_json
+
+        write_json(job, fingerprint)
+    return work
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _sample(args, tuning, out_dir, only):
+    from pipeline.lensing.sample import sample_observations
+
+    return sample_observations(args.config, args.method, args.prior, args.posterior, args.obs, out_dir,
+                               n=args.n, seed=args.seed, tuning=tuning, only=only)
+
+
+def run_to_directory(args, tuning) -> list[dict]:
+    """``--out``: every (selected) observation into the output directory, which appears whole at the end."""
+    from pipeline.io.atomic import atomic_directory
+    from pipeline.lensing.sample import observation_files
+
+    files = observation_files(args.obs)
+    only = parse_shard(args.shard, len(files))
+    if not args.resume:
+        with atomic_directory(args.out) as tmp:  # no partial output directory on failure
+            return _sample(args, tuning, tmp, only)
+    work = prepare_partial(args.out, job_fingerprint(args, files))
+    wanted = [i for i in range(len(files)) if only is None or i in only]
+    todo = {i for i in wanted if not (work / f"{files[i].stem}.fits").is_file()}
+    if len(todo) < len(wanted):
+        log.info("resuming: %d of %d observations already sampled in %s", len(wanted) - len(todo), len(wanted), work)
+    res = _sample(args, tuning, work, todo) if todo else []
+    with atomic_directory(args.out) as tmp:
+        for i in wanted:
+            _link_or_copy(work / f"{files[i].stem}.fits", Path(tmp) / f"{files[i].stem}.fits")
+    shutil.rmtree(work)
+    return res
 
 
 def run(args) -> int:
-    from pipeline.io.atomic import atomic_directory
-    from pipeline.lensing.sample import sample_observations
     from pipeline.lensing.tuning import read_tuning_record
     from pipeline.runtime import configure_threads
 
     configure_threads()
     if args.n is not None and args.n < 2:
         raise ConfigError("--n", "n", f"must be >= 2, got {args.n}")
+    if args.out_file and (args.resume or args.shard):
+        raise ConfigError("--out-file", "out_file", "--resume and --shard need --out DIR")
     tuning = read_tuning_record(args.tuning, args.method) if args.tuning else None
     if args.out_file:
+        from pipeline.lensing.sample import sample_observations
+
         res = sample_observations(args.config, args.method, args.prior, args.posterior, args.obs,
                                   out_file=args.out_file, png=args.png, n=args.n, seed=args.seed,
                                   tuning=tuning)
     else:
-        # written into a temp dir renamed at the end: no partial output directory on failure
-        with atomic_directory(args.out) as tmp:
-            res = sample_observations(args.config, args.method, args.prior, args.posterior, args.obs, tmp,
-                                      n=args.n, seed=args.seed, tuning=tuning)
+        res = run_to_directory(args, tuning)
     print(json.dumps({"method": args.method, "n_obs": len(res),
                       "seconds": round(sum(r["seconds"] for r in res), 2)}))
     return 0

@@ -211,13 +211,15 @@ def _products(path, lcfg, problem, y, meta, x_phys, particles, weights) -> dict:
 
 
 def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs, out_dir=None, *, out_file=None,
-                        png=None, n=None, seed=None, tuning=None) -> list[dict]:
+                        png=None, n=None, seed=None, tuning=None, only=None) -> list[dict]:
     """Sample ``method``'s posterior for every observation; one posterior FITS per observation.
 
     Load the prior (and posterior), build the sampler once (tuning its guidance scale if it has one, unless
     ``tuning`` gives the frozen record), then sample and write each observation in turn. Returns one dict
     per observation: obs, out, seconds, logz, chi2_median, source_stats (``{"flux" [flux_unit],
     "magnification", "r_half" [arcsec]}``, each posterior mean and 16th / 84th percentiles), flux_unit.
+    ``only``: indices (in the sorted file order) of the observations to sample, the others skipped; each keeps
+    its own seed, so a subset gives the same files as the whole run.
     """
     lcfg = load_lensing_config(config_path)
     pcfg = load_section(config_path, "posterior", PosteriorConfig)
@@ -239,6 +241,8 @@ def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs
     spec = method_spec(method)
     results = []
     for i, (path, (problem, y, meta, ood)) in enumerate(zip(files, loaded)):
+        if only is not None and i not in only:
+            continue
         gen = torch.Generator().manual_seed(seed * 100003 + i)
         t0 = time.time()
         smp = sampler.sample(problem, y, n, generator=gen)
