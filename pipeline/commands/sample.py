@@ -64,25 +64,30 @@ def parse_shard(text: str | None, n_files: int) -> set[int] | None:
     return set(range(k * n_files // n, (k + 1) * n_files // n))
 
 
-def _file_digest(path) -> str | None:
-    """sha256 of a file, of a checkpoint directory's manifest, or None for no path."""
+def content_digest(path) -> str | None:
+    """sha256 of a file's bytes; of a directory, of its checkpoint manifests (each lists the sha256 of its
+    checkpoint's files) or, without any, of all its files; None for no path."""
     if path is None:
         return None
     p = Path(path)
-    if p.is_dir():
-        p = p / "manifest.json"
-    if not p.is_file():
-        raise InputFileError(path, "not found (or a checkpoint directory without manifest.json)")
-    return hashlib.sha256(p.read_bytes()).hexdigest()
+    if not p.exists():
+        raise InputFileError(p, "not found")
+    if p.is_file():
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+    files = sorted(p.rglob("manifest.json")) or sorted(f for f in p.rglob("*") if f.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(p)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
 
 
 def job_fingerprint(args, files) -> dict:
-    """What makes two runs of ``sample`` write the same files: method, sample count, seed, shard, the
-    observation file names, and the content of the config, checkpoints and tuning record."""
+    """What makes two runs of ``sample`` write the same files: method, sample count, seed, shard, and the
+    content of the observations, config, checkpoints and tuning record."""
     return {"method": args.method, "n": args.n, "seed": args.seed, "shard": args.shard,
-            "obs": [f.name for f in files], "config": _file_digest(args.config),
-            "prior": _file_digest(args.prior), "posterior": _file_digest(args.posterior),
-            "tuning": _file_digest(args.tuning)}
+            "obs": {f.name: content_digest(f) for f in files}, "config": content_digest(args.config),
+            "prior": content_digest(args.prior), "posterior": content_digest(args.posterior),
+            "tuning": content_digest(args.tuning)}
 
 
 def partial_dir(out) -> Path:
