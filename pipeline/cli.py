@@ -53,13 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_job(command: str, threads: int | None, gpu_job: bool, device: str) -> None:
-    """A workflow job's start: threads, GPU check and one log line naming the device."""
-    from pipeline.runtime import setup_job as runtime_setup  # torch: imported only for workflow jobs
-
-    logging.getLogger("pipeline.job").info("%s: %s", command, runtime_setup(threads, gpu_job, device))
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = build_parser()
@@ -90,8 +83,11 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.settings import load_config  # the whole config tree: imported only when needed
 
             device = load_config(args.config).device  # the whole file, before any work: one line per error
-        if top_args.threads is not None or top_args.gpu_job:
-            setup_job(name, top_args.threads, top_args.gpu_job, device)
+        if top_args.threads is not None or top_args.gpu_job:  # a workflow job: threads, GPU check, device line
+            from pipeline.runtime import setup_job  # torch: imported only for workflow jobs
+
+            logging.getLogger("pipeline.job").info("%s: %s", name, setup_job(top_args.threads, top_args.gpu_job,
+                                                                             device))
         return int(module.run(args) or 0)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -85,7 +85,7 @@ def describe_device(device: torch.device, threads: int, threads_from: str) -> st
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         name = f" ({props.name}, {props.total_memory / 2**30:.0f} GiB)"
-    return f"device {device}{name}, torch {torch.__version__}, {threads} threads ({threads_from})"
+    return f"device {device}{name}, torch {torch.__version__}, threads {threads} ({threads_from})"
 
 
 def setup_job(threads: int | None = None, gpu_job: bool = False, preference: str = "auto") -> str:

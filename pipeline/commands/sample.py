@@ -14,6 +14,7 @@ contiguous shares of the observations (each keeps its own seed, so the shards to
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ import shutil
 from pathlib import Path
 
 from pipeline.errors import ConfigError, InputFileError
+from pipeline.io.atomic import atomic_directory, write_json
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +107,6 @@ def prepare_partial(out, fingerprint: dict) -> Path:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     if not job.is_file():
-        from pipeline.io.atomic import write_json
-
         write_json(job, fingerprint)
     return work
 
@@ -118,30 +118,17 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _sample(args, tuning, out_dir, only):
-    from pipeline.lensing.sample import sample_observations
-
-    return sample_observations(args.config, args.method, args.prior, args.posterior, args.obs, out_dir,
-                               n=args.n, seed=args.seed, tuning=tuning, only=only)
-
-
-def run_to_directory(args, tuning) -> list[dict]:
-    """``--out``: every (selected) observation into the output directory, which appears whole at the end."""
-    from pipeline.io.atomic import atomic_directory
-    from pipeline.lensing.sample import observation_files
-
-    files = observation_files(args.obs)
-    only = parse_shard(args.shard, len(files))
-    if not args.resume:
-        with atomic_directory(args.out) as tmp:  # no partial output directory on failure
-            return _sample(args, tuning, tmp, only)
-    work = prepare_partial(args.out, job_fingerprint(args, files))
+def sample_resumably(out, files, only, fingerprint: dict, sample) -> list[dict]:
+    """``--resume``: ``sample(directory, only=indices)`` writes the observations not yet in the ``.partial``
+    directory of ``out`` into it; then every selected observation's file goes into ``out``, which appears
+    whole, and the ``.partial`` directory is removed. Returns what ``sample`` returned."""
+    work = prepare_partial(out, fingerprint)
     wanted = [i for i in range(len(files)) if only is None or i in only]
     todo = {i for i in wanted if not (work / f"{files[i].stem}.fits").is_file()}
     if len(todo) < len(wanted):
         log.info("resuming: %d of %d observations already sampled in %s", len(wanted) - len(todo), len(wanted), work)
-    res = _sample(args, tuning, work, todo) if todo else []
-    with atomic_directory(args.out) as tmp:
+    res = sample(work, only=todo) if todo else []
+    with atomic_directory(out) as tmp:
         for i in wanted:
             _link_or_copy(work / f"{files[i].stem}.fits", Path(tmp) / f"{files[i].stem}.fits")
     shutil.rmtree(work)
@@ -149,6 +136,7 @@ def run_to_directory(args, tuning) -> list[dict]:
 
 
 def run(args) -> int:
+    from pipeline.lensing.sample import observation_files, sample_observations
     from pipeline.lensing.tuning import read_tuning_record
     from pipeline.runtime import configure_threads
 
@@ -158,14 +146,19 @@ def run(args) -> int:
     if args.out_file and (args.resume or args.shard):
         raise ConfigError("--out-file", "out_file", "--resume and --shard need --out DIR")
     tuning = read_tuning_record(args.tuning, args.method) if args.tuning else None
+    sample = functools.partial(sample_observations, args.config, args.method, args.prior, args.posterior, args.obs,
+                               n=args.n, seed=args.seed, tuning=tuning)
     if args.out_file:
-        from pipeline.lensing.sample import sample_observations
-
-        res = sample_observations(args.config, args.method, args.prior, args.posterior, args.obs,
-                                  out_file=args.out_file, png=args.png, n=args.n, seed=args.seed,
-                                  tuning=tuning)
+        res = sample(out_file=args.out_file, png=args.png)
     else:
-        res = run_to_directory(args, tuning)
+        files = observation_files(args.obs)
+        only = parse_shard(args.shard, len(files))
+        if args.resume:
+            res = sample_resumably(args.out, files, only, job_fingerprint(args, files), sample)
+        else:
+            # written into a temp dir renamed at the end: no partial output directory on failure
+            with atomic_directory(args.out) as tmp:
+                res = sample(tmp, only=only)
     print(json.dumps({"method": args.method, "n_obs": len(res),
                       "seconds": round(sum(r["seconds"] for r in res), 2)}))
     return 0
