@@ -7,7 +7,7 @@ machines this project is developed and tested on, two intra-op threads were erra
 
 Every workflow job starts with :func:`setup_job`: one log line with the device, the CUDA device's name and
 the thread count; a job that asked its scheduler for a GPU (``--gpu-job``) and finds none stops with a
-one-line error inside a SLURM job (it would run for hours on the CPU), and warns elsewhere.
+one-line error inside a SLURM job (it would run for hours on the CPU); elsewhere the line notes it.
 """
 
 from __future__ import annotations
@@ -62,21 +62,20 @@ def slurm_gpus_allocated(environ=None) -> bool:
 
 def check_gpu(gpu_job: bool, cuda: bool, preference: str = "auto", environ=None) -> str | None:
     """Refuse a GPU job without a usable GPU: raise :class:`PipelineError` inside a SLURM job (``$SLURM_JOB_ID``)
-    when the job asked for a GPU (``gpu_job``) or SLURM allocated one, but torch sees no CUDA device
-    (``cuda`` False) and the config does not force ``device: cpu``; outside SLURM return a note for the log
-    (locally the workflow's ``gpu`` resource is only a counter); None when all is well."""
+    when the job asked for a GPU (``gpu_job``) but torch sees no CUDA device (``cuda`` False: a CPU build of
+    torch, or no GPU allocated) and the config does not force ``device: cpu``. Otherwise return a note for the
+    log when a GPU is asked for or allocated but unusable (locally the workflow's ``gpu`` resource is only a
+    counter), None when all is well."""
     environ = os.environ if environ is None else environ
-    if cuda or preference == "cpu":
+    if cuda or preference == "cpu" or not (gpu_job or slurm_gpus_allocated(environ)):
         return None
     build = f"torch {torch.__version__}" + (" (a CPU-only build)" if torch.version.cuda is None else "")
-    if environ.get("SLURM_JOB_ID") and (gpu_job or slurm_gpus_allocated(environ)):
-        why = "SLURM allocated a GPU" if slurm_gpus_allocated(environ) else "the job asked for a GPU"
-        raise PipelineError(f"{why} but torch sees no CUDA device ({build}; CUDA_VISIBLE_DEVICES="
-                            f"{environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): install the CUDA build of "
-                            f"pytorch (docs/cluster.md) or set execution.gpu_request: none")
-    if gpu_job:
-        return f"asked for a GPU, torch sees none ({build}): running on the CPU"
-    return None
+    allocated = "SLURM allocated a GPU" if slurm_gpus_allocated(environ) else "no GPU allocated"
+    if gpu_job and environ.get("SLURM_JOB_ID"):
+        raise PipelineError(f"the job asked for a GPU but torch sees no CUDA device ({allocated}; {build}; "
+                            f"CUDA_VISIBLE_DEVICES={environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): install "
+                            f"the CUDA build of pytorch (docs/cluster.md) or set execution.gpu_request: none")
+    return f"{'asked for' if gpu_job else allocated + ','} a GPU, torch sees none ({build}): running on the CPU"
 
 
 def describe_device(device: torch.device, threads: int, threads_from: str) -> str:

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.cli import main
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.runtime import check_gpu, default_threads
+from pipeline.runtime import check_gpu, default_threads, describe_device
 
 ENV_VARS = ("PIPELINE_NUM_THREADS", "SLURM_CPUS_PER_TASK", "PIPELINE_JOB_THREADS", "SLURM_JOB_ID",
             "SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS")
@@ -47,9 +47,11 @@ def test_a_gpu_job_without_a_gpu_is_refused_inside_slurm_only():
     slurm = {"SLURM_JOB_ID": "42"}
     with pytest.raises(PipelineError, match="asked for a GPU but torch sees no CUDA device"):
         check_gpu(True, cuda=False, environ=slurm)
-    # SLURM gave the job a GPU that torch cannot use (a CPU build of torch): refused even without --gpu-job
+    # SLURM gave the job a GPU that torch cannot use (a CPU build of torch): named in the error
     with pytest.raises(PipelineError, match="SLURM allocated a GPU"):
-        check_gpu(False, cuda=False, environ={**slurm, "SLURM_GPUS_ON_NODE": "1"})
+        check_gpu(True, cuda=False, environ={**slurm, "SLURM_GPUS_ON_NODE": "1"})
+    # a job that asked for none (calibrate, report) runs on, with a note
+    assert "running on the CPU" in check_gpu(False, cuda=False, environ={**slurm, "SLURM_GPUS_ON_NODE": "1"})
     assert check_gpu(True, cuda=True, environ=slurm) is None
     assert check_gpu(True, cuda=False, preference="cpu", environ=slurm) is None  # the config forces the CPU
     assert check_gpu(False, cuda=False, environ=slurm) is None  # a CPU job
@@ -85,3 +87,13 @@ def test_a_gpu_job_without_a_gpu_stops_in_one_line_inside_slurm(clean_env, capsy
     assert main(["--gpu-job", "config", "check", "config/config.yaml"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "torch sees no CUDA device" in err and "gpu_request" in err
+
+
+def test_the_device_line_names_the_gpu_and_its_memory(monkeypatch):
+    class Props:
+        name, total_memory = "NVIDIA H100 80GB HBM3", 80 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    line = describe_device(torch.device("cuda"), 8, "$SLURM_CPUS_PER_TASK")
+    assert line.startswith("device cuda (NVIDIA H100 80GB HBM3, 80 GiB), torch ")
+    assert line.endswith("threads 8 ($SLURM_CPUS_PER_TASK)")

@@ -40,6 +40,14 @@ def test_the_slurm_profile_leaves_gpu_requests_to_the_rules_and_knows_every_rule
     assert GPU_RULES <= set(profile["set-threads"])  # a GPU job's threads are its CPUs and torch threads
 
 
+def test_light_rules_run_on_the_submit_host():
+    """calibrate, report, the config files and the shard merge run beside Snakemake (no queue wait)."""
+    text = "".join(p.read_text() for p in RULES)
+    for rule in ("calibrate", "report", "config_section", "sample_merge"):
+        block = re.search(rf"^\s*rule {rule}:\n(.*?)(?=^\s*(?:rule|use rule|ruleorder) |\Z)", text, re.M | re.S)
+        assert block and "localrule: True" in block.group(1), rule
+
+
 def test_report_captions_exist_for_every_report_item():
     text = (ROOT / "Snakefile").read_text() + "".join(p.read_text() for p in RULES)
     captions = re.findall(r'caption="([^"]+)"', text)

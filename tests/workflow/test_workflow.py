@@ -61,15 +61,15 @@ def test_dry_run_slurm_profile(tmp_path):
 def _jobs(dry_run_output: str) -> list[dict]:
     """The jobs of a `snakemake -n -p` output: rule, input, wildcards, resources (a dict) and shell command."""
     jobs = []
-    for block in re.split(r"\n(?=\[[^\n]*\]\n(?:local)?rule )", dry_run_output):
-        m = re.search(r"^(local)?rule (\w+):", block, re.M)
+    for block in re.split(r"\n(?=\[[^\n]*\]\nrule )", dry_run_output):
+        m = re.search(r"^rule (\w+):", block, re.M)
         if not m:
             continue
         res = re.search(r"^\s+resources: (.*)$", block, re.M)
         resources = dict(kv.split("=", 1) for kv in res.group(1).split(", ")) if res else {}
         field = {k: (re.search(rf"^\s+{k}: (.*)$", block, re.M) or [None, ""])[1] for k in ("input", "wildcards")}
         shell = re.search(r"^Shell command: (.*)$", block, re.M)
-        jobs.append({"rule": m.group(2), "local": bool(m.group(1)), "resources": resources, **field,
+        jobs.append({"rule": m.group(1), "resources": resources, **field,
                      "shell": shell.group(1) if shell else ""})
     return jobs
 
@@ -96,15 +96,14 @@ def test_each_gpu_job_asks_for_exactly_one_gpu_in_the_chosen_form(tmp_path, requ
             assert ("--gpu-job" in job["shell"]) == bool(asked), job["rule"]
 
 
-def test_copy_and_light_jobs_ask_for_no_gpu_and_light_jobs_run_locally(tmp_path):
+def test_copy_and_light_jobs_ask_for_no_gpu(tmp_path):
     """With the shipped checkpoints (the default config) train_prior only installs one and fine-tuning
-    only continues it: no GPU; calibrate, report and the config files run on the submit host."""
+    only continues it: no GPU, as for the light jobs."""
     res = snakemake(tmp_path, "-n", "-p", config=ROOT / "config" / "config.yaml")
     jobs = {j["rule"]: j for j in _jobs(res.stdout + res.stderr)}
     for rule in ("train_prior", "finetune_posterior", "calibrate", "report", "config_section", "sources"):
         assert not {"gpu", "gres"} & set(jobs[rule]["resources"]), rule
     assert "install-prior" in jobs["train_prior"]["shell"]
-    assert {r for r, j in jobs.items() if j["local"]} >= {"calibrate", "report", "config_section"}
     # shipped checkpoints are passed relative to the working directory when they lie below it (here they
     # do not: the test's working directory is a temp dir), never built from the working directory's path
     assert "--init-from " + str(ROOT / "data" / "pretrained" / "posterior") in jobs["finetune_posterior"]["shell"]
@@ -123,12 +122,45 @@ def test_only_the_rtb_methods_sample_jobs_depend_on_the_fine_tuned_posterior(tmp
 
 
 def test_sample_shards_split_and_merge_the_sample_jobs(tmp_path):
-    res = snakemake(tmp_path, "-n", "-p", "--config", "execution={sample_shards: 3}")
+    cfg = tmp_path / "shards.yaml"  # (--config passes nested values as strings)
+    cfg.write_text(CI_CONFIG.read_text() + "execution: {sample_shards: 3}\n")
+    res = snakemake(tmp_path / "wd", "-n", "-p", config=cfg)
     jobs = _jobs(res.stdout + res.stderr)
     shards = [j for j in jobs if j["rule"] == "sample_shard"]
     assert len(shards) == 30 and not [j for j in jobs if j["rule"] == "sample"]
     assert {re.search(r"--shard (\d/3)", j["shell"]).group(1) for j in shards} == {"0/3", "1/3", "2/3"}
-    assert len([j for j in jobs if j["rule"] == "sample_merge" and j["local"]]) == 10
+    assert len([j for j in jobs if j["rule"] == "sample_merge"]) == 10
+
+
+@pytest.mark.slow
+def test_a_moved_project_reruns_nothing(tmp_path):
+    """A project (the workflow, the package, the shipped checkpoints and results made in it) moved to
+    another directory is up to date: no job's params hold the project's absolute path (the shipped
+    posterior checkpoint used to be passed as one)."""
+    import shutil
+
+    first = tmp_path / "first"
+    first.mkdir()
+    for name in ("Snakefile", "workflow", "pipeline", "config", "profiles", "environment.yml"):
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, first / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(ROOT / name, first / name)
+    shutil.copytree(ROOT / "data" / "pretrained", first / "data" / "pretrained")
+    cfg = first / "config" / "config.yaml"
+
+    def run_in(project, *args):
+        cmd = [SNAKEMAKE, "--snakefile", str(project / "Snakefile"), "--cores", "2", *args,
+               "results/posterior/run/final", "--configfile", str(project / "config" / cfg.name)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=project,
+                              env=dict(os.environ, PIPELINE_NUM_THREADS="1"))
+
+    res = run_in(first)
+    assert res.returncode == 0, res.stderr[-3000:]
+    moved = tmp_path / "moved"
+    first.rename(moved)
+    again = run_in(moved, "-n")
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, again.stdout[-3000:]
 
 
 def test_bad_config_is_refused_in_one_line(tmp_path):

@@ -156,16 +156,17 @@ def output_dir(wildcards, output):
 
 
 def merge_directories(sources, target, log_file):
-    """The files of the `sources` directories, together in the directory `target` (written whole or not
-    at all); a file name found twice is an error."""
+    """The files of the `sources` directories (not the hidden ones, such as Snakemake's timestamps),
+    together in the directory `target` (written whole or not at all); a file name found twice is an error."""
     from pipeline.io.atomic import atomic_directory
 
-    names = [name for src in sources for name in sorted(os.listdir(src))]
+    files = {src: sorted(n for n in os.listdir(src) if not n.startswith(".")) for src in sources}
+    names = [n for src in sources for n in files[src]]
     if len(set(names)) != len(names):
         raise ValueError(f"{target}: the same file name in two of {list(sources)}")
     with atomic_directory(target) as tmp:
         for src in sources:
-            for name in sorted(os.listdir(src)):
+            for name in files[src]:
                 shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
     write_text(log_file, f"merged {len(names)} files of {len(sources)} shards into {target}\n")
 
