@@ -7,7 +7,7 @@ step, :mod:`pipeline.rtb.twisted_step`: a GPU method), dps, dps_cla, cla, prior_
 
 ``--resume`` (what the workflow uses) makes a job stopped by a time limit cheap to rerun: each observation's
 posterior is written, as soon as it is done, into ``.NAME.partial/`` beside the ``--out`` directory NAME; a rerun
-of the same job (same method, config, checkpoints, seed, sample count and tuning) skips the observations already
+of the same job (same method, observations, config, checkpoints, seed, sample count, tuning) skips those already
 there, and the finished directory is renamed into place at the end. ``--shard K/N`` samples the K-th of N
 contiguous shares of the observations (each keeps its own seed, so the shards together equal one whole run).
 """
