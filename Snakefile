@@ -3,7 +3,8 @@
 #   snakemake --cores 2                      # default target: the whole lensing DAG to the report
 #   snakemake --cores 2 vision               # secondary target: vision benchmarks
 #   snakemake --cores 2 user --config observations='data/my/*.fits'
-#   snakemake --workflow-profile profiles/slurm          # on a SLURM cluster with GPUs
+#   snakemake --workflow-profile profiles/slurm          # on a SLURM cluster with GPUs (docs/cluster.md)
+#   snakemake --report results/report.zip    # the Snakemake report: calibration tables and figures
 #
 # Every rule is a thin call of `python -m pipeline <command>`; all logic lives in the package.
 import os
@@ -25,14 +26,28 @@ from pipeline.settings import check_workflow_config
 # generated from it; the config files in the order Snakemake merges them, then --config
 _cli_files = [str(p) for p in workflow.config_settings.configfiles]
 try:
-    check_workflow_config(config, [f for f in map(str, workflow.configfiles) if f not in _cli_files] + _cli_files,
-                          dict(workflow.config_settings.config))
+    check_workflow_config(
+        config,
+        [f for f in map(str, workflow.configfiles) if f not in _cli_files] + _cli_files,
+        dict(workflow.config_settings.config),
+    )
 except PipelineError as exc:
     sys.exit(f"error: {exc}")
 validate(config, os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml"), set_default=False)
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
+
+
+# every job in this image with `--sdm apptainer` (config `execution.container`)
+if EXECUTION.get("container"):
+
+    container: EXECUTION["container"]
+
+
 include: "workflow/rules/config.smk"
 include: "workflow/rules/prior.smk"
 include: "workflow/rules/simulate.smk"

@@ -42,6 +42,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # set by every workflow job (workflow/rules/common.smk): the job's setup line and GPU check
+    parser.add_argument("--threads", type=int, metavar="N", help="a workflow job's Snakemake threads: torch threads "
+                        "unless $PIPELINE_NUM_THREADS or $SLURM_CPUS_PER_TASK say otherwise; logs the device")
+    parser.add_argument("--gpu-job", action="store_true", help="the job asked its scheduler for a GPU: "
+                        "stop inside a SLURM job if torch sees none")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_module, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -76,10 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(parser)
     args = parser.parse_args(argv[idx + 1:])
     try:
+        device = "auto"
         if getattr(args, "config", None):
             from pipeline.settings import load_config  # the whole config tree: imported only when needed
 
-            load_config(args.config)  # the whole file, before any work: one line per error
+            device = load_config(args.config).device  # the whole file, before any work: one line per error
+        if top_args.threads is not None or top_args.gpu_job:  # a workflow job: threads, GPU check, device line
+            from pipeline.runtime import setup_job  # torch: imported only for workflow jobs
+
+            logging.getLogger("pipeline.job").info("%s: %s", name, setup_job(top_args.threads, top_args.gpu_job,
+                                                                             device))
         return int(module.run(args) or 0)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)

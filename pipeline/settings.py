@@ -27,6 +27,25 @@ from pipeline.vision.config import VisionConfig
 
 log = logging.getLogger(__name__)
 
+GPU_REQUESTS = ("gpu", "gres", "none")
+
+
+@dataclass
+class ExecutionConfig:
+    """Section ``execution:``: how the workflow's jobs ask a scheduler for GPUs, run in a container and are
+    split (read by the Snakefile only; no command reads it)."""
+
+    gpu_request: str = param("gpu", "How GPU jobs ask for their GPU: gpu (resource gpu=1, SLURM --gpus), gres "
+                             "(gres=gpu:1, SLURM --gres, for sites refusing --gpus) or none (CPU-only runs).",
+                             choices=list(GPU_REQUESTS))
+    gpu_model: str | None = param(None, "GPU model to ask for (e.g. a100), or null for any.")
+    gpu_partition: str | None = param(None, "SLURM partition of the jobs that ask for a GPU; null leaves them "
+                                      "in the profile's default partition.")
+    container: str | None = param(None, "Container image every job runs in with `--sdm apptainer` "
+                                  "(e.g. docker://ghcr.io/you/lensing-rtb:0.1); null for none.")
+    sample_shards: int = param(1, "Sample jobs per method and set, each on a share of the observations "
+                               "(merged afterwards); 1 keeps one job.", min=1)
+
 
 @dataclass
 class PipelineConfig:
@@ -51,6 +70,7 @@ class PipelineConfig:
     rtb: RTBConfig = param(RTBConfig, "RTB fine-tuning of the prior into an amortized posterior sampler.")
     posterior: PosteriorConfig = param(PosteriorConfig, "Amortized training set-up and posterior sampling defaults.")
     vision: VisionConfig = param(VisionConfig, "The vision benchmarks (`snakemake vision`, `bench vision`).")
+    execution: ExecutionConfig = param(ExecutionConfig, "How the workflow's jobs run on a cluster.")
 
     def validate(self, source="<config>", prefix: str = "") -> None:
         if not self.methods:

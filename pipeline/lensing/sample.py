@@ -344,16 +344,18 @@ def _summary(run: MethodRun, post: ObservationPosterior, meta, target) -> dict:
 
 
 def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs, out_dir=None, *, out_file=None,
-                        png=None, n=None, seed=None, tuning=None) -> list[dict]:
+                        png=None, n=None, seed=None, tuning=None, only=None) -> list[dict]:
     """Sample ``method``'s posterior for every observation; one posterior FITS per observation.
 
     Load the prior and every observation (each judged by the guard before any is sampled, so an ``error``
     policy refuses the whole call with one line and no output), build the sampler once (tuning its guidance
     scale if it has one, unless ``tuning`` gives the frozen record; the amortized posterior from
     ``posterior_dir``), then sample and write each observation in turn. Returns one dict per observation: obs,
-    out, seconds, logz, chi2_median, ppc (:meth:`~pipeline.metrics.ppc.PPCResult.as_dict`:
-    the posterior predictive check, also in the file's ``PPC*`` cards), source_stats (``{"flux" [flux_unit], "magnification", "r_half"
-    [arcsec]}``, each posterior mean and 16th / 84th percentiles), flux_unit.
+    out, seconds, logz, chi2_median, ppc (:meth:`~pipeline.metrics.ppc.PPCResult.as_dict`: the posterior
+    predictive check, also in the file's ``PPC*`` cards), source_stats (``{"flux" [flux_unit],
+    "magnification", "r_half" [arcsec]}``, each posterior mean and 16th / 84th percentiles), flux_unit.
+    ``only``: indices (in the sorted file order) of the observations to sample, the others skipped; each keeps
+    its own seed, so a subset gives the same files as the whole run.
     """
     setup = load_setup(config_path, prior_dir, n, seed)
     files = observation_files(obs_specs)
@@ -362,6 +364,8 @@ def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs
     oods = [guard_observation(run, f, *obs) for f, obs in zip(files, loaded)]
     results = []
     for i, (path, (problem, y, meta), ood) in enumerate(zip(files, loaded, oods)):
+        if only is not None and i not in only:
+            continue
         post = sample_observation(run, problem, y, meta, i, ood)
         target = write_observation(Path(out_file) if out_file else Path(out_dir) / f"{path.stem}.fits", post, meta,
                                    method=method, provenance=run.provenance, lcfg=setup.lcfg)

@@ -36,8 +36,6 @@ def _environment():
     for dep in env["dependencies"]:
         if isinstance(dep, dict):
             for entry in dep.get("pip", []):
-                if entry.startswith("-e") or entry.startswith("."):
-                    continue  # the package itself
                 req = Requirement(entry)
                 pip[_norm(req.name)] = req.specifier
         else:
@@ -62,8 +60,23 @@ def test_same_package_names_in_environment_and_pyproject():
     assert env_names == set(py), (f"only in environment.yml: {sorted(env_names - set(py))}; "
                                   f"only in pyproject: {sorted(set(py) - env_names)}")
     assert "torch" in conda  # GPU users get conda-forge pytorch, not a pip wheel
-    assert any(isinstance(d, dict) and any(str(e).startswith("-e") for e in d.get("pip", []))
-               for d in env["dependencies"]), "environment.yml must install the package itself (pip: -e .)"
+
+
+def test_environment_holds_the_cuda_build_and_not_the_package_itself():
+    """`pytorch-gpu` (the solver refuses it where it sees no driver, rather than quietly giving the CPU
+    build), and no pip entry installing the package by a relative path: under `--sdm conda` Snakemake builds
+    the environment from a copy in .snakemake/conda/, where `.` is not the repository (jobs import the
+    package from the workflow's source tree instead, workflow/rules/common.smk)."""
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    names = [_conda_spec(d)[0] for d in env["dependencies"] if isinstance(d, str)]
+    assert "pytorch-gpu" in names and "pytorch" not in names and "pytorch-cpu" not in names
+    pip = [e for d in env["dependencies"] if isinstance(d, dict) for e in d.get("pip", [])]
+    local = [e for e in pip if e.startswith(("-e", ".", "/", "file:")) or "lensing-rtb-pipeline" in e]
+    assert not local, f"environment.yml installs the package itself: {local}"
+    text = (ROOT / "environment.yml").read_text()
+    assert "CONDA_OVERRIDE_CUDA" in text and "pip install --no-deps -e ." in text  # the notes for users
+    common = (ROOT / "workflow" / "rules" / "common.smk").read_text()
+    assert "PYTHONPATH={shlex.quote(BASEDIR)}" in common
 
 
 def test_version_bounds_in_environment_are_those_of_pyproject():

@@ -7,6 +7,7 @@ so existing results in the checkout never mask the DAG.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -57,6 +58,111 @@ def test_dry_run_slurm_profile(tmp_path):
     assert "finetune_posterior" in out
 
 
+def _jobs(dry_run_output: str) -> list[dict]:
+    """The jobs of a `snakemake -n -p` output: rule, input, wildcards, resources (a dict) and shell command."""
+    jobs = []
+    for block in re.split(r"\n(?=\[[^\n]*\]\nrule )", dry_run_output):
+        m = re.search(r"^rule (\w+):", block, re.M)
+        if not m:
+            continue
+        res = re.search(r"^\s+resources: (.*)$", block, re.M)
+        resources = dict(kv.split("=", 1) for kv in res.group(1).split(", ")) if res else {}
+        field = {k: (re.search(rf"^\s+{k}: (.*)$", block, re.M) or [None, ""])[1] for k in ("input", "wildcards")}
+        shell = re.search(r"^Shell command: (.*)$", block, re.M)
+        jobs.append({"rule": m.group(1), "resources": resources, **field,
+                     "shell": shell.group(1) if shell else ""})
+    return jobs
+
+
+GPU_RULES = {"train_prior", "finetune_posterior", "simulate_prior_set", "tune", "sample"}
+
+
+@pytest.mark.parametrize("request_, model, expected", [
+    ("gpu", None, {"gpu": "1"}),
+    ("gpu", "a100", {"gpu": "1", "gpu_model": "a100"}),
+    ("gres", None, {"gres": "gpu:1"}),
+    ("gres", "a100", {"gres": "gpu:a100:1"}),
+    ("none", None, {}),
+])
+def test_each_gpu_job_asks_for_exactly_one_gpu_in_the_chosen_form(tmp_path, request_, model, expected):
+    execution = f"{{gpu_request: {request_}" + (f", gpu_model: {model}" if model else "") + "}"
+    res = snakemake(tmp_path, "-n", "-p", "--config", f"execution={execution}")
+    jobs = _jobs(res.stdout + res.stderr)
+    assert {j["rule"] for j in jobs} >= GPU_RULES | {"sources", "calibrate", "report", "config_section"}
+    for job in jobs:
+        asked = {k: v for k, v in job["resources"].items() if k in ("gpu", "gres", "gpu_model")}
+        assert asked == (expected if job["rule"] in GPU_RULES else {}), (job["rule"], asked)
+        if job["shell"]:  # the job's setup knows it asked for a GPU
+            assert ("--gpu-job" in job["shell"]) == bool(asked), job["rule"]
+
+
+def test_copy_and_light_jobs_ask_for_no_gpu(tmp_path):
+    """With the shipped checkpoints (the default config) train_prior only installs one and fine-tuning
+    only continues it: no GPU, as for the light jobs."""
+    res = snakemake(tmp_path, "-n", "-p", config=ROOT / "config" / "config.yaml")
+    jobs = {j["rule"]: j for j in _jobs(res.stdout + res.stderr)}
+    for rule in ("train_prior", "finetune_posterior", "calibrate", "report", "config_section", "sources"):
+        assert not {"gpu", "gres"} & set(jobs[rule]["resources"]), rule
+    assert "install-prior" in jobs["train_prior"]["shell"]
+    # shipped checkpoints are passed relative to the working directory when they lie below it (here they
+    # do not: the test's working directory is a temp dir), never built from the working directory's path
+    assert "--init-from " + str(ROOT / "data" / "pretrained" / "posterior") in jobs["finetune_posterior"]["shell"]
+
+
+def test_only_the_rtb_methods_sample_jobs_depend_on_the_fine_tuned_posterior(tmp_path):
+    res = snakemake(tmp_path, "-n", "-p")
+    samples = [j for j in _jobs(res.stdout + res.stderr) if j["rule"] == "sample"]
+    assert len(samples) == 10  # 5 methods of the CI config x 2 sets
+    for job in samples:
+        method = re.search(r"method=(\w+)", job["wildcards"]).group(1)
+        rtb = method.startswith("rtb")
+        assert ("results/posterior/run/final" in job["input"]) == rtb, method
+        assert ("--posterior results/posterior/run/final" in job["shell"]) == rtb, method
+        assert "--resume" in job["shell"]
+
+
+def test_sample_shards_split_and_merge_the_sample_jobs(tmp_path):
+    cfg = tmp_path / "shards.yaml"  # (--config passes nested values as strings)
+    cfg.write_text(CI_CONFIG.read_text() + "execution: {sample_shards: 3}\n")
+    res = snakemake(tmp_path / "wd", "-n", "-p", config=cfg)
+    jobs = _jobs(res.stdout + res.stderr)
+    shards = [j for j in jobs if j["rule"] == "sample_shard"]
+    assert len(shards) == 30 and not [j for j in jobs if j["rule"] == "sample"]
+    assert {re.search(r"--shard (\d/3)", j["shell"]).group(1) for j in shards} == {"0/3", "1/3", "2/3"}
+    assert len([j for j in jobs if j["rule"] == "sample_merge"]) == 10
+
+
+@pytest.mark.slow
+def test_a_moved_project_reruns_nothing(tmp_path):
+    """A project (the workflow, the package, the shipped checkpoints and results made in it) moved to
+    another directory is up to date: no job's params hold the project's absolute path (the shipped
+    posterior checkpoint used to be passed as one)."""
+    import shutil
+
+    first = tmp_path / "first"
+    first.mkdir()
+    for name in ("Snakefile", "workflow", "pipeline", "config", "profiles", "environment.yml"):
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, first / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(ROOT / name, first / name)
+    shutil.copytree(ROOT / "data" / "pretrained", first / "data" / "pretrained")
+    cfg = first / "config" / "config.yaml"
+
+    def run_in(project, *args):
+        cmd = [SNAKEMAKE, "--snakefile", str(project / "Snakefile"), "--cores", "2", *args,
+               "results/posterior/run/final", "--configfile", str(project / "config" / cfg.name)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=project,
+                              env=dict(os.environ, PIPELINE_NUM_THREADS="1"))
+
+    res = run_in(first)
+    assert res.returncode == 0, res.stderr[-3000:]
+    moved = tmp_path / "moved"
+    first.rename(moved)
+    again = run_in(moved, "-n")
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, again.stdout[-3000:]
+
+
 def test_bad_config_is_refused_in_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("methods: [not_a_method]\n")
@@ -75,7 +181,7 @@ def test_the_workflows_method_lists_equal_the_packages():
     schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
     assert set(schema["properties"]["methods"]["items"]["enum"]) == set(METHODS)
     common = (ROOT / "workflow" / "rules" / "common.smk").read_text()
-    assert "from pipeline.samplers.registry import METHODS, TUNED_METHODS" in common
+    assert "from pipeline.samplers.registry import METHODS, RTB_METHODS, TUNED_METHODS" in common
     assert 'method="|".join(METHODS)' in common
 
 
@@ -116,6 +222,24 @@ def test_tiny_run_produces_report_and_is_idempotent(tiny_run):
         np.testing.assert_allclose(w.sum(1), 1.0 / n, rtol=1e-6)
     again = snakemake(tiny_run, "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_every_job_logs_its_device_and_the_snakemake_report_shows_the_results(tiny_run, tmp_path):
+    import zipfile
+
+    for log in ["sources.log", "train_prior.log", "calibrate_prior.log", "report.log", "sample/prior_dps.log"]:
+        text = (tiny_run / "logs" / log).read_text()
+        assert re.search(r"INFO pipeline\.job: [\w-]+: device (cpu|cuda)\b.*, threads 1 \(", text), log
+    assert (tiny_run / "results" / "report.html").stat().st_size > 1000
+    snakemake(tiny_run, "--report", str(tmp_path / "report.zip"))
+    with zipfile.ZipFile(tmp_path / "report.zip") as z:
+        names = [Path(n).name for n in z.namelist()]
+        page = z.read("report/report.html").decode()
+    for name in ("report.html", "summary.json", "coverage_prior.png", "coverage_heldout.png",
+                 "prior_rtb_amortized_obs-0000.png"):
+        assert name in names, name
+    assert "TARP's expected coverage" in page and "Lenses of the heldout set" in page  # the captions
 
 
 @pytest.mark.slow

@@ -1,19 +1,66 @@
 # Shared helpers, constants and wildcard constraints (included first by the Snakefile).
 import glob as _glob
 import os
+import shlex
+import shutil
 import sys
 
 import yaml
 
 from pipeline.io.atomic import write_text
-from pipeline.samplers.registry import METHODS, TUNED_METHODS  # TUNED: a scale frozen by `tune`
+from pipeline.samplers.registry import METHODS, RTB_METHODS, TUNED_METHODS  # TUNED: a scale frozen by `tune`
 
 BASEDIR = workflow.basedir
 DATA_DIR = os.path.join(BASEDIR, "data")
-# The interpreter running snakemake runs the package too (the venv locally, the env on clusters);
-# with `--sdm conda` each job runs in the environment.yml env, whose `python` is on PATH.
+# The interpreter running snakemake runs the package too (the venv locally, the env on clusters). With
+# `--sdm conda` or `--sdm apptainer` each job runs in its environment, whose `python` is on PATH: that
+# environment holds the dependencies only (environment.yml). Every job imports the package from this source
+# tree (PYTHONPATH), as the Snakefile does, whatever the working directory (`--directory`) and whatever
+# copy is installed. Rules call it through the derived param `pipeline_call` (below), never a plain param:
+# plain params are rerun triggers, and a moved project (another absolute path) must not rerun anything.
 _deploy = getattr(getattr(workflow, "deployment_settings", None), "deployment_method", ()) or ()
-PY = "python" if any("CONDA" in str(m).upper() for m in _deploy) else sys.executable
+IN_JOB_ENV = any(m in str(d).upper() for d in _deploy for m in ("CONDA", "APPTAINER"))
+PY = f"PYTHONPATH={shlex.quote(BASEDIR)}${{PYTHONPATH:+:$PYTHONPATH}} " + ("python" if IN_JOB_ENV else sys.executable)
+
+# -- how jobs run on a cluster (config `execution:`) ------------------------------------------
+EXECUTION = config.get("execution") or {}
+GPU_REQUEST = EXECUTION.get("gpu_request", "gpu")
+GPU_MODEL = EXECUTION.get("gpu_model")
+GPU_PARTITION = EXECUTION.get("gpu_partition")
+SAMPLE_SHARDS = int(EXECUTION.get("sample_shards", 1))
+
+
+def gpu_resources(wanted=True):
+    """The resources of a job that runs best on a GPU: exactly one GPU request, in the form the SLURM
+    executor plugin turns into `--gpus=[MODEL:]1` (`gpu`, `gpu_model`) or `--gres=gpu[:MODEL]:1` (`gres`), as
+    `execution.gpu_request` says; none when not `wanted` or for `gpu_request: none`. Locally `gpu` is only a
+    counter, unlimited unless you pass `--resources gpu=1`. With `execution.gpu_partition` the job also goes
+    to that SLURM partition."""
+    if not wanted or GPU_REQUEST == "none":
+        return {}
+    partition = {"slurm_partition": GPU_PARTITION} if GPU_PARTITION else {}
+    if GPU_REQUEST == "gres":
+        return {"gres": f"gpu:{GPU_MODEL}:1" if GPU_MODEL else "gpu:1", **partition}
+    return {"gpu": 1, **({"gpu_model": GPU_MODEL} if GPU_MODEL else {}), **partition}
+
+
+def all_cores(default=8):
+    """`--cores`, or `default` when a cluster run gives none (the threads of the sources job)."""
+    return workflow.resource_settings.cores or default
+
+
+def asks_for_gpu(resources):
+    """Whether a job's resources ask the scheduler for a GPU (as `gpu_resources` or a profile sets them)."""
+    return int(resources.get("gpu", 0) or 0) > 0 or "gpu" in str(resources.get("gres", "") or "")
+
+
+def pipeline_call(wildcards, threads, resources):
+    """`python -m pipeline` with the options of every job: its threads (torch threads unless
+    $SLURM_CPUS_PER_TASK says otherwise) and `--gpu-job` when it asked for a GPU, for the device line and
+    GPU check at its start. A param computed from threads and resources is no rerun trigger: results made
+    locally are up to date on SLURM, and the interpreter's absolute path may change with the project's."""
+    return f"{PY} -m pipeline --threads {threads}" + (" --gpu-job" if asks_for_gpu(resources) else "")
+
 
 SETS = ["prior", "heldout"]
 LENS_METHODS = list(config["methods"])
@@ -34,6 +81,7 @@ wildcard_constraints:
     set="|".join(SETS),
     method="|".join(METHODS),
     obs=r"[A-Za-z0-9_.\-]+",
+    shard=r"\d+",
 
 
 # Config families: the sections each family of rules reads, written to results/config/NAME.yaml by the
@@ -61,23 +109,37 @@ CFG_LENSING, CFG_PRIOR, CFG_PRIOR_SET, CFG_POSTERIOR, CFG_SAMPLE, CFG_ALL = (
 )
 
 
+def shipped_path(key):
+    """The shipped checkpoint the config names under `key` (relative to the repository), as a path relative
+    to the working directory where it lies below it: moving the whole project changes no job's params."""
+    shipped = config.get(key)
+    if not shipped:
+        return None
+    path = shipped if os.path.isabs(shipped) else os.path.join(BASEDIR, shipped)
+    return os.path.relpath(path) if os.path.abspath(path).startswith(os.getcwd() + os.sep) else path
+
+
 def train_prior_command(wildcards, input, output):
     """train-prior, or install-prior when the config names a shipped checkpoint."""
     run_dir = os.path.dirname(output[0])
-    shipped = config.get("prior_checkpoint")
-    if shipped:
-        path = shipped if os.path.isabs(shipped) else os.path.join(BASEDIR, shipped)
-        return f"install-prior --checkpoint {path} --config {input.cfg} --out {run_dir}"
+    if config.get("prior_checkpoint"):
+        return f"install-prior --checkpoint {shipped_path('prior_checkpoint')} --config {input.cfg} --out {run_dir}"
     return f"train-prior --config {input.cfg} --data {input.data} --out {run_dir}"
 
 
 def finetune_init_arg(wildcards):
     """--init-from the shipped posterior trainer checkpoint, when the config names one."""
-    shipped = config.get("posterior_checkpoint")
-    if not shipped:
-        return ""
-    path = shipped if os.path.isabs(shipped) else os.path.join(BASEDIR, shipped)
-    return f"--init-from {path}"
+    return f"--init-from {shipped_path('posterior_checkpoint')}" if config.get("posterior_checkpoint") else ""
+
+
+def rtb_posterior(wildcards):
+    """The fine-tuned RTB posterior for the methods that sample it; nothing for the others (so fine-tuning
+    again reruns only their sample jobs)."""
+    return "results/posterior/run/final" if wildcards.method in RTB_METHODS else []
+
+
+def posterior_arg(wildcards, input):
+    return f"--posterior {input.posterior}" if input.posterior else ""
 
 
 def posterior_dirs(wildcards):
@@ -91,6 +153,22 @@ def parent_dir(wildcards, output):
 
 def output_dir(wildcards, output):
     return os.path.dirname(output[0])
+
+
+def merge_directories(sources, target, log_file):
+    """The files of the `sources` directories (not the hidden ones, such as Snakemake's timestamps),
+    together in the directory `target` (written whole or not at all); a file name found twice is an error."""
+    from pipeline.io.atomic import atomic_directory
+
+    files = {src: sorted(n for n in os.listdir(src) if not n.startswith(".")) for src in sources}
+    names = [n for src in sources for n in files[src]]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{target}: the same file name in two of {list(sources)}")
+    with atomic_directory(target) as tmp:
+        for src in sources:
+            for name in files[src]:
+                shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+    write_text(log_file, f"merged {len(names)} files of {len(sources)} shards into {target}\n")
 
 
 # -- the `user` target ----------------------------------------------------------------------
@@ -111,5 +189,3 @@ USER_OBS = user_observations()
 
 def user_obs_file(wildcards):
     return USER_OBS[wildcards.obs]
-
-

@@ -5,13 +5,13 @@
 rule config_section:
     output:
         "results/config/{family}.yaml",
-    wildcard_constraints:
-        family="|".join(CONFIG_FAMILIES),
-    params:
-        text=lambda wildcards: family_text(wildcards.family),
-    localrule: True
     log:
         "logs/config_{family}.log",
+    wildcard_constraints:
+        family="|".join(CONFIG_FAMILIES),
+    localrule: True
+    params:
+        text=lambda wildcards: family_text(wildcards.family),
     run:
         write_text(output[0], params.text)
         write_text(log[0], f"wrote {output[0]}\n")

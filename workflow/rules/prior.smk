@@ -6,18 +6,19 @@ rule sources:
         cfg=CFG_LENSING,
     output:
         "results/sources/sources.fits",
-    params:
-        py=PY,
-    # the first job of the DAG, alone: GalSim rendering in parallel processes (output independent of it)
-    threads: workflow.cores
-    conda:
-        "../../environment.yml"
     log:
         "logs/sources.log",
     benchmark:
         "benchmarks/sources.tsv"
+    conda:
+        "../../environment.yml"
+    # the first job of the DAG, alone: GalSim rendering in parallel processes (output independent of it)
+    threads: all_cores()
+    params:
+        # its threads are worker processes: one torch thread
+        pipeline=lambda wildcards, threads, resources: pipeline_call(wildcards, 1, resources),
     shell:
-        "{params.py} -m pipeline sources --config {input.cfg} --out {output} --workers {threads} > {log} 2>&1"
+        "{params.pipeline} sources --config {input.cfg} --out {output} --workers {threads} > {log} 2>&1"
 
 
 rule train_prior:
@@ -28,17 +29,18 @@ rule train_prior:
         # only the final export is an output: Snakemake deletes outputs of failed jobs, and the
         # rolling step-N/ checkpoints beside it must survive so the rerun resumes from them
         directory("results/prior/run/final"),
-    params:
-        py=PY,
-        run_dir=parent_dir,
-        command=train_prior_command,
-    resources:
-        gpu=1,
-    conda:
-        "../../environment.yml"
     log:
         "logs/train_prior.log",
     benchmark:
         "benchmarks/train_prior.tsv"
+    conda:
+        "../../environment.yml"
+    # a GPU only to train: installing the shipped checkpoint is a copy
+    resources:
+        **gpu_resources(not config.get("prior_checkpoint")),
+    params:
+        pipeline=pipeline_call,
+        run_dir=parent_dir,
+        command=train_prior_command,
     shell:
-        "{params.py} -m pipeline {params.command} > {log} 2>&1"
+        "{params.pipeline} {params.command} > {log} 2>&1"

@@ -8,15 +8,15 @@ rule simulate:
         sources="results/sources/sources.fits",
     output:
         directory("results/observations/heldout"),
-    params:
-        py=PY,
-        n=config["calibration"]["n_obs"],
-    conda:
-        "../../environment.yml"
     log:
         "logs/simulate_heldout.log",
+    conda:
+        "../../environment.yml"
+    params:
+        pipeline=pipeline_call,
+        n=config["calibration"]["n_obs"],
     shell:
-        "{params.py} -m pipeline simulate --config {input.cfg} --sources {input.sources} --split TEST"
+        "{params.pipeline} simulate --config {input.cfg} --sources {input.sources} --split TEST"
         " --n {params.n} --out {output} > {log} 2>&1"
 
 
@@ -27,14 +27,17 @@ rule simulate_prior_set:
         sources="results/sources/sources.fits",
     output:
         directory("results/observations/prior"),
-    params:
-        py=PY,
-        n=config["calibration"]["n_obs"],
-    conda:
-        "../../environment.yml"
     log:
         "logs/simulate_prior_set.log",
+    conda:
+        "../../environment.yml"
+    # draws the truths from the prior's chain
+    resources:
+        **gpu_resources(),
+    params:
+        pipeline=pipeline_call,
+        n=config["calibration"]["n_obs"],
     shell:
-        "{params.py} -m pipeline simulate-prior-set --config {input.cfg} --checkpoint {input.prior}"
+        "{params.pipeline} simulate-prior-set --config {input.cfg} --checkpoint {input.prior}"
         " --sources {input.sources}"
         " --n {params.n} --out {output} > {log} 2>&1"

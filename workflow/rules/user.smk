@@ -13,18 +13,21 @@ rule sample_user:
     input:
         cfg=CFG_SAMPLE,
         prior="results/prior/run/final",
-        posterior="results/posterior/run/final",
+        posterior=rtb_posterior,
         obs=user_obs_file,
     output:
         fits="results/user/{method}/{obs}/posterior.fits",
         png="results/user/{method}/{obs}/posterior.png",
-    params:
-        py=PY,
-    conda:
-        "../../environment.yml"
     log:
         "logs/user/{method}/{obs}.log",
+    conda:
+        "../../environment.yml"
+    resources:
+        **gpu_resources(),
+    params:
+        pipeline=pipeline_call,
+        posterior=posterior_arg,
     shell:
-        "{params.py} -m pipeline sample --config {input.cfg} --method {wildcards.method}"
-        " --prior {input.prior} --posterior {input.posterior} --obs {input.obs}"
+        "{params.pipeline} sample --config {input.cfg} --method {wildcards.method}"
+        " --prior {input.prior} {params.posterior} --obs {input.obs}"
         " --out-file {output.fits} --png {output.png} > {log} 2>&1"

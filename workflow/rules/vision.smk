@@ -11,16 +11,16 @@ rule bench_vision:
         cfg=CFG_ALL,
     output:
         table="results/vision/table.md",
-    params:
-        py=PY,
-        outdir=output_dir,
-    resources:
-        gpu=1,
-    conda:
-        "../../environment.yml"
     log:
         "logs/bench_vision.log",
     benchmark:
         "benchmarks/bench_vision.tsv"
+    conda:
+        "../../environment.yml"
+    resources:
+        **gpu_resources(),
+    params:
+        pipeline=pipeline_call,
+        outdir=output_dir,
     shell:
-        "{params.py} -m pipeline bench vision --config {input.cfg} --out {params.outdir} > {log} 2>&1"
+        "{params.pipeline} bench vision --config {input.cfg} --out {params.outdir} > {log} 2>&1"
