@@ -148,10 +148,13 @@ def test_a_moved_project_reruns_nothing(tmp_path):
             shutil.copy2(ROOT / name, first / name)
     shutil.copytree(ROOT / "data" / "pretrained", first / "data" / "pretrained")
     cfg = first / "config" / "config.yaml"
+    # a small source cube (the paths are what matters here, not the galaxies): seconds instead of minutes
+    (first / "small_cube.yaml").write_text("lensing: {sources: {n_galsim: 30, n_hst: 10}}\n")
 
     def run_in(project, *args):
         cmd = [SNAKEMAKE, "--snakefile", str(project / "Snakefile"), "--cores", "2", *args,
-               "results/posterior/run/final", "--configfile", str(project / "config" / cfg.name)]
+               "results/posterior/run/final", "--configfile", str(project / "config" / cfg.name),
+               str(project / "small_cube.yaml")]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=project,
                               env=dict(os.environ, PIPELINE_NUM_THREADS="1"))
 
