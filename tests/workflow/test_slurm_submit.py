@@ -5,7 +5,9 @@ plugin calls) come first on PATH. The fake `sbatch` records its arguments, creat
 outputs empty (files, or directories for the paths a dry run of the same command lists without a file
 suffix) instead of running the job, and prints a job id; the fake `sacct`/`squeue` report every recorded job
 COMPLETED. So Snakemake walks the whole DAG as on a cluster, submitting each job once its inputs exist,
-with the real plugin building every `sbatch` line, in a few seconds and without running anything.
+with the real plugin building every `sbatch` line, in a few seconds and without running anything. For the
+training jobs the fake `sbatch` also dry-runs the job's own wrapped command (what the node would run): it
+must run the shell command the main dry run shows.
 
 The jobs Snakemake runs itself (localrules: the config files and the shard merge, which run for real and
 are cheap, and calibrate and report) are never submitted. Calibrate and report are left out of the run
@@ -40,12 +42,12 @@ FILE_SUFFIXES = {".fits", ".json", ".yaml", ".png", ".md", ".html", ".tsv"}
 
 _RECORD = """
 import fcntl, json, os, sys
-def record(name, stdin=""):
+def record(name, **extra):
     with open(os.path.join(os.environ["FAKE_SLURM_DIR"], "calls.jsonl"), "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         f.seek(0)
         number = sum(1 for _ in f) + 1
-        f.write(json.dumps({"command": name, "argv": sys.argv[1:], "stdin": stdin}) + "\\n")
+        f.write(json.dumps({"command": name, "argv": sys.argv[1:], **extra}) + "\\n")
     return 1000 + number
 def submitted():
     path = os.path.join(os.environ["FAKE_SLURM_DIR"], "calls.jsonl")
@@ -55,14 +57,20 @@ def submitted():
 """
 
 FAKES = {
-    # records the call, creates the job's outputs (from the dry run's table) and prints its id (--parsable)
+    # records the call, creates the job's outputs (from the dry run's table) and prints its id (--parsable);
+    # for the rules named in $FAKE_SLURM_DRY_RUN it first dry-runs the job's own command (as the node would
+    # run it) and records that output
     "sbatch": """
-import re
+import re, subprocess
 stdin = "" if sys.stdin.isatty() else sys.stdin.read()
 wrap = " ".join(a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--wrap=")) + stdin
 target = re.search(r"--target-jobs '([^']*)'", wrap).group(1)
 rule, _, wildcards = target.partition(":")
 key = rule + ":" + ",".join(sorted(w for w in wildcards.split(",") if w))
+job_dry_run = ""
+if rule in os.environ.get("FAKE_SLURM_DRY_RUN", "").split(","):
+    res = subprocess.run(wrap + " -n -p", shell=True, capture_output=True, text=True)
+    job_dry_run = f"exit {res.returncode}\\n{res.stdout}{res.stderr}"
 with open(os.path.join(os.environ["FAKE_SLURM_DIR"], "outputs.json")) as f:
     outputs = json.load(f)[key]
 for path, is_dir in outputs:
@@ -71,7 +79,7 @@ for path, is_dir in outputs:
     else:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         open(path, "a").close()
-print(record("sbatch", stdin))
+print(record("sbatch", stdin=stdin, job_dry_run=job_dry_run))
 """,
     # job status queries: every submitted job COMPLETED; the account guess (sacct -nu USER): none
     "sacct": """
@@ -131,12 +139,15 @@ def _snakemake(workdir: Path, args: list[str], configfiles: list[Path], env: dic
     return out
 
 
-def submit_through_fake_slurm(tmp_path: Path, profile_args: list[str], configfiles: list[Path]):
+def submit_through_fake_slurm(tmp_path: Path, profile_args: list[str], configfiles: list[Path],
+                              job_dry_runs: tuple[str, ...] = ()):
     """Run the DAG (all but calibrate and report) through the fake SLURM commands: the dry run's jobs, the
-    recorded sbatch calls (rule, wildcards key, argv) and the run's output."""
+    recorded sbatch calls (rule, wildcards key, argv, and for the rules in `job_dry_runs` the output of the
+    job's own command dry-run) and the run's output."""
     bin_dir, workdir = tmp_path / "bin", tmp_path / "work"
     _write_fakes(bin_dir)
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_SLURM_DIR=str(tmp_path))
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_SLURM_DIR=str(tmp_path),
+               FAKE_SLURM_DRY_RUN=",".join(job_dry_runs))
     env.pop("SLURM_JOB_ID", None)
     env.pop("SNAKEMAKE_PROFILE", None)
     dry = _dry_run_jobs(_snakemake(workdir, [*profile_args, "-n", "-p"], configfiles, env, 120))
@@ -151,7 +162,8 @@ def submit_through_fake_slurm(tmp_path: Path, profile_args: list[str], configfil
     for call in (c for c in calls if c["command"] == "sbatch"):
         wrap = " ".join(a for a in call["argv"] if a.startswith("--wrap="))
         rule, _, wildcards = re.search(r"--target-jobs '([^']*)'", wrap).group(1).partition(":")
-        submissions.append({"rule": rule, "key": _key(rule, wildcards), "argv": call["argv"]})
+        submissions.append({"rule": rule, "key": _key(rule, wildcards), "argv": call["argv"],
+                            "job_dry_run": call["job_dry_run"]})
     return dry, submissions, out
 
 
@@ -188,7 +200,8 @@ def test_the_paper_run_submits_one_gpu_request_per_gpu_job(tmp_path, profile_arg
         (site / "config.yaml").write_text("executor: slurm\njobs: 10\ndefault-resources:\n"
                                           f"  slurm_account: {account}\n  slurm_partition: site_cpu\n")
         profile_args = [str(site) if a == "SITE" else a for a in profile_args]
-    dry, submissions, out = submit_through_fake_slurm(tmp_path, profile_args, configfiles)
+    training = ("train_prior", "finetune_posterior")
+    dry, submissions, out = submit_through_fake_slurm(tmp_path, profile_args, configfiles, training)
 
     remote = [j for j in dry if j["rule"] not in LOCAL_RULES | {"all"}]
     omitted = {"calibrate", "report", "all"}
@@ -222,14 +235,16 @@ def test_the_paper_run_submits_one_gpu_request_per_gpu_job(tmp_path, profile_arg
     shells = {j["rule"]: j["shell"] for j in dry}
     assert " train-prior " in shells["train_prior"] and "install-prior" not in shells["train_prior"]
     assert " finetune-posterior " in shells["finetune_posterior"] and "--init-from" not in shells["finetune_posterior"]
-    for rule in ("train_prior", "finetune_posterior"):  # the submitted job runs the same command
-        assert shells[rule] in out, rule
+    for sub in (s for s in submissions if s["rule"] in training):  # the submitted job runs that command
+        assert sub["job_dry_run"].startswith("exit 0\n"), sub["job_dry_run"][-2000:]
+        assert f"Shell command: {shells[sub['rule']]}" in sub["job_dry_run"], sub["rule"]
 
 
 def test_copy_and_export_jobs_submit_no_gpu_request(tmp_path):
     """The default config installs the shipped prior (a copy) and exports the shipped posterior: both jobs are
     submitted without a GPU, as sources and simulate are; the sampling jobs still ask for one."""
-    dry, submissions, out = submit_through_fake_slurm(tmp_path, ["--workflow-profile", SLURM_PROFILE], [DEFAULT])
+    dry, submissions, out = submit_through_fake_slurm(tmp_path, ["--workflow-profile", SLURM_PROFILE], [DEFAULT],
+                                                      ("train_prior",))
     by_rule = {}
     for sub in submissions:
         by_rule.setdefault(sub["rule"], []).append(_gpu_args(sub["argv"]))
@@ -239,3 +254,5 @@ def test_copy_and_export_jobs_submit_no_gpu_request(tmp_path):
         assert by_rule[rule] and all(g == ["--gpus=1"] for g in by_rule[rule]), rule
     shells = {j["rule"]: j["shell"] for j in dry}
     assert "install-prior" in shells["train_prior"] and "--init-from" in shells["finetune_posterior"]
+    (install,) = [s["job_dry_run"] for s in submissions if s["rule"] == "train_prior"]
+    assert f"Shell command: {shells['train_prior']}" in install, install[-2000:]
