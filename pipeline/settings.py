@@ -40,7 +40,7 @@ class ExecutionConfig:
                              choices=list(GPU_REQUESTS))
     gpu_model: str | None = param(None, "GPU model to ask for (e.g. a100), or null for any.")
     gpu_partition: str | None = param(None, "SLURM partition of the jobs that ask for a GPU; null leaves them "
-                                      "in the profile's default partition.")
+                                      "in the site profile's or the cluster's default partition.")
     container: str | None = param(None, "Container image every job runs in with `--sdm apptainer` "
                                   "(e.g. docker://ghcr.io/you/lensing-rtb:0.1); null for none.")
     sample_shards: int = param(1, "Sample jobs per method and set, each on a share of the observations "

@@ -37,7 +37,8 @@ class MethodSpec:
     ``trained``: needs a fine-tuned RTB posterior (option ``posterior``); ``amortized``: one network for
     every observation (option ``cond_fn``); ``linear_only``: needs a linear forward model; ``tuned``: a
     heuristic guidance scale tuned on a separate seed; ``particle``: returns ``log_w`` (zero after
-    resampling) instead of per-sample trajectory log-probs; ``logz``: see the module docstring.
+    resampling) instead of per-sample trajectory log-probs; ``logz``: see the module docstring;
+    ``cpu_only``: no network to run, so a GPU does not speed it up (its workflow jobs ask for none).
     """
 
     name: str
@@ -50,6 +51,7 @@ class MethodSpec:
     tuned: bool = False
     particle: bool = False
     logz: str = "trajectory"
+    cpu_only: bool = False
 
     def sampler_class(self):
         return getattr(importlib.import_module(self.module), self.cls)
@@ -78,7 +80,8 @@ _SPECS = (
     MethodSpec("prior_is", "pipeline.samplers.prior_is", "PriorISSampler", particle=True, logz="info"),
     MethodSpec("fps", "pipeline.samplers.fps", "FPSSampler", linear_only=True),
     MethodSpec("fps_smc", "pipeline.samplers.fps", "FPSSMCSampler", linear_only=True, particle=True, logz="none"),
-    MethodSpec("inversion", "pipeline.samplers.inversion", "InversionSampler", linear_only=True, logz="info"),
+    MethodSpec("inversion", "pipeline.samplers.inversion", "InversionSampler", linear_only=True, logz="info",
+               cpu_only=True),
 )
 REGISTRY: dict[str, MethodSpec] = {s.name: s for s in _SPECS}
 
@@ -89,6 +92,7 @@ TRAINING_FREE: tuple[str, ...] = tuple(m for m, s in REGISTRY.items() if not s.t
 TUNED_METHODS: tuple[str, ...] = tuple(m for m, s in REGISTRY.items() if s.tuned)  # tune on a separate seed
 LINEAR_ONLY: tuple[str, ...] = tuple(m for m, s in REGISTRY.items() if s.linear_only)
 PARTICLE_METHODS: tuple[str, ...] = tuple(m for m, s in REGISTRY.items() if s.particle)
+CPU_METHODS: tuple[str, ...] = tuple(m for m, s in REGISTRY.items() if s.cpu_only)  # jobs ask for no GPU
 
 
 def method_spec(name: str) -> MethodSpec:

@@ -27,6 +27,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.samplers.registry import CPU_METHODS
+
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -242,14 +244,17 @@ def test_the_paper_run_submits_one_gpu_request_per_gpu_job(tmp_path, profile_arg
 
 def test_copy_and_export_jobs_submit_no_gpu_request(tmp_path):
     """The default config installs the shipped prior (a copy) and exports the shipped posterior: both jobs are
-    submitted without a GPU, as sources and simulate are; the sampling jobs still ask for one."""
+    submitted without a GPU, as sources and simulate are, and so are the sampling jobs of the methods with no
+    network (the inversion); the other sampling jobs still ask for one."""
     dry, submissions, out = submit_through_fake_slurm(tmp_path, ["--workflow-profile", SLURM_PROFILE], [DEFAULT],
                                                       ("train_prior",))
     by_rule = {}
     for sub in submissions:
-        by_rule.setdefault(sub["rule"], []).append(_gpu_args(sub["argv"]))
+        cpu_method = sub["rule"] == "sample" and any(f"method={m}" in sub["key"] for m in CPU_METHODS)
+        by_rule.setdefault(sub["rule"] + ("_cpu" if cpu_method else ""), []).append(_gpu_args(sub["argv"]))
     for rule in ("train_prior", "finetune_posterior", "sources", "simulate"):
         assert by_rule[rule] == [[]], rule
+    assert by_rule["sample_cpu"] and all(g == [] for g in by_rule["sample_cpu"])  # the inversion's
     for rule in ("simulate_prior_set", "tune", "sample"):
         assert by_rule[rule] and all(g == ["--gpus=1"] for g in by_rule[rule]), rule
     shells = {j["rule"]: j["shell"] for j in dry}

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.samplers.registry import CPU_METHODS
+
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]  # every test here runs snakemake or a notebook
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,9 +91,11 @@ def test_each_gpu_job_asks_for_exactly_one_gpu_in_the_chosen_form(tmp_path, requ
     res = snakemake(tmp_path, "-n", "-p", "--config", f"execution={execution}")
     jobs = _jobs(res.stdout + res.stderr)
     assert {j["rule"] for j in jobs} >= GPU_RULES | {"sources", "calibrate", "report", "config_section"}
+    assert any("method=inversion" in j["wildcards"] for j in jobs if j["rule"] == "sample")
     for job in jobs:
-        asked = {k: v for k, v in job["resources"].items() if k in ("gpu", "gres", "gpu_model")}
-        assert asked == (expected if job["rule"] in GPU_RULES else {}), (job["rule"], asked)
+        asked = {k: v for k, v in job["resources"].items() if k in ("gpu", "gres", "gpu_model") and v not in ("0", "")}
+        gpu_job = job["rule"] in GPU_RULES and not any(f"method={m}" in job["wildcards"] for m in CPU_METHODS)
+        assert asked == (expected if gpu_job else {}), (job["rule"], job["wildcards"], asked)
         if job["shell"]:  # the job's setup knows it asked for a GPU
             assert ("--gpu-job" in job["shell"]) == bool(asked), job["rule"]
 

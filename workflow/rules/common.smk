@@ -8,7 +8,7 @@ import sys
 import yaml
 
 from pipeline.io.atomic import write_text
-from pipeline.samplers.registry import METHODS, RTB_METHODS, TUNED_METHODS  # TUNED: a scale frozen by `tune`
+from pipeline.samplers.registry import CPU_METHODS, METHODS, RTB_METHODS, TUNED_METHODS  # TUNED: frozen by `tune`
 
 BASEDIR = workflow.basedir
 DATA_DIR = os.path.join(BASEDIR, "data")
@@ -42,6 +42,18 @@ def gpu_resources(wanted=True):
     if GPU_REQUEST == "gres":
         return {"gres": f"gpu:{GPU_MODEL}:1" if GPU_MODEL else "gpu:1", **partition}
     return {"gpu": 1, **({"gpu_model": GPU_MODEL} if GPU_MODEL else {}), **partition}
+
+
+def method_gpu_resources():
+    """`gpu_resources()` for a job with a `method` wildcard: each value a function of the wildcards, empty
+    (0 or "", which the SLURM plugin and `asks_for_gpu` read as no request and the default partition) for
+    the methods with no network to run (`CPU_METHODS`, e.g. the inversion)."""
+    wanted = gpu_resources()
+
+    def per_method(value):
+        return lambda wildcards: ("" if isinstance(value, str) else 0) if wildcards.method in CPU_METHODS else value
+
+    return {key: per_method(value) for key, value in wanted.items()}
 
 
 def all_cores(default=8):

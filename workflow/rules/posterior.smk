@@ -78,7 +78,7 @@ rule sample:
     conda:
         "../../environment.yml"
     resources:
-        **gpu_resources(),
+        **method_gpu_resources(),
     params:
         pipeline=pipeline_call,
         posterior=posterior_arg,

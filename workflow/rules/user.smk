@@ -23,7 +23,7 @@ rule sample_user:
     conda:
         "../../environment.yml"
     resources:
-        **gpu_resources(),
+        **method_gpu_resources(),
     params:
         pipeline=pipeline_call,
         posterior=posterior_arg,
