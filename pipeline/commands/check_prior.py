@@ -77,6 +77,11 @@ def _sample_draws(args) -> tuple[np.ndarray, dict]:
                    "unit": data_meta.get("bunit"), "pixscale": data_meta.get("pixscale")}
 
 
+def _grid(header) -> list[int] | None:
+    """The chain's timestep grid a ``sample-prior`` file records (``CHAINGRD``); None for older files."""
+    return [int(t) for t in str(header["CHAINGRD"]).split(",")] if "CHAINGRD" in header else None
+
+
 def _read_draws(args) -> tuple[np.ndarray, dict]:
     """Draws from a ``sample-prior`` FITS file: HDU SAMPLES, (n, H, W) or (n, 1, H, W)."""
     draws, hdr = read_image_hdu(args.draws, "SAMPLES", header=True)
@@ -89,7 +94,7 @@ def _read_draws(args) -> tuple[np.ndarray, dict]:
     prim = read_header(args.draws)
     return draws, {"source": str(args.draws), "n": len(draws), "seed": prim.get("SEED"),
                    "checkpoint": prim.get("CKPT"),
-                   "chain": {"K": prim.get("CHAIN_K"), "variance": prim.get("CHAINVAR")},
+                   "chain": {"K": prim.get("CHAIN_K"), "variance": prim.get("CHAINVAR"), "grid": _grid(prim)},
                    "unit": hdr.get("BUNIT"), "pixscale": hdr.get("PIXSCALE")}
 
 

@@ -33,6 +33,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", metavar="FILE", help="pipeline YAML config: its chain: section and device "
                                                          "(default: the chain: defaults)")
     parser.add_argument("--K", type=int, help="chain length (default: chain.K)")
+    parser.add_argument("--spacing", choices=["uniform", "quadratic"],
+                        help="timestep grid rule (default: chain.spacing, or the config's explicit timesteps)")
     parser.add_argument("--variance", choices=["small", "large"],
                         help="reverse-step variance: small=beta-tilde, large=beta (default: chain.variance)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -49,8 +51,9 @@ def run(args) -> int:
         raise ConfigError("--batch-size", "batch_size", f"must be >= 1, got {args.batch_size}")
     source = args.config or "<defaults>"
     ccfg = load_section(args.config, "chain", ChainConfig) if args.config else ChainConfig()
-    if args.K is not None:  # a grid of another length does not apply: the spacing rule does
-        ccfg.K, ccfg.timesteps, source = args.K, None, "--K"
+    if args.K is not None or args.spacing:  # an explicit grid no longer applies: the spacing rule does
+        ccfg.K, ccfg.spacing, ccfg.timesteps = args.K or ccfg.K, args.spacing or ccfg.spacing, None
+        source = "--K/--spacing"
     if args.variance:
         ccfg.variance = args.variance
     device = choose_device(args.device or (read_device(args.config) if args.config else "auto"))
@@ -63,7 +66,8 @@ def run(args) -> int:
     phys = prior.to_physical(x).cpu().numpy().astype(np.float32)
     if phys.shape[1] == 1:
         phys = phys[:, 0]
-    write_prior_samples(args.out, phys, prior, checkpoint=args.checkpoint, seed=args.seed, K=K, variance=variance)
+    write_prior_samples(args.out, phys, prior, checkpoint=args.checkpoint, seed=args.seed, K=K, variance=variance,
+                        timesteps=chain.t.tolist())
     log.info("wrote %s", args.out)
     if args.png:
         save_grid_png(phys, args.png, title=f"prior samples, K={K}")

@@ -13,9 +13,11 @@ from pipeline import __version__
 from pipeline.io.fits import write_fits_atomic
 
 
-def write_prior_samples(path, samples: np.ndarray, prior, *, checkpoint, seed: int, K: int, variance: str) -> Path:
+def write_prior_samples(path, samples: np.ndarray, prior, *, checkpoint, seed: int, K: int, variance: str,
+                        timesteps=None) -> Path:
     """Write ``samples`` (physical units) drawn from ``prior`` (its ``meta``, ``scale`` and ``offset``
-    go into the headers) with a ``K``-step chain of ``variance`` ('small' or 'large') and ``seed``."""
+    go into the headers) with a ``K``-step chain of ``variance`` ('small' or 'large') and ``seed``;
+    ``timesteps``, the chain's grid t_0 = 0 < t_1 < ... < t_K (training steps), goes into ``CHAINGRD``."""
     hdr = fits.Header()
     hdr["ORIGIN"] = ("lensing-rtb-pipeline", "software that wrote this file")
     hdr["PKGVER"] = (__version__, "pipeline package version")
@@ -26,6 +28,8 @@ def write_prior_samples(path, samples: np.ndarray, prior, *, checkpoint, seed: i
     hdr["SEED"] = (seed, "sampling seed")
     hdr["CHAIN_K"] = (K, "reverse chain length")
     hdr["CHAINVAR"] = (variance, "reverse variance: small=beta-tilde, large=beta")
+    if timesteps is not None:  # may be long: no comment, CONTINUE cards
+        hdr["CHAINGRD"] = ",".join(str(int(t)) for t in timesteps)
     hdr["NSAMPLE"] = len(samples)
     hdr["SCALE"] = (prior.scale, "x_phys = SCALE * x_net + OFFSET")
     hdr["OFFSET"] = prior.offset

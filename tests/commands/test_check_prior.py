@@ -52,7 +52,7 @@ def test_draws_file_against_reference_prints_one_json_line_and_writes_json_and_p
     assert len(lines) == 1
     rec = json.loads(lines[0])
     assert rec == json.loads(out_json.read_text())
-    assert rec["draws"]["n"] == 12 and rec["draws"]["chain"] == {"K": 7, "variance": "small"}
+    assert rec["draws"]["n"] == 12 and rec["draws"]["chain"] == {"K": 7, "variance": "small", "grid": None}
     assert rec["data"] == {"path": str(ref), "hdu": "VALID", "n": 12, "unit": UNIT, "pixscale": 0.05}
     st = rec["statistics"]
     assert st["corner_std"]["draws"] > 10 * st["corner_std"]["data"]  # the added noise shows in the corners
@@ -80,10 +80,17 @@ def test_chain_draws_equal_sample_prior_draws_with_the_same_seed(tmp_path, blob_
                                             "grid": [0, 200, 400, 600, 800, 1000]}
     rc, out, _ = _run(capsys, "--draws", drawn, "--data", ref, "--seed", 4)
     assert rc == 0
+    assert json.loads(out)["draws"]["chain"]["grid"] == [0, 200, 400, 600, 800, 1000]  # sample-prior records it
     assert json.loads(out)["statistics"] == from_chain["statistics"]
     assert json.loads(out)["classifier"]["auc"] == from_chain["classifier"]["auc"]
     rc, out, _ = _run(capsys, "--checkpoint", run, "--config", cfg, "--n", 4, "--K", 4, "--spacing", "quadratic",
                       "--data", ref)
+    assert rc == 0 and json.loads(out)["draws"]["chain"]["grid"] == [0, 62, 250, 562, 1000]
+    quad = tmp_path / "quad.fits"  # sample-prior takes the same grid override and records the grid it used
+    assert main(["sample-prior", "--checkpoint", str(run), "--config", str(cfg), "--n", "4", "--K", "4",
+                 "--spacing", "quadratic", "--out", str(quad)]) == 0
+    capsys.readouterr()
+    rc, out, _ = _run(capsys, "--draws", quad, "--data", ref)
     assert rc == 0 and json.loads(out)["draws"]["chain"]["grid"] == [0, 62, 250, 562, 1000]
 
 
