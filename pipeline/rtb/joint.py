@@ -10,8 +10,8 @@ terms log N(x_K; 0, I) of q and p cancel. The objective is RTB's 1/2 delta^2 wit
 observation (:func:`pipeline.rtb.objective.deltas_vargrad`, theta's log-ratio entered as step K+1);
 only log q_phi of detached states is differentiated.
 
-The theta head (:class:`BoundedThetaHead`) is a conditional mixture of logit-normals on the prior's box
-[lo, hi]^p: exact log-prob, support equal to that of a uniform prior. The reference (:func:`pmmh`) is
+The theta head (:class:`BoundedThetaHead`) is a conditional mixture of normals truncated to the prior's
+box [lo, hi]^p: exact log-prob, support equal to that of a uniform prior. The reference (:func:`pmmh`) is
 pseudo-marginal Metropolis-Hastings over theta with the importance-weighted estimate Z^(y | theta) of a
 theta-conditional sampler; the current state's Z^ is stored and reused, never re-estimated.
 
@@ -84,7 +84,7 @@ class UniformBox:
         self.p = self.lo.shape[0]
 
     def log_prob(self, theta: torch.Tensor) -> torch.Tensor:
-        inside = ((theta > self.lo) & (theta < self.hi)).all(-1)
+        inside = ((theta >= self.lo) & (theta <= self.hi)).all(-1)
         lp = -torch.log(self.hi - self.lo).sum()
         return torch.where(inside, lp, torch.tensor(-math.inf, dtype=torch.float64))
 
@@ -101,46 +101,71 @@ def _mlp(n_in: int, n_out: int, hidden: int) -> nn.Sequential:
     return net
 
 
+def _log_mass(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """log(Phi(b) - Phi(a)) for a < b, stable in both tails (the upper tail is mirrored to the lower)."""
+    flip = (a + b) > 0
+    lo, hi = torch.where(flip, -b, a), torch.where(flip, -a, b)
+    log_hi, log_lo = torch.special.log_ndtr(hi), torch.special.log_ndtr(lo)
+    return log_hi + torch.log1p(-torch.exp(log_lo - log_hi).clamp(max=1 - 1e-16))
+
+
 class BoundedThetaHead(nn.Module):
-    """q_phi(theta | y): a mixture of ``components`` diagonal logit-normals on the box [lo, hi]^p.
+    """q_phi(theta | y): a mixture of ``components`` diagonal normals truncated to the box [lo, hi]^p.
 
-    theta = lo + (hi - lo) sigmoid(u), u ~ sum_c w_c N(mu_c(y), s_c(y)^2); the log-prob includes the
-    transform's Jacobian, so it is normalised on the box exactly (log-density in 1/theta-units^p)."""
+    Each component's mean lies in the box widened by a quarter of its width on each side and its std in
+    [``min_std_frac``, 2] x the box width, so the box stays within 25 std of every mean (the inverse-CDF
+    sampler stays accurate in float64). The log-prob
+    (1/theta-units^p) is exact and normalised on the box, whose edges keep a non-zero density (a
+    posterior cut by a uniform prior's edge is one such a head can fit)."""
 
-    def __init__(self, box: UniformBox, y_dim: int, components: int = 2, hidden: int = 64, y_scale: float = 1.0):
+    def __init__(self, box: UniformBox, y_dim: int, components: int = 2, hidden: int = 64, y_scale: float = 1.0,
+                 min_std_frac: float = 0.01):
         super().__init__()
         self.box, self.C, self.y_scale = box, components, y_scale
+        self.log_s_range = (math.log(min_std_frac), math.log(2.0))
         self.net = _mlp(y_dim, components * (2 * box.p + 1), hidden)
         with torch.no_grad():  # start broad, the components spread over the box
-            self.net[-1].bias.view(components, 2 * box.p + 1)[:, :box.p] = torch.linspace(-1, 1, components)[:, None]
-            self.net[-1].bias.view(components, 2 * box.p + 1)[:, box.p:2 * box.p] = 0.5
+            bias = self.net[-1].bias.view(components, 2 * box.p + 1)
+            bias[:, :box.p] = torch.linspace(-0.5, 0.5, components)[:, None]
+            bias[:, box.p:2 * box.p] = -1.0
 
     def params(self, y: torch.Tensor):
+        """Per component (B, C, p): mean and log std in theta units, and log weights (B, C)."""
         out = self.net(y / self.y_scale).view(y.shape[0], self.C, 2 * self.box.p + 1)
-        p = self.box.p
-        return out[..., :p], out[..., p:2 * p].clamp(-7.0, 3.0), torch.log_softmax(out[..., -1], -1)
+        p, width = self.box.p, self.box.hi - self.box.lo
+        mean = 0.5 * (self.box.lo + self.box.hi) + 0.75 * width * torch.tanh(out[..., :p])
+        lo_s, hi_s = self.log_s_range
+        log_s = lo_s + (hi_s - lo_s) * torch.sigmoid(out[..., p:2 * p]) + torch.log(width)
+        return mean, log_s, torch.log_softmax(out[..., -1], -1)
+
+    def _standardised(self, mean, log_s):
+        s = log_s.exp()
+        return (self.box.lo - mean) / s, (self.box.hi - mean) / s, s
 
     def log_prob(self, theta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """log q(theta | y), (B,) for theta (B, p) inside the box (-inf outside)."""
-        lo, hi = self.box.lo, self.box.hi
-        v = ((theta - lo) / (hi - lo)).clamp(1e-12, 1 - 1e-12)
-        u = torch.log(v) - torch.log1p(-v)
-        mu, log_s, log_w = self.params(y)
-        z = (u[:, None, :] - mu) / log_s.exp()
-        log_n = (-0.5 * z * z - log_s - 0.5 * math.log(2 * math.pi)).sum(-1)
-        log_jac = (torch.log(hi - lo) + torch.log(v) + torch.log1p(-v)).sum(-1)
-        lp = torch.logsumexp(log_w + log_n, -1) - log_jac
-        inside = ((theta > lo) & (theta < hi)).all(-1)
+        mean, log_s, log_w = self.params(y)
+        a, b, s = self._standardised(mean, log_s)
+        z = (theta[:, None, :] - mean) / s
+        log_n = (-0.5 * z * z - log_s - 0.5 * math.log(2 * math.pi) - _log_mass(a, b)).sum(-1)
+        lp = torch.logsumexp(log_w + log_n, -1)
+        inside = ((theta >= self.box.lo) & (theta <= self.box.hi)).all(-1)
         return torch.where(inside, lp, torch.tensor(-math.inf, dtype=torch.float64))
 
     @torch.no_grad()
     def sample(self, y: torch.Tensor, generator=None) -> torch.Tensor:
-        """One theta per row of y, (B, p)."""
-        mu, log_s, log_w = self.params(y)
+        """One theta per row of y, (B, p), by the inverse CDF (on the mirrored side for upper tails)."""
+        mean, log_s, log_w = self.params(y)
         c = torch.multinomial(log_w.exp(), 1, generator=generator)[:, 0]
         rows = torch.arange(y.shape[0])
-        u = mu[rows, c] + log_s[rows, c].exp() * torch.randn(mu[rows, c].shape, generator=generator, dtype=mu.dtype)
-        return self.box.lo + (self.box.hi - self.box.lo) * torch.sigmoid(u)
+        mean, log_s = mean[rows, c], log_s[rows, c]
+        a, b, s = self._standardised(mean, log_s)
+        flip = (a + b) > 0
+        lo, hi = torch.where(flip, -b, a), torch.where(flip, -a, b)
+        u = torch.rand(mean.shape, generator=generator, dtype=mean.dtype)
+        z = torch.special.ndtri(torch.special.ndtr(lo) + u * (torch.special.ndtr(hi) - torch.special.ndtr(lo)))
+        z = torch.where(flip, -z, z)
+        return torch.minimum(torch.maximum(mean + s * z, self.box.lo), self.box.hi)
 
 
 class JointPolicy(nn.Module):
@@ -225,7 +250,7 @@ def joint_loss(policy: JointPolicy, batch: RTBBatch) -> tuple[torch.Tensor, torc
 
 
 def train_joint(policy: JointPolicy, log_lik, observations: torch.Tensor, *, steps: int, groups: int = 4,
-                group_size: int = 32, lr: float = 3e-3, seed: int = 0) -> list[float]:
+                group_size: int = 32, lr: float = 1e-2, seed: int = 0) -> list[float]:
     """Train q_phi amortized over ``observations`` (G, m): every step draws ``groups`` of them and
     ``group_size`` on-policy trajectories for each (VarGrad log Z per observation). Adam with a cosine
     decay to 5% of ``lr``. Returns the loss per step."""

@@ -8,8 +8,8 @@ import torch
 
 from pipeline.bench.joint_toy import (JointToy, make_policy, monte_carlo, policy_theta_moments, quadrature,
                                       run_pmmh)
-from pipeline.rtb.joint import (BoundedThetaHead, UniformBox, joint_log_z, joint_loss, joint_rollout, pmmh,
-                                prior_chain_log_weights, train_joint)
+from pipeline.rtb.joint import (BoundedThetaHead, UniformBox, choose_n_trajectories, ess, joint_log_z, joint_loss,
+                                joint_rollout, pmmh, policy_log_weights, prior_chain_log_weights, train_joint)
 from pipeline.rtb.objective import deltas_vargrad
 
 
@@ -135,11 +135,19 @@ def test_pmmh_reuses_the_current_estimate():
         pmmh(toy.box.log_prob, base, torch.tensor([3.0]), n_traj=4, step=0.3, n_iter=2)
 
 
-@pytest.mark.slow
-def test_joint_rtb_matches_quadrature_marginal_of_theta(toy_obs):
+@pytest.fixture(scope="module")
+def trained(toy_obs):
+    """Joint RTB amortized over the four observations, 400 steps (about 6 s)."""
     toy, ys = toy_obs
     policy = make_policy(toy, seed=0)
     losses = train_joint(policy, toy.log_lik, ys, steps=400, seed=0)
+    return policy, losses
+
+
+@pytest.mark.slow
+def test_joint_rtb_matches_quadrature_marginal_of_theta(toy_obs, trained):
+    toy, ys = toy_obs
+    policy, losses = trained
     assert sum(losses[-20:]) / 20 < 0.05 * sum(losses[:20]) / 20
     for i in range(4):
         ref = quadrature(toy, ys[i])
@@ -148,3 +156,20 @@ def test_joint_rtb_matches_quadrature_marginal_of_theta(toy_obs):
         assert 0.8 <= q["std"] / ref["std"] <= 1.25, i
         # log Z of the joint sampler is the evidence with theta marginalised
         assert joint_log_z(policy, toy.log_lik, ys[i], 20_000) == pytest.approx(ref["log_evidence"], abs=0.1)
+
+
+@pytest.mark.slow
+def test_pmmh_on_the_trained_theta_conditional_sampler(toy_obs, trained):
+    """PMMH with the trained policy's x-steps at fixed theta as the sampler: few trajectories per estimate."""
+    toy, ys = toy_obs
+    policy, _ = trained
+    ref = quadrature(toy, ys[0])
+    mode = ref["grid"][int(ref["density"].argmax())].reshape(1)
+    lw = policy_log_weights(policy, toy.log_lik, ys[0])
+    n_traj, var = choose_n_trajectories(lw, mode, target_var=0.5, n0=1)
+    assert n_traj <= 8 and var <= 0.5  # the prior chain needs 16 for Var <= 2 here
+    out = pmmh(toy.box.log_prob, lw, mode, n_traj=n_traj, step=2.4 * ref["std"], n_iter=8000, seed=0)
+    th = out["theta"][:, 0]
+    assert abs(float(th.mean()) - ref["mean"]) <= 0.2 * ref["std"]
+    assert 0.8 <= float(th.std()) / ref["std"] <= 1.25
+    assert ess(th) >= 500
