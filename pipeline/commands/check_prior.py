@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -148,7 +149,8 @@ def run(args) -> int:
         write_json(args.out_json, result)
         log.info("wrote %s", args.out_json)
     if args.png:
-        title = f"{draws_meta['source']} (K={draws_meta['chain'].get('K')}) vs {data_meta['hdu']}"
+        source = Path(draws_meta["source"]).name  # a file's name, not its machine-specific path
+        title = f"{source} (K={draws_meta['chain'].get('K')}) vs {Path(data_meta['path']).name} {data_meta['hdu']}"
         save_fidelity_png(draws, data, stats, args.png, title=title)
         log.info("wrote %s", args.png)
     return 0
