@@ -13,24 +13,8 @@ from pipeline.cli import main
 from pipeline.commands.sample import parse_shard, partial_dir
 from pipeline.errors import ConfigError
 
-# the tiny problem of test_lensing_commands.py: 12x12 pixels, a 2-step prior, a 1-step posterior
-CONFIG = {
-    "device": "cpu",
-    "lensing": {
-        "geometry": {"image_npix": 12, "image_pixscale": 0.2, "source_npix": 12, "source_pixscale": 0.1,
-                     "supersample": 1, "psf_fwhm": 0.3, "psf_npix": 5},
-        "sources": {"seed": 0, "n_galsim": 10, "n_hst": 0, "split": [0.6, 0.2, 0.2]},
-        "noise": {"sigma": 0.05},
-    },
-    "prior": {"unet": "tiny", "base_channels": 8, "steps": 2, "batch_size": 4, "checkpoint_every": 2,
-              "log_every": 1, "warmup_steps": 1, "scale": 0.5},
-    "chain": {"K": 4},
-    "rtb": {"policy": {"head_preset": "tiny"},
-            "objective": {"amortized": True, "logz": "vargrad", "group_size": 2},
-            "optim": {"batch_size": 4},
-            "run": {"steps": 1, "checkpoint_every": 1, "log_every": 1, "seed": 5}},
-    "posterior": {"n_lenses": 2, "n_truths": 4, "batch_size": 4, "particles": 2},
-}
+from tests.commands.test_lensing_commands import CONFIG  # the tiny problem: 12x12 pixels, 2-step prior
+
 
 pytestmark = pytest.mark.slow  # trains a tiny prior and posterior first (about 10 s on 2 cores)
 

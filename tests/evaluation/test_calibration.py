@@ -11,25 +11,11 @@ from astropy.io import fits
 from pipeline.cli import main
 from pipeline.evaluation.calibration import run_calibration
 from pipeline.io.posterior import write_posterior
-from pipeline.problems import LinearInverseProblem
+
+from tests.evaluation.image_problem import ImageProblem
 
 NS, NI = 6, 8  # source and image sizes (pixels)
 MU = 0.3  # prior mean of every source pixel
-
-
-class ImageProblem(LinearInverseProblem):
-    """y (NI, NI) = M vec(x) + noise for sources x (NS, NS)."""
-
-    def __init__(self, M, sigma):
-        super().__init__(torch.as_tensor(sigma, dtype=torch.float32))
-        self.M = torch.as_tensor(M, dtype=torch.float64)
-        self.x_shape, self.y_shape = (NS, NS), (NI, NI)
-
-    def A(self, x):
-        return (x.reshape(x.shape[0], -1) @ self.M.to(x.dtype).T).reshape(x.shape[0], NI, NI)
-
-    def AT(self, r):
-        return (r.reshape(r.shape[0], -1) @ self.M.to(r.dtype)).reshape(r.shape[0], NS, NS)
 
 
 def _world(tmp_path, n_obs=40, n_s=48, seed=0):
@@ -46,7 +32,7 @@ def _world(tmp_path, n_obs=40, n_s=48, seed=0):
     prior_term = np.linalg.solve(C, np.full(d, MU))  # C^-1 mu: the prior mean's pull on the posterior mean
     obs_dir = tmp_path / "obs"
     obs_dir.mkdir()
-    problem = ImageProblem(M, sigma)
+    problem = ImageProblem(M, sigma, NS, NI)
     post = {"exact": tmp_path / "post" / "exact", "narrow": tmp_path / "post" / "narrow"}
     for i in range(n_obs):
         truth = (Lc @ rng.normal(size=d)) + MU

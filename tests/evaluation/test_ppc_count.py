@@ -14,24 +14,10 @@ from pipeline.io.fits import read_image_hdu
 from pipeline.io.posterior import read_posterior, write_posterior
 from pipeline.metrics.chi2 import chi2_per_sample
 from pipeline.metrics.ppc import posterior_predictive_check
-from pipeline.problems import LinearInverseProblem
+
+from tests.evaluation.image_problem import ImageProblem
 
 NS, NI = 5, 8  # source and image sizes (pixels)
-
-
-class ImageProblem(LinearInverseProblem):
-    """y (NI, NI) = M vec(x) + noise for sources x (NS, NS)."""
-
-    def __init__(self, M, sigma):
-        super().__init__(torch.full((NI, NI), sigma, dtype=torch.float32))
-        self.M = torch.as_tensor(M, dtype=torch.float64)
-        self.x_shape, self.y_shape = (NS, NS), (NI, NI)
-
-    def A(self, x):
-        return (x.reshape(x.shape[0], -1) @ self.M.to(x.dtype).T).reshape(x.shape[0], NI, NI)
-
-    def AT(self, r):
-        return (r.reshape(r.shape[0], -1) @ self.M.to(r.dtype)).reshape(r.shape[0], NS, NS)
 
 
 def _world(tmp_path, n_obs=6, n_s=8, seed=0):
@@ -41,7 +27,7 @@ def _world(tmp_path, n_obs=6, n_s=8, seed=0):
     rng = np.random.default_rng(seed)
     d, m, sigma = NS * NS, NI * NI, 0.3
     M = rng.normal(size=(m, d)) / np.sqrt(d)
-    problem = ImageProblem(M, sigma)
+    problem = ImageProblem(M, sigma, NS, NI)
     cov = np.linalg.inv(np.eye(d) + M.T @ M / sigma ** 2)
     L = np.linalg.cholesky(cov)
     obs_dir = tmp_path / "obs"
