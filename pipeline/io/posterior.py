@@ -20,6 +20,7 @@ from astropy.io import fits
 
 from pipeline.errors import InputFileError
 from pipeline.io.atomic import atomic_file
+from pipeline.io.lens_samples import lens_samples_hdu, read_lens_samples
 
 SOURCE_HDUS = ("SAMPLES", "MEAN", "STD", "TRUTH", "PARTICLES")
 _PROV_KEYS = {"version": "PIPEVER", "seed": "SEED", "config_hash": "CFGHASH"}
@@ -175,7 +176,8 @@ def write_posterior(path, samples, *, mean=None, std=None, truth=None, obs=None,
                     bunit: str = "", units: str = "physical", extra_header: dict | None = None,
                     ood_warnings: list[str] | None = None, model=None, resid=None, data_unit: str = "",
                     image_wcs: fits.Header | None = None, lens_cards: dict | None = None,
-                    source_stats: dict | None = None, flux_unit: str = "", ppc: dict | None = None) -> Path:
+                    source_stats: dict | None = None, flux_unit: str = "", ppc: dict | None = None,
+                    lens_samples=None, lens_names: list[str] | None = None) -> Path:
     """Write one observation's posterior to ``path`` (atomically, with checksums).
 
     samples: (n, ny, nx) or (n, 1, ny, nx) equally weighted draws, in the units named by ``bunit`` (the
@@ -197,7 +199,8 @@ def write_posterior(path, samples, *, mean=None, std=None, truth=None, obs=None,
     with flux in ``flux_unit``, r_half in arcsec. extra_header: method cards ``{key: value or (value,
     comment)}`` (keys <= 8 upper-case characters). ppc: the observation's posterior predictive check as
     :meth:`pipeline.metrics.ppc.PPCResult.as_dict` gives it (``PPCWARN`` and ``PPC*`` cards; chi2_nu and
-    band edges dimensionless). Returns the path.
+    band edges dimensionless). lens_samples (n, p) with ``lens_names``: the lens each sample was drawn under,
+    row by row (the ``LENSSAMP`` table, :mod:`pipeline.io.lens_samples`). Returns the path.
     """
     path = Path(path)
     if not (src_pixscale and float(src_pixscale) > 0):
@@ -304,6 +307,11 @@ def write_posterior(path, samples, *, mean=None, std=None, truth=None, obs=None,
             hdu.header["BUNIT"] = ""
             hdus.append(hdu)
 
+    if lens_samples is not None:
+        if len(lens_samples) != s.shape[0]:
+            raise ValueError(f"lens samples ({len(lens_samples)}) must pair row by row with the {s.shape[0]} samples")
+        hdus.append(lens_samples_hdu(lens_samples, list(lens_names or [])))
+
     with atomic_file(path) as tmp:
         fits.HDUList(hdus).writeto(tmp, overwrite=True, checksum=True)
     return path
@@ -318,7 +326,8 @@ def read_posterior(path) -> dict:
     arc_band, arc_pit, arc_m, tail; None when the file has no ``PPCWARN``), data_unit, lens (the lens
     keywords, None when absent), lens_file, source_stats
     (``{"flux"|"magnification"|"r_half": {"mean", "lo", "hi"}}``, None where absent), flux_unit,
-    header, samples_header, obs_header; model and resid are the MODEL and RESID images (None when absent).
+    header, samples_header, obs_header, lens_samples (:func:`pipeline.io.lens_samples.read_lens_samples`, None
+    when the lens was given); model and resid are the MODEL and RESID images (None when absent).
     A missing, truncated or checksum-failing file raises :class:`InputFileError`."""
     path = Path(path)
     if not path.is_file():
@@ -344,6 +353,7 @@ def read_posterior(path) -> dict:
                 out["obs_header"] = hdul["OBS"].header.copy() if "OBS" in names else None
                 out["header"] = h
                 out["samples_header"] = sh.copy()
+                out["lens_samples"] = read_lens_samples(hdul)
         bad = [str(w.message) for w in caught if "checksum" in str(w.message).lower()
                or "datasum" in str(w.message).lower()]
         if bad:

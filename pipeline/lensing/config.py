@@ -122,8 +122,9 @@ class SourcesConfig:
 
 @dataclass
 class LensConfig:
-    """Ranges the simulator and the amortized training draw lens parameters from (uniform unless
-    stated); angles in arcsec, position angles in rad."""
+    """The lens prior the simulator and the amortized training draw from: uniform in each range, the
+    shear a normal truncated to a disc (the density: :mod:`pipeline.lensing.lens_prior`); angles in
+    arcsec, position angles in rad."""
 
     model: str = param("SIE", "Main deflector: singular isothermal ellipsoid or elliptical power law.",
                        choices=["SIE", "EPL"])
@@ -134,9 +135,10 @@ class LensConfig:
     center: float = param(0.05, "Largest |x0| and |y0| of the lens centre.", "arcsec", min=0)
     t: tuple[float, float] = param((0.9, 1.1), "[min, max] range of the EPL slope t (1 = isothermal); "
                                    "EPL only.")
-    shear_sigma: float = param(0.05, "Standard deviation of each external-shear component gamma_1, gamma_2.",
-                               min=0)
-    shear_max: float = param(0.15, "Largest shear amplitude |gamma|; larger draws are scaled down to it.", min=0)
+    shear_sigma: float = param(0.05, "Standard deviation of each external-shear component gamma_1, gamma_2, "
+                               "before the truncation to shear_max.", min=0)
+    shear_max: float = param(0.15, "Largest shear amplitude |gamma|: the normal is truncated to this disc "
+                             "(larger draws are redrawn).", min=0)
     z_lens: float = param(0.5, "Lens redshift.", gt=0)
     z_source: float = param(1.5, "Source redshift; must exceed z_lens.", gt=0)
 

@@ -58,13 +58,15 @@ def resolve_noise_sigma(lcfg, sources_path) -> float:
     return typical_noise_sigma(train, lcfg.geometry, lcfg.lens, lcfg.noise.target_peak_snr)
 
 
-def build_lens_pool(lcfg, sigma: float, n: int, seed: int, scale: float, offset: float, device):
-
+def build_lens_pool(lcfg, sigma: float, n: int, seed: int, scale: float, offset: float, device,
+                    shear: str = "reject"):
+    """``n`` lenses drawn from the lens prior with ``seed`` (shear rule ``shear``, see
+    :func:`pool_shear_rule`), each assembled into its operator."""
     rng = np.random.default_rng(seed)
     t0 = time.time()
     probs = []
     for _ in range(n):
-        p = make_problem(draw_lens(lcfg.lens, rng), lcfg.geometry, sigma=sigma, device=device)
+        p = make_problem(draw_lens(lcfg.lens, rng, shear=shear), lcfg.geometry, sigma=sigma, device=device)
         probs.append(p.set_brightness(scale, offset))
     log.info("assembled %d lens operators in %.1f s", n, time.time() - t0)
     return MultiLensProblem(probs)
@@ -95,6 +97,15 @@ class LazyPool:
         if name.startswith("_"):
             raise AttributeError(name)
         return getattr(self.get(), name)
+
+
+def pool_shear_rule(run_dir) -> str:
+    """How the lens pool's shears are drawn: ``"reject"`` (the lens prior's density) for a new run; a run
+    resumed from a checkpoint keeps the rule it recorded, and one written before the rule was recorded
+    drew with ``"rescale"``, so its replay buffer's lens indices keep pointing at the same lenses."""
+    if not has_checkpoints(run_dir):
+        return "reject"
+    return load_checkpoint(run_dir, names=[]).hparams.get("lens_pool", {}).get("shear", "rescale")
 
 
 def seed_run_dir(run_dir, init_from, prior=None) -> bool:
@@ -152,8 +163,12 @@ def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=N
     chain = load_chain(config_path, prior)  # the chain RTB targets and the prior-drawn set is drawn from
     device = prior.device
     sigma = resolve_noise_sigma(lcfg, sources_path)
+    run_dir = Path(run_dir)
+    if init_from is not None:
+        seed_run_dir(run_dir, init_from, prior)
+    shear = pool_shear_rule(run_dir)
     pool = LazyPool(lambda: build_lens_pool(lcfg, sigma, pcfg.n_lenses, pcfg.seed, prior.scale, prior.offset,
-                                            device), (lcfg.geometry.image_npix,) * 2)
+                                            device, shear=shear), (lcfg.geometry.image_npix,) * 2)
     truth_cache = []
 
     def draw_truths():
@@ -176,13 +191,10 @@ def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=N
     spec = posterior_spec(prior, chain, rcfg, cond_channels=2)
     seed_everything(rcfg.run.seed)  # the head's random layers: the same in every run from scratch
     post = build_posterior(prior, spec)
-    run_dir = Path(run_dir)
-    if init_from is not None:
-        seed_run_dir(run_dir, init_from, prior)
     if warm_start is not None and not has_checkpoints(run_dir):  # a resumed run keeps its own state
         warm_start_posterior(post, spec, warm_start)
     trainer = RTBTrainer(post, rcfg, problem=pool, obs_sampler=obs_sampler, cond_fn=lens_features, run_dir=run_dir,
-                         metrics_path=run_dir / "metrics.jsonl", spec=spec)
+                         metrics_path=run_dir / "metrics.jsonl", spec=spec, extra_hparams={"lens_pool": {"shear": shear}})
     # the conditions recorded by the checkpoint resumed from: they stand when no step is trained here
     carried = load_checkpoint(run_dir, names=[]).hparams.get("trained_on") if has_checkpoints(run_dir) else None
     if trainer.resume():

@@ -31,6 +31,7 @@ from pipeline import __version__
 from pipeline.io.atomic import atomic_directory
 from pipeline.io.fits import write_fits_atomic
 from pipeline.lensing.config import BrightnessConfig, GeometryConfig, LensConfig, NoiseConfig
+from pipeline.lensing.lens_prior import draw_lens
 from pipeline.lensing.operator import LensingProblem, LensParams, build_simulator, caustics_forward, gaussian_psf
 from pipeline.runtime import tqdm_disable
 
@@ -54,20 +55,6 @@ class Observation:
     bunit: str = "electron/s"
     source_bunit: str = "electron/(s arcsec2)"
     header: dict = field(default_factory=dict)   # extra primary keywords (provenance)
-
-
-def draw_lens(cfg: LensConfig, rng: np.random.Generator) -> LensParams:
-    """Lens parameters uniform in the configured ranges; shear components N(0, shear_sigma^2),
-    rescaled to |gamma| <= shear_max."""
-    g = rng.normal(0.0, cfg.shear_sigma, size=2) if cfg.shear_sigma > 0 else np.zeros(2)
-    mag = float(np.hypot(*g))
-    if mag > cfg.shear_max:
-        g = g * (cfg.shear_max / mag)
-    return LensParams(model=cfg.model, x0=float(rng.uniform(-cfg.center, cfg.center)),
-                      y0=float(rng.uniform(-cfg.center, cfg.center)), q=float(rng.uniform(*cfg.q)),
-                      phi=float(rng.uniform(*cfg.phi)), rein=float(rng.uniform(*cfg.rein)),
-                      t=float(rng.uniform(*cfg.t)) if cfg.model == "EPL" else 1.0,
-                      g1=float(g[0]), g2=float(g[1]), z_lens=cfg.z_lens, z_source=cfg.z_source)
 
 
 def typical_lens(cfg: LensConfig) -> LensParams:

@@ -109,6 +109,28 @@ def _log_mass(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return log_hi + torch.log1p(-torch.exp(log_lo - log_hi).clamp(max=1 - 1e-16))
 
 
+def truncnorm_log_prob(x, mean, log_s, lo, hi) -> torch.Tensor:
+    """Elementwise log-density of N(mean, exp(log_s)^2) truncated to [lo, hi] at x inside it
+    (1/units of x; broadcasting)."""
+    s = log_s.exp()
+    z = (x - mean) / s
+    return -0.5 * z * z - log_s - 0.5 * math.log(2 * math.pi) - _log_mass((lo - mean) / s, (hi - mean) / s)
+
+
+def truncnorm_sample(mean, log_s, lo, hi, generator=None) -> torch.Tensor:
+    """Elementwise draws of N(mean, exp(log_s)^2) truncated to [lo, hi], by the inverse CDF (on the
+    mirrored side for upper tails, so it stays accurate to about 25 std in float64)."""
+    s = log_s.exp()
+    a, b = (lo - mean) / s, (hi - mean) / s
+    flip = (a + b) > 0
+    a, b = torch.where(flip, -b, a), torch.where(flip, -a, b)
+    u = torch.rand(mean.shape, generator=generator, dtype=mean.dtype)
+    z = torch.special.ndtri(torch.special.ndtr(a) + u * (torch.special.ndtr(b) - torch.special.ndtr(a)))
+    z = torch.where(flip, -z, z)
+    return torch.minimum(torch.maximum(mean + s * z, torch.as_tensor(lo, dtype=mean.dtype)),
+                         torch.as_tensor(hi, dtype=mean.dtype))
+
+
 class BoundedThetaHead(nn.Module):
     """q_phi(theta | y): a mixture of ``components`` diagonal normals truncated to the box [lo, hi]^p.
 
@@ -138,16 +160,10 @@ class BoundedThetaHead(nn.Module):
         log_s = lo_s + (hi_s - lo_s) * torch.sigmoid(out[..., p:2 * p]) + torch.log(width)
         return mean, log_s, torch.log_softmax(out[..., -1], -1)
 
-    def _standardised(self, mean, log_s):
-        s = log_s.exp()
-        return (self.box.lo - mean) / s, (self.box.hi - mean) / s, s
-
     def log_prob(self, theta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """log q(theta | y), (B,) for theta (B, p) inside the box (-inf outside)."""
         mean, log_s, log_w = self.params(y)
-        a, b, s = self._standardised(mean, log_s)
-        z = (theta[:, None, :] - mean) / s
-        log_n = (-0.5 * z * z - log_s - 0.5 * math.log(2 * math.pi) - _log_mass(a, b)).sum(-1)
+        log_n = truncnorm_log_prob(theta[:, None, :], mean, log_s, self.box.lo, self.box.hi).sum(-1)
         lp = torch.logsumexp(log_w + log_n, -1)
         inside = ((theta >= self.box.lo) & (theta <= self.box.hi)).all(-1)
         return torch.where(inside, lp, torch.tensor(-math.inf, dtype=torch.float64))
@@ -159,13 +175,7 @@ class BoundedThetaHead(nn.Module):
         c = torch.multinomial(log_w.exp(), 1, generator=generator)[:, 0]
         rows = torch.arange(y.shape[0])
         mean, log_s = mean[rows, c], log_s[rows, c]
-        a, b, s = self._standardised(mean, log_s)
-        flip = (a + b) > 0
-        lo, hi = torch.where(flip, -b, a), torch.where(flip, -a, b)
-        u = torch.rand(mean.shape, generator=generator, dtype=mean.dtype)
-        z = torch.special.ndtri(torch.special.ndtr(lo) + u * (torch.special.ndtr(hi) - torch.special.ndtr(lo)))
-        z = torch.where(flip, -z, z)
-        return torch.minimum(torch.maximum(mean + s * z, self.box.lo), self.box.hi)
+        return truncnorm_sample(mean, log_s, self.box.lo, self.box.hi, generator)
 
 
 class JointPolicy(nn.Module):

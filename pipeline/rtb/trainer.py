@@ -69,13 +69,16 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
     :class:`~pipeline.lensing.amortized.MultiLensProblem`), otherwise ``problem`` itself.
     ``run_dir``: rolling checkpoints; ``metrics_path``:
     JSONL log; ``log_z_ref``: the reference evidence for the divergence criterion (optional).
-    ``spec``: the posterior spec (:func:`~pipeline.rtb.posterior.posterior_spec`) stored in checkpoints.
+    ``spec``: the posterior spec (:func:`~pipeline.rtb.posterior.posterior_spec`) stored in checkpoints;
+    ``extra_hparams``: more JSON-serialisable records for every checkpoint's hparams (e.g. how the
+    training data were drawn).
     """
 
     def __init__(self, posterior, cfg: RTBConfig, *, problem=None, y=None, obs_sampler=None, cond_fn=None,
                  run_dir=None, metrics_path=None, log_z_ref: float | None = None, spec: dict | None = None,
-                 dtype=torch.float32):
+                 dtype=torch.float32, extra_hparams: dict | None = None):
         self.post, self.cfg, self.spec = posterior, cfg, spec or {}
+        self.extra_hparams = dict(extra_hparams or {})  # recorded in every checkpoint's hparams
         if cfg.objective.amortized:
             if obs_sampler is None:
                 raise ValueError("an amortized posterior needs obs_sampler")

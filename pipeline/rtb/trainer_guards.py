@@ -111,7 +111,8 @@ class TrainerCheckpoints:
 
     def hparams(self) -> dict:
         return {"kind": "rtb_posterior", "spec": self.spec, "config": asdict(self.cfg),
-                "config_hash": self.config_hash(), "prior": prior_record(self.post.prior, self.post.chain)}
+                "config_hash": self.config_hash(), "prior": prior_record(self.post.prior, self.post.chain),
+                **self.extra_hparams}
 
     def save(self) -> Path | None:
         """Write a rolling checkpoint ``run_dir/step-N`` (main rank only)."""

@@ -203,7 +203,7 @@ def test_shipped_trainer_checkpoint_resumes_with_its_replay_buffer_as_image_and_
     from pipeline.io.checkpoint import load_checkpoint
     from pipeline.lensing.amortized import MultiLensProblem, lens_features
     from pipeline.lensing.config import PosteriorConfig, load_lensing_config
-    from pipeline.lensing.finetune import seed_run_dir
+    from pipeline.lensing.finetune import pool_shear_rule, seed_run_dir
     from pipeline.lensing.simulate import draw_lens, make_problem
     from pipeline.rtb.config import RTBConfig
     from pipeline.rtb.posterior import build_posterior
@@ -216,8 +216,11 @@ def test_shipped_trainer_checkpoint_resumes_with_its_replay_buffer_as_image_and_
     assert seed_run_dir(run, SHIPPED / "posterior", prior)
     lcfg, pcfg = load_lensing_config(CONFIG), load_section(CONFIG, "posterior", PosteriorConfig)
     rcfg = load_section(CONFIG, "rtb", RTBConfig)
-    rng = np.random.default_rng(pcfg.seed)  # the pool's lenses, drawn in build_lens_pool's order
-    lenses = [draw_lens(lcfg.lens, rng) for _ in range(pcfg.n_lenses)]
+    # the pool's lenses, drawn in build_lens_pool's order with the rule the checkpoint was trained with:
+    # it predates the recorded rule, so the shear was rescaled onto the disc, not redrawn
+    assert pool_shear_rule(run) == "rescale"
+    rng = np.random.default_rng(pcfg.seed)
+    lenses = [draw_lens(lcfg.lens, rng, shear="rescale") for _ in range(pcfg.n_lenses)]
     ck = load_checkpoint(run)
     trainer = RTBTrainer(build_posterior(prior, ck.hparams["spec"]), rcfg, problem=_PoolShape((32, 32)),
                          obs_sampler=lambda G, gen: None, cond_fn=lens_features, run_dir=run, spec=ck.hparams["spec"])

@@ -74,6 +74,7 @@ def _run(tmp_path, name, steps=None):
 def test_two_runs_from_scratch_are_identical(tmp_path):
     a, b = _run(tmp_path, "a"), _run(tmp_path, "bb")
     assert a.step == b.step == 3
+    assert a.hparams["lens_pool"] == {"shear": "reject"}  # a new run draws its pool from the lens prior's density
     for part in ("model", "optim", "buffer", "per_step"):
         fa, fb = _flat(a.states.get(part)), _flat(b.states.get(part))
         assert fa.keys() == fb.keys(), part

@@ -1,0 +1,141 @@
+"""What inferring the lens costs: the operator per lens, and the pseudo-marginal reference's needs.
+
+    python -m pipeline.bench.joint_lensing OUT.json [--config config/config.yaml] [--n-obs 4]
+        [--trajectories 256] [--seed 0]
+
+Two measurements, on prior-drawn observations (source from the prior chain, lens from the lens prior,
+the config's noise):
+
+1. **The operator for a new lens**, two ways: assembled (the sparse matrix of
+   :class:`~pipeline.lensing.operator.LensingProblem`, whose diag(A^T A / sigma^2) the amortized
+   posterior's features need) against matrix-free (one caustics forward, and forward plus its
+   vector-Jacobian product, per source). Seconds per lens, median of ``--repeats``.
+2. **The importance weights of today's lens-conditional sampler at the true lens.** Pseudo-marginal
+   MH over the lens needs an estimate Z^(y | theta) = mean_i w_i from N trajectories of the
+   theta-conditional sampler with Var(log Z^) <= about 2 at the posterior mode. From ``--trajectories``
+   trajectories of the amortized posterior at the true lens it reports the log-weight spread, the
+   weights' effective sample size, and Var(log Z^) for N = 1, 4, 16, ... (disjoint groups), with the
+   seconds per trajectory, so the N and the cost per MH step follow.
+
+Writes OUT.json and prints one JSON line. Single-threaded unless ``PIPELINE_NUM_THREADS`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.diffusion.sampling import sample_prior
+from pipeline.lensing.lens_prior import LensPrior, draw_lens
+from pipeline.lensing.observation import load_observation
+from pipeline.lensing.operator import LensParams, build_simulator, caustics_forward
+from pipeline.lensing.sample import load_setup, method_run
+from pipeline.lensing.simulate import default_psf, make_problem, simulate_set
+from pipeline.runtime import configure_threads
+
+DEFAULT_PRIOR = "data/pretrained/prior"
+DEFAULT_POSTERIOR = "data/pretrained/posterior"
+
+
+def operator_seconds(lcfg, sigma: float, n_lenses: int, repeats: int, seed: int) -> dict:
+    """Median seconds per lens: sparse assembly, and caustics forward / forward+VJP of one source."""
+    rng = np.random.default_rng(seed)
+    g = lcfg.geometry
+    psf, _ = default_psf(g)
+    lenses = [draw_lens(lcfg.lens, rng) for _ in range(n_lenses)]
+    src = torch.rand(1, g.source_npix, g.source_npix, generator=torch.Generator().manual_seed(seed))
+    assemble, forward, vjp = [], [], []
+    for _ in range(repeats):
+        for lens in lenses:
+            t0 = time.perf_counter()
+            make_problem(lens, g, sigma=sigma)
+            assemble.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            sim = build_simulator(lens, (g.image_npix, g.image_npix), g.image_pixscale, g.source_npix,
+                                  g.source_pixscale, g.supersample, psf)
+            with torch.no_grad():
+                caustics_forward(sim, src)
+            forward.append(time.perf_counter() - t0)
+            x = src.clone().requires_grad_(True)
+            t0 = time.perf_counter()
+            sim = build_simulator(lens, (g.image_npix, g.image_npix), g.image_pixscale, g.source_npix,
+                                  g.source_pixscale, g.supersample, psf)
+            torch.vmap(sim)(x.reshape(1, -1)).sum().backward()   # caustics_forward runs without grad
+            vjp.append(time.perf_counter() - t0)
+    return {"assembled_s": statistics.median(assemble), "matrix_free_forward_s": statistics.median(forward),
+            "matrix_free_forward_vjp_s": statistics.median(vjp), "lenses": n_lenses, "repeats": repeats}
+
+
+def log_z_hat_spread(log_w: torch.Tensor) -> dict:
+    """Var(log Z^_N) over disjoint groups of N of the log-weights, for N = 1, 4, 16, ... (nats^2)."""
+    out, n = {}, 1
+    lw = log_w.double()
+    while n <= len(lw) // 4:
+        groups = lw[: (len(lw) // n) * n].reshape(-1, n)
+        est = torch.logsumexp(groups, 1) - math.log(n)
+        out[str(n)] = float(est.var())
+        n *= 4
+    return out
+
+
+def weight_summary(log_w: torch.Tensor) -> dict:
+    lw = log_w.double()
+    w = torch.softmax(lw, 0)
+    return {"log_w_std": float(lw.std()), "ess_fraction": float(1.0 / (w * w).sum()) / len(lw),
+            "var_log_z_hat": log_z_hat_spread(lw)}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.bench.joint_lensing", description=__doc__.split("\n")[0])
+    ap.add_argument("out", help="JSON file to write")
+    ap.add_argument("--config", default="config/config.yaml")
+    ap.add_argument("--prior", default=DEFAULT_PRIOR, help="prior checkpoint directory")
+    ap.add_argument("--posterior", default=DEFAULT_POSTERIOR, help="amortized posterior directory")
+    ap.add_argument("--n-obs", type=int, default=4, help="prior-drawn observations")
+    ap.add_argument("--trajectories", type=int, default=256, help="trajectories per observation at the true lens")
+    ap.add_argument("--lenses", type=int, default=8, help="lenses for the operator timing")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    configure_threads()
+    setup = load_setup(args.config, args.prior, n=args.trajectories, seed=args.seed)
+    lcfg, sigma = setup.lcfg, float(setup.lcfg.noise.sigma)
+    ops = operator_seconds(lcfg, sigma, args.lenses, args.repeats, args.seed)
+    b = setup.brightness
+    truths = sample_prior(setup.prior, setup.chain, args.n_obs, generator=torch.Generator().manual_seed(args.seed))
+    truths = (b.scale * truths[:, 0] + b.offset).cpu().numpy()
+    rows, run = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        entries = simulate_set(truths, args.n_obs, Path(tmp) / "obs", lcfg.geometry, lcfg.lens, lcfg.noise,
+                               seed=args.seed)
+        prior_theta = LensPrior(lcfg.lens)
+        for i, entry in enumerate(entries):
+            problem, y, meta = load_observation(Path(tmp) / "obs" / entry["file"], lcfg, device=setup.device,
+                                                brightness=b)
+            if run is None:
+                run = method_run(setup, "rtb_amortized", args.prior, args.posterior, problem)
+            gen = torch.Generator().manual_seed(args.seed * 1000 + i)
+            t0 = time.perf_counter()
+            smp = run.sampler.sample(problem, y, args.trajectories, generator=gen)
+            seconds = (time.perf_counter() - t0) / args.trajectories
+            log_w = (smp.log_r + smp.log_p_traj - smp.log_q_traj).cpu()
+            row = {"obs": entry["file"], "peak_snr": entry["peak_snr"], "seconds_per_trajectory": seconds,
+                   "theta": dict(zip(prior_theta.names, prior_theta.to_vector(LensParams(**entry["lens"])).tolist()))}
+            row.update(weight_summary(log_w))
+            rows.append(row)
+    result = {"config": args.config, "threads": torch.get_num_threads(), "operator": ops, "observations": rows}
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

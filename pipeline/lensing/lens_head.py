@@ -1,0 +1,179 @@
+"""q_phi(theta | y) over the support of a lens prior, with exact log-prob.
+
+:class:`LensThetaHead` is a mixture of C product densities, one factor per kind of parameter of a
+:class:`~pipeline.lensing.lens_prior.LensPrior`:
+
+* a uniform parameter on [lo, hi] (centre, Einstein radius, axis ratio, slope) gets a normal
+  truncated to [lo, hi] (:func:`~pipeline.rtb.joint.truncnorm_log_prob`);
+* the position angle phi, when its range is one whole period (pi: an ellipse at phi and phi + pi is
+  the same), gets a von Mises density in the angle 2 phi, so that mass near 0 and near pi is one
+  mode; on a shorter range it is a truncated normal like the others;
+* the shear (g1, g2), whose prior lives on the disc |g| <= gmax, gets a normal in R^2 pushed onto the
+  open disc by g = gmax tanh(|u|) u / |u|, with the Jacobian
+  |dg/du| = gmax^2 sech^2(|u|) tanh(|u|) / |u| (smooth at u = 0, where it is gmax^2).
+
+Each factor is normalised on the prior's support, so the mixture is, and its support is the
+prior's. The network maps an embedding of the observation, (B, embed_dim), to the C components'
+parameters; ``log_prob`` is in nats per unit of theta's coordinates (those of ``LensPrior.names``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pipeline.lensing.lens_prior import LensPrior
+from pipeline.rtb.joint import truncnorm_log_prob, truncnorm_sample
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def von_mises_log_prob(psi: torch.Tensor, mu: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
+    """log VM(psi; mu, kappa) = kappa cos(psi - mu) - log(2 pi I0(kappa)), per radian of psi."""
+    return kappa * (torch.cos(psi - mu) - 1) - _LOG_2PI - torch.log(torch.special.i0e(kappa))
+
+
+def von_mises_sample(mu: torch.Tensor, kappa: torch.Tensor, generator=None) -> torch.Tensor:
+    """Draws of VM(mu, kappa) in (-pi, pi] around mu (Best and Fisher 1979, vectorised rejection)."""
+    kappa = kappa.clamp(min=1e-12)
+    root = torch.sqrt(1 + 4 * kappa * kappa)
+    tau = 1 + root
+    rho = 2 * kappa * tau / ((root + 1) * (tau + torch.sqrt(2 * tau)))  # (tau - sqrt(2 tau)) / (2 kappa), stably
+    r = (1 + rho * rho) / (2 * rho)
+    out = torch.empty_like(mu)
+    todo = torch.ones_like(mu, dtype=torch.bool)
+    while bool(todo.any()):
+        u1, u2, u3 = (torch.rand(mu.shape, generator=generator, dtype=mu.dtype) for _ in range(3))
+        z = torch.cos(math.pi * u1)
+        f = (1 + r * z) / (r + z)
+        c = kappa * (r - f)
+        ok = todo & ((c * (2 - c) - u2 > 0) | (torch.log(c / u2) + 1 - c >= 0))
+        theta = torch.sign(u3 - 0.5) * torch.acos(f.clamp(-1, 1))
+        out = torch.where(ok, theta, out)
+        todo = todo & ~ok
+    return torch.remainder(out + mu + math.pi, 2 * math.pi) - math.pi
+
+
+def disc_log_prob(g: torch.Tensor, mean: torch.Tensor, log_s: torch.Tensor, gmax: float) -> torch.Tensor:
+    """log-density on the disc |g| < gmax of g = gmax tanh(|u|) u/|u|, u ~ N(mean, diag exp(log_s)^2)
+    (g, mean, log_s: (..., 2); returns (...,), per unit^2 of g)."""
+    rho = torch.linalg.vector_norm(g, dim=-1).clamp(min=1e-300)
+    ratio = (rho / gmax).clamp(max=1 - 1e-15)
+    r = torch.atanh(ratio)
+    u = g * (r / rho).unsqueeze(-1)
+    u = torch.where((rho < 1e-12).unsqueeze(-1), g / gmax, u)      # atanh(x)/x -> 1 at the centre
+    s = log_s.exp()
+    z = (u - mean) / s
+    log_n = (-0.5 * z * z - log_s).sum(-1) - _LOG_2PI
+    tanh_over_r = torch.where(r < 1e-6, 1 - r * r / 3, ratio / r.clamp(min=1e-300))
+    log_jac = 2 * math.log(gmax) + torch.log1p(-ratio * ratio) + torch.log(tanh_over_r)
+    return log_n - log_jac
+
+
+def disc_sample(mean: torch.Tensor, log_s: torch.Tensor, gmax: float, generator=None) -> torch.Tensor:
+    """Draws (..., 2) of the disc density of :func:`disc_log_prob`."""
+    u = mean + log_s.exp() * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+    r = torch.linalg.vector_norm(u, dim=-1, keepdim=True)
+    scale = torch.where(r < 1e-12, torch.ones_like(r), torch.tanh(r) / r.clamp(min=1e-300))
+    return gmax * u * scale
+
+
+def _logit_within(value: float, bounds: tuple[float, float]) -> float:
+    """The pre-activation x with lo + (hi - lo) sigmoid(x) = value."""
+    u = (value - bounds[0]) / (bounds[1] - bounds[0])
+    return math.log(u / (1 - u))
+
+
+class LensThetaHead(nn.Module):
+    """q_phi(theta | h): a C-component mixture of product densities over ``prior``'s support (see the
+    module docstring), its parameters an MLP of the observation's embedding h (B, embed_dim).
+
+    The truncated normals' means lie inside their box (so the truncation never removes more than half a
+    component's mass and the inverse-CDF sampler stays exact at any std), their stds in
+    [``min_std_frac``, 2] x the width; the von Mises concentration in [0, ``max_kappa``]; the shear's
+    normal has mean in [-3, 3]^2 and std in [0.01, 2] in u-space. At initialisation the components are
+    broad (std half the width, phi uniform, the shear's u ~ N(0, I)) and spread over the box."""
+
+    def __init__(self, prior: LensPrior, embed_dim: int, components: int = 4, hidden: int = 128,
+                 min_std_frac: float = 1e-3, max_kappa: float = 1e4):
+        super().__init__()
+        self.prior, self.C = prior, components
+        box = prior.box
+        phi_lo, phi_hi = box.get("phi", (0.0, 0.0))
+        self.circular_phi = "phi" in box and abs((phi_hi - phi_lo) - math.pi) < 1e-9
+        self.box_names = [k for k in box if not (k == "phi" and self.circular_phi)]
+        self.register_buffer("lo", torch.tensor([box[k][0] for k in self.box_names], dtype=torch.float64))
+        self.register_buffer("hi", torch.tensor([box[k][1] for k in self.box_names], dtype=torch.float64))
+        self.col = {k: i for i, k in enumerate(prior.names)}
+        self.log_s_range = (math.log(min_std_frac), math.log(2.0))
+        self.max_kappa = max_kappa
+        nb = len(self.box_names)
+        self.sizes = [2 * nb, 2 if self.circular_phi else 0, 4 if prior.has_shear else 0, 1]
+        self.net = nn.Sequential(nn.Linear(embed_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, components * sum(self.sizes))).double()
+        nn.init.zeros_(self.net[-1].weight)
+        with torch.no_grad():
+            bias = self.net[-1].bias.view(components, sum(self.sizes))
+            bias.zero_()
+            bias[:, :nb] = torch.linspace(-0.5, 0.5, components)[:, None]      # spread over the box,
+            bias[:, nb:2 * nb] = _logit_within(math.log(0.5), self.log_s_range)  # std half the width
+            if self.circular_phi:
+                bias[:, 2 * nb] = torch.linspace(-math.pi, math.pi, components + 1)[:-1]
+                bias[:, 2 * nb + 1] = -6.0                                         # kappa ~ 0: uniform
+            if prior.has_shear:                                                    # u ~ N(0, I): broad
+                bias[:, -3:-1] = _logit_within(0.0, (math.log(0.01), math.log(2.0)))
+
+    def params(self, h: torch.Tensor) -> dict:
+        out = self.net(h.double()).view(h.shape[0], self.C, sum(self.sizes))
+        parts = torch.split(out, self.sizes, dim=-1)
+        nb, p = len(self.box_names), {}
+        width = self.hi - self.lo
+        lo_s, hi_s = self.log_s_range
+        p["mean"] = 0.5 * (self.lo + self.hi) + 0.5 * width * torch.tanh(parts[0][..., :nb])
+        p["log_s"] = lo_s + (hi_s - lo_s) * torch.sigmoid(parts[0][..., nb:]) + torch.log(width)
+        if self.circular_phi:
+            p["mu"] = parts[1][..., 0]
+            p["kappa"] = self.max_kappa * torch.sigmoid(parts[1][..., 1] - math.log(self.max_kappa))
+        if self.prior.has_shear:
+            p["g_mean"] = 3 * torch.tanh(parts[2][..., :2])
+            p["g_log_s"] = math.log(0.01) + (math.log(2.0) - math.log(0.01)) * torch.sigmoid(parts[2][..., 2:])
+        p["log_w"] = torch.log_softmax(parts[3][..., 0], -1)
+        return p
+
+    def _phi_origin(self) -> float:
+        return self.prior.box["phi"][0]
+
+    def log_prob(self, theta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """log q(theta | h), (B,); -inf outside the prior's support."""
+        theta = theta.double()
+        p = self.params(h)
+        idx = [self.col[k] for k in self.box_names]
+        lp = truncnorm_log_prob(theta[:, None, idx], p["mean"], p["log_s"], self.lo, self.hi).sum(-1)
+        if self.circular_phi:  # psi = 2 (phi - phi_lo) in [0, 2 pi]; density in phi is 2 VM(psi)
+            psi = 2 * (theta[:, None, self.col["phi"]] - self._phi_origin())
+            lp = lp + von_mises_log_prob(psi, p["mu"], p["kappa"]) + math.log(2.0)
+        if self.prior.has_shear:
+            g = theta[:, None, -2:]
+            lp = lp + disc_log_prob(g, p["g_mean"], p["g_log_s"], self.prior.config.shear_max)
+        lp = torch.logsumexp(p["log_w"] + lp, -1)
+        return torch.where(torch.isfinite(self.prior.log_prob(theta)), lp, torch.tensor(-math.inf, dtype=lp.dtype))
+
+    @torch.no_grad()
+    def sample(self, h: torch.Tensor, generator=None) -> torch.Tensor:
+        """One theta per row of h, (B, dim), in the columns of ``prior.names``."""
+        p = self.params(h)
+        B = h.shape[0]
+        c = torch.multinomial(p["log_w"].exp(), 1, generator=generator)[:, 0]
+        rows = torch.arange(B)
+        theta = torch.empty(B, self.prior.dim, dtype=torch.float64)
+        idx = [self.col[k] for k in self.box_names]
+        theta[:, idx] = truncnorm_sample(p["mean"][rows, c], p["log_s"][rows, c], self.lo, self.hi, generator)
+        if self.circular_phi:
+            psi = von_mises_sample(p["mu"][rows, c], p["kappa"][rows, c], generator)
+            theta[:, self.col["phi"]] = self._phi_origin() + torch.remainder(psi, 2 * math.pi) / 2
+        if self.prior.has_shear:
+            theta[:, -2:] = disc_sample(p["g_mean"][rows, c], p["g_log_s"][rows, c], self.prior.config.shear_max,
+                                        generator)
+        return theta
