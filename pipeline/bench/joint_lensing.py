@@ -26,19 +26,17 @@ import argparse
 import json
 import math
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.diffusion.sampling import sample_prior
+from pipeline.bench.lensing_obs import prior_drawn_observations
 from pipeline.lensing.lens_prior import LensPrior, draw_lens
-from pipeline.lensing.observation import load_observation
 from pipeline.lensing.operator import LensParams, build_simulator, caustics_forward
 from pipeline.lensing.sample import load_setup, method_run
-from pipeline.lensing.simulate import default_psf, make_problem, simulate_set
+from pipeline.lensing.simulate import default_psf, make_problem
 from pipeline.runtime import configure_threads
 
 DEFAULT_PRIOR = "data/pretrained/prior"
@@ -109,28 +107,21 @@ def main(argv=None) -> dict:
     setup = load_setup(args.config, args.prior, n=args.trajectories, seed=args.seed)
     lcfg, sigma = setup.lcfg, float(setup.lcfg.noise.sigma)
     ops = operator_seconds(lcfg, sigma, args.lenses, args.repeats, args.seed)
-    b = setup.brightness
-    truths = sample_prior(setup.prior, setup.chain, args.n_obs, generator=torch.Generator().manual_seed(args.seed))
-    truths = (b.scale * truths[:, 0] + b.offset).cpu().numpy()
     rows, run = [], None
-    with tempfile.TemporaryDirectory() as tmp:
-        entries = simulate_set(truths, args.n_obs, Path(tmp) / "obs", lcfg.geometry, lcfg.lens, lcfg.noise,
-                               seed=args.seed)
-        prior_theta = LensPrior(lcfg.lens)
-        for i, entry in enumerate(entries):
-            problem, y, meta = load_observation(Path(tmp) / "obs" / entry["file"], lcfg, device=setup.device,
-                                                brightness=b)
-            if run is None:
-                run = method_run(setup, "rtb_amortized", args.prior, args.posterior, problem)
-            gen = torch.Generator().manual_seed(args.seed * 1000 + i)
-            t0 = time.perf_counter()
-            smp = run.sampler.sample(problem, y, args.trajectories, generator=gen)
-            seconds = (time.perf_counter() - t0) / args.trajectories
-            log_w = (smp.log_r + smp.log_p_traj - smp.log_q_traj).cpu()
-            row = {"obs": entry["file"], "peak_snr": entry["peak_snr"], "seconds_per_trajectory": seconds,
-                   "theta": dict(zip(prior_theta.names, prior_theta.to_vector(LensParams(**entry["lens"])).tolist()))}
-            row.update(weight_summary(log_w))
-            rows.append(row)
+    prior_theta = LensPrior(lcfg.lens)
+    for i, obs in enumerate(prior_drawn_observations(setup, args.n_obs, args.seed)):
+        problem, y, entry = obs["problem"], obs["y"], obs["entry"]
+        if run is None:
+            run = method_run(setup, "rtb_amortized", args.prior, args.posterior, problem)
+        gen = torch.Generator().manual_seed(args.seed * 1000 + i)
+        t0 = time.perf_counter()
+        smp = run.sampler.sample(problem, y, args.trajectories, generator=gen)
+        seconds = (time.perf_counter() - t0) / args.trajectories
+        log_w = (smp.log_r + smp.log_p_traj - smp.log_q_traj).cpu()
+        row = {"obs": entry["file"], "peak_snr": entry["peak_snr"], "seconds_per_trajectory": seconds,
+               "theta": dict(zip(prior_theta.names, prior_theta.to_vector(LensParams(**entry["lens"])).tolist()))}
+        row.update(weight_summary(log_w))
+        rows.append(row)
     result = {"config": args.config, "threads": torch.get_num_threads(), "operator": ops, "observations": rows}
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result))

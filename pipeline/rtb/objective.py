@@ -190,7 +190,7 @@ def policy_rollout(posterior, n: int, y=None, cond=None, *, problem=None, genera
     ``std_scale`` tempers the step noise (exploration); ``behaviour``: an optional extra mean offset
     ``(x, k, eps_p, y, problem) -> offset`` (e.g. DPS guidance) used during this rollout only. In both cases
     log q is that of the untempered, unguided q_phi, so the off-policy loss stays exact.
-    ``last_step``: an optional replacement of the step x_2 -> x_1, ``(x_2, eps_p, q's mean, noise) ->
+    ``last_step``: an optional replacement of the step x_2 -> x_1, ``(x_2, eps_p, q's mean, noise, q's std) ->
     (x_1, log q)`` (e.g. :class:`pipeline.rtb.twisted_step.GaussNewtonLastStep`); the trajectory is
     then scored under that step's own density (sampling only, not with tempering or behaviour).
     (This is :func:`pipeline.diffusion.sampling.rollout`'s loop with a per-step std, which q_phi
@@ -218,7 +218,7 @@ def policy_rollout(posterior, n: int, y=None, cond=None, *, problem=None, genera
                 centre = mean + behaviour(x, k, eps_p, y_n, problem).detach()
         noise = torch.randn(shape, generator=generator, dtype=dtype).to(device)
         if k == 2 and last_step is not None:
-            x_new, log_q[k] = last_step(x, eps_p, mean, noise)
+            x_new, log_q[k] = last_step(x, eps_p, mean, noise, std)
         else:
             x_new = (centre + std_scale * std * noise).detach()
             log_q[k] = gaussian_log_prob(x_new, mean, std)

@@ -77,8 +77,10 @@ class GaussNewtonLastStep:
         return mu + torch.cholesky_solve(rhs[:, None], L)[:, 0], L
 
     @torch.no_grad()
-    def __call__(self, x2: torch.Tensor, eps2: torch.Tensor, policy_mean: torch.Tensor, noise: torch.Tensor):
-        """Draw x_1 for each of the n states x_2 (n, ...) with the standard normals ``noise``.
+    def __call__(self, x2: torch.Tensor, eps2: torch.Tensor, policy_mean: torch.Tensor, noise: torch.Tensor,
+                 policy_std=None):
+        """Draw x_1 for each of the n states x_2 (n, ...) with the standard normals ``noise`` (the policy's
+        own step, ``policy_mean`` and ``policy_std``, only seeds the linearisation).
 
         Returns (x_1 shaped like x2, log q(x_1 | x_2) (n,) float64)."""
         n = x2.shape[0]
@@ -96,3 +98,108 @@ class GaussNewtonLastStep:
             # log N(x; m, P^-1) at x = m + L^-T z: -|z|^2/2 + log det(L) - d/2 log 2 pi
             log_q[b] = -0.5 * (z[b] ** 2).sum() + torch.log(torch.diagonal(L)).sum() - 0.5 * self.d * math.log(2 * math.pi)
         return out.to(x2.dtype).reshape(x2.shape), log_q
+
+
+class SharedGaussNewtonLastStep(GaussNewtonLastStep):
+    """The twisted last step with ONE linearisation per observation, shared by all its samples.
+
+    The per-sample step above pays a d x d Jacobian for every sample. Here f is linearised once per
+    Gauss-Newton iteration at the mean over the batch (first the policy's step means, then the previous
+    iteration's means), and every sample takes the exact Gaussian product of its own prior step
+    N(mu_i, s^2 I) with that one linear-Gaussian likelihood. Log q stays exact for what is sampled; only
+    how close the step is to optimal depends on one linearisation serving every sample.
+
+    ``rank``: None uses the dense Jacobian (d vector-Jacobian products per iteration). An integer k keeps
+    the likelihood's action on a k-dimensional subspace Q of the source: a randomized range finder with
+    one power step on G^T G (k Jacobian-vector and k vector-Jacobian products, vectorised) gives Q, and
+    H = G Q (k more Jacobian-vector products). The likelihood exp(-|rho - H Q^T (x - xbar)|^2 / 2) is
+    then exactly linear-Gaussian, so the step is an exact Gaussian: in Q's coordinates precision
+    I/s^2 + H^T H; outside Q (``outside``) the prior's step N(mu, s^2 I) projected there (``"prior"``), or
+    the policy's own step N(policy mean, diag policy std^2) projected there (``"policy"``: the network's
+    learned step is kept where the likelihood is not used; the complement's covariance is then factored
+    per sample).
+    """
+
+    def __init__(self, prior, chain, problem, y, *, iterations: int = 2, rank: int | None = None, seed: int = 0,
+                 outside: str = "prior"):
+        super().__init__(prior, chain, problem, y, iterations=iterations)
+        if rank is not None and not 1 <= int(rank) < self.d:
+            raise ValueError(f"rank must be in [1, {self.d - 1}] or None, got {rank}")
+        if outside not in ("prior", "policy") or (outside == "policy" and rank is None):
+            raise ValueError(f"outside must be 'prior' or, with a rank, 'policy'; got {outside!r}")
+        self.rank, self.seed, self.outside = (None if rank is None else int(rank)), seed, outside
+
+    def _jvp(self, xbar: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """J_f(xbar) V for V (d, k) -> (d, k), float64."""
+        x32 = xbar.detach().to(torch.float32)
+        cols = torch.func.vmap(lambda v: torch.func.jvp(self._f, (x32,), (v,))[1])(V.T.to(torch.float32))
+        return cols.T.to(torch.float64)
+
+    def _vjp(self, xbar: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+        """J_f(xbar)^T U for U (d, k) -> (d, k), float64."""
+        _, pullback = torch.func.vjp(self._f, xbar.detach().to(torch.float32))
+        rows = torch.func.vmap(lambda u: pullback(u)[0])(U.T.to(torch.float32))
+        return rows.T.to(torch.float64)
+
+    def _subspace(self, xbar: torch.Tensor):
+        """(Q (d, k), H = W A J Q (m, k), rho (m,)) at xbar."""
+        gen = torch.Generator().manual_seed(self.seed)
+        omega = torch.randn(self.d, self.rank, generator=gen, dtype=torch.float64).to(xbar.device)
+        G_omega = self.WA @ self._jvp(xbar, omega)                              # (m, k)
+        Q, _ = torch.linalg.qr(self._vjp(xbar, self.WA.T @ G_omega))            # range of G^T G omega
+        H = self.WA @ self._jvp(xbar, Q)
+        with torch.no_grad():
+            fx = self._f(xbar.detach().to(torch.float32)).reshape(1, *self.event_shape)
+            model = self.problem.forward(fx).to(torch.float64).reshape(-1).to(self.w.device)
+        return Q, H, self.yw - model * self.w
+
+    def _means(self, mu: torch.Tensor, s: float, xbar: torch.Tensor, pi=None):
+        """Per-sample means (n, d) and what sampling needs, for the likelihood linearised at xbar; ``pi``:
+        the policy's step means (n, d), used outside the subspace when ``outside="policy"``."""
+        if self.rank is None:
+            G, rho = self._linearise(xbar)
+            P = G.T @ G
+            P.diagonal().add_(1.0 / s ** 2)
+            L = torch.linalg.cholesky(P)
+            rhs = (rho[None] - (mu - xbar) @ G.T) @ G                            # (n, d)
+            return mu + torch.cholesky_solve(rhs.T, L).T, (None, L)
+        Q, H, rho = self._subspace(xbar)
+        Pk = H.T @ H
+        Pk.diagonal().add_(1.0 / s ** 2)
+        L = torch.linalg.cholesky(Pk)
+        rhs = (rho[None] - (mu - xbar) @ Q @ H.T) @ H                            # (n, k)
+        base = mu if pi is None else mu @ Q @ Q.T + pi - pi @ Q @ Q.T          # outside Q: mu's or pi's part
+        return base + torch.cholesky_solve(rhs.T, L).T @ Q.T, (Q, L)
+
+    @torch.no_grad()
+    def __call__(self, x2: torch.Tensor, eps2: torch.Tensor, policy_mean: torch.Tensor, noise: torch.Tensor,
+                 policy_std=None):
+        n = x2.shape[0]
+        mu = self.chain.reverse_mean(x2, eps2, 2).reshape(n, -1).to(torch.float64)
+        s = self.chain.reverse_std(2)
+        pi = policy_mean.reshape(n, -1).to(torch.float64)
+        xbar = pi.mean(0)
+        keep_policy = self.outside == "policy"
+        for _ in range(self.iterations):
+            m, (Q, L) = self._means(mu, s, xbar, pi if keep_policy else None)
+            xbar = m.mean(0)
+        z = noise.reshape(n, -1).to(torch.float64)
+        const = -0.5 * self.d * math.log(2 * math.pi) - 0.5 * (z * z).sum(1)
+        if Q is None:  # x = m + L^-T z under N(m, P^-1)
+            x = m + torch.linalg.solve_triangular(L.T, z.T, upper=True).T
+            return x.to(x2.dtype).reshape(x2.shape), const + torch.log(torch.diagonal(L)).sum()
+        k = Q.shape[1]
+        zq = z @ Q
+        x = m + torch.linalg.solve_triangular(L.T, zq.T, upper=True).T @ Q.T    # in Q: m + L^-T z_Q
+        log_q = const + torch.log(torch.diagonal(L)).sum()
+        if not keep_policy:  # outside Q: the prior step's noise s z_perp
+            return (x + s * (z - zq @ Q.T)).to(x2.dtype).reshape(x2.shape), log_q - (self.d - k) * math.log(s)
+        # outside Q: N(pi, diag(sd^2)) projected on the complement C, covariance C^T diag(sd^2) C per sample
+        C = torch.linalg.qr(Q, mode="complete")[0][:, k:]                        # (d, d - k)
+        sd = torch.as_tensor(policy_std, dtype=torch.float64).expand_as(policy_mean).reshape(n, -1)
+        zc = z @ C
+        for i in range(n):
+            Lc = torch.linalg.cholesky(C.T @ (sd[i, :, None] ** 2 * C))
+            x[i] += C @ (Lc @ zc[i])
+            log_q[i] -= torch.log(torch.diagonal(Lc)).sum()
+        return x.to(x2.dtype).reshape(x2.shape), log_q

@@ -9,7 +9,7 @@ from pipeline.diffusion.sampling import sample_prior
 from pipeline.diffusion.schedule import gaussian_log_prob
 from pipeline.lensing import gaussian_check as gc
 from pipeline.rtb.objective import policy_rollout, prior_eps
-from pipeline.rtb.twisted_step import GaussNewtonLastStep
+from pipeline.rtb.twisted_step import GaussNewtonLastStep, SharedGaussNewtonLastStep
 
 TINY = dict(source_npix=4, source_pixscale=0.3, image_npix=6, image_pixscale=0.3, supersample=1, psf_fwhm=0.3,
             psf_npix=5, length_scale=0.4)
@@ -104,3 +104,87 @@ def test_twisted_step_refuses_a_nonlinear_problem_and_bad_iterations():
     with pytest.raises(ValueError, match="iterations"):
         GaussNewtonLastStep(prior, chain, problem, y, iterations=0)
     assert math.isfinite(float(GaussNewtonLastStep(prior, chain, problem, y).d))
+
+
+def test_shared_step_is_exact_for_every_sample_when_the_final_denoise_is_affine():
+    # one linearisation serves every sample: for an affine f it is the exact product wherever it is made
+    prior, chain, problem, y = _setup()
+    g = torch.Generator().manual_seed(1)
+    n = 64
+    x2 = torch.randn(n, 16, generator=g)
+    eps2 = prior_eps(prior, chain, x2, 2)
+    start = chain.reverse_mean(x2, eps2, 2) + 0.5 * torch.randn(n, 16, generator=g)
+    x1, log_q = SharedGaussNewtonLastStep(prior, chain, problem, y, iterations=1)(x2, eps2, start,
+                                                                                  torch.randn(n, 16, generator=g))
+    log_p = gaussian_log_prob(x1, chain.reverse_mean(x2, eps2, 2), chain.reverse_std(2))
+    log_w = (log_p + problem.log_likelihood(_f(prior, chain, x1), y) - log_q).double()
+    want = _log_z_step(prior, chain, problem, y, x2)
+    assert torch.allclose(log_w, want, atol=2e-3, rtol=0), (log_w - want).abs().max()
+
+
+def test_low_rank_step_samples_and_scores_one_exact_gaussian():
+    # rank k < d: x_1 ~ N(m_i, P^-1) with P = I/s^2 + Q (L L^T - I/s^2) Q^T, and log q is that density
+    prior, chain, problem, y = _setup()
+    g = torch.Generator().manual_seed(2)
+    n = 32
+    x2 = torch.randn(n, 16, generator=g)
+    eps2 = prior_eps(prior, chain, x2, 2)
+    start = chain.reverse_mean(x2, eps2, 2)
+    step = SharedGaussNewtonLastStep(prior, chain, problem, y, iterations=1, rank=5)
+    x1, log_q = step(x2, eps2, start, torch.randn(n, 16, generator=g))
+    mu = chain.reverse_mean(x2, eps2, 2).double()
+    s = chain.reverse_std(2)
+    m, (Q, L) = step._means(mu, s, start.double().mean(0))
+    assert Q.shape == (16, 5) and torch.allclose(Q.T @ Q, torch.eye(5, dtype=torch.float64), atol=1e-10)
+    P = torch.eye(16, dtype=torch.float64) / s ** 2 + Q @ (L @ L.T - torch.eye(5, dtype=torch.float64) / s ** 2) @ Q.T
+    want = torch.distributions.MultivariateNormal(m, precision_matrix=P).log_prob(x1.double())
+    assert torch.allclose(log_q, want, atol=1e-6, rtol=0), (log_q - want).abs().max()
+    # the draws have that Gaussian's law: whitened residuals are standard normal
+    r = torch.linalg.cholesky(P).T @ (x1.double() - m).T
+    assert abs(float(r.mean())) < 0.1 and abs(float(r.std()) - 1) < 0.1
+
+
+def test_shared_steps_raise_the_elbo_and_full_rank_beats_low_rank():
+    from pipeline.rtb.config import RTBConfig
+    from pipeline.rtb.posterior import make_posterior
+
+    prior, chain, problem, y = _setup()
+    post = make_posterior(prior, chain, RTBConfig().with_fields(head_hidden=16, head_layers=1))
+    post.eval()
+    n = 256
+
+    def elbo(step):
+        b = policy_rollout(post, n, y, problem=problem, generator=torch.Generator().manual_seed(5), last_step=step)
+        return float((b.log_r - b.log_ratio()).mean())
+
+    base = elbo(None)
+    low = elbo(SharedGaussNewtonLastStep(prior, chain, problem, y, iterations=1, rank=3))
+    full = elbo(SharedGaussNewtonLastStep(prior, chain, problem, y, iterations=1))
+    assert base + 0.5 < low < full, (base, low, full)
+    with pytest.raises(ValueError, match="rank"):
+        SharedGaussNewtonLastStep(prior, chain, problem, y, rank=16)
+
+
+def test_low_rank_step_keeping_the_policy_outside_is_one_exact_gaussian_per_sample():
+    # outside Q the policy's own step N(pi_i, diag sd_i^2), projected there; log q is the density of
+    # x_i ~ N(m_i, Q P_k^-1 Q^T + C C^T diag(sd_i^2) C C^T)
+    prior, chain, problem, y = _setup()
+    g = torch.Generator().manual_seed(4)
+    n = 8
+    x2 = torch.randn(n, 16, generator=g)
+    eps2 = prior_eps(prior, chain, x2, 2)
+    pi = chain.reverse_mean(x2, eps2, 2) + 0.3 * torch.randn(n, 16, generator=g)
+    sd = chain.reverse_std(2) * torch.exp(0.3 * torch.randn(n, 16, generator=g))
+    step = SharedGaussNewtonLastStep(prior, chain, problem, y, iterations=1, rank=5, outside="policy")
+    x1, log_q = step(x2, eps2, pi, torch.randn(n, 16, generator=g), sd)
+    mu = chain.reverse_mean(x2, eps2, 2).double()
+    m, (Q, L) = step._means(mu, chain.reverse_std(2), pi.double().mean(0), pi.double())
+    C = torch.linalg.qr(Q, mode="complete")[0][:, 5:]
+    for i in range(n):
+        cov = Q @ torch.cholesky_inverse(L) @ Q.T + C @ C.T @ torch.diag(sd[i].double() ** 2) @ C @ C.T
+        want = torch.distributions.MultivariateNormal(m[i], cov).log_prob(x1[i].double())
+        assert abs(float(log_q[i] - want)) < 1e-6
+    # outside Q the means are the policy's
+    torch.testing.assert_close(m @ C, pi.double() @ C)
+    with pytest.raises(ValueError, match="outside"):
+        SharedGaussNewtonLastStep(prior, chain, problem, y, outside="policy")
