@@ -8,7 +8,10 @@ truth and samples) beside the level an exact sampler reaches with the same numbe
 chi2_nu per sample over the image and inside the arc (and the truth's own chi2_nu as its
 reference), sharpness (posterior std / prior std) and the posterior-mean error [source units]
 from the equally weighted samples, log Z per observation, how many observations the sampler's posterior
-predictive check flagged (the files' ``PPCWARN``), and the figures.
+predictive check flagged (the files' ``PPCWARN``), and the figures. For a method that inferred the lens
+(``LENSSAMP`` in its files) the summary adds ``lens``: per-parameter coverage against the exact sampler's
+bands, bias and TARP over the lens parameters (:mod:`pipeline.metrics.lens_calibration`), against the
+true lens in each observation's keywords.
 
 Output: ``OUT/summary.json`` = ``{"sets": {SET: {METHOD: {...metrics...}}}, "figures": {SET: {...}},
 "settings": {SET: {...}}, "truth_chi2": {SET: {...}}}``; with ``merge`` an existing
@@ -32,6 +35,7 @@ from pipeline.evaluation.records import (default_loader, drop_truthless, expand_
 from pipeline.io.atomic import write_json
 from pipeline.lensing.critical import curves_from_header
 from pipeline.metrics.coverage import exact_coverage_curve, exact_coverage_level, footprint, interval_coverage
+from pipeline.metrics.lens_calibration import lens_calibration
 from pipeline.metrics.sharpness import mean_error, prior_std_map, sample_moments, sharpness
 from pipeline.metrics.tarp import null_distribution, tarp_summary
 from pipeline.plots import plot_coverage, plot_lens
@@ -109,7 +113,34 @@ def evaluate_method(records: list[dict], *, prior_std, n_bins: int, rng: np.rand
     kinds = [r.get("kind") for r in records]
     if any(k is not None for k in kinds):
         out["per_kind"] = per_kind_summary(kinds, out["per_obs"], samples, truths)
+    lens = lens_arrays(records)
+    if lens is not None:
+        out["lens"] = lens_calibration(*lens, rng=rng, n_bins=n_bins)
     return out
+
+
+def lens_arrays(records: list[dict]):
+    """(samples (n_obs, S, p), truths (n_obs, p), names) of the lens parameters of records whose
+    posterior inferred the lens and whose observation states the true lens; None when none did.
+    Records without a true lens are left out with a warning."""
+    recs = [r for r in records if r.get("lens_samples") is not None]
+    if not recs:
+        return None
+    names = recs[0]["lens_samples"]["names"]
+    kept = []
+    for r in recs:
+        if r["lens_samples"]["names"] != names:
+            raise InputFileError(r["file"], f"lens parameters {r['lens_samples']['names']} differ from {names}",
+                                 "LENSSAMP")
+        if r.get("lens_truth") is None:
+            log.warning("%s: its observation has no lens keywords: left out of the lens calibration", r["file"])
+            continue
+        kept.append(r)
+    if not kept:
+        return None
+    samples = np.stack([r["lens_samples"]["samples"] for r in kept])
+    truths = np.array([[float(getattr(r["lens_truth"], k)) for k in names] for r in kept])
+    return samples, truths, names
 
 
 def _coverage_fields(cov: dict, cov_fp: dict, n_s: int) -> dict:

@@ -23,6 +23,7 @@ from pipeline.errors import InputFileError, PipelineError
 from pipeline.io.fits import hdu_names, read_image_hdu
 from pipeline.io.posterior import read_posterior
 from pipeline.lensing.config import LensingConfig, load_lensing_config
+from pipeline.lensing.critical import lens_from_header
 from pipeline.lensing.observation import load_observation
 from pipeline.metrics.chi2 import chi2_per_sample, forward_view, normalised_residual
 
@@ -96,7 +97,8 @@ def source_kind(obs_path) -> str | None:
 def read_records(files, obs_dir: Path) -> tuple[dict, dict]:
     """Read every posterior file into a record; returns ``(by_method, by_obs)``: the same records
     grouped by method (the file's METHOD, else its directory name) and by observation path (the
-    file's OBSFILE, else its own name, inside ``obs_dir``)."""
+    file's OBSFILE, else its own name, inside ``obs_dir``). A posterior that inferred the lens
+    (``LENSSAMP``) gets its observation's true lens (its lens keywords) as ``lens_truth``."""
     by_method: dict[str, list[dict]] = {}
     by_obs: dict[Path, list[dict]] = {}
     for f in files:
@@ -110,7 +112,10 @@ def read_records(files, obs_dir: Path) -> tuple[dict, dict]:
                "obs": obs_path.name, "file": f, "src_pixscale": d["src_pixscale"], "units": d["units"],
                "method": method, "residual": None, "obs_img": None, "obs_pix": None,
                "kind": source_kind(obs_path), "model": d.get("model"), "lens_cards": d.get("lens"),
-               "bunit": d.get("bunit", ""), "data_unit": d.get("data_unit", ""), "ppc": d["ppc"]}
+               "bunit": d.get("bunit", ""), "data_unit": d.get("data_unit", ""), "ppc": d["ppc"],
+               "lens_samples": d["lens_samples"],
+               "lens_truth": (lens_from_header(fits.getheader(obs_path, 0), obs_path)
+                              if d["lens_samples"] is not None else None)}
         by_method.setdefault(method, []).append(rec)
         by_obs.setdefault(obs_path, []).append(rec)
     return by_method, by_obs

@@ -47,8 +47,13 @@ def test_calibrate_lensing_files_exact_gaussian(tmp_path):
         cov = np.linalg.inv(np.linalg.inv(C) + Si * M.T @ M)
         mean = cov @ (np.linalg.solve(C, mu) + Si * M.T @ y)
         s = mean + rng.normal(size=(n_s, n * n)) @ np.linalg.cholesky(cov).T
+        # lens samples as an exact sampler would give them: the truth is one more draw of N(m, sd^2)
+        lens_true = np.array([lens.rein, lens.q, lens.g1])
+        lens_sd = np.array([0.01, 0.02, 0.005])
+        lens_mean = lens_true + lens_sd * rng.normal(size=3)
         write_posterior(post_dir / name, s.reshape(n_s, n, n), truth=truth, src_pixscale=geom.source_pixscale,
-                        method="exact", obs_file=name, seconds=1.0)
+                        method="exact", obs_file=name, seconds=1.0,
+                        lens_samples=lens_mean + lens_sd * rng.normal(size=(n_s, 3)), lens_names=["rein", "q", "g1"])
         ratios.append(np.trace(cov) / np.trace(C))
     prior_fits = tmp_path / "prior.fits"
     prior_draws = (mu + rng.normal(size=(2000, n * n)) @ Lc.T).reshape(-1, n, n).astype(np.float32)
@@ -71,6 +76,13 @@ def test_calibrate_lensing_files_exact_gaussian(tmp_path):
     assert r["chi2_median"] == pytest.approx(r["truth_chi2_median"], abs=0.15)
     assert r["sharpness"] == pytest.approx(np.median(np.sqrt(ratios)), rel=0.1)
     assert r["prior_std_source"] == str(prior_fits)
+    # the lens parameters against each observation's true lens keywords, at the exact sampler's levels
+    lc = r["lens"]
+    assert (lc["n_obs"], lc["n_samples"]) == (n_obs, n_s) and list(lc["parameters"]) == ["rein", "q", "g1"]
+    for p in lc["parameters"].values():
+        assert p["band"]["0.68"][1] == pytest.approx(45 / 65)
+        assert p["band"]["0.68"][0] <= p["coverage"]["0.68"] <= p["band"]["0.68"][2]
+        assert abs(p["bias"]) <= p["bias_band"]
     png = out / json.loads((out / "summary.json").read_text())["figures"]["prior"]["lenses"]["exact"][0]
     assert png.stat().st_size > 10_000
     # samples 30 % too bright (e.g. a brightness map applied twice) are caught by chi2
