@@ -132,6 +132,9 @@ def lens_arrays(records: list[dict]):
         if r["lens_samples"]["names"] != names:
             raise InputFileError(r["file"], f"lens parameters {r['lens_samples']['names']} differ from {names}",
                                  "LENSSAMP")
+        if len(r["lens_samples"]["samples"]) != len(recs[0]["lens_samples"]["samples"]):
+            raise InputFileError(r["file"], f"{len(r['lens_samples']['samples'])} lens samples, the set's first "
+                                 f"file has {len(recs[0]['lens_samples']['samples'])}", "LENSSAMP")
         if r.get("lens_truth") is None:
             log.warning("%s: its observation has no lens keywords: left out of the lens calibration", r["file"])
             continue

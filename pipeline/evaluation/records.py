@@ -94,6 +94,16 @@ def source_kind(obs_path) -> str | None:
     return str(kind).strip() or None
 
 
+def true_lens(obs_path):
+    """The lens in an observation's keywords (array frame), or None when it has none or they cannot be read
+    (a warning says why)."""
+    try:
+        return lens_from_header(fits.getheader(obs_path, 0), obs_path)
+    except (OSError, InputFileError) as exc:
+        log.warning("%s: no usable true lens (%s): left out of the lens calibration", obs_path, exc)
+        return None
+
+
 def read_records(files, obs_dir: Path) -> tuple[dict, dict]:
     """Read every posterior file into a record; returns ``(by_method, by_obs)``: the same records
     grouped by method (the file's METHOD, else its directory name) and by observation path (the
@@ -114,8 +124,7 @@ def read_records(files, obs_dir: Path) -> tuple[dict, dict]:
                "kind": source_kind(obs_path), "model": d.get("model"), "lens_cards": d.get("lens"),
                "bunit": d.get("bunit", ""), "data_unit": d.get("data_unit", ""), "ppc": d["ppc"],
                "lens_samples": d["lens_samples"],
-               "lens_truth": (lens_from_header(fits.getheader(obs_path, 0), obs_path)
-                              if d["lens_samples"] is not None else None)}
+               "lens_truth": true_lens(obs_path) if d["lens_samples"] is not None else None}
         by_method.setdefault(method, []).append(rec)
         by_obs.setdefault(obs_path, []).append(rec)
     return by_method, by_obs

@@ -122,9 +122,10 @@ class SourcesConfig:
 
 @dataclass
 class LensConfig:
-    """The lens prior the simulator and the amortized training draw from: uniform in each range, the
-    shear a normal truncated to a disc (the density: :mod:`pipeline.lensing.lens_prior`); angles in
-    arcsec, position angles in rad."""
+    """The lens prior that the simulator and the amortized training draw from.
+
+    Each parameter is uniform in its range and the shear is a normal truncated to a disc; angles in
+    arcsec, position angles in rad. Its density is :mod:`pipeline.lensing.lens_prior`."""
 
     model: str = param("SIE", "Main deflector: singular isothermal ellipsoid or elliptical power law.",
                        choices=["SIE", "EPL"])

@@ -45,7 +45,7 @@ def von_mises_sample(mu: torch.Tensor, kappa: torch.Tensor, generator=None) -> t
     out = torch.empty_like(mu)
     todo = torch.ones_like(mu, dtype=torch.bool)
     while bool(todo.any()):
-        u1, u2, u3 = (torch.rand(mu.shape, generator=generator, dtype=mu.dtype) for _ in range(3))
+        u1, u2, u3 = (torch.rand(mu.shape, generator=generator, dtype=mu.dtype).to(mu.device) for _ in range(3))
         z = torch.cos(math.pi * u1)
         f = (1 + r * z) / (r + z)
         c = kappa * (r - f)
@@ -74,7 +74,7 @@ def disc_log_prob(g: torch.Tensor, mean: torch.Tensor, log_s: torch.Tensor, gmax
 
 def disc_sample(mean: torch.Tensor, log_s: torch.Tensor, gmax: float, generator=None) -> torch.Tensor:
     """Draws (..., 2) of the disc density of :func:`disc_log_prob`."""
-    u = mean + log_s.exp() * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+    u = mean + log_s.exp() * torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
     r = torch.linalg.vector_norm(u, dim=-1, keepdim=True)
     scale = torch.where(r < 1e-12, torch.ones_like(r), torch.tanh(r) / r.clamp(min=1e-300))
     return gmax * u * scale
@@ -90,9 +90,9 @@ class LensThetaHead(nn.Module):
     """q_phi(theta | h): a C-component mixture of product densities over ``prior``'s support (see the
     module docstring), its parameters an MLP of the observation's embedding h (B, embed_dim).
 
-    The truncated normals' means lie inside their box (so the truncation never removes more than half a
-    component's mass and the inverse-CDF sampler stays exact at any std), their stds in
-    [``min_std_frac``, 2] x the width; the von Mises concentration in [0, ``max_kappa``]; the shear's
+    The truncated normals' means lie inside their box (so no box edge is further than the box width from
+    a mean, and the inverse-CDF sampler stays accurate at any std down to ``min_std_frac`` x the width),
+    their stds in [``min_std_frac``, 2] x the width; the von Mises concentration in [0, ``max_kappa``]; the shear's
     normal has mean in [-3, 3]^2 and std in [0.01, 2] in u-space. At initialisation the components are
     broad (std half the width, phi uniform, the shear's u ~ N(0, I)) and spread over the box."""
 
@@ -158,16 +158,17 @@ class LensThetaHead(nn.Module):
             g = theta[:, None, -2:]
             lp = lp + disc_log_prob(g, p["g_mean"], p["g_log_s"], self.prior.config.shear_max)
         lp = torch.logsumexp(p["log_w"] + lp, -1)
-        return torch.where(torch.isfinite(self.prior.log_prob(theta)), lp, torch.tensor(-math.inf, dtype=lp.dtype))
+        return torch.where(torch.isfinite(self.prior.log_prob(theta)), lp,
+                           torch.tensor(-math.inf, dtype=lp.dtype, device=lp.device))
 
     @torch.no_grad()
     def sample(self, h: torch.Tensor, generator=None) -> torch.Tensor:
         """One theta per row of h, (B, dim), in the columns of ``prior.names``."""
         p = self.params(h)
         B = h.shape[0]
-        c = torch.multinomial(p["log_w"].exp(), 1, generator=generator)[:, 0]
-        rows = torch.arange(B)
-        theta = torch.empty(B, self.prior.dim, dtype=torch.float64)
+        c = torch.multinomial(p["log_w"].exp().cpu(), 1, generator=generator)[:, 0].to(h.device)
+        rows = torch.arange(B, device=h.device)
+        theta = torch.empty(B, self.prior.dim, dtype=torch.float64, device=h.device)
         idx = [self.col[k] for k in self.box_names]
         theta[:, idx] = truncnorm_sample(p["mean"][rows, c], p["log_s"][rows, c], self.lo, self.hi, generator)
         if self.circular_phi:

@@ -99,8 +99,8 @@ class LensPrior:
     def log_prob(self, theta: torch.Tensor) -> torch.Tensor:
         """log p(theta), (B,) for theta (B, dim); -inf outside the support."""
         theta = torch.as_tensor(theta, dtype=torch.float64)
-        lp = torch.zeros(theta.shape[0], dtype=torch.float64)
-        inside = torch.ones(theta.shape[0], dtype=torch.bool)
+        lp = torch.zeros(theta.shape[0], dtype=torch.float64, device=theta.device)
+        inside = torch.ones(theta.shape[0], dtype=torch.bool, device=theta.device)
         for j, (lo, hi) in enumerate(self.box.values()):
             inside &= (theta[:, j] >= lo) & (theta[:, j] <= hi)
             lp = lp - math.log(hi - lo)
@@ -109,7 +109,7 @@ class LensPrior:
             g2 = theta[:, -2] ** 2 + theta[:, -1] ** 2
             inside &= g2 <= gmax * gmax
             lp = lp - g2 / (2 * s * s) - math.log(2 * math.pi * s * s) - shear_disc_log_mass(s, gmax)
-        return torch.where(inside, lp, torch.tensor(-math.inf, dtype=torch.float64))
+        return torch.where(inside, lp, torch.tensor(-math.inf, dtype=torch.float64, device=theta.device))
 
     def sample(self, n: int, rng: np.random.Generator) -> torch.Tensor:
         """n draws (n, dim) through :func:`draw_lens`."""

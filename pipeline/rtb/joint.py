@@ -124,11 +124,11 @@ def truncnorm_sample(mean, log_s, lo, hi, generator=None) -> torch.Tensor:
     a, b = (lo - mean) / s, (hi - mean) / s
     flip = (a + b) > 0
     a, b = torch.where(flip, -b, a), torch.where(flip, -a, b)
-    u = torch.rand(mean.shape, generator=generator, dtype=mean.dtype)
+    u = torch.rand(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
     z = torch.special.ndtri(torch.special.ndtr(a) + u * (torch.special.ndtr(b) - torch.special.ndtr(a)))
     z = torch.where(flip, -z, z)
-    return torch.minimum(torch.maximum(mean + s * z, torch.as_tensor(lo, dtype=mean.dtype)),
-                         torch.as_tensor(hi, dtype=mean.dtype))
+    return torch.minimum(torch.maximum(mean + s * z, torch.as_tensor(lo, dtype=mean.dtype, device=mean.device)),
+                         torch.as_tensor(hi, dtype=mean.dtype, device=mean.device))
 
 
 class BoundedThetaHead(nn.Module):

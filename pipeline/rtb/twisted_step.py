@@ -196,7 +196,7 @@ class SharedGaussNewtonLastStep(GaussNewtonLastStep):
             return (x + s * (z - zq @ Q.T)).to(x2.dtype).reshape(x2.shape), log_q - (self.d - k) * math.log(s)
         # outside Q: N(pi, diag(sd^2)) projected on the complement C, covariance C^T diag(sd^2) C per sample
         C = torch.linalg.qr(Q, mode="complete")[0][:, k:]                        # (d, d - k)
-        sd = torch.as_tensor(policy_std, dtype=torch.float64).expand_as(policy_mean).reshape(n, -1)
+        sd = torch.as_tensor(policy_std, dtype=torch.float64, device=m.device).expand(policy_mean.shape).reshape(n, -1)
         zc = z @ C
         for i in range(n):
             Lc = torch.linalg.cholesky(C.T @ (sd[i, :, None] ** 2 * C))
