@@ -48,21 +48,30 @@ def _log_z_step(prior, chain, problem, y, x2):
     return torch.stack(out)
 
 
-def test_twisted_step_is_the_exact_product_when_the_final_denoise_is_affine():
-    prior, chain, problem, y = _setup()
-    g = torch.Generator().manual_seed(0)
-    n = 64
+def _states(prior, chain, n, seed, jitter):
+    """(generator, x_2 (n, 16), its prior eps, a linearisation point jittered off the prior's step mean)."""
+    g = torch.Generator().manual_seed(seed)
     x2 = torch.randn(n, 16, generator=g)
     eps2 = prior_eps(prior, chain, x2, 2)
+    return g, x2, eps2, chain.reverse_mean(x2, eps2, 2) + jitter * torch.randn(n, 16, generator=g)
+
+
+def _step_log_weight(prior, chain, problem, y, x2, eps2, x1, log_q):
+    """log p(x_1 | x_2) + log r(f(x_1)) - log q(x_1 | x_2): log Z_step(x_2) for every x_1 when q is exact."""
+    log_p = gaussian_log_prob(x1, chain.reverse_mean(x2, eps2, 2), chain.reverse_std(2))
+    return (log_p + problem.log_likelihood(_f(prior, chain, x1), y) - log_q).double()
+
+
+def test_twisted_step_is_the_exact_product_when_the_final_denoise_is_affine():
+    prior, chain, problem, y = _setup()
+    n = 64
     # a deliberately poor linearisation point: Gauss-Newton on an affine f is exact after one iteration
-    start = chain.reverse_mean(x2, eps2, 2) + 0.5 * torch.randn(n, 16, generator=g)
+    g, x2, eps2, start = _states(prior, chain, n, seed=0, jitter=0.5)
     z = torch.randn(n, 16, generator=g)
     step = GaussNewtonLastStep(prior, chain, problem, y, iterations=1)
     x1, log_q = step(x2, eps2, start, z)
-    log_p = gaussian_log_prob(x1, chain.reverse_mean(x2, eps2, 2), chain.reverse_std(2))
-    log_r = problem.log_likelihood(_f(prior, chain, x1), y)
     # q = p r / Z_step exactly: log p + log r - log q is the same for every x_1 and equals log Z_step(x_2)
-    log_w = (log_p + log_r - log_q).double()
+    log_w = _step_log_weight(prior, chain, problem, y, x2, eps2, x1, log_q)
     want = _log_z_step(prior, chain, problem, y, x2)
     assert torch.allclose(log_w, want, atol=2e-3, rtol=0), (log_w - want).abs().max()
     x1b, log_qb = GaussNewtonLastStep(prior, chain, problem, y, iterations=2)(x2, eps2, start, z)
@@ -109,15 +118,11 @@ def test_twisted_step_refuses_a_nonlinear_problem_and_bad_iterations():
 def test_shared_step_is_exact_for_every_sample_when_the_final_denoise_is_affine():
     # one linearisation serves every sample: for an affine f it is the exact product wherever it is made
     prior, chain, problem, y = _setup()
-    g = torch.Generator().manual_seed(1)
     n = 64
-    x2 = torch.randn(n, 16, generator=g)
-    eps2 = prior_eps(prior, chain, x2, 2)
-    start = chain.reverse_mean(x2, eps2, 2) + 0.5 * torch.randn(n, 16, generator=g)
+    g, x2, eps2, start = _states(prior, chain, n, seed=1, jitter=0.5)
     x1, log_q = SharedGaussNewtonLastStep(prior, chain, problem, y, iterations=1)(x2, eps2, start,
                                                                                   torch.randn(n, 16, generator=g))
-    log_p = gaussian_log_prob(x1, chain.reverse_mean(x2, eps2, 2), chain.reverse_std(2))
-    log_w = (log_p + problem.log_likelihood(_f(prior, chain, x1), y) - log_q).double()
+    log_w = _step_log_weight(prior, chain, problem, y, x2, eps2, x1, log_q)
     want = _log_z_step(prior, chain, problem, y, x2)
     assert torch.allclose(log_w, want, atol=2e-3, rtol=0), (log_w - want).abs().max()
 
@@ -125,11 +130,8 @@ def test_shared_step_is_exact_for_every_sample_when_the_final_denoise_is_affine(
 def test_low_rank_step_samples_and_scores_one_exact_gaussian():
     # rank k < d: x_1 ~ N(m_i, P^-1) with P = I/s^2 + Q (L L^T - I/s^2) Q^T, and log q is that density
     prior, chain, problem, y = _setup()
-    g = torch.Generator().manual_seed(2)
     n = 32
-    x2 = torch.randn(n, 16, generator=g)
-    eps2 = prior_eps(prior, chain, x2, 2)
-    start = chain.reverse_mean(x2, eps2, 2)
+    g, x2, eps2, start = _states(prior, chain, n, seed=2, jitter=0.0)
     step = SharedGaussNewtonLastStep(prior, chain, problem, y, iterations=1, rank=5)
     x1, log_q = step(x2, eps2, start, torch.randn(n, 16, generator=g))
     mu = chain.reverse_mean(x2, eps2, 2).double()
@@ -169,11 +171,8 @@ def test_low_rank_step_keeping_the_policy_outside_is_one_exact_gaussian_per_samp
     # outside Q the policy's own step N(pi_i, diag sd_i^2), projected there; log q is the density of
     # x_i ~ N(m_i, Q P_k^-1 Q^T + C C^T diag(sd_i^2) C C^T)
     prior, chain, problem, y = _setup()
-    g = torch.Generator().manual_seed(4)
     n = 8
-    x2 = torch.randn(n, 16, generator=g)
-    eps2 = prior_eps(prior, chain, x2, 2)
-    pi = chain.reverse_mean(x2, eps2, 2) + 0.3 * torch.randn(n, 16, generator=g)
+    g, x2, eps2, pi = _states(prior, chain, n, seed=4, jitter=0.3)
     sd = chain.reverse_std(2) * torch.exp(0.3 * torch.randn(n, 16, generator=g))
     step = SharedGaussNewtonLastStep(prior, chain, problem, y, iterations=1, rank=5, outside="policy")
     x1, log_q = step(x2, eps2, pi, torch.randn(n, 16, generator=g), sd)
