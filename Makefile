@@ -4,6 +4,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CORES  ?= 2
+# pytest worker processes (pytest-xdist); each test file runs whole on one worker, so module and
+# session fixtures are built once
+TEST_WORKERS ?= $(CORES)
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: demo results-page test test-fast install clean-results
 
@@ -27,11 +31,11 @@ results-page: $(STAMP)
 		--results-page --command "make demo" --title "Lensing calibration (make demo)"
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PYTEST) tests
 
 # the fast tier (no test marked slow): a quick check while developing; `make test` runs everything
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 clean-results:
 	rm -rf results logs benchmarks
