@@ -71,17 +71,18 @@ def _run_one_case(name: str, settings: dict, out_dir: Path) -> dict:
     block = run_case(case, seeds=settings["seeds"], quick=settings["quick"], K=settings["K"], n=settings["n"],
                      n_prop=settings["n_prop"], methods=settings["methods"], out_dir=out_dir,
                      n_logz=settings.get("n_logz", N_LOGZ), rtb_steps=settings.get("rtb_steps"),
-                     rtb_hidden=settings.get("rtb_hidden"))
+                     rtb_hidden=settings.get("rtb_hidden"), spacing=settings.get("spacing", "uniform"))
     block["case_seconds"] = time.perf_counter() - t0
     _write_json(out_dir / "cases" / f"{name}.json", {"settings": settings, "block": block})
     return block
 
 
 def case_settings(name: str, *, quick: bool, seeds, K: int, n: int, n_prop: int | None, n_logz: int, methods,
-                  rtb_steps: int | None, rtb_hidden: int | None) -> dict:
+                  rtb_steps: int | None, rtb_hidden: int | None, spacing: str = "uniform") -> dict:
     """The settings that make one case's block (a finished case is reused only if they are equal).
 
-    ``rtb_steps`` / ``rtb_hidden`` appear only when given, so the defaults keep the recorded settings."""
+    ``rtb_steps`` / ``rtb_hidden`` appear only when given, and ``spacing`` only when not uniform, so the
+    defaults keep the recorded settings."""
     if n_prop:
         npr = n_prop
     elif make_case(name).d_x == 2:
@@ -91,6 +92,8 @@ def case_settings(name: str, *, quick: bool, seeds, K: int, n: int, n_prop: int 
     settings = {"quick": quick, "seeds": seeds, "K": K, "n": n, "n_prop": npr, "n_logz": n_logz,
                 "methods": list(methods) if methods else None}
     settings.update({k: v for k, v in (("rtb_steps", rtb_steps), ("rtb_hidden", rtb_hidden)) if v is not None})
+    if spacing != "uniform":
+        settings["spacing"] = spacing
     return settings
 
 
@@ -116,14 +119,16 @@ def _run_in_workers(todo: list, out_dir: Path, jobs: int, result: dict) -> None:
 
 def run_benchmark(out_dir, *, quick: bool = False, seeds=None, cases=None, methods=None, K: int = 30,
                   n: int | None = None, n_prop: int | None = None, command: str = "", jobs: int = 1,
-                  n_logz: int = N_LOGZ, rtb_steps: int | None = None, rtb_hidden: int | None = None) -> dict:
+                  n_logz: int = N_LOGZ, rtb_steps: int | None = None, rtb_hidden: int | None = None,
+                  spacing: str = "uniform") -> dict:
     """Run the benchmark and write ``out_dir/gmm.json`` (atomically) and the figure(s).
 
     Each finished case is also written to ``out_dir/cases/<case>.json`` with the settings that made it;
     a rerun with the same settings reuses it (resume after an interruption). ``jobs > 1`` runs cases
     in that many worker processes (one torch thread each, see :mod:`pipeline.runtime`).
     ``rtb_steps`` / ``rtb_hidden``: RTB training steps and head width (None: the defaults of
-    :func:`pipeline.bench.gmm_rtb.rtb_config`).
+    :func:`pipeline.bench.gmm_rtb.rtb_config`). ``spacing``: the chain's timestep grid, uniform or
+    quadratic (:func:`pipeline.diffusion.chain_config.timestep_grid`), for every method and the reference.
     """
     refuse_retired_environment()
     out_dir = Path(out_dir)
@@ -138,7 +143,7 @@ def run_benchmark(out_dir, *, quick: bool = False, seeds=None, cases=None, metho
     todo = []
     for name in cases:
         settings = case_settings(name, quick=quick, seeds=seeds, K=K, n=n, n_prop=n_prop, n_logz=n_logz,
-                                 methods=methods, rtb_steps=rtb_steps, rtb_hidden=rtb_hidden)
+                                 methods=methods, rtb_steps=rtb_steps, rtb_hidden=rtb_hidden, spacing=spacing)
         block = _reused_block(out_dir, name, settings)
         if block is None:
             todo.append((name, settings))

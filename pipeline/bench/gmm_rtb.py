@@ -80,7 +80,7 @@ def rtb_config(case: GMMCase, quick: bool, amortized: bool, seed: int, guided: b
         run=RunConfig(steps=steps, eval_samples=2000, seed=seed, log_every=50))
 
 
-def train_rtb(case: GMMCase, chain_K: int, seed: int, *, quick: bool, y=None, obs_set=None, metrics_path=None,
+def train_rtb(case: GMMCase, chain, seed: int, *, quick: bool, y=None, obs_set=None, metrics_path=None,
               guidance: str = "none", guidance_scale: float = 1.0, logz_ref: float | None = None,
               steps: int | None = None, hidden: int | None = None):
     """Train an RTB posterior: for one observation ``y``, or amortized over the observations
@@ -94,7 +94,6 @@ def train_rtb(case: GMMCase, chain_K: int, seed: int, *, quick: bool, y=None, ob
     base = rtb_config(case, quick, amortized, seed, guided=guidance != "none", steps=steps, hidden=hidden)
     cfg = base.with_fields(guidance=guidance, guidance_scale=float(guidance_scale),
                            learn_guidance_gain=guidance != "none")
-    chain = case.prior.schedule.chain(chain_K)
     torch.manual_seed(seed)
     cond_scale = 8.0  # y is O(10) on these cases: a fixed input normalisation
 
@@ -129,7 +128,7 @@ def sample_rtb(post, cfg, cond_fn, case: GMMCase, y, seed: int, n: int, name: st
     return sampler.sample(case.problem, y, n, generator=torch.Generator().manual_seed(30_000 + seed))
 
 
-def run_rtb(case: GMMCase, chain_K: int, y, seed: int, *, quick: bool, n: int, logz_ref: float, metrics_path=None,
+def run_rtb(case: GMMCase, chain, y, seed: int, *, quick: bool, n: int, logz_ref: float, metrics_path=None,
             guidance: str = "none", guidance_scale: float = 1.0, n_logz: int = N_LOGZ,
             steps: int | None = None, hidden: int | None = None):
     """Single-observation RTB at y: train, sample n, flag divergence (|log Z_IW - log Z_ref| > tol, with
@@ -137,7 +136,7 @@ def run_rtb(case: GMMCase, chain_K: int, y, seed: int, *, quick: bool, n: int, l
 
     Returns (Samples, trainer, cfg, LogZEstimate of the n_logz trajectories).
     """
-    post, trainer, cfg, cond_fn = train_rtb(case, chain_K, seed, quick=quick, y=y, metrics_path=metrics_path,
+    post, trainer, cfg, cond_fn = train_rtb(case, chain, seed, quick=quick, y=y, metrics_path=metrics_path,
                                             guidance=guidance, guidance_scale=guidance_scale, logz_ref=logz_ref,
                                             steps=steps, hidden=hidden)
     name = "rtb" if guidance == "none" else f"rtb_{guidance}"

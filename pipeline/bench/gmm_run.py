@@ -21,6 +21,7 @@ from pipeline.bench.gmm_cases import GMMCase, analytic_logz, draw_observation
 from pipeline.bench.gmm_reference import chain_reference
 from pipeline.bench.gmm_rtb import N_LOGZ, run_rtb, sample_rtb, train_rtb, tune_rtb_guidance
 from pipeline.bench.gmm_summary import figure, logz_fields, sample_metrics, summarise
+from pipeline.diffusion.chain_config import timestep_grid
 from pipeline.samplers import TRAINING_FREE, make_sampler, sampler_class
 from pipeline.samplers.tuning import tune_on_separate_seed
 
@@ -135,7 +136,7 @@ def run_amortized(run: CaseRun, rec: dict, label: str, y, seed: int, logz_ref: f
     """The amortized network (trained once per case, on the first seed) sampled at y."""
     if run.amortized is None:
         t_tr = time.perf_counter()
-        run.amortized = train_rtb(run.case, run.K, run.seeds[0], quick=run.quick, obs_set=run.obs_set,
+        run.amortized = train_rtb(run.case, run.chain, run.seeds[0], quick=run.quick, obs_set=run.obs_set,
                                   metrics_path=_metrics_path(run, label, None), **run.rtb_options)
         run.amortized_seconds = time.perf_counter() - t_tr
     post, trainer, cfg, cond_fn = run.amortized
@@ -154,7 +155,7 @@ def run_single_rtb(run: CaseRun, rec: dict, label: str, m: str, y, seed: int, lo
     """Single-observation RTB (plain or guided) trained and sampled at y."""
     gname = {"rtb_dps": "dps", "rtb_dps_cla": "dps_cla"}.get(m, "none")
     gscale = run.tuning[m]["scale"] if gname != "none" else 1.0
-    smp, trainer, cfg, est_large = run_rtb(run.case, run.K, y, seed, quick=run.quick, n=run.n, logz_ref=logz_ref,
+    smp, trainer, cfg, est_large = run_rtb(run.case, run.chain, y, seed, quick=run.quick, n=run.n, logz_ref=logz_ref,
                                            metrics_path=_metrics_path(run, label, seed), guidance=gname,
                                            guidance_scale=gscale, n_logz=run.n_logz, **run.rtb_options)
     if gname != "none":
@@ -224,14 +225,20 @@ def run_method(run: CaseRun, label: str, m: str, opts: dict, y, seed: int, ref: 
     return rec, score_run(run, rec, smp, est_large, ref, la, seed)
 
 
+def case_chain(case: GMMCase, K: int, spacing: str = "uniform"):
+    """The K-step chain of ``case``'s prior on the ``spacing`` timestep grid (uniform or quadratic)."""
+    return case.prior.schedule.chain(K, timesteps=timestep_grid(case.prior.schedule.T, K, spacing))
+
+
 def run_case(case: GMMCase, *, seeds, quick: bool, K: int, n: int, n_prop: int, methods=None,
              out_dir: Path | None = None, tuning_seed: int = 999, n_logz: int = N_LOGZ,
-             rtb_steps: int | None = None, rtb_hidden: int | None = None) -> dict:
-    """All methods on one case over ``seeds``. Returns the case's JSON block.
+             rtb_steps: int | None = None, rtb_hidden: int | None = None, spacing: str = "uniform") -> dict:
+    """All methods on one case over ``seeds``, on the K-step chain with the ``spacing`` timestep grid
+    (:func:`pipeline.diffusion.chain_config.timestep_grid`). Returns the case's JSON block.
 
     ``rtb_steps`` / ``rtb_hidden``: RTB training steps and head width (None: the defaults of
     :func:`pipeline.bench.gmm_rtb.rtb_config`)."""
-    chain = case.prior.schedule.chain(K)
+    chain = case_chain(case, K, spacing)
     tf = training_free_methods(quick)
     wanted = set(methods) if methods else None
     run = CaseRun(case, chain, list(seeds), quick, K, n, n_logz, out_dir,
@@ -253,8 +260,8 @@ def run_case(case: GMMCase, *, seeds, quick: bool, K: int, n: int, n_prop: int, 
             runs.append(rec)
             if x0 is not None and seed == seeds[0]:
                 figure_samples[label] = x0
-    block = {"d_x": case.d_x, "d_y": case.d_y, "K": K, "n_samples": n, "sigma_y": case.sigma_y,
-             "references": refs, "tuning": run.tuning, "runs": runs, "summary": summarise(runs)}
+    block = {"d_x": case.d_x, "d_y": case.d_y, "K": K, "spacing": spacing, "n_samples": n,
+             "sigma_y": case.sigma_y, "references": refs, "tuning": run.tuning, "runs": runs, "summary": summarise(runs)}
     if out_dir is not None and case.d_x == 2:
         figure(case, figure_samples, out_dir / f"gmm_{case.name}.png")
         block["figure"] = f"gmm_{case.name}.png"

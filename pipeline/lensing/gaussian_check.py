@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.diffusion.chain_config import timestep_grid
 from pipeline.diffusion.gaussian_chain import gaussian_linear_posterior, gaussian_w2, propagate_gaussian_chain
 from pipeline.diffusion.sampling import sample_prior
 from pipeline.io.atomic import write_json
@@ -82,6 +83,7 @@ class CheckSetup:
     snr: float = 2.0                 # noise sigma = RMS(noiseless image over prior draws) / snr
     K: int = 20
     variance: str = "small"
+    spacing: str = "uniform"         # the chain's timestep grid: uniform or quadratic (pipeline.diffusion.chain_config)
     lens_seed: int = 0
 
 
@@ -190,7 +192,8 @@ def _problem_and_reference(setup: CheckSetup, seed: int) -> dict:
     the chain prior) and the exact reference posteriors."""
     cov = se_covariance(setup.source_npix, setup.source_pixscale, setup.length_scale, setup.amplitude, setup.jitter)
     prior = GaussianProcessPrior(cov)
-    chain = prior.schedule.chain(setup.K, setup.variance)
+    chain = prior.schedule.chain(setup.K, setup.variance,
+                                 timesteps=timestep_grid(prior.schedule.T, setup.K, setup.spacing))
     problem, sigma = build_problem(setup, prior, seed)
     g = torch.Generator().manual_seed(seed)
     x_true = sample_prior(prior, chain, 1, generator=g)
@@ -336,10 +339,14 @@ def main(argv=None) -> int:
                    help="guidance scale inside RTB (default: the best untrained ELBO on a separate seed)")
     p.add_argument("--fixed-guidance-gain", action="store_true",
                    help="ablation: do not learn the per-step guidance gain (the spread then stays near its start)")
+    p.add_argument("--K", type=int, default=CheckSetup.K, help="chain length (reverse steps)")
+    p.add_argument("--spacing", default=CheckSetup.spacing, choices=["uniform", "quadratic"],
+                   help="the chain's timestep grid (quadratic ends near t = 0, as config/v2.yaml's chain)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     configure_threads()
     res = run_gaussian_check(a.out, steps=a.steps, n_samples=a.n_samples, seed=a.seed, baselines=not a.no_baselines,
+                             setup=CheckSetup(K=a.K, spacing=a.spacing),
                              rtb_guidance=a.rtb_guidance, rtb_guidance_scale=a.rtb_guidance_scale,
                              rtb_overrides={"learn_guidance_gain": False} if a.fixed_guidance_gain else None)
     rows = [f"{k:12s} frac(err<=0.1)={v['frac_mean_err_le_0.1']:.3f} std_ratio p10/p90="

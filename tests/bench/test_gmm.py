@@ -235,6 +235,29 @@ def test_bench_gmm_rtb_flags_reach_the_recorded_runs(tmp_path, capsys):
     assert r["train_steps"] == 9
 
 
+def test_bench_gmm_spacing_builds_the_quadratic_chain_for_every_method_and_the_reference(tmp_path):
+    """--spacing quadratic: the chain every method and the reference use ends near t = 0 (t_1 = 1 at K = 30
+    on T = 1000); the exact-guidance sampler stays exact on it; the spacing is recorded and part of the
+    settings a finished case is reused under (uniform, the default, is not written there)."""
+    from pipeline.bench.gmm_run import case_chain
+    from pipeline.cli import main
+    from pipeline.diffusion.chain_config import timestep_grid
+
+    c = make_case("2d")
+    assert case_chain(c, 30, "quadratic").t.tolist() == timestep_grid(c.prior.schedule.T, 30, "quadratic")
+    assert case_chain(c, 30).t.tolist() == c.prior.schedule.chain(30).t.tolist()
+    argv = ["bench", "gmm", "--quick", "--seeds", "1", "--methods", "exact_guidance", "--K", "10", "--n", "300",
+            "--out", str(tmp_path)]
+    assert main(argv + ["--spacing", "quadratic"]) == 0
+    data = json.loads((tmp_path / "cases" / "2d.json").read_text())
+    assert data["settings"]["spacing"] == "quadratic" and data["block"]["spacing"] == "quadratic"
+    (r,) = data["block"]["runs"]
+    assert abs(r["logz_iw"] - r["logz_ref"]) < 1.0
+    assert main(argv) == 0  # uniform: a different case block, not the reused quadratic one
+    data = json.loads((tmp_path / "cases" / "2d.json").read_text())
+    assert "spacing" not in data["settings"] and data["block"]["spacing"] == "uniform"
+
+
 @pytest.mark.parametrize("name, flag", [("GMM_RTB_STEPS", "--rtb-steps"), ("GMM_RTB_HIDDEN", "--rtb-hidden")])
 def test_retired_environment_variables_are_refused(tmp_path, monkeypatch, capsys, name, flag):
     """The variables that once set RTB's budget are refused with a one-line error naming the flag, rather

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from pipeline.diffusion.chain_config import timestep_grid
 from pipeline.diffusion.gaussian_chain import propagate_gaussian_chain
 from pipeline.diffusion.prior import GaussianMixturePrior
 from pipeline.diffusion.sampling import sample_prior
@@ -65,9 +66,10 @@ def test_gp_prior_rejects_bad_covariance():
         GaussianProcessPrior(torch.ones(3, dtype=torch.float64))
 
 
-def test_chain_marginal_matches_monte_carlo():
+@pytest.mark.parametrize("spacing", ["uniform", "quadratic"])
+def test_chain_marginal_matches_monte_carlo(spacing):
     prior = _tiny_prior()
-    chain = prior.schedule.chain(10, "small")
+    chain = prior.schedule.chain(10, "small", timesteps=timestep_grid(prior.schedule.T, 10, spacing))
     law = propagate_gaussian_chain(chain, prior.mean, prior.cov)
     n = 20000
     x = sample_prior(prior, chain, n, generator=torch.Generator().manual_seed(2), batch_size=5000).double()
@@ -75,8 +77,21 @@ def test_chain_marginal_matches_monte_carlo():
     # mean: 5 standard errors; covariance entries: 0.05 absolute (var ~ 0.5, se ~ 0.01)
     assert ((x.mean(0) - law["x0_mean"]).abs() / sd).max() < 5 / math.sqrt(n)
     assert (torch.cov(x.T) - law["x0_cov"]).abs().max() < 0.05
-    # and the chain is NOT the analytic prior: its std is clearly different at K = 10
-    assert (sd / torch.diagonal(prior.cov).sqrt()).median() < 0.95
+    # and the uniform chain is NOT the analytic prior: its std is clearly different at K = 10 (t_1 = 100)
+    if spacing == "uniform":
+        assert (sd / torch.diagonal(prior.cov).sqrt()).median() < 0.95
+
+
+def test_setup_spacing_sets_the_chain_and_its_reference():
+    """``CheckSetup.spacing`` builds the chain on that grid, and the exact reference is the one of that chain."""
+    ref = {}
+    for spacing in ("uniform", "quadratic"):
+        p = gc._problem_and_reference(gc.CheckSetup(**TINY, snr=0.5, K=10, spacing=spacing), seed=0)
+        assert p["chain"].t.tolist() == timestep_grid(p["prior"].schedule.T, 10, spacing)
+        law = propagate_gaussian_chain(p["chain"], p["prior"].mean, p["prior"].cov)
+        torch.testing.assert_close(p["ref"]["chain_prior_cov"], law["x0_cov"])
+        ref[spacing] = law["x0_cov"]
+    assert (ref["uniform"] - ref["quadratic"]).abs().max() > 0.02  # 0.032: the grid changes the law
 
 
 def test_reference_posterior_matches_importance_weighted_chain_samples():
