@@ -1,0 +1,306 @@
+"""Stage-B lensing check of the joint construction: the lens inferred with an exact source sampler.
+
+Joint RTB samples (theta, x) as q(theta | y) q(x | theta, y). Its lensing reference waits on a
+lens-conditional source sampler close to exact; this check supplies one, so that the theta part is
+tested on lensing alone. The source has a Gaussian-process prior, drawn through the K-step chain,
+whose x0 law N(m0, S0) is exact (:func:`pipeline.diffusion.gaussian_chain.propagate_gaussian_chain`).
+Given theta, the chain's posterior of x0 is Gaussian, and
+
+    p(y | theta) = N(y; A(theta) m0, A(theta) S0 A(theta)^T + sigma^2 I)
+
+is exact. With that sampler the x-steps' log-ratio plus log-likelihood of every trajectory equals
+log p(y | theta), so joint RTB's delta reduces to
+
+    delta = log Z(y) + log q(theta | y) - log p(theta) - log p(y | theta),
+
+trained here amortized over fresh draws of (theta, x0, y) from the model (VarGrad log Z per
+observation, on-policy theta, gradient through log q only). theta are the free parameters of the lens
+prior (:class:`pipeline.lensing.lens_prior.LensPrior`): Einstein radius, axis ratio, position angle
+(period pi) and external shear by default, the lens centre fixed at the origin. q(theta | y) is
+:class:`pipeline.lensing.lens_head.LensThetaHead` on the observation itself (its pixels over their
+prior-predictive RMS); A(theta) for a batch of lenses is :class:`pipeline.lensing.lens_batch.LensBatchOperator`.
+
+The reference is Metropolis-Hastings over theta with the exact log p(y | theta) (pseudo-marginal MH
+whose estimate has zero variance), phi proposed modulo pi. ``python -m pipeline.bench.joint_lensing_gaussian
+OUT.json`` trains the head, compares its marginals with MH on a few observations and runs the
+lens-parameter calibration (:func:`pipeline.metrics.lens_calibration.lens_calibration`) on many.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from pipeline.diffusion.chain_config import timestep_grid
+from pipeline.diffusion.gaussian_chain import propagate_gaussian_chain
+from pipeline.io.atomic import write_json
+from pipeline.lensing.config import LensConfig
+from pipeline.lensing.gp_prior import GaussianProcessPrior, se_covariance
+from pipeline.lensing.lens_batch import LENS_KEYS, LensBatchOperator
+from pipeline.lensing.lens_head import LensThetaHead
+from pipeline.lensing.lens_prior import LensPrior
+from pipeline.lensing.operator import gaussian_psf
+from pipeline.metrics.lens_calibration import lens_calibration
+from pipeline.rtb.joint import integrated_autocorr_time
+from pipeline.runtime import configure_threads
+
+log = logging.getLogger(__name__)
+_LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass
+class Setup:
+    """The check's constants. Geometry in pixels and arcsec; the source prior's amplitude in source
+    units; ``snr``: sigma = (RMS of noiseless prior-predictive images) / snr."""
+
+    source_npix: int = 12
+    source_pixscale: float = 0.15    # arcsec / px: a 1.8" source field
+    image_npix: int = 16
+    image_pixscale: float = 0.15     # arcsec / px
+    supersample: int = 1
+    psf_fwhm: float = 0.2            # arcsec
+    psf_npix: int = 5
+    length_scale: float = 0.2        # arcsec
+    amplitude: float = 1.0
+    snr: float = 8.0
+    K: int = 20
+    spacing: str = "quadratic"
+    lens: dict = field(default_factory=lambda: {"center": 0.0})   # LensConfig fields over its defaults
+
+
+class GaussianSourceLensing:
+    """The model: theta ~ LensPrior, x0 ~ the chain's N(m0, S0), y = A(theta) x0 + N(0, sigma^2 I)."""
+
+    def __init__(self, setup: Setup, seed: int = 0):
+        self.setup = s = setup
+        self.prior = LensPrior(LensConfig(**{**asdict(LensConfig()), **s.lens}))
+        gp = GaussianProcessPrior(se_covariance(s.source_npix, s.source_pixscale, s.length_scale, s.amplitude))
+        chain = gp.schedule.chain(s.K, timesteps=timestep_grid(gp.schedule.T, s.K, s.spacing))
+        law = propagate_gaussian_chain(chain, gp.mean, gp.cov)
+        self.m0, self.S0 = law["x0_mean"], law["x0_cov"]
+        self.L0 = torch.linalg.cholesky(self.S0 + 1e-9 * torch.eye(self.S0.shape[0], dtype=torch.float64))
+        psf = gaussian_psf(s.psf_fwhm, s.image_pixscale / s.supersample, s.psf_npix)
+        self.op = LensBatchOperator(image_shape=(s.image_npix, s.image_npix), image_pixscale=s.image_pixscale,
+                                    source_npix=s.source_npix, source_pixscale=s.source_pixscale,
+                                    supersample=s.supersample, psf=psf)
+        gen = torch.Generator().manual_seed(seed + 7)
+        theta, x0 = self.draw_theta(256, np.random.default_rng(seed + 7)), self.draw_source(256, gen)
+        self.sigma = float(self.bind(theta).A(x0).pow(2).mean().sqrt()) / s.snr
+        self.y_scale = float(math.sqrt(self.sigma ** 2 * (1 + s.snr ** 2)))   # prior-predictive RMS of y
+
+    def draw_theta(self, n: int, rng: np.random.Generator) -> torch.Tensor:
+        return self.prior.sample(n, rng)
+
+    def draw_source(self, n: int, generator) -> torch.Tensor:
+        z = torch.randn(n, self.m0.shape[0], generator=generator, dtype=torch.float64)
+        return self.m0 + z @ self.L0.T
+
+    def bind(self, theta: torch.Tensor) -> LensBatchOperator:
+        """The operator bound to the lenses of theta's rows (fixed parameters at their single value)."""
+        fixed = self.prior.to_lens(torch.zeros(0))
+        cols = {k: i for i, k in enumerate(self.prior.names)}
+        lenses = {k: theta[:, cols[k]] if k in cols else torch.full((theta.shape[0],), float(getattr(fixed, k)),
+                                                                     dtype=torch.float64) for k in LENS_KEYS}
+        return self.op.bind(lenses)
+
+    def simulate(self, n: int, rng: np.random.Generator, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(theta (n, p), y (n, m)) drawn from the model."""
+        theta = self.draw_theta(n, rng)
+        y = self.bind(theta).A(self.draw_source(n, generator))
+        return theta, y + self.sigma * torch.randn(y.shape, generator=generator, dtype=torch.float64)
+
+    def log_evidence(self, theta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Exact log p(y | theta), (B,) nats (y in image units), by Woodbury on the d-dimensional source:
+        with G = A L0 / sigma, C = sigma^2 (I + G G^T), log det C = m log sigma^2 + log det(I + G^T G)."""
+        op = self.bind(theta)
+        A = op.dense()                                                      # (B, m, d)
+        G = A @ self.L0 / self.sigma
+        r = (y - A @ self.m0) / self.sigma                                  # (B, m)
+        d, m = G.shape[-1], G.shape[-2]
+        Lc = torch.linalg.cholesky(torch.eye(d, dtype=torch.float64) + G.transpose(1, 2) @ G)
+        u = torch.cholesky_solve((G.transpose(1, 2) @ r[..., None]), Lc)[..., 0]
+        quad = (r * r).sum(-1) - ((G.transpose(1, 2) @ r[..., None])[..., 0] * u).sum(-1)
+        logdet = 2 * torch.log(torch.diagonal(Lc, dim1=1, dim2=2)).sum(-1) + m * math.log(self.sigma ** 2)
+        return -0.5 * (quad + logdet + m * _LOG_2PI)
+
+
+def train_head(model: GaussianSourceLensing, *, steps: int, groups: int, group_size: int, lr: float, seed: int,
+               hidden: int = 128, components: int = 4) -> tuple[LensThetaHead, list[float]]:
+    """Amortized joint RTB for theta (see the module docstring) on fresh model draws. Returns (head, losses)."""
+    torch.manual_seed(seed)
+    head = LensThetaHead(model.prior, model.op.m, components=components, hidden=hidden)
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=0.05 * lr)
+    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    losses, t0 = [], time.perf_counter()
+    for step in range(steps):
+        _, y = model.simulate(groups, rng, gen)
+        h = (y / model.y_scale).repeat_interleave(group_size, 0)
+        theta = head.sample(h, gen)
+        with torch.no_grad():
+            target = model.prior.log_prob(theta) + model.log_evidence(theta, y.repeat_interleave(group_size, 0))
+        lq = head.log_prob(theta, h)
+        delta = (lq - target).view(groups, group_size)
+        delta = delta - delta.mean(1, keepdim=True).detach()               # VarGrad log Z per observation
+        loss = 0.5 * (delta ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 10.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+        if (step + 1) % max(1, steps // 10) == 0:
+            log.info("step %d/%d loss %.3f (%.1f s)", step + 1, steps, np.mean(losses[-50:]), time.perf_counter() - t0)
+    return head, losses
+
+
+def metropolis(model: GaussianSourceLensing, y: torch.Tensor, theta0: torch.Tensor, step: torch.Tensor, *,
+               n_iter: int, burn: int, seed: int) -> dict:
+    """Random-walk MH over theta for each row of y (B, m) at once, target p(theta) p(y | theta) (exact);
+    ``step`` (B, p): the starting per-parameter proposal sds; phi (if free) is wrapped into its period.
+
+    During the first ``burn`` iterations the proposal adapts (every 100 iterations: sds 2.38 / sqrt(p)
+    times the last window's spread, then scaled towards acceptance 0.25); after them it is fixed, so the
+    kept iterations are a plain MH chain. Returns dict(theta (n_iter - burn, B, p), acceptance (B,) of the
+    kept iterations, step (B, p))."""
+    gen = torch.Generator().manual_seed(seed)
+    names, box = model.prior.names, model.prior.box
+    phi = names.index("phi") if "phi" in box and abs(box["phi"][1] - box["phi"][0] - math.pi) < 1e-9 else None
+    theta, step = theta0.clone(), step.clone()
+    lp = model.prior.log_prob(theta) + model.log_evidence(theta, y)
+    out = torch.empty(n_iter, *theta.shape, dtype=torch.float64)
+    acc = torch.zeros(n_iter, theta.shape[0])
+    scale = torch.ones(theta.shape[0], 1, dtype=torch.float64)
+    for i in range(n_iter):
+        prop = theta + scale * step * torch.randn(theta.shape, generator=gen, dtype=torch.float64)
+        if phi is not None:
+            prop[:, phi] = box["phi"][0] + torch.remainder(prop[:, phi] - box["phi"][0], math.pi)
+        lp_new = model.prior.log_prob(prop)
+        ok = torch.isfinite(lp_new)
+        if ok.any():
+            lp_new[ok] = lp_new[ok] + model.log_evidence(prop[ok], y[ok])
+        take = ok & (torch.log(torch.rand(theta.shape[0], generator=gen, dtype=torch.float64)) < lp_new - lp)
+        theta[take], lp[take] = prop[take], lp_new[take]
+        acc[i] = take.double()
+        out[i] = theta
+        if i < burn and (i + 1) % 100 == 0:
+            window = out[i - 99:i + 1]
+            if phi is not None:
+                window = window.clone()
+                window[..., phi] = circular_unwrap(window[..., phi], 0.0, math.pi)
+            spread = window.std(0)
+            step = torch.where(spread > 0, 2.38 / math.sqrt(len(names)) * spread, 0.5 * step)
+            rate = acc[i - 99:i + 1].mean(0)[:, None].double()
+            scale = scale * torch.exp(rate - 0.25).clamp(0.5, 2.0)
+    return {"theta": out[burn:], "acceptance": acc[burn:].mean(0).tolist(), "step": (scale * step).tolist()}
+
+
+def circular_unwrap(values: torch.Tensor, centre: float, period: float) -> torch.Tensor:
+    """values moved by whole periods to lie within period / 2 of centre."""
+    return centre + torch.remainder(values - centre + period / 2, period) - period / 2
+
+
+def circular_mean(values: torch.Tensor, period: float) -> float:
+    a = values * (2 * math.pi / period)
+    return float(torch.atan2(torch.sin(a).mean(), torch.cos(a).mean())) * period / (2 * math.pi)
+
+
+def compare_marginals(model: GaussianSourceLensing, head: LensThetaHead, y: torch.Tensor, truth: torch.Tensor, *,
+                      n_iter: int, burn: int, n_q: int, seed: int) -> list[dict]:
+    """Per observation and parameter: MH's mean, sd and ESS beside q's mean and sd (phi compared on the
+    circle of period pi, unwrapped around MH's circular mean). MH starts at the true theta, which lies in
+    the posterior's bulk, and adapts only during its ``burn`` iterations."""
+    names = model.prior.names
+    gen = torch.Generator().manual_seed(seed)
+    h = y / model.y_scale
+    q = torch.stack([head.sample(h, gen) for _ in range(n_q)], 1)                  # (B, n_q, p)
+    start_sd = 1e-3 * torch.tensor([hi - lo for lo, hi in model.prior.box.values()]
+                                   + [model.prior.config.shear_sigma] * (2 * model.prior.has_shear))
+    mh = metropolis(model, y, truth, start_sd.expand_as(truth), n_iter=n_iter, burn=burn, seed=seed)
+    chains = mh["theta"]                                                            # (n, B, p)
+    rows = []
+    for b in range(y.shape[0]):
+        row = {"acceptance": mh["acceptance"][b], "truth": truth[b].tolist(), "parameters": {}}
+        for j, name in enumerate(names):
+            c, s = chains[:, b, j], q[b, :, j]
+            if name == "phi" and "phi" in model.prior.box:
+                centre = circular_mean(c, math.pi)
+                c, s = circular_unwrap(c, centre, math.pi), circular_unwrap(s, centre, math.pi)
+            tau = integrated_autocorr_time(c)
+            ess = c.shape[0] / tau
+            mh_mean, mh_sd, q_mean, q_sd = float(c.mean()), float(c.std()), float(s.mean()), float(s.std())
+            row["parameters"][name] = {
+                "mh_mean": mh_mean, "mh_sd": mh_sd, "mh_ess": ess, "q_mean": q_mean, "q_sd": q_sd,
+                "dmean_over_sd": (q_mean - mh_mean) / mh_sd, "sd_ratio": q_sd / mh_sd,
+                # Monte-Carlo sd of the standardised mean difference: MH's ESS and q's n_q samples
+                "dmean_mc_sd": math.sqrt(1 / ess + 1 / n_q)}
+        rows.append(row)
+    return rows
+
+
+def run(out, *, setup: Setup, steps: int, groups: int, group_size: int, lr: float, n_ref: int, mh_iter: int,
+        n_cal: int, n_samples: int, seed: int) -> dict:
+    t0 = time.perf_counter()
+    model = GaussianSourceLensing(setup, seed)
+    log.info("theta = %s, sigma %.4g, image %d px, source %d px", model.prior.names, model.sigma, model.op.m, model.op.d)
+    head, losses = train_head(model, steps=steps, groups=groups, group_size=group_size, lr=lr, seed=seed)
+    t_train = time.perf_counter() - t0
+    rng, gen = np.random.default_rng(seed + 1), torch.Generator().manual_seed(seed + 1)
+    truth, y = model.simulate(n_ref, rng, gen)
+    ref = compare_marginals(model, head, y, truth, n_iter=mh_iter, burn=mh_iter // 5, n_q=4000, seed=seed + 2)
+    t_ref = time.perf_counter() - t0 - t_train
+    truth_c, y_c = model.simulate(n_cal, rng, gen)
+    with torch.no_grad():
+        h = (y_c / model.y_scale).repeat_interleave(n_samples, 0)
+        samples = head.sample(h, gen).view(n_cal, n_samples, -1)
+    cal = lens_calibration(samples.numpy(), truth_c.numpy(), model.prior.names, rng=np.random.default_rng(seed + 3))
+    res = {"check": "joint_lensing_gaussian", "setup": asdict(setup), "theta": model.prior.names,
+           "sigma": model.sigma, "seed": seed,
+           "training": {"steps": steps, "groups": groups, "group_size": group_size, "lr": lr,
+                        "final_loss": float(np.mean(losses[-50:])), "seconds": t_train},
+           "reference": {"n_obs": n_ref, "mh_iter": mh_iter, "burn": mh_iter // 5, "q_samples": 4000,
+                         "observations": ref, "seconds": t_ref},
+           "calibration": cal, "torch_threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0}
+    write_json(out, res)
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.bench.joint_lensing_gaussian",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("out", help="output JSON")
+    p.add_argument("--steps", type=int, default=1500, help="training steps of q(theta | y)")
+    p.add_argument("--groups", type=int, default=8, help="fresh observations per step")
+    p.add_argument("--group-size", type=int, default=16, help="theta draws per observation (VarGrad group)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--n-ref", type=int, default=4, help="observations compared with the MH reference")
+    p.add_argument("--mh-iter", type=int, default=20000, help="MH iterations per reference observation")
+    p.add_argument("--n-cal", type=int, default=64, help="observations of the calibration")
+    p.add_argument("--n-samples", type=int, default=32, help="q samples per calibration observation")
+    p.add_argument("--snr", type=float, default=Setup.snr)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_threads()
+    res = run(a.out, setup=Setup(snr=a.snr), steps=a.steps, groups=a.groups, group_size=a.group_size, lr=a.lr,
+              n_ref=a.n_ref, mh_iter=a.mh_iter, n_cal=a.n_cal, n_samples=a.n_samples, seed=a.seed)
+    for i, row in enumerate(res["reference"]["observations"]):
+        print(f"obs {i}: acceptance {row['acceptance']:.2f} " + "  ".join(
+            f"{k}: dmean {v['dmean_over_sd']:+.2f} sd-ratio {v['sd_ratio']:.2f} ess {v['mh_ess']:.0f}"
+            for k, v in row["parameters"].items()))
+    cal = res["calibration"]
+    print("calibration: " + "  ".join(f"{k}: cov68 {v['coverage'][0.68]:.3f} cov95 {v['coverage'][0.95]:.3f} "
+                                      f"bias {v['bias']:+.2f}" for k, v in cal["parameters"].items())
+          + f"  TARP p {cal['tarp']['tarp_p_value']:.3f}  ok {cal['ok']}")
+    print(f"wall {res['seconds']:.0f} s; wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
