@@ -131,16 +131,22 @@ class GaussianSourceLensing:
 
 
 def train_head(model: GaussianSourceLensing, *, steps: int, groups: int, group_size: int, lr: float, seed: int,
-               hidden: int = 128, components: int = 4) -> tuple[LensThetaHead, list[float]]:
-    """Amortized joint RTB for theta (see the module docstring) on fresh model draws. Returns (head, losses)."""
+               hidden: int = 128, components: int = 4, observations: torch.Tensor | None = None,
+               head: LensThetaHead | None = None) -> tuple[LensThetaHead, list[float]]:
+    """Joint RTB for theta (see the module docstring): amortized over fresh model draws, or, with
+    ``observations`` (G, m), over that fixed set (``groups`` of them per step). ``head``: continue
+    training it (else a new one). Returns (head, losses)."""
     torch.manual_seed(seed)
-    head = LensThetaHead(model.prior, model.op.m, components=components, hidden=hidden)
+    head = head or LensThetaHead(model.prior, model.op.m, components=components, hidden=hidden)
     opt = torch.optim.Adam(head.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=0.05 * lr)
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     losses, t0 = [], time.perf_counter()
     for step in range(steps):
-        _, y = model.simulate(groups, rng, gen)
+        if observations is None:
+            _, y = model.simulate(groups, rng, gen)
+        else:
+            y = observations[torch.randint(observations.shape[0], (groups,), generator=gen)]
         h = (y / model.y_scale).repeat_interleave(group_size, 0)
         theta = head.sample(h, gen)
         with torch.no_grad():
@@ -154,7 +160,7 @@ def train_head(model: GaussianSourceLensing, *, steps: int, groups: int, group_s
         torch.nn.utils.clip_grad_norm_(head.parameters(), 10.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if (step + 1) % max(1, steps // 10) == 0:
             log.info("step %d/%d loss %.3f (%.1f s)", step + 1, steps, np.mean(losses[-50:]), time.perf_counter() - t0)
     return head, losses
@@ -211,22 +217,27 @@ def circular_mean(values: torch.Tensor, period: float) -> float:
     return float(torch.atan2(torch.sin(a).mean(), torch.cos(a).mean())) * period / (2 * math.pi)
 
 
-def compare_marginals(model: GaussianSourceLensing, head: LensThetaHead, y: torch.Tensor, truth: torch.Tensor, *,
-                      n_iter: int, burn: int, n_q: int, seed: int) -> list[dict]:
-    """Per observation and parameter: MH's mean, sd and ESS beside q's mean and sd (phi compared on the
-    circle of period pi, unwrapped around MH's circular mean). MH starts at the true theta, which lies in
-    the posterior's bulk, and adapts only during its ``burn`` iterations."""
+def reference_chains(model: GaussianSourceLensing, y: torch.Tensor, truth: torch.Tensor, *, n_iter: int, burn: int,
+                     seed: int) -> dict:
+    """MH chains for the rows of y, started at the true theta (in the posterior's bulk); see :func:`metropolis`."""
+    start_sd = 1e-3 * torch.tensor([hi - lo for lo, hi in model.prior.box.values()]
+                                   + [model.prior.config.shear_sigma] * (2 * model.prior.has_shear))
+    return metropolis(model, y, truth, start_sd.expand_as(truth), n_iter=n_iter, burn=burn, seed=seed)
+
+
+def compare_marginals(model: GaussianSourceLensing, head: LensThetaHead, y: torch.Tensor, mh: dict, *,
+                      n_q: int, seed: int) -> list[dict]:
+    """Per observation and parameter: MH's mean, sd and ESS (``mh``: :func:`reference_chains` of y) beside
+    those of n_q draws of q(theta | y); phi is compared on the circle of period pi, unwrapped around
+    MH's circular mean."""
     names = model.prior.names
     gen = torch.Generator().manual_seed(seed)
     h = y / model.y_scale
     q = torch.stack([head.sample(h, gen) for _ in range(n_q)], 1)                  # (B, n_q, p)
-    start_sd = 1e-3 * torch.tensor([hi - lo for lo, hi in model.prior.box.values()]
-                                   + [model.prior.config.shear_sigma] * (2 * model.prior.has_shear))
-    mh = metropolis(model, y, truth, start_sd.expand_as(truth), n_iter=n_iter, burn=burn, seed=seed)
     chains = mh["theta"]                                                            # (n, B, p)
     rows = []
     for b in range(y.shape[0]):
-        row = {"acceptance": mh["acceptance"][b], "truth": truth[b].tolist(), "parameters": {}}
+        row = {"acceptance": mh["acceptance"][b], "parameters": {}}
         for j, name in enumerate(names):
             c, s = chains[:, b, j], q[b, :, j]
             if name == "phi" and "phi" in model.prior.box:
@@ -244,38 +255,74 @@ def compare_marginals(model: GaussianSourceLensing, head: LensThetaHead, y: torc
     return rows
 
 
-def run(out, *, setup: Setup, steps: int, groups: int, group_size: int, lr: float, n_ref: int, mh_iter: int,
-        n_cal: int, n_samples: int, seed: int) -> dict:
+def evaluate(model: GaussianSourceLensing, head: LensThetaHead, ref_set, cal_set, *, mh: dict, n_samples: int,
+             seed: int) -> dict:
+    """The head against the MH reference on ``ref_set`` = (theta, y) and its lens calibration on ``cal_set``,
+    with its sharpness (median over observations of q's sd over the prior's sd, per parameter)."""
+    ref = compare_marginals(model, head, ref_set[1], mh, n_q=4000, seed=seed)
+    truth_c, y_c = cal_set
+    gen = torch.Generator().manual_seed(seed + 1)
+    h = (y_c / model.y_scale).repeat_interleave(n_samples, 0)
+    samples = head.sample(h, gen).view(y_c.shape[0], n_samples, -1)
+    cal = lens_calibration(samples.numpy(), truth_c.numpy(), model.prior.names, rng=np.random.default_rng(seed + 3))
+    prior_sd = model.draw_theta(20000, np.random.default_rng(seed + 4)).std(0)
+    cal["sd_over_prior_sd"] = dict(zip(model.prior.names, (samples.std(1).median(0).values / prior_sd).tolist()))
+    return {"reference": ref, "calibration": cal}
+
+
+def run(out, *, setup: Setup, steps: int, fit_steps: int, groups: int, group_size: int, lr: float, n_ref: int,
+        mh_iter: int, n_cal: int, n_samples: int, seed: int) -> dict:
+    """Train amortized (``steps`` on fresh draws), evaluate; fit over the evaluated observations
+    (``fit_steps``), evaluate again; write ``out`` (JSON)."""
     t0 = time.perf_counter()
     model = GaussianSourceLensing(setup, seed)
     log.info("theta = %s, sigma %.4g, image %d px, source %d px", model.prior.names, model.sigma, model.op.m, model.op.d)
-    head, losses = train_head(model, steps=steps, groups=groups, group_size=group_size, lr=lr, seed=seed)
-    t_train = time.perf_counter() - t0
     rng, gen = np.random.default_rng(seed + 1), torch.Generator().manual_seed(seed + 1)
-    truth, y = model.simulate(n_ref, rng, gen)
-    ref = compare_marginals(model, head, y, truth, n_iter=mh_iter, burn=mh_iter // 5, n_q=4000, seed=seed + 2)
-    t_ref = time.perf_counter() - t0 - t_train
-    truth_c, y_c = model.simulate(n_cal, rng, gen)
-    with torch.no_grad():
-        h = (y_c / model.y_scale).repeat_interleave(n_samples, 0)
-        samples = head.sample(h, gen).view(n_cal, n_samples, -1)
-    cal = lens_calibration(samples.numpy(), truth_c.numpy(), model.prior.names, rng=np.random.default_rng(seed + 3))
+    ref_set, cal_set = model.simulate(n_ref, rng, gen), model.simulate(n_cal, rng, gen)
+    mh = reference_chains(model, ref_set[1], ref_set[0], n_iter=mh_iter, burn=mh_iter // 5, seed=seed + 6)
+    t_ref = time.perf_counter() - t0
+    head, losses = train_head(model, steps=steps, groups=groups, group_size=group_size, lr=lr, seed=seed)
+    t_train = time.perf_counter() - t0 - t_ref
+    amortized = evaluate(model, head, ref_set, cal_set, mh=mh, n_samples=n_samples, seed=seed + 2)
+    both = torch.cat([ref_set[1], cal_set[1]])
+    head, fit_losses = train_head(model, steps=fit_steps, groups=groups, group_size=group_size, lr=lr / 2,
+                                  seed=seed + 5, observations=both, head=head)
+    fitted = evaluate(model, head, ref_set, cal_set, mh=mh, n_samples=n_samples, seed=seed + 2)
     res = {"check": "joint_lensing_gaussian", "setup": asdict(setup), "theta": model.prior.names,
-           "sigma": model.sigma, "seed": seed,
+           "sigma": model.sigma, "seed": seed, "n_ref": n_ref, "n_cal": n_cal, "n_samples": n_samples,
+           "mh": {"n_iter": mh_iter, "burn": mh_iter // 5, "step": mh["step"], "q_samples": 4000,
+                  "truth": ref_set[0].tolist(), "seconds": t_ref},
            "training": {"steps": steps, "groups": groups, "group_size": group_size, "lr": lr,
                         "final_loss": float(np.mean(losses[-50:])), "seconds": t_train},
-           "reference": {"n_obs": n_ref, "mh_iter": mh_iter, "burn": mh_iter // 5, "q_samples": 4000,
-                         "observations": ref, "seconds": t_ref},
-           "calibration": cal, "torch_threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0}
+           "fit": {"steps": fit_steps, "lr": lr / 2, "observations": int(both.shape[0]),
+                   "final_loss": float(np.mean(fit_losses[-50:]))},
+           "amortized": amortized, "fitted": fitted, "torch_threads": torch.get_num_threads(),
+           "seconds": time.perf_counter() - t0}
     write_json(out, res)
     return res
+
+
+def _summary(name: str, block: dict) -> str:
+    lines = [name]
+    for i, row in enumerate(block["reference"]):
+        lines.append(f"  obs {i}: MH acceptance {row['acceptance']:.2f}  " + "  ".join(
+            f"{k}: dmean {v['dmean_over_sd']:+.2f} sd-ratio {v['sd_ratio']:.2f} ess {v['mh_ess']:.0f}"
+            for k, v in row["parameters"].items()))
+    cal = block["calibration"]
+    lines.append("  calibration: " + "  ".join(
+        f"{k}: cov68 {v['coverage'][0.68]:.3f} cov95 {v['coverage'][0.95]:.3f} bias {v['bias']:+.2f} "
+        f"sd/prior {cal['sd_over_prior_sd'][k]:.3f}" for k, v in cal["parameters"].items())
+        + f"  TARP p {cal['tarp']['tarp_p_value']:.3f}  ok {cal['ok']}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.bench.joint_lensing_gaussian",
                                 description=__doc__.split("\n")[0])
     p.add_argument("out", help="output JSON")
-    p.add_argument("--steps", type=int, default=1500, help="training steps of q(theta | y)")
+    p.add_argument("--steps", type=int, default=1500, help="amortized training steps of q(theta | y) on fresh draws")
+    p.add_argument("--fit-steps", type=int, default=1500,
+                   help="further steps over the evaluated observations (reference and calibration sets)")
     p.add_argument("--groups", type=int, default=8, help="fresh observations per step")
     p.add_argument("--group-size", type=int, default=16, help="theta draws per observation (VarGrad group)")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -288,16 +335,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     configure_threads()
-    res = run(a.out, setup=Setup(snr=a.snr), steps=a.steps, groups=a.groups, group_size=a.group_size, lr=a.lr,
-              n_ref=a.n_ref, mh_iter=a.mh_iter, n_cal=a.n_cal, n_samples=a.n_samples, seed=a.seed)
-    for i, row in enumerate(res["reference"]["observations"]):
-        print(f"obs {i}: acceptance {row['acceptance']:.2f} " + "  ".join(
-            f"{k}: dmean {v['dmean_over_sd']:+.2f} sd-ratio {v['sd_ratio']:.2f} ess {v['mh_ess']:.0f}"
-            for k, v in row["parameters"].items()))
-    cal = res["calibration"]
-    print("calibration: " + "  ".join(f"{k}: cov68 {v['coverage'][0.68]:.3f} cov95 {v['coverage'][0.95]:.3f} "
-                                      f"bias {v['bias']:+.2f}" for k, v in cal["parameters"].items())
-          + f"  TARP p {cal['tarp']['tarp_p_value']:.3f}  ok {cal['ok']}")
+    res = run(a.out, setup=Setup(snr=a.snr), steps=a.steps, fit_steps=a.fit_steps, groups=a.groups,
+              group_size=a.group_size, lr=a.lr, n_ref=a.n_ref, mh_iter=a.mh_iter, n_cal=a.n_cal,
+              n_samples=a.n_samples, seed=a.seed)
+    print(_summary("amortized (fresh draws only)", res["amortized"]))
+    print(_summary("fitted over the evaluated observations", res["fitted"]))
     print(f"wall {res['seconds']:.0f} s; wrote {a.out}")
     return 0
 
