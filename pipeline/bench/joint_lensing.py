@@ -9,7 +9,8 @@ the config's noise):
 1. **The operator for a new lens**, two ways: assembled (the sparse matrix of
    :class:`~pipeline.lensing.operator.LensingProblem`, whose diag(A^T A / sigma^2) the amortized
    posterior's features need) against matrix-free (one caustics forward, and forward plus its
-   vector-Jacobian product, per source). Seconds per lens, median of ``--repeats``.
+   vector-Jacobian product, per source), and (SIE) the batched operator of
+   :mod:`pipeline.lensing.lens_batch` over 64 lenses at once. Seconds per lens, median of ``--repeats``.
 2. **The importance weights of today's lens-conditional sampler at the true lens.** Pseudo-marginal
    MH over the lens needs an estimate Z^(y | theta) = mean_i w_i from N trajectories of the
    theta-conditional sampler with Var(log Z^) <= about 2 at the posterior mode. From ``--trajectories``
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 from pipeline.bench.lensing_obs import prior_drawn_observations
+from pipeline.lensing.lens_batch import LENS_KEYS, LensBatchOperator
 from pipeline.lensing.lens_prior import LensPrior, draw_lens
 from pipeline.lensing.operator import LensParams, build_simulator, caustics_forward
 from pipeline.lensing.sample import load_setup, method_run
@@ -43,8 +45,9 @@ DEFAULT_PRIOR = "data/pretrained/prior"
 DEFAULT_POSTERIOR = "data/pretrained/posterior"
 
 
-def operator_seconds(lcfg, sigma: float, n_lenses: int, repeats: int, seed: int) -> dict:
-    """Median seconds per lens: sparse assembly, and caustics forward / forward+VJP of one source."""
+def operator_seconds(lcfg, sigma: float, n_lenses: int, repeats: int, seed: int, batch: int = 64) -> dict:
+    """Median seconds per lens: sparse assembly, caustics forward / forward+VJP of one source, and (SIE)
+    the batched operator over ``batch`` lenses."""
     rng = np.random.default_rng(seed)
     g = lcfg.geometry
     psf, _ = default_psf(g)
@@ -68,8 +71,31 @@ def operator_seconds(lcfg, sigma: float, n_lenses: int, repeats: int, seed: int)
                                   g.source_pixscale, g.supersample, psf)
             torch.vmap(sim)(x.reshape(1, -1)).sum().backward()   # caustics_forward runs without grad
             vjp.append(time.perf_counter() - t0)
-    return {"assembled_s": statistics.median(assemble), "matrix_free_forward_s": statistics.median(forward),
-            "matrix_free_forward_vjp_s": statistics.median(vjp), "lenses": n_lenses, "repeats": repeats}
+    out = {"assembled_s": statistics.median(assemble), "matrix_free_forward_s": statistics.median(forward),
+           "matrix_free_forward_vjp_s": statistics.median(vjp), "lenses": n_lenses, "repeats": repeats}
+    if lcfg.lens.model == "SIE":
+        out.update(batched_operator_seconds(g, psf, [draw_lens(lcfg.lens, rng) for _ in range(batch)], repeats))
+    return out
+
+
+def batched_operator_seconds(g, psf, lenses: list, repeats: int) -> dict:
+    """Median seconds per lens of :class:`~pipeline.lensing.lens_batch.LensBatchOperator` for all ``lenses``
+    at once: tracing and weights (``bind``), and one source's forward plus adjoint per lens."""
+    op = LensBatchOperator(image_shape=(g.image_npix, g.image_npix), image_pixscale=g.image_pixscale,
+                           source_npix=g.source_npix, source_pixscale=g.source_pixscale, supersample=g.supersample,
+                           psf=psf, unit_factor=g.image_pixscale ** 2)
+    batch = {k: torch.tensor([float(getattr(ln, k)) for ln in lenses], dtype=torch.float64) for k in LENS_KEYS}
+    x = torch.rand(len(lenses), g.source_npix ** 2, generator=torch.Generator().manual_seed(0))
+    bind, apply = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        op.bind(batch)
+        t1 = time.perf_counter()
+        op.AT(op.A(x))
+        bind.append((t1 - t0) / len(lenses))
+        apply.append((time.perf_counter() - t1) / len(lenses))
+    return {"batched_bind_s": statistics.median(bind), "batched_forward_adjoint_s": statistics.median(apply),
+            "batch": len(lenses)}
 
 
 def log_z_hat_spread(log_w: torch.Tensor) -> dict:

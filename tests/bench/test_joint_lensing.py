@@ -24,6 +24,7 @@ def test_log_z_hat_variance_of_gaussian_log_weights():
 def test_operator_timing_reports_both_ways():
     # the sampling half of main() (prior-drawn observations, the shipped posterior) is exercised by
     # tests/bench/test_last_step.py; here the operator timing, on one lens
-    out = operator_seconds(LensingConfig(), 0.26, n_lenses=1, repeats=1, seed=0)
+    out = operator_seconds(LensingConfig(), 0.26, n_lenses=1, repeats=1, seed=0, batch=4)
     assert out["assembled_s"] > 0 and out["matrix_free_forward_s"] > 0 and out["matrix_free_forward_vjp_s"] > 0
+    assert out["batched_bind_s"] > 0 and out["batched_forward_adjoint_s"] > 0 and out["batch"] == 4
     assert (out["lenses"], out["repeats"]) == (1, 1)
