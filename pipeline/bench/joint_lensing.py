@@ -80,22 +80,25 @@ def operator_seconds(lcfg, sigma: float, n_lenses: int, repeats: int, seed: int,
 
 def batched_operator_seconds(g, psf, lenses: list, repeats: int) -> dict:
     """Median seconds per lens of :class:`~pipeline.lensing.lens_batch.LensBatchOperator` for all ``lenses``
-    at once: tracing and weights (``bind``), and one source's forward plus adjoint per lens."""
+    at once: tracing and weights (``bind``), one source's forward plus adjoint per lens, diag(A^T A)."""
     op = LensBatchOperator(image_shape=(g.image_npix, g.image_npix), image_pixscale=g.image_pixscale,
                            source_npix=g.source_npix, source_pixscale=g.source_pixscale, supersample=g.supersample,
                            psf=psf, unit_factor=g.image_pixscale ** 2)
     batch = {k: torch.tensor([float(getattr(ln, k)) for ln in lenses], dtype=torch.float64) for k in LENS_KEYS}
     x = torch.rand(len(lenses), g.source_npix ** 2, generator=torch.Generator().manual_seed(0))
-    bind, apply = [], []
+    bind, apply, diag = [], [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
         op.bind(batch)
         t1 = time.perf_counter()
         op.AT(op.A(x))
+        t2 = time.perf_counter()
+        op.diag_AtA()
         bind.append((t1 - t0) / len(lenses))
-        apply.append((time.perf_counter() - t1) / len(lenses))
+        apply.append((t2 - t1) / len(lenses))
+        diag.append((time.perf_counter() - t2) / len(lenses))
     return {"batched_bind_s": statistics.median(bind), "batched_forward_adjoint_s": statistics.median(apply),
-            "batch": len(lenses)}
+            "batched_diag_AtA_s": statistics.median(diag), "batch": len(lenses)}
 
 
 def log_z_hat_spread(log_w: torch.Tensor) -> dict:

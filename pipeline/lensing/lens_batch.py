@@ -118,7 +118,8 @@ class LensBatchOperator:
         k = normalised_psf(psf)
         self.gx, self.gy = sub_grid(self.image_shape, image_pixscale, supersample, k.shape)
         K = pool_conv_matrix(self.image_shape, supersample, k) * float(unit_factor)
-        self.K = torch.as_tensor(K.toarray())              # (m, N) float64: small at the sizes inferred here
+        self.K = torch.as_tensor(K.toarray())              # (m, N) float64 (N: sub-pixels of the padded grid)
+        self._K_csr = K.tocsr()
         self.idx = self.w = None
 
     def bind(self, lenses: dict) -> "LensBatchOperator":
@@ -140,6 +141,19 @@ class LensBatchOperator:
         out = torch.zeros(B, self.d, dtype=torch.float64)
         out.scatter_add_(1, self.idx.reshape(B, -1), (mu[..., None] * self.w).reshape(B, -1))
         return out.to(r.dtype)
+
+    def diag_AtA(self) -> torch.Tensor:
+        """(B, d) float64 diagonals of A(theta_b)^T A(theta_b) (image units^2 per source unit^2), exact: per
+        lens the sparse product K W(theta_b) (scipy), squared and summed over image pixels."""
+        B, N = self.idx.shape[:2]
+        out = np.empty((B, self.d))
+        rows = np.repeat(np.arange(N), 4)
+        for b in range(B):
+            W = sp.csr_matrix((self.w[b].reshape(-1).numpy(), (rows, self.idx[b].reshape(-1).numpy())),
+                              shape=(N, self.d))
+            A = self._K_csr @ W
+            out[b] = np.asarray(A.multiply(A).sum(0)).ravel()
+        return torch.as_tensor(out)
 
     def dense(self) -> torch.Tensor:
         """(B, m, d) float64 matrices of the bound lenses (for small problems and tests)."""

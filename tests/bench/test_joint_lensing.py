@@ -26,5 +26,6 @@ def test_operator_timing_reports_both_ways():
     # tests/bench/test_last_step.py; here the operator timing, on one lens
     out = operator_seconds(LensingConfig(), 0.26, n_lenses=1, repeats=1, seed=0, batch=4)
     assert out["assembled_s"] > 0 and out["matrix_free_forward_s"] > 0 and out["matrix_free_forward_vjp_s"] > 0
-    assert out["batched_bind_s"] > 0 and out["batched_forward_adjoint_s"] > 0 and out["batch"] == 4
+    assert out["batched_bind_s"] > 0 and out["batched_forward_adjoint_s"] > 0 and out["batched_diag_AtA_s"] > 0
+    assert out["batch"] == 4
     assert (out["lenses"], out["repeats"]) == (1, 1)

@@ -48,4 +48,6 @@ def test_A_and_AT_are_the_dense_maps_and_adjoint():
     torch.testing.assert_close(op.AT(r), torch.einsum("bmd,bm->bd", dense, r))
     # <A x, r> = <x, A^T r> row by row
     torch.testing.assert_close((op.A(x) * r).sum(-1), (x * op.AT(r)).sum(-1))
+    # diag(A^T A) per lens
+    torch.testing.assert_close(op.diag_AtA(), dense.pow(2).sum(1))
     assert op.A(x.float()).dtype == torch.float32
