@@ -107,7 +107,7 @@ class GaussianSourceLensing:
         cols = {k: i for i, k in enumerate(self.prior.names)}
         lenses = {k: theta[:, cols[k]] if k in cols else torch.full((theta.shape[0],), float(getattr(fixed, k)),
                                                                      dtype=torch.float64) for k in LENS_KEYS}
-        return self.op.bind(lenses)
+        return self.op.bind({**lenses, "model": self.prior.config.model})
 
     def simulate(self, n: int, rng: np.random.Generator, generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(theta (n, p), y (n, m)) drawn from the model."""
@@ -197,9 +197,11 @@ def metropolis(model: GaussianSourceLensing, y: torch.Tensor, theta0: torch.Tens
         out[i] = theta
         if i < burn and (i + 1) % 100 == 0:
             window = out[i - 99:i + 1]
-            if phi is not None:
+            if phi is not None:  # unwrap each chain's phi around its own circular mean before its spread
                 window = window.clone()
-                window[..., phi] = circular_unwrap(window[..., phi], 0.0, math.pi)
+                for b in range(window.shape[1]):
+                    w = window[:, b, phi]
+                    window[:, b, phi] = circular_unwrap(w, circular_mean(w, math.pi), math.pi)
             spread = window.std(0)
             step = torch.where(spread > 0, 2.38 / math.sqrt(len(names)) * spread, 0.5 * step)
             rate = acc[i - 99:i + 1].mean(0)[:, None].double()
@@ -219,7 +221,9 @@ def circular_mean(values: torch.Tensor, period: float) -> float:
 
 def reference_chains(model: GaussianSourceLensing, y: torch.Tensor, truth: torch.Tensor, *, n_iter: int, burn: int,
                      seed: int) -> dict:
-    """MH chains for the rows of y, started at the true theta (in the posterior's bulk); see :func:`metropolis`."""
+    """MH chains for the rows of y, started at the true theta (in the posterior's bulk); see :func:`metropolis`.
+    A random walk started there explores the truth's mode: a posterior with other, separated modes would
+    be under-represented, and the comparison would then blame q for mass the reference never visited."""
     start_sd = 1e-3 * torch.tensor([hi - lo for lo, hi in model.prior.box.values()]
                                    + [model.prior.config.shear_sigma] * (2 * model.prior.has_shear))
     return metropolis(model, y, truth, start_sd.expand_as(truth), n_iter=n_iter, burn=burn, seed=seed)
@@ -258,12 +262,20 @@ def compare_marginals(model: GaussianSourceLensing, head: LensThetaHead, y: torc
 def evaluate(model: GaussianSourceLensing, head: LensThetaHead, ref_set, cal_set, *, mh: dict, n_samples: int,
              seed: int) -> dict:
     """The head against the MH reference on ``ref_set`` = (theta, y) and its lens calibration on ``cal_set``,
-    with its sharpness (median over observations of q's sd over the prior's sd, per parameter)."""
+    with its sharpness (median over observations of q's sd over the prior's sd, per parameter). phi is
+    read on its circle: unwrapped around each observation's circular sample mean."""
     ref = compare_marginals(model, head, ref_set[1], mh, n_q=4000, seed=seed)
     truth_c, y_c = cal_set
     gen = torch.Generator().manual_seed(seed + 1)
     h = (y_c / model.y_scale).repeat_interleave(n_samples, 0)
     samples = head.sample(h, gen).view(y_c.shape[0], n_samples, -1)
+    truth_c = truth_c.clone()
+    if "phi" in model.prior.box:   # phi has period pi: unwrap samples and truth around the samples' circular mean
+        j = model.prior.names.index("phi")
+        for b in range(samples.shape[0]):
+            centre = circular_mean(samples[b, :, j], math.pi)
+            samples[b, :, j] = circular_unwrap(samples[b, :, j], centre, math.pi)
+            truth_c[b, j] = circular_unwrap(truth_c[b, j:j + 1], centre, math.pi)[0]
     cal = lens_calibration(samples.numpy(), truth_c.numpy(), model.prior.names, rng=np.random.default_rng(seed + 3))
     prior_sd = model.draw_theta(20000, np.random.default_rng(seed + 4)).std(0)
     cal["sd_over_prior_sd"] = dict(zip(model.prior.names, (samples.std(1).median(0).values / prior_sd).tolist()))
@@ -271,7 +283,8 @@ def evaluate(model: GaussianSourceLensing, head: LensThetaHead, ref_set, cal_set
 
 
 def run(out, *, setup: Setup, steps: int, fit_steps: int, groups: int, group_size: int, lr: float, n_ref: int,
-        mh_iter: int, n_cal: int, n_samples: int, seed: int) -> dict:
+        mh_iter: int, n_cal: int, n_samples: int, seed: int, fit_groups: int | None = None,
+        fit_group_size: int | None = None) -> dict:
     """Train amortized (``steps`` on fresh draws), evaluate; fit over the evaluated observations
     (``fit_steps``), evaluate again; write ``out`` (JSON)."""
     t0 = time.perf_counter()
@@ -285,7 +298,8 @@ def run(out, *, setup: Setup, steps: int, fit_steps: int, groups: int, group_siz
     t_train = time.perf_counter() - t0 - t_ref
     amortized = evaluate(model, head, ref_set, cal_set, mh=mh, n_samples=n_samples, seed=seed + 2)
     both = torch.cat([ref_set[1], cal_set[1]])
-    head, fit_losses = train_head(model, steps=fit_steps, groups=groups, group_size=group_size, lr=lr / 2,
+    fit_groups, fit_group_size = fit_groups or groups, fit_group_size or group_size
+    head, fit_losses = train_head(model, steps=fit_steps, groups=fit_groups, group_size=fit_group_size, lr=lr,
                                   seed=seed + 5, observations=both, head=head)
     fitted = evaluate(model, head, ref_set, cal_set, mh=mh, n_samples=n_samples, seed=seed + 2)
     res = {"check": "joint_lensing_gaussian", "setup": asdict(setup), "theta": model.prior.names,
@@ -294,7 +308,8 @@ def run(out, *, setup: Setup, steps: int, fit_steps: int, groups: int, group_siz
                   "truth": ref_set[0].tolist(), "seconds": t_ref},
            "training": {"steps": steps, "groups": groups, "group_size": group_size, "lr": lr,
                         "final_loss": float(np.mean(losses[-50:])), "seconds": t_train},
-           "fit": {"steps": fit_steps, "lr": lr / 2, "observations": int(both.shape[0]),
+           "fit": {"steps": fit_steps, "lr": lr, "groups": fit_groups, "group_size": fit_group_size,
+                   "observations": int(both.shape[0]),
                    "final_loss": float(np.mean(fit_losses[-50:]))},
            "amortized": amortized, "fitted": fitted, "torch_threads": torch.get_num_threads(),
            "seconds": time.perf_counter() - t0}
@@ -330,14 +345,18 @@ def main(argv=None) -> int:
     p.add_argument("--mh-iter", type=int, default=20000, help="MH iterations per reference observation")
     p.add_argument("--n-cal", type=int, default=64, help="observations of the calibration")
     p.add_argument("--n-samples", type=int, default=32, help="q samples per calibration observation")
+    p.add_argument("--fit-groups", type=int, default=None, help="observations per fitting step (default --groups)")
+    p.add_argument("--fit-group-size", type=int, default=None, help="theta draws per observation when fitting")
     p.add_argument("--snr", type=float, default=Setup.snr)
+    p.add_argument("--no-shear", action="store_true", help="fix the external shear at 0: theta = (rein, q, phi)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     configure_threads()
-    res = run(a.out, setup=Setup(snr=a.snr), steps=a.steps, fit_steps=a.fit_steps, groups=a.groups,
+    lens = {"center": 0.0, **({"shear_sigma": 0.0} if a.no_shear else {})}
+    res = run(a.out, setup=Setup(snr=a.snr, lens=lens), steps=a.steps, fit_steps=a.fit_steps, groups=a.groups,
               group_size=a.group_size, lr=a.lr, n_ref=a.n_ref, mh_iter=a.mh_iter, n_cal=a.n_cal,
-              n_samples=a.n_samples, seed=a.seed)
+              n_samples=a.n_samples, seed=a.seed, fit_groups=a.fit_groups, fit_group_size=a.fit_group_size)
     print(_summary("amortized (fresh draws only)", res["amortized"]))
     print(_summary("fitted over the evaluated observations", res["fitted"]))
     print(f"wall {res['seconds']:.0f} s; wrote {a.out}")

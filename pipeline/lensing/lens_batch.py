@@ -75,12 +75,15 @@ def pool_conv_matrix(image_shape: tuple[int, int], supersample: int, psf) -> sp.
 
 def bilinear_weights(bx: torch.Tensor, by: torch.Tensor, source_npix: int, source_pixscale: float):
     """caustics' ``interp2d`` (align_corners=False, linear extrapolation inside the outer half-pixel,
-    zero beyond the field) at source-plane positions (..., N) [arcsec]: (idx, w), each (..., N, 4), the
-    flat source pixels and their weights (0 outside the field)."""
+    zero beyond the field) at source-plane positions (..., N) [arcsec]: (idx, w, valid), the flat source
+    pixels and their weights, each (..., N, 4), and whether the ray lands in the field (..., N). A
+    non-finite position (a ray through a singular lens centre, where caustics' forward gives no light)
+    counts as outside: weight 0, index 0."""
     n = source_npix
     fov = source_pixscale * n
     u, v = bx / fov * 2, by / fov * 2
-    inside = ((u.abs() <= 1) & (v.abs() <= 1)).to(bx.dtype)
+    valid = torch.isfinite(u) & torch.isfinite(v) & (u.abs() <= 1) & (v.abs() <= 1)
+    u, v = torch.where(valid, u, 0.0), torch.where(valid, v, 0.0)
     px, py = 0.5 * ((u + 1) * n - 1), 0.5 * ((v + 1) * n - 1)
     x0 = px.floor().clamp(0, n - 2)
     y0 = py.floor().clamp(0, n - 2)
@@ -88,16 +91,18 @@ def bilinear_weights(bx: torch.Tensor, by: torch.Tensor, source_npix: int, sourc
     dx1, dy1 = 1 - dx0, 1 - dy0
     x0, y0 = x0.long(), y0.long()
     idx = torch.stack([y0 * n + x0, (y0 + 1) * n + x0, y0 * n + x0 + 1, (y0 + 1) * n + x0 + 1], -1)
-    w = torch.stack([dx1 * dy1, dx1 * dy0, dx0 * dy1, dx0 * dy0], -1) * inside[..., None]
-    return idx, w
+    w = torch.stack([dx1 * dy1, dx1 * dy0, dx0 * dy1, dx0 * dy0], -1) * valid[..., None].to(bx.dtype)
+    return idx, w, valid
 
 
 def raytrace(lenses: dict, gx: torch.Tensor, gy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Source-plane positions (B, N) [arcsec] of the image-plane points (gx, gy) (N,) for B SIE + external
-    shear lenses (``lenses``: :data:`LENS_KEYS` -> (B,) tensors; the shear centred on the origin), by
-    caustics' functional deflections in float64."""
+    shear lenses (``lenses``: :data:`LENS_KEYS` -> (B,) tensors, optionally ``model``, which must be SIE; the
+    shear centred on the origin), by caustics' functional deflections in float64."""
     from caustics.lenses.func import reduced_deflection_angle_external_shear, reduced_deflection_angle_sie
 
+    if lenses.get("model", "SIE") != "SIE":
+        raise ValueError(f"the batched operator traces SIE + shear lenses only, got model {lenses['model']!r}")
     p = {k: torch.as_tensor(lenses[k], dtype=torch.float64).reshape(-1, 1) for k in LENS_KEYS}
     x, y = gx[None].double(), gy[None].double()
     ax, ay = reduced_deflection_angle_sie(p["x0"], p["y0"], p["q"], p["phi"], p["rein"], x, y)
@@ -117,42 +122,57 @@ class LensBatchOperator:
         self.m, self.d = int(np.prod(self.image_shape)), self.source_npix ** 2
         k = normalised_psf(psf)
         self.gx, self.gy = sub_grid(self.image_shape, image_pixscale, supersample, k.shape)
-        K = pool_conv_matrix(self.image_shape, supersample, k) * float(unit_factor)
-        self.K = torch.as_tensor(K.toarray())              # (m, N) float64 (N: sub-pixels of the padded grid)
-        self._K_csr = K.tocsr()
+        K = (pool_conv_matrix(self.image_shape, supersample, k) * float(unit_factor)).tocsr()
+        self._K_csr = K                                    # (m, N), N: sub-pixels of the padded grid
+        coo = K.tocoo()
+        ind = torch.as_tensor(np.stack([coo.row, coo.col]).astype(np.int64))
+        self.K = torch.sparse_coo_tensor(ind, torch.as_tensor(coo.data), K.shape).coalesce()      # float64
+        self.KT = self.K.t().coalesce()
         self.idx = self.w = None
 
     def bind(self, lenses: dict) -> "LensBatchOperator":
         """Trace the grid for B lenses (:data:`LENS_KEYS` -> (B,) tensors); returns self."""
         bx, by = raytrace(lenses, self.gx, self.gy)
-        self.idx, self.w = bilinear_weights(bx, by, self.source_npix, self.source_pixscale)
+        self.idx, self.w, _ = bilinear_weights(bx, by, self.source_npix, self.source_pixscale)
         return self
+
+    def _check(self, rows: int | None = None, what: str = ""):
+        if self.idx is None:
+            raise RuntimeError("LensBatchOperator: bind(lenses) before applying it")
+        if rows is not None and rows != self.idx.shape[0]:
+            raise ValueError(f"LensBatchOperator: {rows} {what} for {self.idx.shape[0]} bound lenses")
 
     def A(self, x: torch.Tensor) -> torch.Tensor:
         """(B, m) images of sources x (B, d), row b through lens b."""
+        self._check(x.shape[0], "sources")
         B, N = self.idx.shape[:2]
         mu = (x.double().gather(1, self.idx.reshape(B, -1)).reshape(B, N, 4) * self.w).sum(-1)   # W x: (B, N)
-        return (mu @ self.K.T).to(x.dtype)
+        return torch.sparse.mm(self.K, mu.T).T.to(x.dtype)
 
     def AT(self, r: torch.Tensor) -> torch.Tensor:
         """(B, d) adjoint of :meth:`A` applied to images r (B, m)."""
+        self._check(r.shape[0], "images")
         B, N = self.idx.shape[:2]
-        mu = r.double() @ self.K                                                 # K^T r: (B, N)
+        mu = torch.sparse.mm(self.KT, r.double().T).T                             # K^T r: (B, N)
         out = torch.zeros(B, self.d, dtype=torch.float64)
         out.scatter_add_(1, self.idx.reshape(B, -1), (mu[..., None] * self.w).reshape(B, -1))
         return out.to(r.dtype)
 
-    def diag_AtA(self) -> torch.Tensor:
-        """(B, d) float64 diagonals of A(theta_b)^T A(theta_b) (image units^2 per source unit^2), exact: per
-        lens the sparse product K W(theta_b) (scipy), squared and summed over image pixels."""
+    def diag_AtA(self, pixel_weights=None) -> torch.Tensor:
+        """(B, d) float64 diagonals of A(theta_b)^T diag(pixel_weights) A(theta_b), exact: per lens the
+        sparse product K W(theta_b) (scipy), squared, weighted and summed over image pixels.
+        ``pixel_weights`` (m,): e.g. mask / sigma^2 per image pixel [1/image units^2]; default 1."""
+        self._check()
         B, N = self.idx.shape[:2]
+        pw = None if pixel_weights is None else sp.diags(np.asarray(pixel_weights, np.float64).reshape(-1))
         out = np.empty((B, self.d))
         rows = np.repeat(np.arange(N), 4)
         for b in range(B):
             W = sp.csr_matrix((self.w[b].reshape(-1).numpy(), (rows, self.idx[b].reshape(-1).numpy())),
                               shape=(N, self.d))
             A = self._K_csr @ W
-            out[b] = np.asarray(A.multiply(A).sum(0)).ravel()
+            A2 = A.multiply(A)
+            out[b] = np.asarray((A2 if pw is None else pw @ A2).sum(0)).ravel()
         return torch.as_tensor(out)
 
     def dense(self) -> torch.Tensor:
@@ -160,4 +180,4 @@ class LensBatchOperator:
         B, N = self.idx.shape[:2]
         W = torch.zeros(B, N, self.d, dtype=torch.float64)
         W.scatter_add_(2, self.idx, self.w)
-        return self.K @ W
+        return torch.stack([torch.sparse.mm(self.K, W[b]) for b in range(B)])

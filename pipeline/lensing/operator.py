@@ -198,8 +198,7 @@ def assemble_matrix(lens: LensParams, image_shape: tuple[int, int], image_pixsca
     gx, gy = sub_grid(image_shape, image_pixscale, int(supersample), k.shape)
     with torch.no_grad():
         bx, by = sim.lens.raytrace(gx, gy)
-    idx, w = bilinear_weights(bx.double(), by.double(), source_npix, source_pixscale)
-    keep = w.sum(-1) != 0                                   # sub-pixels whose ray lands in the source field
+    idx, w, keep = bilinear_weights(bx.double(), by.double(), source_npix, source_pixscale)   # keep: in the field
     rows = torch.arange(gx.shape[0])[keep].repeat_interleave(4).numpy()
     d = source_npix * source_npix
     W = sp.coo_matrix((w[keep].reshape(-1).numpy(), (rows, idx[keep].reshape(-1).numpy())),

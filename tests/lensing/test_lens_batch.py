@@ -51,3 +51,31 @@ def test_A_and_AT_are_the_dense_maps_and_adjoint():
     # diag(A^T A) per lens
     torch.testing.assert_close(op.diag_AtA(), dense.pow(2).sum(1))
     assert op.A(x.float()).dtype == torch.float32
+
+
+def test_a_ray_through_the_lens_centre_gives_no_light_and_no_error():
+    """An odd grid has a sub-pixel at the origin; a lens centred there deflects it by 0/0 (NaN in caustics'
+    SIE). caustics' forward gives that sub-pixel no light: both operator paths agree and stay finite."""
+    from pipeline.lensing.operator import LensParams
+
+    geo = dict(image_shape=(11, 11), image_pixscale=0.2, source_npix=8, source_pixscale=0.15, supersample=1)
+    lens = LensParams(model="SIE", x0=0.0, y0=0.0, q=0.8, phi=0.3, rein=0.7)
+    M = assemble_matrix(lens, psf=None, **geo).to_dense().double()
+    assert bool(torch.isfinite(M).all())
+    op = LensBatchOperator(**geo, psf=None).bind(_batch([lens]))
+    torch.testing.assert_close(op.dense()[0], M, rtol=0, atol=1e-6 * float(M.abs().max()))
+    assert bool(torch.isfinite(op.A(torch.ones(1, 64, dtype=torch.float64))).all())
+
+
+def test_guards_rows_model_and_weighted_diagonal():
+    op = LensBatchOperator(**GEO, psf=None)
+    with pytest.raises(RuntimeError, match="bind"):
+        op.A(torch.ones(2, 64))
+    op.bind(_batch(_lenses(2)))
+    with pytest.raises(ValueError, match="5 sources for 2 bound lenses"):
+        op.A(torch.ones(5, 64))
+    with pytest.raises(ValueError, match="SIE"):
+        op.bind({**_batch(_lenses(2)), "model": "EPL"})
+    w = torch.rand(120, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    dense = op.dense()
+    torch.testing.assert_close(op.diag_AtA(pixel_weights=w), (dense.pow(2) * w[None, :, None]).sum(1))
