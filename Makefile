@@ -4,8 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CORES  ?= 2
-# pytest worker processes (pytest-xdist); each test file runs whole on one worker, so module and
-# session fixtures are built once
+# pytest worker processes (pytest-xdist); each test file runs whole on one worker, so a module fixture
+# is built once (a session fixture once per worker that uses it)
 TEST_WORKERS ?= $(CORES)
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
