@@ -126,7 +126,7 @@ class LensBatchOperator:
         self._K_csr = K                                    # (m, N), N: sub-pixels of the padded grid
         coo = K.tocoo()
         ind = torch.as_tensor(np.stack([coo.row, coo.col]).astype(np.int64))
-        self.K = torch.sparse_coo_tensor(ind, torch.as_tensor(coo.data), K.shape).coalesce()      # float64
+        self.K = torch.sparse_coo_tensor(ind, torch.as_tensor(coo.data), K.shape, check_invariants=True).coalesce()
         self.KT = self.K.t().coalesce()
         self.idx = self.w = None
 
