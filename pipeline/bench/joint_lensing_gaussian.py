@@ -284,9 +284,10 @@ def evaluate(model: GaussianSourceLensing, head: LensThetaHead, ref_set, cal_set
 
 def run(out, *, setup: Setup, steps: int, fit_steps: int, groups: int, group_size: int, lr: float, n_ref: int,
         mh_iter: int, n_cal: int, n_samples: int, seed: int, fit_groups: int | None = None,
-        fit_group_size: int | None = None) -> dict:
+        fit_group_size: int | None = None, png=None) -> dict:
     """Train amortized (``steps`` on fresh draws), evaluate; fit over the evaluated observations
-    (``fit_steps``), evaluate again; write ``out`` (JSON)."""
+    (``fit_steps``), evaluate again; write ``out`` (JSON) and, with ``png``, the fitted head's marginals
+    against MH (:func:`figure`)."""
     t0 = time.perf_counter()
     model = GaussianSourceLensing(setup, seed)
     log.info("theta = %s, sigma %.4g, image %d px, source %d px", model.prior.names, model.sigma, model.op.m, model.op.d)
@@ -314,7 +315,38 @@ def run(out, *, setup: Setup, steps: int, fit_steps: int, groups: int, group_siz
            "amortized": amortized, "fitted": fitted, "torch_threads": torch.get_num_threads(),
            "seconds": time.perf_counter() - t0}
     write_json(out, res)
+    if png:
+        figure(png, model, head, ref_set, mh, seed=seed + 7)
     return res
+
+
+def figure(path, model: GaussianSourceLensing, head: LensThetaHead, ref_set, mh: dict, seed: int = 0):
+    """Marginals of theta on the reference observations: MH (grey) against q(theta | y) (orange), one row
+    per observation, the true value dashed; phi unwrapped around MH's circular mean. Writes ``path``."""
+    import matplotlib.pyplot as plt
+
+    names, (truth, y) = model.prior.names, ref_set
+    gen = torch.Generator().manual_seed(seed)
+    q = head.sample((y / model.y_scale).repeat_interleave(4000, 0), gen).view(y.shape[0], 4000, -1)
+    fig, axes = plt.subplots(y.shape[0], len(names), figsize=(2.6 * len(names), 2.0 * y.shape[0]), squeeze=False)
+    for b in range(y.shape[0]):
+        for j, name in enumerate(names):
+            c, s, t = mh["theta"][:, b, j], q[b, :, j], truth[b, j:j + 1]
+            if name == "phi":
+                centre = circular_mean(c, math.pi)
+                c, s, t = (circular_unwrap(v, centre, math.pi) for v in (c, s, t))
+            ax = axes[b, j]
+            bins = np.linspace(float(min(c.min(), s.min())), float(max(c.max(), s.max())), 50)
+            ax.hist(c.numpy(), bins=bins, density=True, color="0.75", label="MH (exact)")
+            ax.hist(s.numpy(), bins=bins, density=True, histtype="step", color="C1", label="q(theta | y)")
+            ax.axvline(float(t), color="k", ls="--", lw=0.8)
+            ax.set_yticks([])
+            if b == y.shape[0] - 1:
+                ax.set_xlabel({"rein": "rein (arcsec)", "phi": "phi (rad)"}.get(name, name))
+    axes[0, 0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _summary(name: str, block: dict) -> str:
@@ -349,14 +381,19 @@ def main(argv=None) -> int:
     p.add_argument("--fit-group-size", type=int, default=None, help="theta draws per observation when fitting")
     p.add_argument("--snr", type=float, default=Setup.snr)
     p.add_argument("--no-shear", action="store_true", help="fix the external shear at 0: theta = (rein, q, phi)")
+    p.add_argument("--png", default=None, help="figure of the fitted q(theta | y) against MH on the reference set")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     configure_threads()
+    if a.png:
+        import matplotlib
+        matplotlib.use("Agg")
     lens = {"center": 0.0, **({"shear_sigma": 0.0} if a.no_shear else {})}
     res = run(a.out, setup=Setup(snr=a.snr, lens=lens), steps=a.steps, fit_steps=a.fit_steps, groups=a.groups,
               group_size=a.group_size, lr=a.lr, n_ref=a.n_ref, mh_iter=a.mh_iter, n_cal=a.n_cal,
-              n_samples=a.n_samples, seed=a.seed, fit_groups=a.fit_groups, fit_group_size=a.fit_group_size)
+              n_samples=a.n_samples, seed=a.seed, fit_groups=a.fit_groups, fit_group_size=a.fit_group_size,
+              png=a.png)
     print(_summary("amortized (fresh draws only)", res["amortized"]))
     print(_summary("fitted over the evaluated observations", res["fitted"]))
     print(f"wall {res['seconds']:.0f} s; wrote {a.out}")
