@@ -1,29 +1,18 @@
 """Stage-B lensing check of the joint construction: the lens inferred with an exact source sampler.
 
-Joint RTB samples (theta, x) as q(theta | y) q(x | theta, y). Its lensing reference waits on a
-lens-conditional source sampler close to exact; this check supplies one, so that the theta part is
-tested on lensing alone. The source has a Gaussian-process prior, drawn through the K-step chain,
-whose x0 law N(m0, S0) is exact (:func:`pipeline.diffusion.gaussian_chain.propagate_gaussian_chain`).
-Given theta, the chain's posterior of x0 is Gaussian, and
-
-    p(y | theta) = N(y; A(theta) m0, A(theta) S0 A(theta)^T + sigma^2 I)
-
-is exact. With that sampler the x-steps' log-ratio plus log-likelihood of every trajectory equals
-log p(y | theta), so joint RTB's delta reduces to
-
-    delta = log Z(y) + log q(theta | y) - log p(theta) - log p(y | theta),
-
-trained here amortized over fresh draws of (theta, x0, y) from the model (VarGrad log Z per
-observation, on-policy theta, gradient through log q only). theta are the free parameters of the lens
-prior (:class:`pipeline.lensing.lens_prior.LensPrior`): Einstein radius, axis ratio, position angle
-(period pi) and external shear by default, the lens centre fixed at the origin. q(theta | y) is
-:class:`pipeline.lensing.lens_head.LensThetaHead` on the observation itself (its pixels over their
-prior-predictive RMS); A(theta) for a batch of lenses is :class:`pipeline.lensing.lens_batch.LensBatchOperator`.
-
-The reference is Metropolis-Hastings over theta with the exact log p(y | theta) (pseudo-marginal MH
-whose estimate has zero variance), phi proposed modulo pi. ``python -m pipeline.bench.joint_lensing_gaussian
-OUT.json`` trains the head, compares its marginals with MH on a few observations and runs the
-lens-parameter calibration (:func:`pipeline.metrics.lens_calibration.lens_calibration`) on many.
+The source has a Gaussian-process prior drawn through the K-step chain, whose x0 law N(m0, S0) is exact
+(:func:`pipeline.diffusion.gaussian_chain.propagate_gaussian_chain`), so for every lens
+p(y | theta) = N(y; A(theta) m0, A(theta) S0 A(theta)^T + sigma^2 I) and x0 | theta, y are exact. With
+that lens-conditional sampler a trajectory's x-part contributes exactly log p(y | theta), and joint RTB's
+delta becomes log Z(y) + log q(theta | y) - log p(theta) - log p(y | theta): trained amortized on fresh
+(theta, x0, y) draws and/or over a fixed set of observations (VarGrad log Z per observation, on-policy
+theta, gradient through log q only). theta are the free parameters of the lens prior
+(:class:`pipeline.lensing.lens_prior.LensPrior`; the centre fixed at the origin); q(theta | y) is
+:class:`pipeline.lensing.lens_head.LensThetaHead` on the image pixels over their prior-predictive RMS;
+A(theta) for a batch of lenses is :class:`pipeline.lensing.lens_batch.LensBatchOperator`. The reference
+is Metropolis-Hastings with the exact log p(y | theta), phi moved modulo pi; the lens calibration is
+:func:`pipeline.metrics.lens_calibration.lens_calibration`. Run: ``python -m
+pipeline.bench.joint_lensing_gaussian OUT.json`` (``--help``).
 """
 
 from __future__ import annotations
@@ -221,9 +210,8 @@ def circular_mean(values: torch.Tensor, period: float) -> float:
 
 def reference_chains(model: GaussianSourceLensing, y: torch.Tensor, truth: torch.Tensor, *, n_iter: int, burn: int,
                      seed: int) -> dict:
-    """MH chains for the rows of y, started at the true theta (in the posterior's bulk); see :func:`metropolis`.
-    A random walk started there explores the truth's mode: a posterior with other, separated modes would
-    be under-represented, and the comparison would then blame q for mass the reference never visited."""
+    """MH chains for the rows of y (:func:`metropolis`) started at the true theta, in the posterior's bulk;
+    a posterior's other, separated modes would be missed (and q's mass there counted against it)."""
     start_sd = 1e-3 * torch.tensor([hi - lo for lo, hi in model.prior.box.values()]
                                    + [model.prior.config.shear_sigma] * (2 * model.prior.has_shear))
     return metropolis(model, y, truth, start_sd.expand_as(truth), n_iter=n_iter, burn=burn, seed=seed)
@@ -401,10 +389,8 @@ def main(argv=None) -> int:
               group_size=a.group_size, lr=a.lr, n_ref=a.n_ref, mh_iter=a.mh_iter, n_cal=a.n_cal,
               n_samples=a.n_samples, seed=a.seed, fit_groups=a.fit_groups, fit_group_size=a.fit_group_size,
               fit_set=a.fit_set, png=a.png)
-    if res["amortized"] is not None:
-        print(_summary("amortized (fresh draws only)", res["amortized"]))
-    print(_summary(f"fitted over the {'reference' if a.fit_set == 'ref' else 'evaluated'} observations",
-                   res["fitted"]))
+    for name, block in (("amortized", res["amortized"]), (f"fitted over the {a.fit_set} set", res["fitted"])):
+        print(_summary(name, block) if block is not None else "")
     print(f"wall {res['seconds']:.0f} s; wrote {a.out}")
     return 0
 

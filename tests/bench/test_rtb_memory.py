@@ -13,7 +13,9 @@ def test_worker_measures_one_step_both_ways():
     a = worker("two_pass", 3, batch=2, chunk=1, preset="tiny", image_size=8)
     b = worker("naive", 3, batch=2, chunk=1, preset="tiny", image_size=8)
     for r in (a, b):
-        assert r["status"] == "ok" and r["peak_mib"] >= 0 and r["step_seconds"] > 0
+        # a step this small can leave the resident size a few tens of KiB below the baseline read just after
+        # the high-water mark's reset, in a process that has run other tests (pytest-xdist): 0.25 MiB slack
+        assert r["status"] == "ok" and r["peak_mib"] >= -0.25 and r["step_seconds"] > 0
     # the two gradients are the same gradient (same seed, same batch)
     assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * b["grad_norm"]
 
