@@ -36,7 +36,7 @@ from pipeline.lensing.lens_head import LensThetaHead
 from pipeline.lensing.lens_prior import LensPrior
 from pipeline.lensing.operator import gaussian_psf
 from pipeline.metrics.lens_calibration import lens_calibration
-from pipeline.rtb.joint import integrated_autocorr_time
+from pipeline.rtb.joint import AdamCosine, integrated_autocorr_time
 from pipeline.runtime import configure_threads
 
 log = logging.getLogger(__name__)
@@ -127,8 +127,7 @@ def train_head(model: GaussianSourceLensing, *, steps: int, groups: int, group_s
     training it (else a new one). Returns (head, losses)."""
     torch.manual_seed(seed)
     head = head or LensThetaHead(model.prior, model.op.m, components=components, hidden=hidden)
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=0.05 * lr)
+    optim = AdamCosine(head, lr, steps)
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     losses, t0 = [], time.perf_counter()
     for step in range(steps):
@@ -143,13 +142,7 @@ def train_head(model: GaussianSourceLensing, *, steps: int, groups: int, group_s
         lq = head.log_prob(theta, h)
         delta = (lq - target).view(groups, group_size)
         delta = delta - delta.mean(1, keepdim=True).detach()               # VarGrad log Z per observation
-        loss = 0.5 * (delta ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(head.parameters(), 10.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
+        losses.append(optim.step(0.5 * (delta ** 2).mean()))
         if (step + 1) % max(1, steps // 10) == 0:
             log.info("step %d/%d loss %.3f (%.1f s)", step + 1, steps, np.mean(losses[-50:]), time.perf_counter() - t0)
     return head, losses

@@ -259,6 +259,24 @@ def joint_loss(policy: JointPolicy, batch: RTBBatch) -> tuple[torch.Tensor, torc
     return 0.5 * (delta ** 2).mean(), log_z
 
 
+class AdamCosine:
+    """Adam with a cosine decay of the learning rate to 5 % of ``lr`` over ``steps``, gradients clipped to
+    norm ``clip``: ``step(loss)`` takes one optimisation step and returns the loss as a float."""
+
+    def __init__(self, module: nn.Module, lr: float, steps: int, clip: float = 10.0):
+        self.params, self.clip = list(module.parameters()), clip
+        self.opt = torch.optim.Adam(self.params, lr=lr)
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, max(1, steps), eta_min=0.05 * lr)
+
+    def step(self, loss: torch.Tensor) -> float:
+        self.opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.opt.step()
+        self.sched.step()
+        return float(loss.detach())
+
+
 def train_joint(policy: JointPolicy, log_lik, observations: torch.Tensor, *, steps: int, groups: int = 4,
                 group_size: int = 32, lr: float = 1e-2, seed: int = 0) -> list[float]:
     """Train q_phi amortized over ``observations`` (G, m): every step draws ``groups`` of them and
@@ -267,8 +285,7 @@ def train_joint(policy: JointPolicy, log_lik, observations: torch.Tensor, *, ste
     if observations.ndim != 2 or observations.shape[0] < 1:
         raise ValueError(f"observations must be (G, m) with G >= 1, got shape {tuple(observations.shape)}")
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(policy.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=0.05 * lr)
+    optim = AdamCosine(policy, lr, steps)
     losses = []
     for _ in range(steps):
         idx = torch.randint(observations.shape[0], (groups,), generator=gen)
@@ -276,12 +293,7 @@ def train_joint(policy: JointPolicy, log_lik, observations: torch.Tensor, *, ste
         g = torch.arange(groups).repeat_interleave(group_size)
         batch = joint_rollout(policy, log_lik, y, groups=g, generator=gen)
         loss, _ = joint_loss(policy, batch)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
+        losses.append(optim.step(loss))
     return losses
 
 
