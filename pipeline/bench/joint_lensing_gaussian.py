@@ -32,10 +32,11 @@ from pipeline.io.atomic import write_json
 from pipeline.lensing.config import LensConfig
 from pipeline.lensing.gp_prior import GaussianProcessPrior, se_covariance
 from pipeline.lensing.lens_batch import LENS_KEYS, LensBatchOperator
-from pipeline.lensing.lens_head import LensThetaHead
+from pipeline.lensing.lens_head import LensThetaHead, refine
 from pipeline.lensing.lens_prior import LensPrior
 from pipeline.lensing.operator import gaussian_psf
 from pipeline.metrics.lens_calibration import lens_calibration
+from pipeline.bench.joint_lensing_mh import circular_mean, circular_unwrap, reference_chains
 from pipeline.rtb.joint import AdamCosine, integrated_autocorr_time
 from pipeline.runtime import configure_threads
 
@@ -148,77 +149,20 @@ def train_head(model: GaussianSourceLensing, *, steps: int, groups: int, group_s
     return head, losses
 
 
-def metropolis(model: GaussianSourceLensing, y: torch.Tensor, theta0: torch.Tensor, step: torch.Tensor, *,
-               n_iter: int, burn: int, seed: int) -> dict:
-    """Random-walk MH over theta for each row of y (B, m) at once, target p(theta) p(y | theta) (exact);
-    ``step`` (B, p): the starting per-parameter proposal sds; phi (if free) is wrapped into its period.
-
-    During the first ``burn`` iterations the proposal adapts (every 100 iterations: sds 2.38 / sqrt(p)
-    times the last window's spread, then scaled towards acceptance 0.25); after them it is fixed, so the
-    kept iterations are a plain MH chain. Returns dict(theta (n_iter - burn, B, p), acceptance (B,) of the
-    kept iterations, step (B, p))."""
-    gen = torch.Generator().manual_seed(seed)
-    names, box = model.prior.names, model.prior.box
-    phi = names.index("phi") if "phi" in box and abs(box["phi"][1] - box["phi"][0] - math.pi) < 1e-9 else None
-    theta, step = theta0.clone(), step.clone()
-    lp = model.prior.log_prob(theta) + model.log_evidence(theta, y)
-    out = torch.empty(n_iter, *theta.shape, dtype=torch.float64)
-    acc = torch.zeros(n_iter, theta.shape[0])
-    scale = torch.ones(theta.shape[0], 1, dtype=torch.float64)
-    for i in range(n_iter):
-        prop = theta + scale * step * torch.randn(theta.shape, generator=gen, dtype=torch.float64)
-        if phi is not None:
-            prop[:, phi] = box["phi"][0] + torch.remainder(prop[:, phi] - box["phi"][0], math.pi)
-        lp_new = model.prior.log_prob(prop)
-        ok = torch.isfinite(lp_new)
-        if ok.any():
-            lp_new[ok] = lp_new[ok] + model.log_evidence(prop[ok], y[ok])
-        take = ok & (torch.log(torch.rand(theta.shape[0], generator=gen, dtype=torch.float64)) < lp_new - lp)
-        theta[take], lp[take] = prop[take], lp_new[take]
-        acc[i] = take.double()
-        out[i] = theta
-        if i < burn and (i + 1) % 100 == 0:
-            window = out[i - 99:i + 1]
-            if phi is not None:  # unwrap each chain's phi around its own circular mean before its spread
-                window = window.clone()
-                for b in range(window.shape[1]):
-                    w = window[:, b, phi]
-                    window[:, b, phi] = circular_unwrap(w, circular_mean(w, math.pi), math.pi)
-            spread = window.std(0)
-            step = torch.where(spread > 0, 2.38 / math.sqrt(len(names)) * spread, 0.5 * step)
-            rate = acc[i - 99:i + 1].mean(0)[:, None].double()
-            scale = scale * torch.exp(rate - 0.25).clamp(0.5, 2.0)
-    return {"theta": out[burn:], "acceptance": acc[burn:].mean(0).tolist(), "step": (scale * step).tolist()}
-
-
-def circular_unwrap(values: torch.Tensor, centre: float, period: float) -> torch.Tensor:
-    """values moved by whole periods to lie within period / 2 of centre."""
-    return centre + torch.remainder(values - centre + period / 2, period) - period / 2
-
-
-def circular_mean(values: torch.Tensor, period: float) -> float:
-    a = values * (2 * math.pi / period)
-    return float(torch.atan2(torch.sin(a).mean(), torch.cos(a).mean())) * period / (2 * math.pi)
-
-
-def reference_chains(model: GaussianSourceLensing, y: torch.Tensor, truth: torch.Tensor, *, n_iter: int, burn: int,
-                     seed: int) -> dict:
-    """MH chains for the rows of y (:func:`metropolis`) started at the true theta, in the posterior's bulk;
-    a posterior's other, separated modes would be missed (and q's mass there counted against it)."""
-    start_sd = 1e-3 * torch.tensor([hi - lo for lo, hi in model.prior.box.values()]
-                                   + [model.prior.config.shear_sigma] * (2 * model.prior.has_shear))
-    return metropolis(model, y, truth, start_sd.expand_as(truth), n_iter=n_iter, burn=burn, seed=seed)
+def draw_q(model: GaussianSourceLensing, head: LensThetaHead, y: torch.Tensor, n: int, gen, raw=None) -> torch.Tensor:
+    """(B, n, p) draws of q(theta | y) for the rows of y, or of the refined head outputs ``raw`` (B, R)."""
+    if raw is not None:
+        return head.sample(raw=raw.repeat_interleave(n, 0), generator=gen).view(raw.shape[0], n, -1)
+    return head.sample((y / model.y_scale).repeat_interleave(n, 0), gen).view(y.shape[0], n, -1)
 
 
 def compare_marginals(model: GaussianSourceLensing, head: LensThetaHead, y: torch.Tensor, mh: dict, *,
-                      n_q: int, seed: int) -> list[dict]:
+                      n_q: int, seed: int, raw=None) -> list[dict]:
     """Per observation and parameter: MH's mean, sd and ESS (``mh``: :func:`reference_chains` of y) beside
     those of n_q draws of q(theta | y); phi is compared on the circle of period pi, unwrapped around
     MH's circular mean."""
     names = model.prior.names
-    gen = torch.Generator().manual_seed(seed)
-    h = y / model.y_scale
-    q = torch.stack([head.sample(h, gen) for _ in range(n_q)], 1)                  # (B, n_q, p)
+    q = draw_q(model, head, y, n_q, torch.Generator().manual_seed(seed), raw)        # (B, n_q, p)
     chains = mh["theta"]                                                            # (n, B, p)
     rows = []
     for b in range(y.shape[0]):
@@ -241,15 +185,17 @@ def compare_marginals(model: GaussianSourceLensing, head: LensThetaHead, y: torc
 
 
 def evaluate(model: GaussianSourceLensing, head: LensThetaHead, ref_set, cal_set, *, mh: dict, n_samples: int,
-             seed: int) -> dict:
+             seed: int, raw=None) -> dict:
     """The head against the MH reference on ``ref_set`` = (theta, y) and its lens calibration on ``cal_set``,
     with its sharpness (median over observations of q's sd over the prior's sd, per parameter). phi is
-    read on its circle: unwrapped around each observation's circular sample mean."""
-    ref = compare_marginals(model, head, ref_set[1], mh, n_q=4000, seed=seed)
+    read on its circle: unwrapped around each observation's circular sample mean. ``raw``: refined head
+    outputs (:func:`~pipeline.lensing.lens_head.refine`) for the reference then calibration rows."""
+    n_ref = ref_set[1].shape[0]
+    ref = compare_marginals(model, head, ref_set[1], mh, n_q=4000, seed=seed,
+                            raw=None if raw is None else raw[:n_ref])
     truth_c, y_c = cal_set
-    gen = torch.Generator().manual_seed(seed + 1)
-    h = (y_c / model.y_scale).repeat_interleave(n_samples, 0)
-    samples = head.sample(h, gen).view(y_c.shape[0], n_samples, -1)
+    samples = draw_q(model, head, y_c, n_samples, torch.Generator().manual_seed(seed + 1),
+                     None if raw is None else raw[n_ref:])
     truth_c = truth_c.clone()
     if "phi" in model.prior.box:   # phi has period pi: unwrap samples and truth around the samples' circular mean
         j = model.prior.names.index("phi")
@@ -265,11 +211,12 @@ def evaluate(model: GaussianSourceLensing, head: LensThetaHead, ref_set, cal_set
 
 def run(out, *, setup: Setup, steps: int, fit_steps: int, groups: int, group_size: int, lr: float, n_ref: int,
         mh_iter: int, n_cal: int, n_samples: int, seed: int, fit_groups: int | None = None,
-        fit_group_size: int | None = None, fit_set: str = "all", png=None) -> dict:
+        fit_group_size: int | None = None, fit_set: str = "all", refine: dict | None = None, png=None) -> dict:
     """Train amortized (``steps`` on fresh draws; 0: skip), evaluate; fit over the evaluated observations
     (``fit_steps``; ``fit_set`` 'all': the reference and calibration sets, 'ref': the reference set only),
-    evaluate again; write ``out`` (JSON) and, with ``png``, the fitted head's marginals
-    against MH (:func:`figure`)."""
+    evaluate again; with ``refine`` (keywords of :func:`~pipeline.lensing.lens_head.refine`, steps > 0),
+    refine the head's outputs per observation on both sets and evaluate that; write ``out`` (JSON) and, with
+    ``png``, the last head's marginals against MH (:func:`figure`)."""
     t0 = time.perf_counter()
     model = GaussianSourceLensing(setup, seed)
     log.info("theta = %s, sigma %.4g, image %d px, source %d px", model.prior.names, model.sigma, model.op.m, model.op.d)
@@ -286,9 +233,15 @@ def run(out, *, setup: Setup, steps: int, fit_steps: int, groups: int, group_siz
         raise ValueError(f"fit_set must be 'all' or 'ref', got {fit_set!r}")
     both = torch.cat([ref_set[1], cal_set[1]]) if fit_set == "all" else ref_set[1]
     fit_groups, fit_group_size = fit_groups or groups, fit_group_size or group_size
-    head, fit_losses = train_head(model, steps=fit_steps, groups=fit_groups, group_size=fit_group_size, lr=lr,
-                                  seed=seed + 5, observations=both, head=head)
-    fitted = evaluate(model, head, ref_set, cal_set, mh=mh, n_samples=n_samples, seed=seed + 2)
+    fitted, fit_losses = None, [float("nan")]
+    if fit_steps > 0 or head is None:
+        head, fit_losses = train_head(model, steps=fit_steps, groups=fit_groups, group_size=fit_group_size, lr=lr,
+                                      seed=seed + 5, observations=both, head=head)
+        fitted = evaluate(model, head, ref_set, cal_set, mh=mh, n_samples=n_samples, seed=seed + 2)
+    refined, raw = None, None
+    if refine and refine.get("steps", 0) > 0:
+        refined, raw = refine_and_evaluate(model, head, ref_set, cal_set, mh=mh, n_samples=n_samples,
+                                           seed=seed, **refine)
     res = {"check": "joint_lensing_gaussian", "setup": asdict(setup), "theta": model.prior.names,
            "sigma": model.sigma, "seed": seed, "n_ref": n_ref, "n_cal": n_cal, "n_samples": n_samples,
            "mh": {"n_iter": mh_iter, "burn": mh_iter // 5, "step": mh["step"], "q_samples": 4000,
@@ -298,22 +251,36 @@ def run(out, *, setup: Setup, steps: int, fit_steps: int, groups: int, group_siz
            "fit": {"steps": fit_steps, "lr": lr, "groups": fit_groups, "group_size": fit_group_size,
                    "set": fit_set, "observations": int(both.shape[0]),
                    "final_loss": float(np.mean(fit_losses[-50:]))},
-           "amortized": amortized, "fitted": fitted, "torch_threads": torch.get_num_threads(),
+           "amortized": amortized, "fitted": fitted, "refined": refined, "torch_threads": torch.get_num_threads(),
            "seconds": time.perf_counter() - t0}
     write_json(out, res)
     if png:
-        figure(png, model, head, ref_set, mh, seed=seed + 7)
+        figure(png, model, head, ref_set, mh, seed=seed + 7, raw=raw if raw is None else raw[:n_ref])
     return res
 
 
-def figure(path, model: GaussianSourceLensing, head: LensThetaHead, ref_set, mh: dict, seed: int = 0):
+def refine_and_evaluate(model, head, ref_set, cal_set, *, mh, n_samples, seed, **kw) -> tuple[dict, torch.Tensor]:
+    """Refine the head's outputs per observation (reference then calibration rows) and evaluate them."""
+    y = torch.cat([ref_set[1], cal_set[1]])
+    t0 = time.perf_counter()
+    raw, losses = refine(head, y / model.y_scale,
+                         lambda theta, rows: model.prior.log_prob(theta) + model.log_evidence(theta, y[rows]),
+                         seed=seed + 8, **kw)
+    seconds = time.perf_counter() - t0
+    out = evaluate(model, head, ref_set, cal_set, mh=mh, n_samples=n_samples, seed=seed + 2, raw=raw)
+    out["refine"] = {**kw, "observations": int(y.shape[0]), "seconds": seconds,
+                     "seconds_per_observation": seconds / y.shape[0], "final_loss": float(np.mean(losses[-20:])),
+                     "losses": losses[::max(1, len(losses) // 50)]}
+    return out, raw
+
+
+def figure(path, model: GaussianSourceLensing, head: LensThetaHead, ref_set, mh: dict, seed: int = 0, raw=None):
     """Marginals of theta on the reference observations: MH (grey) against q(theta | y) (orange), one row
     per observation, the true value dashed; phi unwrapped around MH's circular mean. Writes ``path``."""
     import matplotlib.pyplot as plt
 
     names, (truth, y) = model.prior.names, ref_set
-    gen = torch.Generator().manual_seed(seed)
-    q = head.sample((y / model.y_scale).repeat_interleave(4000, 0), gen).view(y.shape[0], 4000, -1)
+    q = draw_q(model, head, y, 4000, torch.Generator().manual_seed(seed), raw)
     fig, axes = plt.subplots(y.shape[0], len(names), figsize=(2.6 * len(names), 2.0 * y.shape[0]), squeeze=False)
     for b in range(y.shape[0]):
         for j, name in enumerate(names):
@@ -369,6 +336,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-shear", action="store_true", help="fix the external shear at 0: theta = (rein, q, phi)")
     p.add_argument("--fit-set", default="all", choices=["all", "ref"],
                    help="fit over the reference and calibration observations (all) or the reference ones only")
+    p.add_argument("--refine-steps", type=int, default=0,
+                   help="then refine q's outputs per observation (reference and calibration sets) for this many steps")
+    p.add_argument("--refine-group-size", type=int, default=16, help="theta draws per observation when refining")
+    p.add_argument("--refine-lr", type=float, default=0.05, help="Adam step size on the head's outputs")
+    p.add_argument("--refine-widen", type=float, default=1.0,
+                   help="exploration: draws from q widened by this factor, decaying to 1 over half the steps")
     p.add_argument("--png", default=None, help="figure of the fitted q(theta | y) against MH on the reference set")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -381,8 +354,10 @@ def main(argv=None) -> int:
     res = run(a.out, setup=Setup(snr=a.snr, lens=lens), steps=a.steps, fit_steps=a.fit_steps, groups=a.groups,
               group_size=a.group_size, lr=a.lr, n_ref=a.n_ref, mh_iter=a.mh_iter, n_cal=a.n_cal,
               n_samples=a.n_samples, seed=a.seed, fit_groups=a.fit_groups, fit_group_size=a.fit_group_size,
-              fit_set=a.fit_set, png=a.png)
-    for name, block in (("amortized", res["amortized"]), (f"fitted over the {a.fit_set} set", res["fitted"])):
+              fit_set=a.fit_set, png=a.png, refine={"steps": a.refine_steps, "group_size": a.refine_group_size,
+                                                    "lr": a.refine_lr, "widen": a.refine_widen})
+    for name, block in (("amortized", res["amortized"]), (f"fitted over the {a.fit_set} set", res["fitted"]),
+                        ("refined per observation", res["refined"])):
         print(_summary(name, block) if block is not None else "")
     print(f"wall {res['seconds']:.0f} s; wrote {a.out}")
     return 0

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from pipeline.lensing.lens_prior import LensPrior
-from pipeline.rtb.joint import truncnorm_log_prob, truncnorm_sample
+from pipeline.rtb.joint import AdamCosine, truncnorm_log_prob, truncnorm_sample
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -125,8 +125,14 @@ class LensThetaHead(nn.Module):
             if prior.has_shear:                                                    # u ~ N(0, I): broad
                 bias[:, -3:-1] = _logit_within(0.0, (math.log(0.01), math.log(2.0)))
 
-    def params(self, h: torch.Tensor) -> dict:
-        out = self.net(h.double()).view(h.shape[0], self.C, sum(self.sizes))
+    def raw(self, h: torch.Tensor) -> torch.Tensor:
+        """The network's output for embeddings h (B, embed_dim): (B, C * per-component size), unconstrained.
+        :meth:`params` maps it to the mixture; :func:`refine` optimises it per observation."""
+        return self.net(h.double())
+
+    def params(self, h: torch.Tensor | None = None, raw: torch.Tensor | None = None) -> dict:
+        """The mixture's parameters for embeddings h, or for given ``raw`` outputs (:meth:`raw`)."""
+        out = (self.raw(h) if raw is None else raw).view(-1, self.C, sum(self.sizes))
         parts = torch.split(out, self.sizes, dim=-1)
         nb, p = len(self.box_names), {}
         width = self.hi - self.lo
@@ -145,10 +151,11 @@ class LensThetaHead(nn.Module):
     def _phi_origin(self) -> float:
         return self.prior.box["phi"][0]
 
-    def log_prob(self, theta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """log q(theta | h), (B,); -inf outside the prior's support."""
+    def log_prob(self, theta: torch.Tensor, h: torch.Tensor | None = None, raw: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """log q(theta | h) (or given ``raw``: :meth:`params`), (B,); -inf outside the prior's support."""
         theta = theta.double()
-        p = self.params(h)
+        p = self.params(h, raw)
         idx = [self.col[k] for k in self.box_names]
         lp = truncnorm_log_prob(theta[:, None, idx], p["mean"], p["log_s"], self.lo, self.hi).sum(-1)
         if self.circular_phi:  # psi = 2 (phi - phi_lo) in [0, 2 pi]; density in phi is 2 VM(psi)
@@ -162,19 +169,60 @@ class LensThetaHead(nn.Module):
                            torch.tensor(-math.inf, dtype=lp.dtype, device=lp.device))
 
     @torch.no_grad()
-    def sample(self, h: torch.Tensor, generator=None) -> torch.Tensor:
-        """One theta per row of h, (B, dim), in the columns of ``prior.names``."""
-        p = self.params(h)
-        B = h.shape[0]
-        c = torch.multinomial(p["log_w"].exp().cpu(), 1, generator=generator)[:, 0].to(h.device)
-        rows = torch.arange(B, device=h.device)
-        theta = torch.empty(B, self.prior.dim, dtype=torch.float64, device=h.device)
+    def sample(self, h: torch.Tensor | None = None, generator=None, raw: torch.Tensor | None = None,
+               widen: float = 1.0) -> torch.Tensor:
+        """One theta per row of h (or of ``raw``), (B, dim), in the columns of ``prior.names``.
+
+        ``widen`` > 1 draws from a broader density for exploration (each component's stds times widen, its
+        von Mises concentration over widen^2); :meth:`log_prob` stays that of the head itself."""
+        p = self.params(h, raw)
+        B, dev = p["log_w"].shape[0], p["log_w"].device
+        c = torch.multinomial(p["log_w"].exp().cpu(), 1, generator=generator)[:, 0].to(dev)
+        rows = torch.arange(B, device=dev)
+        lw = math.log(widen)
+        theta = torch.empty(B, self.prior.dim, dtype=torch.float64, device=dev)
         idx = [self.col[k] for k in self.box_names]
-        theta[:, idx] = truncnorm_sample(p["mean"][rows, c], p["log_s"][rows, c], self.lo, self.hi, generator)
+        theta[:, idx] = truncnorm_sample(p["mean"][rows, c], p["log_s"][rows, c] + lw, self.lo, self.hi, generator)
         if self.circular_phi:
-            psi = von_mises_sample(p["mu"][rows, c], p["kappa"][rows, c], generator)
+            psi = von_mises_sample(p["mu"][rows, c], p["kappa"][rows, c] / widen ** 2, generator)
             theta[:, self.col["phi"]] = self._phi_origin() + torch.remainder(psi, 2 * math.pi) / 2
         if self.prior.has_shear:
-            theta[:, -2:] = disc_sample(p["g_mean"][rows, c], p["g_log_s"][rows, c], self.prior.config.shear_max,
-                                        generator)
+            theta[:, -2:] = disc_sample(p["g_mean"][rows, c], p["g_log_s"][rows, c] + lw,
+                                        self.prior.config.shear_max, generator)
         return theta
+
+
+def refine(head: LensThetaHead, h: torch.Tensor, log_target, *, steps: int, group_size: int = 16,
+           lr: float = 0.05, widen: float = 1.0, seed: int = 0, raw: torch.Tensor | None = None):
+    """Fit q(theta | y) to each of G observations on its own, starting from the amortized head.
+
+    The free parameters are the head's outputs (:meth:`LensThetaHead.raw`) for the embeddings h (G, embed_dim),
+    or ``raw`` (G, R) to continue a refinement; the network itself is not changed. The loss is the one joint
+    RTB trains the head with: per observation, 1/2 delta^2 over ``group_size`` draws of theta, with
+    delta = log q(theta | y) - log_target(theta, rows) less its group mean (VarGrad log Z), summed over the
+    observations, so that each observation's parameters see only their own loss. ``log_target(theta (N, p),
+    rows (N,) int64) -> (N,)`` returns log p(theta) + log p(y_row | theta) in nats, up to a constant per
+    observation; it is called without gradients. Draws come from the head widened by a factor that decays
+    linearly from ``widen`` to 1 over the first half of the steps (off-policy exploration, see
+    :meth:`LensThetaHead.sample`), then on-policy. Adam with cosine decay, ``lr`` on the raw outputs.
+
+    Returns (raw (G, R) detached, losses per step: the mean over observations of 1/2 delta^2)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        start = head.raw(h) if raw is None else raw.double()
+    free = start.clone().requires_grad_(True)
+    optim = AdamCosine([free], lr, steps, clip=math.inf)
+    G = free.shape[0]
+    rows = torch.arange(G).repeat_interleave(group_size)
+    losses = []
+    for step in range(steps):
+        w = 1 + (widen - 1) * max(0.0, 1 - 2 * step / max(1, steps))
+        theta = head.sample(raw=free.detach()[rows], generator=gen, widen=w)
+        with torch.no_grad():
+            target = log_target(theta, rows)
+        delta = (head.log_prob(theta, raw=free[rows]) - target).view(G, group_size)
+        delta = delta - delta.mean(1, keepdim=True).detach()
+        loss = 0.5 * (delta ** 2).mean(1)
+        optim.step(loss.sum())
+        losses.append(float(loss.detach().mean()))
+    return free.detach(), losses

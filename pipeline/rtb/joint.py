@@ -263,8 +263,8 @@ class AdamCosine:
     """Adam with a cosine decay of the learning rate to 5 % of ``lr`` over ``steps``, gradients clipped to
     norm ``clip``: ``step(loss)`` takes one optimisation step and returns the loss as a float."""
 
-    def __init__(self, module: nn.Module, lr: float, steps: int, clip: float = 10.0):
-        self.params, self.clip = list(module.parameters()), clip
+    def __init__(self, module, lr: float, steps: int, clip: float = 10.0):  # module: nn.Module or tensors
+        self.params, self.clip = list(module.parameters() if isinstance(module, nn.Module) else module), clip
         self.opt = torch.optim.Adam(self.params, lr=lr)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, max(1, steps), eta_min=0.05 * lr)
 

@@ -100,3 +100,25 @@ def test_head_log_prob_is_differentiable_and_minus_inf_outside():
     out = theta.clone()
     out[:, prior.names.index("q")] = 2.0
     assert (head.log_prob(out, h) == -math.inf).all()
+
+
+def test_raw_outputs_give_the_same_density_and_widened_draws_spread_more():
+    prior = LensPrior(LensConfig())
+    head = _randomised_head(prior, components=1, scale=0.05)
+    with torch.no_grad():   # one narrow component: box normals' log-std pre-activations lowered
+        nb = len(head.box_names)
+        head.net[-1].bias.view(head.C, -1)[:, nb:2 * nb] -= 4.0
+        head.net[-1].bias.view(head.C, -1)[:, -3:-1] -= 3.0    # and the shear's normal in u-space
+    h = torch.randn(1, 5, dtype=torch.float64).expand(20000, 5)
+    raw = head.raw(h)
+    theta = head.sample(h, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(head.log_prob(theta, raw=raw), head.log_prob(theta, h))
+    # the same stream gives the same draws from h or from its raw outputs
+    torch.testing.assert_close(head.sample(raw=raw, generator=torch.Generator().manual_seed(0)), theta)
+    wide = head.sample(h, torch.Generator().manual_seed(0), widen=3.0)
+    assert torch.isfinite(prior.log_prob(wide)).all()
+    # widened draws fall where q is lower: their mean log q is below that of q's own draws
+    assert float(head.log_prob(wide, h).mean()) < float(head.log_prob(theta, h).mean()) - 1.0
+    for name in ("rein", "q", "g1", "g2"):
+        j = prior.names.index(name)
+        assert float(wide[:, j].std()) > 1.5 * float(theta[:, j].std()), name
