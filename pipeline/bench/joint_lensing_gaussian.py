@@ -197,6 +197,11 @@ def evaluate(model: GaussianSourceLensing, head: LensThetaHead, ref_set, cal_set
     samples = draw_q(model, head, y_c, n_samples, torch.Generator().manual_seed(seed + 1),
                      None if raw is None else raw[n_ref:])
     truth_c = truth_c.clone()
+    # did q miss the posterior's bulk? log target at the truth against the best of q's draws (nats; >> 0: missed)
+    def log_target(theta, per_row):
+        return model.prior.log_prob(theta) + model.log_evidence(theta, y_c.repeat_interleave(per_row, 0))
+    gap = log_target(truth_c, 1) - log_target(samples.reshape(-1, samples.shape[-1]), n_samples).view(
+        samples.shape[:2]).max(1).values
     if "phi" in model.prior.box:   # phi has period pi: unwrap samples and truth around the samples' circular mean
         j = model.prior.names.index("phi")
         for b in range(samples.shape[0]):
@@ -206,6 +211,9 @@ def evaluate(model: GaussianSourceLensing, head: LensThetaHead, ref_set, cal_set
     cal = lens_calibration(samples.numpy(), truth_c.numpy(), model.prior.names, rng=np.random.default_rng(seed + 3))
     prior_sd = model.draw_theta(20000, np.random.default_rng(seed + 4)).std(0)
     cal["sd_over_prior_sd"] = dict(zip(model.prior.names, (samples.std(1).median(0).values / prior_sd).tolist()))
+    z = (samples.mean(1) - truth_c) / samples.std(1)
+    cal["per_observation"] = [{"z": dict(zip(model.prior.names, z[b].tolist())), "truth_minus_best_draw": float(gap[b])}
+                              for b in range(z.shape[0])]
     return {"reference": ref, "calibration": cal}
 
 
@@ -269,8 +277,9 @@ def refine_and_evaluate(model, head, ref_set, cal_set, *, mh, n_samples, seed, *
     seconds = time.perf_counter() - t0
     out = evaluate(model, head, ref_set, cal_set, mh=mh, n_samples=n_samples, seed=seed + 2, raw=raw)
     out["refine"] = {**kw, "observations": int(y.shape[0]), "seconds": seconds,
-                     "seconds_per_observation": seconds / y.shape[0], "final_loss": float(np.mean(losses[-20:])),
-                     "losses": losses[::max(1, len(losses) // 50)]}
+                     "seconds_per_observation": seconds / y.shape[0],
+                     "final_loss_per_observation": losses[-20:].mean(0).tolist(),
+                     "losses": losses.mean(1)[::max(1, len(losses) // 50)].tolist()}
     return out, raw
 
 
@@ -313,6 +322,9 @@ def _summary(name: str, block: dict) -> str:
         f"{k}: cov68 {v['coverage'][0.68]:.3f} cov95 {v['coverage'][0.95]:.3f} bias {v['bias']:+.2f} "
         f"sd/prior {cal['sd_over_prior_sd'][k]:.3f}" for k, v in cal["parameters"].items())
         + f"  TARP p {cal['tarp']['tarp_p_value']:.3f}  ok {cal['ok']}")
+    gaps = [o["truth_minus_best_draw"] for o in cal["per_observation"]]
+    lines.append(f"  truth's log target above every q draw's by > 5 nats on {sum(g > 5 for g in gaps)} of {len(gaps)} "
+                 f"observations (largest {max(gaps):.1f})")
     return "\n".join(lines)
 
 

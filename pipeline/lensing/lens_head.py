@@ -19,14 +19,17 @@ parameters; ``log_prob`` is in nats per unit of theta's coordinates (those of ``
 
 from __future__ import annotations
 
+import logging
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
 from pipeline.lensing.lens_prior import LensPrior
 from pipeline.rtb.joint import AdamCosine, truncnorm_log_prob, truncnorm_sample
 
+log = logging.getLogger(__name__)
 _LOG_2PI = math.log(2 * math.pi)
 
 
@@ -206,7 +209,7 @@ def refine(head: LensThetaHead, h: torch.Tensor, log_target, *, steps: int, grou
     linearly from ``widen`` to 1 over the first half of the steps (off-policy exploration, see
     :meth:`LensThetaHead.sample`), then on-policy. Adam with cosine decay, ``lr`` on the raw outputs.
 
-    Returns (raw (G, R) detached, losses per step: the mean over observations of 1/2 delta^2)."""
+    Returns (raw (G, R) detached, losses (steps, G): each observation's mean 1/2 delta^2 per step)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         start = head.raw(h) if raw is None else raw.double()
@@ -224,5 +227,8 @@ def refine(head: LensThetaHead, h: torch.Tensor, log_target, *, steps: int, grou
         delta = delta - delta.mean(1, keepdim=True).detach()
         loss = 0.5 * (delta ** 2).mean(1)
         optim.step(loss.sum())
-        losses.append(float(loss.detach().mean()))
-    return free.detach(), losses
+        losses.append(loss.detach().numpy())
+        if (step + 1) % max(1, steps // 10) == 0:
+            log.info("refine step %d/%d: median over %d observations of 1/2 delta^2 %.3f", step + 1, steps, G,
+                     float(np.median(np.mean(losses[-max(1, steps // 10):], 0))))
+    return free.detach(), np.array(losses).reshape(steps, G)
