@@ -272,7 +272,7 @@ def refine_and_evaluate(model, head, ref_set, cal_set, *, mh, n_samples, seed, *
     y = torch.cat([ref_set[1], cal_set[1]])
     t0 = time.perf_counter()
     raw, losses = refine(head, y / model.y_scale,
-                         lambda theta, rows: model.prior.log_prob(theta) + model.log_evidence(theta, y[rows]),
+                         lambda theta, rows: model.log_evidence(theta, y[rows]),
                          seed=seed + 8, **kw)
     seconds = time.perf_counter() - t0
     out = evaluate(model, head, ref_set, cal_set, mh=mh, n_samples=n_samples, seed=seed + 2, raw=raw)
@@ -354,6 +354,8 @@ def main(argv=None) -> int:
     p.add_argument("--refine-lr", type=float, default=0.05, help="Adam step size on the head's outputs")
     p.add_argument("--refine-widen", type=float, default=1.0,
                    help="exploration: draws from q widened by this factor, decaying to 1 over half the steps")
+    p.add_argument("--refine-beta0", type=float, default=1.0,
+                   help="tempering: the likelihood's power starts here and rises geometrically to 1 over half the steps")
     p.add_argument("--png", default=None, help="figure of the fitted q(theta | y) against MH on the reference set")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -367,7 +369,8 @@ def main(argv=None) -> int:
               group_size=a.group_size, lr=a.lr, n_ref=a.n_ref, mh_iter=a.mh_iter, n_cal=a.n_cal,
               n_samples=a.n_samples, seed=a.seed, fit_groups=a.fit_groups, fit_group_size=a.fit_group_size,
               fit_set=a.fit_set, png=a.png, refine={"steps": a.refine_steps, "group_size": a.refine_group_size,
-                                                    "lr": a.refine_lr, "widen": a.refine_widen})
+                                                    "lr": a.refine_lr, "widen": a.refine_widen,
+                                                    "beta0": a.refine_beta0})
     for name, block in (("amortized", res["amortized"]), (f"fitted over the {a.fit_set} set", res["fitted"]),
                         ("refined per observation", res["refined"])):
         print(_summary(name, block) if block is not None else "")

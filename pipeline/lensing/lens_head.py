@@ -195,21 +195,28 @@ class LensThetaHead(nn.Module):
         return theta
 
 
-def refine(head: LensThetaHead, h: torch.Tensor, log_target, *, steps: int, group_size: int = 16,
-           lr: float = 0.05, widen: float = 1.0, seed: int = 0, raw: torch.Tensor | None = None):
+def refine(head: LensThetaHead, h: torch.Tensor, log_likelihood, *, steps: int, group_size: int = 16,
+           lr: float = 0.05, widen: float = 1.0, beta0: float = 1.0, seed: int = 0, raw: torch.Tensor | None = None):
     """Fit q(theta | y) to each of G observations on its own, starting from the amortized head.
 
     The free parameters are the head's outputs (:meth:`LensThetaHead.raw`) for the embeddings h (G, embed_dim),
     or ``raw`` (G, R) to continue a refinement; the network itself is not changed. The loss is the one joint
     RTB trains the head with: per observation, 1/2 delta^2 over ``group_size`` draws of theta, with
-    delta = log q(theta | y) - log_target(theta, rows) less its group mean (VarGrad log Z), summed over the
-    observations, so that each observation's parameters see only their own loss. ``log_target(theta (N, p),
-    rows (N,) int64) -> (N,)`` returns log p(theta) + log p(y_row | theta) in nats, up to a constant per
-    observation; it is called without gradients. Draws come from the head widened by a factor that decays
-    linearly from ``widen`` to 1 over the first half of the steps (off-policy exploration, see
-    :meth:`LensThetaHead.sample`), then on-policy. Adam with cosine decay, ``lr`` on the raw outputs.
+    delta = log q(theta | y) - log p(theta) - beta log p(y | theta) less its group mean (VarGrad log Z),
+    summed over the observations, so that each observation's parameters see only their own loss.
+    ``log_likelihood(theta (N, p), rows (N,) int64) -> (N,)`` returns log p(y_row | theta) in nats, up to a
+    constant per observation (called without gradients); log p(theta) is ``head.prior``'s.
 
-    Returns (raw (G, R) detached, losses (steps, G): each observation's mean 1/2 delta^2 per step)."""
+    Two ways out of a local optimum of a fit started in the wrong place, both over the first half of the
+    steps and both gone in the second half, where the fit is plain on-policy RTB to the posterior:
+
+    * tempering: beta rises geometrically from ``beta0`` to 1, so that early targets are broad posteriors
+      that keep every mode within reach of q (annealed variational inference);
+    * widened draws: theta drawn from the head widened by a factor that falls linearly from ``widen`` to 1
+      (off-policy exploration, :meth:`LensThetaHead.sample`).
+
+    Adam with cosine decay, ``lr`` on the raw outputs. Returns (raw (G, R) detached, losses (steps, G): each
+    observation's mean 1/2 delta^2 per step, at that step's beta)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         start = head.raw(h) if raw is None else raw.double()
@@ -219,10 +226,11 @@ def refine(head: LensThetaHead, h: torch.Tensor, log_target, *, steps: int, grou
     rows = torch.arange(G).repeat_interleave(group_size)
     losses = []
     for step in range(steps):
-        w = 1 + (widen - 1) * max(0.0, 1 - 2 * step / max(1, steps))
-        theta = head.sample(raw=free.detach()[rows], generator=gen, widen=w)
+        early = max(0.0, 1 - 2 * step / max(1, steps))          # 1 at the start, 0 from half-way on
+        beta = beta0 ** early
+        theta = head.sample(raw=free.detach()[rows], generator=gen, widen=1 + (widen - 1) * early)
         with torch.no_grad():
-            target = log_target(theta, rows)
+            target = head.prior.log_prob(theta) + beta * log_likelihood(theta, rows)
         delta = (head.log_prob(theta, raw=free[rows]) - target).view(G, group_size)
         delta = delta - delta.mean(1, keepdim=True).detach()
         loss = 0.5 * (delta ** 2).mean(1)

@@ -91,7 +91,7 @@ def test_refine_per_observation_reaches_quadrature_from_an_untrained_head():
     head = jlg.LensThetaHead(model.prior, model.op.m)
     net_before = [p.detach().clone() for p in head.parameters()]
     raw, losses = refine(head, y / model.y_scale,
-                         lambda theta, rows: model.prior.log_prob(theta) + model.log_evidence(theta, y[rows]),
+                         lambda theta, rows: model.log_evidence(theta, y[rows]),
                          steps=300, group_size=16, lr=0.05, widen=3.0, seed=0)
     assert raw.shape[0] == 3 and losses.shape == (300, 3)
     assert (losses[-20:].mean(0) < 0.05 * losses[:20].mean(0)).all()
@@ -104,3 +104,36 @@ def test_refine_per_observation_reaches_quadrature_from_an_untrained_head():
         s = head.sample(raw=raw[b:b + 1].expand(4000, -1), generator=gen)[:, 0]
         assert abs(float(s.mean()) - mean) < 0.2 * sd, (b, float(s.mean()), mean, sd)
         assert 0.8 < float(s.std()) / sd < 1.25, (b, float(s.std()), sd)
+
+
+def test_refine_tempering_leaves_a_local_optimum_that_on_policy_fitting_keeps():
+    """A fit started at a minor mode (rein 0.55, 30 nats below the main one at 0.7) stays there on-policy:
+    VarGrad never sees the main mode. Tempered from beta0 = 0.01 it ends at the main mode."""
+    model = jlg.GaussianSourceLensing(jlg.Setup(**TINY, lens=ONE), seed=0)
+    lo, hi = model.prior.box["rein"]
+    assert lo < 0.55 and 0.7 < hi
+
+    def log_likelihood(theta, rows):
+        r = theta[:, 0]
+        return torch.logaddexp(-0.5 * ((r - 0.7) / 0.01) ** 2, -0.5 * ((r - 0.55) / 0.01) ** 2 - 30.0)
+
+    torch.manual_seed(0)
+    head = jlg.LensThetaHead(model.prior, model.op.m)
+    with torch.no_grad():                         # the components at rein 0.54-0.57, each with sd 0.005
+        nb = len(head.box_names)
+        bias = head.net[-1].bias.view(head.C, -1)
+        mid, half = 0.5 * (lo + hi), 0.5 * (hi - lo)
+        bias[:, :nb] = torch.tensor([[math.atanh((r - mid) / half)] for r in (0.54, 0.55, 0.56, 0.57)])
+        lo_s, hi_s = head.log_s_range
+        u = (math.log(0.005 / (hi - lo)) - lo_s) / (hi_s - lo_s)
+        bias[:, nb:2 * nb] = math.log(u / (1 - u))
+    h = torch.zeros(1, model.op.m, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    assert abs(float(head.sample(h.expand(2000, -1), gen)[:, 0].mean()) - 0.555) < 0.01
+    near_main = {}
+    for beta0 in (1.0, 0.01):
+        raw, _ = refine(head, h, log_likelihood, steps=400, group_size=16, lr=0.1, beta0=beta0, seed=0)
+        s = head.sample(raw=raw.expand(4000, -1), generator=gen)[:, 0]
+        near_main[beta0] = float(((s - 0.7).abs() < 0.03).double().mean())
+    assert near_main[1.0] < 0.01, near_main
+    assert near_main[0.01] > 0.98, near_main
