@@ -32,7 +32,7 @@ from pipeline.io.atomic import write_json
 from pipeline.lensing.config import LensConfig
 from pipeline.lensing.gp_prior import GaussianProcessPrior, se_covariance
 from pipeline.lensing.lens_batch import LENS_KEYS, LensBatchOperator
-from pipeline.lensing.lens_head import LensThetaHead, refine
+from pipeline.lensing.lens_head import LensThetaHead, refine, vargrad_loss
 from pipeline.lensing.lens_prior import LensPrior
 from pipeline.lensing.operator import gaussian_psf
 from pipeline.metrics.lens_calibration import lens_calibration
@@ -140,10 +140,7 @@ def train_head(model: GaussianSourceLensing, *, steps: int, groups: int, group_s
         theta = head.sample(h, gen)
         with torch.no_grad():
             target = model.prior.log_prob(theta) + model.log_evidence(theta, y.repeat_interleave(group_size, 0))
-        lq = head.log_prob(theta, h)
-        delta = (lq - target).view(groups, group_size)
-        delta = delta - delta.mean(1, keepdim=True).detach()               # VarGrad log Z per observation
-        losses.append(optim.step(0.5 * (delta ** 2).mean()))
+        losses.append(optim.step(vargrad_loss(head.log_prob(theta, h), target, groups).mean()))
         if (step + 1) % max(1, steps // 10) == 0:
             log.info("step %d/%d loss %.3f (%.1f s)", step + 1, steps, np.mean(losses[-50:]), time.perf_counter() - t0)
     return head, losses
@@ -219,10 +216,10 @@ def evaluate(model: GaussianSourceLensing, head: LensThetaHead, ref_set, cal_set
 
 def run(out, *, setup: Setup, steps: int, fit_steps: int, groups: int, group_size: int, lr: float, n_ref: int,
         mh_iter: int, n_cal: int, n_samples: int, seed: int, fit_groups: int | None = None,
-        fit_group_size: int | None = None, fit_set: str = "all", refine: dict | None = None, png=None) -> dict:
+        fit_group_size: int | None = None, fit_set: str = "all", refine_kw: dict | None = None, png=None) -> dict:
     """Train amortized (``steps`` on fresh draws; 0: skip), evaluate; fit over the evaluated observations
     (``fit_steps``; ``fit_set`` 'all': the reference and calibration sets, 'ref': the reference set only),
-    evaluate again; with ``refine`` (keywords of :func:`~pipeline.lensing.lens_head.refine`, steps > 0),
+    evaluate again; with ``refine_kw`` (keywords of :func:`~pipeline.lensing.lens_head.refine`, steps > 0),
     refine the head's outputs per observation on both sets and evaluate that; write ``out`` (JSON) and, with
     ``png``, the last head's marginals against MH (:func:`figure`)."""
     t0 = time.perf_counter()
@@ -247,9 +244,9 @@ def run(out, *, setup: Setup, steps: int, fit_steps: int, groups: int, group_siz
                                       seed=seed + 5, observations=both, head=head)
         fitted = evaluate(model, head, ref_set, cal_set, mh=mh, n_samples=n_samples, seed=seed + 2)
     refined, raw = None, None
-    if refine and refine.get("steps", 0) > 0:
+    if refine_kw and refine_kw.get("steps", 0) > 0:
         refined, raw = refine_and_evaluate(model, head, ref_set, cal_set, mh=mh, n_samples=n_samples,
-                                           seed=seed, **refine)
+                                           seed=seed, **refine_kw)
     res = {"check": "joint_lensing_gaussian", "setup": asdict(setup), "theta": model.prior.names,
            "sigma": model.sigma, "seed": seed, "n_ref": n_ref, "n_cal": n_cal, "n_samples": n_samples,
            "mh": {"n_iter": mh_iter, "burn": mh_iter // 5, "step": mh["step"], "q_samples": 4000,
@@ -268,7 +265,8 @@ def run(out, *, setup: Setup, steps: int, fit_steps: int, groups: int, group_siz
 
 
 def refine_and_evaluate(model, head, ref_set, cal_set, *, mh, n_samples, seed, **kw) -> tuple[dict, torch.Tensor]:
-    """Refine the head's outputs per observation (reference then calibration rows) and evaluate them."""
+    """Refine the head's outputs per observation (reference then calibration rows) and evaluate them; ``kw``:
+    the keywords of :func:`~pipeline.lensing.lens_head.refine` other than ``seed`` and ``raw``."""
     y = torch.cat([ref_set[1], cal_set[1]])
     t0 = time.perf_counter()
     raw, losses = refine(head, y / model.y_scale,
@@ -368,9 +366,9 @@ def main(argv=None) -> int:
     res = run(a.out, setup=Setup(snr=a.snr, lens=lens), steps=a.steps, fit_steps=a.fit_steps, groups=a.groups,
               group_size=a.group_size, lr=a.lr, n_ref=a.n_ref, mh_iter=a.mh_iter, n_cal=a.n_cal,
               n_samples=a.n_samples, seed=a.seed, fit_groups=a.fit_groups, fit_group_size=a.fit_group_size,
-              fit_set=a.fit_set, png=a.png, refine={"steps": a.refine_steps, "group_size": a.refine_group_size,
-                                                    "lr": a.refine_lr, "widen": a.refine_widen,
-                                                    "beta0": a.refine_beta0})
+              fit_set=a.fit_set, png=a.png,
+              refine_kw={"steps": a.refine_steps, "group_size": a.refine_group_size, "lr": a.refine_lr,
+                         "widen": a.refine_widen, "beta0": a.refine_beta0})
     for name, block in (("amortized", res["amortized"]), (f"fitted over the {a.fit_set} set", res["fitted"]),
                         ("refined per observation", res["refined"])):
         print(_summary(name, block) if block is not None else "")

@@ -79,7 +79,8 @@ def disc_sample(mean: torch.Tensor, log_s: torch.Tensor, gmax: float, generator=
     """Draws (..., 2) of the disc density of :func:`disc_log_prob`."""
     u = mean + log_s.exp() * torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
     r = torch.linalg.vector_norm(u, dim=-1, keepdim=True)
-    scale = torch.where(r < 1e-12, torch.ones_like(r), torch.tanh(r) / r.clamp(min=1e-300))
+    # |g| < gmax strictly: tanh rounds to 1 for |u| above about 19, which the prior's open disc would refuse
+    scale = torch.where(r < 1e-12, torch.ones_like(r), torch.tanh(r).clamp(max=1 - 1e-15) / r.clamp(min=1e-300))
     return gmax * u * scale
 
 
@@ -134,8 +135,12 @@ class LensThetaHead(nn.Module):
         return self.net(h.double())
 
     def params(self, h: torch.Tensor | None = None, raw: torch.Tensor | None = None) -> dict:
-        """The mixture's parameters for embeddings h, or for given ``raw`` outputs (:meth:`raw`)."""
-        out = (self.raw(h) if raw is None else raw).view(-1, self.C, sum(self.sizes))
+        """The mixture's parameters for embeddings h, or for given ``raw`` outputs (:meth:`raw`), not both."""
+        if (h is None) == (raw is None):
+            raise ValueError("give the embeddings h or the raw outputs, not both or neither")
+        if raw is not None and raw.shape[-1] != self.C * sum(self.sizes):
+            raise ValueError(f"raw outputs must have {self.C * sum(self.sizes)} columns, got {raw.shape[-1]}")
+        out = (self.raw(h) if raw is None else raw).reshape(-1, self.C, sum(self.sizes))
         parts = torch.split(out, self.sizes, dim=-1)
         nb, p = len(self.box_names), {}
         width = self.hi - self.lo
@@ -176,8 +181,11 @@ class LensThetaHead(nn.Module):
                widen: float = 1.0) -> torch.Tensor:
         """One theta per row of h (or of ``raw``), (B, dim), in the columns of ``prior.names``.
 
-        ``widen`` > 1 draws from a broader density for exploration (each component's stds times widen, its
-        von Mises concentration over widen^2); :meth:`log_prob` stays that of the head itself."""
+        ``widen`` >= 1 draws from a broader density for exploration (each component's stds times widen, the
+        shear's in its u-space, which piles mass towards |g| = gmax; its von Mises concentration over
+        widen^2); :meth:`log_prob` stays that of the head itself."""
+        if widen < 1:
+            raise ValueError(f"widen must be >= 1, got {widen}")
         p = self.params(h, raw)
         B, dev = p["log_w"].shape[0], p["log_w"].device
         c = torch.multinomial(p["log_w"].exp().cpu(), 1, generator=generator)[:, 0].to(dev)
@@ -193,6 +201,15 @@ class LensThetaHead(nn.Module):
             theta[:, -2:] = disc_sample(p["g_mean"][rows, c], p["g_log_s"][rows, c] + lw,
                                         self.prior.config.shear_max, generator)
         return theta
+
+
+def vargrad_loss(log_q: torch.Tensor, log_target: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per observation, the mean of 1/2 delta^2 over its group of draws, (groups,): delta = log q - log target
+    less its group mean (VarGrad's log Z; detached, which leaves the gradient unchanged). log_q and log_target
+    (groups * n,) are ordered group by group; only log_q carries gradients."""
+    delta = (log_q - log_target).view(groups, -1)
+    delta = delta - delta.mean(1, keepdim=True).detach()
+    return 0.5 * (delta ** 2).mean(1)
 
 
 def refine(head: LensThetaHead, h: torch.Tensor, log_likelihood, *, steps: int, group_size: int = 16,
@@ -215,13 +232,16 @@ def refine(head: LensThetaHead, h: torch.Tensor, log_likelihood, *, steps: int, 
     * widened draws: theta drawn from the head widened by a factor that falls linearly from ``widen`` to 1
       (off-policy exploration, :meth:`LensThetaHead.sample`).
 
-    Adam with cosine decay, ``lr`` on the raw outputs. Returns (raw (G, R) detached, losses (steps, G): each
-    observation's mean 1/2 delta^2 per step, at that step's beta)."""
+    Adam with cosine decay, ``lr`` on the raw outputs. The optimisation is per observation; the random draws
+    share one generator (``seed``). Returns (raw (G, R) detached, losses (steps, G): each observation's mean
+    1/2 delta^2 per step, at that step's beta and, in the first half, on the widened draws)."""
+    if not 0 < beta0 <= 1 or widen < 1:
+        raise ValueError(f"refine needs 0 < beta0 <= 1 and widen >= 1, got beta0 {beta0}, widen {widen}")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         start = head.raw(h) if raw is None else raw.double()
     free = start.clone().requires_grad_(True)
-    optim = AdamCosine([free], lr, steps, clip=math.inf)
+    optim = AdamCosine([free], lr, steps, clip=None)
     G = free.shape[0]
     rows = torch.arange(G).repeat_interleave(group_size)
     losses = []
@@ -231,11 +251,9 @@ def refine(head: LensThetaHead, h: torch.Tensor, log_likelihood, *, steps: int, 
         theta = head.sample(raw=free.detach()[rows], generator=gen, widen=1 + (widen - 1) * early)
         with torch.no_grad():
             target = head.prior.log_prob(theta) + beta * log_likelihood(theta, rows)
-        delta = (head.log_prob(theta, raw=free[rows]) - target).view(G, group_size)
-        delta = delta - delta.mean(1, keepdim=True).detach()
-        loss = 0.5 * (delta ** 2).mean(1)
+        loss = vargrad_loss(head.log_prob(theta, raw=free[rows]), target, G)
         optim.step(loss.sum())
-        losses.append(loss.detach().numpy())
+        losses.append(loss.detach().cpu().numpy())
         if (step + 1) % max(1, steps // 10) == 0:
             log.info("refine step %d/%d: median over %d observations of 1/2 delta^2 %.3f", step + 1, steps, G,
                      float(np.median(np.mean(losses[-max(1, steps // 10):], 0))))

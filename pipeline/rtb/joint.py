@@ -260,18 +260,18 @@ def joint_loss(policy: JointPolicy, batch: RTBBatch) -> tuple[torch.Tensor, torc
 
 
 class AdamCosine:
-    """Adam with a cosine decay of the learning rate to 5 % of ``lr`` over ``steps``, gradients clipped to
-    norm ``clip``: ``step(loss)`` takes one optimisation step and returns the loss as a float."""
+    """Adam on ``params`` (a module or leaf tensors), lr cosine-decayed to 5 %, gradient norm clipped (None: not)."""
 
-    def __init__(self, module, lr: float, steps: int, clip: float = 10.0):  # module: nn.Module or tensors
-        self.params, self.clip = list(module.parameters() if isinstance(module, nn.Module) else module), clip
+    def __init__(self, params, lr: float, steps: int, clip: float | None = 10.0):
+        self.params, self.clip = list(params.parameters() if isinstance(params, nn.Module) else params), clip
         self.opt = torch.optim.Adam(self.params, lr=lr)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, max(1, steps), eta_min=0.05 * lr)
 
-    def step(self, loss: torch.Tensor) -> float:
+    def step(self, loss: torch.Tensor) -> float:  # one optimisation step; returns the loss as a float
         self.opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        if self.clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         self.opt.step()
         self.sched.step()
         return float(loss.detach())

@@ -109,7 +109,8 @@ def test_raw_outputs_give_the_same_density_and_widened_draws_spread_more():
         nb = len(head.box_names)
         head.net[-1].bias.view(head.C, -1)[:, nb:2 * nb] -= 4.0
         head.net[-1].bias.view(head.C, -1)[:, -3:-1] -= 3.0    # and the shear's normal in u-space
-    h = torch.randn(1, 5, dtype=torch.float64).expand(20000, 5)
+        head.net[-1].bias.view(head.C, -1)[:, 2 * nb + 1] = math.log(10.0)   # von Mises kappa ~ 10
+    h = torch.randn(1, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).expand(20000, 5)
     raw = head.raw(h)
     theta = head.sample(h, torch.Generator().manual_seed(0))
     torch.testing.assert_close(head.log_prob(theta, raw=raw), head.log_prob(theta, h))
@@ -122,3 +123,22 @@ def test_raw_outputs_give_the_same_density_and_widened_draws_spread_more():
     for name in ("rein", "q", "g1", "g2"):
         j = prior.names.index(name)
         assert float(wide[:, j].std()) > 1.5 * float(theta[:, j].std()), name
+    # phi (period pi): the mean resultant length of 2 phi falls when widened
+    j = prior.names.index("phi")
+    assert float(torch.exp(2j * wide[:, j]).mean().abs()) < float(torch.exp(2j * theta[:, j]).mean().abs())
+    with pytest.raises(ValueError, match="not both"):
+        head.params(h, raw)
+
+
+def test_widened_draws_of_a_broad_shear_stay_inside_the_disc():
+    # a shear normal far out in u-space (mean 3, std 2), widened 3x: tanh(|u|) rounds to 1 for |u| > ~19
+    prior = LensPrior(LensConfig())
+    head = _randomised_head(prior, components=1, scale=0.0)
+    with torch.no_grad():
+        head.net[-1].bias.view(head.C, -1)[:, -5:-3] = 10.0   # g_mean -> 3 tanh(10) ~ 3
+        head.net[-1].bias.view(head.C, -1)[:, -3:-1] = 10.0   # g_log_s -> log 2
+    h = torch.zeros(100000, 5, dtype=torch.float64)
+    wide = head.sample(h, torch.Generator().manual_seed(0), widen=3.0)
+    g = torch.linalg.vector_norm(wide[:, -2:], dim=-1)
+    assert float(g.max()) < prior.config.shear_max
+    assert torch.isfinite(prior.log_prob(wide)).all() and torch.isfinite(head.log_prob(wide, h)).all()
