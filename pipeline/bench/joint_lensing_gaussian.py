@@ -6,7 +6,8 @@ p(y | theta) = N(y; A(theta) m0, A(theta) S0 A(theta)^T + sigma^2 I) and x0 | th
 that lens-conditional sampler a trajectory's x-part contributes exactly log p(y | theta), and joint RTB's
 delta becomes log Z(y) + log q(theta | y) - log p(theta) - log p(y | theta): trained amortized on fresh
 (theta, x0, y) draws and/or over a fixed set of observations (VarGrad log Z per observation, on-policy
-theta, gradient through log q only). theta are the free parameters of the lens prior
+theta, gradient through log q only), and/or refined per observation
+(:func:`pipeline.lensing.lens_head.refine`, tempered and widened early). theta are the free parameters of the lens prior
 (:class:`pipeline.lensing.lens_prior.LensPrior`; the centre fixed at the origin); q(theta | y) is
 :class:`pipeline.lensing.lens_head.LensThetaHead` on the image pixels over their prior-predictive RMS;
 A(theta) for a batch of lenses is :class:`pipeline.lensing.lens_batch.LensBatchOperator`. The reference
