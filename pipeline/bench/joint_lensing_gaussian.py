@@ -358,6 +358,8 @@ def main(argv=None) -> int:
     p.add_argument("--png", default=None, help="figure of the fitted q(theta | y) against MH on the reference set")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    if not 0 < a.refine_beta0 <= 1 or a.refine_widen < 1:
+        p.error(f"--refine-beta0 must be in (0, 1] and --refine-widen >= 1 (got {a.refine_beta0}, {a.refine_widen})")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     configure_threads()
     if a.png:

@@ -153,3 +153,9 @@ def test_refine_fits_each_observation_on_its_own():
     assert torch.equal(out[0][0], out[1][0]) and not torch.equal(out[0][1], out[1][1])
     with pytest.raises(ValueError, match="beta0"):
         refine(head, y / model.y_scale, lambda theta, rows: theta[:, 0], steps=1, beta0=0.0)
+
+
+def test_cli_refuses_a_bad_tempering_start_in_one_line(capsys):
+    with pytest.raises(SystemExit) as err:
+        jlg.main(["out.json", "--refine-beta0", "0"])
+    assert err.value.code == 2 and "--refine-beta0" in capsys.readouterr().err
