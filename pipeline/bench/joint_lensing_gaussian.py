@@ -33,7 +33,7 @@ from pipeline.io.atomic import write_json
 from pipeline.lensing.config import LensConfig
 from pipeline.lensing.gp_prior import GaussianProcessPrior, se_covariance
 from pipeline.lensing.lens_batch import LENS_KEYS, LensBatchOperator
-from pipeline.lensing.lens_head import LensThetaHead, refine, vargrad_loss
+from pipeline.lensing.lens_head import LensThetaHead, importance_check, refine, vargrad_loss
 from pipeline.lensing.lens_prior import LensPrior
 from pipeline.lensing.operator import gaussian_psf
 from pipeline.metrics.lens_calibration import lens_calibration
@@ -270,14 +270,19 @@ def refine_and_evaluate(model, head, ref_set, cal_set, *, mh, n_samples, seed, *
     the keywords of :func:`~pipeline.lensing.lens_head.refine` other than ``seed`` and ``raw``."""
     y = torch.cat([ref_set[1], cal_set[1]])
     t0 = time.perf_counter()
-    raw, losses = refine(head, y / model.y_scale,
-                         lambda theta, rows: model.log_evidence(theta, y[rows]),
-                         seed=seed + 8, **kw)
+    def log_likelihood(theta, rows):
+        return model.log_evidence(theta, y[rows])
+
+    raw, losses = refine(head, y / model.y_scale, log_likelihood, seed=seed + 8, **kw)
     seconds = time.perf_counter() - t0
+    check = importance_check(head, raw, log_likelihood, n=256, seed=seed + 9)
     out = evaluate(model, head, ref_set, cal_set, mh=mh, n_samples=n_samples, seed=seed + 2, raw=raw)
     out["refine"] = {**kw, "observations": int(y.shape[0]), "seconds": seconds,
                      "seconds_per_observation": seconds / y.shape[0],
                      "final_loss_per_observation": losses[-20:].mean(0).tolist(),
+                     # 256 draws of q per observation: Kish ESS / n of the weights p(theta) p(y | theta) / q
+                     "ess_fraction_per_observation": check["ess_fraction"].tolist(),
+                     "flagged_observations": np.flatnonzero(check["flagged"]).tolist(),
                      "losses": losses.mean(1)[::max(1, len(losses) // 50)].tolist()}
     return out, raw
 
@@ -324,6 +329,10 @@ def _summary(name: str, block: dict) -> str:
     gaps = [o["truth_minus_best_draw"] for o in cal["per_observation"]]
     lines.append(f"  truth's log target above every q draw's by > 5 nats on {sum(g > 5 for g in gaps)} of {len(gaps)} "
                  f"observations (largest {max(gaps):.1f})")
+    if "refine" in block:
+        ess = block["refine"]["ess_fraction_per_observation"]
+        lines.append(f"  importance ESS / n < 0.5 on {len(block['refine']['flagged_observations'])} of {len(ess)} "
+                     f"observations (smallest {min(ess):.3f}, median {float(np.median(ess)):.3f})")
     return "\n".join(lines)
 
 

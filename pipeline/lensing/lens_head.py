@@ -258,3 +258,35 @@ def refine(head: LensThetaHead, h: torch.Tensor, log_likelihood, *, steps: int, 
             log.info("refine step %d/%d: median over %d observations of 1/2 delta^2 %.3f", step + 1, steps, G,
                      float(np.median(np.mean(losses[-max(1, steps // 10):], 0))))
     return free.detach(), np.array(losses).reshape(steps, G)
+
+
+def importance_check(head: LensThetaHead, raw: torch.Tensor, log_likelihood, *, n: int = 256, seed: int = 0,
+                     min_ess_fraction: float = 0.5) -> dict:
+    """How well q(theta | y) (the head outputs ``raw``, (G, R)) matches each observation's posterior, from n
+    draws of q per observation and their log importance weights log w = log p(theta) + log p(y | theta) -
+    log q(theta | y) (``log_likelihood`` as for :func:`refine`, a constant per observation allowed).
+
+    Returns numpy arrays over the G observations:
+
+    * ``ess_fraction``: Kish's effective sample size over n, (sum w)^2 / (n sum w^2), in (0, 1]; 1 when q
+      equals the posterior, about exp(-s^2) for log-normal weights of log-sd s;
+    * ``log_z``: the importance-weighted log evidence, log mean w (nats, up to ``log_likelihood``'s
+      constant), a lower bound in expectation;
+    * ``log_w_sd``: the sd of log w (nats; 0 for an exact q);
+    * ``flagged``: ``ess_fraction < min_ess_fraction``, a fit not to be trusted.
+
+    Weights can only judge where q draws: a posterior mode that q never visits leaves them untouched, so a
+    passing observation is not proof that q found every mode."""
+    if n < 2 or not 0 < min_ess_fraction <= 1:
+        raise ValueError(f"importance_check needs n >= 2 and 0 < min_ess_fraction <= 1, got {n}, {min_ess_fraction}")
+    gen = torch.Generator().manual_seed(seed)
+    G = raw.shape[0]
+    rows = torch.arange(G).repeat_interleave(n)
+    with torch.no_grad():
+        theta = head.sample(raw=raw[rows], generator=gen)
+        log_w = (head.prior.log_prob(theta) + log_likelihood(theta, rows) - head.log_prob(theta, raw=raw[rows]))
+        log_w = log_w.view(G, n).double()
+    log_z = torch.logsumexp(log_w, 1) - math.log(n)
+    ess = torch.exp(2 * torch.logsumexp(log_w, 1) - torch.logsumexp(2 * log_w, 1)) / n
+    return {"ess_fraction": ess.numpy(), "log_z": log_z.numpy(), "log_w_sd": log_w.std(1).numpy(),
+            "flagged": (ess < min_ess_fraction).numpy()}

@@ -8,7 +8,7 @@ import torch
 
 from pipeline.bench import joint_lensing_gaussian as jlg
 from pipeline.bench import joint_lensing_mh as jmh
-from pipeline.lensing.lens_head import _logit_within, refine
+from pipeline.lensing.lens_head import _logit_within, importance_check, refine
 
 TINY = dict(source_npix=6, source_pixscale=0.3, image_npix=8, image_pixscale=0.25, psf_npix=3, psf_fwhm=0.25,
             length_scale=0.4, K=10, snr=3.0)
@@ -103,6 +103,35 @@ def test_refine_per_observation_reaches_quadrature_from_an_untrained_head():
         s = head.sample(raw=raw[b:b + 1].expand(4000, -1), generator=gen)[:, 0]
         assert abs(float(s.mean()) - mean) < 0.2 * sd, (b, float(s.mean()), mean, sd)
         assert 0.8 < float(s.std()) / sd < 1.25, (b, float(s.std()), sd)
+
+
+def test_importance_check_scores_a_refined_fit_and_flags_an_untrained_one():
+    """Kish ESS fraction near 1 and the importance-weighted log evidence at the quadrature value for a
+    refined q(rein | y); an untrained head, far from the posterior, flagged."""
+    model = jlg.GaussianSourceLensing(jlg.Setup(**TINY, lens=ONE), seed=0)
+    _, y = model.simulate(2, np.random.default_rng(5), torch.Generator().manual_seed(5))
+    torch.manual_seed(0)
+    head = jlg.LensThetaHead(model.prior, model.op.m)
+
+    def log_likelihood(theta, rows):
+        return model.log_evidence(theta, y[rows])
+
+    with torch.no_grad():
+        untrained = importance_check(head, head.raw(y / model.y_scale), log_likelihood, n=512, seed=2)
+    raw, _ = refine(head, y / model.y_scale, log_likelihood, steps=300, group_size=16, lr=0.05, widen=3.0, seed=0)
+    fit = importance_check(head, raw, log_likelihood, n=2000, seed=2)
+    lo, hi = model.prior.box["rein"]
+    for b in range(2):
+        grid = torch.linspace(lo, hi, 4001, dtype=torch.float64)
+        lp = model.log_evidence(grid[:, None], y[b:b + 1].expand(4001, -1)) - math.log(hi - lo)
+        log_z = float(lp.max() + torch.log(torch.trapezoid(torch.exp(lp - lp.max()), grid)))
+        assert fit["ess_fraction"][b] > 0.8 and not fit["flagged"][b], fit
+        # the estimator's sd is about log_w_sd / sqrt(n ESS) < 0.02 nats here
+        assert abs(fit["log_z"][b] - log_z) < 0.05, (b, fit["log_z"][b], log_z)
+        assert untrained["flagged"][b] and untrained["ess_fraction"][b] < 0.3, untrained
+        assert untrained["log_z"][b] < log_z + 0.5
+    with pytest.raises(ValueError, match="min_ess_fraction"):
+        importance_check(head, raw, log_likelihood, n=8, min_ess_fraction=0.0)
 
 
 def test_refine_tempering_leaves_a_local_optimum_that_on_policy_fitting_keeps():
