@@ -34,6 +34,7 @@ from pipeline.lensing.config import LensConfig
 from pipeline.lensing.gp_prior import GaussianProcessPrior, se_covariance
 from pipeline.lensing.lens_batch import LENS_KEYS, LensBatchOperator
 from pipeline.lensing.lens_head import LensThetaHead, importance_check, refine, vargrad_loss
+from pipeline.lensing.lens_head_mvn import make_head
 from pipeline.lensing.lens_prior import LensPrior
 from pipeline.lensing.operator import gaussian_psf
 from pipeline.metrics.lens_calibration import lens_calibration
@@ -123,12 +124,12 @@ class GaussianSourceLensing:
 
 def train_head(model: GaussianSourceLensing, *, steps: int, groups: int, group_size: int, lr: float, seed: int,
                hidden: int = 128, components: int = 4, observations: torch.Tensor | None = None,
-               head: LensThetaHead | None = None) -> tuple[LensThetaHead, list[float]]:
+               head: LensThetaHead | None = None, kind: str = "product") -> tuple[LensThetaHead, list[float]]:
     """Joint RTB for theta (see the module docstring): amortized over fresh model draws, or, with
     ``observations`` (G, m), over that fixed set (``groups`` of them per step). ``head``: continue
-    training it (else a new one). Returns (head, losses)."""
+    training it (else a new one of ``kind``, :func:`~pipeline.lensing.lens_head_mvn.make_head`). Returns (head, losses)."""
     torch.manual_seed(seed)
-    head = head or LensThetaHead(model.prior, model.op.m, components=components, hidden=hidden)
+    head = head or make_head(kind, model.prior, model.op.m, components=components, hidden=hidden)
     optim = AdamCosine(head, lr, steps)
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     losses, t0 = [], time.perf_counter()
@@ -217,7 +218,8 @@ def evaluate(model: GaussianSourceLensing, head: LensThetaHead, ref_set, cal_set
 
 def run(out, *, setup: Setup, steps: int, fit_steps: int, groups: int, group_size: int, lr: float, n_ref: int,
         mh_iter: int, n_cal: int, n_samples: int, seed: int, fit_groups: int | None = None,
-        fit_group_size: int | None = None, fit_set: str = "all", refine_kw: dict | None = None, png=None) -> dict:
+        fit_group_size: int | None = None, fit_set: str = "all", refine_kw: dict | None = None, png=None,
+        head_kind: str = "product") -> dict:
     """Train amortized (``steps`` on fresh draws; 0: skip), evaluate; fit over the evaluated observations
     (``fit_steps``; ``fit_set`` 'all': the reference and calibration sets, 'ref': the reference set only),
     evaluate again; with ``refine_kw`` (keywords of :func:`~pipeline.lensing.lens_head.refine`, steps > 0),
@@ -232,7 +234,8 @@ def run(out, *, setup: Setup, steps: int, fit_steps: int, groups: int, group_siz
     t_ref = time.perf_counter() - t0
     head, losses, amortized = None, [float("nan")], None
     if steps > 0:
-        head, losses = train_head(model, steps=steps, groups=groups, group_size=group_size, lr=lr, seed=seed)
+        head, losses = train_head(model, steps=steps, groups=groups, group_size=group_size, lr=lr, seed=seed,
+                                  kind=head_kind)
         amortized = evaluate(model, head, ref_set, cal_set, mh=mh, n_samples=n_samples, seed=seed + 2)
     t_train = time.perf_counter() - t0 - t_ref
     if fit_set not in ("all", "ref"):
@@ -242,13 +245,13 @@ def run(out, *, setup: Setup, steps: int, fit_steps: int, groups: int, group_siz
     fitted, fit_losses = None, [float("nan")]
     if fit_steps > 0 or head is None:
         head, fit_losses = train_head(model, steps=fit_steps, groups=fit_groups, group_size=fit_group_size, lr=lr,
-                                      seed=seed + 5, observations=both, head=head)
+                                      seed=seed + 5, observations=both, head=head, kind=head_kind)
         fitted = evaluate(model, head, ref_set, cal_set, mh=mh, n_samples=n_samples, seed=seed + 2)
     refined, raw = None, None
     if refine_kw and refine_kw.get("steps", 0) > 0:
         refined, raw = refine_and_evaluate(model, head, ref_set, cal_set, mh=mh, n_samples=n_samples,
                                            seed=seed, **refine_kw)
-    res = {"check": "joint_lensing_gaussian", "setup": asdict(setup), "theta": model.prior.names,
+    res = {"check": "joint_lensing_gaussian", "setup": asdict(setup), "theta": model.prior.names, "head": head_kind,
            "sigma": model.sigma, "seed": seed, "n_ref": n_ref, "n_cal": n_cal, "n_samples": n_samples,
            "mh": {"n_iter": mh_iter, "burn": mh_iter // 5, "step": mh["step"], "q_samples": 4000,
                   "truth": ref_set[0].tolist(), "seconds": t_ref},
@@ -354,6 +357,8 @@ def main(argv=None) -> int:
     p.add_argument("--fit-group-size", type=int, default=None, help="theta draws per observation when fitting")
     p.add_argument("--snr", type=float, default=Setup.snr)
     p.add_argument("--no-shear", action="store_true", help="fix the external shear at 0: theta = (rein, q, phi)")
+    p.add_argument("--head", default="product", choices=["product", "correlated"],
+                   help="q(theta | y): a mixture of product densities, or of correlated normals mapped onto the support")
     p.add_argument("--fit-set", default="all", choices=["all", "ref"],
                    help="fit over the reference and calibration observations (all) or the reference ones only")
     p.add_argument("--refine-steps", type=int, default=0,
@@ -378,7 +383,7 @@ def main(argv=None) -> int:
     res = run(a.out, setup=Setup(snr=a.snr, lens=lens), steps=a.steps, fit_steps=a.fit_steps, groups=a.groups,
               group_size=a.group_size, lr=a.lr, n_ref=a.n_ref, mh_iter=a.mh_iter, n_cal=a.n_cal,
               n_samples=a.n_samples, seed=a.seed, fit_groups=a.fit_groups, fit_group_size=a.fit_group_size,
-              fit_set=a.fit_set, png=a.png,
+              fit_set=a.fit_set, png=a.png, head_kind=a.head,
               refine_kw={"steps": a.refine_steps, "group_size": a.refine_group_size, "lr": a.refine_lr,
                          "widen": a.refine_widen, "beta0": a.refine_beta0})
     for name, block in (("amortized", res["amortized"]), (f"fitted over the {a.fit_set} set", res["fitted"]),

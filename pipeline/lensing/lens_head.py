@@ -59,20 +59,24 @@ def von_mises_sample(mu: torch.Tensor, kappa: torch.Tensor, generator=None) -> t
     return torch.remainder(out + mu + math.pi, 2 * math.pi) - math.pi
 
 
-def disc_log_prob(g: torch.Tensor, mean: torch.Tensor, log_s: torch.Tensor, gmax: float) -> torch.Tensor:
-    """log-density on the disc |g| < gmax of g = gmax tanh(|u|) u/|u|, u ~ N(mean, diag exp(log_s)^2)
-    (g, mean, log_s: (..., 2); returns (...,), per unit^2 of g)."""
+def disc_inverse(g: torch.Tensor, gmax: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of u -> g = gmax tanh(|u|) u/|u| (R^2 onto the open disc |g| < gmax) for g (..., 2): u (..., 2)
+    and log |det dg/du| (...,) = log(gmax^2 sech^2(|u|) tanh(|u|) / |u|)."""
     rho = torch.linalg.vector_norm(g, dim=-1).clamp(min=1e-300)
     ratio = (rho / gmax).clamp(max=1 - 1e-15)
     r = torch.atanh(ratio)
     u = g * (r / rho).unsqueeze(-1)
     u = torch.where((rho < 1e-12).unsqueeze(-1), g / gmax, u)      # atanh(x)/x -> 1 at the centre
-    s = log_s.exp()
-    z = (u - mean) / s
-    log_n = (-0.5 * z * z - log_s).sum(-1) - _LOG_2PI
     tanh_over_r = torch.where(r < 1e-6, 1 - r * r / 3, ratio / r.clamp(min=1e-300))
-    log_jac = 2 * math.log(gmax) + torch.log1p(-ratio * ratio) + torch.log(tanh_over_r)
-    return log_n - log_jac
+    return u, 2 * math.log(gmax) + torch.log1p(-ratio * ratio) + torch.log(tanh_over_r)
+
+
+def disc_log_prob(g: torch.Tensor, mean: torch.Tensor, log_s: torch.Tensor, gmax: float) -> torch.Tensor:
+    """log-density on the disc |g| < gmax of g = gmax tanh(|u|) u/|u|, u ~ N(mean, diag exp(log_s)^2)
+    (g, mean, log_s: (..., 2); returns (...,), per unit^2 of g)."""
+    u, log_jac = disc_inverse(g, gmax)
+    z = (u - mean) / log_s.exp()
+    return (-0.5 * z * z - log_s).sum(-1) - _LOG_2PI - log_jac
 
 
 def disc_sample(mean: torch.Tensor, log_s: torch.Tensor, gmax: float, generator=None) -> torch.Tensor:
