@@ -166,11 +166,13 @@ def compare_marginals(model: GaussianSourceLensing, head: LensThetaHead, y: torc
     rows = []
     for b in range(y.shape[0]):
         row = {"acceptance": mh["acceptance"][b], "parameters": {}}
+        unwrapped = []
         for j, name in enumerate(names):
             c, s = chains[:, b, j], q[b, :, j]
             if name == "phi" and "phi" in model.prior.box:
                 centre = circular_mean(c, math.pi)
                 c, s = circular_unwrap(c, centre, math.pi), circular_unwrap(s, centre, math.pi)
+            unwrapped.append(c)
             tau = integrated_autocorr_time(c)
             ess = c.shape[0] / tau
             mh_mean, mh_sd, q_mean, q_sd = float(c.mean()), float(c.std()), float(s.mean()), float(s.std())
@@ -179,6 +181,7 @@ def compare_marginals(model: GaussianSourceLensing, head: LensThetaHead, y: torc
                 "dmean_over_sd": (q_mean - mh_mean) / mh_sd, "sd_ratio": q_sd / mh_sd,
                 # Monte-Carlo sd of the standardised mean difference: MH's ESS and q's n_q samples
                 "dmean_mc_sd": math.sqrt(1 / ess + 1 / n_q)}
+        row["mh_correlation"] = torch.corrcoef(torch.stack(unwrapped)).tolist()   # in the order of names
         rows.append(row)
     return rows
 
