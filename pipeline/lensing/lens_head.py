@@ -272,12 +272,12 @@ def importance_check(head: LensThetaHead, raw: torch.Tensor, log_likelihood, *, 
 
     Returns numpy arrays over the G observations:
 
-    * ``ess_fraction``: Kish's effective sample size over n, (sum w)^2 / (n sum w^2), in (0, 1]; 1 when q
+    * ``ess_fraction``: Kish's effective sample size over n, (sum w)^2 / (n sum w^2), in [1/n, 1]; 1 when q
       equals the posterior, about exp(-s^2) for log-normal weights of log-sd s;
     * ``log_z``: the importance-weighted log evidence, log mean w (nats, up to ``log_likelihood``'s
       constant), a lower bound in expectation;
     * ``log_w_sd``: the sd of log w (nats; 0 for an exact q);
-    * ``flagged``: ``ess_fraction < min_ess_fraction``, a fit not to be trusted.
+    * ``flagged``: ``ess_fraction < min_ess_fraction`` or not a number, a fit not to be trusted.
 
     Weights can only judge where q draws: a posterior mode that q never visits leaves them untouched, so a
     passing observation is not proof that q found every mode."""
@@ -292,5 +292,5 @@ def importance_check(head: LensThetaHead, raw: torch.Tensor, log_likelihood, *, 
         log_w = log_w.view(G, n).double()
     log_z = torch.logsumexp(log_w, 1) - math.log(n)
     ess = torch.exp(2 * torch.logsumexp(log_w, 1) - torch.logsumexp(2 * log_w, 1)) / n
-    return {"ess_fraction": ess.numpy(), "log_z": log_z.numpy(), "log_w_sd": log_w.std(1).numpy(),
-            "flagged": (ess < min_ess_fraction).numpy()}
+    return {"ess_fraction": ess.cpu().numpy(), "log_z": log_z.cpu().numpy(), "log_w_sd": log_w.std(1).cpu().numpy(),
+            "flagged": (~(ess >= min_ess_fraction)).cpu().numpy()}          # NaN weights are flagged too

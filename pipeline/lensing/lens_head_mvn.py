@@ -8,7 +8,7 @@ too narrow by sqrt(1 - rho^2). :class:`CorrelatedLensHead` draws u ~ N(mu_c, L_c
 by a fixed bijection T onto the prior's support:
 
 * u_0 = phi - phi_lo wrapped onto one period, when phi's range is one whole period (pi); the density of
-  phi is the wrapped normal, a sum over the shifts u_0 + k pi (k = -4..4, exact to about 1e-9 because the
+  phi is the wrapped normal, a sum over the shifts u_0 + k pi (k = -4..4, missing about 1e-9 of the mass at most, because the
   sd of u_0 is at most pi / 2 and its mean lies in [0, pi));
 * a uniform parameter on [lo, hi] (centre, Einstein radius, axis ratio, slope, and phi on a shorter
   range) is lo + (hi - lo) sigmoid(u_i);
@@ -116,11 +116,15 @@ class CorrelatedLensHead(nn.Module):
         return torch.cat(parts, -1), log_jac
 
     def _from_u(self, u: torch.Tensor) -> torch.Tensor:
+        """T(u): theta (B, dim) in the columns of ``prior.names`` for u (B, p) in the order of ``cols``."""
         theta = torch.empty(u.shape[0], self.prior.dim, dtype=torch.float64, device=u.device)
         t = []
         if self.circular_phi:
-            t.append(self.prior.box["phi"][0] + torch.remainder(u[:, :1], math.pi))
-        t.append(self.lo + (self.hi - self.lo) * torch.sigmoid(u[:, self.n_phi:self.n_phi + self.nb]))
+            lo, hi = self.prior.box["phi"]
+            t.append((lo + torch.remainder(u[:, :1], math.pi)).clamp(lo, hi))
+        # sigmoid rounds to 1 for u above ~37, and lo + (hi - lo) * 1 can exceed hi by one ulp: keep [lo, hi]
+        box = self.lo + (self.hi - self.lo) * torch.sigmoid(u[:, self.n_phi:self.n_phi + self.nb])
+        t.append(torch.minimum(torch.maximum(box, self.lo), self.hi))
         if self.prior.has_shear:
             ug = u[:, -2:]
             r = torch.linalg.vector_norm(ug, dim=-1, keepdim=True)
@@ -135,13 +139,15 @@ class CorrelatedLensHead(nn.Module):
         theta = theta.double()
         q = self.params(h, raw)
         u, log_jac = self._to_u(theta)
-        shifts = torch.zeros(len(_WRAPS) if self.circular_phi else 1, self.p, dtype=torch.float64, device=u.device)
-        if self.circular_phi:
-            shifts[:, 0] = math.pi * _WRAPS.to(u.device)
-        diff = u[:, None, None, :] + shifts[None, :, None, :] - q["mean"][:, None]          # (B, k, C, p)
-        L = q["scale_tril"][:, None].expand(-1, diff.shape[1], -1, -1, -1)
-        z = torch.linalg.solve_triangular(L, diff.unsqueeze(-1), upper=False)[..., 0]
-        log_det = torch.log(torch.diagonal(q["scale_tril"], dim1=-2, dim2=-1)).sum(-1)      # (B, C)
+        L = q["scale_tril"]                                                                  # (B, C, p, p)
+        z = torch.linalg.solve_triangular(L, (u[:, None, :] - q["mean"]).unsqueeze(-1), upper=False)[..., 0]
+        z = z[:, None]                                                                       # (B, 1, C, p)
+        if self.circular_phi:   # phi's coordinate shifted by k pi moves z by k pi L^-1 e_0
+            e0 = torch.zeros_like(q["mean"])
+            e0[..., 0] = math.pi
+            step = torch.linalg.solve_triangular(L, e0.unsqueeze(-1), upper=False)[..., 0]  # (B, C, p)
+            z = z + _WRAPS.to(u.device)[None, :, None, None] * step[:, None]                  # (B, 9, C, p)
+        log_det = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)                    # (B, C)
         log_n = -0.5 * (z * z).sum(-1) - log_det[:, None] - 0.5 * self.p * math.log(2 * math.pi)
         lp = torch.logsumexp(q["log_w"][:, None] + log_n, dim=(1, 2)) - log_jac
         return torch.where(torch.isfinite(self.prior.log_prob(theta)), lp,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.lensing.config import LensConfig
-from pipeline.lensing.lens_head import LensThetaHead, refine
+from pipeline.lensing.lens_head import LensThetaHead, importance_check, refine
 from pipeline.lensing.lens_head_mvn import CorrelatedLensHead, make_head
 from pipeline.lensing.lens_prior import LensPrior
 
@@ -118,3 +118,52 @@ def test_refined_correlated_head_follows_a_correlated_posterior_that_a_product_h
     assert abs(rho - 0.9) < 0.05, got
     ratio, rho = got["product"]
     assert float(ratio[0]) < 0.7 and float(ratio[1]) < 0.7 and abs(rho) < 0.5, got
+
+
+@pytest.mark.parametrize("cfg", [LensConfig(), LensConfig(model="EPL"), LensConfig(phi=(0.2, 1.0), shear_sigma=0.0)],
+                         ids=["sie-shear", "epl-circular-phi", "short-phi-no-shear"])
+def test_round_trip_and_draws_have_the_component_covariance(cfg):
+    # spread kept well inside the shear map's range (tanh(|u|) rounds to 1 above |u| ~ 18)
+    prior = LensPrior(cfg)
+    head = _randomised(prior, components=1, scale=0.1)
+    with torch.no_grad():   # strong correlations, so that L L^T and L^T L differ
+        head.net[-1].bias.view(head.C, -1)[:, 2 * head.p:-1] += torch.linspace(-1.5, 1.5, head.tril.shape[1])
+    h = torch.randn(1, 5, dtype=torch.float64)
+    theta = head.sample(h.expand(40000, 5), torch.Generator().manual_seed(4))
+    u, _ = head._to_u(theta)
+    back = head._from_u(u)
+    diff = back - theta
+    if head.circular_phi:   # phi is compared modulo its period
+        j = prior.names.index("phi")
+        diff[:, j] = torch.remainder(diff[:, j] + math.pi / 2, math.pi) - math.pi / 2
+    assert float(diff.abs().max()) < 1e-8
+    q = head.params(h)
+    cov = (q["scale_tril"] @ q["scale_tril"].transpose(-1, -2))[0, 0].detach()
+    if head.circular_phi:   # u's phi coordinate is wrapped: compare the others
+        u, cov = u[:, 1:], cov[1:, 1:]
+    torch.testing.assert_close(torch.cov(u.T), cov, rtol=0.05, atol=0.05 * float(cov.diagonal().max()))
+    L = q["scale_tril"][0, 0].detach()
+    other = (L.T @ L)[1:, 1:] if head.circular_phi else L.T @ L
+    assert float((other - cov).abs().max()) > 0.5 * float(cov.diagonal().max())   # the check can tell them apart
+
+
+def test_saturated_outputs_still_draw_inside_the_support():
+    """A box mean at the logit bound with the largest spread, widened: sigmoid rounds to 1 and lo + (hi - lo)
+    would exceed hi = 0.9 by one ulp for q in (0.3, 0.9); the draws stay on the support."""
+    prior = LensPrior(LensConfig(q=(0.3, 0.9)))
+    head = _randomised(prior, components=1, scale=0.0)
+    with torch.no_grad():
+        bias = head.net[-1].bias.view(head.C, -1)
+        bias[:, :head.p] = 40.0              # means at their upper bounds
+        bias[:, head.p:2 * head.p] = 40.0    # d at its largest
+    theta = head.sample(torch.zeros(20000, 5, dtype=torch.float64), torch.Generator().manual_seed(0), widen=3.0)
+    assert torch.isfinite(prior.log_prob(theta)).all()
+    assert torch.isfinite(head.log_prob(theta, torch.zeros(20000, 5, dtype=torch.float64))).all()
+
+
+def test_importance_check_flags_weights_that_are_not_numbers():
+    prior = LensPrior(LensConfig(shear_sigma=0.0))
+    head = _randomised(prior)
+    raw = head.raw(torch.zeros(2, 5, dtype=torch.float64)).detach()
+    out = importance_check(head, raw, lambda theta, rows: torch.where(rows == 1, math.nan, 0.0), n=64)
+    assert out["flagged"][1] and np.isnan(out["ess_fraction"][1]) and np.isfinite(out["ess_fraction"][0])
