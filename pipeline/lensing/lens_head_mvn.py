@@ -15,9 +15,10 @@ by a fixed bijection T onto the prior's support:
 * the shear (g1, g2) is gmax tanh(|u|) u / |u| on its 2-vector (:func:`~pipeline.lensing.lens_head.disc_inverse`).
 
 log q(theta) = log sum_c w_c N(T^-1(theta); mu_c, Sigma_c) - log |det dT/du|, in nats per unit of theta's
-coordinates (those of ``LensPrior.names``). L_c is lower triangular with diagonal d (phi's coordinate
-first, so its marginal sd is d_0) and L_ij = d_i a_ij below it, so the a_ij set correlations whatever the
-scales. Same interface as ``LensThetaHead`` (``raw``, ``params``, ``log_prob``, ``sample``), so
+coordinates (those of ``LensPrior.names``). Sigma_c = L_c L_c^T with L_c = diag(s) C: s the marginal sds
+(bounded, so that no draw reaches where a map onto the support rounds to its edge) and C the lower
+Cholesky factor of a correlation matrix, its row i (a_i1, ..., a_i,i-1, 1) over that row's norm, so the
+a_ij set the correlations whatever the scales (phi's coordinate comes first). Same interface as ``LensThetaHead`` (``raw``, ``params``, ``log_prob``, ``sample``), so
 :func:`~pipeline.lensing.lens_head.refine` and :func:`~pipeline.lensing.lens_head.importance_check` take it.
 """
 
@@ -40,7 +41,9 @@ class CorrelatedLensHead(nn.Module):
 
     Bounds in u-space: the uniform coordinates' means in [-10, 10] (logits), phi's in [0, pi) (its raw value
     modulo pi, so that a mean can move across the period's ends), the shear's
-    in [-3, 3]; the diagonal d in [``min_d``, 5], phi's in [``min_d``, pi / 2]; the a_ij in [-30, 30]. At
+    in [-3, 3]; the marginal sds s in [``min_d``, 3] (uniform coordinates), [``min_d``, 2] (shear) and
+    [``min_d``, pi / 2] (phi), so that draws stay where the maps onto the support are not saturated; the
+    a_ij in [-30, 30]. At
     initialisation the components are broad (d = 1, phi's pi / 2, no correlation) and spread over the box."""
 
     def __init__(self, prior: LensPrior, embed_dim: int, components: int = 4, hidden: int = 128,
@@ -58,8 +61,8 @@ class CorrelatedLensHead(nn.Module):
         self.register_buffer("lo", torch.tensor([box[k][0] for k in self.box_names], dtype=torch.float64))
         self.register_buffer("hi", torch.tensor([box[k][1] for k in self.box_names], dtype=torch.float64))
         self.log_d_lo = math.log(min_d)
-        self.log_d_hi = torch.tensor([math.log(math.pi / 2)] * self.n_phi + [math.log(5.0)] * (self.p - self.n_phi),
-                                     dtype=torch.float64)
+        self.log_d_hi = torch.tensor([math.log(math.pi / 2)] * self.n_phi + [math.log(3.0)] * self.nb
+                                     + [math.log(2.0)] * (self.p - self.n_phi - self.nb), dtype=torch.float64)
         self.tril = torch.tril_indices(self.p, self.p, -1)
         self.size = 2 * self.p + self.tril.shape[1] + 1
         self.net = nn.Sequential(nn.Linear(embed_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
@@ -94,10 +97,10 @@ class CorrelatedLensHead(nn.Module):
                           3 * torch.tanh(m[..., n_phi + self.nb:])], -1)
         hi = self.log_d_hi.to(out.device)
         log_d = self.log_d_lo + (hi - self.log_d_lo) * torch.sigmoid(out[..., p:2 * p])
-        a = 30 * torch.tanh(out[..., 2 * p:-1] / 30)
-        d = log_d.exp()
-        L = torch.diag_embed(d)
-        L[..., self.tril[0], self.tril[1]] = d[..., self.tril[0]] * a
+        # L = diag(s) C, C the Cholesky factor of a correlation matrix: row i is (a_i1, ..., a_i,i-1, 1) / its norm
+        C = torch.diag_embed(torch.ones_like(log_d))
+        C[..., self.tril[0], self.tril[1]] = 30 * torch.tanh(out[..., 2 * p:-1] / 30)
+        L = log_d.exp().unsqueeze(-1) * C / torch.linalg.vector_norm(C, dim=-1, keepdim=True)
         return {"mean": mean, "scale_tril": L, "log_w": torch.log_softmax(out[..., -1], -1)}
 
     def _to_u(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
