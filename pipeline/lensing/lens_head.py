@@ -88,6 +88,15 @@ def disc_sample(mean: torch.Tensor, log_s: torch.Tensor, gmax: float, generator=
     return gmax * u * scale
 
 
+def support_parts(prior: LensPrior) -> tuple[bool, list[str]]:
+    """(circular_phi, box_names): whether phi's range is one whole period (pi), so that phi lives on a circle,
+    and the parameters that live on an interval [lo, hi] (phi among them when its range is shorter)."""
+    box = prior.box
+    phi_lo, phi_hi = box.get("phi", (0.0, 0.0))
+    circular = "phi" in box and abs((phi_hi - phi_lo) - math.pi) < 1e-9
+    return circular, [k for k in box if not (k == "phi" and circular)]
+
+
 def _logit_within(value: float, bounds: tuple[float, float]) -> float:
     """The pre-activation x with lo + (hi - lo) sigmoid(x) = value."""
     u = (value - bounds[0]) / (bounds[1] - bounds[0])
@@ -109,9 +118,7 @@ class LensThetaHead(nn.Module):
         super().__init__()
         self.prior, self.C = prior, components
         box = prior.box
-        phi_lo, phi_hi = box.get("phi", (0.0, 0.0))
-        self.circular_phi = "phi" in box and abs((phi_hi - phi_lo) - math.pi) < 1e-9
-        self.box_names = [k for k in box if not (k == "phi" and self.circular_phi)]
+        self.circular_phi, self.box_names = support_parts(prior)
         self.register_buffer("lo", torch.tensor([box[k][0] for k in self.box_names], dtype=torch.float64))
         self.register_buffer("hi", torch.tensor([box[k][1] for k in self.box_names], dtype=torch.float64))
         self.col = {k: i for i, k in enumerate(prior.names)}

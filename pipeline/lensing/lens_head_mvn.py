@@ -29,7 +29,7 @@ import math
 import torch
 from torch import nn
 
-from pipeline.lensing.lens_head import LensThetaHead, disc_inverse
+from pipeline.lensing.lens_head import LensThetaHead, disc_inverse, support_parts
 from pipeline.lensing.lens_prior import LensPrior
 
 _WRAPS = torch.arange(-4, 5, dtype=torch.float64)
@@ -51,9 +51,7 @@ class CorrelatedLensHead(nn.Module):
         super().__init__()
         self.prior, self.C = prior, components
         box = prior.box
-        phi_lo, phi_hi = box.get("phi", (0.0, 0.0))
-        self.circular_phi = "phi" in box and abs((phi_hi - phi_lo) - math.pi) < 1e-9
-        self.box_names = [k for k in box if not (k == "phi" and self.circular_phi)]
+        self.circular_phi, self.box_names = support_parts(prior)
         self.col = {k: i for i, k in enumerate(prior.names)}
         order = (["phi"] if self.circular_phi else []) + self.box_names + (["g1", "g2"] if prior.has_shear else [])
         self.register_buffer("cols", torch.tensor([self.col[k] for k in order]))   # u coordinate i -> theta column
