@@ -97,6 +97,12 @@ def support_parts(prior: LensPrior) -> tuple[bool, list[str]]:
     return circular, [k for k in box if not (k == "phi" and circular)]
 
 
+def pick_components(log_w: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One mixture component per row drawn from the log-weights log_w (B, C): (rows (B,), components (B,))."""
+    c = torch.multinomial(log_w.exp().cpu(), 1, generator=generator)[:, 0].to(log_w.device)
+    return torch.arange(log_w.shape[0], device=log_w.device), c
+
+
 def _logit_within(value: float, bounds: tuple[float, float]) -> float:
     """The pre-activation x with lo + (hi - lo) sigmoid(x) = value."""
     u = (value - bounds[0]) / (bounds[1] - bounds[0])
@@ -199,8 +205,7 @@ class LensThetaHead(nn.Module):
             raise ValueError(f"widen must be >= 1, got {widen}")
         p = self.params(h, raw)
         B, dev = p["log_w"].shape[0], p["log_w"].device
-        c = torch.multinomial(p["log_w"].exp().cpu(), 1, generator=generator)[:, 0].to(dev)
-        rows = torch.arange(B, device=dev)
+        rows, c = pick_components(p["log_w"], generator)
         lw = math.log(widen)
         theta = torch.empty(B, self.prior.dim, dtype=torch.float64, device=dev)
         idx = [self.col[k] for k in self.box_names]

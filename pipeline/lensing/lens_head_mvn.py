@@ -29,7 +29,7 @@ import math
 import torch
 from torch import nn
 
-from pipeline.lensing.lens_head import LensThetaHead, disc_inverse, support_parts
+from pipeline.lensing.lens_head import LensThetaHead, disc_inverse, pick_components, support_parts
 from pipeline.lensing.lens_prior import LensPrior
 
 _WRAPS = torch.arange(-4, 5, dtype=torch.float64)
@@ -162,10 +162,8 @@ class CorrelatedLensHead(nn.Module):
         if widen < 1:
             raise ValueError(f"widen must be >= 1, got {widen}")
         q = self.params(h, raw)
-        B, dev = q["log_w"].shape[0], q["log_w"].device
-        c = torch.multinomial(q["log_w"].exp().cpu(), 1, generator=generator)[:, 0].to(dev)
-        rows = torch.arange(B, device=dev)
-        eps = torch.randn(B, self.p, generator=generator, dtype=torch.float64).to(dev)
+        rows, c = pick_components(q["log_w"], generator)
+        eps = torch.randn(len(rows), self.p, generator=generator, dtype=torch.float64).to(rows.device)
         u = q["mean"][rows, c] + widen * (q["scale_tril"][rows, c] @ eps.unsqueeze(-1))[..., 0]
         return self._from_u(u)
 
