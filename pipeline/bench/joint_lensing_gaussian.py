@@ -34,11 +34,12 @@ from pipeline.lensing.config import LensConfig
 from pipeline.lensing.gp_prior import GaussianProcessPrior, se_covariance
 from pipeline.lensing.lens_batch import LENS_KEYS, LensBatchOperator
 from pipeline.lensing.lens_head import LensThetaHead, importance_check, refine, vargrad_loss
-from pipeline.lensing.lens_head_mvn import make_head
+from pipeline.lensing.lens_head_mvn import make_head, moment_start
 from pipeline.lensing.lens_prior import LensPrior
 from pipeline.lensing.operator import gaussian_psf
 from pipeline.metrics.lens_calibration import lens_calibration
 from pipeline.bench.joint_lensing_mh import circular_mean, circular_unwrap, reference_chains
+from pipeline.bench.joint_lensing_report import marginals_figure, summary
 from pipeline.rtb.joint import AdamCosine, integrated_autocorr_time
 from pipeline.runtime import configure_threads
 
@@ -267,7 +268,8 @@ def run(out, *, setup: Setup, steps: int, fit_steps: int, groups: int, group_siz
            "seconds": time.perf_counter() - t0}
     write_json(out, res)
     if png:
-        figure(png, model, head, ref_set, mh, seed=seed + 7, raw=raw if raw is None else raw[:n_ref])
+        q = draw_q(model, head, ref_set[1], 4000, torch.Generator().manual_seed(seed + 7), None if raw is None else raw[:n_ref])
+        marginals_figure(png, model.prior.names, ref_set[0], mh, q)
     return res
 
 
@@ -279,11 +281,16 @@ def refine_and_evaluate(model, head, ref_set, cal_set, *, mh, n_samples, seed, *
     def log_likelihood(theta, rows):
         return model.log_evidence(theta, y[rows])
 
-    raw, losses = refine(head, y / model.y_scale, log_likelihood, seed=seed + 8, **kw)
+    start, raw0, began = kw.pop("start", "head"), None, {}
+    if start == "moments":   # a per-observation normal fitted by tempered importance sampling
+        raw0, began = moment_start(head, head.raw(y / model.y_scale).detach(), log_likelihood, seed=seed + 10)
+        began["ess_fraction_at_refine_start"] = importance_check(head, raw0, log_likelihood, seed=seed + 9)["ess_fraction"]
+    raw, losses = refine(head, y / model.y_scale, log_likelihood, seed=seed + 8, raw=raw0, **kw)
     seconds = time.perf_counter() - t0
     check = importance_check(head, raw, log_likelihood, n=256, seed=seed + 9)
     out = evaluate(model, head, ref_set, cal_set, mh=mh, n_samples=n_samples, seed=seed + 2, raw=raw)
-    out["refine"] = {**kw, "observations": int(y.shape[0]), "seconds": seconds,
+    out["refine"] = {**kw, "start": start, **{f"start_{k}": v.tolist() for k, v in began.items()},
+                     "observations": int(y.shape[0]), "seconds": seconds,
                      "seconds_per_observation": seconds / y.shape[0],
                      "final_loss_per_observation": losses[-20:].mean(0).tolist(),
                      # 256 draws of q per observation: Kish ESS / n of the weights p(theta) p(y | theta) / q
@@ -291,55 +298,6 @@ def refine_and_evaluate(model, head, ref_set, cal_set, *, mh, n_samples, seed, *
                      "flagged_observations": np.flatnonzero(check["flagged"]).tolist(),
                      "losses": losses.mean(1)[::max(1, len(losses) // 50)].tolist()}
     return out, raw
-
-
-def figure(path, model: GaussianSourceLensing, head: LensThetaHead, ref_set, mh: dict, seed: int = 0, raw=None):
-    """Marginals of theta on the reference observations: MH (grey) against q(theta | y) (orange), one row
-    per observation, the true value dashed; phi unwrapped around MH's circular mean. Writes ``path``."""
-    import matplotlib.pyplot as plt
-
-    names, (truth, y) = model.prior.names, ref_set
-    q = draw_q(model, head, y, 4000, torch.Generator().manual_seed(seed), raw)
-    fig, axes = plt.subplots(y.shape[0], len(names), figsize=(2.6 * len(names), 2.0 * y.shape[0]), squeeze=False)
-    for b in range(y.shape[0]):
-        for j, name in enumerate(names):
-            c, s, t = mh["theta"][:, b, j], q[b, :, j], truth[b, j:j + 1]
-            if name == "phi":
-                centre = circular_mean(c, math.pi)
-                c, s, t = (circular_unwrap(v, centre, math.pi) for v in (c, s, t))
-            ax = axes[b, j]
-            bins = np.linspace(float(min(c.min(), s.min())), float(max(c.max(), s.max())), 50)
-            ax.hist(c.numpy(), bins=bins, density=True, color="0.75", label="MH (exact)")
-            ax.hist(s.numpy(), bins=bins, density=True, histtype="step", color="C1", label="q(theta | y)")
-            ax.axvline(float(t), color="k", ls="--", lw=0.8)
-            ax.set_yticks([])
-            if b == y.shape[0] - 1:
-                ax.set_xlabel({"rein": "rein (arcsec)", "phi": "phi (rad)"}.get(name, name))
-    axes[0, 0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _summary(name: str, block: dict) -> str:
-    lines = [name]
-    for i, row in enumerate(block["reference"]):
-        lines.append(f"  obs {i}: MH acceptance {row['acceptance']:.2f}  " + "  ".join(
-            f"{k}: dmean {v['dmean_over_sd']:+.2f} sd-ratio {v['sd_ratio']:.2f} ess {v['mh_ess']:.0f}"
-            for k, v in row["parameters"].items()))
-    cal = block["calibration"]
-    lines.append("  calibration: " + "  ".join(
-        f"{k}: cov68 {v['coverage'][0.68]:.3f} cov95 {v['coverage'][0.95]:.3f} bias {v['bias']:+.2f} "
-        f"sd/prior {cal['sd_over_prior_sd'][k]:.3f}" for k, v in cal["parameters"].items())
-        + f"  TARP p {cal['tarp']['tarp_p_value']:.3f}  ok {cal['ok']}")
-    gaps = [o["truth_minus_best_draw"] for o in cal["per_observation"]]
-    lines.append(f"  truth's log target above every q draw's by > 5 nats on {sum(g > 5 for g in gaps)} of {len(gaps)} "
-                 f"observations (largest {max(gaps):.1f})")
-    if "refine" in block:
-        ess = block["refine"]["ess_fraction_per_observation"]
-        lines.append(f"  importance ESS / n < 0.5 on {len(block['refine']['flagged_observations'])} of {len(ess)} "
-                     f"observations (smallest {min(ess):.3f}, median {float(np.median(ess)):.3f})")
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -372,11 +330,16 @@ def main(argv=None) -> int:
                    help="exploration: draws from q widened by this factor, decaying to 1 over half the steps")
     p.add_argument("--refine-beta0", type=float, default=1.0,
                    help="tempering: the likelihood's power starts here and rises geometrically to 1 over half the steps")
+    p.add_argument("--refine-start", default="head", choices=["head", "moments"], help="refine from the amortized "
+                   "head's outputs, or from a normal fitted to each posterior by tempered importance sampling "
+                   "(pipeline.lensing.lens_head_mvn.moment_start; --head correlated only)")
     p.add_argument("--png", default=None, help="figure of the fitted q(theta | y) against MH on the reference set")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if not 0 < a.refine_beta0 <= 1 or a.refine_widen < 1:
         p.error(f"--refine-beta0 must be in (0, 1] and --refine-widen >= 1 (got {a.refine_beta0}, {a.refine_widen})")
+    if a.refine_start == "moments" and a.head != "correlated":
+        p.error("--refine-start moments needs --head correlated")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     configure_threads()
     if a.png:
@@ -388,10 +351,10 @@ def main(argv=None) -> int:
               n_samples=a.n_samples, seed=a.seed, fit_groups=a.fit_groups, fit_group_size=a.fit_group_size,
               fit_set=a.fit_set, png=a.png, head_kind=a.head,
               refine_kw={"steps": a.refine_steps, "group_size": a.refine_group_size, "lr": a.refine_lr,
-                         "widen": a.refine_widen, "beta0": a.refine_beta0})
+                         "widen": a.refine_widen, "beta0": a.refine_beta0, "start": a.refine_start})
     for name, block in (("amortized", res["amortized"]), (f"fitted over the {a.fit_set} set", res["fitted"]),
                         ("refined per observation", res["refined"])):
-        print(_summary(name, block) if block is not None else "")
+        print(summary(name, block) if block is not None else "")
     print(f"wall {res['seconds']:.0f} s; wrote {a.out}")
     return 0
 

@@ -24,6 +24,7 @@ a_ij set the correlations whatever the scales (phi's coordinate comes first). Sa
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -32,6 +33,7 @@ from torch import nn
 from pipeline.lensing.lens_head import LensThetaHead, disc_inverse, pick_components, support_parts
 from pipeline.lensing.lens_prior import LensPrior
 
+log = logging.getLogger(__name__)
 _WRAPS = torch.arange(-4, 5, dtype=torch.float64)
 
 
@@ -174,3 +176,104 @@ def make_head(kind: str, prior: LensPrior, embed_dim: int, **kw) -> nn.Module:
     if kind not in heads:
         raise ValueError(f"lens head must be one of {sorted(heads)}, got {kind!r}")
     return heads[kind](prior, embed_dim, **kw)
+
+
+def raw_from_gaussian(head: CorrelatedLensHead, mean: torch.Tensor, cov: torch.Tensor, spread: float = 0.1
+                      ) -> torch.Tensor:
+    """Head outputs (G, C * size) whose mixture is, up to ``spread``, the one normal N(mean, cov) in u-space
+    (coordinates in the order of ``head.cols``; ``mean`` (G, p), ``cov`` (G, p, p) symmetric positive definite).
+
+    Every component gets the same covariance, equal weight and the mean moved by ``spread`` times its own
+    sds along a fixed direction per component (so that a later fit can pull them apart; identical components
+    would get identical gradients forever). Means and sds are clipped into the head's bounds (module
+    docstring), phi's mean is taken modulo pi. The inverse of :meth:`CorrelatedLensHead.params`."""
+    mean, cov = mean.double(), cov.double()
+    G, p, C = mean.shape[0], head.p, head.C
+    sd = torch.diagonal(cov, dim1=-2, dim2=-1).clamp(min=1e-300).sqrt()
+    R = cov / (sd[:, :, None] * sd[:, None, :])
+    Lr = torch.linalg.cholesky(R + 1e-9 * torch.eye(p, dtype=R.dtype, device=R.device))
+    a = (Lr / torch.diagonal(Lr, dim1=-2, dim2=-1)[:, :, None])[:, head.tril[0], head.tril[1]]
+    hi = head.log_d_hi.to(mean.device)
+    frac = ((sd.log() - head.log_d_lo) / (hi - head.log_d_lo)).clamp(1e-6, 1 - 1e-6)
+    gen = torch.Generator().manual_seed(0)
+    shift = spread * torch.randn(C, p, generator=gen, dtype=torch.float64).to(mean.device)
+    s = (head.log_d_lo + (hi - head.log_d_lo) * frac).exp()                           # the sds, clipped
+    m = mean[:, None, :] + shift[None] * s[:, None]
+    n_phi, nb = head.n_phi, head.nb
+    raw_mean = torch.cat([torch.remainder(m[..., :n_phi], math.pi),
+                          10 * torch.atanh((m[..., n_phi:n_phi + nb] / 10).clamp(-0.999, 0.999)),
+                          torch.atanh((m[..., n_phi + nb:] / 3).clamp(-0.999, 0.999))], -1)
+    raw = torch.cat([raw_mean, frac.logit()[:, None].expand(G, C, p),
+                     (30 * torch.atanh((a / 30).clamp(-0.999, 0.999)))[:, None].expand(G, C, a.shape[-1]),
+                     torch.zeros(G, C, 1, dtype=torch.float64, device=mean.device)], -1)
+    return raw.reshape(G, C * head.size)
+
+
+def _weighted_moments(head: CorrelatedLensHead, theta: torch.Tensor, w: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted mean (G, p) and covariance (G, p, p) in u-space of theta (G, n, dim) with normalised weights
+    w (G, n); phi's coordinate is unwrapped around its weighted circular mean (period pi) first."""
+    G, n = w.shape
+    u = head._to_u(theta.reshape(G * n, -1))[0].view(G, n, head.p)
+    if head.circular_phi:
+        ang = 2 * u[..., 0]
+        centre = torch.atan2((w * ang.sin()).sum(1), (w * ang.cos()).sum(1)) / 2               # (G,)
+        u = u.clone()
+        u[..., 0] = centre[:, None] + torch.remainder(u[..., 0] - centre[:, None] + math.pi / 2, math.pi) - math.pi / 2
+    mean = (w[..., None] * u).sum(1)
+    d = u - mean[:, None]
+    return mean, torch.einsum("gn,gni,gnj->gij", w, d, d)
+
+
+def _ess(log_w: torch.Tensor) -> torch.Tensor:
+    """Kish effective sample size of each row of log weights (G, n), (G,); 0 where no weight is finite."""
+    ess = torch.exp(2 * torch.logsumexp(log_w, 1) - torch.logsumexp(2 * log_w, 1))
+    return torch.nan_to_num(ess, nan=0.0)
+
+
+def moment_start(head: CorrelatedLensHead, raw: torch.Tensor, log_likelihood, *, n: int = 128, iters: int = 40,
+                 min_ess: float = 0.3, widen: float = 1.5, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """A per-observation start for :func:`~pipeline.lensing.lens_head.refine`: a normal in u-space fitted to
+    each observation's posterior by tempered adaptive importance sampling, as head outputs.
+
+    Begins with the head outputs ``raw`` (G, R) (e.g. the amortized head's) as the proposal. Each iteration
+    draws n thetas per observation from the proposal, weighs them by p(theta) p(y | theta)^beta / q(theta)
+    (``log_likelihood`` as for ``refine``), raises beta as far towards 1 as keeps Kish's ESS >= ``min_ess`` n
+    (per observation, never lowering it), and replaces the proposal by the normal with the weighted mean and
+    covariance in u-space, its covariance times ``widen``^2 (:func:`raw_from_gaussian`). Tempering lets a
+    start far from the posterior move there step by step; the widening keeps the next proposal's tails
+    over the current target. Iterations after every beta has reached 1 go on refitting at beta = 1.
+
+    Returns (raw (G, R) of the last fit, not widened; a dict of numpy arrays over the observations:
+    ``beta`` reached, ``ess_fraction`` of the last iteration's weights at that beta)."""
+    if n < 2 or iters < 1 or not 0 < min_ess < 1 or widen < 1:
+        raise ValueError(f"moment_start needs n >= 2, iters >= 1, 0 < min_ess < 1 and widen >= 1, got {n}, "
+                         f"{iters}, {min_ess}, {widen}")
+    gen = torch.Generator().manual_seed(seed)
+    G = raw.shape[0]
+    rows = torch.arange(G, device=raw.device).repeat_interleave(n)
+    beta = torch.zeros(G, dtype=torch.float64, device=raw.device)
+    proposal, fit = raw.double(), raw.double()
+    for it in range(iters):
+        with torch.no_grad():
+            theta = head.sample(raw=proposal[rows], generator=gen)
+            log_p = head.prior.log_prob(theta).view(G, n)
+            log_l = log_likelihood(theta, rows).double().view(G, n)
+            log_q = head.log_prob(theta, raw=proposal[rows]).view(G, n)
+        base, log_l = log_p - log_q, torch.nan_to_num(log_l, nan=-1e300, neginf=-1e300)   # 0 * log_l = 0
+        lo, hi = beta.clone(), torch.ones_like(beta)
+        ok_hi = _ess(base + log_l) >= min_ess * n
+        for _ in range(40):                                    # bisection for the largest beta keeping the ESS
+            mid = (lo + hi) / 2
+            good = _ess(base + mid[:, None] * log_l) >= min_ess * n
+            lo, hi = torch.where(good, mid, lo), torch.where(good, hi, mid)
+        beta = torch.where(ok_hi, torch.ones_like(beta), lo)
+        log_w = base + beta[:, None] * log_l
+        w = torch.softmax(log_w, 1)
+        mean, cov = _weighted_moments(head, theta.view(G, n, -1), w)
+        fit = raw_from_gaussian(head, mean, cov)
+        proposal = raw_from_gaussian(head, mean, cov * widen ** 2)
+        ess = _ess(log_w) / n
+        log.info("moment start %d/%d: beta median %.3g (min %.3g), ESS/n median %.2f", it + 1, iters,
+                 float(beta.median()), float(beta.min()), float(ess.median()))
+    return fit, {"beta": beta.cpu().numpy(), "ess_fraction": ess.cpu().numpy()}

@@ -188,3 +188,6 @@ def test_cli_refuses_a_bad_tempering_start_in_one_line(capsys):
     with pytest.raises(SystemExit) as err:
         jlg.main(["out.json", "--refine-beta0", "0"])
     assert err.value.code == 2 and "--refine-beta0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:       # the moment start fits a correlated normal: that head only
+        jlg.main(["out.json", "--refine-start", "moments"])
+    assert err.value.code == 2 and "--head correlated" in capsys.readouterr().err
