@@ -180,31 +180,34 @@ def make_head(kind: str, prior: LensPrior, embed_dim: int, **kw) -> nn.Module:
 
 def raw_from_gaussian(head: CorrelatedLensHead, mean: torch.Tensor, cov: torch.Tensor, spread: float = 0.1
                       ) -> torch.Tensor:
-    """Head outputs (G, C * size) whose mixture is, up to ``spread``, the one normal N(mean, cov) in u-space
-    (coordinates in the order of ``head.cols``; ``mean`` (G, p), ``cov`` (G, p, p) symmetric positive definite).
+    """Head outputs (G, C * size) whose mixture is, up to ``spread``, the normal N(mean, cov) in u-space
+    (coordinates in the order of ``head.cols``; ``mean`` (G, p), ``cov`` (G, p, p) positive semi-definite:
+    1e-9 is added to its correlation matrix's diagonal before the Cholesky factorisation).
 
-    Every component gets the same covariance, equal weight and the mean moved by ``spread`` times its own
-    sds along a fixed direction per component (so that a later fit can pull them apart; identical components
-    would get identical gradients forever). Means and sds are clipped into the head's bounds (module
-    docstring), phi's mean is taken modulo pi. The inverse of :meth:`CorrelatedLensHead.params`."""
+    The inverse of :meth:`CorrelatedLensHead.params` within the head's bounds (module docstring), to which
+    larger values are clipped: means, sds, and the a_ij (|a| < 29.97, so correlations past about 0.9994 come
+    back weaker); phi's mean is taken modulo pi. Every component gets the same covariance and equal weight,
+    its mean moved by ``spread`` L z_c (L the clipped covariance's Cholesky factor, z_c a fixed standard
+    normal draw per component), a Mahalanobis distance of about ``spread`` sqrt(p), so that a later fit can
+    pull the components apart (identical components would get identical gradients forever)."""
     mean, cov = mean.double(), cov.double()
     G, p, C = mean.shape[0], head.p, head.C
     sd = torch.diagonal(cov, dim1=-2, dim2=-1).clamp(min=1e-300).sqrt()
     R = cov / (sd[:, :, None] * sd[:, None, :])
     Lr = torch.linalg.cholesky(R + 1e-9 * torch.eye(p, dtype=R.dtype, device=R.device))
-    a = (Lr / torch.diagonal(Lr, dim1=-2, dim2=-1)[:, :, None])[:, head.tril[0], head.tril[1]]
+    Lr = Lr / torch.linalg.vector_norm(Lr, dim=-1, keepdim=True)                 # rows of unit norm
+    a = (30 * torch.atanh((Lr / torch.diagonal(Lr, dim1=-2, dim2=-1)[:, :, None] / 30).clamp(-0.999, 0.999)))
     hi = head.log_d_hi.to(mean.device)
     frac = ((sd.log() - head.log_d_lo) / (hi - head.log_d_lo)).clamp(1e-6, 1 - 1e-6)
-    gen = torch.Generator().manual_seed(0)
-    shift = spread * torch.randn(C, p, generator=gen, dtype=torch.float64).to(mean.device)
-    s = (head.log_d_lo + (hi - head.log_d_lo) * frac).exp()                           # the sds, clipped
-    m = mean[:, None, :] + shift[None] * s[:, None]
+    s = (head.log_d_lo + (hi - head.log_d_lo) * frac).exp()                     # the sds, clipped
+    z = torch.randn(C, p, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(mean.device)
+    m = mean[:, None, :] + spread * torch.einsum("gij,cj->gci", s[:, :, None] * Lr, z)
     n_phi, nb = head.n_phi, head.nb
     raw_mean = torch.cat([torch.remainder(m[..., :n_phi], math.pi),
                           10 * torch.atanh((m[..., n_phi:n_phi + nb] / 10).clamp(-0.999, 0.999)),
                           torch.atanh((m[..., n_phi + nb:] / 3).clamp(-0.999, 0.999))], -1)
     raw = torch.cat([raw_mean, frac.logit()[:, None].expand(G, C, p),
-                     (30 * torch.atanh((a / 30).clamp(-0.999, 0.999)))[:, None].expand(G, C, a.shape[-1]),
+                     a[:, head.tril[0], head.tril[1]][:, None].expand(G, C, head.tril.shape[1]),
                      torch.zeros(G, C, 1, dtype=torch.float64, device=mean.device)], -1)
     return raw.reshape(G, C * head.size)
 
@@ -231,49 +234,66 @@ def _ess(log_w: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(ess, nan=0.0)
 
 
+_BETAS = torch.cat([torch.zeros(1), torch.logspace(-8, 0, 97)]).double()     # steps of 10^(1/12) towards 1
+
+
 def moment_start(head: CorrelatedLensHead, raw: torch.Tensor, log_likelihood, *, n: int = 128, iters: int = 40,
                  min_ess: float = 0.3, widen: float = 1.5, seed: int = 0) -> tuple[torch.Tensor, dict]:
     """A per-observation start for :func:`~pipeline.lensing.lens_head.refine`: a normal in u-space fitted to
     each observation's posterior by tempered adaptive importance sampling, as head outputs.
 
     Begins with the head outputs ``raw`` (G, R) (e.g. the amortized head's) as the proposal. Each iteration
-    draws n thetas per observation from the proposal, weighs them by p(theta) p(y | theta)^beta / q(theta)
-    (``log_likelihood`` as for ``refine``), raises beta as far towards 1 as keeps Kish's ESS >= ``min_ess`` n
-    (per observation, never lowering it), and replaces the proposal by the normal with the weighted mean and
-    covariance in u-space, its covariance times ``widen``^2 (:func:`raw_from_gaussian`). Tempering lets a
-    start far from the posterior move there step by step; the widening keeps the next proposal's tails
-    over the current target. Iterations after every beta has reached 1 go on refitting at beta = 1.
+    draws n thetas per observation from the proposal and weighs them by p(theta) p(y | theta)^beta / q(theta)
+    (``log_likelihood`` as for ``refine``). beta, per observation and never lowered, moves to the largest
+    value of a grid over [beta, 1] (beta + (1 - beta) g, g = 0 and 1e-8 ... 1 in steps of 10^(1/12)) whose
+    Kish ESS is at least ``min_ess`` n, or, where none is, to the grid value of largest ESS (a proposal
+    narrower than the posterior gains ESS as beta rises). The proposal then becomes the normal with the
+    weighted mean and covariance in u-space, its covariance times ``widen``^2 (:func:`raw_from_gaussian`):
+    tempering lets a start far from the posterior move there step by step, the widening keeps the next
+    proposal's tails over the target. Below ``min_ess`` n the weighted covariance (from few effective draws,
+    possibly collapsed onto one) is pulled towards the draws' own covariance, with weights ESS and p + 2.
+    Iterations after beta has reached 1 go on refitting at beta = 1.
 
-    Returns (raw (G, R) of the last fit, not widened; a dict of numpy arrays over the observations:
-    ``beta`` reached, ``ess_fraction`` of the last iteration's weights at that beta)."""
+    Returns (raw (G, R): per observation the last fit made with ESS >= ``min_ess`` n, else ``raw``; a dict of
+    numpy arrays over the observations: ``beta`` of that fit (0 where there is none), ``ess_fraction`` of its
+    weights, ``nonfinite_fraction`` of log-likelihoods over all iterations that were NaN or -inf)."""
     if n < 2 or iters < 1 or not 0 < min_ess < 1 or widen < 1:
         raise ValueError(f"moment_start needs n >= 2, iters >= 1, 0 < min_ess < 1 and widen >= 1, got {n}, "
                          f"{iters}, {min_ess}, {widen}")
     gen = torch.Generator().manual_seed(seed)
-    G = raw.shape[0]
-    rows = torch.arange(G, device=raw.device).repeat_interleave(n)
-    beta = torch.zeros(G, dtype=torch.float64, device=raw.device)
-    proposal, fit = raw.double(), raw.double()
+    G, dev = raw.shape[0], raw.device
+    rows = torch.arange(G, device=dev).repeat_interleave(n)
+    grid = _BETAS.to(dev)
+    beta = torch.zeros(G, dtype=torch.float64, device=dev)
+    proposal, fit = raw.double(), raw.double().clone()
+    fit_beta, fit_ess = torch.zeros_like(beta), torch.zeros_like(beta)
+    nonfinite = torch.zeros_like(beta)
     for it in range(iters):
         with torch.no_grad():
             theta = head.sample(raw=proposal[rows], generator=gen)
-            log_p = head.prior.log_prob(theta).view(G, n)
+            base = (head.prior.log_prob(theta) - head.log_prob(theta, raw=proposal[rows])).view(G, n)
             log_l = log_likelihood(theta, rows).double().view(G, n)
-            log_q = head.log_prob(theta, raw=proposal[rows]).view(G, n)
-        base, log_l = log_p - log_q, torch.nan_to_num(log_l, nan=-1e300, neginf=-1e300)   # 0 * log_l = 0
-        lo, hi = beta.clone(), torch.ones_like(beta)
-        ok_hi = _ess(base + log_l) >= min_ess * n
-        for _ in range(40):                                    # bisection for the largest beta keeping the ESS
-            mid = (lo + hi) / 2
-            good = _ess(base + mid[:, None] * log_l) >= min_ess * n
-            lo, hi = torch.where(good, mid, lo), torch.where(good, hi, mid)
-        beta = torch.where(ok_hi, torch.ones_like(beta), lo)
+        nonfinite += (~torch.isfinite(log_l)).double().mean(1) / iters
+        log_l = torch.nan_to_num(log_l, nan=-1e300, posinf=-1e300, neginf=-1e300)   # zero weight, 0 * log_l = 0
+        cand = beta[:, None] + (1 - beta[:, None]) * grid                             # (G, B), rising
+        ess = torch.stack([_ess(base + cand[:, j:j + 1] * log_l) for j in range(grid.numel())], 1)
+        passing = ess >= min_ess * n
+        last_pass = torch.where(passing, torch.arange(grid.numel(), device=dev), -1).max(1).values
+        pick = torch.where(last_pass >= 0, last_pass, ess.argmax(1))
+        beta = cand.gather(1, pick[:, None])[:, 0]
         log_w = base + beta[:, None] * log_l
-        w = torch.softmax(log_w, 1)
+        ess_b = _ess(log_w)
+        usable = torch.isfinite(log_w).any(1)
+        w = torch.where(usable[:, None], torch.softmax(log_w, 1), torch.full_like(log_w, 1 / n))
         mean, cov = _weighted_moments(head, theta.view(G, n, -1), w)
-        fit = raw_from_gaussian(head, mean, cov)
-        proposal = raw_from_gaussian(head, mean, cov * widen ** 2)
-        ess = _ess(log_w) / n
+        _, cov_draws = _weighted_moments(head, theta.view(G, n, -1), torch.full_like(w, 1 / n))
+        k = (head.p + 2) * (ess_b < min_ess * n)
+        cov = (ess_b[:, None, None] * cov + k[:, None, None] * cov_draws) / (ess_b + k).clamp(min=1e-300)[:, None, None]
+        good = usable & (ess_b >= min_ess * n)
+        fit = torch.where(good[:, None], raw_from_gaussian(head, mean, cov), fit)
+        fit_beta, fit_ess = torch.where(good, beta, fit_beta), torch.where(good, ess_b / n, fit_ess)
+        proposal = torch.where(usable[:, None], raw_from_gaussian(head, mean, cov * widen ** 2), proposal)
         log.info("moment start %d/%d: beta median %.3g (min %.3g), ESS/n median %.2f", it + 1, iters,
-                 float(beta.median()), float(beta.min()), float(ess.median()))
-    return fit, {"beta": beta.cpu().numpy(), "ess_fraction": ess.cpu().numpy()}
+                 float(beta.median()), float(beta.min()), float((ess_b / n).median()))
+    return fit, {"beta": fit_beta.cpu().numpy(), "ess_fraction": fit_ess.cpu().numpy(),
+                 "nonfinite_fraction": nonfinite.cpu().numpy()}
