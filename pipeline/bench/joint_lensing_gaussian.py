@@ -34,7 +34,8 @@ from pipeline.lensing.config import LensConfig
 from pipeline.lensing.gp_prior import GaussianProcessPrior, se_covariance
 from pipeline.lensing.lens_batch import LENS_KEYS, LensBatchOperator
 from pipeline.lensing.lens_head import LensThetaHead, importance_check, refine, vargrad_loss
-from pipeline.lensing.lens_head_mvn import make_head, moment_start
+from pipeline.lensing.lens_head_mvn import make_head
+from pipeline.lensing.lens_smc import smc_start
 from pipeline.lensing.lens_prior import LensPrior
 from pipeline.lensing.operator import gaussian_psf
 from pipeline.metrics.lens_calibration import lens_calibration
@@ -149,20 +150,25 @@ def train_head(model: GaussianSourceLensing, *, steps: int, groups: int, group_s
     return head, losses
 
 
-def draw_q(model: GaussianSourceLensing, head: LensThetaHead, y: torch.Tensor, n: int, gen, raw=None) -> torch.Tensor:
-    """(B, n, p) draws of q(theta | y) for the rows of y, or of the refined head outputs ``raw`` (B, R)."""
+def draw_q(model: GaussianSourceLensing, head: LensThetaHead, y: torch.Tensor, n: int, gen, raw=None,
+           particles=None) -> torch.Tensor:
+    """(B, n, p) draws of q(theta | y) for the rows of y, or of the refined head outputs ``raw`` (B, R), or
+    drawn with replacement from equally weighted ``particles`` (B, N, p)."""
+    if particles is not None:
+        idx = torch.randint(particles.shape[1], (particles.shape[0], n), generator=gen)
+        return torch.gather(particles, 1, idx[..., None].expand(-1, -1, particles.shape[2]))
     if raw is not None:
         return head.sample(raw=raw.repeat_interleave(n, 0), generator=gen).view(raw.shape[0], n, -1)
     return head.sample((y / model.y_scale).repeat_interleave(n, 0), gen).view(y.shape[0], n, -1)
 
 
 def compare_marginals(model: GaussianSourceLensing, head: LensThetaHead, y: torch.Tensor, mh: dict, *,
-                      n_q: int, seed: int, raw=None) -> list[dict]:
+                      n_q: int, seed: int, raw=None, particles=None) -> list[dict]:
     """Per observation and parameter: MH's mean, sd and ESS (``mh``: :func:`reference_chains` of y) beside
     those of n_q draws of q(theta | y); phi is compared on the circle of period pi, unwrapped around
     MH's circular mean."""
     names = model.prior.names
-    q = draw_q(model, head, y, n_q, torch.Generator().manual_seed(seed), raw)        # (B, n_q, p)
+    q = draw_q(model, head, y, n_q, torch.Generator().manual_seed(seed), raw, particles)     # (B, n_q, p)
     chains = mh["theta"]                                                            # (n, B, p)
     rows = []
     for b in range(y.shape[0]):
@@ -188,17 +194,18 @@ def compare_marginals(model: GaussianSourceLensing, head: LensThetaHead, y: torc
 
 
 def evaluate(model: GaussianSourceLensing, head: LensThetaHead, ref_set, cal_set, *, mh: dict, n_samples: int,
-             seed: int, raw=None) -> dict:
+             seed: int, raw=None, particles=None) -> dict:
     """The head against the MH reference on ``ref_set`` = (theta, y) and its lens calibration on ``cal_set``,
     with its sharpness (median over observations of q's sd over the prior's sd, per parameter). phi is
     read on its circle: unwrapped around each observation's circular sample mean. ``raw``: refined head
-    outputs (:func:`~pipeline.lensing.lens_head.refine`) for the reference then calibration rows."""
+    outputs (:func:`~pipeline.lensing.lens_head.refine`) for the reference then calibration rows, or
+    ``particles`` (B, N, p) to evaluate instead (their MH comparison's Monte-Carlo sd counts 4,000 draws)."""
     n_ref = ref_set[1].shape[0]
-    ref = compare_marginals(model, head, ref_set[1], mh, n_q=4000, seed=seed,
-                            raw=None if raw is None else raw[:n_ref])
+    ref = compare_marginals(model, head, ref_set[1], mh, n_q=4000, seed=seed, raw=None if raw is None else raw[:n_ref],
+                            particles=None if particles is None else particles[:n_ref])
     truth_c, y_c = cal_set
     samples = draw_q(model, head, y_c, n_samples, torch.Generator().manual_seed(seed + 1),
-                     None if raw is None else raw[n_ref:])
+                     None if raw is None else raw[n_ref:], None if particles is None else particles[n_ref:])
     truth_c = truth_c.clone()
     # did q miss the posterior's bulk? log target at the truth against the best of q's draws (nats; >> 0: missed)
     def log_target(theta, per_row):
@@ -281,15 +288,18 @@ def refine_and_evaluate(model, head, ref_set, cal_set, *, mh, n_samples, seed, *
     def log_likelihood(theta, rows):
         return model.log_evidence(theta, y[rows])
 
-    start, raw0, began = kw.pop("start", "head"), None, {}
-    if start == "moments":   # a per-observation normal fitted by tempered importance sampling
-        raw0, began = moment_start(head, head.raw(y / model.y_scale).detach(), log_likelihood, seed=seed + 10)
+    start, raw0, began, smc = kw.pop("start", "head"), None, {}, None
+    if start == "smc":   # a normal fitted to each observation's tempered-SMC particles
+        raw0, out = smc_start(head, log_likelihood, y.shape[0], seed=seed + 10)
+        smc = evaluate(model, head, ref_set, cal_set, mh=mh, n_samples=n_samples, seed=seed + 2, particles=out["theta"])
+        smc["smc"] = {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in out.items() if k != "theta"}
         began["ess_fraction_at_refine_start"] = importance_check(head, raw0, log_likelihood, seed=seed + 9)["ess_fraction"]
     raw, losses = refine(head, y / model.y_scale, log_likelihood, seed=seed + 8, raw=raw0, **kw)
     seconds = time.perf_counter() - t0
     check = importance_check(head, raw, log_likelihood, n=256, seed=seed + 9)
     out = evaluate(model, head, ref_set, cal_set, mh=mh, n_samples=n_samples, seed=seed + 2, raw=raw)
-    out["refine"] = {**kw, "start": start, **{f"start_{k}": v.tolist() for k, v in began.items()},
+    out["smc_particles"] = smc
+    out["refine"] = {**kw, "start": start, **{k: v.tolist() for k, v in began.items()},
                      "observations": int(y.shape[0]), "seconds": seconds,
                      "seconds_per_observation": seconds / y.shape[0],
                      "final_loss_per_observation": losses[-20:].mean(0).tolist(),
@@ -330,16 +340,16 @@ def main(argv=None) -> int:
                    help="exploration: draws from q widened by this factor, decaying to 1 over half the steps")
     p.add_argument("--refine-beta0", type=float, default=1.0,
                    help="tempering: the likelihood's power starts here and rises geometrically to 1 over half the steps")
-    p.add_argument("--refine-start", default="head", choices=["head", "moments"], help="refine from the amortized "
-                   "head's outputs, or from a normal fitted to each posterior by tempered importance sampling "
-                   "(pipeline.lensing.lens_head_mvn.moment_start; --head correlated only)")
+    p.add_argument("--refine-start", default="head", choices=["head", "smc"], help="refine from the amortized "
+                   "head's outputs, or from a normal fitted to each observation's tempered-SMC particles "
+                   "(pipeline.lensing.lens_smc; --head correlated only; the particles are evaluated too)")
     p.add_argument("--png", default=None, help="figure of the fitted q(theta | y) against MH on the reference set")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if not 0 < a.refine_beta0 <= 1 or a.refine_widen < 1:
         p.error(f"--refine-beta0 must be in (0, 1] and --refine-widen >= 1 (got {a.refine_beta0}, {a.refine_widen})")
-    if a.refine_start == "moments" and a.head != "correlated":
-        p.error("--refine-start moments needs --head correlated")
+    if a.refine_start == "smc" and a.head != "correlated":
+        p.error("--refine-start smc needs --head correlated")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     configure_threads()
     if a.png:
@@ -352,8 +362,9 @@ def main(argv=None) -> int:
               fit_set=a.fit_set, png=a.png, head_kind=a.head,
               refine_kw={"steps": a.refine_steps, "group_size": a.refine_group_size, "lr": a.refine_lr,
                          "widen": a.refine_widen, "beta0": a.refine_beta0, "start": a.refine_start})
+    smc = (res["refined"] or {}).get("smc_particles")
     for name, block in (("amortized", res["amortized"]), (f"fitted over the {a.fit_set} set", res["fitted"]),
-                        ("refined per observation", res["refined"])):
+                        ("tempered-SMC particles", smc), ("refined per observation", res["refined"])):
         print(summary(name, block) if block is not None else "")
     print(f"wall {res['seconds']:.0f} s; wrote {a.out}")
     return 0

@@ -24,7 +24,6 @@ a_ij set the correlations whatever the scales (phi's coordinate comes first). Sa
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -33,7 +32,6 @@ from torch import nn
 from pipeline.lensing.lens_head import LensThetaHead, disc_inverse, pick_components, support_parts
 from pipeline.lensing.lens_prior import LensPrior
 
-log = logging.getLogger(__name__)
 _WRAPS = torch.arange(-4, 5, dtype=torch.float64)
 
 
@@ -212,7 +210,7 @@ def raw_from_gaussian(head: CorrelatedLensHead, mean: torch.Tensor, cov: torch.T
     return raw.reshape(G, C * head.size)
 
 
-def _weighted_moments(head: CorrelatedLensHead, theta: torch.Tensor, w: torch.Tensor
+def weighted_moments(head: CorrelatedLensHead, theta: torch.Tensor, w: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted mean (G, p) and covariance (G, p, p) in u-space of theta (G, n, dim) with normalised weights
     w (G, n); phi's coordinate is unwrapped around its weighted circular mean (period pi) first."""
@@ -226,74 +224,3 @@ def _weighted_moments(head: CorrelatedLensHead, theta: torch.Tensor, w: torch.Te
     mean = (w[..., None] * u).sum(1)
     d = u - mean[:, None]
     return mean, torch.einsum("gn,gni,gnj->gij", w, d, d)
-
-
-def _ess(log_w: torch.Tensor) -> torch.Tensor:
-    """Kish effective sample size of each row of log weights (G, n), (G,); 0 where no weight is finite."""
-    ess = torch.exp(2 * torch.logsumexp(log_w, 1) - torch.logsumexp(2 * log_w, 1))
-    return torch.nan_to_num(ess, nan=0.0)
-
-
-_BETAS = torch.cat([torch.zeros(1), torch.logspace(-8, 0, 97)]).double()     # steps of 10^(1/12) towards 1
-
-
-def moment_start(head: CorrelatedLensHead, raw: torch.Tensor, log_likelihood, *, n: int = 128, iters: int = 40,
-                 min_ess: float = 0.3, widen: float = 1.5, seed: int = 0) -> tuple[torch.Tensor, dict]:
-    """A per-observation start for :func:`~pipeline.lensing.lens_head.refine`: a normal in u-space fitted to
-    each observation's posterior by tempered adaptive importance sampling, as head outputs.
-
-    Begins with the head outputs ``raw`` (G, R) (e.g. the amortized head's) as the proposal. Each iteration
-    draws n thetas per observation from the proposal and weighs them by p(theta) p(y | theta)^beta / q(theta)
-    (``log_likelihood`` as for ``refine``). beta, per observation and never lowered, moves to the largest
-    value of a grid over [beta, 1] (beta + (1 - beta) g, g = 0 and 1e-8 ... 1 in steps of 10^(1/12)) whose
-    Kish ESS is at least ``min_ess`` n, or, where none is, to the grid value of largest ESS (a proposal
-    narrower than the posterior gains ESS as beta rises). The proposal then becomes the normal with the
-    weighted mean and covariance in u-space, its covariance times ``widen``^2 (:func:`raw_from_gaussian`):
-    tempering lets a start far from the posterior move there step by step, the widening keeps the next
-    proposal's tails over the target. Below ``min_ess`` n the weighted covariance (from few effective draws,
-    possibly collapsed onto one) is pulled towards the draws' own covariance, with weights ESS and p + 2.
-    Iterations after beta has reached 1 go on refitting at beta = 1.
-
-    Returns (raw (G, R): per observation the last fit made with ESS >= ``min_ess`` n, else ``raw``; a dict of
-    numpy arrays over the observations: ``beta`` of that fit (0 where there is none), ``ess_fraction`` of its
-    weights, ``nonfinite_fraction`` of log-likelihoods over all iterations that were NaN or -inf)."""
-    if n < 2 or iters < 1 or not 0 < min_ess < 1 or widen < 1:
-        raise ValueError(f"moment_start needs n >= 2, iters >= 1, 0 < min_ess < 1 and widen >= 1, got {n}, "
-                         f"{iters}, {min_ess}, {widen}")
-    gen = torch.Generator().manual_seed(seed)
-    G, dev = raw.shape[0], raw.device
-    rows = torch.arange(G, device=dev).repeat_interleave(n)
-    grid = _BETAS.to(dev)
-    beta = torch.zeros(G, dtype=torch.float64, device=dev)
-    proposal, fit = raw.double(), raw.double().clone()
-    fit_beta, fit_ess = torch.zeros_like(beta), torch.zeros_like(beta)
-    nonfinite = torch.zeros_like(beta)
-    for it in range(iters):
-        with torch.no_grad():
-            theta = head.sample(raw=proposal[rows], generator=gen)
-            base = (head.prior.log_prob(theta) - head.log_prob(theta, raw=proposal[rows])).view(G, n)
-            log_l = log_likelihood(theta, rows).double().view(G, n)
-        nonfinite += (~torch.isfinite(log_l)).double().mean(1) / iters
-        log_l = torch.nan_to_num(log_l, nan=-1e300, posinf=-1e300, neginf=-1e300)   # zero weight, 0 * log_l = 0
-        cand = beta[:, None] + (1 - beta[:, None]) * grid                             # (G, B), rising
-        ess = torch.stack([_ess(base + cand[:, j:j + 1] * log_l) for j in range(grid.numel())], 1)
-        passing = ess >= min_ess * n
-        last_pass = torch.where(passing, torch.arange(grid.numel(), device=dev), -1).max(1).values
-        pick = torch.where(last_pass >= 0, last_pass, ess.argmax(1))
-        beta = cand.gather(1, pick[:, None])[:, 0]
-        log_w = base + beta[:, None] * log_l
-        ess_b = _ess(log_w)
-        usable = torch.isfinite(log_w).any(1)
-        w = torch.where(usable[:, None], torch.softmax(log_w, 1), torch.full_like(log_w, 1 / n))
-        mean, cov = _weighted_moments(head, theta.view(G, n, -1), w)
-        _, cov_draws = _weighted_moments(head, theta.view(G, n, -1), torch.full_like(w, 1 / n))
-        k = (head.p + 2) * (ess_b < min_ess * n)
-        cov = (ess_b[:, None, None] * cov + k[:, None, None] * cov_draws) / (ess_b + k).clamp(min=1e-300)[:, None, None]
-        good = usable & (ess_b >= min_ess * n)
-        fit = torch.where(good[:, None], raw_from_gaussian(head, mean, cov), fit)
-        fit_beta, fit_ess = torch.where(good, beta, fit_beta), torch.where(good, ess_b / n, fit_ess)
-        proposal = torch.where(usable[:, None], raw_from_gaussian(head, mean, cov * widen ** 2), proposal)
-        log.info("moment start %d/%d: beta median %.3g (min %.3g), ESS/n median %.2f", it + 1, iters,
-                 float(beta.median()), float(beta.min()), float((ess_b / n).median()))
-    return fit, {"beta": fit_beta.cpu().numpy(), "ess_fraction": fit_ess.cpu().numpy(),
-                 "nonfinite_fraction": nonfinite.cpu().numpy()}

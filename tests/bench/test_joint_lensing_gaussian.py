@@ -189,5 +189,5 @@ def test_cli_refuses_a_bad_tempering_start_in_one_line(capsys):
         jlg.main(["out.json", "--refine-beta0", "0"])
     assert err.value.code == 2 and "--refine-beta0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as err:       # the moment start fits a correlated normal: that head only
-        jlg.main(["out.json", "--refine-start", "moments"])
+        jlg.main(["out.json", "--refine-start", "smc"])
     assert err.value.code == 2 and "--head correlated" in capsys.readouterr().err

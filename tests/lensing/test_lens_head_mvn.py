@@ -8,7 +8,7 @@ import torch
 
 from pipeline.lensing.config import LensConfig
 from pipeline.lensing.lens_head import LensThetaHead, importance_check, refine
-from pipeline.lensing.lens_head_mvn import CorrelatedLensHead, make_head, moment_start, raw_from_gaussian
+from pipeline.lensing.lens_head_mvn import CorrelatedLensHead, make_head, raw_from_gaussian
 from pipeline.lensing.lens_prior import LensPrior
 
 
@@ -197,80 +197,3 @@ def test_raw_from_gaussian_inverts_params(cfg):
     corr = cov / (cov.diagonal(dim1=-2, dim2=-1).sqrt()[:, :, None] * cov.diagonal(dim1=-2, dim2=-1).sqrt()[:, None])
     got = wide @ wide.transpose(-1, -2) / (sd[..., :, None] * sd[..., None, :])
     assert torch.allclose(got, corr[:, None].expand_as(got), atol=1e-6)
-
-
-def _gaussian_log_likelihood(prior, means, sd, corr, wrap_phi=False):
-    """log N over the prior's columns with a per-observation mean (rows of ``means``); phi's offset taken
-    modulo pi when ``wrap_phi``."""
-    prec = torch.linalg.inv(corr * sd[:, None] * sd[None, :])
-    j = prior.names.index("phi") if wrap_phi else None
-
-    def log_likelihood(theta, rows):
-        d = theta - means[rows]
-        if j is not None:
-            d[:, j] = torch.remainder(d[:, j] + math.pi / 2, math.pi) - math.pi / 2
-        return -0.5 * ((d @ prec) * d).sum(-1)
-    return log_likelihood
-
-
-def test_moment_start_finds_each_correlated_posterior_far_from_the_start():
-    """Two observations with posteriors of correlation 0.9 between q and g1, 0.1 in q apart and away from
-    where an untrained head puts its mass: the tempered importance fit reaches beta = 1 on each and lands on
-    its own posterior's means (within half an sd: its moments come from about 0.3 n effective draws), sds
-    and correlation, with an importance ESS that passes importance_check's flag (0.5; about 0.002 at the
-    start)."""
-    prior = LensPrior(LensConfig(rein=(0.7, 0.7), phi=(0.3, 0.3), center=0.0))
-    means = torch.tensor([[0.9, 0.05, -0.04], [0.8, -0.03, 0.02]], dtype=torch.float64)
-    sd = torch.tensor([0.004, 0.002, 0.002], dtype=torch.float64)
-    corr = torch.eye(3, dtype=torch.float64)
-    corr[0, 1] = corr[1, 0] = 0.9
-    log_likelihood = _gaussian_log_likelihood(prior, means, sd, corr)
-    torch.manual_seed(0)
-    head = CorrelatedLensHead(prior, 5, components=2, hidden=16)
-    raw0 = head.raw(torch.zeros(2, 5, dtype=torch.float64)).detach()
-    before = importance_check(head, raw0, log_likelihood, n=512, seed=1)["ess_fraction"]
-    raw, info = moment_start(head, raw0, log_likelihood, n=256, iters=30, seed=0)
-    assert np.all(info["beta"] == 1.0) and np.all(info["nonfinite_fraction"] == 0), info
-    for b in range(2):
-        s = head.sample(raw=raw[b:b + 1].expand(8000, -1), generator=torch.Generator().manual_seed(1))
-        assert bool(((s.mean(0) - means[b]).abs() < 0.5 * sd).all()), (b, s.mean(0), means[b])
-        ratio = s.std(0) / sd
-        assert bool(((ratio > 0.85) & (ratio < 1.15)).all()), (b, ratio)
-        assert abs(float(torch.corrcoef(s[:, :2].T)[0, 1]) - 0.9) < 0.05
-    after = importance_check(head, raw, log_likelihood, n=512, seed=1)["ess_fraction"]
-    assert np.all(before < 0.05) and np.all(after > 0.5), (before, after)
-    with pytest.raises(ValueError, match="moment_start needs"):
-        moment_start(head, raw0, log_likelihood, min_ess=1.0)
-
-
-def test_moment_start_from_a_too_narrow_start_and_across_phi_period_ends():
-    """phi's posterior straddles 0 = pi (mean 0.02, correlation 0.8 with q); the start is that posterior's
-    normal with a third of its sds, whose ESS rises with beta (so beta must not stay at 0). A likelihood
-    that is NaN beyond 2.75 sds in q (0.3 % of the posterior) is counted, not fatal."""
-    prior = LensPrior(LensConfig(rein=(0.7, 0.7), center=0.0, shear_sigma=0.0))
-    head = CorrelatedLensHead(prior, 5, components=2, hidden=16)
-    assert head.circular_phi and prior.names == ["q", "phi"]
-    means = torch.tensor([[0.8, 0.02]], dtype=torch.float64)
-    sd = torch.tensor([0.01, 0.03], dtype=torch.float64)
-    corr = torch.tensor([[1.0, 0.8], [0.8, 1.0]], dtype=torch.float64)
-    exact = _gaussian_log_likelihood(prior, means, sd, corr, wrap_phi=True)
-
-    def log_likelihood(theta, rows):
-        out = exact(theta, rows)
-        return torch.where(theta[:, 0] > 0.8275, torch.full_like(out, math.nan), out)
-
-    # u-space moments of the posterior: phi first (u = phi mod pi), then logit of q on [0.6, 0.95]
-    s_q = (0.8 - 0.6) / 0.35
-    jac_q = 1 / (0.35 * s_q * (1 - s_q))
-    u_mean = torch.tensor([[0.02, math.log(s_q / (1 - s_q))]], dtype=torch.float64)
-    u_sd = torch.tensor([0.03, 0.01 * jac_q], dtype=torch.float64)
-    u_cov = torch.tensor([[1.0, 0.8], [0.8, 1.0]], dtype=torch.float64) * u_sd[:, None] * u_sd[None] / 9
-    raw0 = raw_from_gaussian(head, u_mean, u_cov[None])
-    raw, info = moment_start(head, raw0, log_likelihood, n=256, iters=15, seed=0)
-    assert info["beta"][0] == 1.0 and 0 < info["nonfinite_fraction"][0] < 0.1, info
-    s = head.sample(raw=raw.expand(8000, -1), generator=torch.Generator().manual_seed(1))
-    d = torch.remainder(s[:, 1] - 0.02 + math.pi / 2, math.pi) - math.pi / 2
-    assert abs(float(s[:, 0].mean()) - 0.8) < 0.5 * 0.01 and abs(float(d.mean())) < 0.5 * 0.03
-    assert 0.85 < float(s[:, 0].std()) / 0.01 < 1.15 and 0.85 < float(d.std()) / 0.03 < 1.15
-    assert abs(float(torch.corrcoef(torch.stack([s[:, 0], d]))[0, 1]) - 0.8) < 0.05
-    assert float(importance_check(head, raw, exact, n=512, seed=1)["ess_fraction"][0]) > 0.5

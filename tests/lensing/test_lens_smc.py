@@ -1,0 +1,106 @@
+"""Tempered SMC for the lens parameters: posterior moments, evidence, the period of phi, and a start for refine."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.lensing.config import LensConfig
+from pipeline.lensing.lens_head import importance_check
+from pipeline.lensing.lens_head_mvn import CorrelatedLensHead
+from pipeline.lensing.lens_prior import LensPrior
+from pipeline.lensing.lens_smc import smc_start, tempered_smc
+
+
+def _gaussian_log_likelihood(prior, means, sd, corr, wrap_phi=False):
+    """Unnormalised log N over the prior's columns with a mean per observation (rows of ``means``); phi's
+    offset taken modulo pi when ``wrap_phi``. Returns (log_likelihood, covariance)."""
+    cov = corr * sd[:, None] * sd[None, :]
+    prec = torch.linalg.inv(cov)
+    j = prior.names.index("phi") if wrap_phi else None
+
+    def log_likelihood(theta, rows):
+        d = theta - means[rows]
+        if j is not None:
+            d[:, j] = torch.remainder(d[:, j] + math.pi / 2, math.pi) - math.pi / 2
+        return -0.5 * ((d @ prec) * d).sum(-1)
+    return log_likelihood, cov
+
+
+def _q_shear_problem():
+    """Two observations whose posteriors have correlation 0.9 between q and g1, 0.1 in q apart."""
+    prior = LensPrior(LensConfig(rein=(0.7, 0.7), phi=(0.3, 0.3), center=0.0))
+    assert prior.names == ["q", "g1", "g2"]
+    means = torch.tensor([[0.9, 0.05, -0.04], [0.8, -0.03, 0.02]], dtype=torch.float64)
+    sd = torch.tensor([0.004, 0.002, 0.002], dtype=torch.float64)
+    corr = torch.eye(3, dtype=torch.float64)
+    corr[0, 1] = corr[1, 0] = 0.9
+    return prior, means, sd, *_gaussian_log_likelihood(prior, means, sd, corr)
+
+
+def test_smc_reaches_each_posterior_and_its_evidence():
+    """Particles at beta = 1 carry each observation's means (within 0.25 sd), sds within 15 % and the
+    correlation within 0.05; log Z matches the evidence computed independently (the Gaussian integral times
+    the prior averaged over the likelihood's normal, 1e5 draws) within 0.5 nats: over 12 seeds SMC's log Z
+    had sd 0.14 at 1,024 particles (0.2-0.3 at 256) and a mean within 0.04 of the reference."""
+    prior, means, sd, log_likelihood, cov = _q_shear_problem()
+    head = CorrelatedLensHead(prior, 5, components=2, hidden=16)
+    out = tempered_smc(head, log_likelihood, 2, n=1024, moves=5, seed=0)
+    assert np.all(out["beta"].numpy() == 1.0) and 3 < out["stages"] < 60
+    assert out["evaluations"] == 1024 * (1 + 5 * out["stages"])
+    gauss = 0.5 * 3 * math.log(2 * math.pi) + 0.5 * float(torch.logdet(cov))
+    for b in range(2):
+        s = out["theta"][b]
+        assert bool(((s.mean(0) - means[b]).abs() < 0.25 * sd).all()), (b, s.mean(0), means[b])
+        ratio = s.std(0) / sd
+        assert bool(((ratio > 0.85) & (ratio < 1.15)).all()), (b, ratio)
+        assert abs(float(torch.corrcoef(s[:, :2].T)[0, 1]) - 0.9) < 0.05
+        draws = means[b] + torch.randn(100000, 3, generator=torch.Generator().manual_seed(b),
+                                       dtype=torch.float64) @ torch.linalg.cholesky(cov).T
+        log_z = gauss + float(torch.logsumexp(prior.log_prob(draws), 0)) - math.log(len(draws))
+        assert abs(float(out["log_z"][b]) - log_z) < 0.5, (b, float(out["log_z"][b]), log_z)
+
+
+def test_smc_start_gives_refine_a_start_that_passes_the_importance_check():
+    prior, means, sd, log_likelihood, _ = _q_shear_problem()
+    torch.manual_seed(0)
+    head = CorrelatedLensHead(prior, 5, components=2, hidden=16)
+    untrained = head.raw(torch.zeros(2, 5, dtype=torch.float64)).detach()
+    raw, out = smc_start(head, log_likelihood, 2, n=256, moves=5, seed=0)
+    assert raw.shape == untrained.shape and out["theta"].shape == (2, 256, 3)
+    before = importance_check(head, untrained, log_likelihood, n=512, seed=1)["ess_fraction"]
+    after = importance_check(head, raw, log_likelihood, n=512, seed=1)["ess_fraction"]
+    assert np.all(before < 0.05) and np.all(after > 0.5), (before, after)
+
+
+def test_smc_follows_phi_across_the_ends_of_its_period_and_survives_nan_likelihoods():
+    """phi's posterior straddles 0 = pi (mean 0.02, sd 0.03, correlation 0.8 with q); the likelihood is NaN
+    (counted as -inf) for q above 0.93, far in the prior's tail of the posterior but reached early on."""
+    prior = LensPrior(LensConfig(rein=(0.7, 0.7), center=0.0, shear_sigma=0.0))
+    head = CorrelatedLensHead(prior, 5, components=2, hidden=16)
+    assert head.circular_phi and prior.names == ["q", "phi"]
+    means = torch.tensor([[0.8, 0.02]], dtype=torch.float64)
+    exact, _ = _gaussian_log_likelihood(prior, means, torch.tensor([0.01, 0.03], dtype=torch.float64),
+                                        torch.tensor([[1.0, 0.8], [0.8, 1.0]], dtype=torch.float64), wrap_phi=True)
+
+    def log_likelihood(theta, rows):
+        out = exact(theta, rows)
+        return torch.where(theta[:, 0] > 0.93, torch.full_like(out, math.nan), out)
+
+    out = tempered_smc(head, log_likelihood, 1, n=256, moves=5, seed=0)
+    s = out["theta"][0]
+    d = torch.remainder(s[:, 1] - 0.02 + math.pi / 2, math.pi) - math.pi / 2
+    assert float(out["beta"][0]) == 1.0
+    assert abs(float(s[:, 0].mean()) - 0.8) < 0.25 * 0.01 and abs(float(d.mean())) < 0.25 * 0.03
+    assert 0.85 < float(s[:, 0].std()) / 0.01 < 1.15 and 0.85 < float(d.std()) / 0.03 < 1.15
+    assert abs(float(torch.corrcoef(torch.stack([s[:, 0], d]))[0, 1]) - 0.8) < 0.05
+    assert bool(((s[:, 1] >= 0) & (s[:, 1] <= math.pi)).all())       # particles returned on the prior's range
+
+
+def test_smc_refuses_bad_settings():
+    prior = LensPrior(LensConfig(rein=(0.7, 0.7), phi=(0.3, 0.3), center=0.0))
+    head = CorrelatedLensHead(prior, 5)
+    for kw in ({"n": 2}, {"moves": 0}, {"min_ess": 1.0}, {"max_stages": 0}):
+        with pytest.raises(ValueError, match="tempered_smc needs"):
+            tempered_smc(head, lambda theta, rows: theta[:, 0], 1, **kw)
