@@ -285,8 +285,8 @@ def refine_and_evaluate(model, head, ref_set, cal_set, *, mh, n_samples, seed, *
     the keywords of :func:`~pipeline.lensing.lens_head.refine` other than ``seed`` and ``raw``."""
     y = torch.cat([ref_set[1], cal_set[1]])
     t0 = time.perf_counter()
-    def log_likelihood(theta, rows):
-        return model.log_evidence(theta, y[rows])
+    def log_likelihood(theta, rows):   # in chunks: each lens's dense operator is m x d float64 (300 kB here)
+        return torch.cat([model.log_evidence(theta[i:i + 1024], y[rows[i:i + 1024]]) for i in range(0, len(theta), 1024)])
 
     start, raw0, began, smc = kw.pop("start", "head"), None, {}, None
     if start == "smc":   # a normal fitted to each observation's tempered-SMC particles
