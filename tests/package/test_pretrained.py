@@ -39,6 +39,32 @@ def test_shipped_prior_matches_config_and_reproduces_its_samples():
 
 
 @pytest.mark.slow
+def test_next_prior_matches_its_config_and_reproduces_its_samples():
+    """The v2 prior (config/v2.yaml's ``prior_checkpoint``) was trained to the end of its recipe, records
+    the ranges its training images covered (the guard reads them), and reproduces its seeded chain draws."""
+    from pipeline.config import load_section, load_yaml
+    from pipeline.diffusion.network_prior import load_prior
+    from pipeline.diffusion.prior_config import PriorConfig
+    from pipeline.diffusion.sampling import sample_prior
+    from pipeline.diffusion.schedule import load_chain
+
+    config = ROOT / "config" / "v2.yaml"
+    cfg = load_yaml(config)
+    prior = load_prior(ROOT / cfg["prior_checkpoint"])
+    pcfg = load_section(config, "prior", PriorConfig)
+    assert prior.meta["config_hash"] == pcfg.result_hash() and prior.meta["step"] == pcfg.steps
+    covered = prior.meta["data"]["covered"]
+    assert covered["percentiles"] == [0.0, 1.0, 50.0, 99.0, 100.0] and covered["flux"][-1] > 400
+    rec = RECORD["prior_v2"]
+    chain = load_chain(config, prior)
+    assert (chain.K, chain.variance) == (rec["K"], rec["variance"])
+    x = sample_prior(prior, chain, rec["n"], generator=torch.Generator().manual_seed(rec["seed"]))
+    phys = prior.to_physical(x).double()
+    np.testing.assert_allclose(float(phys.mean()), rec["mean"], rtol=1e-4)
+    np.testing.assert_allclose(float(phys.std()), rec["std"], rtol=1e-4)
+
+
+@pytest.mark.slow
 def test_shipped_posterior_matches_config_and_reproduces_its_fit():
     from pipeline.config import load_section, load_yaml
     from pipeline.diffusion.network_prior import load_prior
