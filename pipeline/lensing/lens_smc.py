@@ -14,7 +14,8 @@ covariance is the particles' own, times 2.38^2 / p, its scale adapted to the acc
 
 The product is the particle cloud at beta = 1 (equally weighted draws from the posterior, up to the
 finite number of moves) and the evidence estimate log Z = sum over stages of log mean(incremental
-weights), unbiased in Z. :func:`smc_start` turns the cloud into head outputs for
+weights): unbiased in Z for a fixed schedule and walk, consistent (with a small bias) when, as here, both
+are chosen from the particles. :func:`smc_start` turns the cloud into head outputs for
 :func:`~pipeline.lensing.lens_head.refine`.
 """
 
@@ -32,8 +33,10 @@ log = logging.getLogger(__name__)
 
 
 def _ess(log_w: torch.Tensor) -> torch.Tensor:
-    """Kish effective sample size of each row of log weights (G, n), (G,); 0 where none is finite."""
-    return torch.nan_to_num(torch.exp(2 * torch.logsumexp(log_w, 1) - torch.logsumexp(2 * log_w, 1)), nan=0.0)
+    """Kish effective sample size of each row of log weights (G, n), 1 / sum w^2 with w normalised, (G,); 0
+    where no weight is finite."""
+    w = torch.softmax(log_w, 1)
+    return torch.nan_to_num(1.0 / (w * w).sum(1), nan=0.0, posinf=0.0)
 
 
 def _next_beta(beta: torch.Tensor, log_l: torch.Tensor, target: float) -> torch.Tensor:
@@ -51,9 +54,12 @@ def _next_beta(beta: torch.Tensor, log_l: torch.Tensor, target: float) -> torch.
 
 
 def _resample_index(log_w: torch.Tensor, gen) -> torch.Tensor:
-    """Systematic resampling: for each row of log weights (G, n), the n indices of the particles kept."""
+    """Systematic resampling: for each row of log weights (G, n), the n indices of the particles kept (all of
+    them, in order, for a row with no finite weight)."""
     G, n = log_w.shape
-    cdf = torch.cumsum(torch.softmax(log_w, 1), 1)
+    w = torch.softmax(log_w, 1)
+    w = torch.where(torch.isfinite(w).all(1, keepdim=True), w, torch.full_like(w, 1.0 / n))
+    cdf = torch.cumsum(w, 1)
     cdf[:, -1] = 1.0
     pos = (torch.rand(G, 1, generator=gen, dtype=torch.float64) + torch.arange(n, dtype=torch.float64)) / n
     return torch.searchsorted(cdf, pos.to(cdf.device)).clamp(max=n - 1)
@@ -65,12 +71,16 @@ def tempered_smc(head: CorrelatedLensHead, log_likelihood, G: int, *, n: int = 2
 
     ``head`` supplies the prior (``head.prior``) and the map T between theta and u; its network is not used.
     ``log_likelihood(theta (N, dim), rows (N,) int64) -> (N,)``: log p(y_row | theta) in nats, a constant per
-    observation allowed; NaN counts as -inf. ``moves`` random-walk steps per stage; ``max_stages`` bounds the
-    stages (a row that has not reached beta = 1 by then is reported, not hidden).
+    observation allowed; NaN and +inf count as -inf. ``moves`` random-walk steps per stage; ``max_stages`` bounds
+    the stages. A row whose particles all have likelihood -inf is given up (``failed``, log Z = -inf); a row
+    that has not reached beta = 1 after ``max_stages`` keeps its beta and a warning is logged. Where resampling
+    left fewer effective particles than p + 2, the walk keeps the previous stage's covariance rather than
+    the collapsed cloud's (``collapsed`` counts those stages).
 
     Returns a dict: ``theta`` (G, n, dim) particles at the final beta, ``beta`` (G,), ``log_z`` (G,) nats (up to
-    ``log_likelihood``'s constant), ``stages`` (int), ``acceptance`` (G,) mean acceptance rate of the last
-    stage's moves, ``evaluations`` (likelihood evaluations per observation)."""
+    ``log_likelihood``'s constant; -inf where failed), ``failed`` (G,) bool, ``collapsed`` (G,) int, ``stages``
+    (int), ``acceptance`` (G,) mean acceptance rate of the last stage's moves, ``evaluations`` (likelihood
+    evaluations per observation)."""
     if n < 4 or moves < 1 or not 0 < min_ess < 1 or max_stages < 1:
         raise ValueError(f"tempered_smc needs n >= 4, moves >= 1, 0 < min_ess < 1 and max_stages >= 1, got {n}, "
                          f"{moves}, {min_ess}, {max_stages}")
@@ -83,7 +93,7 @@ def tempered_smc(head: CorrelatedLensHead, log_likelihood, G: int, *, n: int = 2
         log_jac = head._to_u(theta)[1]
         with torch.no_grad():
             ll = log_likelihood(theta, rows).double()
-        ll = torch.nan_to_num(ll, nan=-math.inf)
+        ll = torch.where(torch.isnan(ll) | (ll == math.inf), torch.full_like(ll, -math.inf), ll)
         return ((prior.log_prob(theta) + log_jac).view(G, n), ll.view(G, n), theta.view(G, n, -1))
 
     theta0 = prior.sample(G * n, np.random.default_rng(seed))
@@ -92,21 +102,29 @@ def tempered_smc(head: CorrelatedLensHead, log_likelihood, G: int, *, n: int = 2
     beta = torch.zeros(G, dtype=torch.float64)
     log_z = torch.zeros(G, dtype=torch.float64)
     scale = torch.full((G,), 2.38 / math.sqrt(p), dtype=torch.float64)
+    failed = ~torch.isfinite(ll).any(1)
+    collapsed = torch.zeros(G, dtype=torch.long)
+    L = None
     evaluations, stages, acc = n, 0, torch.zeros(G, dtype=torch.float64)
     for _ in range(max_stages):
-        if bool((beta >= 1).all()):
+        if bool(((beta >= 1) | failed).all()):
             break
-        new = _next_beta(beta, torch.where(torch.isfinite(ll), ll, torch.full_like(ll, -1e300)), min_ess * n)
+        new = torch.where(failed, beta, _next_beta(beta, ll, min_ess * n))
         inc = (new - beta)[:, None] * ll
         inc = torch.where((new > beta)[:, None], inc, torch.zeros_like(inc))
         log_z = log_z + torch.logsumexp(inc, 1) - math.log(n)
         beta = new
+        ess_inc = _ess(inc)
         idx = _resample_index(inc, gen)
         u, theta = (torch.gather(v, 1, idx[..., None].expand_as(v)) for v in (u, theta))
         base, ll = torch.gather(base, 1, idx), torch.gather(ll, 1, idx)
         stages += 1
         _, cov = weighted_moments(head, theta, torch.full((G, n), 1.0 / n, dtype=torch.float64))
-        L = torch.linalg.cholesky(cov + 1e-12 * torch.eye(p, dtype=torch.float64))
+        jitter = 1e-12 * (1 + torch.diagonal(cov, dim1=-2, dim2=-1).mean(-1))[:, None, None]
+        L_new = torch.linalg.cholesky_ex(cov + jitter * torch.eye(p, dtype=torch.float64))[0]
+        few = ess_inc < p + 2
+        collapsed += few.long()
+        L = L_new if L is None else torch.where(few[:, None, None], L, L_new)
         acc = torch.zeros(G, dtype=torch.float64)
         for _ in range(moves):
             z = torch.randn(G, n, p, generator=gen, dtype=torch.float64)
@@ -122,14 +140,20 @@ def tempered_smc(head: CorrelatedLensHead, log_likelihood, G: int, *, n: int = 2
         scale = scale * torch.exp(acc - 0.3)             # towards about 30 % acceptance
         log.info("tempered SMC stage %d: beta median %.3g (min %.3g), acceptance median %.2f", stages,
                  float(beta.median()), float(beta.min()), float(acc.median()))
-    return {"theta": theta, "beta": beta, "log_z": log_z, "stages": stages, "acceptance": acc,
+    log_z = torch.where(failed, torch.full_like(log_z, -math.inf), log_z)
+    if bool((failed | (beta < 1)).any()):
+        log.warning("tempered SMC: %d observation(s) with no finite likelihood among %d prior draws, %d stopped "
+                    "at beta < 1 after %d stages", int(failed.sum()), n, int(((beta < 1) & ~failed).sum()), stages)
+    return {"theta": theta, "beta": beta, "log_z": log_z, "failed": failed, "collapsed": collapsed,
+            "stages": stages, "acceptance": acc,
             "evaluations": evaluations}
 
 
 def smc_start(head: CorrelatedLensHead, log_likelihood, G: int, **kw) -> tuple[torch.Tensor, dict]:
     """Head outputs (G, R) for :func:`~pipeline.lensing.lens_head.refine`: per observation the normal in u-space
     with the mean and covariance of its :func:`tempered_smc` particles (keywords ``kw``); and the SMC's
-    result (:func:`tempered_smc`)."""
+    result (:func:`tempered_smc`: check ``failed`` and ``beta`` < 1, where the start is the tempered cloud's
+    or the prior's, not the posterior's)."""
     out = tempered_smc(head, log_likelihood, G, **kw)
     n = out["theta"].shape[1]
     mean, cov = weighted_moments(head, out["theta"], torch.full((G, n), 1.0 / n, dtype=torch.float64))

@@ -104,3 +104,33 @@ def test_smc_refuses_bad_settings():
     for kw in ({"n": 2}, {"moves": 0}, {"min_ess": 1.0}, {"max_stages": 0}):
         with pytest.raises(ValueError, match="tempered_smc needs"):
             tempered_smc(head, lambda theta, rows: theta[:, 0], 1, **kw)
+
+
+def test_a_constant_likelihood_leaves_the_prior_and_its_evidence_exact():
+    """log p(y | theta) = c: one stage to beta = 1, log Z = c exactly, and the moved particles keep the
+    prior's law (q uniform on [0.6, 0.95]: mean 0.775, sd 0.101; the shear's sd 0.05 truncated): a wrong
+    Jacobian of the map onto the support would move them."""
+    prior = LensPrior(LensConfig(rein=(0.7, 0.7), phi=(0.3, 0.3), center=0.0))
+    head = CorrelatedLensHead(prior, 5)
+    out = tempered_smc(head, lambda theta, rows: torch.full((len(theta),), -1.234, dtype=torch.float64), 2,
+                       n=2048, moves=5, seed=0)
+    assert out["stages"] == 1 and torch.equal(out["log_z"], torch.full((2,), -1.234, dtype=torch.float64))
+    s = out["theta"].reshape(-1, 3)
+    ref = prior.sample(20000, np.random.default_rng(1))
+    assert abs(float(s[:, 0].mean()) - 0.775) < 0.006 and abs(float(s[:, 0].std()) / 0.101 - 1) < 0.05
+    assert bool((abs(s[:, 1:].std(0) / ref[:, 1:].std(0) - 1) < 0.05).all())
+
+
+def test_an_observation_without_a_finite_likelihood_is_given_up_without_stalling_the_others():
+    prior, means, sd, log_likelihood, _ = _q_shear_problem()
+    head = CorrelatedLensHead(prior, 5)
+
+    def broken_first(theta, rows):
+        out = log_likelihood(theta, rows)
+        return torch.where(rows == 0, torch.full_like(out, math.nan), out)
+
+    out = tempered_smc(head, broken_first, 2, n=256, moves=2, seed=0, max_stages=100)
+    assert out["failed"].tolist() == [True, False] and out["stages"] < 40
+    assert float(out["log_z"][0]) == -math.inf and math.isfinite(float(out["log_z"][1]))
+    assert float(out["beta"][1]) == 1.0
+    assert bool(((out["theta"][1].mean(0) - means[1]).abs() < 0.5 * sd).all())
