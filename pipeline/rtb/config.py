@@ -57,6 +57,10 @@ class ObjectiveConfig:
                                    "always use 1).", gt=0, max=1)
     beta_ramp_steps: int = param(0, "Length of that ramp (0 = no ramp).", unit="steps", min=0)
     dead_zone: float = param(0.0, "Trajectory residuals |delta| below this get no gradient.", unit="nats", min=0)
+    huber: float = param(0.0, "Bound on one trajectory's residual in the gradient: the loss is 1/2 delta^2 up to "
+                              "|delta| = huber and linear beyond, so a few wildly wrong draws cannot dominate a "
+                              "step; the minimiser (every delta equal) is unchanged (0 = squared everywhere).",
+                         unit="nats", min=0)
 
 
 @dataclass
@@ -142,6 +146,9 @@ class RTBConfig:
         if o.amortized and o.logz != "vargrad":
             raise ConfigError(source, prefix + "objective.logz",
                               "the amortized posterior needs logz: vargrad (Z depends on y; no shared scalar)")
+        if 0 < o.huber and o.huber ** 2 <= o.dead_zone:
+            raise ConfigError(source, prefix + "objective.huber",
+                              f"huber {o.huber:g} must exceed sqrt(dead_zone) = {o.dead_zone ** 0.5:g}")
         if o.logz == "vargrad" and self.optim.batch_size % o.group_size:
             raise ConfigError(source, prefix + "objective.group_size", f"optim.batch_size {self.optim.batch_size} "
                               f"must be a multiple of group_size {o.group_size}")
@@ -178,7 +185,7 @@ class RTBConfig:
                        "learn_guidance_gain": p.learn_guidance_gain, "guidance_gain_init": p.guidance_gain_init},
             "objective": {"amortized": o.amortized, "logz": o.logz, "group_size": o.group_size,
                           "beta_start": o.beta_start, "beta_ramp_steps": o.beta_ramp_steps,
-                          "dead_zone": o.dead_zone},
+                          "dead_zone": o.dead_zone, **({"huber": o.huber} if o.huber > 0 else {})},
             "optim": {"batch_size": m.batch_size, "lr": m.lr, "lr_logz": m.lr_logz, "lr_per_step": m.lr_per_step,
                       "lr_final_frac": m.lr_final_frac, "grad_clip": m.grad_clip, "ema_decay": m.ema_decay},
             "exploration": {"replay_rate": e.replay_rate, "replay_capacity": e.replay_capacity,
@@ -207,7 +214,7 @@ def legacy_v1_hash(cfg: RTBConfig, K: int, variance: str) -> str:
     for k in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_samples"):
         flat.pop(k)
     for k, neutral in (("lora_rank", 0), ("learn_guidance_gain", False), ("lr_per_step", 1e-2),
-                       ("guidance_gain_init", 1.0)):
+                       ("guidance_gain_init", 1.0), ("huber", 0.0)):
         if flat[k] == neutral:
             flat.pop(k)
     return config_hash(flat)

@@ -3,7 +3,9 @@
 For a trajectory tau = (x_K -> ... -> x_1), sample x0 = f(x_1):
 
     delta(tau) = log Z + sum_{k=2..K} [log q_phi(x_{k-1}|x_k) - log p_theta(x_{k-1}|x_k)] - beta log r(f(x_1))
-    loss       = mean_b 1/2 delta_b^2        (optionally with a dead-zone: 1/2 relu(delta^2 - c))
+    loss       = mean_b rho(delta_b),  rho(d) = 1/2 d^2
+                 (optionally with a dead-zone, 1/2 relu(d^2 - c), and a Huber bound h: rho linear with
+                 slope h beyond |d| = h, so one trajectory's weight in the gradient is at most h / B)
 
 The start terms log N(x_K; 0, I) of q and p cancel. States are always detached: only log q_phi of
 fixed transitions is differentiated.
@@ -248,10 +250,16 @@ def deltas_scalar(batch: RTBBatch, log_z: torch.Tensor | float, beta: float = 1.
     return (torch.as_tensor(log_z, dtype=torch.float64).detach() + batch.log_ratio() - beta * batch.log_r).detach()
 
 
-def deltas_vargrad(batch: RTBBatch, beta: float = 1.0, groups=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """VarGrad: per y-group, log Z_g = mean_g(beta log r - sum(log q - log p)) (detached), and
+def deltas_vargrad(batch: RTBBatch, beta: float = 1.0, groups=None, huber: float = 0.0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """VarGrad: per y-group, log Z_g is the loss-minimising constant (detached) and
     delta_b = log Z_g + sum(log q - log p) - beta log r. Returns (delta (B,), log Z per group (G,)).
-    Groups with a single trajectory give delta = 0 (no signal)."""
+
+    For the squared loss log Z_g = mean_g(beta log r - sum(log q - log p)). With a Huber bound ``huber``
+    (nats) it is the Huber M-estimate of that location (the root of sum_g clamp(delta, -h, h) = 0), so a
+    trajectory far off moves its group's log Z by at most h / (n_g - 1) and the others' deltas stay
+    small; the weights still sum to zero per group. Groups with a single trajectory give delta = 0
+    (no signal)."""
     g = batch.groups if groups is None else groups
     if g is None:
         g = torch.zeros(batch.n, dtype=torch.long)
@@ -262,7 +270,23 @@ def deltas_vargrad(batch: RTBBatch, beta: float = 1.0, groups=None) -> tuple[tor
     sums = torch.zeros(G, dtype=torch.float64).index_add_(0, inv, s)
     counts = torch.zeros(G, dtype=torch.float64).index_add_(0, inv, torch.ones_like(s))
     log_z = -sums / counts
+    if huber > 0:
+        log_z = _huber_location(s, inv, G, huber)
     return (s + log_z[inv]).to(batch.log_r.device), log_z
+
+
+def _huber_location(s: torch.Tensor, inv: torch.Tensor, G: int, h: float, iters: int = 200) -> torch.Tensor:
+    """Per group, L with sum_b clamp(s_b + L, -h, h) = 0, by bisection (the sum is nondecreasing in L;
+    it is negative at L = -max s - h and positive at L = -min s + h)."""
+    lo = -torch.full((G,), float("-inf"), dtype=torch.float64).scatter_reduce(0, inv, s, "amax") - h
+    hi = -torch.full((G,), float("inf"), dtype=torch.float64).scatter_reduce(0, inv, s, "amin") + h
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        f = torch.zeros(G, dtype=torch.float64).index_add_(0, inv, (s + mid[inv]).clamp(-h, h))
+        lo, hi = torch.where(f < 0, mid, lo), torch.where(f < 0, hi, mid)
+        if bool(((hi - lo) <= 1e-12 * (1.0 + hi.abs())).all()):
+            break
+    return 0.5 * (lo + hi)
 
 
 def dead_zone_mask(delta: torch.Tensor, dead_zone: float) -> torch.Tensor:
@@ -272,9 +296,26 @@ def dead_zone_mask(delta: torch.Tensor, dead_zone: float) -> torch.Tensor:
     return (delta * delta > dead_zone).to(delta.dtype)
 
 
-def loss_value(delta: torch.Tensor, dead_zone: float = 0.0) -> float:
-    d2 = delta.double() ** 2
-    return float(0.5 * torch.clamp(d2 - dead_zone, min=0.0).mean()) if dead_zone > 0 else float(0.5 * d2.mean())
+def trajectory_weights(delta: torch.Tensor, dead_zone: float = 0.0, huber: float = 0.0) -> torch.Tensor:
+    """d rho / d delta per trajectory: delta, zero inside the dead zone, clamped to [-huber, huber] when
+    ``huber`` > 0 (nats). The loss's minimiser, every delta equal, does not depend on either."""
+    w = delta.double() * dead_zone_mask(delta.double(), dead_zone)
+    return w.clamp(-huber, huber) if huber > 0 else w
+
+
+def trajectory_loss(delta: torch.Tensor, dead_zone: float = 0.0, huber: float = 0.0) -> torch.Tensor:
+    """rho(delta_b) per trajectory, float64 (B,): 1/2 relu(min(d^2, h^2) - c) + h relu(|d| - h)
+    (h = ``huber``, infinite when 0; c = ``dead_zone``; continuous with slope h beyond |d| = h while h^2 > c)."""
+    d = delta.double()
+    if huber <= 0:
+        return 0.5 * torch.clamp(d * d - dead_zone, min=0.0)
+    inner = torch.clamp(torch.clamp(d * d, max=huber * huber) - dead_zone, min=0.0)
+    return 0.5 * inner + huber * torch.clamp(d.abs() - huber, min=0.0)
+
+
+def loss_value(delta: torch.Tensor, dead_zone: float = 0.0, huber: float = 0.0) -> float:
+    """mean_b rho(delta_b) (:func:`trajectory_loss`)."""
+    return float(trajectory_loss(delta, dead_zone, huber).mean())
 
 
 # -- gradients --------------------------------------------------------------------------------
@@ -290,8 +331,10 @@ def _stack_chunk(batch: RTBBatch, ks: list[int]):
 
 
 def two_pass_backward(posterior, batch: RTBBatch, delta: torch.Tensor, *, chunk_size: int = 8,
-                      dead_zone: float = 0.0, learn_log_z: bool = True, sync_context=None) -> float:
-    """Accumulate the exact gradient of mean_b 1/2 delta_b^2 into the parameters (pass 2).
+                      dead_zone: float = 0.0, huber: float = 0.0, learn_log_z: bool = True,
+                      sync_context=None) -> float:
+    """Accumulate the exact gradient of mean_b rho(delta_b) into the parameters (pass 2); rho is
+    1/2 delta^2 with the optional dead zone and Huber bound (:func:`trajectory_weights`).
 
     ``delta`` comes from pass 1 (detached, (B,)). Steps k = 2..K are processed ``chunk_size`` at a
     time (stacked into one batch of chunk_size * B), each chunk's graph freed after its backward, so
@@ -302,7 +345,7 @@ def two_pass_backward(posterior, batch: RTBBatch, delta: torch.Tensor, *, chunk_
     if chunk_size < 1:
         raise ValueError("chunk_size must be >= 1")
     B = batch.n
-    w = (delta.double() * dead_zone_mask(delta.double(), dead_zone) / B).detach()
+    w = (trajectory_weights(delta, dead_zone, huber) / B).detach()
     ks = list(range(batch.K, 1, -1))
     chunks = [ks[i:i + chunk_size] for i in range(0, len(ks), chunk_size)]
     ctx = sync_context or (lambda is_last: contextlib.nullcontext())
@@ -315,11 +358,12 @@ def two_pass_backward(posterior, batch: RTBBatch, delta: torch.Tensor, *, chunk_
     if learn_log_z:
         g = w.sum().to(posterior.log_z.dtype)
         posterior.log_z.grad = g.clone() if posterior.log_z.grad is None else posterior.log_z.grad + g
-    return loss_value(delta, dead_zone)
+    return loss_value(delta, dead_zone, huber)
 
 
-def naive_loss(posterior, batch: RTBBatch, beta: float = 1.0, log_z=None) -> torch.Tensor:
-    """One graph for mean_b 1/2 (log Z + sum log q - sum log p - beta log r)^2, detached states.
+def naive_loss(posterior, batch: RTBBatch, beta: float = 1.0, log_z=None, huber: float = 0.0) -> torch.Tensor:
+    """One graph for mean_b rho(log Z + sum log q - sum log p - beta log r), detached states; rho is
+    1/2 d^2, or the Huber loss of bound ``huber`` (nats) when it is > 0.
 
     The reference the two-pass gradient is tested against, and the "naive" arm of the memory
     benchmark. ``log_z``: a tensor (default: the posterior's learnable scalar).
@@ -332,4 +376,6 @@ def naive_loss(posterior, batch: RTBBatch, beta: float = 1.0, log_z=None) -> tor
                                   batch.cond, batch.guide.get(k), batch.problem)
         total = total + lq - batch.log_p_steps[k]
     delta = log_z + total - beta * batch.log_r
+    if huber > 0:
+        return torch.nn.functional.huber_loss(delta, torch.zeros_like(delta), delta=huber)
     return 0.5 * (delta ** 2).mean()

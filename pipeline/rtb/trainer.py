@@ -10,7 +10,8 @@ One iteration:
 3. pass 2: the chunked exact gradient (:func:`~pipeline.rtb.objective.two_pass_backward`), grad-norm
    clipping, Adam step (separate learning rate for log Z);
 4. guards: a non-finite delta / gradient / parameter, or a loss spike (loss > ``spike_factor`` x the
-   running median of the same behaviour source), restores the last good snapshot and lowers the
+   running median of the same behaviour source; with a Huber bound, the batch's median trajectory loss
+   instead of its mean, see :meth:`RTBTrainer._spike_statistic`), restores the last good snapshot and lowers the
    learning rate (a *rollback*). Once ``max_rollbacks`` are spent, a further non-finite value marks
    the run diverged; a further loss spike restores the last good snapshot and
    ends training there (``stopped_early``: a spike is a warning, not a failure, and the run is then
@@ -22,7 +23,10 @@ log Z_psi(y) adds a second regression problem whose error enters every delta, wh
 estimate (mean over trajectories of one y of beta log r - sum(log q - log p)) is the loss-minimising
 log Z for that group, needs no parameters, and is exact in the limit of a perfect posterior. Each
 batch therefore holds ``batch_size / group_size`` observations with ``group_size``
-trajectories each. The per-y evidence is then reported by the IW/ELBO estimators.
+trajectories each. The per-y evidence is then reported by the IW/ELBO estimators. With a Huber bound
+(``objective.huber``) the loss is linear beyond it, log Z_g is that loss's minimiser (a Huber
+M-estimate of location) and one wildly wrong draw, common while the policy is still far from the
+posterior, moves a step by at most huber / B; the fixed point, every delta equal, is the same.
 
 The guards and the checkpoint I/O live in :mod:`pipeline.rtb.trainer_guards`. Checkpoints
 (``pipeline.io.checkpoint``) hold the model, EMA, optimizer, log Z, replay buffer, all
@@ -49,7 +53,7 @@ from pipeline.rtb.config import RTBConfig
 from pipeline.rtb.exploration import ReplayBuffer, backtrack
 from pipeline.rtb.loading import PER_STEP_EMA
 from pipeline.rtb.objective import (RTBBatch, deltas_scalar, deltas_vargrad, evaluate_states, is_per_sample,
-                                    loss_value, policy_rollout, prior_rollout, two_pass_backward)
+                                    loss_value, policy_rollout, prior_rollout, trajectory_loss, two_pass_backward)
 from pipeline.rtb.trainer_guards import TrainerCheckpoints, TrainerGuards
 from pipeline.runtime import tqdm_disable
 from pipeline.samplers.guidance import dps_guidance
@@ -206,7 +210,7 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
         batch = self.draw_batch(source)
         vargrad = c.objective.logz == "vargrad"
         if vargrad:
-            delta, logz_groups = deltas_vargrad(batch, beta)
+            delta, logz_groups = deltas_vargrad(batch, beta, huber=c.objective.huber)
             log_z_learned = float(logz_groups.mean())
         else:
             if not self.log_z_init:
@@ -225,18 +229,19 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
         if not torch.isfinite(delta).all():
             self.rollback(f"non-finite delta ({source})")
             return None
-        loss = loss_value(delta, c.objective.dead_zone)
+        loss = loss_value(delta, c.objective.dead_zone, c.objective.huber)
+        watched = self._spike_statistic(delta, loss)
         hist = self.loss_hist[source]
         if (c.guards.spike_factor > 0 and self.step_idx >= c.guards.spike_warmup and len(hist) >= 10
-                and loss > c.guards.spike_factor * max(statistics.median(hist), 1e-8)):
-            self.rollback(f"loss spike {loss:.3g} > {c.guards.spike_factor:g} x median {statistics.median(hist):.3g}",
+                and watched > c.guards.spike_factor * max(statistics.median(hist), 1e-8)):
+            self.rollback(f"loss spike {watched:.3g} > {c.guards.spike_factor:g} x median {statistics.median(hist):.3g}",
                           non_finite=False)
             return None
         self.opt.zero_grad(set_to_none=True)
         self._set_lr()
         model = self.post.model
         two_pass_backward(self.post, batch, delta, chunk_size=c.run.chunk_size, dead_zone=c.objective.dead_zone,
-                          learn_log_z=not vargrad,
+                          huber=c.objective.huber, learn_log_z=not vargrad,
                           sync_context=lambda last: distributed.sync_context(model, last))
         # parameters outside the DDP-wrapped model: their gradients are averaged over ranks by hand
         for p in [self.post.log_z, *self.post.per_step_parameters().values()]:
@@ -255,7 +260,7 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
             with torch.no_grad():
                 for n, p in self._ema_targets().items():
                     self.ema[n].lerp_(p.detach(), 1.0 - c.optim.ema_decay)
-        hist.append(loss)
+        hist.append(watched)
         if source != "replay":
             amortized = c.objective.amortized
             lens = batch.problem.index if amortized and is_per_sample(batch.problem) else None
@@ -265,7 +270,7 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
         # a snapshot is only taken after a step whose loss looked healthy (also during the spike warmup),
         # so a rollback never restores a state that an outlier batch has just wrecked
         spike = c.guards.spike_factor
-        healthy = len(hist) < 10 or loss <= spike * max(statistics.median(hist), 1e-8) or spike <= 0
+        healthy = len(hist) < 10 or watched <= spike * max(statistics.median(hist), 1e-8) or spike <= 0
         if self.step_idx % c.guards.snapshot_every == 0 and healthy:
             self._take_snapshot()
         rec = {"step": self.step_idx, "source": source, "loss": loss, "mean_log_r": float(batch.log_r.mean()),
@@ -275,6 +280,15 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
             est = self._batch_estimates(batch)
             rec.update(est)
         return rec
+
+    def _spike_statistic(self, delta: torch.Tensor, loss: float) -> float:
+        """What the spike guard watches: the batch's loss; with a Huber bound, the median over trajectories
+        of their loss instead. There one trajectory moves the step by at most huber / B, so a few
+        wildly wrong draws are data, not a failure; a policy that degrades as a whole still trips it."""
+        o = self.cfg.objective
+        if o.huber <= 0:
+            return loss
+        return float(trajectory_loss(delta, o.dead_zone, o.huber).median())
 
     def _batch_estimates(self, batch: RTBBatch) -> dict:
         """IW log Z and ESS fraction (beta = 1) of an on-policy batch, averaged over its y-groups."""

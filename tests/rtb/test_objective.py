@@ -5,8 +5,8 @@ import torch
 
 from pipeline.diffusion.prior import GaussianMixturePrior
 from pipeline.problems import DenseLinearProblem
-from pipeline.rtb.objective import (deltas_scalar, deltas_vargrad, naive_loss, policy_rollout, prior_rollout,
-                                    two_pass_backward)
+from pipeline.rtb.objective import (deltas_scalar, deltas_vargrad, loss_value, naive_loss, policy_rollout,
+                                    prior_rollout, trajectory_weights, two_pass_backward)
 from pipeline.rtb.posterior import MLPCorrection, RTBPosterior
 
 problem = DenseLinearProblem([[1.0, 0.5]], 0.5)  # the observation's operator, passed with every call
@@ -186,3 +186,75 @@ def test_conditioning_given_once_or_per_sample_is_not_confused_at_a_batch_equal_
     assert not torch.allclose(x_once, run(torch.flip(cond, [0]))[0])
     with pytest.raises(ValueError, match=r"\(2, 8, 8\).*\(2, 2, 8, 8\)"):
         run(torch.randn(3, 2, 8, 8))
+
+
+@pytest.mark.parametrize("dead_zone", [0.0, 0.05])
+def test_huber_two_pass_equals_naive_and_bounds_each_trajectory(dead_zone):
+    """With a Huber bound h the two-pass gradient is that of mean_b huber_h(delta_b) (float64), each
+    trajectory's weight is clamped to [-h, h], and an outlier trajectory's weight does not grow with it."""
+    post = _posterior()
+    y = torch.tensor([1.0], dtype=torch.float64)
+    batch = policy_rollout(post, 16, y, problem=problem, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    delta = deltas_scalar(batch, post.log_z)
+    h = float(delta.abs().median())  # half the trajectories on the linear branch
+    post.zero_grad()
+    loss2 = two_pass_backward(post, batch, delta, chunk_size=4, huber=h)
+    g2 = _grads(post)
+    post.zero_grad()
+    naive = naive_loss(post, batch, huber=h)
+    naive.backward()
+    if dead_zone == 0.0:
+        assert loss2 == pytest.approx(float(naive.detach()), rel=1e-12)
+        for a, b in zip(g2, _grads(post)):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-10)
+    w = trajectory_weights(delta, dead_zone, h)
+    assert float(w.abs().max()) <= h * (1 + 1e-12)
+    assert int((w.abs() == h).sum()) >= 7
+    # the loss is continuous and its derivative in each delta is the weight (central differences)
+    eps = 1e-6
+    for b in range(16):
+        up, dn = delta.clone(), delta.clone()
+        up[b] += eps
+        dn[b] -= eps
+        fd = (loss_value(up, dead_zone, h) - loss_value(dn, dead_zone, h)) / (2 * eps) * 16
+        assert fd == pytest.approx(float(w[b]), abs=1e-5)
+    # a trajectory a million nats off moves the step no more than one at h
+    far = delta.clone()
+    far[0] = 1e6
+    assert float(trajectory_weights(far, dead_zone, h)[0]) == pytest.approx(h)
+    assert loss_value(far, dead_zone, h) < 1e6 * h  # linear, not quadratic, in the outlier
+
+
+def test_huber_recipe_hash_is_unchanged_while_off():
+    from pipeline.rtb.config import RTBConfig
+    cfg = RTBConfig()
+    assert "huber" not in cfg.recipe()["objective"]
+    on = cfg.with_fields(huber=50.0)
+    assert on.recipe()["objective"]["huber"] == 50.0 and on.recipe_hash() != cfg.recipe_hash()
+
+
+def test_huber_vargrad_log_z_is_the_m_estimate_and_an_outlier_only_moves_itself():
+    post = _posterior(cond_dim=1)
+    y = torch.tensor([[1.0], [-0.5]], dtype=torch.float64).repeat_interleave(8, 0)
+    groups = torch.arange(2).repeat_interleave(8)
+    batch = policy_rollout(post, 16, y, cond=y, groups=groups, problem=problem,
+                           generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    h = 0.5
+    batch.log_r[0] -= 1e7  # one wildly wrong draw in group 0
+    delta, logz = deltas_vargrad(batch, huber=h)
+    w = trajectory_weights(delta, 0.0, h)
+    for g in range(2):  # the loss-minimising constant: the clamped weights sum to zero per group
+        assert abs(float(w[groups == g].sum())) < 1e-9
+    assert float(w[0]) == pytest.approx(h)
+    # the other seven of group 0 are centred as if the outlier were a trajectory at +h (not at 1e7 / 8)
+    assert float(delta[1:8].abs().max()) < 1e3
+    mean_delta, _ = deltas_vargrad(batch)
+    assert float(mean_delta[1:8].abs().min()) > 1e6
+    # the gradient is that of mean_b huber(delta_b) at these log Z_g (float64)
+    post.zero_grad()
+    two_pass_backward(post, batch, delta, chunk_size=3, learn_log_z=False, huber=h)
+    g2 = _grads(post)
+    post.zero_grad()
+    naive_loss(post, batch, log_z=logz[groups], huber=h).backward()
+    for a, b in zip(g2[1:], _grads(post)[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-10)

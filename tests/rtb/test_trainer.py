@@ -25,12 +25,15 @@ def _problem():
 
 
 @pytest.mark.slow
-def test_rtb_reaches_chain_reference_on_1d_mixture():
-    """W1(RTB, reference) <= 2 x the Monte-Carlo floor at N = 2000, seed 0 (chain-prior reference by IS)."""
+@pytest.mark.parametrize("huber", [0.0, 0.2])
+def test_rtb_reaches_chain_reference_on_1d_mixture(huber):
+    """W1(RTB, reference) <= 2 x the Monte-Carlo floor at N = 2000, seed 0 (chain-prior reference by IS);
+    also with a Huber bound of 0.2 nats, which clamps 70 % of the first 50 steps' trajectories and a third
+    of the last 50 (measured): the bound changes the path, not the fixed point."""
     torch.manual_seed(0)
     prior, problem, y = _problem()
     cfg = RTBConfig().with_fields(steps=400, batch_size=256, lr=3e-3, lr_final_frac=0.05, lr_logz=0.05,
-                                  head_hidden=64, head_layers=2, seed=0)
+                                  head_hidden=64, head_layers=2, seed=0, huber=huber)
     post = make_posterior(prior, prior.schedule.chain(20), cfg)
     trainer = RTBTrainer(post, cfg, problem=problem, y=y)
     summary = trainer.train()
@@ -250,3 +253,29 @@ def test_resume_accepts_the_legacy_hash_of_the_same_recipe_only(tmp_path):
     assert not trainer._accepts_hash(legacy_v1_hash(cfg.with_fields(lr=5e-4), CHAIN.K, CHAIN.variance))
     assert not trainer._accepts_hash(cfg.with_fields(lr=5e-4).recipe_hash())
     assert not trainer._accepts_hash(None)
+
+
+@pytest.mark.parametrize("huber", [0.0, 5.0])
+def test_one_wild_draw_is_trained_on_with_a_huber_bound_and_a_degraded_policy_still_rolls_back(huber):
+    """A batch with one trajectory a million nats off is a spike of the squared loss (rollback); with a
+    Huber bound its share of the step is bounded, so the step is taken. Every trajectory off (the policy
+    degraded as a whole) is a spike either way."""
+    prior, problem, y = _problem()
+    cfg = _small_cfg(steps=40, spike_factor=10.0, spike_warmup=10, replay_rate=0.0, tempered_rate=0.0,
+                     prior_rate=0.0, huber=huber)
+    post = make_posterior(prior, CHAIN, cfg)
+    trainer = RTBTrainer(post, cfg, problem=problem, y=y)
+    trainer.train(15)
+    orig = problem.log_likelihood
+    problem.log_likelihood = lambda x, yy: orig(x, yy) - 1e6 * (torch.arange(x.shape[0]) == 0).double()
+    before = [p.detach().clone() for p in post.model.parameters()]
+    rec = trainer.train_step()
+    if huber > 0:
+        assert rec is not None and trainer.rollbacks == 0
+        assert rec["grad_norm"] < 1e3  # the wild draw weighs huber / B, not 1e6 / B
+        assert any(not torch.equal(a, p) for a, p in zip(before, post.model.parameters()))
+    else:
+        assert rec is None and trainer.rollbacks == 1
+    problem.log_likelihood = lambda x, yy: orig(x, yy) - 1e3 * (1 + torch.rand(x.shape[0], dtype=torch.float64))
+    assert trainer.train_step() is None and trainer.rollbacks == (1 if huber > 0 else 2)
+    problem.log_likelihood = orig
