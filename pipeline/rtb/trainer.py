@@ -234,7 +234,8 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
         hist = self.loss_hist[source]
         if (c.guards.spike_factor > 0 and self.step_idx >= c.guards.spike_warmup and len(hist) >= 10
                 and watched > c.guards.spike_factor * max(statistics.median(hist), 1e-8)):
-            self.rollback(f"loss spike {watched:.3g} > {c.guards.spike_factor:g} x median {statistics.median(hist):.3g}",
+            self.rollback(f"loss spike ({source}) {watched:.3g} > {c.guards.spike_factor:g} x median "
+                          f"{statistics.median(hist):.3g}",
                           non_finite=False)
             return None
         self.opt.zero_grad(set_to_none=True)

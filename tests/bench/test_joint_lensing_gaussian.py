@@ -191,3 +191,43 @@ def test_cli_refuses_a_bad_tempering_start_in_one_line(capsys):
     with pytest.raises(SystemExit) as err:       # the moment start fits a correlated normal: that head only
         jlg.main(["out.json", "--refine-start", "smc"])
     assert err.value.code == 2 and "--head correlated" in capsys.readouterr().err
+
+
+class _BoxPrior:
+    """Uniform on [0, 2]^2 (the prior part of the MH target), named like two lens parameters."""
+    names = ["rein", "q"]
+    box = {"rein": (0.0, 2.0), "q": (0.0, 2.0)}
+
+    def log_prob(self, t):
+        inside = ((t >= 0) & (t <= 2)).all(-1)
+        return torch.where(inside, 0.0, -math.inf).double()
+
+
+class _CorrelatedTarget:
+    """log p(y | theta): a normal at (1, 1) with sds (0.01, 0.03) and correlation 0.95, like q and a shear
+    component of a lens posterior."""
+    prior = _BoxPrior()
+    rho, sd = 0.95, torch.tensor([0.01, 0.03], dtype=torch.float64)
+
+    def log_evidence(self, t, y):
+        z = (t - 1.0) / self.sd
+        return -0.5 * (z[:, 0] ** 2 - 2 * self.rho * z[:, 0] * z[:, 1] + z[:, 1] ** 2) / (1 - self.rho ** 2)
+
+
+def test_metropolis_adapts_a_full_covariance_on_a_correlated_target():
+    """Started 100x too narrow and diagonal, the adapted proposal follows the ridge: over 10,000 kept
+    iterations each of 4 chains has ESS > 800 per parameter (a diagonal adaptation gets 190-310 here)
+    and the right moments."""
+    model, B = _CorrelatedTarget(), 4
+    mh = jmh.metropolis(model, torch.zeros(B, 1), torch.ones(B, 2, dtype=torch.float64),
+                        torch.full((B, 2), 1e-3, dtype=torch.float64), n_iter=12000, burn=2000, seed=0)
+    th = mh["theta"]
+    for b in range(B):
+        for j in range(2):
+            chain = th[:, b, j]
+            ess = chain.shape[0] / jlg.integrated_autocorr_time(chain)
+            assert ess > 800, (b, j, ess)
+            assert abs(float(chain.mean()) - 1.0) < 5 * float(model.sd[j]) / math.sqrt(ess)
+            assert 0.9 < float(chain.std()) / float(model.sd[j]) < 1.1
+        assert abs(float(torch.corrcoef(th[:, b].T)[0, 1]) - 0.95) < 0.02
+        assert 0.15 < mh["acceptance"][b] < 0.4
