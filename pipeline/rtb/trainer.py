@@ -10,8 +10,8 @@ One iteration:
 3. pass 2: the chunked exact gradient (:func:`~pipeline.rtb.objective.two_pass_backward`), grad-norm
    clipping, Adam step (separate learning rate for log Z);
 4. guards: a non-finite delta / gradient / parameter, or a loss spike (loss > ``spike_factor`` x the
-   running median of the same behaviour source; with a Huber bound, the batch's median trajectory loss
-   instead of its mean, see :meth:`RTBTrainer._spike_statistic`), restores the last good snapshot and lowers the
+   running median of the same behaviour source; with a Huber bound, a robust statistic of the batch,
+   see :meth:`RTBTrainer._spike_statistic`), restores the last good snapshot and lowers the
    learning rate (a *rollback*). Once ``max_rollbacks`` are spent, a further non-finite value marks
    the run diverged; a further loss spike restores the last good snapshot and
    ends training there (``stopped_early``: a spike is a warning, not a failure, and the run is then
@@ -230,7 +230,7 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
             self.rollback(f"non-finite delta ({source})")
             return None
         loss = loss_value(delta, c.objective.dead_zone, c.objective.huber)
-        watched = self._spike_statistic(delta, loss)
+        watched = self._spike_statistic(delta, loss, batch.groups)
         hist = self.loss_hist[source]
         if (c.guards.spike_factor > 0 and self.step_idx >= c.guards.spike_warmup and len(hist) >= 10
                 and watched > c.guards.spike_factor * max(statistics.median(hist), 1e-8)):
@@ -282,14 +282,20 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
             rec.update(est)
         return rec
 
-    def _spike_statistic(self, delta: torch.Tensor, loss: float) -> float:
-        """What the spike guard watches: the batch's loss; with a Huber bound, the median over trajectories
-        of their loss instead. There one trajectory moves the step by at most huber / B, so a few
-        wildly wrong draws are data, not a failure; a policy that degrades as a whole still trips it."""
+    def _spike_statistic(self, delta: torch.Tensor, loss: float, groups=None) -> float:
+        """What the spike guard watches: the batch's loss. With a Huber bound one trajectory moves the step
+        by at most huber / B, so wildly wrong draws, and observations the policy cannot fit yet, are data,
+        not a failure: the guard then watches each observation's median trajectory loss and takes the
+        lower median over the batch's observations, which only rises when at least half of them got worse
+        (a policy that degrades as a whole)."""
         o = self.cfg.objective
         if o.huber <= 0:
             return loss
-        return float(trajectory_loss(delta, o.dead_zone, o.huber).median())
+        rho = trajectory_loss(delta, o.dead_zone, o.huber).cpu()
+        if groups is None:
+            return float(rho.median())
+        _, inv = torch.unique(torch.as_tensor(groups).cpu(), return_inverse=True)
+        return float(torch.stack([rho[inv == g].median() for g in range(int(inv.max()) + 1)]).median())
 
     def _batch_estimates(self, batch: RTBBatch) -> dict:
         """IW log Z and ESS fraction (beta = 1) of an on-policy batch, averaged over its y-groups."""

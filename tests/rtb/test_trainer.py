@@ -279,3 +279,33 @@ def test_one_wild_draw_is_trained_on_with_a_huber_bound_and_a_degraded_policy_st
     problem.log_likelihood = lambda x, yy: orig(x, yy) - 1e3 * (1 + torch.rand(x.shape[0], dtype=torch.float64))
     assert trainer.train_step() is None and trainer.rollbacks == (1 if huber > 0 else 2)
     problem.log_likelihood = orig
+
+
+@pytest.mark.parametrize("huber", [0.0, 5.0])
+def test_an_observation_the_policy_cannot_fit_yet_is_trained_on_with_a_huber_bound(huber):
+    """Amortized, 2 observations of 8 trajectories a batch. One observation whose every draw misfits by
+    10^4-10^6 nats, and two wild draws of the other (10 of 16 trajectories off), is a spike of the squared
+    loss; with a Huber bound the guard watches the lower median over observations of each one's median
+    trajectory loss, so the step is taken. Every draw off is a spike either way."""
+    prior, problem, _ = _problem()
+    cfg = _small_cfg(amortized=True, logz="vargrad", group_size=8, batch_size=16, steps=40, spike_factor=1000.0,
+                     spike_warmup=10, replay_rate=0.0, tempered_rate=0.0, prior_rate=0.0, huber=huber)
+    post = make_posterior(prior, CHAIN, cfg, cond_dim=1)
+
+    def obs_sampler(G, gen):
+        x = prior.sample(G, generator=gen).float()
+        return problem.simulate(x, generator=gen), None
+
+    trainer = RTBTrainer(post, cfg, problem=problem, obs_sampler=obs_sampler)
+    trainer.train(15)
+    orig = problem.log_likelihood
+    wild = 10 ** (4 + 2 * torch.rand(16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    problem.log_likelihood = lambda x, yy: orig(x, yy) - wild * (torch.arange(x.shape[0]) < 10).double()
+    rec = trainer.train_step()
+    if huber > 0:
+        assert rec is not None and trainer.rollbacks == 0
+    else:
+        assert rec is None and trainer.rollbacks == 1
+    problem.log_likelihood = lambda x, yy: orig(x, yy) - wild
+    assert trainer.train_step() is None and trainer.rollbacks == (1 if huber > 0 else 2)
+    problem.log_likelihood = orig
