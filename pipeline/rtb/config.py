@@ -57,10 +57,8 @@ class ObjectiveConfig:
                                    "always use 1).", gt=0, max=1)
     beta_ramp_steps: int = param(0, "Length of that ramp (0 = no ramp).", unit="steps", min=0)
     dead_zone: float = param(0.0, "Trajectory residuals |delta| below this get no gradient.", unit="nats", min=0)
-    huber: float = param(0.0, "Bound on one trajectory's residual in the gradient: the loss is 1/2 delta^2 up to "
-                              "|delta| = huber and linear beyond, so a few wildly wrong draws cannot dominate a "
-                              "step; the minimiser (every delta equal) is unchanged (0 = squared everywhere).",
-                         unit="nats", min=0)
+    huber: float = param(0.0, "Loss 1/2 delta^2 up to |delta| = huber and linear beyond, so wild draws cannot "
+                              "dominate a step; same minimiser (0 = squared everywhere).", unit="nats", min=0)
 
 
 @dataclass
