@@ -290,3 +290,23 @@ def test_demo_finetune_on_the_shipped_checkpoint_assembles_no_lens_operator(tmp_
     exported = json.loads((tmp_path / "out" / "hparams.json").read_text())
     shipped = json.loads((SHIPPED / "posterior" / "hparams.json").read_text())
     assert exported["trained_on"] == shipped["trained_on"]
+
+
+def test_v2_posterior_stage0_is_the_recorded_recipe_on_the_v2_prior():
+    """The committed first stage of the v2 posterior was trained with config/v2.yaml's rtb: section and
+    the changes metrics.json records (the Huber bound among them), on the v2 prior, and records what it
+    was trained on (the guard reads it)."""
+    from pipeline.config import load_section
+    from pipeline.io.checkpoint import load_checkpoint
+    from pipeline.rtb.config import RTBConfig
+
+    rec = RECORD["posterior_v2_stage0"]
+    ck = load_checkpoint(SHIPPED / "posterior_v2_stage0", names=[])
+    assert ck.hparams["kind"] == "rtb_posterior"
+    assert ck.hparams["prior_checkpoint"] == "data/pretrained/prior_v2"
+    rcfg = load_section(ROOT / rec["config"], "rtb", RTBConfig).with_fields(**rec["changes"])
+    assert rcfg.objective.huber > 0
+    assert ck.hparams["config_hash"] == rcfg.recipe_hash()
+    assert ck.hparams["trained_on"]["measured_on"] == {"from": "pool", "lenses": rec["pool"]["n_lenses"],
+                                                       "truths": rec["pool"]["n_truths"]}
+    assert ck.hparams["lensing"]["noise_sigma"] == rec["check_posterior"]["noise_sigma"]
