@@ -258,8 +258,8 @@ def deltas_vargrad(batch: RTBBatch, beta: float = 1.0, groups=None, huber: float
     For the squared loss log Z_g = mean_g(beta log r - sum(log q - log p)). With a Huber bound ``huber``
     (nats) it is the Huber M-estimate of that location (the root of sum_g clamp(delta, -h, h) = 0), so a
     trajectory far off moves its group's log Z by at most h / (n_g - 1) and the others' deltas stay
-    small; the weights still sum to zero per group. Groups with a single trajectory give delta = 0
-    (no signal)."""
+    small; without a dead zone the clamped weights sum to zero per group. Groups with a single
+    trajectory give delta = 0 (no signal)."""
     g = batch.groups if groups is None else groups
     if g is None:
         g = torch.zeros(batch.n, dtype=torch.long)
@@ -275,18 +275,28 @@ def deltas_vargrad(batch: RTBBatch, beta: float = 1.0, groups=None, huber: float
     return (s + log_z[inv]).to(batch.log_r.device), log_z
 
 
-def _huber_location(s: torch.Tensor, inv: torch.Tensor, G: int, h: float, iters: int = 200) -> torch.Tensor:
-    """Per group, L with sum_b clamp(s_b + L, -h, h) = 0, by bisection (the sum is nondecreasing in L;
-    it is negative at L = -max s - h and positive at L = -min s + h)."""
+def _huber_location(s: torch.Tensor, inv: torch.Tensor, G: int, h: float) -> torch.Tensor:
+    """Per group, L with sum_b clamp(s_b + L, -h, h) = 0: the middle of the set of roots (an interval when
+    the group splits into clusters more than 2h apart), by two bisections (the sum is nondecreasing in
+    L: -n h at L = -max s - h, +n h at L = -min s + h). A single-trajectory group gets L = -s exactly."""
     lo = -torch.full((G,), float("-inf"), dtype=torch.float64).scatter_reduce(0, inv, s, "amax") - h
     hi = -torch.full((G,), float("inf"), dtype=torch.float64).scatter_reduce(0, inv, s, "amin") + h
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        f = torch.zeros(G, dtype=torch.float64).index_add_(0, inv, (s + mid[inv]).clamp(-h, h))
-        lo, hi = torch.where(f < 0, mid, lo), torch.where(f < 0, hi, mid)
-        if bool(((hi - lo) <= 1e-12 * (1.0 + hi.abs())).all()):
-            break
-    return 0.5 * (lo + hi)
+
+    def root(upper: bool) -> torch.Tensor:
+        a, b = lo.clone(), hi.clone()
+        for _ in range(200):
+            mid = 0.5 * (a + b)
+            f = torch.zeros(G, dtype=torch.float64).index_add_(0, inv, (s + mid[inv]).clamp(-h, h))
+            left = f <= 0 if upper else f < 0
+            a, b = torch.where(left, mid, a), torch.where(left, b, mid)
+            if bool(((b - a) <= 1e-12 * (1.0 + b.abs())).all()):
+                break
+        return 0.5 * (a + b)
+
+    out = 0.5 * (root(False) + root(True))
+    counts = torch.zeros(G, dtype=torch.float64).index_add_(0, inv, torch.ones_like(s))
+    single = torch.zeros(G, dtype=torch.float64).index_add_(0, inv, s)
+    return torch.where(counts == 1, -single, out)
 
 
 def dead_zone_mask(delta: torch.Tensor, dead_zone: float) -> torch.Tensor:

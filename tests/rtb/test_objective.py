@@ -198,8 +198,10 @@ def test_huber_two_pass_equals_naive_and_bounds_each_trajectory(dead_zone):
     delta = deltas_scalar(batch, post.log_z)
     h = float(delta.abs().median())  # half the trajectories on the linear branch
     post.zero_grad()
-    loss2 = two_pass_backward(post, batch, delta, chunk_size=4, huber=h)
+    loss2 = two_pass_backward(post, batch, delta, chunk_size=4, dead_zone=dead_zone, huber=h)
     g2 = _grads(post)
+    # d loss / d log Z = mean of the clamped, dead-zoned weights, counted once
+    assert float(post.log_z.grad) == pytest.approx(float(trajectory_weights(delta, dead_zone, h).mean()), rel=1e-10)
     post.zero_grad()
     naive = naive_loss(post, batch, huber=h)
     naive.backward()
@@ -258,3 +260,12 @@ def test_huber_vargrad_log_z_is_the_m_estimate_and_an_outlier_only_moves_itself(
     naive_loss(post, batch, log_z=logz[groups], huber=h).backward()
     for a, b in zip(g2[1:], _grads(post)[1:]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-10)
+
+
+def test_huber_location_is_the_middle_of_a_flat_root_and_exact_for_one_trajectory():
+    from pipeline.rtb.objective import _huber_location
+    s = torch.tensor([0.0, 0.0, 10.0, 10.0, 1e6], dtype=torch.float64)
+    inv = torch.tensor([0, 0, 0, 0, 1])
+    loc = _huber_location(s, inv, 2, 1.0)
+    torch.testing.assert_close(s[:4] + loc[0], torch.tensor([-5.0, -5.0, 5.0, 5.0], dtype=torch.float64))
+    assert float(s[4] + loc[1]) == 0.0

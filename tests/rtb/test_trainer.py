@@ -309,3 +309,13 @@ def test_an_observation_the_policy_cannot_fit_yet_is_trained_on_with_a_huber_bou
     problem.log_likelihood = lambda x, yy: orig(x, yy) - wild
     assert trainer.train_step() is None and trainer.rollbacks == (1 if huber > 0 else 2)
     problem.log_likelihood = orig
+
+
+def test_huber_spike_guard_ignores_the_dead_zone():
+    """With a dead zone, a well-fit batch has most trajectory losses at 0; the guard's statistic must not
+    read 0 there (a zero running median would make the next ordinary batch a spike)."""
+    prior, problem, y = _problem()
+    cfg = _small_cfg(steps=40, huber=5.0, dead_zone=1.0)
+    trainer = RTBTrainer(make_posterior(prior, CHAIN, cfg), cfg, problem=problem, y=y)
+    delta = torch.tensor([0.1, -0.2, 0.3, 2.0], dtype=torch.float64)
+    assert trainer._spike_statistic(delta, 0.0, torch.zeros(4, dtype=torch.long)) > 0
