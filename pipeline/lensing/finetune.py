@@ -26,6 +26,7 @@ from pipeline.config import load_section
 from pipeline.diffusion.schedule import load_chain
 from pipeline.diffusion.sampling import sample_prior
 from pipeline.errors import ConfigError, InputFileError
+from pipeline.io.atomic import atomic_file
 from pipeline.io.checkpoint import has_checkpoints, load_checkpoint, save_checkpoint, write_checkpoint_dir
 from pipeline.lensing.amortized import MultiLensProblem, amortized_sampler, lens_features
 from pipeline.lensing.config import PosteriorConfig, check_rtb_for_lensing, load_lensing_config
@@ -44,6 +45,7 @@ from pipeline.samplers.tuning import tune_scale
 log = logging.getLogger(__name__)
 
 RECORD_TRUTHS = 256  # truths measured for the trained conditions when the run drew none
+TRUTHS_FILE = "truths.pt"  # the run's prior-chain truths, kept in its run directory for the resumes
 
 
 def resolve_noise_sigma(lcfg, sources_path) -> float:
@@ -152,6 +154,43 @@ def record_truths(prior, chain, pcfg):
     return sample_prior(prior, chain, min(pcfg.n_truths, RECORD_TRUTHS), generator=gen, batch_size=pcfg.batch_size)
 
 
+def truths_key(prior, chain, pcfg) -> dict:
+    """What fixes a run's prior-chain truths: the prior (recipe hash), the chain, the count, seed and
+    batch size (the generator's draws depend on the batching)."""
+    meta = getattr(prior, "meta", None) or {}
+    return {"prior": meta.get("config_hash"), "K": chain.K, "variance": str(chain.variance),
+            "timesteps": [float(t) for t in chain.t.tolist()], "n_truths": pcfg.n_truths, "seed": pcfg.seed,
+            "batch_size": pcfg.batch_size}
+
+
+def cached_truths(path, prior, chain, pcfg) -> torch.Tensor:
+    """The run's ``n_truths`` prior-chain truths (seed ``posterior.seed``): read from ``path`` when it
+    holds the same draw (:func:`truths_key`), else drawn and written there atomically, so a resumed run
+    does not draw them again (4,096 at 32x32 take about 19 min on 2 CPU cores). A prior not loaded from
+    a checkpoint (no recipe hash) is never cached."""
+    path = Path(path)
+    key = truths_key(prior, chain, pcfg)
+    cacheable = key["prior"] is not None
+    if cacheable and path.is_file():
+        try:
+            rec = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a damaged cache is redrawn, never trusted
+            log.warning("%s: unreadable truth cache (%s); drawing the truths again", path, err)
+        else:
+            if rec.get("key") == key:
+                log.info("read %d prior-chain truths from %s", rec["truths"].shape[0], path)
+                return rec["truths"].to(prior.device)
+            log.info("%s holds another draw (prior, chain, count or seed differ); drawing the truths again", path)
+    t0 = time.time()
+    gen = torch.Generator().manual_seed(pcfg.seed)
+    truths = sample_prior(prior, chain, pcfg.n_truths, generator=gen, batch_size=pcfg.batch_size)
+    log.info("drew %d prior-chain truths in %.1f s", pcfg.n_truths, time.time() - t0)
+    if cacheable:
+        with atomic_file(path) as tmp:
+            torch.save({"key": key, "truths": truths.detach().cpu()}, tmp)
+    return truths
+
+
 def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=None, init_from=None,
              warm_start=None) -> dict:
     """Amortized RTB over the prior predictive; resumes from ``run_dir`` (or starts it from the
@@ -174,10 +213,7 @@ def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=N
     def draw_truths():
         # drawn on first use, so a resume of a finished run (make demo on the shipped checkpoint) skips it
         if not truth_cache:
-            t0 = time.time()
-            gen = torch.Generator().manual_seed(pcfg.seed)
-            truth_cache.append(sample_prior(prior, chain, pcfg.n_truths, generator=gen, batch_size=pcfg.batch_size))
-            log.info("drew %d prior-chain truths in %.1f s", pcfg.n_truths, time.time() - t0)
+            truth_cache.append(cached_truths(run_dir / TRUTHS_FILE, prior, chain, pcfg))
         return truth_cache[0]
 
     def obs_sampler(G, generator):

@@ -116,3 +116,44 @@ def test_dps_exploration_is_refused_for_lensing_in_one_line(tmp_path):
     msg = str(exc.value)
     assert "\n" not in msg and "rtb.exploration.dps_rate" in msg and str(cfg) in msg
     assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_truths_are_drawn_once_and_read_back_when_the_draw_is_the_same(tmp_path, monkeypatch):
+    from pipeline.diffusion.schedule import load_chain
+    from pipeline.lensing import finetune as ft
+    from pipeline.lensing.config import PosteriorConfig
+    from pipeline.config import load_section
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(CONFIG)
+    prior = _prior()
+    chain, pcfg = load_chain(cfg, prior), load_section(cfg, "posterior", PosteriorConfig)
+    calls = []
+    draw = ft.sample_prior
+    monkeypatch.setattr(ft, "sample_prior", lambda *a, **k: calls.append(1) or draw(*a, **k))
+    path = tmp_path / "run" / ft.TRUTHS_FILE
+    first = ft.cached_truths(path, prior, chain, pcfg)
+    again = ft.cached_truths(path, prior, chain, pcfg)
+    assert len(calls) == 1 and torch.equal(first, again) and first.shape == (4, 1, 12, 12)
+    pcfg.seed += 1  # another draw: the cache is not used, and is replaced
+    other = ft.cached_truths(path, prior, chain, pcfg)
+    assert len(calls) == 2 and not torch.equal(other, first)
+    path.write_bytes(b"not a torch file")  # a damaged cache is drawn again, never trusted
+    assert torch.equal(ft.cached_truths(path, prior, chain, pcfg), other) and len(calls) == 3
+    prior.meta.pop("config_hash")  # a prior with no recipe hash cannot be identified: never cached
+    path.unlink()
+    ft.cached_truths(path, prior, chain, pcfg)
+    assert not path.exists()
+
+
+@pytest.mark.slow
+def test_a_resumed_run_reads_its_truths_and_ends_where_an_unbroken_run_does(tmp_path):
+    a = _run(tmp_path, "a")
+    _run(tmp_path, "c", steps=2)
+    assert (tmp_path / "c" / "truths.pt").is_file()
+    c = _run(tmp_path, "c")
+    assert c.step == a.step == 3
+    for part in ("model", "per_step"):
+        fa, fc = _flat(a.states.get(part)), _flat(c.states.get(part))
+        for k in fa:
+            assert torch.equal(fa[k], fc[k]) if isinstance(fa[k], torch.Tensor) else fa[k] == fc[k], f"{part}{k}"
