@@ -52,15 +52,15 @@ def time_variants(variants: list[str], *, n: int = 16, rounds: int = 5, seed: in
         chain = prior.schedule.chain(K, variance, timestep_grid(prior.schedule.T, K, spacing))
         sample_prior(prior, chain, 1, generator=torch.Generator().manual_seed(seed))            # warm-up
         setups.append((text, prior, chain))
-    times = {text: [] for text, _, _ in setups}
+    times = [[] for _ in setups]  # by position: the same variant may be given twice, to see the noise
     for r in range(rounds):
-        for text, prior, chain in setups:
+        for (_, prior, chain), t in zip(setups, times):
             t0 = time.perf_counter()
             sample_prior(prior, chain, n, generator=torch.Generator().manual_seed(seed + r), batch_size=n)
-            times[text].append((time.perf_counter() - t0) / n)
-    first = statistics.median(times[variants[0]])
+            t.append((time.perf_counter() - t0) / n)
+    first = statistics.median(times[0])
     return [{"variant": text, "seconds_per_draw": {"median": statistics.median(t), "min": min(t), "max": max(t)},
-             "ratio_to_first": statistics.median(t) / first} for text, t in times.items()]
+             "ratio_to_first": statistics.median(t) / first} for (text, _, _), t in zip(setups, times)]
 
 
 def main(argv=None) -> int:

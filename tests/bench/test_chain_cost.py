@@ -37,3 +37,8 @@ def test_cli_names_a_bad_variant_or_checkpoint_in_one_line(tmp_path, capsys):
     assert chain_cost.main([f"{tmp_path}/missing:20:uniform", "--n", "1", "--rounds", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "missing" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_variant_given_twice_is_timed_twice():
+    rows = chain_cost.time_variants([f"{PRIOR}:4:uniform", f"{PRIOR}:4:uniform"], n=1, rounds=2)
+    assert len(rows) == 2 and rows[0]["variant"] == rows[1]["variant"]
