@@ -37,6 +37,8 @@ def _type_schema(typ, meta: dict) -> dict:
         out = {"type": "array"}
         if origin is tuple and args and args[-1] is not Ellipsis:
             out.update(items=_scalar_schema(args[0], meta), minItems=len(args), maxItems=len(args))
+        elif args and dataclasses.is_dataclass(args[0]):
+            out["items"] = json_schema(args[0])
         else:
             out["items"] = _scalar_schema(args[0] if args else Any, meta)
     elif origin is dict or inner is dict:
@@ -99,11 +101,21 @@ def _type_name(typ) -> str:
             name = f"[{', '.join(_type_name(a) for a in args)}]"
         else:
             name = f"list of {_type_name(args[0]) if args else 'any'}"
+            name = "list of sections" if name == "list of section" else name
     elif origin is dict or inner is dict:
         name = "mapping"
     else:
         name = getattr(inner, "__name__", str(inner))
     return f"{name} or null" if optional else name
+
+
+def _list_item(typ):
+    """The item class of a ``list[Section]`` field, else None."""
+    inner = _is_optional(typ)[0]
+    args = typing.get_args(inner)
+    if typing.get_origin(inner) is list and args and dataclasses.is_dataclass(args[0]):
+        return args[0]
+    return None
 
 
 def _allowed(meta: dict) -> str:
@@ -135,6 +147,12 @@ def _rows(instance, prefix: str, sections: list) -> list[str]:
         if dataclasses.is_dataclass(_is_optional(typ)[0]):
             sections.append((prefix + f.name, value))
             rows.append(f"| `{f.name}` | section | | | {_sentence(f.metadata.get('doc', ''))} See below. |")
+            continue
+        item = _list_item(typ)
+        if item is not None:  # a list of sections: one table for its items, with the item class's defaults
+            sections.append((prefix + f.name + "[]", item()))
+            rows.append(f"| `{f.name}` | list of sections | `{json.dumps([vars(v) for v in value])}` | | "
+                        f"{_sentence(f.metadata.get('doc', ''))} Each item: see below. |")
             continue
         unit = f.metadata.get("unit") or ""
         allowed = _allowed(f.metadata)

@@ -22,12 +22,42 @@ from pipeline.diffusion.prior_config import PriorConfig
 from pipeline.errors import ConfigError
 from pipeline.lensing.config import CalibrationConfig, LensingConfig, PosteriorConfig
 from pipeline.rtb.config import RTBConfig
-from pipeline.samplers.registry import METHODS
+from pipeline.samplers.registry import AMORTIZED_METHODS, METHODS
 from pipeline.vision.config import VisionConfig
 
 log = logging.getLogger(__name__)
 
 GPU_REQUESTS = ("gpu", "gres", "none")
+CALIBRATION_SETS = ("prior", "heldout")
+
+
+@dataclass
+class BaselineConfig:
+    """One item of ``baselines:``: another prior and amortized posterior (each with the config it was trained
+    on) sampled on the calibration sets beside ``methods`` and reported under its own name, e.g. a previous
+    release's, to compare the default against it in the same report."""
+
+    name: str = param("", "Its name in the calibration tables and the directory results/posteriors/SET/NAME; "
+                      "letters, digits and _ only, and no method's name.")
+    config: str = param("", "The pipeline config it was trained with (its lensing:, chain: and posterior: "
+                        "sections are used to sample it), relative to the repository.")
+    prior: str = param("", "Its prior checkpoint directory, relative to the repository.")
+    posterior: str = param("", "Its amortized posterior (an export or a trainer checkpoint), relative to the "
+                           "repository.")
+    method: str = param("rtb_amortized", "The amortized sampler run with it.", choices=list(AMORTIZED_METHODS))
+    sets: list[str] = param(list(CALIBRATION_SETS), "The calibration sets it is sampled on.",
+                            choices=list(CALIBRATION_SETS))
+
+    def validate(self, source="<config>", prefix: str = "") -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_]+", self.name):
+            raise ConfigError(source, prefix + "name", f"must be letters, digits and _ only, got {self.name!r}")
+        if self.name in METHODS:
+            raise ConfigError(source, prefix + "name", f"{self.name!r} is a method's name; give the baseline its own")
+        for key in ("config", "prior", "posterior"):
+            if not getattr(self, key):
+                raise ConfigError(source, prefix + key, "is required: a path relative to the repository")
+        if not self.sets:
+            raise ConfigError(source, prefix + "sets", "list at least one calibration set")
 
 
 @dataclass
@@ -62,6 +92,8 @@ class PipelineConfig:
     observations: str | None = param(None, "Glob of your observation FITS files for the `user` target; null for none.")
     user_method: str = param("rtb_amortized", "Method the `user` target samples your observations with.",
                              choices=list(METHODS))
+    baselines: list[BaselineConfig] = param([], "Other priors and amortized posteriors sampled and calibrated "
+                                            "beside the methods, each under its own name; none by default.")
     calibration: CalibrationConfig = param(CalibrationConfig, "Calibration sets.")
     lensing: LensingConfig = param(LensingConfig, "Geometry, sources, lens ranges, noise and observation reading.")
     prior: PriorConfig = param(PriorConfig, "Diffusion prior training.")
@@ -77,6 +109,10 @@ class PipelineConfig:
             raise ConfigError(source, prefix + "methods", "list at least one method")
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(source, prefix + "methods", f"repeated method in {self.methods}")
+        names = [b.name for b in self.baselines]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ConfigError(source, f"{prefix}baselines[{i}].name", f"repeated baseline name {name!r}")
 
 
 SECTIONS = tuple(f.name for f in fields(PipelineConfig) if f.name in

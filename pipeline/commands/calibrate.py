@@ -19,7 +19,7 @@ from pipeline.runtime import configure_threads
 def add_arguments(parser) -> None:
     parser.add_argument("--posteriors", nargs="+", required=True, metavar="DIR_OR_GLOB",
                         help="posterior FITS files, directories of them or globs; several methods at once "
-                             "(the method is the file's METHOD keyword, else its directory name)")
+                             "(the method is the file's LABEL keyword, else its METHOD, else its directory name)")
     parser.add_argument("--observations", required=True, metavar="DIR",
                         help="directory of the observation FITS files the posteriors were drawn for "
                              "(matched by the posterior's OBSFILE keyword, else by file name)")

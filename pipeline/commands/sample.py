@@ -50,6 +50,8 @@ def add_arguments(parser) -> None:
                         ".NAME.partial/ beside the output and skip those a stopped run of the same job finished")
     parser.add_argument("--shard", metavar="K/N", help="with --out: sample only the K-th (0-based) of N contiguous "
                         "shares of the observations")
+    parser.add_argument("--label", metavar="NAME", help="the run's name in calibration tables (the files' LABEL card), "
+                        "for a prior and posterior compared beside the methods; default: the method's name")
 
 
 def parse_shard(text: str | None, n_files: int) -> set[int] | None:
@@ -84,9 +86,9 @@ def content_digest(path) -> str | None:
 
 
 def job_fingerprint(args, files) -> dict:
-    """What makes two runs of ``sample`` write the same files: method, sample count, seed, shard, and the
+    """What makes two runs of ``sample`` write the same files: method, label, sample count, seed, shard, and the
     content of the observations, config, checkpoints and tuning record."""
-    return {"method": args.method, "n": args.n, "seed": args.seed, "shard": args.shard,
+    return {"method": args.method, "label": args.label, "n": args.n, "seed": args.seed, "shard": args.shard,
             "obs": {f.name: content_digest(f) for f in files}, "config": content_digest(args.config),
             "prior": content_digest(args.prior), "posterior": content_digest(args.posterior),
             "tuning": content_digest(args.tuning)}
@@ -147,7 +149,7 @@ def run(args) -> int:
         raise ConfigError("--out-file", "out_file", "--resume and --shard need --out DIR")
     tuning = read_tuning_record(args.tuning, args.method) if args.tuning else None
     sample = functools.partial(sample_observations, args.config, args.method, args.prior, args.posterior, args.obs,
-                               n=args.n, seed=args.seed, tuning=tuning)
+                               n=args.n, seed=args.seed, tuning=tuning, label=args.label)
     if args.out_file:
         res = sample(out_file=args.out_file, png=args.png)
     else:

@@ -106,14 +106,14 @@ def true_lens(obs_path):
 
 def read_records(files, obs_dir: Path) -> tuple[dict, dict]:
     """Read every posterior file into a record; returns ``(by_method, by_obs)``: the same records
-    grouped by method (the file's METHOD, else its directory name) and by observation path (the
+    grouped by method (the file's LABEL, else its METHOD, else its directory name) and by observation path (the
     file's OBSFILE, else its own name, inside ``obs_dir``). A posterior that inferred the lens
     (``LENSSAMP``) gets its observation's true lens (its lens keywords) as ``lens_truth``."""
     by_method: dict[str, list[dict]] = {}
     by_obs: dict[Path, list[dict]] = {}
     for f in files:
         d = read_posterior(f)
-        method = d["method"] or f.parent.name
+        method = d["label"] or d["method"] or f.parent.name
         obs_path = obs_dir / (d["obs_file"] or f.name)
         if not obs_path.is_file():
             raise InputFileError(f, f"its observation {obs_path.name} is not in {obs_dir}", "OBSFILE")

@@ -369,6 +369,7 @@ def read_posterior(path) -> dict:
         raise InputFileError(path, "missing or non-positive source pixel scale", "SRCPIXSC")
     out["src_pixscale"] = float(pix)
     out["method"] = str(h.get("METHOD", ""))
+    out["label"] = str(h.get("LABEL", ""))  # the run's own name in calibration tables (a baseline's), if any
     out["n_samples"] = int(out["samples"].shape[0])
     out["logz"] = {"elbo": h.get("LOGZELBO"), "elbo_se": h.get("LOGZSE"), "iw": h.get("LOGZIW")}
     out["logz_available"] = bool(h.get("LOGZAVL", False))

@@ -318,14 +318,16 @@ def sample_observation(run: MethodRun, problem, y, meta, index: int = 0, ood=())
 
 
 def write_observation(target, post: ObservationPosterior, meta, *, method: str, provenance: dict,
-                      lcfg: LensingConfig) -> Path:
+                      lcfg: LensingConfig, label: str | None = None) -> Path:
     """Write ``post`` (of the observation ``meta`` describes) as the posterior FITS ``target``
-    (:func:`pipeline.io.posterior.write_posterior`)."""
+    (:func:`pipeline.io.posterior.write_posterior`); ``label``: the run's name in calibration tables
+    (``LABEL``), for a baseline sampled beside the methods."""
+    header = {**(post.header or {}), **({"LABEL": (label, "name in calibration tables")} if label else {})}
     write_posterior(target, post.x_phys, truth=meta.get("truth"), obs=post.obs, logz=post.logz,
                     particles=post.particles, weights=post.weights, chi2=post.chi["chi2_nu"],
                     src_pixscale=lcfg.geometry.source_pixscale, method=method, provenance=provenance,
                     seconds=post.seconds, obs_file=meta["path"], obs_pixscale=meta.get("pixscale"),
-                    bunit=lcfg.sources.bunit, ood_warnings=post.ood, extra_header=post.header,
+                    bunit=lcfg.sources.bunit, ood_warnings=post.ood, extra_header=header or None,
                     ppc=post.ppc.as_dict(), **post.products)
     return Path(target)
 
@@ -344,7 +346,7 @@ def _summary(run: MethodRun, post: ObservationPosterior, meta, target) -> dict:
 
 
 def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs, out_dir=None, *, out_file=None,
-                        png=None, n=None, seed=None, tuning=None, only=None) -> list[dict]:
+                        png=None, n=None, seed=None, tuning=None, only=None, label=None) -> list[dict]:
     """Sample ``method``'s posterior for every observation; one posterior FITS per observation.
 
     Load the prior and every observation (each judged by the guard before any is sampled, so an ``error``
@@ -355,7 +357,8 @@ def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs
     predictive check, also in the file's ``PPC*`` cards), source_stats (``{"flux" [flux_unit],
     "magnification", "r_half" [arcsec]}``, each posterior mean and 16th / 84th percentiles), flux_unit.
     ``only``: indices (in the sorted file order) of the observations to sample, the others skipped; each keeps
-    its own seed, so a subset gives the same files as the whole run.
+    its own seed, so a subset gives the same files as the whole run. ``label``: the run's name in calibration
+    tables (the files' ``LABEL``; a ``baselines:`` item's name), else the method's.
     """
     setup = load_setup(config_path, prior_dir, n, seed)
     files = observation_files(obs_specs)
@@ -368,7 +371,7 @@ def sample_observations(config_path, method, prior_dir, posterior_dir, obs_specs
             continue
         post = sample_observation(run, problem, y, meta, i, ood)
         target = write_observation(Path(out_file) if out_file else Path(out_dir) / f"{path.stem}.fits", post, meta,
-                                   method=method, provenance=run.provenance, lcfg=setup.lcfg)
+                                   method=method, provenance=run.provenance, lcfg=setup.lcfg, label=label)
         results.append(_summary(run, post, meta, target))
         if png:
             from pipeline.plots.lens import plot_posterior_file

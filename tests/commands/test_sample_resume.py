@@ -122,3 +122,21 @@ def test_resume_needs_an_output_directory(run, tmp_path, capsys):
                  "--out-file", str(tmp_path / "x.fits"), "--resume"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--resume" in err
+
+
+def test_a_labelled_run_is_its_own_row_in_calibration(run, whole, tmp_path):
+    """`sample --label` (a `baselines:` item) writes LABEL; calibrate groups its files under that name, beside
+    the method's own run, and the samples are the method's (same seeds)."""
+    import json
+
+    assert _sample(run, tmp_path / "prev", "--label", "prev") == 0
+    _assert_same(_samples(tmp_path / "prev"), whole)
+    with fits.open(sorted((tmp_path / "prev").glob("*.fits"))[0]) as h:
+        assert h[0].header["LABEL"] == "prev" and h[0].header["METHOD"] == "rtb_amortized"
+    assert main(["calibrate", "--config", str(run / "config.yaml"), "--set", "prior", "--observations",
+                 str(run / "obs"), "--posteriors", str(run / "whole"), str(tmp_path / "prev"), "--n-null", "50",
+                 "--n-boot", "20", "--lens-figures", "0", "--out", str(tmp_path / "cal")]) == 0
+    summary = json.loads((tmp_path / "cal" / "summary.json").read_text())
+    rows = summary["sets"]["prior"]
+    assert {"rtb_amortized", "prev"} <= set(rows), list(rows)
+    assert rows["prev"]["n_obs"] == rows["rtb_amortized"]["n_obs"] == 4

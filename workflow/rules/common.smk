@@ -76,6 +76,8 @@ def pipeline_call(wildcards, threads, resources):
 
 SETS = ["prior", "heldout"]
 LENS_METHODS = list(config["methods"])
+# `baselines:` by name: other priors and posteriors sampled beside the methods (none by default)
+BASELINES = {b["name"]: b for b in config.get("baselines") or []}
 
 
 def tuning_input(wildcards):
@@ -92,6 +94,7 @@ VISION_DATASETS = list(config.get("vision", {}).get("datasets", ["mnist"]))
 wildcard_constraints:
     set="|".join(SETS),
     method="|".join(METHODS),
+    baseline="|".join(BASELINES) or "(?!)",  # names are letters, digits and _ (checked): no escaping needed
     obs=r"[A-Za-z0-9_.\-]+",
     shard=r"\d+",
 
@@ -121,14 +124,17 @@ CFG_LENSING, CFG_PRIOR, CFG_PRIOR_SET, CFG_POSTERIOR, CFG_SAMPLE, CFG_ALL = (
 )
 
 
-def shipped_path(key):
-    """The shipped checkpoint the config names under `key` (relative to the repository), as a path relative
-    to the working directory where it lies below it: moving the whole project changes no job's params."""
-    shipped = config.get(key)
-    if not shipped:
-        return None
-    path = shipped if os.path.isabs(shipped) else os.path.join(BASEDIR, shipped)
+def repo_path(path):
+    """A path the config gives relative to the repository, as a path relative to the working directory where
+    it lies below it: moving the whole project changes no job's params."""
+    path = path if os.path.isabs(path) else os.path.join(BASEDIR, path)
     return os.path.relpath(path) if os.path.abspath(path).startswith(os.getcwd() + os.sep) else path
+
+
+def shipped_path(key):
+    """The shipped checkpoint the config names under `key` (relative to the repository), or None."""
+    shipped = config.get(key)
+    return repo_path(shipped) if shipped else None
 
 
 def train_prior_command(wildcards, input, output):
@@ -155,7 +161,14 @@ def posterior_arg(wildcards, input):
 
 
 def posterior_dirs(wildcards):
-    return expand("results/posteriors/{set}/{method}", set=wildcards.set, method=LENS_METHODS)
+    """Every method's posterior directory of the set, then those of the baselines sampled on it."""
+    baselines = [name for name, b in BASELINES.items() if wildcards.set in b.get("sets", SETS)]
+    return expand("results/posteriors/{set}/{method}", set=wildcards.set, method=LENS_METHODS + baselines)
+
+
+def baseline_path(key):
+    """Input function: the `baselines:` item's `key` path (config, prior or posterior) for the wildcard."""
+    return lambda wildcards: repo_path(BASELINES[wildcards.baseline][key])
 
 
 def parent_dir(wildcards, output):

@@ -91,6 +91,34 @@ rule sample:
         " --n {params.n} {params.tuning} --resume {params.shard} --out {output} > {log} 2>&1"
 
 
+rule sample_baseline:
+    """A `baselines:` item sampled on a set: its own config, prior and posterior, the methods' sample count,
+    its files labelled with its name (the calibration tables' row)."""
+    input:
+        cfg=baseline_path("config"),
+        prior=baseline_path("prior"),
+        posterior=baseline_path("posterior"),
+        obs="results/observations/{set}",
+    output:
+        directory("results/posteriors/{set}/{baseline}"),
+    log:
+        "logs/sample/{set}_{baseline}.log",
+    benchmark:
+        "benchmarks/sample_{set}_{baseline}.tsv"
+    conda:
+        "../../environment.yml"
+    resources:
+        **gpu_resources(),
+    params:
+        pipeline=pipeline_call,
+        method=lambda wildcards: BASELINES[wildcards.baseline].get("method", "rtb_amortized"),
+        n=config["calibration"]["n_samples"],
+    shell:
+        "{params.pipeline} sample --config {input.cfg} --method {params.method}"
+        " --prior {input.prior} --posterior {input.posterior} --obs {input.obs}"
+        " --n {params.n} --label {wildcards.baseline} --resume --out {output} > {log} 2>&1"
+
+
 if SAMPLE_SHARDS > 1:
     # `execution.sample_shards: N`: each method and set sampled by N jobs on contiguous shares of the
     # observations (each observation keeps its seed: the merged directory equals one job's)
