@@ -31,11 +31,22 @@ GPU_REQUESTS = ("gpu", "gres", "none")
 CALIBRATION_SETS = ("prior", "heldout")
 
 
+def check_run_label(name, source, field) -> None:
+    """A baseline's name (``sample --label``): letters, digits and _ only (it names directories and figure
+    files) and no method's name (its rows would merge with that method's); else a one-line ConfigError."""
+    if not re.fullmatch(r"[A-Za-z0-9_]+", str(name)):
+        raise ConfigError(source, field, f"must be letters, digits and _ only, got {name!r}")
+    if name in METHODS:
+        raise ConfigError(source, field, f"{name!r} is a method's name; give the run its own")
+
+
 @dataclass
 class BaselineConfig:
-    """One item of ``baselines:``: another prior and amortized posterior (each with the config it was trained
-    on) sampled on the calibration sets beside ``methods`` and reported under its own name, e.g. a previous
-    release's, to compare the default against it in the same report."""
+    """One item of ``baselines:``, a prior and posterior sampled and reported beside the methods.
+
+    Another prior and amortized posterior, with the config they were trained on, sampled on the calibration
+    sets beside ``methods`` and reported under its own name: e.g. a previous release's, to compare the default
+    against it in the same report. ``name``, ``config``, ``prior`` and ``posterior`` are required."""
 
     name: str = param("", "Its name in the calibration tables and the directory results/posteriors/SET/NAME; "
                       "letters, digits and _ only, and no method's name.")
@@ -49,10 +60,7 @@ class BaselineConfig:
                             choices=list(CALIBRATION_SETS))
 
     def validate(self, source="<config>", prefix: str = "") -> None:
-        if not re.fullmatch(r"[A-Za-z0-9_]+", self.name):
-            raise ConfigError(source, prefix + "name", f"must be letters, digits and _ only, got {self.name!r}")
-        if self.name in METHODS:
-            raise ConfigError(source, prefix + "name", f"{self.name!r} is a method's name; give the baseline its own")
+        check_run_label(self.name, source, prefix + "name")
         for key in ("config", "prior", "posterior"):
             if not getattr(self, key):
                 raise ConfigError(source, prefix + key, "is required: a path relative to the repository")
@@ -137,11 +145,16 @@ def load_config(path, log_defaults: bool = True) -> PipelineConfig:
 
 
 def _holds(data, dotted: str) -> bool:
-    """Whether the mapping ``data`` sets the field ``dotted`` (list indices ignored)."""
-    for key in re.sub(r"\[\d+\]", "", dotted).split("."):
+    """Whether the mapping ``data`` sets the field ``dotted`` (``a.b[2].c``: list items by index)."""
+    for part in dotted.split("."):
+        key, indices = re.fullmatch(r"([^\[]*)((?:\[\d+\])*)", part).groups()
         if not isinstance(data, dict) or key not in data:
             return False
         data = data[key]
+        for i in map(int, re.findall(r"\d+", indices)):
+            if not isinstance(data, list) or i >= len(data):
+                return False
+            data = data[i]
     return True
 
 
@@ -152,7 +165,9 @@ def check_workflow_config(config: dict, configfiles: list, overrides: dict | Non
     try:
         return config_from_dict(config, sources[0][0] if configfiles else "--config")
     except ConfigError as exc:
-        where = next((name for name, data in reversed(sources) if _holds(data, exc.field)), exc.source)
+        # the last source that sets the field, else (a required key left out) the nearest enclosing item
+        fields = [exc.field] + [exc.field[:i] for i in range(len(exc.field) - 1, 0, -1) if exc.field[i] in ".["]
+        where = next((name for f in fields for name, data in reversed(sources) if _holds(data, f)), exc.source)
         if where == exc.source:
             raise
         raise ConfigError(where, exc.field, exc.message) from None

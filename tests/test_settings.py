@@ -103,6 +103,23 @@ def test_workflow_errors_name_the_source_that_set_the_field(tmp_path):
     assert err.value.source == "--config" and err.value.field == "calibration.n_obs"
 
 
+def test_workflow_errors_in_a_list_item_name_the_file_that_set_the_item(tmp_path):
+    base = _write(tmp_path, {"calibration": {"n_obs": 4, "n_samples": 8}})
+    extra = tmp_path / "extra.yaml"
+    item = {"name": "v 1", "config": "c.yaml", "prior": "p", "posterior": "q"}
+    extra.write_text(yaml.safe_dump({"baselines": [item]}))
+    merged = {"calibration": {"n_obs": 4, "n_samples": 8}, "baselines": [dict(item)]}
+    with pytest.raises(ConfigError) as err:
+        check_workflow_config(merged, [base, extra])
+    assert err.value.source == str(extra) and err.value.field == "baselines[0].name"
+    del item["config"]  # a required key left out: the file holding the item is named
+    extra.write_text(yaml.safe_dump({"baselines": [{**item, "name": "v1"}]}))
+    merged["baselines"] = [{**item, "name": "v1"}]
+    with pytest.raises(ConfigError) as err:
+        check_workflow_config(merged, [base, extra])
+    assert err.value.source == str(extra) and err.value.field == "baselines[0].config"
+
+
 def test_config_command_checks_files_and_the_committed_copies(tmp_path, capsys):
     assert main(["config", "check", str(SHIPPED[0])]) == 0
     assert capsys.readouterr().out.strip() == f"{SHIPPED[0]}: ok"

@@ -89,7 +89,8 @@ def main(argv=None) -> int:
         print(f"{row['variant']}: {s['median']:.4f} s/draw (min {s['min']:.4f}, max {s['max']:.4f}), "
               f"x{row['ratio_to_first']:.2f} the first; torch threads {torch.get_num_threads()}")
     if a.out:
-        write_json(a.out, {"command": " ".join(["python -m pipeline.bench.chain_cost", *sys.argv[1:]]),
+        given = sys.argv[1:] if argv is None else list(argv)
+        write_json(a.out, {"command": " ".join(["python -m pipeline.bench.chain_cost", *given]),
                            "n": a.n, "rounds": a.rounds, "torch_threads": torch.get_num_threads(), "variants": rows})
     return 0
 

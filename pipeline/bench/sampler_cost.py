@@ -125,7 +125,8 @@ def main(argv=None) -> int:
         print(f"{row['variant']}: {s['median']:.4f} s/sample (min {s['min']:.4f}, max {s['max']:.4f}), "
               f"x{row['ratio_to_first']:.2f} the first; K {row['K']}; torch threads {torch.get_num_threads()}")
     if a.out:
-        write_json(a.out, {"command": " ".join(["python -m pipeline.bench.sampler_cost", *sys.argv[1:]]),
+        given = sys.argv[1:] if argv is None else list(argv)
+        write_json(a.out, {"command": " ".join(["python -m pipeline.bench.sampler_cost", *given]),
                            "n_obs": a.n_obs, "samples": a.samples, "rounds": a.rounds,
                            "torch_threads": torch.get_num_threads(), "variants": rows})
     return 0

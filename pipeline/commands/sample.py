@@ -88,7 +88,8 @@ def content_digest(path) -> str | None:
 def job_fingerprint(args, files) -> dict:
     """What makes two runs of ``sample`` write the same files: method, label, sample count, seed, shard, and the
     content of the observations, config, checkpoints and tuning record."""
-    return {"method": args.method, "label": args.label, "n": args.n, "seed": args.seed, "shard": args.shard,
+    return {"method": args.method, **({"label": args.label} if args.label else {}), "n": args.n, "seed": args.seed,
+            "shard": args.shard,
             "obs": {f.name: content_digest(f) for f in files}, "config": content_digest(args.config),
             "prior": content_digest(args.prior), "posterior": content_digest(args.posterior),
             "tuning": content_digest(args.tuning)}
@@ -141,10 +142,13 @@ def run(args) -> int:
     from pipeline.lensing.sample import observation_files, sample_observations
     from pipeline.lensing.tuning import read_tuning_record
     from pipeline.runtime import configure_threads
+    from pipeline.settings import check_run_label
 
     configure_threads()
     if args.n is not None and args.n < 2:
         raise ConfigError("--n", "n", f"must be >= 2, got {args.n}")
+    if args.label is not None:
+        check_run_label(args.label, "--label", "label")
     if args.out_file and (args.resume or args.shard):
         raise ConfigError("--out-file", "out_file", "--resume and --shard need --out DIR")
     tuning = read_tuning_record(args.tuning, args.method) if args.tuning else None

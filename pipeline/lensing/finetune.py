@@ -15,6 +15,7 @@ The export records what the pool covered (``trained_on``, :mod:`pipeline.lensing
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -154,19 +155,30 @@ def record_truths(prior, chain, pcfg):
     return sample_prior(prior, chain, min(pcfg.n_truths, RECORD_TRUTHS), generator=gen, batch_size=pcfg.batch_size)
 
 
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of a network's parameters and buffers (names, shapes, dtypes and values)."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
 def truths_key(prior, chain, pcfg) -> dict:
-    """What fixes a run's prior-chain truths: the prior (recipe hash), the chain, the count, seed and
-    batch size (the generator's draws depend on the batching)."""
+    """What fixes a run's prior-chain truths: the prior (recipe hash and the digest of its weights: the same
+    recipe trained longer draws other truths), the chain, the count, seed and batch size (the generator's
+    draws depend on the batching)."""
     meta = getattr(prior, "meta", None) or {}
-    return {"prior": meta.get("config_hash"), "K": chain.K, "variance": str(chain.variance),
-            "timesteps": [float(t) for t in chain.t.tolist()], "n_truths": pcfg.n_truths, "seed": pcfg.seed,
-            "batch_size": pcfg.batch_size}
+    return {"prior": meta.get("config_hash"), "weights": weights_digest(prior.net), "K": chain.K,
+            "variance": str(chain.variance), "timesteps": [float(t) for t in chain.t.tolist()],
+            "n_truths": pcfg.n_truths, "seed": pcfg.seed, "batch_size": pcfg.batch_size}
 
 
 def cached_truths(path, prior, chain, pcfg) -> torch.Tensor:
     """The run's ``n_truths`` prior-chain truths (seed ``posterior.seed``): read from ``path`` when it
     holds the same draw (:func:`truths_key`), else drawn and written there atomically, so a resumed run
-    does not draw them again (4,096 at 32x32 take about 19 min on 2 CPU cores). A prior not loaded from
+    does not draw them again (4,096 at 32x32 take 10-19 min on the 2-core CPU). A prior not loaded from
     a checkpoint (no recipe hash) is never cached."""
     path = Path(path)
     key = truths_key(prior, chain, pcfg)
@@ -174,10 +186,12 @@ def cached_truths(path, prior, chain, pcfg) -> torch.Tensor:
     if cacheable and path.is_file():
         try:
             rec = torch.load(path, map_location="cpu", weights_only=True)
+            if not (isinstance(rec, dict) and isinstance(rec.get("truths"), torch.Tensor)):
+                raise ValueError("not a truth cache")
         except Exception as err:  # a damaged cache is redrawn, never trusted
             log.warning("%s: unreadable truth cache (%s); drawing the truths again", path, err)
         else:
-            if rec.get("key") == key:
+            if rec.get("key") == key and rec["truths"].shape[0] == pcfg.n_truths:
                 log.info("read %d prior-chain truths from %s", rec["truths"].shape[0], path)
                 return rec["truths"].to(prior.device)
             log.info("%s holds another draw (prior, chain, count or seed differ); drawing the truths again", path)

@@ -140,3 +140,11 @@ def test_a_labelled_run_is_its_own_row_in_calibration(run, whole, tmp_path):
     rows = summary["sets"]["prior"]
     assert {"rtb_amortized", "prev"} <= set(rows), list(rows)
     assert rows["prev"]["n_obs"] == rows["rtb_amortized"]["n_obs"] == 4
+
+
+@pytest.mark.parametrize("label, words", [("a/b", "letters, digits and _"), ("dps", "a method's name")])
+def test_a_bad_label_is_refused_in_one_line_before_any_sampling(run, tmp_path, capsys, label, words):
+    assert _sample(run, tmp_path / "out", "--label", label) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "label" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()

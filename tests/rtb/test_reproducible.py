@@ -140,6 +140,12 @@ def test_truths_are_drawn_once_and_read_back_when_the_draw_is_the_same(tmp_path,
     assert len(calls) == 2 and not torch.equal(other, first)
     path.write_bytes(b"not a torch file")  # a damaged cache is drawn again, never trusted
     assert torch.equal(ft.cached_truths(path, prior, chain, pcfg), other) and len(calls) == 3
+    torch.save({"key": "no truths here"}, path)  # a readable file that is not a truth cache: drawn again
+    assert torch.equal(ft.cached_truths(path, prior, chain, pcfg), other) and len(calls) == 4
+    with torch.no_grad():  # the same recipe with other weights (trained longer): other truths
+        next(prior.net.parameters()).add_(0.01)
+    moved = ft.cached_truths(path, prior, chain, pcfg)
+    assert len(calls) == 5 and not torch.equal(moved, other)
     prior.meta.pop("config_hash")  # a prior with no recipe hash cannot be identified: never cached
     path.unlink()
     ft.cached_truths(path, prior, chain, pcfg)
@@ -147,11 +153,16 @@ def test_truths_are_drawn_once_and_read_back_when_the_draw_is_the_same(tmp_path,
 
 
 @pytest.mark.slow
-def test_a_resumed_run_reads_its_truths_and_ends_where_an_unbroken_run_does(tmp_path):
+def test_a_resumed_run_reads_its_truths_and_ends_where_an_unbroken_run_does(tmp_path, monkeypatch):
+    from pipeline.lensing import finetune as ft
+
     a = _run(tmp_path, "a")
     _run(tmp_path, "c", steps=2)
     assert (tmp_path / "c" / "truths.pt").is_file()
+    calls, draw = [], ft.sample_prior
+    monkeypatch.setattr(ft, "sample_prior", lambda *a, **k: calls.append(1) or draw(*a, **k))
     c = _run(tmp_path, "c")
+    assert not calls  # the resumed run read its truths
     assert c.step == a.step == 3
     for part in ("model", "per_step"):
         fa, fc = _flat(a.states.get(part)), _flat(c.states.get(part))

@@ -15,7 +15,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 RULES = sorted((ROOT / "workflow" / "rules").glob("*.smk"))
 GPU_RULES = {"train_prior", "finetune_posterior", "simulate_prior_set", "tune", "sample", "sample_shard",
-             "sample_user", "bench_vision"}
+             "sample_user", "sample_baseline", "bench_vision"}
 
 
 def _rule_names() -> set[str]:
@@ -38,6 +38,15 @@ def test_the_slurm_profile_leaves_gpu_requests_to_the_rules_and_knows_every_rule
     names = _rule_names()
     assert set(profile["set-resources"]) <= names and set(profile["set-threads"]) <= names
     assert GPU_RULES <= set(profile["set-threads"])  # a GPU job's threads are its CPUs and torch threads
+
+
+def test_every_rule_that_can_ask_for_a_gpu_is_listed_as_a_gpu_rule():
+    """GPU_RULES (which the profiles' threads and resources are checked against) holds every rule whose
+    resources come from gpu_resources / method_gpu_resources (a `use rule` copy inherits its rule's)."""
+    text = (ROOT / "Snakefile").read_text() + "".join(p.read_text() for p in RULES)
+    blocks = re.findall(r"^\s*rule (\w+):\n(.*?)(?=^\s*(?:rule|use rule|ruleorder|if|def) |\Z)", text, re.M | re.S)
+    asking = {name for name, body in blocks if re.search(r"\*\*(method_)?gpu_resources\(", body)}
+    assert asking and asking <= GPU_RULES, sorted(asking - GPU_RULES)
 
 
 def test_light_rules_run_on_the_submit_host():

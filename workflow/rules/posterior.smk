@@ -102,9 +102,9 @@ rule sample_baseline:
     output:
         directory("results/posteriors/{set}/{baseline}"),
     log:
-        "logs/sample/{set}_{baseline}.log",
+        "logs/sample_baseline/{set}_{baseline}.log",
     benchmark:
-        "benchmarks/sample_{set}_{baseline}.tsv"
+        "benchmarks/sample_baseline_{set}_{baseline}.tsv"
     conda:
         "../../environment.yml"
     resources:
