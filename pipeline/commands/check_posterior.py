@@ -4,7 +4,9 @@ Draws the same prior-predictive observations (lenses, prior-chain truths, noise;
 posterior given, samples each, and prints one JSON line per posterior: the medians over observations of
 chi2_nu over the image and inside the arc, of the ELBO and of the per-pixel posterior std, plus the
 per-observation values. ``truth_chi2_nu`` / ``truth_chi2_arc_nu`` are the truths' own values: what
-exact posterior samples would score (they are exchangeable with the truth given y). For comparing
+exact posterior samples would score (they are exchangeable with the truth given y). ``frac_above_band``:
+per observation, the share of samples whose chi2_nu is above the central 99.9 % band of chi2_m / m, which
+the medians hide (exact samples: 0.0005, ``frac_above_band_exact``). For comparing
 training runs or stages quickly; calibration is ``calibrate``.
 """
 

@@ -15,6 +15,7 @@ from pipeline.lensing.config import load_lensing_config
 from pipeline.lensing.sample import load_amortized
 from pipeline.lensing.tuning import prior_predictive_observation
 from pipeline.metrics.chi2 import chi2_per_sample
+from pipeline.metrics.ppc import TAIL, chi2_band
 
 
 def evaluate_shipped_posterior(config_path, prior, checkpoint, *, seed: int = 0, n: int = 16,
@@ -35,8 +36,13 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
     ``n`` samples of chi2_nu over the image and inside the arc, the mean log r, the ELBO, and the median
     per-pixel posterior std (physical units); and the medians of those over observations. Beside them,
     the truth's own chi2_nu over the image and inside its arc: exact posterior samples are exchangeable
-    with the truth given y, so their chi2 should match these, not 1 exactly. Used to compare training
-    stages (data/pretrained/README.md); not a calibration (that is ``calibrate``). ``last_step``:
+    with the truth given y, so their chi2 should match these, not 1 exactly. The medians hide a few wild
+    samples, so each observation also gets ``frac_above_band``: the fraction of its samples whose chi2_nu
+    exceeds the upper edge of the central 99.9 % band of chi2_m / m (m = the unmasked pixels). Each exact
+    sample has the truth's chi2 law, chi2_m, so an exact sampler's expected fraction is the band's upper
+    tail, 0.0005 (``frac_above_band_exact``); its mean over observations is ``frac_above_band_mean``.
+    Used to compare training stages (data/pretrained/README.md); not a calibration (that is
+    ``calibrate``). ``last_step``:
     ``policy`` (the network's own) or ``gauss_newton`` (the twisted step of ``rtb_amortized_gn``)."""
     if n_obs < 1 or n < 2:
         raise ValueError(f"check_posterior needs n_obs >= 1 and n >= 2 samples (got {n_obs}, {n})")
@@ -52,7 +58,7 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
     chain = load_chain(config_path, prior)
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     rows = {"chi2_nu": [], "chi2_arc_nu": [], "mean_log_r": [], "elbo": [], "std": [],
-            "truth_chi2_nu": [], "truth_chi2_arc_nu": []}
+            "truth_chi2_nu": [], "truth_chi2_arc_nu": [], "frac_above_band": []}
     sampler = None
     for _ in range(n_obs):
         problem, truth, y = prior_predictive_observation(lcfg, prior, chain, rng, gen, noise_sigma)
@@ -64,6 +70,7 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
         chi = chi2_per_sample(problem, smp.x0, y)
         rows["chi2_nu"].append(float(np.median(chi["chi2_nu"])))
         rows["chi2_arc_nu"].append(float(np.nanmedian(chi["chi2_arc_nu"])))
+        rows["frac_above_band"].append(float(np.mean(np.asarray(chi["chi2_nu"]) > chi2_band(chi["nu"])[1])))
         rows["mean_log_r"].append(float(smp.log_r.mean()))
         rows["elbo"].append(float((smp.log_r + smp.log_p_traj - smp.log_q_traj).double().mean()))
         rows["std"].append(float(prior.to_physical(smp.x0).reshape(n, -1).std(0).median()))
@@ -72,4 +79,6 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
         rows["truth_chi2_arc_nu"].append(float(chi_t["chi2_arc_nu"][0]))
     return {"posterior": str(checkpoint), "last_step": last_step, "n_obs": n_obs, "n_samples": n, "seed": seed,
             "noise_sigma": noise_sigma,
-            **{f"{k}_median": float(np.median(v)) for k, v in rows.items()}, "per_observation": rows}
+            **{f"{k}_median": float(np.median(v)) for k, v in rows.items()},
+            "frac_above_band_mean": float(np.mean(rows["frac_above_band"])), "frac_above_band_exact": TAIL,
+            "per_observation": rows}

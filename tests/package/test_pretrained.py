@@ -141,6 +141,40 @@ def test_check_posterior_draws_the_same_observations_as_the_shipped_record():
         check_posterior(CONFIG, prior, SHIPPED / "posterior", n_obs=1, n=2)
 
 
+def test_check_posterior_counts_the_samples_above_the_exact_band(monkeypatch):
+    """frac_above_band is the share of samples whose chi2_nu exceeds the upper edge of chi2_m / m's central
+    99.9 % band: 0 for samples equal to the truth (whose chi2 is chi2_m: inside the band but one time in
+    2,000), 1 for samples far from it; the exact-sampler level is the band's upper tail."""
+    from types import SimpleNamespace
+
+    import pipeline.lensing.checks as checks
+    from pipeline.diffusion.network_prior import load_prior
+
+    prior = load_prior(SHIPPED / "prior")
+    truths, shift = [], {"value": 0.0}
+    real = checks.prior_predictive_observation
+
+    def observe(*args, **kwargs):
+        problem, truth, y = real(*args, **kwargs)
+        truths.append(truth)
+        return problem, truth, y
+
+    class TruthSampler:  # every sample is the observation's truth, shifted by `shift` (network units)
+        def sample(self, problem, y, n, generator=None):
+            x0 = truths[-1].reshape(1, *truths[-1].shape[-3:]).repeat(n, 1, 1, 1) + shift["value"]
+            return SimpleNamespace(x0=x0, log_r=torch.zeros(n), log_p_traj=torch.zeros(n), log_q_traj=torch.zeros(n))
+
+    monkeypatch.setattr(checks, "prior_predictive_observation", observe)
+    monkeypatch.setattr(checks, "load_amortized", lambda *a, **k: (None, {}))
+    monkeypatch.setattr(checks, "amortized_sampler", lambda *a, **k: TruthSampler())
+    at_truth = checks.check_posterior(CONFIG, prior, SHIPPED / "posterior", n_obs=3, n=4, noise_sigma=0.25)
+    assert at_truth["per_observation"]["frac_above_band"] == [0.0, 0.0, 0.0]
+    assert at_truth["frac_above_band_exact"] == 0.0005
+    shift["value"] = 1.0
+    far = checks.check_posterior(CONFIG, prior, SHIPPED / "posterior", n_obs=3, n=4, noise_sigma=0.25)
+    assert far["per_observation"]["frac_above_band"] == [1.0, 1.0, 1.0] and far["frac_above_band_mean"] == 1.0
+
+
 @pytest.mark.slow
 def test_amortized_samples_at_a_batch_equal_to_the_feature_channels():
     """Two trajectories (= the two conditioning channels) are conditioned like any other batch (the
