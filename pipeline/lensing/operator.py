@@ -313,8 +313,9 @@ class LensingProblem(LinearInverseProblem):
     def diag_AtA_over_sigma2(self) -> torch.Tensor:
         """diag(A^T diag(mask/sigma^2) A) on the source grid, shape x_shape (network units)."""
         w = (self.mask / self.sigma ** 2).reshape(-1, 1).to(torch.float32)
+        # the same (valid) structure as MT, which was checked when built
         sq = torch.sparse_csr_tensor(self.MT.crow_indices(), self.MT.col_indices(), self.MT.values() ** 2,
-                                     self.MT.shape)
+                                     self.MT.shape, check_invariants=False)
         return (self.scale ** 2 * (sq @ w)).reshape(self.x_shape)
 
     def diag_precision(self, y: torch.Tensor) -> torch.Tensor:
