@@ -14,9 +14,7 @@ the rounds, and the ratio of medians to the first variant) and writes the same a
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
 
@@ -24,7 +22,7 @@ from pipeline.diffusion.chain_config import timestep_grid
 from pipeline.diffusion.network_prior import load_prior
 from pipeline.diffusion.sampling import sample_prior
 from pipeline.errors import PipelineError
-from pipeline.io.atomic import write_json
+from pipeline.bench.side_by_side import interleaved_seconds, with_ratios, write_record
 from pipeline.runtime import configure_threads
 
 
@@ -52,15 +50,15 @@ def time_variants(variants: list[str], *, n: int = 16, rounds: int = 5, seed: in
         chain = prior.schedule.chain(K, variance, timestep_grid(prior.schedule.T, K, spacing))
         sample_prior(prior, chain, 1, generator=torch.Generator().manual_seed(seed))            # warm-up
         setups.append((text, prior, chain))
-    times = [[] for _ in setups]  # by position: the same variant may be given twice, to see the noise
-    for r in range(rounds):
-        for (_, prior, chain), t in zip(setups, times):
-            t0 = time.perf_counter()
+
+    def job(prior, chain):
+        def run(r):
             sample_prior(prior, chain, n, generator=torch.Generator().manual_seed(seed + r), batch_size=n)
-            t.append((time.perf_counter() - t0) / n)
-    first = statistics.median(times[0])
-    return [{"variant": text, "seconds_per_draw": {"median": statistics.median(t), "min": min(t), "max": max(t)},
-             "ratio_to_first": statistics.median(t) / first} for (text, _, _), t in zip(setups, times)]
+            return n
+        return run
+
+    times = interleaved_seconds([job(prior, chain) for _, prior, chain in setups], rounds)
+    return with_ratios([{"variant": text} for text, _, _ in setups], times, "seconds_per_draw")
 
 
 def main(argv=None) -> int:
@@ -89,9 +87,7 @@ def main(argv=None) -> int:
         print(f"{row['variant']}: {s['median']:.4f} s/draw (min {s['min']:.4f}, max {s['max']:.4f}), "
               f"x{row['ratio_to_first']:.2f} the first; torch threads {torch.get_num_threads()}")
     if a.out:
-        given = sys.argv[1:] if argv is None else list(argv)
-        write_json(a.out, {"command": " ".join(["python -m pipeline.bench.chain_cost", *given]),
-                           "n": a.n, "rounds": a.rounds, "torch_threads": torch.get_num_threads(), "variants": rows})
+        write_record(a.out, "python -m pipeline.bench.chain_cost", argv, {"n": a.n, "rounds": a.rounds}, rows)
     return 0
 
 

@@ -18,9 +18,7 @@ default of :func:`pipeline.runtime.configure_threads` on a CPU) to compare per-c
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import numpy as np
 import torch
@@ -28,7 +26,7 @@ import torch
 from pipeline.diffusion.network_prior import load_prior
 from pipeline.diffusion.schedule import load_chain
 from pipeline.errors import InputFileError, PipelineError
-from pipeline.io.atomic import write_json
+from pipeline.bench.side_by_side import interleaved_seconds, with_ratios, write_record
 from pipeline.io.checkpoint import load_checkpoint
 from pipeline.lensing.amortized import amortized_sampler
 from pipeline.lensing.config import load_lensing_config
@@ -83,19 +81,18 @@ def time_variants(variants: list[str], *, n_obs: int = 4, samples: int = 32, rou
     """Seconds per sample (median, min, max over ``rounds``; each round samples every observation of the
     variant once) and the ratio of medians to the first variant's."""
     setups = [setup_variant(text, n_obs=n_obs, samples=samples, seed=seed) for text in variants]
-    times = [[] for _ in setups]  # by position: the same variant may be given twice, to see the noise
-    for r in range(rounds):
-        for s, t in zip(setups, times):
+
+    def job(s):
+        def run(r):
             gen = torch.Generator().manual_seed(seed + 1 + r)
-            t0 = time.perf_counter()
             for problem, y in s["observations"]:
                 s["sampler"].sample(problem, y, samples, generator=gen)
-            t.append((time.perf_counter() - t0) / (n_obs * samples))
-    first = statistics.median(times[0])
-    return [{"variant": s["variant"], "method": s["method"], "K": s["K"],
-             "seconds_per_sample": {"median": statistics.median(t), "min": min(t), "max": max(t)},
-             "ratio_to_first": statistics.median(t) / first}
-            for s, t in zip(setups, times)]
+            return n_obs * samples
+        return run
+
+    times = interleaved_seconds([job(s) for s in setups], rounds)
+    rows = [{"variant": s["variant"], "method": s["method"], "K": s["K"]} for s in setups]
+    return with_ratios(rows, times, "seconds_per_sample")
 
 
 def main(argv=None) -> int:
@@ -125,10 +122,8 @@ def main(argv=None) -> int:
         print(f"{row['variant']}: {s['median']:.4f} s/sample (min {s['min']:.4f}, max {s['max']:.4f}), "
               f"x{row['ratio_to_first']:.2f} the first; K {row['K']}; torch threads {torch.get_num_threads()}")
     if a.out:
-        given = sys.argv[1:] if argv is None else list(argv)
-        write_json(a.out, {"command": " ".join(["python -m pipeline.bench.sampler_cost", *given]),
-                           "n_obs": a.n_obs, "samples": a.samples, "rounds": a.rounds,
-                           "torch_threads": torch.get_num_threads(), "variants": rows})
+        write_record(a.out, "python -m pipeline.bench.sampler_cost", argv,
+                     {"n_obs": a.n_obs, "samples": a.samples, "rounds": a.rounds}, rows)
     return 0
 
 
