@@ -34,7 +34,8 @@ from pipeline.evaluation.records import (default_loader, drop_truthless, expand_
                                          load_prior_samples, read_records, score_observations)
 from pipeline.io.atomic import write_json
 from pipeline.lensing.critical import curves_from_header
-from pipeline.metrics.coverage import exact_coverage_curve, exact_coverage_level, footprint, interval_coverage
+from pipeline.metrics.coverage import (coverage_z, exact_coverage_curve, exact_coverage_level, footprint,
+                                       interval_coverage)
 from pipeline.metrics.lens_calibration import lens_calibration
 from pipeline.metrics.sharpness import mean_error, prior_std_map, sample_moments, sharpness
 from pipeline.metrics.tarp import null_distribution, tarp_summary
@@ -92,8 +93,10 @@ def evaluate_method(records: list[dict], *, prior_std, n_bins: int, rng: np.rand
     err = mean_error(means, truths)
     out = {
         "n_obs": int(n_obs), "n_samples": int(n_s), "n_alpha_bins": int(n_bins),
+        "baseline": any(r.get("label") for r in records),
         **{k: t[k] for k in ("tarp_max_dev", "tarp_p_value", "tarp_null_p50", "tarp_null_p95")},
         **_coverage_fields(cov, cov_fp, n_s),
+        **_coverage_se_fields(samples, truths, fp),
         "footprint_frac": footprint_frac, "footprint_pixels": int(fp.sum()),
         **_chi2_fields(records),
         **_ppc_fields(records),
@@ -151,6 +154,19 @@ def _coverage_fields(cov: dict, cov_fp: dict, n_s: int) -> dict:
     return {"coverage68": cov[0.68], "coverage95": cov[0.95], "coverage68_ref": ref68, "coverage95_ref": ref95,
             "coverage68_footprint": cov_fp[0.68], "coverage95_footprint": cov_fp[0.95],
             "coverage68_footprint_ref": ref68, "coverage95_footprint_ref": ref95}
+
+
+def _coverage_se_fields(samples: np.ndarray, truths: np.ndarray, fp: np.ndarray) -> dict:
+    """Standard error of each pooled coverage from the spread between observations and
+    z = (coverage - exact level) / se (:func:`pipeline.metrics.coverage.coverage_z`; None with one
+    observation), keys ``coverage68_se``, ``coverage68_z``, ``coverage68_footprint_se``, ..."""
+    out = {}
+    for level, name in ((0.68, "coverage68"), (0.95, "coverage95")):
+        for suffix, mask in (("", None), ("_footprint", fp)):
+            r = coverage_z(samples, truths, level, mask=mask)
+            out[f"{name}{suffix}_se"] = r["se"] if np.isfinite(r["se"]) else None
+            out[f"{name}{suffix}_z"] = r["z"]
+    return out
 
 
 def _chi2_fields(records: list[dict]) -> dict:

@@ -120,7 +120,7 @@ def read_records(files, obs_dir: Path) -> tuple[dict, dict]:
         rec = {"samples": d["samples"], "mean": d["mean"], "std": d["std"], "truth": d["truth"], "chi2": None,
                "truth_chi2": None, "logz": (d["logz"] if d["logz_available"] else None), "seconds": d["seconds"],
                "obs": obs_path.name, "file": f, "src_pixscale": d["src_pixscale"], "units": d["units"],
-               "method": method, "residual": None, "obs_img": None, "obs_pix": None,
+               "method": method, "label": d["label"], "residual": None, "obs_img": None, "obs_pix": None,
                "kind": source_kind(obs_path), "model": d.get("model"), "lens_cards": d.get("lens"),
                "bunit": d.get("bunit", ""), "data_unit": d.get("data_unit", ""), "ppc": d["ppc"],
                "lens_samples": d["lens_samples"],

@@ -101,7 +101,9 @@ def results_page_preamble(cal_dir, out_path, command: str) -> list[str]:
         + "Every figure below is recomputed by `make demo`, which renders this page at its end.",
         "Summary keys behind the columns (per set and method in `sets.SET.METHOD`): `coverage68`, "
         "`coverage95` and their `_footprint` forms, each with the exact-sampler level for the same number of "
-        "samples in `coverage68_ref`, `coverage95_ref` (and `_footprint_ref`); `truth_chi2_median`, "
+        "samples in `coverage68_ref`, `coverage95_ref` (and `_footprint_ref`), the standard error from the "
+        "spread between observations in `coverage68_se` and z = (coverage - exact) / se in `coverage68_z` "
+        "(and the 95 % and `_footprint` forms); `baseline`: the row is a `baselines:` run; `truth_chi2_median`, "
         "`truth_chi2_arc_median`: the truths' own median chi2_nu over the image and in the arc under the "
         "inference operator; `tarp_max_dev`, `tarp_p_value`, `tarp_null_p95`; `chi2_median`, "
         "`chi2_arc_median`; `sharpness`, `mean_err`; `logz` (per observation: `elbo`, `elbo_se`, `iw`).",

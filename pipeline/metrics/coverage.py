@@ -84,6 +84,44 @@ def interval_coverage(samples, truths, levels=(0.68, 0.95), mask=None) -> dict:
     return out
 
 
+def coverage_by_observation(samples, truths, level: float, mask=None) -> tuple[np.ndarray, np.ndarray]:
+    """Per observation: (covered pixel count, selected pixel count) of the central interval at ``level``,
+    each of shape (n_obs,). Their ratio of sums is :func:`interval_coverage`'s value."""
+    u = rank_statistic(samples, truths)
+    sel = np.ones(u.shape, bool) if mask is None else np.asarray(mask, bool)
+    flat = (u.shape[0], -1)
+    hits = (_covered(u, level) & sel).reshape(flat).sum(1)
+    return hits.astype(np.float64), sel.reshape(flat).sum(1).astype(np.float64)
+
+
+def coverage_standard_error(hits, counts) -> float:
+    """Standard error of the pooled coverage ``sum(hits) / sum(counts)`` from the spread between
+    observations (the ratio estimator's: sqrt(n/(n-1) * sum((h_i - R m_i)^2)) / sum(m_i) over the n
+    observations with m_i > 0; for equal counts, the std (ddof 1) of the per-observation coverages over
+    sqrt(n)). Pixels of one observation are correlated, so a binomial error over all pixels is too small;
+    observations are independent. NaN with fewer than two observations."""
+    h, m = np.asarray(hits, np.float64), np.asarray(counts, np.float64)
+    keep = m > 0
+    h, m = h[keep], m[keep]
+    n = h.size
+    if n < 2:
+        return float("nan")
+    r = h.sum() / m.sum()
+    return float(np.sqrt(n / (n - 1) * np.sum((h - r * m) ** 2)) / m.sum())
+
+
+def coverage_z(samples, truths, level: float, mask=None) -> dict:
+    """Pooled coverage at ``level``, the exact-sampler level for the same number of samples, the
+    standard error from :func:`coverage_standard_error` and z = (coverage - exact) / se (None when se is 0
+    or undefined). An exact sampler gives z of mean 0 and spread 1 (t with n_obs - 1 degrees of freedom)."""
+    h, m = coverage_by_observation(samples, truths, level, mask)
+    cov = float(h.sum() / m.sum()) if m.sum() > 0 else float("nan")
+    ref = exact_coverage_level(np.asarray(samples).shape[1], level)
+    se = coverage_standard_error(h, m)
+    z = (cov - ref) / se if np.isfinite(se) and se > 0 else None
+    return {"coverage": cov, "ref": ref, "se": se, "z": None if z is None else float(z)}
+
+
 def coverage_curve(samples, truths, levels, mask=None) -> np.ndarray:
     """Per-pixel empirical coverage at each nominal level (for the coverage figure)."""
     cov = interval_coverage(samples, truths, levels=tuple(levels), mask=mask)

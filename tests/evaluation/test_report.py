@@ -4,7 +4,8 @@ summaries."""
 import json
 
 from pipeline.cli import main
-from pipeline.evaluation.report import acceptance, coverage_cell, logz_summary, tarp_sentence
+from pipeline.evaluation.report import (acceptance, coverage_cell, heldout_acceptance, logz_summary,
+                                        tarp_sentence)
 
 
 def _r(dev, ci, chi=1.0, arc=1.0, p95=0.2):
@@ -30,8 +31,10 @@ def test_coverage_cell_shows_the_exact_sampler_level():
 
 
 def test_acceptance_and_logz():
-    assert acceptance(_r(0.1, [0, 0.2])) == {"tarp": True, "chi2": True}
-    assert acceptance(_r(0.3, [0, 0.4], chi=1.3)) == {"tarp": False, "chi2": False}
+    assert acceptance(_r(0.1, [0, 0.2])) == {"tarp": True, "chi2": True, "coverage": None}
+    assert acceptance(_r(0.3, [0, 0.4], chi=1.3)) == {"tarp": False, "chi2": False, "coverage": None}
+    assert acceptance({**_r(0.1, None), "coverage68_z": 2.5, "coverage95_z": -2.59})["coverage"] is True
+    assert acceptance({**_r(0.1, None), "coverage68_z": 0.1, "coverage95_z": -2.7})["coverage"] is False
     assert acceptance(_r(0.1, [0, 0.2], arc=None))["chi2"] is False
     assert logz_summary(None) == "n/a" and logz_summary([None, None]) == "n/a"
     assert logz_summary([{"elbo": -3.0}, {"elbo": -1.0}, None]) == "-2.0 (2/3)"
@@ -75,3 +78,31 @@ def test_results_page_names_its_origin_and_copies_assets(tmp_path):
     assert "results/calibration" not in text.split("generated")[1]  # links point at the copies
     # the worked example of the exact-sampler level uses the summaries' own number of samples (16 here)
     assert "for 16 samples 11/17 = 0.647 and 17/17 = 1.000" in text and "23/33" not in text
+
+
+def test_heldout_acceptance_bands_scale_with_the_truths_chi2_and_rms_beats_baselines():
+    r = {**_r(0.1, None, chi=1.5, arc=2.0), "truth_chi2_median": 1.2, "truth_chi2_arc_median": 1.9,
+         "mean_err": 10.0}
+    # 1.5 <= max(1.3, 1.1 x 1.2 = 1.32)? no
+    assert heldout_acceptance(r, {})["chi2"] is False
+    r["truth_chi2_median"] = 1.4  # max(1.3, 1.54); arc: max(1.3, 2.09)
+    a = heldout_acceptance(r, {})
+    assert a == {"chi2": True, "tarp": True, "rms": None}
+    assert heldout_acceptance({**r, "chi2_median": 1.2, "truth_chi2_median": None}, {})["chi2"] is True
+    assert heldout_acceptance({**r, "chi2_median": 0.7}, {})["chi2"] is False
+    assert heldout_acceptance(r, {"v1": {"mean_err": 12.0}})["rms"] is True
+    assert heldout_acceptance(r, {"v1": {"mean_err": 12.0}, "v0": {"mean_err": 9.0}})["rms"] is False
+
+
+def test_report_has_heldout_acceptance_without_judging_baselines(tmp_path):
+    base = {**_r(0.1, None), "truth_chi2_median": 1.0, "truth_chi2_arc_median": 1.0}
+    sets = {"prior": {"m": {**base, "coverage68_z": 0.5, "coverage95_z": 3.0}},
+            "heldout": {"m": {**base, "mean_err": 5.0}, "v1": {**base, "mean_err": 6.0, "baseline": True}}}
+    (tmp_path / "cal").mkdir()
+    (tmp_path / "cal" / "summary.json").write_text(json.dumps({"sets": sets}))
+    assert main(["report", "--calibration", str(tmp_path / "cal"), "--out", str(tmp_path / "r.md")]) == 0
+    text = (tmp_path / "r.md").read_text()
+    assert "standard errors of the exact-sampler level: **no** (z = 0.50 / 3.00)" in text
+    held = text.split("## Acceptance on the held-out set")[1].split("##")[0]
+    assert "`m`:" in held and "`v1`:" not in held
+    assert "below the baselines' (v1 6.000): **yes**" in held

@@ -170,3 +170,47 @@ def test_footprint_coverage_of_exact_samples_matches_the_exact_level():
     # selecting by the truth alone favours pixels where the truth is high, i.e. ranked high (0.61 here)
     biased = interval_coverage(samples, truths, mask=footprint(truths, 0.1))
     assert biased[0.68] < exact_coverage_level(n, 0.68) - 0.05
+
+
+def test_coverage_z_of_exact_samples_is_standard_and_narrow_samples_fail():
+    """z = (coverage - exact level) / se, se from the spread between observations: over many sets of
+    64 observations x 32 exact samples of correlated posteriors, z has mean ~0 and spread ~1 (a binomial
+    error over all pixels ignores their correlation and gives a spread well above 1), so the 2.6-se
+    criterion rejects exact samplers rarely; samples 0.7x too narrow fail it."""
+    from pipeline.metrics.coverage import coverage_by_observation, coverage_z
+    z68, z95, narrow = [], [], []
+    for rep in range(120):
+        _, _, truths, samples, means, _, _, _ = linear_gaussian(seed=rep, n_obs=64, n_s=32)
+        z68.append(coverage_z(samples, truths, 0.68)["z"])
+        z95.append(coverage_z(samples, truths, 0.95)["z"])
+        if rep < 10:
+            tight = means[:, None] + 0.7 * (samples - means[:, None])
+            narrow.append(coverage_z(tight, truths, 0.68)["z"])
+    for z in (np.array(z68), np.array(z95)):
+        assert abs(z.mean()) < 0.35 and 0.75 < z.std() < 1.3, (z.mean(), z.std())
+        assert np.mean(np.abs(z) > 2.6) < 0.06
+    assert max(narrow) < -2.6
+
+    # strongly correlated pixels (equicorrelated, rho = 0.8): the between-observation se keeps z's spread
+    # near 1, a binomial se over all pixels does not
+    rng = np.random.default_rng(1)
+    z, naive = [], []
+    for _ in range(120):
+        def draw(*shape):
+            return np.sqrt(0.8) * rng.normal(size=shape + (1,)) + np.sqrt(0.2) * rng.normal(size=shape + (16,))
+        mu = 3 * rng.normal(size=(64, 16))
+        truths, samples = mu + draw(64), mu[:, None] + draw(64, 32)
+        r = coverage_z(samples, truths, 0.68)
+        z.append(r["z"])
+        h, m = coverage_by_observation(samples, truths, 0.68)
+        naive.append((r["coverage"] - r["ref"]) / np.sqrt(r["ref"] * (1 - r["ref"]) / m.sum()))
+    assert 0.75 < np.std(z) < 1.3 and np.std(naive) > 1.6
+
+
+def test_coverage_standard_error_equal_counts_is_std_over_root_n():
+    from pipeline.metrics.coverage import coverage_standard_error
+    c = np.array([0.6, 0.7, 0.8, 0.65])
+    se = coverage_standard_error(c * 100, np.full(4, 100.0))
+    assert se == pytest.approx(c.std(ddof=1) / 2, rel=1e-12)
+    assert np.isnan(coverage_standard_error([5.0], [10.0]))
+    assert coverage_standard_error([3.0, 0.0, 6.0], [10.0, 0.0, 10.0]) == pytest.approx(0.15, rel=1e-12)
