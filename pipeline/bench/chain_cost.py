@@ -7,8 +7,8 @@ load on the machine falls on all of them alike; each timing draws ``--n`` sample
 untimed warm-up draw per variant. Prints one line per variant (median, min and max seconds per draw over
 the rounds, and the ratio of medians to the first variant) and writes the same as JSON with ``--out``.
 
-    python -m pipeline.bench.chain_cost data/pretrained/prior:20:uniform \\
-        data/pretrained/prior_v2:20:quadratic data/pretrained/prior_v2:40:quadratic
+    python -m pipeline.bench.chain_cost data/pretrained/v1/prior:20:uniform \\
+        data/pretrained/prior:20:quadratic data/pretrained/prior:40:quadratic
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ machine falls on all of them alike, after one untimed warm-up observation each. 
 and writes the same as JSON with ``--out``. Run it with one torch thread (``OMP_NUM_THREADS=1``, the
 default of :func:`pipeline.runtime.configure_threads` on a CPU) to compare per-core cost.
 
-    python -m pipeline.bench.sampler_cost config/config.yaml:data/pretrained/prior:data/pretrained/posterior \\
-        config/v2.yaml:data/pretrained/prior_v2:data/pretrained/posterior_v2_stage0
+    python -m pipeline.bench.sampler_cost config/v1.yaml:data/pretrained/v1/prior:data/pretrained/v1/posterior \\
+        config/config.yaml:data/pretrained/prior:data/pretrained/posterior
 """
 
 from __future__ import annotations

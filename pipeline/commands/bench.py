@@ -35,7 +35,7 @@ def _add_gmm_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument("--methods", nargs="+", default=None, help="restrict to these method labels")
     g.add_argument("--K", type=int, default=30, help="chain length for every method (default 30)")
     g.add_argument("--spacing", default="uniform", choices=["uniform", "quadratic"],
-                   help="the chain's timestep grid (default uniform; quadratic ends near t = 0, as config/v2.yaml)")
+                   help="the chain's timestep grid (default uniform; quadratic ends near t = 0, as config/config.yaml)")
     g.add_argument("--n", type=int, default=2000, help="samples per method and seed (default 2000)")
     g.add_argument("--n-logz", type=int_at_least(2), default=None,
                    help="trajectories behind each RTB run's log Z_IW, the estimate that decides divergence "

@@ -341,7 +341,7 @@ def main(argv=None) -> int:
                    help="ablation: do not learn the per-step guidance gain (the spread then stays near its start)")
     p.add_argument("--K", type=int, default=CheckSetup.K, help="chain length (reverse steps)")
     p.add_argument("--spacing", default=CheckSetup.spacing, choices=["uniform", "quadratic"],
-                   help="the chain's timestep grid (quadratic ends near t = 0, as config/v2.yaml's chain)")
+                   help="the chain's timestep grid (quadratic ends near t = 0, as config/config.yaml's chain)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     configure_threads()

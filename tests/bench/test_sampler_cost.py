@@ -8,7 +8,7 @@ import yaml
 
 from pipeline.bench import sampler_cost
 
-V1 = "config/config.yaml:data/pretrained/prior:data/pretrained/posterior"
+V1 = "config/v1.yaml:data/pretrained/v1/prior:data/pretrained/v1/posterior"
 
 
 def test_parse_variant_and_its_errors():
@@ -35,11 +35,11 @@ def test_cli_names_a_bad_variant_or_a_missing_noise_level_in_one_line(tmp_path, 
     with pytest.raises(SystemExit) as err:
         sampler_cost.main(["config/config.yaml:data/pretrained/prior"])
     assert err.value.code == 2 and "CONFIG:PRIOR:POSTERIOR" in capsys.readouterr().err
-    cfg = yaml.safe_load(open("config/config.yaml"))
+    cfg = yaml.safe_load(open("config/v1.yaml"))
     cfg["lensing"]["noise"]["sigma"] = None  # the v1 posterior is a trainer checkpoint: it records no noise
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    assert sampler_cost.main([f"{path}:data/pretrained/prior:data/pretrained/posterior", "--n-obs", "1",
+    assert sampler_cost.main([f"{path}:data/pretrained/v1/prior:data/pretrained/v1/posterior", "--n-obs", "1",
                               "--samples", "2", "--rounds", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "lensing.noise_sigma" in err and len(err.strip().splitlines()) == 1

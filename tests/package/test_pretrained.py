@@ -1,5 +1,6 @@
-"""The checkpoints shipped under data/pretrained/ load, match the default config's recipes, and
-reproduce the metrics recorded when they were made (data/pretrained/metrics.json)."""
+"""The checkpoints shipped under data/pretrained/ (the default release, config/config.yaml) and
+data/pretrained/v1/ (the previous one, config/v1.yaml) load, match their configs' recipes, and reproduce
+the metrics recorded when they were made (each directory's metrics.json)."""
 
 from __future__ import annotations
 
@@ -14,22 +15,25 @@ ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "data" / "pretrained"
 CONFIG = ROOT / "config" / "config.yaml"
 RECORD = json.loads((SHIPPED / "metrics.json").read_text())
+V1 = SHIPPED / "v1"
+V1_CONFIG = ROOT / "config" / "v1.yaml"
+V1_RECORD = json.loads((V1 / "metrics.json").read_text())
 
 
 @pytest.mark.slow
-def test_shipped_prior_matches_config_and_reproduces_its_samples():
+def test_v1_prior_matches_its_config_and_reproduces_its_samples():
     from pipeline.config import load_section, load_yaml
     from pipeline.diffusion.sampling import sample_prior
     from pipeline.diffusion.prior_config import PriorConfig
     from pipeline.diffusion.network_prior import load_prior
 
-    cfg = load_yaml(CONFIG)
-    assert cfg["prior_checkpoint"] == "data/pretrained/prior"
-    prior = load_prior(SHIPPED / "prior")
-    pcfg = load_section(CONFIG, "prior", PriorConfig)
+    cfg = load_yaml(V1_CONFIG)
+    assert cfg["prior_checkpoint"] == "data/pretrained/v1/prior"
+    prior = load_prior(V1 / "prior")
+    pcfg = load_section(V1_CONFIG, "prior", PriorConfig)
     assert prior.meta["config_hash"] == pcfg.result_hash()
     assert prior.meta["step"] == pcfg.steps
-    rec = RECORD["prior"]
+    rec = V1_RECORD["prior"]
     chain = prior.schedule.chain(rec["K"], rec["variance"])
     x = sample_prior(prior, chain, rec["n"], generator=torch.Generator().manual_seed(rec["seed"]))
     phys = prior.to_physical(x).double()
@@ -39,24 +43,25 @@ def test_shipped_prior_matches_config_and_reproduces_its_samples():
 
 
 @pytest.mark.slow
-def test_next_prior_matches_its_config_and_reproduces_its_samples():
-    """The v2 prior (config/v2.yaml's ``prior_checkpoint``) was trained to the end of its recipe, records
-    the ranges its training images covered (the guard reads them), and reproduces its seeded chain draws."""
+def test_default_prior_matches_its_config_and_reproduces_its_samples():
+    """The default prior (config/config.yaml's ``prior_checkpoint``) was trained to the end of its recipe,
+    records the ranges its training images covered (the guard reads them), and reproduces its seeded chain
+    draws."""
     from pipeline.config import load_section, load_yaml
     from pipeline.diffusion.network_prior import load_prior
     from pipeline.diffusion.prior_config import PriorConfig
     from pipeline.diffusion.sampling import sample_prior
     from pipeline.diffusion.schedule import load_chain
 
-    config = ROOT / "config" / "v2.yaml"
-    cfg = load_yaml(config)
-    prior = load_prior(ROOT / cfg["prior_checkpoint"])
-    pcfg = load_section(config, "prior", PriorConfig)
+    cfg = load_yaml(CONFIG)
+    assert cfg["prior_checkpoint"] == "data/pretrained/prior"
+    prior = load_prior(SHIPPED / "prior")
+    pcfg = load_section(CONFIG, "prior", PriorConfig)
     assert prior.meta["config_hash"] == pcfg.result_hash() and prior.meta["step"] == pcfg.steps
     covered = prior.meta["data"]["covered"]
     assert covered["percentiles"] == [0.0, 1.0, 50.0, 99.0, 100.0] and covered["flux"][-1] > 400
-    rec = RECORD["prior_v2"]
-    chain = load_chain(config, prior)
+    rec = RECORD["prior"]
+    chain = load_chain(CONFIG, prior)
     assert (chain.K, chain.variance) == (rec["K"], rec["variance"])
     x = sample_prior(prior, chain, rec["n"], generator=torch.Generator().manual_seed(rec["seed"]))
     phys = prior.to_physical(x).double()
@@ -65,19 +70,51 @@ def test_next_prior_matches_its_config_and_reproduces_its_samples():
 
 
 @pytest.mark.slow
-def test_shipped_posterior_matches_config_and_reproduces_its_fit():
+def test_default_posterior_is_its_config_recipe_at_its_last_step_and_reproduces_its_fit():
+    """The default posterior is a trainer checkpoint of config/config.yaml's rtb: recipe (hash with the
+    chain) at rtb.run.steps, on the default prior, carrying the conditions it was trained on; its seeded
+    fit is the recorded one."""
+    from pipeline.config import load_section, load_yaml
+    from pipeline.diffusion.network_prior import load_prior
+    from pipeline.diffusion.schedule import load_chain
+    from pipeline.io.checkpoint import load_checkpoint
+    from pipeline.lensing.checks import evaluate_shipped_posterior
+    from pipeline.rtb.config import RTBConfig
+
+    cfg = load_yaml(CONFIG)
+    assert cfg["posterior_checkpoint"] == "data/pretrained/posterior"
+    ck = load_checkpoint(SHIPPED / "posterior")
+    rcfg = load_section(CONFIG, "rtb", RTBConfig)
+    prior = load_prior(SHIPPED / "prior")
+    chain = load_chain(CONFIG, prior)
+    assert ck.hparams["kind"] == "rtb_posterior" and ck.state["config_hash"] == rcfg.recipe_hash()
+    assert ck.hparams["prior"]["recipe_hash"] == prior.meta["config_hash"]
+    assert ck.hparams["prior"]["timesteps"] == chain.t.tolist()
+    assert ck.step == rcfg.run.steps
+    assert ck.hparams["trained_on"]["measured_on"]["from"] == "pool"
+    assert ck.hparams["trained_on"]["source_flux"][1] > 100  # the brighter galaxies of this recipe
+    rec = RECORD["posterior"]
+    assert rec["step"] == ck.step
+    got = evaluate_shipped_posterior(CONFIG, prior, SHIPPED / "posterior", seed=rec["seed"], n=rec["n"],
+                                     noise_sigma=rec["noise_sigma"])
+    assert got["chi2_nu_median"] == pytest.approx(rec["chi2_nu_median"], rel=1e-3)
+    assert got["mean_log_r"] == pytest.approx(rec["mean_log_r"], rel=1e-4, abs=1e-2)
+
+
+@pytest.mark.slow
+def test_v1_posterior_matches_its_config_and_reproduces_its_fit():
     from pipeline.config import load_section, load_yaml
     from pipeline.diffusion.network_prior import load_prior
     from pipeline.io.checkpoint import load_checkpoint
     from pipeline.diffusion.schedule import load_chain
     from pipeline.rtb.config import RTBConfig, legacy_v1_hash
 
-    cfg = load_yaml(CONFIG)
+    cfg = load_yaml(V1_CONFIG)
     ck = load_checkpoint(ROOT / cfg["posterior_checkpoint"])
     assert ck.hparams["kind"] == "rtb_posterior"
-    rcfg = load_section(CONFIG, "rtb", RTBConfig)
-    prior = load_prior(SHIPPED / "prior")
-    chain = load_chain(CONFIG, prior)
+    rcfg = load_section(V1_CONFIG, "rtb", RTBConfig)
+    prior = load_prior(V1 / "prior")
+    chain = load_chain(V1_CONFIG, prior)
     # the shipped checkpoint carries the unversioned hash of the old flat rtb: section, with the chain in it
     assert ck.state["config_hash"] == legacy_v1_hash(rcfg, chain.K, chain.variance), "shipped posterior != recipe"
     # its flat config record, read into today's sections, is the config's recipe
@@ -86,11 +123,11 @@ def test_shipped_posterior_matches_config_and_reproduces_its_fit():
     assert RTBConfig().with_fields(**flat).recipe() == rcfg.recipe()
     assert (ck.hparams["config"]["K"], ck.hparams["config"]["variance"]) == (chain.K, chain.variance)
     assert ck.step <= rcfg.run.steps
-    rec = RECORD["posterior"]
+    rec = V1_RECORD["posterior"]
     assert rec["step"] == ck.step
     from pipeline.lensing.checks import evaluate_shipped_posterior
 
-    got = evaluate_shipped_posterior(CONFIG, prior, ROOT / cfg["posterior_checkpoint"], seed=rec["seed"],
+    got = evaluate_shipped_posterior(V1_CONFIG, prior, ROOT / cfg["posterior_checkpoint"], seed=rec["seed"],
                                      n=rec["n"], noise_sigma=rec["noise_sigma"])
     assert got["chi2_nu_median"] == pytest.approx(rec["chi2_nu_median"], rel=1e-3)
     assert got["mean_log_r"] == pytest.approx(rec["mean_log_r"], rel=1e-4, abs=1e-2)
@@ -116,7 +153,7 @@ def test_install_prior_refuses_another_recipe_in_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_check_posterior_draws_the_same_observations_as_the_shipped_record():
+def test_check_posterior_draws_the_same_observations_as_the_v1_record():
     """check-posterior's first observation for seed s is evaluate_shipped_posterior's observation for s,
     so with the same sample count it reproduces the recorded chi2; a trainer checkpoint (no recorded
     noise level) without --noise-sigma is refused in one line."""
@@ -124,9 +161,9 @@ def test_check_posterior_draws_the_same_observations_as_the_shipped_record():
     from pipeline.diffusion.network_prior import load_prior
     from pipeline.lensing.checks import check_posterior
 
-    rec = RECORD["posterior"]
-    prior = load_prior(SHIPPED / "prior")
-    got = check_posterior(CONFIG, prior, SHIPPED / "posterior", n_obs=2, n=rec["n"], seed=rec["seed"],
+    rec = V1_RECORD["posterior"]
+    prior = load_prior(V1 / "prior")
+    got = check_posterior(V1_CONFIG, prior, V1 / "posterior", n_obs=2, n=rec["n"], seed=rec["seed"],
                           noise_sigma=rec["noise_sigma"])
     per = got["per_observation"]
     assert all(len(v) == 2 for v in per.values())
@@ -138,7 +175,7 @@ def test_check_posterior_draws_the_same_observations_as_the_shipped_record():
     assert all(abs(v - 1.0) < 0.25 for v in per["truth_chi2_nu"]) and np.isfinite(per["truth_chi2_arc_nu"]).all()
     assert got["truth_chi2_arc_nu_median"] == pytest.approx(float(np.median(per["truth_chi2_arc_nu"])))
     with pytest.raises(InputFileError, match="noise"):
-        check_posterior(CONFIG, prior, SHIPPED / "posterior", n_obs=1, n=2)
+        check_posterior(V1_CONFIG, prior, V1 / "posterior", n_obs=1, n=2)
 
 
 def test_check_posterior_counts_the_samples_above_the_exact_band(monkeypatch):
@@ -187,12 +224,12 @@ def test_amortized_samples_at_a_batch_equal_to_the_feature_channels():
 
     from pipeline.diffusion.schedule import load_chain
 
-    rec = RECORD["posterior"]
-    prior = load_prior(SHIPPED / "prior")
-    chain = load_chain(CONFIG, prior)
-    problem, _, y = prior_predictive_observation(load_lensing_config(CONFIG), prior, chain, np.random.default_rng(0),
+    rec = V1_RECORD["posterior"]
+    prior = load_prior(V1 / "prior")
+    chain = load_chain(V1_CONFIG, prior)
+    problem, _, y = prior_predictive_observation(load_lensing_config(V1_CONFIG), prior, chain, np.random.default_rng(0),
                                         torch.Generator().manual_seed(0), rec["noise_sigma"])
-    post, _ = load_amortized(SHIPPED / "posterior", prior, chain)
+    post, _ = load_amortized(V1 / "posterior", prior, chain)
     out = {}
     for n in (2, 3):
         out[n] = amortized_sampler("rtb_amortized", post, batch_size=n).sample(problem, y, n,
@@ -205,7 +242,7 @@ def test_amortized_samples_at_a_batch_equal_to_the_feature_channels():
 
 
 @pytest.mark.slow
-def test_gauss_newton_last_step_fits_the_arc_of_the_shipped_posterior_better(monkeypatch):
+def test_gauss_newton_last_step_fits_the_arc_of_the_v1_posterior_better(monkeypatch):
     """rtb_amortized_gn's twisted last step on the shipped posterior (check-posterior's first seeded
     observation, 2 samples): the arc chi2 falls well below the network's own last step and near the
     truth's (1.02). With one Gauss-Newton linearisation instead of the method's two, which halves the cost
@@ -217,20 +254,20 @@ def test_gauss_newton_last_step_fits_the_arc_of_the_shipped_posterior_better(mon
 
     monkeypatch.setattr(rtb_sampler, "GN_ITERATIONS", 1)
 
-    rec = RECORD["posterior"]
-    prior = load_prior(SHIPPED / "prior")
+    rec = V1_RECORD["posterior"]
+    prior = load_prior(V1 / "prior")
     kw = dict(n_obs=1, n=2, seed=42, noise_sigma=rec["noise_sigma"])
-    own = check_posterior(CONFIG, prior, SHIPPED / "posterior", **kw)
-    gn = check_posterior(CONFIG, prior, SHIPPED / "posterior", last_step="gauss_newton", **kw)
+    own = check_posterior(V1_CONFIG, prior, V1 / "posterior", **kw)
+    gn = check_posterior(V1_CONFIG, prior, V1 / "posterior", last_step="gauss_newton", **kw)
     assert gn["last_step"] == "gauss_newton" and np.isfinite(gn["elbo_median"])
     assert gn["chi2_arc_nu_median"] < own["chi2_arc_nu_median"] - 0.2, (gn["chi2_arc_nu_median"],
                                                                          own["chi2_arc_nu_median"])
     assert abs(gn["chi2_arc_nu_median"] - gn["truth_chi2_arc_nu_median"]) < 0.3
     with pytest.raises(ValueError, match="last_step"):
-        check_posterior(CONFIG, prior, SHIPPED / "posterior", last_step="newton", **kw)
+        check_posterior(V1_CONFIG, prior, V1 / "posterior", last_step="newton", **kw)
 
 
-def test_shipped_posterior_records_the_shipped_prior_and_refuses_another():
+def test_v1_posterior_records_its_prior_and_refuses_another():
     from pipeline.errors import InputFileError
     from pipeline.diffusion.network_prior import load_prior
     from pipeline.io.checkpoint import load_checkpoint
@@ -238,22 +275,22 @@ def test_shipped_posterior_records_the_shipped_prior_and_refuses_another():
     from pipeline.diffusion.schedule import build_chain, load_chain
     from pipeline.rtb.loading import load_posterior
 
-    prior = load_prior(SHIPPED / "prior")
-    chain = load_chain(CONFIG, prior)
-    ck = load_checkpoint(SHIPPED / "posterior", names=[])  # manifest checksums verified here
+    prior = load_prior(V1 / "prior")
+    chain = load_chain(V1_CONFIG, prior)
+    ck = load_checkpoint(V1 / "posterior", names=[])  # manifest checksums verified here
     # recorded before grids were: no timesteps, which means the uniform grid of the config's chain
     assert ck.hparams["prior"] == {"recipe_hash": prior.meta["config_hash"], "K": chain.K, "variance": chain.variance}
-    post, _ = load_posterior(SHIPPED / "posterior", prior, chain=chain)
+    post, _ = load_posterior(V1 / "posterior", prior, chain=chain)
     assert post.chain.t.tolist() == chain.t.tolist()
     other_grid = build_chain(ChainConfig(K=chain.K, spacing="quadratic"), prior.schedule)
     with pytest.raises(InputFileError, match=r"posterior.*prior\.timesteps"):
-        load_posterior(SHIPPED / "posterior", prior, chain=other_grid)
+        load_posterior(V1 / "posterior", prior, chain=other_grid)
     prior.meta["config_hash"] = "0" * 16  # a prior of another recipe
     with pytest.raises(InputFileError, match=r"posterior.*prior\.recipe_hash"):
-        load_posterior(SHIPPED / "posterior", prior)
+        load_posterior(V1 / "posterior", prior)
 
 
-def test_shipped_trainer_checkpoint_resumes_with_its_replay_buffer_as_image_and_lens_index(tmp_path):
+def test_v1_trainer_checkpoint_resumes_with_its_replay_buffer_as_image_and_lens_index(tmp_path):
     """The shipped trainer checkpoint stores its replay buffer with the lens index packed into slot 0 of
     a flat y. It resumes (as the demo's finetune-posterior rule does) with y as images and the lens index
     apart, each entry's stored conditioning equal to the features of (its lens, its image), and a saved
@@ -269,13 +306,13 @@ def test_shipped_trainer_checkpoint_resumes_with_its_replay_buffer_as_image_and_
     from pipeline.rtb.posterior import build_posterior
     from pipeline.rtb.trainer import RTBTrainer
 
-    prior = load_prior(SHIPPED / "prior")
-    packed = load_checkpoint(SHIPPED / "posterior").states["buffer"]["y"]
+    prior = load_prior(V1 / "prior")
+    packed = load_checkpoint(V1 / "posterior").states["buffer"]["y"]
     assert packed.ndim == 2 and packed.shape[1] == 1 + 32 * 32  # the shipped (old) layout
     run = tmp_path / "run"
-    assert seed_run_dir(run, SHIPPED / "posterior", prior)
-    lcfg, pcfg = load_lensing_config(CONFIG), load_section(CONFIG, "posterior", PosteriorConfig)
-    rcfg = load_section(CONFIG, "rtb", RTBConfig)
+    assert seed_run_dir(run, V1 / "posterior", prior)
+    lcfg, pcfg = load_lensing_config(V1_CONFIG), load_section(V1_CONFIG, "posterior", PosteriorConfig)
+    rcfg = load_section(V1_CONFIG, "rtb", RTBConfig)
     # the pool's lenses, drawn in build_lens_pool's order with the rule the checkpoint was trained with:
     # it predates the recorded rule, so the shear was rescaled onto the disc, not redrawn
     assert pool_shear_rule(run) == "rescale"
@@ -284,14 +321,14 @@ def test_shipped_trainer_checkpoint_resumes_with_its_replay_buffer_as_image_and_
     ck = load_checkpoint(run)
     trainer = RTBTrainer(build_posterior(prior, ck.hparams["spec"]), rcfg, problem=_PoolShape((32, 32)),
                          obs_sampler=lambda G, gen: None, cond_fn=lens_features, run_dir=run, spec=ck.hparams["spec"])
-    assert trainer.resume() and trainer.step_idx == RECORD["posterior"]["step"]
+    assert trainer.resume() and trainer.step_idx == V1_RECORD["posterior"]["step"]
     buf = trainer.buffer
     assert buf.y.shape == (len(buf), 32, 32) and buf.lens.dtype == torch.long
     torch.testing.assert_close(buf.y.reshape(len(buf), -1), packed[:, 1:], rtol=0, atol=0)
     assert buf.lens.tolist() == packed[:, 0].round().long().tolist()
     assert 0 <= int(buf.lens.min()) and int(buf.lens.max()) < pcfg.n_lenses and len(set(buf.lens.tolist())) > 1
     for j in torch.linspace(0, len(buf) - 1, 4).long().tolist():  # a few entries: cond is (lens, y)'s features
-        p = make_problem(lenses[int(buf.lens[j])], lcfg.geometry, sigma=RECORD["posterior"]["noise_sigma"])
+        p = make_problem(lenses[int(buf.lens[j])], lcfg.geometry, sigma=V1_RECORD["posterior"]["noise_sigma"])
         p.set_brightness(prior.scale, prior.offset)
         want = lens_features(MultiLensProblem([p]).take([0]), buf.y[j:j + 1])
         torch.testing.assert_close(buf.cond[j:j + 1], want, rtol=1e-4, atol=1e-5)
@@ -326,19 +363,20 @@ def test_demo_finetune_on_the_shipped_checkpoint_assembles_no_lens_operator(tmp_
     assert exported["trained_on"] == shipped["trained_on"]
 
 
-def test_v2_posterior_stage0_is_the_recorded_recipe_on_the_v2_prior():
-    """The committed first stage of the v2 posterior was trained with config/v2.yaml's rtb: section and
-    the changes metrics.json records (the Huber bound among them), on the v2 prior, and records what it
-    was trained on (the guard reads it)."""
+def test_posterior_stage0_is_the_recorded_recipe_on_the_default_prior():
+    """The committed first stage of the default posterior (the warm start of the shipped last stage) was
+    trained with config/config.yaml's rtb: section and the changes metrics.json records (the Huber bound
+    among them), on the default prior, and records what it was trained on (the guard reads it)."""
     from pipeline.config import load_section
+    from pipeline.diffusion.network_prior import load_prior
     from pipeline.io.checkpoint import load_checkpoint
     from pipeline.rtb.config import RTBConfig
 
-    rec = RECORD["posterior_v2_stage0"]
-    ck = load_checkpoint(SHIPPED / "posterior_v2_stage0", names=[])
+    rec = RECORD["posterior_stage0"]
+    ck = load_checkpoint(SHIPPED / "posterior_stage0", names=[])
     assert ck.hparams["kind"] == "rtb_posterior"
-    assert ck.hparams["prior_checkpoint"] == "data/pretrained/prior_v2"
-    rcfg = load_section(ROOT / rec["config"], "rtb", RTBConfig).with_fields(**rec["changes"])
+    assert ck.hparams["prior"]["recipe_hash"] == load_prior(SHIPPED / "prior").meta["config_hash"]
+    rcfg = load_section(CONFIG, "rtb", RTBConfig).with_fields(**rec["changes"])
     assert rcfg.objective.huber > 0
     assert ck.hparams["config_hash"] == rcfg.recipe_hash()
     assert ck.hparams["trained_on"]["measured_on"] == {"from": "pool", "lenses": rec["pool"]["n_lenses"],

@@ -138,21 +138,21 @@ def test_sample_shards_split_and_merge_the_sample_jobs(tmp_path):
 
 def test_a_baseline_is_sampled_with_its_own_files_and_labelled_beside_the_methods(tmp_path):
     cfg = tmp_path / "baseline.yaml"
-    cfg.write_text(CI_CONFIG.read_text() + "baselines:\n- {name: shipped, config: config/config.yaml, "
-                   "prior: data/pretrained/prior, posterior: data/pretrained/posterior, sets: [heldout]}\n")
+    cfg.write_text(CI_CONFIG.read_text() + "baselines:\n- {name: v1, config: config/v1.yaml, "
+                   "prior: data/pretrained/v1/prior, posterior: data/pretrained/v1/posterior, sets: [heldout]}\n")
     res = snakemake(tmp_path / "wd", "-n", "-p", config=cfg)
     jobs = _jobs(res.stdout + res.stderr)
     base = [j for j in jobs if j["rule"] == "sample_baseline"]
     assert len(base) == 1 and "set=heldout" in base[0]["wildcards"]  # only the sets it names
     shell = base[0]["shell"]
-    for part in ("--method rtb_amortized", "--label shipped", "--resume", "--out results/posteriors/heldout/shipped",
-                 f"--config {ROOT / 'config' / 'config.yaml'}", f"--prior {ROOT / 'data' / 'pretrained' / 'prior'}",
-                 f"--posterior {ROOT / 'data' / 'pretrained' / 'posterior'}", "--obs results/observations/heldout"):
+    for part in ("--method rtb_amortized", "--label v1", "--resume", "--out results/posteriors/heldout/v1",
+                 f"--config {ROOT / 'config' / 'v1.yaml'}", f"--prior {ROOT / 'data' / 'pretrained' / 'v1' / 'prior'}",
+                 f"--posterior {ROOT / 'data' / 'pretrained' / 'v1' / 'posterior'}", "--obs results/observations/heldout"):
         assert part in shell, part
     assert len([j for j in jobs if j["rule"] == "sample"]) == 10  # the methods' jobs are unchanged
     calib = {re.search(r"set=(\w+)", j["wildcards"]).group(1): j for j in jobs if j["rule"] == "calibrate"}
-    assert "results/posteriors/heldout/shipped" in calib["heldout"]["shell"]
-    assert "results/posteriors/prior/shipped" not in calib["prior"]["shell"]
+    assert "results/posteriors/heldout/v1" in calib["heldout"]["shell"]
+    assert "results/posteriors/prior/v1" not in calib["prior"]["shell"]
 
 
 @pytest.mark.slow
