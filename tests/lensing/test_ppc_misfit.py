@@ -11,7 +11,7 @@ inversion only.
 One prior draw's shape (seed 2) at half the top of the trained source-flux range, lensed by one SIE+shear lens
 at the trained noise level, 8 samples per observation. The check flags what the data resolve: for a fainter or
 more compact source a wrong slope or PSF can be absorbed by the pixelated source (the same draw at its own
-32 electron/s is, for the inversion)."""
+flux is, for the inversion)."""
 
 import dataclasses
 import logging

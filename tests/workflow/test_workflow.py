@@ -138,8 +138,9 @@ def test_sample_shards_split_and_merge_the_sample_jobs(tmp_path):
 
 def test_a_baseline_is_sampled_with_its_own_files_and_labelled_beside_the_methods(tmp_path):
     cfg = tmp_path / "baseline.yaml"
-    cfg.write_text(CI_CONFIG.read_text() + "baselines:\n- {name: v1, config: config/v1.yaml, "
-                   "prior: data/pretrained/v1/prior, posterior: data/pretrained/v1/posterior, sets: [heldout]}\n")
+    cfg.write_text(CI_CONFIG.read_text().replace(
+        "baselines: []", "baselines:\n- {name: v1, config: config/v1.yaml, prior: data/pretrained/v1/prior, "
+        "posterior: data/pretrained/v1/posterior, sets: [heldout]}\n", 1))
     res = snakemake(tmp_path / "wd", "-n", "-p", config=cfg)
     jobs = _jobs(res.stdout + res.stderr)
     base = [j for j in jobs if j["rule"] == "sample_baseline"]
