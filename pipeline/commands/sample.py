@@ -51,7 +51,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--shard", metavar="K/N", help="with --out: sample only the K-th (0-based) of N contiguous "
                         "shares of the observations")
     parser.add_argument("--label", metavar="NAME", help="the run's name in calibration tables (the files' LABEL card), "
-                        "for a prior and posterior compared beside the methods; default: the method's name")
+                        "for a prior and posterior compared beside the methods: the report's acceptance compares "
+                        "the methods with a labelled run and does not judge it; default: the method's name")
 
 
 def parse_shard(text: str | None, n_files: int) -> set[int] | None:

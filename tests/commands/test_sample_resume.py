@@ -140,6 +140,8 @@ def test_a_labelled_run_is_its_own_row_in_calibration(run, whole, tmp_path):
     rows = summary["sets"]["prior"]
     assert {"rtb_amortized", "prev"} <= set(rows), list(rows)
     assert rows["prev"]["n_obs"] == rows["rtb_amortized"]["n_obs"] == 4
+    # the report compares the methods with it, and does not judge it
+    assert rows["prev"]["baseline"] is True and rows["rtb_amortized"]["baseline"] is False
 
 
 @pytest.mark.parametrize("label, words", [("a/b", "letters, digits and _"), ("dps", "a method's name")])

@@ -104,6 +104,14 @@ def test_calibrate_exact_vs_narrow(tmp_path):
     assert nr["tarp_null_p95"] == ex["tarp_null_p95"]  # one shared null per set
     assert nr["tarp_max_dev"] > ex["tarp_max_dev"] and nr["tarp_max_dev"] >= nr["tarp_null_p95"]
     assert nr["tarp_p_value"] <= 0.05
+    # coverage's standard error from the spread between observations, and z against the exact level: small
+    # for the exact sampler, far below for the narrow one; neither run is a labelled baseline
+    for r in (ex, nr):
+        assert r["baseline"] is False
+        assert all(r[f"coverage{c}{fp}_se"] > 0 for c in (68, 95) for fp in ("", "_footprint"))
+    assert all(abs(ex[f"coverage{c}{fp}_z"]) < 3 for c in (68, 95) for fp in ("", "_footprint"))
+    assert nr["coverage68_z"] < -10 and nr["coverage95_z"] < -5
+    assert ex["coverage68_z"] == pytest.approx((ex["coverage68"] - ex["coverage68_ref"]) / ex["coverage68_se"])
     assert (out / "coverage_prior.png").stat().st_size > 10_000
     assert len(on_disk["figures"]["prior"]["lenses"]["exact"]) == 1
     assert (out / on_disk["figures"]["prior"]["lenses"]["exact"][0]).is_file()

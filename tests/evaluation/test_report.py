@@ -4,8 +4,10 @@ summaries."""
 import json
 
 from pipeline.cli import main
-from pipeline.evaluation.report import (acceptance, coverage_cell, heldout_acceptance, logz_summary,
-                                        tarp_sentence)
+import pytest
+
+from pipeline.evaluation.acceptance import acceptance, coverage_threshold, heldout_acceptance, paired_difference
+from pipeline.evaluation.report import coverage_cell, logz_summary, tarp_sentence
 
 
 def _r(dev, ci, chi=1.0, arc=1.0, p95=0.2):
@@ -33,8 +35,17 @@ def test_coverage_cell_shows_the_exact_sampler_level():
 def test_acceptance_and_logz():
     assert acceptance(_r(0.1, [0, 0.2])) == {"tarp": True, "chi2": True, "coverage": None}
     assert acceptance(_r(0.3, [0, 0.4], chi=1.3)) == {"tarp": False, "chi2": False, "coverage": None}
-    assert acceptance({**_r(0.1, None), "coverage68_z": 2.5, "coverage95_z": -2.59})["coverage"] is True
-    assert acceptance({**_r(0.1, None), "coverage68_z": 0.1, "coverage95_z": -2.7})["coverage"] is False
+    # coverage within Student's t (99 %, n_obs - 1 = 29 degrees of freedom: 2.756) standard errors
+    cov = {"coverage68_ref": 0.7, "coverage95_ref": 0.94, "coverage68_se": 0.01, "coverage95_se": 0.01}
+    ok = {**_r(0.1, None), **cov, "coverage68": 0.7 + 0.0275, "coverage95": 0.94 - 0.0275}
+    assert acceptance(ok)["coverage"] is True
+    assert acceptance({**ok, "coverage95": 0.94 - 0.0276})["coverage"] is False
+    # a zero se (every observation covered alike: samples all equal, or absurdly wide) fails off the level
+    assert acceptance({**ok, "coverage68": 1.0, "coverage68_se": 0.0})["coverage"] is False
+    assert acceptance({**ok, "coverage68": 0.7, "coverage68_se": 0.0})["coverage"] is True
+    assert acceptance({**ok, "coverage68_se": None})["coverage"] is None
+    assert coverage_threshold(64) == pytest.approx(2.656, abs=1e-3)
+    assert coverage_threshold(16) == pytest.approx(2.947, abs=1e-3)
     assert acceptance(_r(0.1, [0, 0.2], arc=None))["chi2"] is False
     assert logz_summary(None) == "n/a" and logz_summary([None, None]) == "n/a"
     assert logz_summary([{"elbo": -3.0}, {"elbo": -1.0}, None]) == "-2.0 (2/3)"
@@ -92,17 +103,28 @@ def test_heldout_acceptance_bands_scale_with_the_truths_chi2_and_rms_beats_basel
     assert heldout_acceptance({**r, "chi2_median": 0.7}, {})["chi2"] is False
     assert heldout_acceptance(r, {"v1": {"mean_err": 12.0}})["rms"] is True
     assert heldout_acceptance(r, {"v1": {"mean_err": 12.0}, "v0": {"mean_err": 9.0}})["rms"] is False
+    a = {"observations": ["o1", "o2", "o3"], "per_obs": {"mean_err": [1.0, 2.0, 4.0]}}
+    b = {"observations": ["o3", "o1", "o9"], "per_obs": {"mean_err": [5.0, 3.0, 0.0]}}
+    mean, se, n = paired_difference(a, b)  # o1: 1 - 3, o3: 4 - 5
+    assert (mean, n) == (-1.5, 2) and se == pytest.approx(0.5)
+    assert paired_difference(a, {"observations": ["o1"], "per_obs": {"mean_err": [1.0]}}) is None
 
 
 def test_report_has_heldout_acceptance_without_judging_baselines(tmp_path):
     base = {**_r(0.1, None), "truth_chi2_median": 1.0, "truth_chi2_arc_median": 1.0}
-    sets = {"prior": {"m": {**base, "coverage68_z": 0.5, "coverage95_z": 3.0}},
-            "heldout": {"m": {**base, "mean_err": 5.0}, "v1": {**base, "mean_err": 6.0, "baseline": True}}}
+    cov = {"coverage68": 0.705, "coverage68_ref": 0.7, "coverage68_se": 0.01, "coverage68_z": 0.5,
+           "coverage95": 0.97, "coverage95_ref": 0.94, "coverage95_se": 0.01, "coverage95_z": 3.0}
+    sets = {"prior": {"m": {**base, **cov}, "v1": {**base, "baseline": True}},
+            "heldout": {"m": {**base, "mean_err": 5.0, "observations": ["a", "b"], "per_obs": {"mean_err": [4, 6]}},
+                        "v1": {**base, "mean_err": 6.0, "baseline": True, "observations": ["a", "b"],
+                               "per_obs": {"mean_err": [5, 7]}}}}
     (tmp_path / "cal").mkdir()
     (tmp_path / "cal" / "summary.json").write_text(json.dumps({"sets": sets}))
     assert main(["report", "--calibration", str(tmp_path / "cal"), "--out", str(tmp_path / "r.md")]) == 0
     text = (tmp_path / "r.md").read_text()
-    assert "standard errors of the exact-sampler level: **no** (z = 0.50 / 3.00)" in text
+    prior = text.split("## Acceptance on the prior-drawn set")[1].split("##")[0]
+    assert "2.76 standard errors of the exact-sampler level: **no** (z = 0.50 / 3.00" in prior
+    assert "`v1`:" not in prior  # baselines are compared with, not judged
     held = text.split("## Acceptance on the held-out set")[1].split("##")[0]
     assert "`m`:" in held and "`v1`:" not in held
-    assert "below the baselines' (v1 6.000): **yes**" in held
+    assert "below the baselines' (v1 6.000; paired difference -1 +- 0 over 2): **yes**" in held

@@ -214,3 +214,5 @@ def test_coverage_standard_error_equal_counts_is_std_over_root_n():
     assert se == pytest.approx(c.std(ddof=1) / 2, rel=1e-12)
     assert np.isnan(coverage_standard_error([5.0], [10.0]))
     assert coverage_standard_error([3.0, 0.0, 6.0], [10.0, 0.0, 10.0]) == pytest.approx(0.15, rel=1e-12)
+    # unequal counts, the ratio estimator's: R = 8/30, residuals -2/3 and +2/3, sqrt(2 * 8/9) / 30
+    assert coverage_standard_error([2.0, 6.0], [10.0, 20.0]) == pytest.approx(np.sqrt(16 / 9) / 30, rel=1e-12)
