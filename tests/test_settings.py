@@ -19,10 +19,11 @@ from pipeline.errors import ConfigError
 from pipeline.settings import PipelineConfig, check_workflow_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = sorted((ROOT / "config").glob("*.yaml")) + [ROOT / "tests" / "config" / "ci.yaml"]
+SHIPPED = sorted((ROOT / "config").glob("*.yaml")) + [ROOT / "tests" / "config" / "ci.yaml",
+                                                   ROOT / "data" / "pretrained" / "v1" / "config.yaml"]
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_shipped_configs_validate(path):
     assert isinstance(load_config(path), PipelineConfig)
 
@@ -169,3 +170,24 @@ def test_snakemake_dry_run_refuses_a_bad_config_and_changes_nothing(tmp_path, ba
     assert errors == [errors[0]] and f"{path}: field '{field}'" in errors[0]
     after = {p: p.read_bytes() for p in work.rglob("*") if p.is_file() and ".snakemake" not in p.parts}
     assert after == before
+
+
+def test_the_v1_config_merged_over_the_default_is_the_v1_config_alone():
+    """data/pretrained/v1/config.yaml sets every key that differs from config/config.yaml, so Snakemake's
+    key-by-key merge (`--configfile` over the default) reruns v1 exactly as the file alone describes it."""
+    import copy
+
+    from pipeline.config import load_yaml
+    from pipeline.settings import config_from_dict
+
+    def merge(base, over):
+        out = copy.deepcopy(base)
+        for k, v in over.items():
+            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        return out
+
+    path = ROOT / "data" / "pretrained" / "v1" / "config.yaml"
+    v1 = load_yaml(path)
+    merged = merge(load_yaml(ROOT / "config" / "config.yaml"), v1)
+    assert config_from_dict(merged, path) == config_from_dict(v1, path)
+    assert merged["prior_checkpoint"] == "data/pretrained/v1/prior" and merged["baselines"] == []

@@ -11,7 +11,7 @@ machine falls on all of them alike, after one untimed warm-up observation each. 
 and writes the same as JSON with ``--out``. Run it with one torch thread (``OMP_NUM_THREADS=1``, the
 default of :func:`pipeline.runtime.configure_threads` on a CPU) to compare per-core cost.
 
-    python -m pipeline.bench.sampler_cost config/v1.yaml:data/pretrained/v1/prior:data/pretrained/v1/posterior \\
+    python -m pipeline.bench.sampler_cost data/pretrained/v1/config.yaml:data/pretrained/v1/prior:data/pretrained/v1/posterior \\
         config/config.yaml:data/pretrained/prior:data/pretrained/posterior
 """
 

@@ -8,7 +8,7 @@ import yaml
 
 from pipeline.bench import sampler_cost
 
-V1 = "config/v1.yaml:data/pretrained/v1/prior:data/pretrained/v1/posterior"
+V1 = "data/pretrained/v1/config.yaml:data/pretrained/v1/prior:data/pretrained/v1/posterior"
 
 
 def test_parse_variant_and_its_errors():
@@ -35,7 +35,7 @@ def test_cli_names_a_bad_variant_or_a_missing_noise_level_in_one_line(tmp_path, 
     with pytest.raises(SystemExit) as err:
         sampler_cost.main(["config/config.yaml:data/pretrained/prior"])
     assert err.value.code == 2 and "CONFIG:PRIOR:POSTERIOR" in capsys.readouterr().err
-    cfg = yaml.safe_load(open("config/v1.yaml"))
+    cfg = yaml.safe_load(open("data/pretrained/v1/config.yaml"))
     cfg["lensing"]["noise"]["sigma"] = None  # the v1 posterior is a trainer checkpoint: it records no noise
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -102,7 +102,7 @@ def _judge(path, record, cfg=DEFAULT, gcfg=None):
 
 
 def test_shipped_checkpoint_records_what_it_was_trained_on(record):
-    # config/config.yaml's geometry and lens ranges, the noise level of its metrics.json
+    # config/config.yaml's geometry and lens ranges and its pinned noise level
     assert (record["image_npix"], record["image_pixscale"], record["source_npix"], record["source_pixscale"],
             record["supersample"], record["psf_fwhm"]) == (32, 0.1, 32, 0.05, 2, 0.15)
     assert record["noise_sigma"] == [SIGMA, SIGMA] and record["bunit"] == "electron/s"

@@ -1,5 +1,5 @@
 """The checkpoints shipped under data/pretrained/ (the default release, config/config.yaml) and
-data/pretrained/v1/ (the previous one, config/v1.yaml) load, match their configs' recipes, and reproduce
+data/pretrained/v1/ (the previous one, data/pretrained/v1/config.yaml) load, match their configs' recipes, and reproduce
 the metrics recorded when they were made (each directory's metrics.json)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ SHIPPED = ROOT / "data" / "pretrained"
 CONFIG = ROOT / "config" / "config.yaml"
 RECORD = json.loads((SHIPPED / "metrics.json").read_text())
 V1 = SHIPPED / "v1"
-V1_CONFIG = ROOT / "config" / "v1.yaml"
+V1_CONFIG = V1 / "config.yaml"
 V1_RECORD = json.loads((V1 / "metrics.json").read_text())
 
 

@@ -139,16 +139,17 @@ def test_sample_shards_split_and_merge_the_sample_jobs(tmp_path):
 def test_a_baseline_is_sampled_with_its_own_files_and_labelled_beside_the_methods(tmp_path):
     cfg = tmp_path / "baseline.yaml"
     cfg.write_text(CI_CONFIG.read_text().replace(
-        "baselines: []", "baselines:\n- {name: v1, config: config/v1.yaml, prior: data/pretrained/v1/prior, "
+        "baselines: []", "baselines:\n- {name: v1, config: data/pretrained/v1/config.yaml, prior: data/pretrained/v1/prior, "
         "posterior: data/pretrained/v1/posterior, sets: [heldout]}\n", 1))
     res = snakemake(tmp_path / "wd", "-n", "-p", config=cfg)
     jobs = _jobs(res.stdout + res.stderr)
     base = [j for j in jobs if j["rule"] == "sample_baseline"]
     assert len(base) == 1 and "set=heldout" in base[0]["wildcards"]  # only the sets it names
     shell = base[0]["shell"]
+    v1 = ROOT / "data" / "pretrained" / "v1"
     for part in ("--method rtb_amortized", "--label v1", "--resume", "--out results/posteriors/heldout/v1",
-                 f"--config {ROOT / 'config' / 'v1.yaml'}", f"--prior {ROOT / 'data' / 'pretrained' / 'v1' / 'prior'}",
-                 f"--posterior {ROOT / 'data' / 'pretrained' / 'v1' / 'posterior'}", "--obs results/observations/heldout"):
+                 f"--config {v1 / 'config.yaml'}", f"--prior {v1 / 'prior'}", f"--posterior {v1 / 'posterior'}",
+                 "--obs results/observations/heldout"):
         assert part in shell, part
     assert len([j for j in jobs if j["rule"] == "sample"]) == 10  # the methods' jobs are unchanged
     calib = {re.search(r"set=(\w+)", j["wildcards"]).group(1): j for j in jobs if j["rule"] == "calibrate"}
