@@ -68,7 +68,7 @@ def test_physical_fields_state_their_unit(name, unit):
 
 def test_calibration_defaults_match_the_shipped_config():
     cfg = load_section(ROOT / "config" / "config.yaml", "calibration", CalibrationConfig, required=True)
-    assert cfg == CalibrationConfig() == CalibrationConfig(n_obs=16, n_samples=24)
+    assert cfg == CalibrationConfig() == CalibrationConfig(n_obs=16, n_samples=32)
 
 
 @pytest.mark.parametrize("key,value,words", [

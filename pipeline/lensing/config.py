@@ -222,7 +222,7 @@ class CalibrationConfig:
     """Section ``calibration:``: the size of each calibration set (prior-drawn and held-out)."""
 
     n_obs: int = param(16, "Observations per set.", min=1)
-    n_samples: int = param(24, "Posterior samples per observation and method.", "samples", min=2)
+    n_samples: int = param(32, "Posterior samples per observation and method.", "samples", min=2)
 
 
 def load_lensing_config(path) -> LensingConfig:
