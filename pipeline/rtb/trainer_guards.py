@@ -161,7 +161,9 @@ class TrainerCheckpoints:
         self._snapshot = None
         if self.metrics_path is not None and distributed.is_main():
             _truncate_metrics(self.metrics_path, ck.step)
-        log.info("resumed RTB training from %s (step %d, log Z %.4f)", ck.path, ck.step, float(self.post.log_z.detach()))
+        log_z = ("" if self.cfg.objective.amortized  # log Z is per observation then: the global one is unused
+                 else f", log Z {float(self.post.log_z.detach()):.4f}")
+        log.info("resumed RTB training from %s (step %d%s)", ck.path, ck.step, log_z)
         return True
 
 

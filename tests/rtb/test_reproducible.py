@@ -92,15 +92,19 @@ def test_two_runs_from_scratch_are_identical(tmp_path):
 
 
 @pytest.mark.slow
-def test_resumed_finetune_writes_each_metrics_step_once(tmp_path):
+def test_resumed_finetune_writes_each_metrics_step_once(tmp_path, caplog):
     _run(tmp_path, "r", steps=2)
     run = tmp_path / "r"
     # a run killed after step 3's metrics line but before its checkpoint: the line must not stay twice
     with open(run / "metrics.jsonl", "a") as fh:
         fh.write(json.dumps({"step": 3, "loss": 1.0}) + "\n")
-    _run(tmp_path, "r", steps=4)
+    with caplog.at_level("INFO", logger="pipeline.rtb"):
+        _run(tmp_path, "r", steps=4)
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4], steps
+    # amortized: log Z is per observation, so the resume line does not print the unused global one
+    resumed = [r.getMessage() for r in caplog.records if "resumed RTB training" in r.getMessage()]
+    assert resumed and "log Z" not in resumed[0] and "(step 2)" in resumed[0]
 
 
 def test_dps_exploration_is_refused_for_lensing_in_one_line(tmp_path):

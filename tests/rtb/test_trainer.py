@@ -153,7 +153,7 @@ def test_no_snapshot_of_a_state_wrecked_during_the_spike_warmup():
     assert trainer._snapshot["step"] == 20  # healthy steps are snapshotted again
 
 
-def test_checkpoint_resume_is_exact(tmp_path):
+def test_checkpoint_resume_is_exact(tmp_path, caplog):
     prior, problem, y = _problem()
     cfg = _small_cfg(steps=30, ema_decay=0.9)
     post = make_posterior(prior, CHAIN, cfg)
@@ -162,8 +162,10 @@ def test_checkpoint_resume_is_exact(tmp_path):
     a.train(20)  # checkpoints at 10 and 20
     b_post = make_posterior(prior, CHAIN, cfg)
     b = RTBTrainer(b_post, cfg, problem=problem, y=y, run_dir=tmp_path / "run", spec=spec)
-    assert b.resume() and b.step_idx == 20
+    with caplog.at_level("INFO", logger="pipeline.rtb"):
+        assert b.resume() and b.step_idx == 20
     assert float(b_post.log_z.detach()) == float(post.log_z.detach())  # log Z restored, not reset to 0
+    assert f"log Z {float(post.log_z.detach()):.4f}" in caplog.text  # one log Z: the one it resumed
     assert len(b.buffer) == len(a.buffer)
     a.train(30)
     b.train(30)
