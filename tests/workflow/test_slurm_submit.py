@@ -255,7 +255,8 @@ def test_copy_and_export_jobs_submit_no_gpu_request(tmp_path):
     for rule in ("train_prior", "finetune_posterior", "sources", "simulate"):
         assert by_rule[rule] == [[]], rule
     assert by_rule["sample_cpu"] and all(g == [] for g in by_rule["sample_cpu"])  # the inversion's
-    for rule in ("simulate_prior_set", "tune", "sample"):
+    optional = {j["rule"] for j in dry} & {"tune", "sample_baseline"}  # where the config has a tuned method, a baseline
+    for rule in ("simulate_prior_set", "sample", *optional):
         assert by_rule[rule] and all(g == ["--gpus=1"] for g in by_rule[rule]), rule
     shells = {j["rule"]: j["shell"] for j in dry}
     assert "install-prior" in shells["train_prior"] and "--init-from" in shells["finetune_posterior"]
