@@ -34,8 +34,8 @@ from pipeline.evaluation.records import (default_loader, drop_truthless, expand_
                                          load_prior_samples, read_records, score_observations)
 from pipeline.io.atomic import write_json
 from pipeline.lensing.critical import curves_from_header
-from pipeline.metrics.coverage import (coverage_z, exact_coverage_curve, exact_coverage_level, footprint,
-                                       interval_coverage)
+from pipeline.metrics.coverage import (coverage_by_observation, coverage_z, exact_coverage_curve,
+                                       exact_coverage_level, footprint, interval_coverage)
 from pipeline.metrics.lens_calibration import lens_calibration
 from pipeline.metrics.sharpness import mean_error, prior_std_map, sample_moments, sharpness
 from pipeline.metrics.tarp import null_distribution, tarp_summary
@@ -105,7 +105,7 @@ def evaluate_method(records: list[dict], *, prior_std, n_bins: int, rng: np.rand
         "seconds": (float(np.sum([r["seconds"] for r in records]))
                     if all(r["seconds"] is not None for r in records) else None),
         "observations": [r["obs"] for r in records],
-        "per_obs": _per_obs_fields(records, err),
+        "per_obs": {**_per_obs_fields(records, err), **_per_obs_coverage(samples, truths)},
         "tarp": {k: t[k] for k in ("alpha", "ecp", "ecp_band", "null_band", "f", "pixel_curve")},
     }
     if prior_std is not None:
@@ -167,6 +167,12 @@ def _coverage_se_fields(samples: np.ndarray, truths: np.ndarray, fp: np.ndarray)
             out[f"{name}{suffix}_se"] = r["se"] if np.isfinite(r["se"]) else None
             out[f"{name}{suffix}_z"] = r["z"]
     return out
+
+
+def _per_obs_coverage(samples: np.ndarray, truths: np.ndarray) -> dict:
+    """Each observation's 68 / 95 % pixel coverage: off on every observation, or on a few?"""
+    levels = {"coverage68": 0.68, "coverage95": 0.95}
+    return {k: np.divide(*coverage_by_observation(samples, truths, v)).tolist() for k, v in levels.items()}
 
 
 def _chi2_fields(records: list[dict]) -> dict:

@@ -11,6 +11,7 @@ from astropy.io import fits
 from pipeline.cli import main
 from pipeline.evaluation.calibration import run_calibration
 from pipeline.io.posterior import write_posterior
+from pipeline.metrics.coverage import interval_coverage
 
 from tests.evaluation.image_problem import ImageProblem
 
@@ -172,7 +173,7 @@ def test_no_truth_is_refused(tmp_path):
     assert not (tmp_path / "cal").exists()
 
 
-def test_mean_err_and_sharpness_come_from_the_samples_not_the_files_moments(tmp_path):
+def test_per_observation_fields_come_from_the_samples_not_the_files_moments(tmp_path):
     # a particle method's file: MEAN/STD are weighted moments of all its particles, here far from the
     # moments of the equally weighted SAMPLES (which are what coverage and TARP use)
     from pipeline.io.fits import read_image_hdu
@@ -203,6 +204,11 @@ def test_mean_err_and_sharpness_come_from_the_samples_not_the_files_moments(tmp_
     assert r["mean_err"] == pytest.approx(err.mean(), rel=1e-5)
     np.testing.assert_allclose(r["per_obs"]["sharpness"], sh, rtol=1e-5)
     assert r["sharpness"] == pytest.approx(np.median(sh), rel=1e-5)
+    # each observation's own coverage; pooled (equal pixel counts) they give the set's
+    for key, level in (("coverage68", 0.68), ("coverage95", 0.95)):
+        own = [interval_coverage(samples[i:i + 1], truths[i:i + 1], levels=(level,))[level] for i in range(6)]
+        np.testing.assert_allclose(r["per_obs"][key], own, atol=1e-12)
+        assert np.mean(r["per_obs"][key]) == pytest.approx(r[key], abs=1e-12)
 
 
 @pytest.mark.slow
