@@ -98,7 +98,7 @@ def results_page_preamble(cal_dir, out_path, command: str) -> list[str]:
         f"on {datetime.date.today().isoformat()}, from the calibration summaries "
         + ", ".join(f"`{j}`" for j in jsons) + " (copied beside this page with its figures). "
         + (origin + " " if origin else "")
-        + "Every figure below is recomputed by `make demo`, which renders this page at its end.",
+        + f"Every figure below is recomputed by `{command}`.",
         "Summary keys behind the columns (per set and method in `sets.SET.METHOD`): `coverage68`, "
         "`coverage95` and their `_footprint` forms, each with the exact-sampler level for the same number of "
         "samples in `coverage68_ref`, `coverage95_ref` (and `_footprint_ref`), the standard error from the "

@@ -80,3 +80,15 @@ def test_results_page_names_where_its_summaries_were_computed(tmp_path, monkeypa
     assert "computed for set prior by `calibrate` at commit `def5678` on " in text
     assert json.loads((page.parent / "lensing" / "summary_prior.json").read_text())["settings"]["prior"][
         "provenance"]["commit"] == "def5678"
+
+
+def test_results_page_names_the_command_that_recomputes_it(tmp_path):
+    cal = tmp_path / "results" / "calibration"
+    _summary(cal / "prior" / "summary.json")
+    page = tmp_path / "docs" / "results" / "calibration64.md"
+    command = "snakemake --cores 2 --configfile config/calibration64.yaml"
+    assert main(["report", "--calibration", str(cal), "--out", str(page), "--results-page",
+                 "--command", command]) == 0
+    text = page.read_text()
+    assert f"Every figure below is recomputed by `{command}`." in text
+    assert "make demo" not in text

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from pipeline.metrics.chi2 import chi2_per_sample, normalised_residual
-from pipeline.metrics.coverage import footprint, interval_coverage, rank_statistic
+from pipeline.metrics.coverage import (coverage_by_observation, exact_coverage_level, footprint, interval_coverage,
+                                       rank_statistic)
 from pipeline.metrics.sharpness import mean_error, prior_std_map, sharpness
 from pipeline.problems import DenseLinearProblem
 
@@ -216,3 +217,19 @@ def test_coverage_standard_error_equal_counts_is_std_over_root_n():
     assert coverage_standard_error([3.0, 0.0, 6.0], [10.0, 0.0, 10.0]) == pytest.approx(0.15, rel=1e-12)
     # unequal counts, the ratio estimator's: R = 8/30, residuals -2/3 and +2/3, sqrt(2 * 8/9) / 30
     assert coverage_standard_error([2.0, 6.0], [10.0, 20.0]) == pytest.approx(np.sqrt(16 / 9) / 30, rel=1e-12)
+
+
+def test_share_of_observations_above_the_exact_level():
+    # exact samples (64 correlated pixels, 64 observations x 32 samples): about half of the observations'
+    # own 68 % coverages exceed the exact level (200 sets gave 0.52 on average, at most 0.70); samples
+    # 1.3 x too wide put most of them above it
+    ref = exact_coverage_level(32, 0.68)
+
+    def share(width, seed):
+        _, _, t, s, *_ = linear_gaussian(seed=seed, d_x=64, n_obs=64, n_s=32, width=width)
+        hits, counts = coverage_by_observation(s, t, 0.68)
+        return np.mean(hits / counts > ref)
+
+    exact = [share(1.0, seed) for seed in range(30)]
+    assert 0.45 <= np.mean(exact) <= 0.60 and max(exact) <= 0.75
+    assert min(share(1.3, seed) for seed in range(5)) >= 0.8

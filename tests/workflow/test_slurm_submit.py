@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.samplers.registry import CPU_METHODS
+from pipeline.samplers.registry import CPU_METHODS, TUNED_METHODS
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
@@ -255,7 +255,10 @@ def test_copy_and_export_jobs_submit_no_gpu_request(tmp_path):
     for rule in ("train_prior", "finetune_posterior", "sources", "simulate"):
         assert by_rule[rule] == [[]], rule
     assert by_rule["sample_cpu"] and all(g == [] for g in by_rule["sample_cpu"])  # the inversion's
-    optional = {j["rule"] for j in dry} & {"tune", "sample_baseline"}  # where the config has a tuned method, a baseline
+    default = yaml.safe_load(DEFAULT.read_text())  # tuning jobs where a method is tuned, baseline jobs where listed
+    optional = ({"tune"} if set(default["methods"]) & set(TUNED_METHODS) else set()) | (
+        {"sample_baseline"} if default.get("baselines") else set())
+    assert {j["rule"] for j in dry} & {"tune", "sample_baseline"} == optional
     for rule in ("simulate_prior_set", "sample", *optional):
         assert by_rule[rule] and all(g == ["--gpus=1"] for g in by_rule[rule]), rule
     shells = {j["rule"]: j["shell"] for j in dry}
