@@ -34,8 +34,8 @@ from pipeline.evaluation.records import (default_loader, drop_truthless, expand_
                                          load_prior_samples, read_records, score_observations)
 from pipeline.io.atomic import write_json
 from pipeline.lensing.critical import curves_from_header
-from pipeline.metrics.coverage import (coverage_by_observation, coverage_z, exact_coverage_curve,
-                                       exact_coverage_level, footprint, interval_coverage)
+from pipeline.metrics.coverage import (coverage_z, exact_coverage_curve, exact_coverage_level, footprint,
+                                       interval_coverage)
 from pipeline.metrics.lens_calibration import lens_calibration
 from pipeline.metrics.sharpness import mean_error, prior_std_map, sample_moments, sharpness
 from pipeline.metrics.tarp import null_distribution, tarp_summary
@@ -91,12 +91,13 @@ def evaluate_method(records: list[dict], *, prior_std, n_bins: int, rng: np.rand
                         "ref": exact_coverage_curve(n_s, PIXEL_LEVELS).tolist()}
     means, stds = sample_moments(samples)
     err = mean_error(means, truths)
+    se_fields, obs_coverage = _coverage_se_fields(samples, truths, fp)
     out = {
         "n_obs": int(n_obs), "n_samples": int(n_s), "n_alpha_bins": int(n_bins),
         "baseline": any(r.get("label") for r in records),
         **{k: t[k] for k in ("tarp_max_dev", "tarp_p_value", "tarp_null_p50", "tarp_null_p95")},
         **_coverage_fields(cov, cov_fp, n_s),
-        **_coverage_se_fields(samples, truths, fp),
+        **se_fields,
         "footprint_frac": footprint_frac, "footprint_pixels": int(fp.sum()),
         **_chi2_fields(records),
         **_ppc_fields(records),
@@ -105,7 +106,7 @@ def evaluate_method(records: list[dict], *, prior_std, n_bins: int, rng: np.rand
         "seconds": (float(np.sum([r["seconds"] for r in records]))
                     if all(r["seconds"] is not None for r in records) else None),
         "observations": [r["obs"] for r in records],
-        "per_obs": {**_per_obs_fields(records, err), **_per_obs_coverage(samples, truths)},
+        "per_obs": {**_per_obs_fields(records, err), **obs_coverage},
         "tarp": {k: t[k] for k in ("alpha", "ecp", "ecp_band", "null_band", "f", "pixel_curve")},
     }
     if prior_std is not None:
@@ -156,23 +157,20 @@ def _coverage_fields(cov: dict, cov_fp: dict, n_s: int) -> dict:
             "coverage68_footprint_ref": ref68, "coverage95_footprint_ref": ref95}
 
 
-def _coverage_se_fields(samples: np.ndarray, truths: np.ndarray, fp: np.ndarray) -> dict:
+def _coverage_se_fields(samples: np.ndarray, truths: np.ndarray, fp: np.ndarray) -> tuple[dict, dict]:
     """Standard error of each pooled coverage from the spread between observations and
     z = (coverage - exact level) / se (:func:`pipeline.metrics.coverage.coverage_z`; None with one
-    observation), keys ``coverage68_se``, ``coverage68_z``, ``coverage68_footprint_se``, ..."""
-    out = {}
+    observation), keys ``coverage68_se``, ``coverage68_z``, ``coverage68_footprint_se``, ...; and each
+    observation's own 68 / 95 % coverage over all pixels (off on every observation, or on a few?)."""
+    out, per_obs = {}, {}
     for level, name in ((0.68, "coverage68"), (0.95, "coverage95")):
         for suffix, mask in (("", None), ("_footprint", fp)):
             r = coverage_z(samples, truths, level, mask=mask)
             out[f"{name}{suffix}_se"] = r["se"] if np.isfinite(r["se"]) else None
             out[f"{name}{suffix}_z"] = r["z"]
-    return out
-
-
-def _per_obs_coverage(samples: np.ndarray, truths: np.ndarray) -> dict:
-    """Each observation's 68 / 95 % pixel coverage: off on every observation, or on a few?"""
-    levels = {"coverage68": 0.68, "coverage95": 0.95}
-    return {k: np.divide(*coverage_by_observation(samples, truths, v)).tolist() for k, v in levels.items()}
+            if mask is None:
+                per_obs[name] = r["per_obs"].tolist()
+    return out, per_obs
 
 
 def _chi2_fields(records: list[dict]) -> dict:

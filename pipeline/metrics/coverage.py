@@ -113,13 +113,15 @@ def coverage_standard_error(hits, counts) -> float:
 def coverage_z(samples, truths, level: float, mask=None) -> dict:
     """Pooled coverage at ``level``, the exact-sampler level for the same number of samples, the
     standard error from :func:`coverage_standard_error` and z = (coverage - exact) / se (None when se is 0
-    or undefined). An exact sampler gives z of mean 0 and spread 1 (t with n_obs - 1 degrees of freedom)."""
+    or undefined), and each observation's own coverage (``per_obs``; NaN where it selects no pixel). An
+    exact sampler gives z of mean 0 and spread 1 (t with n_obs - 1 degrees of freedom)."""
     h, m = coverage_by_observation(samples, truths, level, mask)
     cov = float(h.sum() / m.sum()) if m.sum() > 0 else float("nan")
     ref = exact_coverage_level(np.asarray(samples).shape[1], level)
     se = coverage_standard_error(h, m)
     z = (cov - ref) / se if np.isfinite(se) and se > 0 else None
-    return {"coverage": cov, "ref": ref, "se": se, "z": None if z is None else float(z)}
+    per_obs = np.divide(h, m, out=np.full_like(h, np.nan), where=m > 0)
+    return {"coverage": cov, "ref": ref, "se": se, "z": None if z is None else float(z), "per_obs": per_obs}
 
 
 def coverage_curve(samples, truths, levels, mask=None) -> np.ndarray:

@@ -233,3 +233,15 @@ def test_share_of_observations_above_the_exact_level():
     exact = [share(1.0, seed) for seed in range(30)]
     assert 0.45 <= np.mean(exact) <= 0.60 and max(exact) <= 0.75
     assert min(share(1.3, seed) for seed in range(5)) >= 0.8
+
+
+def test_coverage_z_keeps_each_observations_coverage():
+    from pipeline.metrics.coverage import coverage_z
+
+    _, _, t, s, *_ = linear_gaussian(seed=3, n_obs=6, n_s=16)
+    mask = np.ones(t.shape, bool)
+    mask[2] = False  # an observation with no selected pixel has no coverage of its own
+    r = coverage_z(s, t, 0.68, mask=mask)
+    own = [interval_coverage(s[i:i + 1], t[i:i + 1], levels=(0.68,))[0.68] for i in range(6)]
+    assert np.isnan(r["per_obs"][2])
+    np.testing.assert_allclose(np.delete(r["per_obs"], 2), np.delete(own, 2), atol=1e-12)
