@@ -28,8 +28,25 @@ def add_arguments(parser) -> None:
     parser.add_argument("--last-step", choices=("policy", "gauss_newton"), default="policy",
                         help="the step x_2 -> x_1: the network's own (default) or the Gauss-Newton twisted step of "
                              "rtb_amortized_gn (one d x d Jacobian per sample and iteration: use a GPU)")
+    parser.add_argument("--step-variance-tau2", type=_tau2, default=None, metavar="TAU2|off",
+                        help="sample with this likelihood-informed step variance (rtb.policy.step_variance_tau2, network "
+                             "units^2) or 'off', instead of the posterior's own (for comparing settings on one network)")
     parser.add_argument("--noise-sigma", type=float, default=None,
                         help="noise level (default: the one recorded in the exported posterior)")
+
+
+def _tau2(text: str):
+    import argparse
+
+    if text == "off":
+        return "off"
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'off', got {text!r}")
+    return value
 
 
 def run(args) -> int:
@@ -43,6 +60,7 @@ def run(args) -> int:
     prior = load_prior(args.prior, device=device)
     for ck in args.posterior:
         rec = check_posterior(args.config, prior, ck, n_obs=args.n_obs, n=args.samples, seed=args.seed,
-                              noise_sigma=args.noise_sigma, last_step=args.last_step)
+                              noise_sigma=args.noise_sigma, last_step=args.last_step,
+                              step_variance_tau2=args.step_variance_tau2)
         print(json.dumps(rec), flush=True)
     return 0

@@ -101,6 +101,24 @@ def test_default_posterior_is_its_config_recipe_at_its_last_step_and_reproduces_
     assert got["mean_log_r"] == pytest.approx(rec["mean_log_r"], rel=1e-4, abs=1e-2)
 
 
+def test_default_posterior_without_its_step_variance_reproduces_the_network_alone():
+    """The shipped network was trained without the likelihood-informed step variance and sampled with it;
+    switched off, the seeded fit is the one recorded for the network alone (metrics.json's
+    ``step_variance_off``), and the two differ, so the option is what the shipped record measures."""
+    from pipeline.diffusion.network_prior import load_prior
+    from pipeline.lensing.checks import check_posterior
+
+    rec = RECORD["posterior"]
+    prior = load_prior(SHIPPED / "prior")
+    off = check_posterior(CONFIG, prior, SHIPPED / "posterior", n_obs=1, n=rec["n"], seed=rec["seed"],
+                          noise_sigma=rec["noise_sigma"], step_variance_tau2="off")
+    assert off["step_variance_tau2"] is None
+    assert off["per_observation"]["chi2_nu"][0] == pytest.approx(rec["step_variance_off"]["chi2_nu_median"], rel=1e-3)
+    assert off["per_observation"]["mean_log_r"][0] == pytest.approx(rec["step_variance_off"]["mean_log_r"], rel=1e-4,
+                                                                    abs=1e-2)
+    assert abs(rec["step_variance_off"]["mean_log_r"] - rec["mean_log_r"]) > 1.0
+
+
 @pytest.mark.slow
 def test_v1_posterior_matches_its_config_and_reproduces_its_fit():
     from pipeline.config import load_section, load_yaml

@@ -1,0 +1,127 @@
+"""The likelihood-informed step variance (pipeline.rtb.step_variance) and its use in the RTB policy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.diffusion.prior import GaussianMixturePrior
+from pipeline.diffusion.schedule import gaussian_log_prob
+from pipeline.rtb.objective import evaluate_states, policy_rollout
+from pipeline.rtb.posterior import MLPCorrection, RTBPosterior, build_posterior
+from pipeline.rtb.step_variance import data_precision_on_state, narrowing
+
+
+def _direct_precision(h: float, abar: float, tau2: float) -> float:
+    """Precision of p(y | x_{k-1}) as a function of x_{k-1}, from the joint covariance of
+    (x_0, x_{k-1}, y): x_0 ~ N(0, tau2), x_{k-1} = sqrt(abar) x_0 + sqrt(1 - abar) e, y = x_0 + n/sqrt(h)."""
+    a = abar ** 0.5
+    cov = torch.tensor([[tau2, a * tau2, tau2],
+                        [a * tau2, abar * tau2 + 1 - abar, a * tau2],
+                        [tau2, a * tau2, tau2 + 1 / h]], dtype=torch.float64)
+    slope = cov[2, 1] / cov[1, 1]                     # E[y | x_{k-1}] = slope x_{k-1}
+    resid = cov[2, 2] - cov[2, 1] ** 2 / cov[1, 1]   # Var[y | x_{k-1}]
+    return float(slope ** 2 / resid)
+
+
+@pytest.mark.parametrize("abar", [0.9996, 0.98, 0.6, 0.05])
+@pytest.mark.parametrize("tau2", [0.026, 1.0])
+def test_precision_matches_the_joint_gaussian(abar, tau2):
+    h = torch.tensor([0.5, 65.0, 1500.0], dtype=torch.float64)
+    got = data_precision_on_state(h, abar, tau2)
+    want = torch.tensor([_direct_precision(float(v), abar, tau2) for v in h], dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0.0)
+
+
+def test_narrowing_is_the_gaussian_product_and_one_without_data():
+    h = torch.tensor([0.0, 10.0, 100.0, 1000.0], dtype=torch.float64)
+    f = narrowing(h, 0.99, 0.07, 0.03)
+    assert float(f[0]) == 1.0 and bool((f[1:] < f[:-1]).all()) and bool((f > 0).all())
+    lam = data_precision_on_state(h, 0.99, 0.03)
+    torch.testing.assert_close(f ** 2, 1.0 / (1.0 + 0.07 ** 2 * lam))  # 1/var = 1/s^2 + lambda
+    with pytest.raises(ValueError, match="tau2"):
+        narrowing(h, 0.99, 0.07, 0.0)
+
+
+class _DiagProblem:
+    """A 2-D identity problem y = x + N(0, sigma^2) that reports its diag(A^T A / sigma^2)."""
+    is_linear = True
+    y_shape = (2,)
+
+    def __init__(self, sigma):
+        self.sigma = torch.as_tensor(sigma, dtype=torch.float64)
+
+    def diag_precision(self, y):
+        return (1.0 / self.sigma ** 2).expand(y.shape[0], 2)
+
+    def log_likelihood(self, x, y):
+        return -0.5 * (((y - x) / self.sigma) ** 2).sum(1)
+
+    def grad_log_likelihood(self, x, y):
+        return ((y - x) / self.sigma ** 2).to(x.dtype)
+
+
+def _posterior(tau2):
+    torch.manual_seed(0)
+    prior = GaussianMixturePrior([0.5, 0.5], [[-1.0, 0.0], [1.0, 0.5]], 0.3)
+    chain = prior.schedule.chain(8)
+    model = MLPCorrection(2, feat_dim=2, hidden=16, layers=2, out_mult=2)
+    return RTBPosterior(prior, chain, model, features=("grad",), learn_variance=True, step_variance_tau2=tau2)
+
+
+def test_policy_draws_and_scores_with_the_narrowed_std():
+    problem = _DiagProblem([0.01, 10.0])  # pixel 0 well measured, pixel 1 barely
+    y = torch.tensor([[0.8, 0.1]])
+    post, plain = _posterior(1.0), _posterior(None)
+    chain = post.chain
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(2))
+    eps = post.prior.eps(x, post.timesteps(3, 5, x.device))
+    _, s_plain = plain.step_params(x, 3, eps, y.expand(5, 2), problem=problem)
+    _, s = post.step_params(x, 3, eps, y.expand(5, 2), problem=problem)
+    factor = narrowing(problem.diag_precision(y.expand(5, 2)).float(), float(chain.abar[2]), chain.reverse_std(3), 1.0)
+    torch.testing.assert_close(s, s_plain * factor)
+    assert float(factor[:, 0].max()) < 0.9 and float(factor[:, 1].min()) > 0.999
+    # rollout: the draws' spread and the recorded log q both use the narrowed std (log q exact)
+    b = policy_rollout(post, 4000, y[0], problem=problem, generator=torch.Generator().manual_seed(3))
+    again = evaluate_states(post, b.xs, b.y, None, problem=problem, eps_p=b.eps_p, log_p_steps=b.log_p_steps)
+    for k in range(2, chain.K + 1):
+        torch.testing.assert_close(again.log_q_steps[k], b.log_q_steps[k])
+    yb = y.expand(4000, 2)
+    m2, s2 = post.step_params(b.xs[2], 2, b.eps_p[2], yb, problem=problem)
+    _, s2_plain = plain.step_params(b.xs[2], 2, b.eps_p[2], yb, problem=problem)
+    z = (b.x1 - m2) / s2  # the last step's draws are standard normal in the narrowed std's units
+    assert abs(float(z.std()) - 1.0) < 0.03 and abs(float(z.mean())) < 0.03
+    assert float((s2[:, 0] / s2_plain[:, 0]).max()) < 0.9
+
+
+def test_spec_round_trip_and_old_specs():
+    post = _posterior(0.1)
+    spec = {"model": {"type": "mlp", "dim": 2, "cond_dim": 0, "feat_dim": 2, "hidden": 16, "layers": 2, "T": 1000,
+                      "in_scale": 1.0, "out_mult": 2}, "mode": "residual", "features": ["grad"], "K": 8,
+            "variance": "small", "guidance": "none", "guidance_scale": 1.0, "learn_variance": True}
+    assert build_posterior(post.prior, spec).step_variance_tau2 is None  # checkpoints from before the option
+    assert build_posterior(post.prior, {**spec, "step_variance_tau2": 0.1}).step_variance_tau2 == 0.1
+    with pytest.raises(ValueError, match="step_variance_tau2"):
+        build_posterior(post.prior, {**spec, "step_variance_tau2": -1.0})
+    with pytest.raises(ValueError, match="problem"):
+        x = torch.zeros(3, 2)
+        post.step_params(x, 3, torch.zeros(3, 2), torch.zeros(3, 2), problem=None)
+
+
+def test_step_std_bench_splits_the_policy_std_into_its_factors():
+    """pipeline.bench.step_std: prior std x closed-form narrowing x learned factor = the policy's std."""
+    from pipeline.bench.step_std import step_factors
+
+    problem = _DiagProblem([0.01, 10.0])
+    post = _posterior(1.0)
+    with torch.no_grad():  # a non-zero learned offset, so the split is not trivially 1 x 1
+        post.model.out.bias.add_(0.3)
+    b = policy_rollout(post, 16, torch.tensor([0.8, 0.1]), problem=problem, generator=torch.Generator().manual_seed(4))
+    f = step_factors(post, b)
+    assert sorted(f) == list(range(2, post.chain.K + 1))
+    for k, parts in f.items():
+        _, std = post.step_params(b.xs[k], k, b.eps_p[k], b.y, problem=problem)
+        rebuilt = post.chain.reverse_std(k) * parts["narrowing"] * torch.exp(0.5 * parts["v"])
+        torch.testing.assert_close(rebuilt, std.reshape(-1))
+        assert float(parts["v"].abs().max()) > 0.01
+    assert float(f[2]["narrowing"].reshape(16, 2)[:, 0].max()) < 0.95  # the well-measured pixel narrows
