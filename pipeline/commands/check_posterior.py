@@ -12,6 +12,7 @@ training runs or stages quickly; calibration is ``calibrate``.
 
 from __future__ import annotations
 
+import argparse
 import json
 
 from pipeline.commands import int_at_least
@@ -36,8 +37,6 @@ def add_arguments(parser) -> None:
 
 
 def _tau2(text: str):
-    import argparse
-
     if text == "off":
         return "off"
     try:

@@ -81,7 +81,7 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
         chi_t = chi2_per_sample(problem, truth.reshape(1, *smp.x0.shape[1:]).to(smp.x0), y)
         rows["truth_chi2_nu"].append(float(chi_t["chi2_nu"][0]))
         rows["truth_chi2_arc_nu"].append(float(chi_t["chi2_arc_nu"][0]))
-    return {"posterior": str(checkpoint), "last_step": last_step, "step_variance_tau2": post.step_variance_tau2,
+    return {"posterior": str(checkpoint), "last_step": last_step, "step_variance_tau2": getattr(post, "step_variance_tau2", None),
             "n_obs": n_obs, "n_samples": n, "seed": seed,
             "noise_sigma": noise_sigma,
             **{f"{k}_median": float(np.median(v)) for k, v in rows.items()},
