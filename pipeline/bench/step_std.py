@@ -32,6 +32,7 @@ from pipeline.rtb.step_variance import narrowing
 from pipeline.runtime import configure_threads
 
 
+@torch.no_grad()
 def step_factors(post, batch) -> dict[int, dict[str, torch.Tensor]]:
     """Per chain step k of one rollout: the learned offset ``v`` and the closed-form ``narrowing`` (flat)."""
     out = {}

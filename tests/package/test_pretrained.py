@@ -101,6 +101,7 @@ def test_default_posterior_is_its_config_recipe_at_its_last_step_and_reproduces_
     assert got["mean_log_r"] == pytest.approx(rec["mean_log_r"], rel=1e-4, abs=1e-2)
 
 
+@pytest.mark.slow
 def test_default_posterior_without_its_step_variance_reproduces_the_network_alone():
     """The shipped network was trained without the likelihood-informed step variance and sampled with it;
     switched off, the seeded fit is the one recorded for the network alone (metrics.json's
@@ -108,7 +109,13 @@ def test_default_posterior_without_its_step_variance_reproduces_the_network_alon
     from pipeline.diffusion.network_prior import load_prior
     from pipeline.lensing.checks import check_posterior
 
+    from pipeline.io.checkpoint import load_checkpoint
+
     rec = RECORD["posterior"]
+    ck = load_checkpoint(SHIPPED / "posterior", names=[])
+    switched = ck.hparams["step_variance_switched_on"]  # the record says the weights were trained without it
+    assert switched["tau2"] == ck.hparams["spec"]["step_variance_tau2"] > 0
+    assert switched["at_step"] == ck.step and switched["steps_trained_with_it"] == 0
     prior = load_prior(SHIPPED / "prior")
     off = check_posterior(CONFIG, prior, SHIPPED / "posterior", n_obs=1, n=rec["n"], seed=rec["seed"],
                           noise_sigma=rec["noise_sigma"], step_variance_tau2="off")

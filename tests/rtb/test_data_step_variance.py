@@ -87,8 +87,9 @@ def test_policy_draws_and_scores_with_the_narrowed_std():
     for k in range(2, chain.K + 1):
         torch.testing.assert_close(again.log_q_steps[k], b.log_q_steps[k])
     yb = y.expand(4000, 2)
-    m2, s2 = post.step_params(b.xs[2], 2, b.eps_p[2], yb, problem=problem)
-    _, s2_plain = plain.step_params(b.xs[2], 2, b.eps_p[2], yb, problem=problem)
+    with torch.no_grad():
+        m2, s2 = post.step_params(b.xs[2], 2, b.eps_p[2], yb, problem=problem)
+        _, s2_plain = plain.step_params(b.xs[2], 2, b.eps_p[2], yb, problem=problem)
     z = (b.x1 - m2) / s2  # the last step's draws are standard normal in the narrowed std's units
     assert abs(float(z.std()) - 1.0) < 0.03 and abs(float(z.mean())) < 0.03
     assert float((s2[:, 0] / s2_plain[:, 0]).max()) < 0.9
@@ -125,3 +126,23 @@ def test_step_std_bench_splits_the_policy_std_into_its_factors():
         torch.testing.assert_close(rebuilt, std.reshape(-1))
         assert float(parts["v"].abs().max()) > 0.01
     assert float(f[2]["narrowing"].reshape(16, 2)[:, 0].max()) < 0.95  # the well-measured pixel narrows
+
+
+def test_per_sample_steps_score_like_the_rollout():
+    """The trainer scores replayed and backtracked states with a per-sample chain index (a (B,) tensor k):
+    with the narrowing on, each row's log q equals the rollout's at that row's own step."""
+    problem = _DiagProblem([0.01, 10.0])
+    post = _posterior(1.0)
+    with torch.no_grad():
+        post.model.out.bias.add_(0.3)
+    n = 6
+    b = policy_rollout(post, n, torch.tensor([0.8, 0.1]), problem=problem, generator=torch.Generator().manual_seed(5))
+    ks = torch.tensor([2, 3, 5, 8, 4, 2])
+    rows = torch.arange(n)
+    x = torch.stack([b.xs[int(k)][i] for i, k in zip(rows, ks)])
+    x_prev = torch.stack([b.xs[int(k) - 1][i] for i, k in zip(rows, ks)])
+    eps = torch.stack([b.eps_p[int(k)][i] for i, k in zip(rows, ks)])
+    with torch.no_grad():
+        got = post.log_q_step(x, x_prev, ks, eps, b.y, problem=problem)
+    want = torch.stack([b.log_q_steps[int(k)][i] for i, k in zip(rows, ks)])
+    torch.testing.assert_close(got.to(want.dtype), want, rtol=1e-5, atol=1e-4)
