@@ -28,7 +28,7 @@ from pipeline.lensing.config import load_lensing_config
 from pipeline.lensing.sample import load_amortized
 from pipeline.lensing.tuning import prior_predictive_observation
 from pipeline.rtb.objective import policy_rollout
-from pipeline.rtb.step_variance import narrowing
+from pipeline.rtb.step_variance import local_tau2, narrowing
 from pipeline.runtime import configure_threads
 
 
@@ -43,7 +43,10 @@ def step_factors(post, batch) -> dict[int, dict[str, torch.Tensor]]:
             nar = torch.ones_like(x)
         else:
             h = batch.problem.diag_precision(batch.y).to(x.dtype).reshape(x.shape)
-            nar = narrowing(h, post._abar(k - 1, x), post.chain.reverse_std(k), post.step_variance_tau2)
+            tau2 = post.step_variance_tau2
+            if post.step_variance_mode == "tweedie":
+                tau2 = local_tau2(x, batch.eps_p[k], post._abar(k, x), tau2)
+            nar = narrowing(h, post._abar(k - 1, x), post.chain.reverse_std(k), tau2)
         out[k] = {"v": (torch.zeros_like(x) if v is None else v).reshape(-1), "narrowing": nar.reshape(-1)}
     return out
 

@@ -32,6 +32,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--step-variance-tau2", type=_tau2, default=None, metavar="TAU2|off",
                         help="sample with this likelihood-informed step variance (rtb.policy.step_variance_tau2, network "
                              "units^2) or 'off', instead of the posterior's own (for comparing settings on one network)")
+    parser.add_argument("--step-variance-mode", choices=("prior", "tweedie"), default=None,
+                        help="with --step-variance-tau2: the prior variance is that value for every pixel (prior) or "
+                             "per pixel the Tweedie estimate's square plus it (tweedie); default: the posterior's own")
     parser.add_argument("--noise-sigma", type=float, default=None,
                         help="noise level (default: the one recorded in the exported posterior)")
 
@@ -60,6 +63,6 @@ def run(args) -> int:
     for ck in args.posterior:
         rec = check_posterior(args.config, prior, ck, n_obs=args.n_obs, n=args.samples, seed=args.seed,
                               noise_sigma=args.noise_sigma, last_step=args.last_step,
-                              step_variance_tau2=args.step_variance_tau2)
+                              step_variance_tau2=args.step_variance_tau2, step_variance_mode=args.step_variance_mode)
         print(json.dumps(rec), flush=True)
     return 0

@@ -37,6 +37,9 @@ class PolicyConfig:
     step_variance_tau2: float | None = param(None, "Prior per-pixel variance of x_0 (network units^2): narrows "
                                              "each step's std by the data precision of the lens (docs/method.md); "
                                              "null = off.", gt=0)
+    step_variance_mode: str = param("prior", "Prior variance in that narrowing: prior = step_variance_tau2 for every "
+                                             "pixel; tweedie = per pixel the Tweedie estimate's square plus "
+                                             "step_variance_tau2.", choices=["prior", "tweedie"])
     guidance: str = param("none", "Frozen-prior guidance added to the policy mean (detached; no double "
                                   "backprop).", choices=["none", "dps", "dps_cla"])
     guidance_scale: float = param(1.0, "Scale of that guidance (tuned by the untrained ELBO).", min=0)
@@ -184,7 +187,8 @@ class RTBConfig:
                        "in_scale": p.in_scale, "features": list(p.features), "learn_variance": p.learn_variance,
                        "guidance": p.guidance, "guidance_scale": p.guidance_scale,
                        "learn_guidance_gain": p.learn_guidance_gain, "guidance_gain_init": p.guidance_gain_init,
-                       **({"step_variance_tau2": p.step_variance_tau2} if p.step_variance_tau2 is not None else {})},
+                       **({"step_variance_tau2": p.step_variance_tau2} if p.step_variance_tau2 is not None else {}),
+                       **({"step_variance_mode": p.step_variance_mode} if p.step_variance_mode != "prior" else {})},
             "objective": {"amortized": o.amortized, "logz": o.logz, "group_size": o.group_size,
                           "beta_start": o.beta_start, "beta_ramp_steps": o.beta_ramp_steps,
                           "dead_zone": o.dead_zone, **({"huber": o.huber} if o.huber > 0 else {})},
@@ -216,7 +220,8 @@ def legacy_v1_hash(cfg: RTBConfig, K: int, variance: str) -> str:
     for k in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_samples"):
         flat.pop(k)
     for k, neutral in (("lora_rank", 0), ("learn_guidance_gain", False), ("lr_per_step", 1e-2),
-                       ("guidance_gain_init", 1.0), ("huber", 0.0), ("step_variance_tau2", None)):
+                       ("guidance_gain_init", 1.0), ("huber", 0.0), ("step_variance_tau2", None),
+                       ("step_variance_mode", "prior")):
         if flat[k] == neutral:
             flat.pop(k)
     return config_hash(flat)

@@ -22,7 +22,8 @@ v, and q's step std is ``std_p * exp(v / 2)``: with coarse chains (K = 20-50) th
 narrower than the prior's (the likelihood adds precision), which a mean shift alone cannot express,
 so a fixed-variance q has an irreducible KL (measured on a 1-D mixture at K = 20: ~0.07 nat).
 With ``step_variance_tau2`` set, the prior's std is first narrowed per pixel by the data precision of
-the observation's own lens (:mod:`.step_variance`), and the learned offset applies on top.
+the observation's own lens (:mod:`.step_variance`; ``step_variance_mode``: the prior's variance is
+``tau2``, or per pixel the Tweedie estimate's square plus ``tau2``), and the learned offset applies on top.
 
 The sample is ``x0 = f(x_1)``, the frozen prior's deterministic final denoise. The posterior is
 unconditioned (one observation) or amortized (``cond`` carries the observation per sample).
@@ -43,7 +44,7 @@ from torch import nn
 from pipeline.diffusion.schedule import Chain, gaussian_log_prob
 from pipeline.diffusion.unet import build_unet
 from pipeline.rtb.lora import apply_lora
-from pipeline.rtb.step_variance import narrowing
+from pipeline.rtb.step_variance import MODES as STEP_VARIANCE_MODES, local_tau2, narrowing
 from pipeline.samplers.guidance import frozen_guidance_shift
 
 FEATURES = ("x0hat", "grad")
@@ -129,11 +130,14 @@ class RTBPosterior(nn.Module):
     def __init__(self, prior, chain: Chain, model: nn.Module, *, mode: str = "residual",
                  features: tuple[str, ...] = (), guidance=None, learn_variance: bool = False,
                  learn_guidance_gain: bool = False, guidance_gain_init: float = 1.0,
-                 step_variance_tau2: float | None = None):
+                 step_variance_tau2: float | None = None, step_variance_mode: str = "prior"):
         super().__init__()
         if step_variance_tau2 is not None and not step_variance_tau2 > 0:
             raise ValueError(f"step_variance_tau2 must be > 0 or None, got {step_variance_tau2!r}")
+        if step_variance_mode not in STEP_VARIANCE_MODES:
+            raise ValueError(f"step_variance_mode must be one of {STEP_VARIANCE_MODES}, got {step_variance_mode!r}")
         self.step_variance_tau2 = None if step_variance_tau2 is None else float(step_variance_tau2)
+        self.step_variance_mode = step_variance_mode
         if mode not in ("residual", "replace"):
             raise ValueError(f"posterior mode must be 'residual' or 'replace', got {mode!r}")
         bad = [f for f in features if f not in FEATURES]
@@ -225,7 +229,10 @@ class RTBPosterior(nn.Module):
                 raise ValueError("the likelihood-informed step variance needs the observation's problem "
                                  "(with diag_precision)")
             h = problem.diag_precision(y).to(x.dtype).reshape(x.shape)
-            std = std * narrowing(h, self._abar(k - 1, x), std, self.step_variance_tau2)
+            tau2 = self.step_variance_tau2
+            if self.step_variance_mode == "tweedie":
+                tau2 = local_tau2(x, eps_p, self._abar(k, x), tau2)
+            std = std * narrowing(h, self._abar(k - 1, x), std, tau2)
         if v is not None:
             std = std * torch.exp(0.5 * v)
         return mean, std
@@ -333,7 +340,8 @@ def posterior_spec(prior, chain: Chain, cfg, cond_dim: int = 0, cond_channels: i
             "timesteps": [int(t) for t in chain.t.tolist()],
             "guidance": p.guidance, "guidance_scale": p.guidance_scale, "learn_variance": learn_var,
             "learn_guidance_gain": bool(p.learn_guidance_gain), "guidance_gain_init": float(p.guidance_gain_init),
-            "step_variance_tau2": p.step_variance_tau2}
+            "step_variance_tau2": p.step_variance_tau2,
+            **({"step_variance_mode": p.step_variance_mode} if p.step_variance_mode != "prior" else {})}
 
 
 def build_model(spec: dict, prior=None) -> nn.Module:
@@ -371,4 +379,5 @@ def build_posterior(prior, spec: dict) -> RTBPosterior:
                         guidance=guidance, learn_variance=spec.get("learn_variance", False),
                         learn_guidance_gain=spec.get("learn_guidance_gain", False),
                         guidance_gain_init=spec.get("guidance_gain_init", 1.0),
-                        step_variance_tau2=spec.get("step_variance_tau2"))
+                        step_variance_tau2=spec.get("step_variance_tau2"),
+                        step_variance_mode=spec.get("step_variance_mode", "prior"))

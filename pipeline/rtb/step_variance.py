@@ -19,7 +19,9 @@ under a diagonal Gaussian model, so the head only learns what remains:
 Integrating x_0 out, the likelihood of x_{k-1} has precision ``lambda = g^2 h / (1 + h c)`` per pixel,
 and its Gaussian product with a step of std ``s`` has std ``s / sqrt(1 + s_k^2 lambda)`` (``s_k`` the
 prior chain's std: the product is taken with the prior's step, then the head's factor applies). The
-policy's mean is left as the network gives it. The narrowed std is used both to draw and to score
+policy's mean is left as the network gives it. With ``mode="tweedie"`` the
+prior variance is per pixel and per state, ``x0hat^2 + tau2`` (:func:`local_tau2`; ``tau2`` is then the
+floor). The narrowed std is used both to draw and to score
 (log q), so log q, the ELBO and log Z stay exact for what is sampled; only how close the step is to the
 posterior's rests on the approximation (pixels are not independent: the PSF and the lens couple them).
 """
@@ -29,14 +31,19 @@ from __future__ import annotations
 import torch
 
 
-def data_precision_on_state(h: torch.Tensor, abar_prev, tau2: float) -> torch.Tensor:
+MODES = ("prior", "tweedie")
+
+
+def data_precision_on_state(h: torch.Tensor, abar_prev, tau2) -> torch.Tensor:
     """Per-pixel likelihood precision on x_{k-1}, ``g^2 h / (1 + h c)`` (network units^-2).
 
     ``h``: diag(A^T A / sigma^2) on the source grid (network units^-2), any shape; ``abar_prev``:
     abar_{k-1} in (0, 1], a float or a tensor broadcastable to ``h``; ``tau2`` > 0: the prior's per-pixel
-    variance of x_0 (network units^2). Returns a tensor shaped like ``h`` (float64 where ``h`` is)."""
-    if not tau2 > 0:
-        raise ValueError(f"tau2 must be > 0, got {tau2!r}")
+    variance of x_0 (network units^2), a float or a tensor broadcastable to ``h``. Returns a tensor shaped
+    like ``h`` (float64 where ``h`` is)."""
+    tau2 = torch.as_tensor(tau2, dtype=h.dtype, device=h.device)
+    if not bool((tau2 > 0).all()):
+        raise ValueError(f"tau2 must be > 0, got {tau2.min().item()!r}")
     ab = torch.as_tensor(abar_prev, dtype=h.dtype, device=h.device)
     v = (1.0 - ab) / ab
     g = tau2 / (ab.sqrt() * (tau2 + v))
@@ -44,10 +51,22 @@ def data_precision_on_state(h: torch.Tensor, abar_prev, tau2: float) -> torch.Te
     return g * g * h / (1.0 + h * c)
 
 
-def narrowing(h: torch.Tensor, abar_prev, step_std, tau2: float) -> torch.Tensor:
+def narrowing(h: torch.Tensor, abar_prev, step_std, tau2) -> torch.Tensor:
     """Factor ``(1 + s_k^2 lambda)^(-1/2)`` in (0, 1] on a step's std (dimensionless), shaped like ``h``.
 
     ``step_std``: the prior chain's std ``s_k`` of the step (network units), a float or a tensor
     broadcastable to ``h``; the rest as in :func:`data_precision_on_state`."""
     s2 = torch.as_tensor(step_std, dtype=h.dtype, device=h.device) ** 2
     return (1.0 + s2 * data_precision_on_state(h, abar_prev, tau2)).rsqrt()
+
+
+def local_tau2(x: torch.Tensor, eps: torch.Tensor, abar, floor: float) -> torch.Tensor:
+    """Per-pixel prior variance from the state itself: ``x0hat^2 + floor`` (network units^2), with
+    ``x0hat = (x - sqrt(1 - abar) eps) / sqrt(abar)`` the prior's Tweedie estimate at x_k (``abar`` =
+    abar_k, broadcastable to x; ``eps``: the prior's eps there). A function of x_k only, so a step whose
+    std uses it stays a Gaussian in x_{k-1} with exact log q. Where the estimate is bright the prior's
+    variance there is large, where it is faint (a faint galaxy, the background) small, which a single
+    prior-wide ``tau2`` cannot follow."""
+    ab = torch.as_tensor(abar, dtype=x.dtype, device=x.device)
+    x0hat = (x - (1.0 - ab).sqrt() * eps) / ab.sqrt()
+    return x0hat.detach() ** 2 + floor

@@ -9,7 +9,7 @@ from pipeline.diffusion.prior import GaussianMixturePrior
 from pipeline.diffusion.schedule import gaussian_log_prob
 from pipeline.rtb.objective import evaluate_states, policy_rollout
 from pipeline.rtb.posterior import MLPCorrection, RTBPosterior, build_posterior
-from pipeline.rtb.step_variance import data_precision_on_state, narrowing
+from pipeline.rtb.step_variance import data_precision_on_state, local_tau2, narrowing
 
 
 def _direct_precision(h: float, abar: float, tau2: float) -> float:
@@ -102,6 +102,9 @@ def test_spec_round_trip_and_old_specs():
             "variance": "small", "guidance": "none", "guidance_scale": 1.0, "learn_variance": True}
     assert build_posterior(post.prior, spec).step_variance_tau2 is None  # checkpoints from before the option
     assert build_posterior(post.prior, {**spec, "step_variance_tau2": 0.1}).step_variance_tau2 == 0.1
+    assert build_posterior(post.prior, spec).step_variance_mode == "prior"
+    assert build_posterior(post.prior, {**spec, "step_variance_tau2": 1e-4,
+                                        "step_variance_mode": "tweedie"}).step_variance_mode == "tweedie"
     with pytest.raises(ValueError, match="step_variance_tau2"):
         build_posterior(post.prior, {**spec, "step_variance_tau2": -1.0})
     with pytest.raises(ValueError, match="problem"):
@@ -146,3 +149,46 @@ def test_per_sample_steps_score_like_the_rollout():
         got = post.log_q_step(x, x_prev, ks, eps, b.y, problem=problem)
     want = torch.stack([b.log_q_steps[int(k)][i] for i, k in zip(rows, ks)])
     torch.testing.assert_close(got.to(want.dtype), want, rtol=1e-5, atol=1e-4)
+
+
+def test_local_tau2_is_the_tweedie_estimate_squared_plus_the_floor():
+    x = torch.tensor([[0.5, -0.2]], dtype=torch.float64)
+    eps = torch.tensor([[0.1, 0.3]], dtype=torch.float64)
+    x0hat = (x - 0.6 ** 0.5 * eps) / 0.4 ** 0.5
+    torch.testing.assert_close(local_tau2(x, eps, 0.4, 1e-3), x0hat ** 2 + 1e-3)
+    # per-pixel tau2 enters the precision pixel by pixel: the same as the scalar form at each pixel's value
+    h = torch.tensor([[50.0, 50.0]], dtype=torch.float64)
+    t = local_tau2(x, eps, 0.4, 1e-3)
+    per_pixel = data_precision_on_state(h, 0.9, t)
+    for i in range(2):
+        torch.testing.assert_close(per_pixel[0, i], data_precision_on_state(h[0, i:i + 1], 0.9, float(t[0, i]))[0])
+
+
+def test_tweedie_mode_draws_and_scores_exactly_and_follows_the_state():
+    """With a per-state prior variance the step is still Gaussian in x_{k-1}: the rollout's log q equals
+    the second pass's, at int and per-sample k; a faint state is narrowed less than a bright one."""
+    problem = _DiagProblem([0.01, 0.01])
+    post = _posterior(1e-4)
+    post.step_variance_mode = "tweedie"
+    b = policy_rollout(post, 200, torch.tensor([0.8, 0.1]), problem=problem, generator=torch.Generator().manual_seed(6))
+    again = evaluate_states(post, b.xs, b.y, None, problem=problem, eps_p=b.eps_p, log_p_steps=b.log_p_steps)
+    for k in range(2, post.chain.K + 1):
+        torch.testing.assert_close(again.log_q_steps[k], b.log_q_steps[k])
+    ks = torch.tensor([2, 3, 5, 7])
+    rows = torch.arange(4)
+    x = torch.stack([b.xs[int(k)][i] for i, k in zip(rows, ks)])
+    x_prev = torch.stack([b.xs[int(k) - 1][i] for i, k in zip(rows, ks)])
+    eps = torch.stack([b.eps_p[int(k)][i] for i, k in zip(rows, ks)])
+    with torch.no_grad():
+        got = post.log_q_step(x, x_prev, ks, eps, b.y[:4], problem=problem)
+    want = torch.stack([b.log_q_steps[int(k)][i] for i, k in zip(rows, ks)])
+    torch.testing.assert_close(got.to(want.dtype), want, rtol=1e-5, atol=1e-4)
+    # two states at k = 3 with the same eps: x0hat 0 (faint) and 1 (bright) in pixel 0
+    ab = float(post.chain.abar[3])
+    eps0 = torch.zeros(2, 2)
+    xs = torch.tensor([[0.0, 0.0], [ab ** 0.5, 0.0]])
+    with torch.no_grad():
+        _, std = post.step_params(xs, 3, eps0, torch.tensor([[0.8, 0.1]] * 2), problem=problem)
+    assert float(std[0, 0]) > 1.05 * float(std[1, 0])
+    with pytest.raises(ValueError, match="step_variance_mode"):
+        RTBPosterior(post.prior, post.chain, post.model, step_variance_tau2=0.1, step_variance_mode="local")
