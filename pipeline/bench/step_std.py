@@ -6,7 +6,7 @@
 On seeded prior-predictive observations (the check's draw: lens, prior-chain truth and noise from
 ``--seed``), ``--n`` trajectories of the posterior each. At every visited state x_k it splits the
 policy's step std into the prior chain's ``s_k``, the closed-form likelihood-informed narrowing
-(:mod:`pipeline.rtb.step_variance`; 1 where the posterior does not use it) and the head's learned factor
+(``RTBPosterior.step_narrowing``; 1 where the posterior does not use it) and the head's learned factor
 ``exp(v / 2)``, and reports per chain step k the mean and sd of the learned log-variance offset v, its
 range, and the median and 10th percentile over pixels and samples of both factors. Writes OUT.json and
 prints one line per step.
@@ -28,7 +28,6 @@ from pipeline.lensing.config import load_lensing_config
 from pipeline.lensing.sample import load_amortized
 from pipeline.lensing.tuning import prior_predictive_observation
 from pipeline.rtb.objective import policy_rollout
-from pipeline.rtb.step_variance import local_tau2, narrowing
 from pipeline.runtime import configure_threads
 
 
@@ -39,14 +38,7 @@ def step_factors(post, batch) -> dict[int, dict[str, torch.Tensor]]:
     for k in range(post.chain.K, 1, -1):
         x = batch.xs[k]
         _, v = post._model_out(x, k, batch.eps_p[k], batch.y, batch.cond, batch.problem)
-        if post.step_variance_tau2 is None:
-            nar = torch.ones_like(x)
-        else:
-            h = batch.problem.diag_precision(batch.y).to(x.dtype).reshape(x.shape)
-            tau2 = post.step_variance_tau2
-            if post.step_variance_mode == "tweedie":
-                tau2 = local_tau2(x, batch.eps_p[k], post._abar(k, x), tau2)
-            nar = narrowing(h, post._abar(k - 1, x), post.chain.reverse_std(k), tau2)
+        nar = post.step_narrowing(x, k, batch.eps_p[k], batch.y, batch.problem)
         out[k] = {"v": (torch.zeros_like(x) if v is None else v).reshape(-1), "narrowing": nar.reshape(-1)}
     return out
 

@@ -225,17 +225,24 @@ class RTBPosterior(nn.Module):
                 guide = guide * self._per_step(self.guidance_log_gain, k, x).exp()
             mean = mean + guide
         if self.step_variance_tau2 is not None:
-            if problem is None or not hasattr(problem, "diag_precision"):
-                raise ValueError("the likelihood-informed step variance needs the observation's problem "
-                                 "(with diag_precision)")
-            h = problem.diag_precision(y).to(x.dtype).reshape(x.shape)
-            tau2 = self.step_variance_tau2
-            if self.step_variance_mode == "tweedie":
-                tau2 = local_tau2(x, eps_p, self._abar(k, x), tau2)
-            std = std * narrowing(h, self._abar(k - 1, x), std, tau2)
+            std = std * self.step_narrowing(x, k, eps_p, y, problem)
         if v is not None:
             std = std * torch.exp(0.5 * v)
         return mean, std
+
+    def step_narrowing(self, x, k, eps_p, y, problem):
+        """The likelihood-informed factor (0, 1] on the prior's step std at x_k, shaped like x; ones when
+        ``step_variance_tau2`` is off (:mod:`.step_variance`)."""
+        if self.step_variance_tau2 is None:
+            return torch.ones_like(x)
+        if problem is None or not hasattr(problem, "diag_precision"):
+            raise ValueError("the likelihood-informed step variance needs the observation's problem "
+                             "(with diag_precision)")
+        h = problem.diag_precision(y).to(x.dtype).reshape(x.shape)
+        tau2 = self.step_variance_tau2
+        if self.step_variance_mode == "tweedie":
+            tau2 = local_tau2(x, eps_p, self._abar(k, x), tau2)
+        return narrowing(h, self._abar(k - 1, x), self.chain.reverse_std(k, like=x), tau2)
 
     @staticmethod
     def _per_step(param, k, x):
