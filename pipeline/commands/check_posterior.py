@@ -16,6 +16,7 @@ import argparse
 import json
 
 from pipeline.commands import int_at_least
+from pipeline.rtb.step_variance import MODES as STEP_VARIANCE_MODES
 
 
 def add_arguments(parser) -> None:
@@ -32,9 +33,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--step-variance-tau2", type=_tau2, default=None, metavar="TAU2|off",
                         help="sample with this likelihood-informed step variance (rtb.policy.step_variance_tau2, network "
                              "units^2) or 'off', instead of the posterior's own (for comparing settings on one network)")
-    parser.add_argument("--step-variance-mode", choices=("prior", "tweedie"), default=None,
-                        help="with --step-variance-tau2: the prior variance is that value for every pixel (prior) or "
-                             "per pixel the Tweedie estimate's square plus it (tweedie); default: the posterior's own")
+    parser.add_argument("--step-variance-mode", choices=STEP_VARIANCE_MODES, default=None,
+                        help="with --step-variance-tau2: the prior variance is that value for every pixel (prior), "
+                             "per pixel the Tweedie estimate's square plus it (tweedie) or per sample that square's "
+                             "mean over pixels plus it (galaxy); default: the posterior's own")
     parser.add_argument("--noise-sigma", type=float, default=None,
                         help="noise level (default: the one recorded in the exported posterior)")
 

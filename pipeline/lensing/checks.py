@@ -47,7 +47,7 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
     ``policy`` (the network's own) or ``gauss_newton`` (the twisted step of ``rtb_amortized_gn``).
     ``step_variance_tau2``: None keeps the posterior's own likelihood-informed step variance; a value
     (network units^2) or ``"off"`` replaces it for this check (:mod:`pipeline.rtb.step_variance`), and
-    ``step_variance_mode`` (``"prior"`` or ``"tweedie"``) its mode."""
+    ``step_variance_mode`` (``"prior"``, ``"tweedie"`` or ``"galaxy"``) its mode."""
     if n_obs < 1 or n < 2:
         raise ValueError(f"check_posterior needs n_obs >= 1 and n >= 2 samples (got {n_obs}, {n})")
     if last_step not in ("policy", "gauss_newton"):

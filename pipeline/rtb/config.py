@@ -39,7 +39,8 @@ class PolicyConfig:
                                              "null = off.", gt=0)
     step_variance_mode: str = param("prior", "Prior variance in that narrowing: prior = step_variance_tau2 for every "
                                              "pixel; tweedie = per pixel the Tweedie estimate's square plus "
-                                             "step_variance_tau2.", choices=["prior", "tweedie"])
+                                             "step_variance_tau2; galaxy = per sample its mean over pixels plus "
+                                             "step_variance_tau2.", choices=["prior", "tweedie", "galaxy"])
     guidance: str = param("none", "Frozen-prior guidance added to the policy mean (detached; no double "
                                   "backprop).", choices=["none", "dps", "dps_cla"])
     guidance_scale: float = param(1.0, "Scale of that guidance (tuned by the untrained ELBO).", min=0)

@@ -44,7 +44,7 @@ from torch import nn
 from pipeline.diffusion.schedule import Chain, gaussian_log_prob
 from pipeline.diffusion.unet import build_unet
 from pipeline.rtb.lora import apply_lora
-from pipeline.rtb.step_variance import MODES as STEP_VARIANCE_MODES, local_tau2, narrowing
+from pipeline.rtb.step_variance import MODES as STEP_VARIANCE_MODES, galaxy_tau2, local_tau2, narrowing
 from pipeline.samplers.guidance import frozen_guidance_shift
 
 FEATURES = ("x0hat", "grad")
@@ -242,6 +242,8 @@ class RTBPosterior(nn.Module):
         tau2 = self.step_variance_tau2
         if self.step_variance_mode == "tweedie":
             tau2 = local_tau2(x, eps_p, self._abar(k, x), tau2)
+        elif self.step_variance_mode == "galaxy":
+            tau2 = galaxy_tau2(x, eps_p, self._abar(k, x), tau2)
         return narrowing(h, self._abar(k - 1, x), self.chain.reverse_std(k, like=x), tau2)
 
     @staticmethod

@@ -21,7 +21,9 @@ and its Gaussian product with a step of std ``s`` has std ``s / sqrt(1 + s_k^2 l
 prior chain's std: the product is taken with the prior's step, then the head's factor applies). The
 policy's mean is left as the network gives it. With ``mode="tweedie"`` the
 prior variance is per pixel and per state, ``x0hat^2 + tau2`` (:func:`local_tau2`; ``tau2`` is then the
-floor). The narrowed std is used both to draw and to score
+floor); with ``mode="galaxy"`` it is one value per sample, the mean over pixels of ``x0hat^2`` plus
+``tau2`` (:func:`galaxy_tau2`): prior galaxies span three decades in mean square brightness, so one
+prior-wide value over-narrows the faint ones and under-narrows the bright. The narrowed std is used both to draw and to score
 (log q), so log q, the ELBO and log Z stay exact for what is sampled; only how close the step is to the
 posterior's rests on the approximation (pixels are not independent: the PSF and the lens couple them).
 """
@@ -31,7 +33,7 @@ from __future__ import annotations
 import torch
 
 
-MODES = ("prior", "tweedie")
+MODES = ("prior", "tweedie", "galaxy")
 
 
 def data_precision_on_state(h: torch.Tensor, abar_prev, tau2) -> torch.Tensor:
@@ -70,3 +72,13 @@ def local_tau2(x: torch.Tensor, eps: torch.Tensor, abar, floor: float) -> torch.
     ab = torch.as_tensor(abar, dtype=x.dtype, device=x.device)
     x0hat = (x - (1.0 - ab).sqrt() * eps) / ab.sqrt()
     return x0hat.detach() ** 2 + floor
+
+
+def galaxy_tau2(x: torch.Tensor, eps: torch.Tensor, abar, floor: float) -> torch.Tensor:
+    """One prior variance per sample: the mean over its pixels of ``x0hat^2`` plus ``floor`` (network
+    units^2), shaped (B, 1, ..., 1) to broadcast against ``x`` (B, ...); ``x0hat`` as in
+    :func:`local_tau2`. For x_0 itself this is the galaxy's mean square brightness, which is what the
+    per-pixel variance of prior draws of that brightness scales with; a function of x_k only, so log q
+    stays exact."""
+    x0sq = local_tau2(x, eps, abar, 0.0)
+    return x0sq.mean(dim=tuple(range(1, x.ndim)), keepdim=True) + floor

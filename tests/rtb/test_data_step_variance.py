@@ -9,7 +9,7 @@ from pipeline.diffusion.prior import GaussianMixturePrior
 from pipeline.diffusion.schedule import gaussian_log_prob
 from pipeline.rtb.objective import evaluate_states, policy_rollout
 from pipeline.rtb.posterior import MLPCorrection, RTBPosterior, build_posterior
-from pipeline.rtb.step_variance import data_precision_on_state, local_tau2, narrowing
+from pipeline.rtb.step_variance import data_precision_on_state, galaxy_tau2, local_tau2, narrowing
 
 
 def _direct_precision(h: float, abar: float, tau2: float) -> float:
@@ -164,12 +164,25 @@ def test_local_tau2_is_the_tweedie_estimate_squared_plus_the_floor():
         torch.testing.assert_close(per_pixel[0, i], data_precision_on_state(h[0, i:i + 1], 0.9, float(t[0, i]))[0])
 
 
-def test_tweedie_mode_draws_and_scores_exactly_and_follows_the_state():
+def test_galaxy_tau2_is_the_mean_over_pixels_of_the_squared_estimate_plus_the_floor():
+    x = torch.tensor([[0.5, -0.2], [0.0, 0.1]], dtype=torch.float64)
+    eps = torch.tensor([[0.1, 0.3], [0.2, -0.4]], dtype=torch.float64)
+    x0hat = (x - 0.6 ** 0.5 * eps) / 0.4 ** 0.5
+    got = galaxy_tau2(x, eps, 0.4, 1e-3)
+    assert got.shape == (2, 1)
+    torch.testing.assert_close(got, (x0hat ** 2).mean(1, keepdim=True) + 1e-3)
+    x4 = x.reshape(2, 1, 1, 2)  # image-shaped states: one value per sample, broadcastable
+    assert galaxy_tau2(x4, eps.reshape(2, 1, 1, 2), 0.4, 1e-3).shape == (2, 1, 1, 1)
+
+
+@pytest.mark.parametrize("mode", ["tweedie", "galaxy"])
+def test_state_modes_draw_and_score_exactly_and_follow_the_state(mode):
     """With a per-state prior variance the step is still Gaussian in x_{k-1}: the rollout's log q equals
-    the second pass's, at int and per-sample k; a faint state is narrowed less than a bright one."""
+    the second pass's, at int and per-sample k; a faint state is narrowed less than a bright one (with
+    ``galaxy`` in every pixel, with ``tweedie`` only where it is faint)."""
     problem = _DiagProblem([0.01, 0.01])
     post = _posterior(1e-4)
-    post.step_variance_mode = "tweedie"
+    post.step_variance_mode = mode
     b = policy_rollout(post, 200, torch.tensor([0.8, 0.1]), problem=problem, generator=torch.Generator().manual_seed(6))
     again = evaluate_states(post, b.xs, b.y, None, problem=problem, eps_p=b.eps_p, log_p_steps=b.log_p_steps)
     for k in range(2, post.chain.K + 1):
@@ -190,5 +203,9 @@ def test_tweedie_mode_draws_and_scores_exactly_and_follows_the_state():
     with torch.no_grad():
         _, std = post.step_params(xs, 3, eps0, torch.tensor([[0.8, 0.1]] * 2), problem=problem)
     assert float(std[0, 0]) > 1.05 * float(std[1, 0])
+    if mode == "galaxy":  # pixel 1 is faint in both, but the bright galaxy's step is narrowed there too
+        assert float(std[0, 1]) > 1.05 * float(std[1, 1])
+    else:
+        torch.testing.assert_close(std[0, 1], std[1, 1])
     with pytest.raises(ValueError, match="step_variance_mode"):
         RTBPosterior(post.prior, post.chain, post.model, step_variance_tau2=0.1, step_variance_mode="local")
