@@ -6,7 +6,9 @@
 ``SUMMARY.json`` is a ``calibrate`` summary (its ``per_obs`` coverages, in observation order) and
 ``MANIFEST.json`` the simulated set's manifest (``simulate-prior-set``; its ``observations[i].peak_snr``,
 the brightest pixel of the noiseless image over the noise sigma). The observations are sorted by peak
-SNR and split into ``--groups`` groups of near-equal size; per group it prints the SNR range, the mean
+SNR and split into ``--groups`` groups of near-equal size
+(:func:`pipeline.evaluation.groups.snr_groups`, which ``calibrate`` also writes as ``per_snr`` when the
+observations carry PEAKSNR; this command reads summaries written without it); per group it prints the SNR range, the mean
 per-observation 68 % and 95 % coverage, and the median χ²_ν in the arc, beside the exact-sampler
 levels the summary records (``coverage68_ref``, ``coverage95_ref``: what exact samples of the same
 size score under the same rule). A pooled coverage that meets the exact level can hide groups on either
@@ -20,9 +22,8 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.errors import InputFileError, PipelineError
+from pipeline.evaluation.groups import snr_groups
 
 
 def _read(path: str) -> dict:
@@ -45,24 +46,6 @@ def method_summary(summary: dict, method: str, path: str) -> dict:
     return per_set[method]
 
 
-def coverage_by_snr(per_obs: dict, snr, groups: int) -> list[dict]:
-    """Rows of {snr_min, snr_max, n, coverage68, coverage95, chi2_arc_median} per SNR group (dimensionless;
-    coverages the mean over the group's observations, χ²_ν the median of their per-observation medians)."""
-    snr = np.asarray(snr, dtype=float)
-    c68, c95 = np.asarray(per_obs["coverage68"], float), np.asarray(per_obs["coverage95"], float)
-    arc = np.asarray(per_obs["chi2_arc_median"], float)
-    if not (len(snr) == len(c68) == len(c95) == len(arc)):
-        raise ValueError(f"{len(snr)} peak SNRs for {len(c68)} per-observation coverages")
-    if not 1 <= groups <= len(snr):
-        raise ValueError(f"groups must be in [1, {len(snr)}], got {groups}")
-    rows = []
-    for idx in np.array_split(np.argsort(snr, kind="stable"), groups):
-        rows.append({"snr_min": float(snr[idx].min()), "snr_max": float(snr[idx].max()), "n": int(len(idx)),
-                     "coverage68": float(c68[idx].mean()), "coverage95": float(c95[idx].mean()),
-                     "chi2_arc_median": float(np.median(arc[idx]))})
-    return rows
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.bench.coverage_by_snr", description=__doc__.split("\n")[0])
     ap.add_argument("summary", help="a calibrate summary.json (one set)")
@@ -81,14 +64,14 @@ def main(argv=None) -> int:
                                              f"{len(m['per_obs']['coverage68'])}", field="observations")
         if not 1 <= a.groups <= len(obs):
             ap.error(f"--groups must be in [1, {len(obs)}], got {a.groups}")
-        rows = coverage_by_snr(m["per_obs"], [o["peak_snr"] for o in obs], a.groups)
+        rows = snr_groups(m["per_obs"], [o["peak_snr"] for o in obs], a.groups)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     ref68, ref95 = m["coverage68_ref"], m["coverage95_ref"]
     print(f"{a.method}: {len(obs)} observations; exact-sampler coverage {ref68:.3f} / {ref95:.3f}")
     for r in rows:
-        print(f"peak SNR {r['snr_min']:6.1f} - {r['snr_max']:6.1f} ({r['n']:3d}): coverage68 {r['coverage68']:.3f}, "
+        print(f"peak SNR {r['snr_min']:6.1f} - {r['snr_max']:6.1f} ({r['n_obs']:3d}): coverage68 {r['coverage68']:.3f}, "
               f"coverage95 {r['coverage95']:.3f}, arc chi2_nu median {r['chi2_arc_median']:.3f}")
     if a.out:
         Path(a.out).write_text(json.dumps({"summary": a.summary, "manifest": a.manifest, "method": a.method,

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import InputFileError, PipelineError
+from pipeline.evaluation.groups import SNR_GROUPS, median_or_none, per_kind_summary, snr_groups
 from pipeline.evaluation.records import (default_loader, drop_truthless, expand_posteriors, figure_pairs,
                                          load_prior_samples, read_records, score_observations)
 from pipeline.io.atomic import write_json
@@ -58,14 +59,6 @@ def nan_to_none(obj):
     if isinstance(obj, np.generic):
         return nan_to_none(obj.item())
     return obj
-
-
-def median_or_none(values, nan_ok: bool = False):
-    """Median of the non-None values (NaN-ignoring with ``nan_ok``), None when there are none."""
-    v = np.array([x for x in values if x is not None], dtype=np.float64)
-    if nan_ok:
-        v = v[np.isfinite(v)]
-    return float(np.median(v)) if v.size else None
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -117,6 +110,9 @@ def evaluate_method(records: list[dict], *, prior_std, n_bins: int, rng: np.rand
     kinds = [r.get("kind") for r in records]
     if any(k is not None for k in kinds):
         out["per_kind"] = per_kind_summary(kinds, out["per_obs"], samples, truths)
+    snr = [r.get("peak_snr") for r in records]
+    if len(snr) >= SNR_GROUPS and all(v is not None for v in snr):
+        out["per_snr"] = snr_groups(out["per_obs"], snr)
     lens = lens_arrays(records)
     if lens is not None:
         out["lens"] = lens_calibration(*lens, rng=rng, n_bins=n_bins)
@@ -207,27 +203,6 @@ def _per_obs_fields(records: list[dict], err: np.ndarray) -> dict:
         "truth_chi2_arc": [c.get("chi2_arc_nu") for c in truth_chi],
         "ppc_warn": [None if r.get("ppc") is None else r["ppc"]["flag"] for r in records],
     }
-
-
-def per_kind_summary(kinds: list, per_obs: dict, samples: np.ndarray, truths: np.ndarray) -> dict:
-    """Held-out figures per source kind (the observation's ``SRCKIND``): observations, median chi2_nu
-    of the samples and of the truths (image and arc), mean error [source units] and per-pixel coverage
-    at 68 / 95 % (beside the same exact-sampler level as the whole set)."""
-    out = {}
-    for kind in sorted({k for k in kinds if k is not None}):
-        idx = [i for i, k in enumerate(kinds) if k == kind]
-        cov = interval_coverage(samples[idx], truths[idx], levels=(0.68, 0.95))
-        out[kind] = {
-            "n_obs": len(idx),
-            "chi2_median": median_or_none([per_obs["chi2_median"][i] for i in idx]),
-            "chi2_arc_median": median_or_none([per_obs["chi2_arc_median"][i] for i in idx], nan_ok=True),
-            "truth_chi2_median": median_or_none([per_obs["truth_chi2"][i] for i in idx]),
-            "truth_chi2_arc_median": median_or_none([per_obs["truth_chi2_arc"][i] for i in idx], nan_ok=True),
-            "mean_err": float(np.mean([per_obs["mean_err"][i] for i in idx])),
-            "coverage68": cov[0.68],
-            "coverage95": cov[0.95],
-        }
-    return out
 
 
 def truth_chi2_summary(by_method: dict) -> dict:

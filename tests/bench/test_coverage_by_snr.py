@@ -6,29 +6,14 @@ import json
 
 import pytest
 
-from pipeline.bench.coverage_by_snr import coverage_by_snr, main
+from pipeline.bench.coverage_by_snr import main
+from pipeline.evaluation.groups import snr_groups
 
 
 def _summary(c68, c95, arc):
     return {"sets": {"prior": {"rtb_amortized": {
         "coverage68_ref": 0.697, "coverage95_ref": 0.939,
         "per_obs": {"coverage68": c68, "coverage95": c95, "chi2_arc_median": arc}}}}}
-
-
-def test_groups_sort_by_snr_and_average_within():
-    per_obs = {"coverage68": [0.9, 0.1, 0.8, 0.3, 0.7], "coverage95": [1.0, 0.5, 0.9, 0.6, 0.95],
-               "chi2_arc_median": [1.5, 1.0, 1.4, 1.1, 1.3]}
-    snr = [50.0, 2.0, 40.0, 5.0, 30.0]
-    rows = coverage_by_snr(per_obs, snr, 2)
-    assert [r["n"] for r in rows] == [3, 2]
-    assert rows[0]["snr_min"] == 2.0 and rows[0]["snr_max"] == 30.0
-    assert rows[0]["coverage68"] == pytest.approx((0.1 + 0.3 + 0.7) / 3, abs=1e-12)
-    assert rows[0]["chi2_arc_median"] == pytest.approx(1.1, abs=1e-12)
-    assert rows[1]["coverage95"] == pytest.approx(0.95, abs=1e-12)
-    with pytest.raises(ValueError, match="groups"):
-        coverage_by_snr(per_obs, snr, 6)
-    with pytest.raises(ValueError, match="peak SNRs"):
-        coverage_by_snr(per_obs, snr[:4], 2)
 
 
 def test_cli_writes_rows_and_names_a_bad_file(tmp_path, capsys):
@@ -45,3 +30,20 @@ def test_cli_writes_rows_and_names_a_bad_file(tmp_path, capsys):
     assert len(err) == 1 and str(m) in err[0] and "[observations]" in err[0]
     assert main([str(s), str(m), "--method", "dps"]) == 2
     assert "no method 'dps'" in capsys.readouterr().err
+
+
+def test_groups_sort_by_snr_and_average_within():
+    per_obs = {"coverage68": [0.9, 0.1, 0.8, 0.3, 0.7], "coverage95": [1.0, 0.5, 0.9, 0.6, 0.95],
+               "chi2_arc_median": [1.5, 1.0, 1.4, 1.1, 1.3]}
+    snr = [50.0, 2.0, 40.0, 5.0, 30.0]
+    rows = snr_groups(per_obs, snr, 2)
+    assert [r["n_obs"] for r in rows] == [3, 2]
+    assert rows[0]["snr_min"] == 2.0 and rows[0]["snr_max"] == 30.0
+    assert rows[0]["coverage68"] == pytest.approx((0.1 + 0.3 + 0.7) / 3, abs=1e-12)
+    assert rows[0]["chi2_arc_median"] == pytest.approx(1.1, abs=1e-12)
+    assert rows[0]["truth_chi2_arc_median"] is None
+    assert rows[1]["coverage95"] == pytest.approx(0.95, abs=1e-12)
+    with pytest.raises(ValueError, match="groups"):
+        snr_groups(per_obs, snr, 6)
+    with pytest.raises(ValueError, match="peak SNRs"):
+        snr_groups(per_obs, snr[:4], 2)

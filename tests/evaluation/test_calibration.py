@@ -19,7 +19,7 @@ NS, NI = 6, 8  # source and image sizes (pixels)
 MU = 0.3  # prior mean of every source pixel
 
 
-def _world(tmp_path, n_obs=40, n_s=48, seed=0):
+def _world(tmp_path, n_obs=40, n_s=48, seed=0, peak_snr=False):
     rng = np.random.default_rng(seed)
     d, m = NS * NS, NI * NI
     yy, xx = np.mgrid[:NS, :NS]
@@ -39,7 +39,10 @@ def _world(tmp_path, n_obs=40, n_s=48, seed=0):
         truth = (Lc @ rng.normal(size=d)) + MU
         y = M @ truth + sigma.ravel() * rng.normal(size=m)
         name = f"obs-{i:04d}.fits"
-        fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(y.reshape(NI, NI).astype(np.float32), name="SCI"),
+        primary = fits.PrimaryHDU()
+        if peak_snr:  # descending with i, so the groups are not in file order
+            primary.header["PEAKSNR"] = float(100 - i)
+        fits.HDUList([primary, fits.ImageHDU(y.reshape(NI, NI).astype(np.float32), name="SCI"),
                       fits.ImageHDU(truth.reshape(NS, NS).astype(np.float32), name="TRUTH")]).writeto(obs_dir / name)
         mean = cov @ (prior_term + M.T @ (Si * y))  # exact posterior mean of N(MU, C) given y
         z = rng.normal(size=(n_s, d))
@@ -258,3 +261,36 @@ def test_a_methods_figures_do_not_depend_on_the_other_methods_evaluated(tmp_path
     assert set(both["sets"]["prior"]) == {"a_narrow", "exact"}
     for key in ("tarp_max_dev", "tarp_p_value", "tarp_null_p95", "tarp", "coverage68", "coverage95"):
         assert a[key] == b[key], key
+
+
+def test_per_snr_quartiles_in_the_summary_and_the_report(tmp_path):
+    """With PEAKSNR on the observations, each method's summary splits the set into peak-SNR quartiles
+    (means of the per-observation coverages), and the report shows them; without it, neither."""
+    obs_dir, post, loader, C, cov = _world(tmp_path, n_obs=20, n_s=24, seed=3, peak_snr=True)
+    out = run_calibration([str(post["exact"]), str(post["narrow"])], obs_dir, "prior", tmp_path / "cal" / "prior",
+                          loader=loader, n_bins=5, n_boot=20, n_null=20, lens_figures=0)
+    for method in ("exact", "narrow"):
+        r = out["sets"]["prior"][method]
+        groups = r["per_snr"]
+        assert [g["n_obs"] for g in groups] == [5, 5, 5, 5]
+        assert [(g["snr_min"], g["snr_max"]) for g in groups] == [(81.0, 85.0), (86.0, 90.0), (91.0, 95.0),
+                                                                  (96.0, 100.0)]
+        names = r["observations"]
+        faint = [i for i, n in enumerate(names) if int(n[4:8]) >= 15]  # PEAKSNR 81..85
+        want = np.mean([r["per_obs"]["coverage68"][i] for i in faint])
+        assert groups[0]["coverage68"] == pytest.approx(want, abs=1e-12)
+    ex, na = out["sets"]["prior"]["exact"], out["sets"]["prior"]["narrow"]
+    for g_ex, g_na in zip(ex["per_snr"], na["per_snr"]):
+        assert g_na["coverage68"] < g_ex["coverage68"] - 0.1  # half-width samples cover far less
+    rep = tmp_path / "report.md"
+    assert main(["report", "--calibration", str(tmp_path / "cal"), "--out", str(rep)]) == 0
+    text = rep.read_text()
+    assert "## By peak signal-to-noise" in text
+    section = text.split("## By peak signal-to-noise", 1)[1].split("\n## ", 1)[0]
+    rows = [l for l in section.splitlines() if l.startswith("| prior")]
+    assert len(rows) == 8 and "81.0-85.0" in rows[0]
+    (tmp_path / "plain").mkdir()
+    obs_plain, post_plain, loader_plain, _, _ = _world(tmp_path / "plain", n_obs=8, n_s=8, seed=4)
+    plain = run_calibration([str(post_plain["exact"])], obs_plain, "prior", tmp_path / "plain" / "cal",
+                            loader=loader_plain, n_bins=5, n_boot=20, n_null=20, lens_figures=0)
+    assert "per_snr" not in plain["sets"]["prior"]["exact"]
