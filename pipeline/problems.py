@@ -137,3 +137,11 @@ class DenseLinearProblem(LinearInverseProblem):
         w = (self.mask.to(torch.float64) / self.sigma.to(torch.float64) ** 2)
         d = ((self.M ** 2) * w[:, None]).sum(0)
         return d.to(y.device, torch.float32).expand(y.reshape(-1, *self.y_shape).shape[0], *self.x_shape)
+
+    def row_precision(self, y: torch.Tensor) -> torch.Tensor:
+        """Row sums of |M|^T diag(mask / sigma^2) |M| (>= the diagonal; a Gershgorin bound on every
+        eigenvalue of M^T M / sigma^2), one row per observation in y (B, d_y): (B, d_x)."""
+        w = (self.mask.to(torch.float64) / self.sigma.to(torch.float64) ** 2)
+        a = self.M.abs()
+        r = a.T @ (w * a.sum(1))
+        return r.to(y.device, torch.float32).expand(y.reshape(-1, *self.y_shape).shape[0], *self.x_shape)

@@ -37,6 +37,9 @@ def add_arguments(parser) -> None:
                         help="with --step-variance-tau2: the prior variance is that value for every pixel (prior), "
                              "per pixel the Tweedie estimate's square plus it (tweedie) or per sample that square's "
                              "mean over pixels plus it (galaxy); default: the posterior's own")
+    parser.add_argument("--step-mean-shift", choices=("on", "off"), default=None,
+                        help="sample with the likelihood-informed step mean shift on or off (rtb.policy.step_mean_shift; "
+                             "needs a step variance); default: the posterior's own")
     parser.add_argument("--noise-sigma", type=float, default=None,
                         help="noise level (default: the one recorded in the exported posterior)")
 
@@ -65,6 +68,7 @@ def run(args) -> int:
     for ck in args.posterior:
         rec = check_posterior(args.config, prior, ck, n_obs=args.n_obs, n=args.samples, seed=args.seed,
                               noise_sigma=args.noise_sigma, last_step=args.last_step,
-                              step_variance_tau2=args.step_variance_tau2, step_variance_mode=args.step_variance_mode)
+                              step_variance_tau2=args.step_variance_tau2, step_variance_mode=args.step_variance_mode,
+                              step_mean_shift=None if args.step_mean_shift is None else args.step_mean_shift == "on")
         print(json.dumps(rec), flush=True)
     return 0

@@ -39,6 +39,7 @@ class MultiLensProblem:
         self.image_shape, self.x_shape = first.image_shape, first.x_shape
         self.y_shape = tuple(first.image_shape)
         self.diag = torch.stack([p.diag_AtA_over_sigma2() for p in problems])  # (L, *x_shape)
+        self.row = torch.stack([p.row_AtA_over_sigma2() for p in problems])  # (L, *x_shape)
 
     def __len__(self) -> int:
         return len(self.problems)
@@ -119,6 +120,11 @@ class LensBatch(InverseProblem):
         """diag(A^T A / sigma^2) of each row's own lens, (B, *x_shape) in network units."""
         self._check(y.shape[0])
         return self.pool.diag.to(y.device)[self.index.to(y.device)]
+
+    def row_precision(self, y: torch.Tensor) -> torch.Tensor:
+        """Row sums of |A|^T diag(mask/sigma^2) |A| of each row's own lens, (B, *x_shape), network units."""
+        self._check(y.shape[0])
+        return self.pool.row.to(y.device)[self.index.to(y.device)]
 
     def backproject(self, y: torch.Tensor) -> torch.Tensor:
         return self._dispatch(y.shape[0], lambda p, sel: p.backproject(y[sel]), self.x_shape, y.dtype, y.device)

@@ -31,7 +31,7 @@ def evaluate_shipped_posterior(config_path, prior, checkpoint, *, seed: int = 0,
 
 def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int = 32, seed: int = 42,
                     noise_sigma: float | None = None, last_step: str = "policy", step_variance_tau2=None,
-                    step_variance_mode: str | None = None) -> dict:
+                    step_variance_mode: str | None = None, step_mean_shift: bool | None = None) -> dict:
     """Seeded fit check of an amortized posterior on ``n_obs`` prior-predictive observations (lenses,
     truths and noise from ``seed``; the same set for every checkpoint): per observation the median over
     ``n`` samples of chi2_nu over the image and inside the arc, the mean log r, the ELBO, and the median
@@ -47,7 +47,8 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
     ``policy`` (the network's own) or ``gauss_newton`` (the twisted step of ``rtb_amortized_gn``).
     ``step_variance_tau2``: None keeps the posterior's own likelihood-informed step variance; a value
     (network units^2) or ``"off"`` replaces it for this check (:mod:`pipeline.rtb.step_variance`), and
-    ``step_variance_mode`` (``"prior"``, ``"tweedie"`` or ``"galaxy"``) its mode."""
+    ``step_variance_mode`` (``"prior"``, ``"tweedie"`` or ``"galaxy"``) its mode; ``step_mean_shift``
+    (None: the posterior's own) switches the step's likelihood-informed mean shift on or off."""
     if n_obs < 1 or n < 2:
         raise ValueError(f"check_posterior needs n_obs >= 1 and n >= 2 samples (got {n_obs}, {n})")
     if last_step not in ("policy", "gauss_newton"):
@@ -72,6 +73,10 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
                 post.step_variance_tau2 = None if step_variance_tau2 == "off" else float(step_variance_tau2)
             if step_variance_mode is not None:
                 post.step_variance_mode = step_variance_mode
+            if step_mean_shift is not None:
+                if step_mean_shift and post.step_variance_tau2 is None:
+                    raise ValueError("step_mean_shift needs a step variance (step_variance_tau2)")
+                post.step_mean_shift = bool(step_mean_shift)
             method = "rtb_amortized_gn" if last_step == "gauss_newton" else "rtb_amortized"
             sampler = amortized_sampler(method, post, batch_size=n)
         smp = sampler.sample(problem, y, n, generator=gen)
@@ -87,6 +92,7 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
         rows["truth_chi2_arc_nu"].append(float(chi_t["chi2_arc_nu"][0]))
     return {"posterior": str(checkpoint), "last_step": last_step, "step_variance_tau2": getattr(post, "step_variance_tau2", None),
             "step_variance_mode": getattr(post, "step_variance_mode", None),
+            "step_mean_shift": getattr(post, "step_mean_shift", None),
             "n_obs": n_obs, "n_samples": n, "seed": seed,
             "noise_sigma": noise_sigma,
             **{f"{k}_median": float(np.median(v)) for k, v in rows.items()},

@@ -322,6 +322,20 @@ class LensingProblem(LinearInverseProblem):
         """diag(A^T A / sigma^2) for each of the observations y (B, ny, nx): (B, *x_shape)."""
         return self.diag_AtA_over_sigma2().to(y.device).expand(y.shape[0], *self.x_shape)
 
+    def row_AtA_over_sigma2(self) -> torch.Tensor:
+        """Row sums of |A|^T diag(mask/sigma^2) |A| on the source grid, shape x_shape (network units^-2):
+        at least diag(A^T A / sigma^2), and a Gershgorin bound on every eigenvalue of A^T A / sigma^2."""
+        w = (self.mask / self.sigma ** 2).reshape(-1, 1).to(torch.float32)
+        absT = torch.sparse_csr_tensor(self.MT.crow_indices(), self.MT.col_indices(), self.MT.values().abs(),
+                                       self.MT.shape, check_invariants=False)
+        image_sums = torch.sparse_csr_tensor(self.M.crow_indices(), self.M.col_indices(), self.M.values().abs(),
+                                           self.M.shape, check_invariants=False) @ torch.ones(self.d, 1, device=w.device)
+        return (self.scale ** 2 * (absT @ (w * image_sums))).reshape(self.x_shape)
+
+    def row_precision(self, y: torch.Tensor) -> torch.Tensor:
+        """:meth:`row_AtA_over_sigma2` for each of the observations y (B, ny, nx): (B, *x_shape)."""
+        return self.row_AtA_over_sigma2().to(y.device).expand(y.shape[0], *self.x_shape)
+
     def backproject(self, y: torch.Tensor) -> torch.Tensor:
         """A^T (mask * (y - offset_image) / sigma^2) on the source grid: (B, *x_shape) for y (B, ny, nx)
         or x_shape for a single y (ny, nx)."""

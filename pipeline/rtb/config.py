@@ -41,6 +41,8 @@ class PolicyConfig:
                                              "pixel; tweedie = per pixel the Tweedie estimate's square plus "
                                              "step_variance_tau2; galaxy = per sample its mean over pixels plus "
                                              "step_variance_tau2.", choices=["prior", "tweedie", "galaxy"])
+    step_mean_shift: bool = param(False, "With step_variance_tau2: also move each step's mean towards the data by the "
+                                         "same diagonal model, damped so no direction overshoots (docs/method.md).")
     guidance: str = param("none", "Frozen-prior guidance added to the policy mean (detached; no double "
                                   "backprop).", choices=["none", "dps", "dps_cla"])
     guidance_scale: float = param(1.0, "Scale of that guidance (tuned by the untrained ELBO).", min=0)
@@ -48,6 +50,10 @@ class PolicyConfig:
     guidance_gain_init: float = param(1.0, "Initial gain on every step; below 1 the start is a weaker-guided "
                                            "chain, so a guidance that points at wrong modes does not lock the "
                                            "policy onto them.", gt=0)
+
+    def validate(self, source="<config>", prefix: str = "") -> None:
+        if self.step_mean_shift and self.step_variance_tau2 is None:
+            raise ConfigError(source, prefix + "step_mean_shift", "needs step_variance_tau2 (the model's prior variance)")
 
 
 @dataclass
@@ -189,7 +195,8 @@ class RTBConfig:
                        "guidance": p.guidance, "guidance_scale": p.guidance_scale,
                        "learn_guidance_gain": p.learn_guidance_gain, "guidance_gain_init": p.guidance_gain_init,
                        **({"step_variance_tau2": p.step_variance_tau2} if p.step_variance_tau2 is not None else {}),
-                       **({"step_variance_mode": p.step_variance_mode} if p.step_variance_mode != "prior" else {})},
+                       **({"step_variance_mode": p.step_variance_mode} if p.step_variance_mode != "prior" else {}),
+                       **({"step_mean_shift": True} if p.step_mean_shift else {})},
             "objective": {"amortized": o.amortized, "logz": o.logz, "group_size": o.group_size,
                           "beta_start": o.beta_start, "beta_ramp_steps": o.beta_ramp_steps,
                           "dead_zone": o.dead_zone, **({"huber": o.huber} if o.huber > 0 else {})},
@@ -222,7 +229,7 @@ def legacy_v1_hash(cfg: RTBConfig, K: int, variance: str) -> str:
         flat.pop(k)
     for k, neutral in (("lora_rank", 0), ("learn_guidance_gain", False), ("lr_per_step", 1e-2),
                        ("guidance_gain_init", 1.0), ("huber", 0.0), ("step_variance_tau2", None),
-                       ("step_variance_mode", "prior")):
+                       ("step_variance_mode", "prior"), ("step_mean_shift", False)):
         if flat[k] == neutral:
             flat.pop(k)
     return config_hash(flat)

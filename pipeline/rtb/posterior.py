@@ -22,8 +22,9 @@ v, and q's step std is ``std_p * exp(v / 2)``: with coarse chains (K = 20-50) th
 narrower than the prior's (the likelihood adds precision), which a mean shift alone cannot express,
 so a fixed-variance q has an irreducible KL (measured on a 1-D mixture at K = 20: ~0.07 nat).
 With ``step_variance_tau2`` set, the prior's std is first narrowed per pixel by the data precision of
-the observation's own lens (:mod:`.step_variance`; ``step_variance_mode``: the prior's variance is
-``tau2``, or per pixel the Tweedie estimate's square plus ``tau2``), and the learned offset applies on top.
+the observation's own lens (:mod:`.step_variance`; ``step_variance_mode``: how the model's prior
+variance is set), and the learned offset applies on top; with ``step_mean_shift`` the same model also
+moves the step's mean towards the data, and the head's correction applies on top of that.
 
 The sample is ``x0 = f(x_1)``, the frozen prior's deterministic final denoise. The posterior is
 unconditioned (one observation) or amortized (``cond`` carries the observation per sample).
@@ -44,7 +45,7 @@ from torch import nn
 from pipeline.diffusion.schedule import Chain, gaussian_log_prob
 from pipeline.diffusion.unet import build_unet
 from pipeline.rtb.lora import apply_lora
-from pipeline.rtb.step_variance import MODES as STEP_VARIANCE_MODES, galaxy_tau2, local_tau2, narrowing
+from pipeline.rtb.step_variance import MODES as STEP_VARIANCE_MODES, likelihood_step, tweedie_x0
 from pipeline.samplers.guidance import frozen_guidance_shift
 
 FEATURES = ("x0hat", "grad")
@@ -130,14 +131,17 @@ class RTBPosterior(nn.Module):
     def __init__(self, prior, chain: Chain, model: nn.Module, *, mode: str = "residual",
                  features: tuple[str, ...] = (), guidance=None, learn_variance: bool = False,
                  learn_guidance_gain: bool = False, guidance_gain_init: float = 1.0,
-                 step_variance_tau2: float | None = None, step_variance_mode: str = "prior"):
+                 step_variance_tau2: float | None = None, step_variance_mode: str = "prior",
+                 step_mean_shift: bool = False):
         super().__init__()
         if step_variance_tau2 is not None and not step_variance_tau2 > 0:
             raise ValueError(f"step_variance_tau2 must be > 0 or None, got {step_variance_tau2!r}")
         if step_variance_mode not in STEP_VARIANCE_MODES:
             raise ValueError(f"step_variance_mode must be one of {STEP_VARIANCE_MODES}, got {step_variance_mode!r}")
+        if step_mean_shift and step_variance_tau2 is None:
+            raise ValueError("step_mean_shift needs step_variance_tau2 (the model's prior variance)")
         self.step_variance_tau2 = None if step_variance_tau2 is None else float(step_variance_tau2)
-        self.step_variance_mode = step_variance_mode
+        self.step_variance_mode, self.step_mean_shift = step_variance_mode, bool(step_mean_shift)
         if mode not in ("residual", "replace"):
             raise ValueError(f"posterior mode must be 'residual' or 'replace', got {mode!r}")
         bad = [f for f in features if f not in FEATURES]
@@ -183,7 +187,7 @@ class RTBPosterior(nn.Module):
             return None
         with torch.no_grad():
             ab = self._abar(k, x)
-            x0hat = (x - (1 - ab).sqrt() * eps_p) / ab.sqrt()
+            x0hat = tweedie_x0(x, eps_p, ab)
             out = []
             if "x0hat" in self.features:
                 out.append(x0hat)
@@ -225,7 +229,10 @@ class RTBPosterior(nn.Module):
                 guide = guide * self._per_step(self.guidance_log_gain, k, x).exp()
             mean = mean + guide
         if self.step_variance_tau2 is not None:
-            std = std * self.step_narrowing(x, k, eps_p, y, problem)
+            narrow, shift = self.likelihood_step(x, k, eps_p, y, problem)
+            std = std * narrow
+            if shift is not None:
+                mean = mean + shift
         if v is not None:
             std = std * torch.exp(0.5 * v)
         return mean, std
@@ -233,18 +240,17 @@ class RTBPosterior(nn.Module):
     def step_narrowing(self, x, k, eps_p, y, problem):
         """The likelihood-informed factor (0, 1] on the prior's step std at x_k, shaped like x; ones when
         ``step_variance_tau2`` is off (:mod:`.step_variance`)."""
+        return self.likelihood_step(x, k, eps_p, y, problem)[0]
+
+    def likelihood_step(self, x, k, eps_p, y, problem):
+        """(narrowing factor on the prior's step std, mean offset or None) at x_k under the diagonal
+        model of :mod:`.step_variance`; (ones, None) when ``step_variance_tau2`` is off. Both are
+        functions of x_k and y only (detached), so the step stays Gaussian and log q exact."""
         if self.step_variance_tau2 is None:
-            return torch.ones_like(x)
-        if problem is None or not hasattr(problem, "diag_precision"):
-            raise ValueError("the likelihood-informed step variance needs the observation's problem "
-                             "(with diag_precision)")
-        h = problem.diag_precision(y).to(x.dtype).reshape(x.shape)
-        tau2 = self.step_variance_tau2
-        if self.step_variance_mode == "tweedie":
-            tau2 = local_tau2(x, eps_p, self._abar(k, x), tau2)
-        elif self.step_variance_mode == "galaxy":
-            tau2 = galaxy_tau2(x, eps_p, self._abar(k, x), tau2)
-        return narrowing(h, self._abar(k - 1, x), self.chain.reverse_std(k, like=x), tau2)
+            return torch.ones_like(x), None
+        return likelihood_step(problem, x, y, eps_p, self._abar(k, x), self._abar(k - 1, x),
+                               self.chain.reverse_std(k, like=x), self.step_variance_tau2, self.step_variance_mode,
+                               shift=self.step_mean_shift)
 
     @staticmethod
     def _per_step(param, k, x):
@@ -350,7 +356,8 @@ def posterior_spec(prior, chain: Chain, cfg, cond_dim: int = 0, cond_channels: i
             "guidance": p.guidance, "guidance_scale": p.guidance_scale, "learn_variance": learn_var,
             "learn_guidance_gain": bool(p.learn_guidance_gain), "guidance_gain_init": float(p.guidance_gain_init),
             "step_variance_tau2": p.step_variance_tau2,
-            **({"step_variance_mode": p.step_variance_mode} if p.step_variance_mode != "prior" else {})}
+            **({"step_variance_mode": p.step_variance_mode} if p.step_variance_mode != "prior" else {}),
+            **({"step_mean_shift": True} if p.step_mean_shift else {})}
 
 
 def build_model(spec: dict, prior=None) -> nn.Module:
@@ -389,4 +396,5 @@ def build_posterior(prior, spec: dict) -> RTBPosterior:
                         learn_guidance_gain=spec.get("learn_guidance_gain", False),
                         guidance_gain_init=spec.get("guidance_gain_init", 1.0),
                         step_variance_tau2=spec.get("step_variance_tau2"),
-                        step_variance_mode=spec.get("step_variance_mode", "prior"))
+                        step_variance_mode=spec.get("step_variance_mode", "prior"),
+                        step_mean_shift=spec.get("step_mean_shift", False))

@@ -23,7 +23,16 @@ policy's mean is left as the network gives it. With ``mode="tweedie"`` the
 prior variance is per pixel and per state, ``x0hat^2 + tau2`` (:func:`local_tau2`; ``tau2`` is then the
 floor); with ``mode="galaxy"`` it is one value per sample, the mean over pixels of ``x0hat^2`` plus
 ``tau2`` (:func:`galaxy_tau2`): prior galaxies span three decades in mean square brightness, so one
-prior-wide value over-narrows the faint ones and under-narrows the bright. The narrowed std is used both to draw and to score
+prior-wide value over-narrows the faint ones and under-narrows the bright.
+
+With ``mean_shift`` the step's mean moves by the same Gaussian product (:func:`mean_shift`): the data's
+pull on x_{k-1}, ``g grad / (1 + h c)`` with ``grad = A^T (y - A x0hat) / sigma^2`` at the prior's
+Tweedie estimate x0hat of x_k, times the narrowed variance. For a diagonal operator and a Gaussian
+prior this is the exact posterior step's mean. Where the PSF and the lens couple pixels, a per-pixel
+step of that size overshoots the smooth directions (their curvature exceeds the diagonal ``h``), so
+the shift is damped by ``h / h_row`` with ``h_row = |A|^T diag(mask / sigma^2) |A| 1``, the row sums that
+bound every eigenvalue of ``A^T A / sigma^2`` (Gershgorin): the step then never moves x0hat past the
+data's optimum along any direction. The narrowed std is used both to draw and to score
 (log q), so log q, the ELBO and log Z stay exact for what is sampled; only how close the step is to the
 posterior's rests on the approximation (pixels are not independent: the PSF and the lens couple them).
 """
@@ -62,6 +71,43 @@ def narrowing(h: torch.Tensor, abar_prev, step_std, tau2) -> torch.Tensor:
     return (1.0 + s2 * data_precision_on_state(h, abar_prev, tau2)).rsqrt()
 
 
+def mean_shift(grad: torch.Tensor, h: torch.Tensor, h_row: torch.Tensor, abar_prev, step_std, tau2) -> torch.Tensor:
+    """The data's pull on the step's mean, ``step_std^2 g grad h / ((1 + h c) h_row)`` (network units).
+
+    ``grad``: grad_x0 log p(y | x0) at the prior's Tweedie estimate of x_k (network units^-1);
+    ``h``, ``h_row``: diag(A^T A / sigma^2) and the row sums of |A|^T diag(mask / sigma^2) |A| (network
+    units^-2, ``h_row >= h``; equal for a diagonal operator); ``step_std``: the step's std after the
+    narrowing (network units); ``abar_prev``, ``tau2`` as in :func:`data_precision_on_state`. Without
+    the damping ``h / h_row`` this is the mean of the Gaussian product of N(mean, step_std^2) with the
+    likelihood of x_{k-1} under the diagonal model, linearised at the prior's mean."""
+    tau2 = torch.as_tensor(tau2, dtype=h.dtype, device=h.device)
+    ab = torch.as_tensor(abar_prev, dtype=h.dtype, device=h.device)
+    v = (1.0 - ab) / ab
+    g = tau2 / (ab.sqrt() * (tau2 + v))
+    c = tau2 * v / (tau2 + v)
+    damp = torch.where(h_row > 0, h / h_row.clamp_min(torch.finfo(h.dtype).tiny), torch.zeros_like(h))
+    return torch.as_tensor(step_std, dtype=h.dtype, device=h.device) ** 2 * g * grad * damp / (1.0 + h * c)
+
+
+def tweedie_x0(x: torch.Tensor, eps: torch.Tensor, abar) -> torch.Tensor:
+    """The prior's Tweedie estimate ``(x - sqrt(1 - abar) eps) / sqrt(abar)`` of x_0 at x_k (``abar`` =
+    abar_k, broadcastable to x; ``eps``: the prior's eps there), detached."""
+    ab = torch.as_tensor(abar, dtype=x.dtype, device=x.device)
+    return ((x - (1.0 - ab).sqrt() * eps) / ab.sqrt()).detach()
+
+
+def prior_variance(mode: str, tau2: float, x: torch.Tensor, eps: torch.Tensor, abar):
+    """The prior variance the model uses at x_k: ``tau2`` (``prior``), :func:`local_tau2` (``tweedie``) or
+    :func:`galaxy_tau2` (``galaxy``), network units^2."""
+    if mode == "tweedie":
+        return local_tau2(x, eps, abar, tau2)
+    if mode == "galaxy":
+        return galaxy_tau2(x, eps, abar, tau2)
+    if mode != "prior":
+        raise ValueError(f"step variance mode must be one of {MODES}, got {mode!r}")
+    return tau2
+
+
 def local_tau2(x: torch.Tensor, eps: torch.Tensor, abar, floor: float) -> torch.Tensor:
     """Per-pixel prior variance from the state itself: ``x0hat^2 + floor`` (network units^2), with
     ``x0hat = (x - sqrt(1 - abar) eps) / sqrt(abar)`` the prior's Tweedie estimate at x_k (``abar`` =
@@ -69,9 +115,7 @@ def local_tau2(x: torch.Tensor, eps: torch.Tensor, abar, floor: float) -> torch.
     std uses it stays a Gaussian in x_{k-1} with exact log q. Where the estimate is bright the prior's
     variance there is large, where it is faint (a faint galaxy, the background) small, which a single
     prior-wide ``tau2`` cannot follow."""
-    ab = torch.as_tensor(abar, dtype=x.dtype, device=x.device)
-    x0hat = (x - (1.0 - ab).sqrt() * eps) / ab.sqrt()
-    return x0hat.detach() ** 2 + floor
+    return tweedie_x0(x, eps, abar) ** 2 + floor
 
 
 def galaxy_tau2(x: torch.Tensor, eps: torch.Tensor, abar, floor: float) -> torch.Tensor:
@@ -82,3 +126,27 @@ def galaxy_tau2(x: torch.Tensor, eps: torch.Tensor, abar, floor: float) -> torch
     stays exact."""
     x0sq = local_tau2(x, eps, abar, 0.0)
     return x0sq.mean(dim=tuple(range(1, x.ndim)), keepdim=True) + floor
+
+
+def likelihood_step(problem, x, y, eps, abar_k, abar_prev, step_std, tau2: float, mode: str = "prior", *,
+                    shift: bool = False):
+    """(narrowing factor on the prior's step std, mean offset or None) at the states x (B, ...) of step k.
+
+    ``problem``: the observation's inverse problem (``diag_precision``; with ``shift`` also
+    ``row_precision`` and ``grad_log_likelihood``) and ``y`` its data; ``eps``: the prior's eps at x;
+    ``abar_k``, ``abar_prev``: abar_k and abar_{k-1} broadcastable to x; ``step_std``: the prior
+    chain's std s_k; ``tau2`` and ``mode`` as in :func:`prior_variance`. Both outputs are functions of
+    x_k and y only (detached), so a step that uses them is Gaussian with exact log q."""
+    if problem is None or not hasattr(problem, "diag_precision"):
+        raise ValueError("the likelihood-informed step needs the observation's problem (with diag_precision)")
+    h = problem.diag_precision(y).to(x.dtype).reshape(x.shape)
+    t2 = prior_variance(mode, tau2, x, eps, abar_k)
+    narrow = narrowing(h, abar_prev, step_std, t2)
+    if not shift:
+        return narrow, None
+    if not hasattr(problem, "row_precision"):
+        raise ValueError(f"the step mean shift needs the problem's row_precision ({type(problem).__name__} has none)")
+    with torch.no_grad():
+        grad = problem.grad_log_likelihood(tweedie_x0(x, eps, abar_k), y).to(x.dtype).reshape(x.shape)
+        h_row = problem.row_precision(y).to(x.dtype).reshape(x.shape)
+        return narrow, mean_shift(grad, h, h_row, abar_prev, step_std * narrow, t2)

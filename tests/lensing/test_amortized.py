@@ -42,11 +42,12 @@ def test_lens_batch_rows_equal_each_lens_alone(pool):
     assert isinstance(lenses, LensBatch) and tuple(lenses.y_shape) == (12, 12) and len(lenses) == 6
     out = {"forward": lenses.forward(x), "ll": lenses.log_likelihood(x, ys), "chi2": lenses.residual_chi2(x, ys),
            "grad": lenses.grad_log_likelihood(x, ys), "diag": lenses.diag_precision(ys),
-           "feats": lens_features(lenses, ys)}
+           "row": lenses.row_precision(ys), "feats": lens_features(lenses, ys)}
     for j, i in enumerate(idx):
         p, xj, yj = pool.problems[i], x[j:j + 1], ys[j:j + 1]
         want = {"forward": p.forward(xj), "ll": p.log_likelihood(xj, yj), "chi2": p.residual_chi2(xj, yj),
-                "grad": p.grad_log_likelihood(xj, yj), "diag": p.diag_precision(yj), "feats": lens_features(p, yj)}
+                "grad": p.grad_log_likelihood(xj, yj), "diag": p.diag_precision(yj),
+                "row": p.row_precision(yj), "feats": lens_features(p, yj)}
         for name, v in want.items():
             torch.testing.assert_close(out[name][j:j + 1], v, rtol=0, atol=0, msg=name)
     # different noise levels per lens: the normalising constants differ, so a mix-up would show

@@ -131,10 +131,16 @@ def test_adjoint_dense_and_helpers():
     w = (mask / prob.sigma ** 2).reshape(-1).double()
     diag = (D ** 2 * w[:, None]).sum(0)
     assert torch.allclose(prob.diag_AtA_over_sigma2().reshape(-1).double(), diag, rtol=1e-4)
+    # row sums of |A|^T W |A|: the Gershgorin bound on every eigenvalue of A^T W A, at least the diagonal
+    row = D.abs().T @ (w * D.abs().sum(1))
+    got = prob.row_AtA_over_sigma2().reshape(-1).double()
+    assert torch.allclose(got, row, rtol=1e-4) and bool((got >= diag * (1 - 1e-5)).all())
+    assert float(torch.linalg.eigvalsh(D.T @ (w[:, None] * D)).max()) <= float(got.max()) * (1 + 1e-5)
     y = torch.randn(N, N, generator=g)
     bp = D.T @ (((y - prob.offset_image) / prob.sigma ** 2 * mask).reshape(-1).double())
     assert torch.allclose(prob.backproject(y).reshape(-1).double(), bp, rtol=1e-4, atol=1e-5)
     assert prob.backproject(y[None].expand(2, N, N)).shape == (2, 1, NS, NS)
+    assert prob.row_precision(y[None].expand(2, N, N)).shape == (2, 1, NS, NS)
 
 
 def test_brightness_map_and_gradient():

@@ -9,7 +9,7 @@ from pipeline.diffusion.prior import GaussianMixturePrior
 from pipeline.diffusion.schedule import gaussian_log_prob
 from pipeline.rtb.objective import evaluate_states, policy_rollout
 from pipeline.rtb.posterior import MLPCorrection, RTBPosterior, build_posterior
-from pipeline.rtb.step_variance import data_precision_on_state, galaxy_tau2, local_tau2, narrowing
+from pipeline.rtb.step_variance import data_precision_on_state, galaxy_tau2, local_tau2, mean_shift, narrowing
 
 
 def _direct_precision(h: float, abar: float, tau2: float) -> float:
@@ -60,6 +60,9 @@ class _DiagProblem:
     def grad_log_likelihood(self, x, y):
         return ((y - x) / self.sigma ** 2).to(x.dtype)
 
+    def row_precision(self, y):  # an identity operator couples no pixels: the row sums are the diagonal
+        return self.diag_precision(y)
+
 
 def _posterior(tau2):
     torch.manual_seed(0)
@@ -105,6 +108,10 @@ def test_spec_round_trip_and_old_specs():
     assert build_posterior(post.prior, spec).step_variance_mode == "prior"
     assert build_posterior(post.prior, {**spec, "step_variance_tau2": 1e-4,
                                         "step_variance_mode": "tweedie"}).step_variance_mode == "tweedie"
+    assert build_posterior(post.prior, spec).step_mean_shift is False
+    assert build_posterior(post.prior, {**spec, "step_variance_tau2": 0.1, "step_mean_shift": True}).step_mean_shift
+    with pytest.raises(ValueError, match="step_variance_tau2"):
+        build_posterior(post.prior, {**spec, "step_mean_shift": True})
     with pytest.raises(ValueError, match="step_variance_tau2"):
         build_posterior(post.prior, {**spec, "step_variance_tau2": -1.0})
     with pytest.raises(ValueError, match="problem"):
@@ -209,3 +216,88 @@ def test_state_modes_draw_and_score_exactly_and_follow_the_state(mode):
         torch.testing.assert_close(std[0, 1], std[1, 1])
     with pytest.raises(ValueError, match="step_variance_mode"):
         RTBPosterior(post.prior, post.chain, post.model, step_variance_tau2=0.1, step_variance_mode="local")
+
+
+def _exact_step(tau2, abar_prev, abar_k, h, xk, y):
+    """The prior step (mean, var) of x_{k-1} given x_k, the prior's E[x_0 | x_k], and the exact posterior
+    step (mean, var) given x_k and y, for x_0 ~ N(0, tau2), the forward chain and y = x_0 + N(0, 1/h)."""
+    a_p, a_k = abar_prev, abar_k
+    alpha = a_k / a_p  # x_k = sqrt(alpha) x_{k-1} + sqrt(1 - alpha) e
+    # joint covariance of (x_0, x_{k-1}, x_k, y)
+    v0, v1 = tau2, a_p * tau2 + 1 - a_p
+    c01 = a_p ** 0.5 * tau2
+    cov = torch.tensor([[v0, c01, alpha ** 0.5 * c01, v0],
+                        [c01, v1, alpha ** 0.5 * v1, c01],
+                        [alpha ** 0.5 * c01, alpha ** 0.5 * v1, alpha * v1 + 1 - alpha, alpha ** 0.5 * c01],
+                        [v0, c01, alpha ** 0.5 * c01, v0 + 1 / h]], dtype=torch.float64)
+
+    def cond(i, given, vals):
+        s12 = cov[i, given]
+        s22 = cov[given][:, given]
+        w = torch.linalg.solve(s22, s12)
+        return float(w @ torch.tensor(vals, dtype=torch.float64)), float(cov[i, i] - s12 @ w)
+
+    mu, s2 = cond(1, [2], [xk])
+    x0hat, _ = cond(0, [2], [xk])
+    post_mean, post_var = cond(1, [2, 3], [xk, y])
+    return mu, s2, x0hat, post_mean, post_var
+
+
+@pytest.mark.parametrize("abar_prev,abar_k", [(0.999, 0.99), (0.9, 0.7), (0.3, 0.1)])
+@pytest.mark.parametrize("tau2,h", [(0.026, 40.0), (1.0, 3.0), (0.5, 2000.0)])
+def test_mean_shift_and_narrowing_give_the_exact_gaussian_step(abar_prev, abar_k, tau2, h):
+    """For a diagonal operator (row sums = diagonal) and a Gaussian prior the narrowed std and the mean
+    shift are the exact posterior step: the Gaussian product of the prior's step with p(y | x_{k-1})."""
+    xk, y = 0.7, -0.4
+    mu, s2, x0hat, want_mean, want_var = _exact_step(tau2, abar_prev, abar_k, h, xk, y)
+    hh = torch.tensor([h], dtype=torch.float64)
+    s_new = s2 ** 0.5 * narrowing(hh, abar_prev, s2 ** 0.5, tau2)
+    torch.testing.assert_close(s_new ** 2, torch.tensor([want_var], dtype=torch.float64), rtol=1e-10, atol=0.0)
+    grad = hh * (y - x0hat)
+    got = mu + mean_shift(grad, hh, hh, abar_prev, s_new, tau2)
+    torch.testing.assert_close(got, torch.tensor([want_mean], dtype=torch.float64), rtol=1e-10, atol=1e-12)
+
+
+def test_mean_shift_is_damped_by_the_row_sums_and_zero_without_data():
+    grad, h = torch.tensor([2.0, 2.0, 0.0]), torch.tensor([10.0, 10.0, 0.0])
+    full = mean_shift(grad, h, h, 0.9, 0.1, 0.03)
+    damped = mean_shift(grad, h, torch.tensor([40.0, 10.0, 0.0]), 0.9, 0.1, 0.03)
+    torch.testing.assert_close(damped[0], full[0] / 4)
+    torch.testing.assert_close(damped[1], full[1])
+    assert float(damped[2]) == 0.0 and bool(torch.isfinite(damped).all())
+
+
+def test_shifted_policy_draws_and_scores_exactly_and_moves_towards_the_data():
+    """With step_mean_shift the step is still Gaussian in x_{k-1} (rollout log q = second pass, at int and
+    per-sample k), its mean moves by the closed-form shift, and samples land nearer the data."""
+    problem = _DiagProblem([0.05, 0.05])
+    y = torch.tensor([1.5, -1.0])
+    post, plain = _posterior(1.0), _posterior(1.0)
+    post.step_mean_shift = True
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(7))
+    eps = post.prior.eps(x, post.timesteps(3, 5, x.device))
+    m_plain, s_plain = plain.step_params(x, 3, eps, y.expand(5, 2), problem=problem)
+    m, s = post.step_params(x, 3, eps, y.expand(5, 2), problem=problem)
+    torch.testing.assert_close(s, s_plain)
+    narrow, shift = post.likelihood_step(x, 3, eps, y.expand(5, 2), problem)
+    torch.testing.assert_close(m, m_plain + shift)
+    assert float(shift.abs().min()) > 0
+    b = policy_rollout(post, 256, y, problem=problem, generator=torch.Generator().manual_seed(8))
+    again = evaluate_states(post, b.xs, b.y, None, problem=problem, eps_p=b.eps_p, log_p_steps=b.log_p_steps)
+    for k in range(2, post.chain.K + 1):
+        torch.testing.assert_close(again.log_q_steps[k], b.log_q_steps[k])
+    ks = torch.tensor([2, 3, 5, 7])
+    rows = torch.arange(4)
+    xs = torch.stack([b.xs[int(k)][i] for i, k in zip(rows, ks)])
+    x_prev = torch.stack([b.xs[int(k) - 1][i] for i, k in zip(rows, ks)])
+    e = torch.stack([b.eps_p[int(k)][i] for i, k in zip(rows, ks)])
+    with torch.no_grad():
+        got = post.log_q_step(xs, x_prev, ks, e, b.y[:4], problem=problem)
+    want = torch.stack([b.log_q_steps[int(k)][i] for i, k in zip(rows, ks)])
+    torch.testing.assert_close(got.to(want.dtype), want, rtol=1e-5, atol=1e-4)
+    b_plain = policy_rollout(plain, 256, y, problem=problem, generator=torch.Generator().manual_seed(8))
+    err = float(((b.x0 - y) ** 2).sum(1).mean())
+    err_plain = float(((b_plain.x0 - y) ** 2).sum(1).mean())
+    assert err < 0.8 * err_plain
+    with pytest.raises(ValueError, match="step_variance_tau2"):
+        RTBPosterior(post.prior, post.chain, post.model, step_mean_shift=True)
