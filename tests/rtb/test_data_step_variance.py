@@ -71,6 +71,22 @@ def _posterior(tau2):
     model = MLPCorrection(2, feat_dim=2, hidden=16, layers=2, out_mult=2)
     return RTBPosterior(prior, chain, model, features=("grad",), learn_variance=True, step_variance_tau2=tau2)
 
+def _assert_rollout_scores_again(post, b, problem):
+    """The rollout's log q of every step equals the second pass's, at int k and at per-sample k."""
+    again = evaluate_states(post, b.xs, b.y, None, problem=problem, eps_p=b.eps_p, log_p_steps=b.log_p_steps)
+    for k in range(2, post.chain.K + 1):
+        torch.testing.assert_close(again.log_q_steps[k], b.log_q_steps[k])
+    ks = torch.tensor([2, 3, 5, 7])
+    rows = torch.arange(4)
+    x = torch.stack([b.xs[int(k)][i] for i, k in zip(rows, ks)])
+    x_prev = torch.stack([b.xs[int(k) - 1][i] for i, k in zip(rows, ks)])
+    eps = torch.stack([b.eps_p[int(k)][i] for i, k in zip(rows, ks)])
+    with torch.no_grad():
+        got = post.log_q_step(x, x_prev, ks, eps, b.y[:4], problem=problem)
+    want = torch.stack([b.log_q_steps[int(k)][i] for i, k in zip(rows, ks)])
+    torch.testing.assert_close(got.to(want.dtype), want, rtol=1e-5, atol=1e-4)
+
+
 
 def test_policy_draws_and_scores_with_the_narrowed_std():
     problem = _DiagProblem([0.01, 10.0])  # pixel 0 well measured, pixel 1 barely
@@ -191,18 +207,7 @@ def test_state_modes_draw_and_score_exactly_and_follow_the_state(mode):
     post = _posterior(1e-4)
     post.step_variance_mode = mode
     b = policy_rollout(post, 200, torch.tensor([0.8, 0.1]), problem=problem, generator=torch.Generator().manual_seed(6))
-    again = evaluate_states(post, b.xs, b.y, None, problem=problem, eps_p=b.eps_p, log_p_steps=b.log_p_steps)
-    for k in range(2, post.chain.K + 1):
-        torch.testing.assert_close(again.log_q_steps[k], b.log_q_steps[k])
-    ks = torch.tensor([2, 3, 5, 7])
-    rows = torch.arange(4)
-    x = torch.stack([b.xs[int(k)][i] for i, k in zip(rows, ks)])
-    x_prev = torch.stack([b.xs[int(k) - 1][i] for i, k in zip(rows, ks)])
-    eps = torch.stack([b.eps_p[int(k)][i] for i, k in zip(rows, ks)])
-    with torch.no_grad():
-        got = post.log_q_step(x, x_prev, ks, eps, b.y[:4], problem=problem)
-    want = torch.stack([b.log_q_steps[int(k)][i] for i, k in zip(rows, ks)])
-    torch.testing.assert_close(got.to(want.dtype), want, rtol=1e-5, atol=1e-4)
+    _assert_rollout_scores_again(post, b, problem)
     # two states at k = 3 with the same eps: x0hat 0 (faint) and 1 (bright) in pixel 0
     ab = float(post.chain.abar[3])
     eps0 = torch.zeros(2, 2)
@@ -283,18 +288,7 @@ def test_shifted_policy_draws_and_scores_exactly_and_moves_towards_the_data():
     torch.testing.assert_close(m, m_plain + shift)
     assert float(shift.abs().min()) > 0
     b = policy_rollout(post, 256, y, problem=problem, generator=torch.Generator().manual_seed(8))
-    again = evaluate_states(post, b.xs, b.y, None, problem=problem, eps_p=b.eps_p, log_p_steps=b.log_p_steps)
-    for k in range(2, post.chain.K + 1):
-        torch.testing.assert_close(again.log_q_steps[k], b.log_q_steps[k])
-    ks = torch.tensor([2, 3, 5, 7])
-    rows = torch.arange(4)
-    xs = torch.stack([b.xs[int(k)][i] for i, k in zip(rows, ks)])
-    x_prev = torch.stack([b.xs[int(k) - 1][i] for i, k in zip(rows, ks)])
-    e = torch.stack([b.eps_p[int(k)][i] for i, k in zip(rows, ks)])
-    with torch.no_grad():
-        got = post.log_q_step(xs, x_prev, ks, e, b.y[:4], problem=problem)
-    want = torch.stack([b.log_q_steps[int(k)][i] for i, k in zip(rows, ks)])
-    torch.testing.assert_close(got.to(want.dtype), want, rtol=1e-5, atol=1e-4)
+    _assert_rollout_scores_again(post, b, problem)
     b_plain = policy_rollout(plain, 256, y, problem=problem, generator=torch.Generator().manual_seed(8))
     err = float(((b.x0 - y) ** 2).sum(1).mean())
     err_plain = float(((b_plain.x0 - y) ** 2).sum(1).mean())
