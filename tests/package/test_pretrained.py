@@ -127,6 +127,30 @@ def test_default_posterior_without_its_step_variance_reproduces_the_network_alon
 
 
 @pytest.mark.slow
+def test_default_posterior_without_its_step_mean_shift_reproduces_the_earlier_record():
+    """The step mean shift was switched on in the shipped posterior without retraining: switched off, the
+    seeded fit is the one recorded before it (``step_mean_shift_off``), and the two differ."""
+    from pipeline.diffusion.network_prior import load_prior
+    from pipeline.io.checkpoint import load_checkpoint
+    from pipeline.lensing.checks import check_posterior
+
+    rec = RECORD["posterior"]
+    ck = load_checkpoint(SHIPPED / "posterior", names=[])
+    assert ck.hparams["spec"]["step_mean_shift"] is True and rec["step_mean_shift"] is True
+    switched = ck.hparams["step_mean_shift_switched_on"]
+    assert switched["at_step"] == ck.step and switched["steps_trained_with_it"] == 0
+    prior = load_prior(SHIPPED / "prior")
+    off = check_posterior(CONFIG, prior, SHIPPED / "posterior", n_obs=1, n=rec["n"], seed=rec["seed"],
+                          noise_sigma=rec["noise_sigma"], step_mean_shift=False)
+    assert off["step_mean_shift"] is False and off["step_variance_tau2"] == rec["step_variance_tau2"]
+    assert off["per_observation"]["chi2_nu"][0] == pytest.approx(rec["step_mean_shift_off"]["chi2_nu_median"],
+                                                                 rel=1e-3)
+    assert off["per_observation"]["mean_log_r"][0] == pytest.approx(rec["step_mean_shift_off"]["mean_log_r"],
+                                                                    rel=1e-4, abs=1e-2)
+    assert abs(rec["step_mean_shift_off"]["mean_log_r"] - rec["mean_log_r"]) > 1.0
+
+
+@pytest.mark.slow
 def test_v1_posterior_matches_its_config_and_reproduces_its_fit():
     from pipeline.config import load_section, load_yaml
     from pipeline.diffusion.network_prior import load_prior
