@@ -22,9 +22,10 @@ GEOM = GeometryConfig(image_npix=12, image_pixscale=0.2, source_npix=12, source_
                       psf_fwhm=0.3, psf_npix=5)
 
 
-@pytest.mark.parametrize("tau2", [None, 0.05])
-def test_two_pass_equals_naive_on_the_default_lensing_head(tau2):
-    """Also with the likelihood-informed step variance (``tau2``), which the shipped posterior samples with."""
+@pytest.mark.parametrize("tau2,shift", [(None, False), (0.05, False), (0.05, True)])
+def test_two_pass_equals_naive_on_the_default_lensing_head(tau2, shift):
+    """Also with the likelihood-informed step variance (``tau2``) and step mean (``shift``), which the
+    shipped posterior samples with."""
     rcfg = load_section("config/config.yaml", "rtb", RTBConfig)
     torch.manual_seed(0)
     prior = NetworkPrior(build_unet("tiny", in_channels=1, image_size=12), NoiseSchedule(), (1, 12, 12), scale=2.0)
@@ -34,10 +35,11 @@ def test_two_pass_equals_naive_on_the_default_lensing_head(tau2):
         p.set_brightness(2.0, 0.0)
     pool = MultiLensProblem(probs)
     chain = prior.schedule.chain(5)  # shorter than the configured chain, for time; head, features, VarGrad as configured
-    spec = {**posterior_spec(prior, chain, rcfg, cond_channels=2), "step_variance_tau2": tau2}
+    spec = {**posterior_spec(prior, chain, rcfg, cond_channels=2), "step_variance_tau2": tau2,
+            "step_mean_shift": shift}
     assert spec["model"]["type"] == "unet_head" and spec["learn_variance"] and rcfg.objective.logz == "vargrad"
     post = build_posterior(prior, spec)
-    assert post.step_variance_tau2 == tau2
+    assert post.step_variance_tau2 == tau2 and post.step_mean_shift is shift
     with torch.no_grad():  # move the zero-initialised output off zero: q != p, so the test is not vacuous
         for prm in post.model.parameters():
             prm.add_(0.05 * torch.randn_like(prm))
