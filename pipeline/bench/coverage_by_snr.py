@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -46,6 +47,32 @@ def method_summary(summary: dict, method: str, path: str) -> dict:
     return per_set[method]
 
 
+def _peak_snrs(manifest: dict, path: str, m: dict, summary_path: str) -> list[float]:
+    """The manifest's finite peak SNRs, in the summary's observation order (matched by file name when both
+    name their observations)."""
+    obs = manifest.get("observations")
+    if not isinstance(obs, list) or not all(isinstance(o, dict) and "peak_snr" in o for o in obs):
+        raise InputFileError(path, "needs a list of observations with peak_snr", field="observations")
+    names = m.get("observations")
+    if names and all("file" in o for o in obs):
+        by_name = {str(o["file"]).rsplit("/", 1)[-1]: o for o in obs}
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise InputFileError(path, f"has no observation {missing[0]} (named in {summary_path})",
+                                 field="observations")
+        obs = [by_name[n] for n in names]
+    elif len(obs) != len(m.get("per_obs", {}).get("coverage68", [])):
+        raise InputFileError(path, f"{len(obs)} observations, the summary has "
+                                   f"{len(m.get('per_obs', {}).get('coverage68', []))}", field="observations")
+    try:
+        snr = [float(o["peak_snr"]) for o in obs]
+    except (TypeError, ValueError):
+        snr = [float("nan")]
+    if not all(math.isfinite(v) for v in snr):
+        raise InputFileError(path, "every peak_snr must be a finite number", field="observations")
+    return snr
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.bench.coverage_by_snr", description=__doc__.split("\n")[0])
     ap.add_argument("summary", help="a calibrate summary.json (one set)")
@@ -56,23 +83,23 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     try:
         m = method_summary(_read(a.summary), a.method, a.summary)
-        obs = _read(a.manifest).get("observations")
-        if not isinstance(obs, list) or not all(isinstance(o, dict) and "peak_snr" in o for o in obs):
-            raise InputFileError(a.manifest, "needs a list of observations with peak_snr", field="observations")
-        if len(obs) != len(m["per_obs"]["coverage68"]):
-            raise InputFileError(a.manifest, f"{len(obs)} observations, the summary has "
-                                             f"{len(m['per_obs']['coverage68'])}", field="observations")
-        if not 1 <= a.groups <= len(obs):
-            ap.error(f"--groups must be in [1, {len(obs)}], got {a.groups}")
-        rows = snr_groups(m["per_obs"], [o["peak_snr"] for o in obs], a.groups)
+        snr = _peak_snrs(_read(a.manifest), a.manifest, m, a.summary)
+        if not 1 <= a.groups <= len(snr):
+            ap.error(f"--groups must be in [1, {len(snr)}], got {a.groups}")
+        try:
+            rows = snr_groups(m["per_obs"], snr, a.groups)
+            ref68, ref95 = m["coverage68_ref"], m["coverage95_ref"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise InputFileError(a.summary, f"not a calibrate summary of per-observation coverages ({err})",
+                                 field=f"sets.*.{a.method}") from None
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    ref68, ref95 = m["coverage68_ref"], m["coverage95_ref"]
-    print(f"{a.method}: {len(obs)} observations; exact-sampler coverage {ref68:.3f} / {ref95:.3f}")
+    print(f"{a.method}: {len(snr)} observations; exact-sampler coverage {ref68:.3f} / {ref95:.3f}")
     for r in rows:
+        arc = "n/a" if r["chi2_arc_median"] is None else f"{r['chi2_arc_median']:.3f}"
         print(f"peak SNR {r['snr_min']:6.1f} - {r['snr_max']:6.1f} ({r['n_obs']:3d}): coverage68 {r['coverage68']:.3f}, "
-              f"coverage95 {r['coverage95']:.3f}, arc chi2_nu median {r['chi2_arc_median']:.3f}")
+              f"coverage95 {r['coverage95']:.3f}, arc chi2_nu median {arc}")
     if a.out:
         Path(a.out).write_text(json.dumps({"summary": a.summary, "manifest": a.manifest, "method": a.method,
                                            "coverage68_ref": ref68, "coverage95_ref": ref95, "groups": rows},

@@ -8,7 +8,7 @@ import torch
 
 from pipeline.diffusion.schedule import load_chain
 from pipeline.diffusion.sampling import sample_prior
-from pipeline.errors import InputFileError
+from pipeline.errors import InputFileError, PipelineError
 from pipeline.io.checkpoint import load_checkpoint
 from pipeline.lensing.amortized import amortized_sampler
 from pipeline.lensing.config import load_lensing_config
@@ -49,6 +49,8 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
     (network units^2) or ``"off"`` replaces it for this check (:mod:`pipeline.rtb.step_variance`), and
     ``step_variance_mode`` (``"prior"``, ``"tweedie"`` or ``"galaxy"``) its mode; ``step_mean_shift``
     (None: the posterior's own) switches the step's likelihood-informed mean shift on or off."""
+    if step_variance_tau2 == "off" and step_mean_shift:
+        raise PipelineError("check-posterior: the step mean shift needs a step variance (not --step-variance-tau2 off)")
     if n_obs < 1 or n < 2:
         raise ValueError(f"check_posterior needs n_obs >= 1 and n >= 2 samples (got {n_obs}, {n})")
     if last_step not in ("policy", "gauss_newton"):
@@ -74,9 +76,12 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
             if step_variance_mode is not None:
                 post.step_variance_mode = step_variance_mode
             if step_mean_shift is not None:
-                if step_mean_shift and post.step_variance_tau2 is None:
-                    raise ValueError("step_mean_shift needs a step variance (step_variance_tau2)")
                 post.step_mean_shift = bool(step_mean_shift)
+            if post.step_variance_tau2 is None and post.step_mean_shift:
+                if step_mean_shift:
+                    raise PipelineError(f"{checkpoint}: the step mean shift needs a step variance, and this "
+                                        f"posterior has none (pass --step-variance-tau2)")
+                post.step_mean_shift = False  # the step variance switched off takes its mean shift with it
             method = "rtb_amortized_gn" if last_step == "gauss_newton" else "rtb_amortized"
             sampler = amortized_sampler(method, post, batch_size=n)
         smp = sampler.sample(problem, y, n, generator=gen)

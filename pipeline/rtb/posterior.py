@@ -240,9 +240,9 @@ class RTBPosterior(nn.Module):
     def step_narrowing(self, x, k, eps_p, y, problem):
         """The likelihood-informed factor (0, 1] on the prior's step std at x_k, shaped like x; ones when
         ``step_variance_tau2`` is off (:mod:`.step_variance`)."""
-        return self.likelihood_step(x, k, eps_p, y, problem)[0]
+        return self.likelihood_step(x, k, eps_p, y, problem, shift=False)[0]
 
-    def likelihood_step(self, x, k, eps_p, y, problem):
+    def likelihood_step(self, x, k, eps_p, y, problem, shift: bool | None = None):
         """(narrowing factor on the prior's step std, mean offset or None) at x_k under the diagonal
         model of :mod:`.step_variance`; (ones, None) when ``step_variance_tau2`` is off. Both are
         functions of x_k and y only (detached), so the step stays Gaussian and log q exact."""
@@ -250,7 +250,7 @@ class RTBPosterior(nn.Module):
             return torch.ones_like(x), None
         return likelihood_step(problem, x, y, eps_p, self._abar(k, x), self._abar(k - 1, x),
                                self.chain.reverse_std(k, like=x), self.step_variance_tau2, self.step_variance_mode,
-                               shift=self.step_mean_shift)
+                               shift=self.step_mean_shift if shift is None else shift)
 
     @staticmethod
     def _per_step(param, k, x):

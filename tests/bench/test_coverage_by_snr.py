@@ -30,6 +30,29 @@ def test_cli_writes_rows_and_names_a_bad_file(tmp_path, capsys):
     assert len(err) == 1 and str(m) in err[0] and "[observations]" in err[0]
     assert main([str(s), str(m), "--method", "dps"]) == 2
     assert "no method 'dps'" in capsys.readouterr().err
+    # observations matched by file name when both files name them; bad values are one-line errors
+    summ = _summary([0.2, 0.9], [0.8, 1.0], [1.0, float("nan")])
+    summ["sets"]["prior"]["rtb_amortized"]["observations"] = ["obs-0001.fits", "obs-0000.fits"]
+    s.write_text(json.dumps(summ))
+    m.write_text(json.dumps({"observations": [{"file": "obs-0000.fits", "peak_snr": 3.0},
+                                              {"file": "obs-0001.fits", "peak_snr": 80.0}]}))
+    assert main([str(s), str(m), "--groups", "2", "--out", str(out)]) == 0
+    assert [r["coverage68"] for r in json.loads(out.read_text())["groups"]] == [0.9, 0.2]
+    m.write_text(json.dumps({"observations": [{"file": "obs-0000.fits", "peak_snr": None},
+                                              {"file": "obs-0001.fits", "peak_snr": 80.0}]}))
+    assert main([str(s), str(m), "--groups", "2"]) == 2
+    assert "finite" in capsys.readouterr().err
+    m.write_text(json.dumps({"observations": [{"file": "obs-0000.fits", "peak_snr": 3.0},
+                                              {"file": "obs-0002.fits", "peak_snr": 80.0}]}))
+    assert main([str(s), str(m), "--groups", "2"]) == 2
+    assert "obs-0001.fits" in capsys.readouterr().err
+    m.write_text(json.dumps({"observations": [{"file": "obs-0000.fits", "peak_snr": 3.0},
+                                              {"file": "obs-0001.fits", "peak_snr": 80.0}]}))
+    del summ["sets"]["prior"]["rtb_amortized"]["coverage68_ref"]
+    s.write_text(json.dumps(summ))
+    assert main([str(s), str(m), "--groups", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(s) in err[0]
 
 
 def test_groups_sort_by_snr_and_average_within():

@@ -115,6 +115,19 @@ def test_check_posterior_prints_fit_statistics(run, capsys):
     assert rec["chi2_nu_median"] > 0 and np.isfinite(rec["elbo_median"])
 
 
+def test_check_posterior_step_options_are_consistent(run, capsys):
+    """The step variance switched off takes the step mean shift with it (the record says so); asking for
+    the shift without a step variance is one line naming the conflict, before anything is loaded."""
+    rec = _cli(capsys, "check-posterior", "--config", run / "config.yaml", "--prior", run / "prior",
+               "--posterior", run / "posterior", "--n-obs", 1, "--samples", 2, "--step-variance-tau2", "off")
+    assert rec["step_variance_tau2"] is None and rec["step_mean_shift"] is False
+    rc = main([str(a) for a in ("check-posterior", "--config", run / "config.yaml", "--prior", run / "prior",
+                                "--posterior", run / "posterior", "--step-variance-tau2", "off",
+                                "--step-mean-shift", "on")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "step mean shift needs a step variance" in err[0]
+
+
 def test_finetune_records_the_trained_conditions(run):
     from pipeline.io.checkpoint import load_checkpoint
 

@@ -295,3 +295,26 @@ def test_shifted_policy_draws_and_scores_exactly_and_moves_towards_the_data():
     assert err < 0.8 * err_plain
     with pytest.raises(ValueError, match="step_variance_tau2"):
         RTBPosterior(post.prior, post.chain, post.model, step_mean_shift=True)
+
+
+def test_dense_row_precision_bounds_the_spectrum_and_config_needs_a_step_variance(tmp_path):
+    """DenseLinearProblem.row_precision: the row sums of |M|^T W |M| (>= diagonal, >= every eigenvalue
+    of M^T W M); rtb.policy.step_mean_shift without step_variance_tau2 is a one-line config error."""
+    from pipeline.config import load_section
+    from pipeline.errors import ConfigError
+    from pipeline.problems import DenseLinearProblem
+    from pipeline.rtb.config import RTBConfig
+
+    M = torch.tensor([[1.0, -0.5, 0.0], [0.2, 1.0, 0.3], [0.0, 0.4, -1.0], [0.5, 0.0, 0.5]], dtype=torch.float64)
+    prob = DenseLinearProblem(M, torch.tensor([0.5, 1.0, 2.0, 1.0]))
+    y = torch.zeros(2, 4)
+    w = 1.0 / torch.tensor([0.5, 1.0, 2.0, 1.0], dtype=torch.float64) ** 2
+    row = prob.row_precision(y).double()
+    assert row.shape == (2, 3)
+    torch.testing.assert_close(row[0], M.abs().T @ (w * M.abs().sum(1)), rtol=1e-6, atol=0.0)
+    assert bool((row[0] >= prob.diag_precision(y)[0].double() - 1e-6).all())
+    assert float(torch.linalg.eigvalsh(M.T @ (w[:, None] * M)).max()) <= float(row[0].max()) + 1e-6
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("rtb:\n  policy:\n    step_mean_shift: true\n")
+    with pytest.raises(ConfigError, match="step_mean_shift"):
+        load_section(cfg, "rtb", RTBConfig)
