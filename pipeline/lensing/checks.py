@@ -77,7 +77,7 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
                 post.step_variance_mode = step_variance_mode
             if step_mean_shift is not None:
                 post.step_mean_shift = bool(step_mean_shift)
-            if post.step_variance_tau2 is None and post.step_mean_shift:
+            if getattr(post, "step_variance_tau2", None) is None and getattr(post, "step_mean_shift", False):
                 if step_mean_shift:
                     raise PipelineError(f"{checkpoint}: the step mean shift needs a step variance, and this "
                                         f"posterior has none (pass --step-variance-tau2)")
