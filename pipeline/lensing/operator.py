@@ -324,13 +324,17 @@ class LensingProblem(LinearInverseProblem):
 
     def row_AtA_over_sigma2(self) -> torch.Tensor:
         """Row sums of |A|^T diag(mask/sigma^2) |A| on the source grid, shape x_shape (network units^-2):
-        at least diag(A^T A / sigma^2), and a Gershgorin bound on every eigenvalue of A^T A / sigma^2."""
-        w = (self.mask / self.sigma ** 2).reshape(-1, 1).to(torch.float32)
-        absT = torch.sparse_csr_tensor(self.MT.crow_indices(), self.MT.col_indices(), self.MT.values().abs(),
-                                       self.MT.shape, check_invariants=False)
-        image_sums = torch.sparse_csr_tensor(self.M.crow_indices(), self.M.col_indices(), self.M.values().abs(),
-                                           self.M.shape, check_invariants=False) @ torch.ones(self.d, 1, device=w.device)
-        return (self.scale ** 2 * (absT @ (w * image_sums))).reshape(self.x_shape)
+        at least diag(A^T A / sigma^2), and a Gershgorin bound on every eigenvalue of A^T A / sigma^2.
+        The physical part (M, mask, sigma fixed) is computed once and kept; ``to`` drops it."""
+        if getattr(self, "_row_phys", None) is None:
+            w = (self.mask / self.sigma ** 2).reshape(-1, 1).to(torch.float32)
+            absT = torch.sparse_csr_tensor(self.MT.crow_indices(), self.MT.col_indices(), self.MT.values().abs(),
+                                           self.MT.shape, check_invariants=False)
+            image_sums = torch.sparse_csr_tensor(self.M.crow_indices(), self.M.col_indices(), self.M.values().abs(),
+                                               self.M.shape, check_invariants=False) @ torch.ones(self.d, 1,
+                                                                                                 device=w.device)
+            self._row_phys = (absT @ (w * image_sums)).reshape(self.x_shape)
+        return self.scale ** 2 * self._row_phys
 
     def row_precision(self, y: torch.Tensor) -> torch.Tensor:
         """:meth:`row_AtA_over_sigma2` for each of the observations y (B, ny, nx): (B, *x_shape)."""
@@ -353,6 +357,7 @@ class LensingProblem(LinearInverseProblem):
         super().to(device)
         self.M, self.MT = self.M.to(device), self.MT.to(device)
         self.offset_image = self.offset_image.to(device)
+        self._row_phys = None
         return self
 
     @property

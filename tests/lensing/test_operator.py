@@ -141,6 +141,10 @@ def test_adjoint_dense_and_helpers():
     assert torch.allclose(prob.backproject(y).reshape(-1).double(), bp, rtol=1e-4, atol=1e-5)
     assert prob.backproject(y[None].expand(2, N, N)).shape == (2, 1, NS, NS)
     assert prob.row_precision(y[None].expand(2, N, N)).shape == (2, 1, NS, NS)
+    # kept between calls, and still follows the brightness scale
+    prob.set_brightness(3.4, 0.05)
+    torch.testing.assert_close(prob.row_AtA_over_sigma2().reshape(-1).double(), row * (3.4 / 1.7) ** 2, rtol=1e-4,
+                               atol=0.0)
 
 
 def test_brightness_map_and_gradient():
