@@ -101,6 +101,20 @@ class LinearInverseProblem(InverseProblem):
         r = (y - self.A(x)) / s2 * self.mask.to(x.device)
         return self.AT(r.to(x.dtype))
 
+    # whitened operator W A, W = diag(mask / sigma): what a solver of the linearised data term iterates on
+    def whitened_residual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """W (y - forward(x)) for sources x (B, *x_shape), in units of sigma (0 on masked pixels)."""
+        w = self.mask.to(x.device) / self.sigma.to(x.device)
+        return (y.to(x.dtype) - self.forward(x)) * w.to(x.dtype)
+
+    def whitened_A(self, u: torch.Tensor) -> torch.Tensor:
+        """W A u for source-space u (B, *x_shape)."""
+        return self.A(u) * (self.mask.to(u.device) / self.sigma.to(u.device)).to(u.dtype)
+
+    def whitened_AT(self, w: torch.Tensor) -> torch.Tensor:
+        """A^T W w for image-space w (B, *y_shape): the adjoint of :meth:`whitened_A`."""
+        return self.AT((w * (self.mask.to(w.device) / self.sigma.to(w.device)).to(w.dtype)))
+
     def dense_matrix(self) -> torch.Tensor:
         """A as a dense (m_all, d) float64 matrix (rows for every pixel, masked ones included)."""
         d = math.prod(self.x_shape)

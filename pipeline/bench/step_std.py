@@ -6,7 +6,7 @@
 On seeded prior-predictive observations (the check's draw: lens, prior-chain truth and noise from
 ``--seed``), ``--n`` trajectories of the posterior each. At every visited state x_k it splits the
 policy's step std into the prior chain's ``s_k``, the closed-form likelihood-informed narrowing
-(``RTBPosterior.step_narrowing``; 1 where the posterior does not use it) and the head's learned factor
+(``RTBPosterior.likelihood_step``; 1 where the posterior does not use it) and the head's learned factor
 ``exp(v / 2)``, and reports per chain step k the mean and sd of the learned log-variance offset v, its
 range, and the median and 10th percentile over pixels and samples of both factors. Writes OUT.json and
 prints one line per step.
@@ -38,7 +38,7 @@ def step_factors(post, batch) -> dict[int, dict[str, torch.Tensor]]:
     for k in range(post.chain.K, 1, -1):
         x = batch.xs[k]
         _, v = post._model_out(x, k, batch.eps_p[k], batch.y, batch.cond, batch.problem)
-        nar = post.step_narrowing(x, k, batch.eps_p[k], batch.y, batch.problem)
+        nar = post.likelihood_step(x, k, batch.eps_p[k], batch.y, batch.problem, shift=False)[0]
         out[k] = {"v": (torch.zeros_like(x) if v is None else v).reshape(-1), "narrowing": nar.reshape(-1)}
     return out
 

@@ -110,9 +110,9 @@ def evaluate_method(records: list[dict], *, prior_std, n_bins: int, rng: np.rand
     kinds = [r.get("kind") for r in records]
     if any(k is not None for k in kinds):
         out["per_kind"] = per_kind_summary(kinds, out["per_obs"], samples, truths)
-    snr = [r.get("peak_snr") for r in records]
+    snr = [r.get("data_snr") for r in records]
     if len(snr) >= SNR_GROUPS and all(v is not None for v in snr):
-        out["per_snr"] = snr_groups(out["per_obs"], snr)
+        out["per_data_snr"] = snr_groups(out["per_obs"], snr)
     lens = lens_arrays(records)
     if lens is not None:
         out["lens"] = lens_calibration(*lens, rng=rng, n_bins=n_bins)

@@ -4,8 +4,8 @@ A *record* is one posterior file (one method, one observation) as a dict: ``samp
 in the file's physical source units, ``mean``/``std`` from the file, ``truth`` (from the posterior
 or its observation), ``chi2`` (per-sample chi2_nu over the image and in the arc, dimensionless),
 ``truth_chi2`` (the truth's own chi2_nu and chi2_arc_nu), ``logz``, ``seconds`` (sampling wall
-time [s]), ``obs`` (observation file name), ``kind`` (the observation's SRCKIND), ``peak_snr`` (its
-PEAKSNR, None when absent), ``ppc`` (the file's
+time [s]), ``obs`` (observation file name), ``kind`` (the observation's SRCKIND), ``data_snr`` (the
+signal-to-noise of its data alone, :func:`pipeline.metrics.chi2.data_snr`; None without an operator), ``ppc`` (the file's
 posterior predictive check, None when it has none) and, for the
 observations drawn as lens figures, ``residual``/``obs_img``/``obs_pix`` (arcsec per image pixel).
 """
@@ -26,7 +26,7 @@ from pipeline.io.posterior import read_posterior
 from pipeline.lensing.config import LensingConfig, load_lensing_config
 from pipeline.lensing.critical import lens_from_header
 from pipeline.lensing.observation import load_observation
-from pipeline.metrics.chi2 import chi2_per_sample, forward_view, normalised_residual
+from pipeline.metrics.chi2 import chi2_per_sample, data_snr, forward_view, normalised_residual
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +95,6 @@ def source_kind(obs_path) -> str | None:
     return str(kind).strip() or None
 
 
-def peak_snr(obs_path) -> float | None:
-    """The observation's peak signal-to-noise (primary ``PEAKSNR``, written by ``simulate`` and
-    ``simulate-prior-set``: the noiseless image's brightest pixel over the noise sigma), or None."""
-    try:
-        value = float(fits.getval(obs_path, "PEAKSNR", ext=0))
-    except (KeyError, OSError, TypeError, ValueError):
-        return None
-    return value if np.isfinite(value) else None
-
-
 def true_lens(obs_path):
     """The lens in an observation's keywords (array frame), or None when it has none or they cannot be read
     (a warning says why)."""
@@ -132,7 +122,7 @@ def read_records(files, obs_dir: Path) -> tuple[dict, dict]:
                "truth_chi2": None, "logz": (d["logz"] if d["logz_available"] else None), "seconds": d["seconds"],
                "obs": obs_path.name, "file": f, "src_pixscale": d["src_pixscale"], "units": d["units"],
                "method": method, "label": d["label"], "residual": None, "obs_img": None, "obs_pix": None,
-               "kind": source_kind(obs_path), "peak_snr": peak_snr(obs_path), "model": d.get("model"), "lens_cards": d.get("lens"),
+               "kind": source_kind(obs_path), "data_snr": None, "model": d.get("model"), "lens_cards": d.get("lens"),
                "bunit": d.get("bunit", ""), "data_unit": d.get("data_unit", ""), "ppc": d["ppc"],
                "lens_samples": d["lens_samples"],
                "lens_truth": true_lens(obs_path) if d["lens_samples"] is not None else None}
@@ -149,12 +139,14 @@ def figure_pairs(by_method: dict, lens_figures: int) -> set:
 
 
 def score_observations(by_obs: dict, loader, figure_obs: set) -> None:
-    """Fill each record's truth (from its observation when the posterior has none), chi2 and
-    truth_chi2, and the residual map of figure records. Observation-major: each operator is built
+    """Fill each record's truth (from its observation when the posterior has none), chi2,
+    truth_chi2 and data_snr, and the residual map of figure records. Observation-major: each operator is built
     once and dropped before the next (a 64x64 sparse lensing operator can take hundreds of MB)."""
     for obs_path in sorted(by_obs):
         problem, y, obs_truth = loader(obs_path)
+        snr = data_snr(problem, y) if problem is not None else None
         for rec in by_obs[obs_path]:
+            rec["data_snr"] = snr
             if rec["truth"] is None:
                 rec["truth"] = obs_truth
             if rec["truth"] is None:

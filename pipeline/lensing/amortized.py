@@ -116,6 +116,16 @@ class LensBatch(InverseProblem):
         return self._dispatch(x.shape[0], lambda p, sel: p.grad_log_likelihood(x[sel], y[sel]), self.x_shape,
                               x.dtype, x.device)
 
+    def whitened_residual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._dispatch(x.shape[0], lambda p, sel: p.whitened_residual(x[sel], y[sel]), self.image_shape,
+                              x.dtype, x.device)
+
+    def whitened_A(self, u: torch.Tensor) -> torch.Tensor:
+        return self._dispatch(u.shape[0], lambda p, sel: p.whitened_A(u[sel]), self.image_shape, u.dtype, u.device)
+
+    def whitened_AT(self, w: torch.Tensor) -> torch.Tensor:
+        return self._dispatch(w.shape[0], lambda p, sel: p.whitened_AT(w[sel]), self.x_shape, w.dtype, w.device)
+
     def diag_precision(self, y: torch.Tensor) -> torch.Tensor:
         """diag(A^T A / sigma^2) of each row's own lens, (B, *x_shape) in network units."""
         self._check(y.shape[0])

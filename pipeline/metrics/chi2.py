@@ -69,6 +69,19 @@ def chi2_per_sample(problem, samples, y, *, batch: int = 64) -> dict:
     }
 
 
+@torch.no_grad()
+def data_snr(problem, y) -> float:
+    """Signal-to-noise of an observation's data alone (dimensionless): sqrt(max(sum_m (y/sigma)^2 - m, 0))
+    over the m unmasked pixels, the usual estimate of ||A x|| / sigma (the expected sum is ||A x / sigma||^2
+    + m). A function of y, sigma and the mask only, so observations grouped by it keep an exact sampler's
+    coverage in every group; grouping by a property of the truth (e.g. the noiseless image's peak) does not.
+    """
+    mask = problem.mask
+    r2 = (torch.as_tensor(y).to(mask.device).double() / problem.sigma.double()) ** 2
+    total = float(torch.where(mask, r2, torch.zeros((), dtype=r2.dtype, device=mask.device)).sum())
+    return float(np.sqrt(max(total - int(mask.sum()), 0.0)))
+
+
 def normalised_residual(problem, x, y) -> np.ndarray:
     """(y - A(x)) / sigma for one source x (*x_shape), masked pixels set to NaN (for plots)."""
     with torch.no_grad():

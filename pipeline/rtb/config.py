@@ -43,6 +43,10 @@ class PolicyConfig:
                                              "step_variance_tau2.", choices=["prior", "tweedie", "galaxy"])
     step_mean_shift: bool = param(False, "With step_variance_tau2: also move each step's mean towards the data by the "
                                          "same diagonal model, damped so no direction overshoots (docs/method.md).")
+    step_mean_cg_iters: int = param(0, "With step_mean_shift: conjugate-gradient iterations of that shift on the "
+                                       "whole lens operator (0 = the damped diagonal form; docs/method.md).", min=0)
+    use_head: bool = param(True, "Sample with the trained correction head; false = the prior's step with the "
+                                 "likelihood-informed step only (nothing to train; the head stays in checkpoints).")
     guidance: str = param("none", "Frozen-prior guidance added to the policy mean (detached; no double "
                                   "backprop).", choices=["none", "dps", "dps_cla"])
     guidance_scale: float = param(1.0, "Scale of that guidance (tuned by the untrained ELBO).", min=0)
@@ -54,6 +58,8 @@ class PolicyConfig:
     def validate(self, source="<config>", prefix: str = "") -> None:
         if self.step_mean_shift and self.step_variance_tau2 is None:
             raise ConfigError(source, prefix + "step_mean_shift", "needs step_variance_tau2 (the model's prior variance)")
+        if self.step_mean_cg_iters and not self.step_mean_shift:
+            raise ConfigError(source, prefix + "step_mean_cg_iters", "needs step_mean_shift: true")
 
 
 @dataclass
@@ -196,7 +202,9 @@ class RTBConfig:
                        "learn_guidance_gain": p.learn_guidance_gain, "guidance_gain_init": p.guidance_gain_init,
                        **({"step_variance_tau2": p.step_variance_tau2} if p.step_variance_tau2 is not None else {}),
                        **({"step_variance_mode": p.step_variance_mode} if p.step_variance_mode != "prior" else {}),
-                       **({"step_mean_shift": True} if p.step_mean_shift else {})},
+                       **({"step_mean_shift": True} if p.step_mean_shift else {}),
+                       **({"step_mean_cg_iters": p.step_mean_cg_iters} if p.step_mean_cg_iters else {}),
+                       **({"use_head": False} if not p.use_head else {})},
             "objective": {"amortized": o.amortized, "logz": o.logz, "group_size": o.group_size,
                           "beta_start": o.beta_start, "beta_ramp_steps": o.beta_ramp_steps,
                           "dead_zone": o.dead_zone, **({"huber": o.huber} if o.huber > 0 else {})},
@@ -229,7 +237,8 @@ def legacy_v1_hash(cfg: RTBConfig, K: int, variance: str) -> str:
         flat.pop(k)
     for k, neutral in (("lora_rank", 0), ("learn_guidance_gain", False), ("lr_per_step", 1e-2),
                        ("guidance_gain_init", 1.0), ("huber", 0.0), ("step_variance_tau2", None),
-                       ("step_variance_mode", "prior"), ("step_mean_shift", False)):
+                       ("step_variance_mode", "prior"), ("step_mean_shift", False), ("step_mean_cg_iters", 0),
+                       ("use_head", True)):
         if flat[k] == neutral:
             flat.pop(k)
     return config_hash(flat)

@@ -24,10 +24,10 @@ so a fixed-variance q has an irreducible KL (measured on a 1-D mixture at K = 20
 With ``step_variance_tau2`` set, the prior's std is first narrowed per pixel by the data precision of
 the observation's own lens (:mod:`.step_variance`; ``step_variance_mode``: how the model's prior
 variance is set), and the learned offset applies on top; with ``step_mean_shift`` the same model also
-moves the step's mean towards the data, and the head's correction applies on top of that.
+moves the step's mean towards the data (``step_mean_cg_iters``: by conjugate gradients on the whole
+operator), and the head's correction applies on top of that unless ``use_head`` is off.
 
-The sample is ``x0 = f(x_1)``, the frozen prior's deterministic final denoise. The posterior is
-unconditioned (one observation) or amortized (``cond`` carries the observation per sample).
+The sample is ``x0 = f(x_1)``, the frozen prior's final denoise; ``cond`` carries y when amortized.
 
 Features for the correction (no backprop through the prior needed): ``x0hat`` = Tweedie estimate
 from the cached prior eps, and ``grad`` = sqrt(1 - abar_k) * grad log p(y | x0hat) (a sparse
@@ -132,7 +132,7 @@ class RTBPosterior(nn.Module):
                  features: tuple[str, ...] = (), guidance=None, learn_variance: bool = False,
                  learn_guidance_gain: bool = False, guidance_gain_init: float = 1.0,
                  step_variance_tau2: float | None = None, step_variance_mode: str = "prior",
-                 step_mean_shift: bool = False):
+                 step_mean_shift: bool = False, step_mean_cg_iters: int = 0, use_head: bool = True):
         super().__init__()
         if step_variance_tau2 is not None and not step_variance_tau2 > 0:
             raise ValueError(f"step_variance_tau2 must be > 0 or None, got {step_variance_tau2!r}")
@@ -142,6 +142,7 @@ class RTBPosterior(nn.Module):
             raise ValueError("step_mean_shift needs step_variance_tau2 (the model's prior variance)")
         self.step_variance_tau2 = None if step_variance_tau2 is None else float(step_variance_tau2)
         self.step_variance_mode, self.step_mean_shift = step_variance_mode, bool(step_mean_shift)
+        self.step_mean_cg_iters, self.use_head = int(step_mean_cg_iters), bool(use_head)
         if mode not in ("residual", "replace"):
             raise ValueError(f"posterior mode must be 'residual' or 'replace', got {mode!r}")
         bad = [f for f in features if f not in FEATURES]
@@ -222,7 +223,7 @@ class RTBPosterior(nn.Module):
 
         std is the chain's reverse std (a float) or, with a learned variance, a tensor shaped like x.
         """
-        eps, v = self._model_out(x, k, eps_p, y, cond, problem)
+        eps, v = self._model_out(x, k, eps_p, y, cond, problem) if self.use_head else (eps_p, None)
         mean, std = self.chain.reverse_mean(x, eps, k), self.chain.reverse_std(k, like=x)
         if guide is not None:
             if self.guidance_log_gain is not None:
@@ -237,20 +238,16 @@ class RTBPosterior(nn.Module):
             std = std * torch.exp(0.5 * v)
         return mean, std
 
-    def step_narrowing(self, x, k, eps_p, y, problem):
-        """The likelihood-informed factor (0, 1] on the prior's step std at x_k, shaped like x; ones when
-        ``step_variance_tau2`` is off (:mod:`.step_variance`)."""
-        return self.likelihood_step(x, k, eps_p, y, problem, shift=False)[0]
-
     def likelihood_step(self, x, k, eps_p, y, problem, shift: bool | None = None):
-        """(narrowing factor on the prior's step std, mean offset or None) at x_k under the diagonal
-        model of :mod:`.step_variance`; (ones, None) when ``step_variance_tau2`` is off. Both are
-        functions of x_k and y only (detached), so the step stays Gaussian and log q exact."""
+        """(narrowing factor in (0, 1] on the prior's step std, mean offset or None) at x_k under the model
+        of :mod:`.step_variance`; (ones, None) when ``step_variance_tau2`` is off; ``shift=False``: the
+        narrowing alone. Both are functions of x_k and y only (detached): the step stays Gaussian, log q exact."""
         if self.step_variance_tau2 is None:
             return torch.ones_like(x), None
         return likelihood_step(problem, x, y, eps_p, self._abar(k, x), self._abar(k - 1, x),
                                self.chain.reverse_std(k, like=x), self.step_variance_tau2, self.step_variance_mode,
-                               shift=self.step_mean_shift if shift is None else shift)
+                               shift=self.step_mean_shift if shift is None else shift,
+                               cg_iters=self.step_mean_cg_iters)
 
     @staticmethod
     def _per_step(param, k, x):
@@ -357,7 +354,9 @@ def posterior_spec(prior, chain: Chain, cfg, cond_dim: int = 0, cond_channels: i
             "learn_guidance_gain": bool(p.learn_guidance_gain), "guidance_gain_init": float(p.guidance_gain_init),
             "step_variance_tau2": p.step_variance_tau2,
             **({"step_variance_mode": p.step_variance_mode} if p.step_variance_mode != "prior" else {}),
-            **({"step_mean_shift": True} if p.step_mean_shift else {})}
+            **({"step_mean_shift": True} if p.step_mean_shift else {}),
+            **({"step_mean_cg_iters": int(p.step_mean_cg_iters)} if p.step_mean_cg_iters else {}),
+            **({"use_head": False} if not p.use_head else {})}
 
 
 def build_model(spec: dict, prior=None) -> nn.Module:
@@ -397,4 +396,5 @@ def build_posterior(prior, spec: dict) -> RTBPosterior:
                         guidance_gain_init=spec.get("guidance_gain_init", 1.0),
                         step_variance_tau2=spec.get("step_variance_tau2"),
                         step_variance_mode=spec.get("step_variance_mode", "prior"),
-                        step_mean_shift=spec.get("step_mean_shift", False))
+                        step_mean_shift=spec.get("step_mean_shift", False),
+                        step_mean_cg_iters=spec.get("step_mean_cg_iters", 0), use_head=spec.get("use_head", True))

@@ -32,7 +32,12 @@ prior this is the exact posterior step's mean. Where the PSF and the lens couple
 step of that size overshoots the smooth directions (their curvature exceeds the diagonal ``h``), so
 the shift is damped by ``h / h_row`` with ``h_row = |A|^T diag(mask / sigma^2) |A| 1``, the row sums that
 bound every eigenvalue of ``A^T A / sigma^2`` (Gershgorin): the step then never moves x0hat past the
-data's optimum along any direction. The narrowed std is used both to draw and to score
+data's optimum along any direction. With ``cg_iters = n > 0`` the shift is instead the Gaussian product
+with the whole operator: ``s^2 g A^T W (I + W A diag(alpha) A^T W)^-1 W (y - A x0hat)`` with
+``W = diag(mask / sigma)``, ``alpha = c + g^2 s^2`` and ``s`` the prior's step std, solved by n
+conjugate-gradient iterations from zero (:func:`cg_mean_shift`); for a diagonal operator it equals the
+undamped diagonal form, and CG stopped early moves less than the full product along every direction.
+The narrowed std is used both to draw and to score
 (log q), so log q, the ELBO and log Z stay exact for what is sampled; only how close the step is to the
 posterior's rests on the approximation (pixels are not independent: the PSF and the lens couple them).
 """
@@ -45,6 +50,15 @@ import torch
 MODES = ("prior", "tweedie", "galaxy")
 
 
+def gain_and_variance(abar_prev, tau2, like: torch.Tensor):
+    """(g, c) of the model: E[x_0 | x_{k-1}] = g x_{k-1} + const and Var[x_0 | x_{k-1}] = c (network
+    units^2), in ``like``'s dtype and device; ``abar_prev`` = abar_{k-1} and ``tau2`` floats or tensors."""
+    tau2 = torch.as_tensor(tau2, dtype=like.dtype, device=like.device)
+    ab = torch.as_tensor(abar_prev, dtype=like.dtype, device=like.device)
+    v = (1.0 - ab) / ab
+    return tau2 / (ab.sqrt() * (tau2 + v)), tau2 * v / (tau2 + v)
+
+
 def data_precision_on_state(h: torch.Tensor, abar_prev, tau2) -> torch.Tensor:
     """Per-pixel likelihood precision on x_{k-1}, ``g^2 h / (1 + h c)`` (network units^-2).
 
@@ -55,10 +69,7 @@ def data_precision_on_state(h: torch.Tensor, abar_prev, tau2) -> torch.Tensor:
     tau2 = torch.as_tensor(tau2, dtype=h.dtype, device=h.device)
     if not bool((tau2 > 0).all()):
         raise ValueError(f"tau2 must be > 0, got {tau2.min().item()!r}")
-    ab = torch.as_tensor(abar_prev, dtype=h.dtype, device=h.device)
-    v = (1.0 - ab) / ab
-    g = tau2 / (ab.sqrt() * (tau2 + v))
-    c = tau2 * v / (tau2 + v)
+    g, c = gain_and_variance(abar_prev, tau2, h)
     return g * g * h / (1.0 + h * c)
 
 
@@ -80,13 +91,34 @@ def mean_shift(grad: torch.Tensor, h: torch.Tensor, h_row: torch.Tensor, abar_pr
     narrowing (network units); ``abar_prev``, ``tau2`` as in :func:`data_precision_on_state`. Without
     the damping ``h / h_row`` this is the mean of the Gaussian product of N(mean, step_std^2) with the
     likelihood of x_{k-1} under the diagonal model, linearised at the prior's mean."""
-    tau2 = torch.as_tensor(tau2, dtype=h.dtype, device=h.device)
-    ab = torch.as_tensor(abar_prev, dtype=h.dtype, device=h.device)
-    v = (1.0 - ab) / ab
-    g = tau2 / (ab.sqrt() * (tau2 + v))
-    c = tau2 * v / (tau2 + v)
+    g, c = gain_and_variance(abar_prev, tau2, h)
     damp = torch.where(h_row > 0, h / h_row.clamp_min(torch.finfo(h.dtype).tiny), torch.zeros_like(h))
     return torch.as_tensor(step_std, dtype=h.dtype, device=h.device) ** 2 * g * grad * damp / (1.0 + h * c)
+
+
+def cg_mean_shift(problem, x0hat: torch.Tensor, y, alpha: torch.Tensor, iters: int) -> torch.Tensor:
+    """``A^T W (I + W A diag(alpha) A^T W)^-1 W (y - forward(x0hat))`` by ``iters`` conjugate-gradient
+    iterations from zero, one system per row (network units^-1; times ``s^2 g`` it is the step's mean
+    shift). ``problem``: ``whitened_residual``, ``whitened_A``, ``whitened_AT`` (W = diag(mask / sigma));
+    ``x0hat`` (B, *x_shape): the prior's Tweedie estimate; ``alpha``: the variance of x_0 given x_{k-1}
+    under the model, ``c + g^2 s^2`` (network units^2), broadcastable to x0hat. The system's matrix is
+    the identity plus a positive semi-definite term, so every iterate is defined and the residual norm
+    falls monotonically in the matrix's norm."""
+    def op(w):
+        return w + problem.whitened_A(alpha * problem.whitened_AT(w).reshape(x0hat.shape))
+
+    def dot(a, b):
+        return (a * b).flatten(1).sum(1).reshape(-1, *[1] * (a.ndim - 1))
+
+    res = problem.whitened_residual(x0hat, y)
+    w, p, rs = torch.zeros_like(res), res, dot(res, res)
+    for _ in range(int(iters)):
+        ap = op(p)
+        step = rs / dot(p, ap).clamp_min(torch.finfo(res.dtype).tiny)
+        w, res = w + step * p, res - step * ap
+        rs_new = dot(res, res)
+        p, rs = res + rs_new / rs.clamp_min(torch.finfo(res.dtype).tiny) * p, rs_new
+    return problem.whitened_AT(w).reshape(x0hat.shape)
 
 
 def tweedie_x0(x: torch.Tensor, eps: torch.Tensor, abar) -> torch.Tensor:
@@ -129,14 +161,15 @@ def galaxy_tau2(x: torch.Tensor, eps: torch.Tensor, abar, floor: float) -> torch
 
 
 def likelihood_step(problem, x, y, eps, abar_k, abar_prev, step_std, tau2: float, mode: str = "prior", *,
-                    shift: bool = False):
+                    shift: bool = False, cg_iters: int = 0):
     """(narrowing factor on the prior's step std, mean offset or None) at the states x (B, ...) of step k.
 
     ``problem``: the observation's inverse problem (``diag_precision``; with ``shift`` also
     ``row_precision`` and ``grad_log_likelihood``) and ``y`` its data; ``eps``: the prior's eps at x;
     ``abar_k``, ``abar_prev``: abar_k and abar_{k-1} broadcastable to x; ``step_std``: the prior
     chain's std s_k; ``tau2`` and ``mode`` as in :func:`prior_variance`. Both outputs are functions of
-    x_k and y only (detached), so a step that uses them is Gaussian with exact log q."""
+    x_k and y only (detached), so a step that uses them is Gaussian with exact log q. ``cg_iters`` > 0: the
+    shift by :func:`cg_mean_shift` (whitened operator) instead of the damped diagonal form."""
     if problem is None or not hasattr(problem, "diag_precision"):
         raise ValueError("the likelihood-informed step needs the observation's problem (with diag_precision)")
     h = problem.diag_precision(y).to(x.dtype).reshape(x.shape)
@@ -144,6 +177,12 @@ def likelihood_step(problem, x, y, eps, abar_k, abar_prev, step_std, tau2: float
     narrow = narrowing(h, abar_prev, step_std, t2)
     if not shift:
         return narrow, None
+    if cg_iters > 0:
+        with torch.no_grad():
+            g, c = gain_and_variance(abar_prev, t2, x)
+            s2 = torch.as_tensor(step_std, dtype=x.dtype, device=x.device) ** 2
+            pull = cg_mean_shift(problem, tweedie_x0(x, eps, abar_k), y, c + g * g * s2, cg_iters)
+            return narrow, (s2 * g * pull).to(x.dtype)
     if not hasattr(problem, "row_precision"):
         raise ValueError(f"the step mean shift needs the problem's row_precision ({type(problem).__name__} has none)")
     with torch.no_grad():

@@ -48,6 +48,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import distributed
+from pipeline.errors import ConfigError
 from pipeline.metrics.logz import estimate_logz, estimate_logz_grouped, log_weights
 from pipeline.rtb.config import RTBConfig
 from pipeline.rtb.exploration import ReplayBuffer, backtrack
@@ -310,6 +311,9 @@ class RTBTrainer(TrainerGuards, TrainerCheckpoints):
     def train(self, steps: int | None = None) -> dict:
         """Train up to ``steps`` (default cfg.run.steps) total iterations (a resumed run continues)."""
         total = self.cfg.run.steps if steps is None else steps
+        if self.step_idx < total and not self.cfg.policy.use_head:
+            raise ConfigError("<rtb config>", "rtb.policy.use_head", "false: the head is not sampled, so training "
+                              "it changes nothing; set it to true to train")
         bar = tqdm(total=total, initial=self.step_idx, disable=tqdm_disable(), desc="rtb")
         while self.step_idx < total and not self.diverged and not self.stopped_early:
             rec = self.train_step()

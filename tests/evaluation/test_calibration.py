@@ -11,6 +11,7 @@ from astropy.io import fits
 from pipeline.cli import main
 from pipeline.evaluation.calibration import run_calibration
 from pipeline.io.posterior import write_posterior
+from pipeline.metrics.chi2 import data_snr
 from pipeline.metrics.coverage import interval_coverage
 
 from tests.evaluation.image_problem import ImageProblem
@@ -263,34 +264,42 @@ def test_a_methods_figures_do_not_depend_on_the_other_methods_evaluated(tmp_path
         assert a[key] == b[key], key
 
 
-def test_per_snr_quartiles_in_the_summary_and_the_report(tmp_path):
-    """With PEAKSNR on the observations, each method's summary splits the set into peak-SNR quartiles
-    (means of the per-observation coverages), and the report shows them; without it, neither."""
+def test_snr_quartiles_come_from_the_data_in_the_summary_and_the_report(tmp_path):
+    """Each method's summary splits the set into quartiles of the data's SNR (means of the per-observation
+    coverages) and the report shows them. The observations' PEAKSNR (a property of the truth, here a
+    decoy descending with the file index) is not what groups them: a grouping by the truth biases even
+    exact samples (tests/evaluation/test_groups.py)."""
     obs_dir, post, loader, C, cov = _world(tmp_path, n_obs=20, n_s=24, seed=3, peak_snr=True)
     out = run_calibration([str(post["exact"]), str(post["narrow"])], obs_dir, "prior", tmp_path / "cal" / "prior",
                           loader=loader, n_bins=5, n_boot=20, n_null=20, lens_figures=0)
+    snr = {}
+    for f in sorted(obs_dir.glob("*.fits")):
+        problem, y, _ = loader(f)
+        snr[f.name] = data_snr(problem, y)
     for method in ("exact", "narrow"):
         r = out["sets"]["prior"][method]
-        groups = r["per_snr"]
+        assert "per_snr" not in r
+        groups = r["per_data_snr"]
         assert [g["n_obs"] for g in groups] == [5, 5, 5, 5]
-        assert [(g["snr_min"], g["snr_max"]) for g in groups] == [(81.0, 85.0), (86.0, 90.0), (91.0, 95.0),
-                                                                  (96.0, 100.0)]
         names = r["observations"]
-        faint = [i for i, n in enumerate(names) if int(n[4:8]) >= 15]  # PEAKSNR 81..85
-        want = np.mean([r["per_obs"]["coverage68"][i] for i in faint])
-        assert groups[0]["coverage68"] == pytest.approx(want, abs=1e-12)
+        ordered = sorted(names, key=lambda n: snr[n])
+        for g, members in zip(groups, [ordered[i:i + 5] for i in range(0, 20, 5)]):
+            assert (g["snr_min"], g["snr_max"]) == pytest.approx((snr[members[0]], snr[members[-1]]), rel=1e-12)
+            want = np.mean([r["per_obs"]["coverage68"][names.index(n)] for n in members])
+            assert g["coverage68"] == pytest.approx(want, abs=1e-12)
     ex, na = out["sets"]["prior"]["exact"], out["sets"]["prior"]["narrow"]
-    for g_ex, g_na in zip(ex["per_snr"], na["per_snr"]):
+    for g_ex, g_na in zip(ex["per_data_snr"], na["per_data_snr"]):
         assert g_na["coverage68"] < g_ex["coverage68"] - 0.1  # half-width samples cover far less
     rep = tmp_path / "report.md"
     assert main(["report", "--calibration", str(tmp_path / "cal"), "--out", str(rep)]) == 0
     text = rep.read_text()
-    assert "## By peak signal-to-noise" in text
-    section = text.split("## By peak signal-to-noise", 1)[1].split("\n## ", 1)[0]
+    section = text.split("## By signal-to-noise of the data", 1)[1].split("\n## ", 1)[0]
     rows = [l for l in section.splitlines() if l.startswith("| prior")]
-    assert len(rows) == 8 and "81.0-85.0" in rows[0]
+    lo, hi = groups[0]["snr_min"], groups[0]["snr_max"]
+    assert len(rows) == 8 and f"{lo:.1f}-{hi:.1f}" in rows[0]
     (tmp_path / "plain").mkdir()
     obs_plain, post_plain, loader_plain, _, _ = _world(tmp_path / "plain", n_obs=8, n_s=8, seed=4)
+    no_operator = lambda path: (None, None, loader_plain(path)[2])  # noqa: E731 (truths only: no data SNR)
     plain = run_calibration([str(post_plain["exact"])], obs_plain, "prior", tmp_path / "plain" / "cal",
-                            loader=loader_plain, n_bins=5, n_boot=20, n_null=20, lens_figures=0)
-    assert "per_snr" not in plain["sets"]["prior"]["exact"]
+                            loader=no_operator, n_bins=5, n_boot=20, n_null=20, lens_figures=0)
+    assert "per_data_snr" not in plain["sets"]["prior"]["exact"]

@@ -42,14 +42,20 @@ def test_lens_batch_rows_equal_each_lens_alone(pool):
     assert isinstance(lenses, LensBatch) and tuple(lenses.y_shape) == (12, 12) and len(lenses) == 6
     out = {"forward": lenses.forward(x), "ll": lenses.log_likelihood(x, ys), "chi2": lenses.residual_chi2(x, ys),
            "grad": lenses.grad_log_likelihood(x, ys), "diag": lenses.diag_precision(ys),
-           "row": lenses.row_precision(ys), "feats": lens_features(lenses, ys)}
+           "row": lenses.row_precision(ys), "feats": lens_features(lenses, ys),
+           "wres": lenses.whitened_residual(x, ys), "wA": lenses.whitened_A(x), "wAT": lenses.whitened_AT(ys)}
     for j, i in enumerate(idx):
         p, xj, yj = pool.problems[i], x[j:j + 1], ys[j:j + 1]
         want = {"forward": p.forward(xj), "ll": p.log_likelihood(xj, yj), "chi2": p.residual_chi2(xj, yj),
                 "grad": p.grad_log_likelihood(xj, yj), "diag": p.diag_precision(yj),
-                "row": p.row_precision(yj), "feats": lens_features(p, yj)}
+                "row": p.row_precision(yj), "feats": lens_features(p, yj),
+                "wres": p.whitened_residual(xj, yj), "wA": p.whitened_A(xj), "wAT": p.whitened_AT(yj)}
         for name, v in want.items():
             torch.testing.assert_close(out[name][j:j + 1], v, rtol=0, atol=0, msg=name)
+    # the whitened pair is adjoint: <W A u, w> = <u, A^T W w> on every row
+    lhs = (out["wA"].double() * ys.double()).flatten(1).sum(1)
+    rhs = (x.double() * out["wAT"].double().reshape(x.shape)).flatten(1).sum(1)
+    torch.testing.assert_close(lhs, rhs, rtol=1e-4, atol=1e-3)
     # different noise levels per lens: the normalising constants differ, so a mix-up would show
     assert len({round(p.log_norm_const(), 6) for p in pool.problems}) == 3
     assert (out["ll"][0] - pool.problems[0].log_likelihood(x[:1], ys[:1])[0]).abs() > 1.0
