@@ -40,8 +40,24 @@ def add_arguments(parser) -> None:
     parser.add_argument("--step-mean-shift", choices=("on", "off"), default=None,
                         help="sample with the likelihood-informed step mean shift on or off (rtb.policy.step_mean_shift; "
                              "needs a step variance); default: the posterior's own")
+    parser.add_argument("--step-mean-cg-iters", type=_count, default=None, metavar="N",
+                        help="conjugate-gradient iterations of that shift on the whole operator (0: the damped diagonal "
+                             "form; rtb.policy.step_mean_cg_iters); default: the posterior's own")
+    parser.add_argument("--head", choices=("on", "off"), default=None,
+                        help="sample with the trained correction head or without it (rtb.policy.use_head); default: the "
+                             "posterior's own")
     parser.add_argument("--noise-sigma", type=float, default=None,
                         help="noise level (default: the one recorded in the exported posterior)")
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
 
 
 def _tau2(text: str):
@@ -69,6 +85,8 @@ def run(args) -> int:
         rec = check_posterior(args.config, prior, ck, n_obs=args.n_obs, n=args.samples, seed=args.seed,
                               noise_sigma=args.noise_sigma, last_step=args.last_step,
                               step_variance_tau2=args.step_variance_tau2, step_variance_mode=args.step_variance_mode,
-                              step_mean_shift=None if args.step_mean_shift is None else args.step_mean_shift == "on")
+                              step_mean_shift=None if args.step_mean_shift is None else args.step_mean_shift == "on",
+                              step_mean_cg_iters=args.step_mean_cg_iters,
+                              use_head=None if args.head is None else args.head == "on")
         print(json.dumps(rec), flush=True)
     return 0

@@ -31,7 +31,8 @@ def evaluate_shipped_posterior(config_path, prior, checkpoint, *, seed: int = 0,
 
 def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int = 32, seed: int = 42,
                     noise_sigma: float | None = None, last_step: str = "policy", step_variance_tau2=None,
-                    step_variance_mode: str | None = None, step_mean_shift: bool | None = None) -> dict:
+                    step_variance_mode: str | None = None, step_mean_shift: bool | None = None,
+                    step_mean_cg_iters: int | None = None, use_head: bool | None = None) -> dict:
     """Seeded fit check of an amortized posterior on ``n_obs`` prior-predictive observations (lenses,
     truths and noise from ``seed``; the same set for every checkpoint): per observation the median over
     ``n`` samples of chi2_nu over the image and inside the arc, the mean log r, the ELBO, and the median
@@ -48,7 +49,9 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
     ``step_variance_tau2``: None keeps the posterior's own likelihood-informed step variance; a value
     (network units^2) or ``"off"`` replaces it for this check (:mod:`pipeline.rtb.step_variance`), and
     ``step_variance_mode`` (``"prior"``, ``"tweedie"`` or ``"galaxy"``) its mode; ``step_mean_shift``
-    (None: the posterior's own) switches the step's likelihood-informed mean shift on or off."""
+    (None: the posterior's own) switches the step's likelihood-informed mean shift on or off,
+    ``step_mean_cg_iters`` sets its conjugate-gradient iterations (0: the damped diagonal form) and
+    ``use_head`` samples with or without the trained correction head."""
     if step_variance_tau2 == "off" and step_mean_shift:
         raise PipelineError("check-posterior: the step mean shift needs a step variance (not --step-variance-tau2 off)")
     if n_obs < 1 or n < 2:
@@ -77,6 +80,10 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
                 post.step_variance_mode = step_variance_mode
             if step_mean_shift is not None:
                 post.step_mean_shift = bool(step_mean_shift)
+            if step_mean_cg_iters is not None:
+                post.step_mean_cg_iters = int(step_mean_cg_iters)
+            if use_head is not None:
+                post.use_head = bool(use_head)
             if getattr(post, "step_variance_tau2", None) is None and getattr(post, "step_mean_shift", False):
                 if step_mean_shift:
                     raise PipelineError(f"{checkpoint}: the step mean shift needs a step variance, and this "
@@ -98,6 +105,7 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
     return {"posterior": str(checkpoint), "last_step": last_step, "step_variance_tau2": getattr(post, "step_variance_tau2", None),
             "step_variance_mode": getattr(post, "step_variance_mode", None),
             "step_mean_shift": getattr(post, "step_mean_shift", None),
+            "step_mean_cg_iters": getattr(post, "step_mean_cg_iters", None), "use_head": getattr(post, "use_head", None),
             "n_obs": n_obs, "n_samples": n, "seed": seed,
             "noise_sigma": noise_sigma,
             **{f"{k}_median": float(np.median(v)) for k, v in rows.items()},

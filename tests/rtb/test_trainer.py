@@ -321,3 +321,17 @@ def test_huber_spike_guard_ignores_the_dead_zone():
     trainer = RTBTrainer(make_posterior(prior, CHAIN, cfg), cfg, problem=problem, y=y)
     delta = torch.tensor([0.1, -0.2, 0.3, 2.0], dtype=torch.float64)
     assert trainer._spike_statistic(delta, 0.0, torch.zeros(4, dtype=torch.long)) > 0
+
+
+def test_training_without_the_head_is_refused_but_a_finished_run_loads(tmp_path):
+    """rtb.policy.use_head false: the head is not sampled, so a run with steps left is a one-line config
+    error naming the field; at its last step (nothing to train) the trainer just returns."""
+    from pipeline.errors import ConfigError
+    prior, problem, y = _problem()
+    cfg = _small_cfg(steps=2, use_head=False)
+    post = make_posterior(prior, CHAIN, cfg)
+    trainer = RTBTrainer(post, cfg, problem=problem, y=y)
+    with pytest.raises(ConfigError, match="rtb.policy.use_head"):
+        trainer.train()
+    assert trainer.step_idx == 0
+    assert trainer.train(0)["steps"] == 0
