@@ -118,7 +118,7 @@ def test_default_posterior_without_its_step_variance_reproduces_the_network_alon
     assert switched["at_step"] == ck.step and switched["steps_trained_with_it"] == 0
     prior = load_prior(SHIPPED / "prior")
     off = check_posterior(CONFIG, prior, SHIPPED / "posterior", n_obs=1, n=rec["n"], seed=rec["seed"],
-                          noise_sigma=rec["noise_sigma"], step_variance_tau2="off")
+                          noise_sigma=rec["noise_sigma"], step_variance_tau2="off", use_head=True)
     assert off["step_variance_tau2"] is None
     assert off["per_observation"]["chi2_nu"][0] == pytest.approx(rec["step_variance_off"]["chi2_nu_median"], rel=1e-3)
     assert off["per_observation"]["mean_log_r"][0] == pytest.approx(rec["step_variance_off"]["mean_log_r"], rel=1e-4,
@@ -141,13 +141,38 @@ def test_default_posterior_without_its_step_mean_shift_reproduces_the_earlier_re
     assert switched["at_step"] == ck.step and switched["steps_trained_with_it"] == 0
     prior = load_prior(SHIPPED / "prior")
     off = check_posterior(CONFIG, prior, SHIPPED / "posterior", n_obs=1, n=rec["n"], seed=rec["seed"],
-                          noise_sigma=rec["noise_sigma"], step_mean_shift=False)
+                          noise_sigma=rec["noise_sigma"], step_mean_shift=False, use_head=True)
     assert off["step_mean_shift"] is False and off["step_variance_tau2"] == rec["step_variance_tau2"]
     assert off["per_observation"]["chi2_nu"][0] == pytest.approx(rec["step_mean_shift_off"]["chi2_nu_median"],
                                                                  rel=1e-3)
     assert off["per_observation"]["mean_log_r"][0] == pytest.approx(rec["step_mean_shift_off"]["mean_log_r"],
                                                                     rel=1e-4, abs=1e-2)
     assert abs(rec["step_mean_shift_off"]["mean_log_r"] - rec["mean_log_r"]) > 1.0
+
+
+@pytest.mark.slow
+def test_default_posterior_with_its_head_and_the_diagonal_step_mean_reproduces_the_earlier_record():
+    """The whole-operator step mean was switched on and the head off without retraining: with the head
+    and the damped diagonal mean back, the seeded fit is the one recorded before (``whole_operator_off``)."""
+    from pipeline.diffusion.network_prior import load_prior
+    from pipeline.io.checkpoint import load_checkpoint
+    from pipeline.lensing.checks import check_posterior
+
+    rec = RECORD["posterior"]
+    ck = load_checkpoint(SHIPPED / "posterior", names=[])
+    spec = ck.hparams["spec"]
+    assert spec["step_mean_cg_iters"] == rec["step_mean_cg_iters"] == 10
+    assert spec["use_head"] is False and rec["use_head"] is False
+    switched = ck.hparams["whole_operator_step_switched_on"]
+    assert switched["at_step"] == ck.step and switched["steps_trained_with_it"] == 0
+    prior = load_prior(SHIPPED / "prior")
+    old = check_posterior(CONFIG, prior, SHIPPED / "posterior", n_obs=1, n=rec["n"], seed=rec["seed"],
+                          noise_sigma=rec["noise_sigma"], step_mean_cg_iters=0, use_head=True)
+    assert old["step_mean_cg_iters"] == 0 and old["use_head"] is True
+    want = rec["whole_operator_off"]
+    assert old["per_observation"]["chi2_nu"][0] == pytest.approx(want["chi2_nu_median"], rel=1e-3)
+    assert old["per_observation"]["mean_log_r"][0] == pytest.approx(want["mean_log_r"], rel=1e-4, abs=1e-2)
+    assert abs(want["mean_log_r"] - rec["mean_log_r"]) > 1.0
 
 
 @pytest.mark.slow
