@@ -37,7 +37,8 @@ def step_factors(post, batch) -> dict[int, dict[str, torch.Tensor]]:
     out = {}
     for k in range(post.chain.K, 1, -1):
         x = batch.xs[k]
-        _, v = post._model_out(x, k, batch.eps_p[k], batch.y, batch.cond, batch.problem)
+        _, v = (post._model_out(x, k, batch.eps_p[k], batch.y, batch.cond, batch.problem)
+                if getattr(post, "use_head", True) else (None, None))  # a head not sampled has no factor
         nar = post.likelihood_step(x, k, batch.eps_p[k], batch.y, batch.problem, shift=False)[0]
         out[k] = {"v": (torch.zeros_like(x) if v is None else v).reshape(-1), "narrowing": nar.reshape(-1)}
     return out

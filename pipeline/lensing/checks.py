@@ -84,6 +84,11 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
                 post.step_mean_cg_iters = int(step_mean_cg_iters)
             if use_head is not None:
                 post.use_head = bool(use_head)
+            if getattr(post, "step_mean_cg_iters", 0) and not getattr(post, "step_mean_shift", False):
+                if step_mean_cg_iters:
+                    raise PipelineError(f"{checkpoint}: --step-mean-cg-iters needs the step mean shift "
+                                        f"(--step-mean-shift on)")
+                post.step_mean_cg_iters = 0  # the shift switched off takes its CG iterations with it
             if getattr(post, "step_variance_tau2", None) is None and getattr(post, "step_mean_shift", False):
                 if step_mean_shift:
                     raise PipelineError(f"{checkpoint}: the step mean shift needs a step variance, and this "

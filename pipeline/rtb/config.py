@@ -60,6 +60,9 @@ class PolicyConfig:
             raise ConfigError(source, prefix + "step_mean_shift", "needs step_variance_tau2 (the model's prior variance)")
         if self.step_mean_cg_iters and not self.step_mean_shift:
             raise ConfigError(source, prefix + "step_mean_cg_iters", "needs step_mean_shift: true")
+        if not self.use_head and self.step_variance_tau2 is None and self.guidance == "none":
+            raise ConfigError(source, prefix + "use_head", "false with no step variance and no guidance samples "
+                              "the prior alone (the data are ignored): set step_variance_tau2 or use_head: true")
 
 
 @dataclass

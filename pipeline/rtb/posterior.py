@@ -17,15 +17,13 @@ detached and cached from the rollout, and ``eps_q`` is either
   (initialised as the prior, so q = p at initialisation too), or with ``lora_rank > 0`` the frozen
   copy plus zero-initialised low-rank adapters on its linear and conv layers (:mod:`.lora`).
 
-With ``learn_variance`` (the default) the model also outputs a bounded per-coordinate log-variance offset
-v, and q's step std is ``std_p * exp(v / 2)``: with coarse chains (K = 20-50) the posterior's steps are
-narrower than the prior's (the likelihood adds precision), which a mean shift alone cannot express,
-so a fixed-variance q has an irreducible KL (measured on a 1-D mixture at K = 20: ~0.07 nat).
-With ``step_variance_tau2`` set, the prior's std is first narrowed per pixel by the data precision of
-the observation's own lens (:mod:`.step_variance`; ``step_variance_mode``: how the model's prior
-variance is set), and the learned offset applies on top; with ``step_mean_shift`` the same model also
-moves the step's mean towards the data (``step_mean_cg_iters``: by conjugate gradients on the whole
-operator), and the head's correction applies on top of that unless ``use_head`` is off.
+With ``learn_variance`` (the default) the model also outputs a bounded per-coordinate log-variance offset v,
+and q's step std is ``std_p * exp(v / 2)``: with coarse chains (K = 20-50) the posterior's steps are narrower
+than the prior's, so a fixed-variance q has an irreducible KL (on a 1-D mixture at K = 20: ~0.07 nat).
+With ``step_variance_tau2`` set, the prior's std is first narrowed per pixel by the data precision of the
+observation's own lens (:mod:`.step_variance`; ``step_variance_mode``: how the model's prior variance is
+set), and the learned offset applies on top; ``step_mean_shift`` moves the step's mean towards the data
+(``step_mean_cg_iters``: by CG on the whole operator); the head's correction applies unless ``use_head`` is off.
 
 The sample is ``x0 = f(x_1)``, the frozen prior's final denoise; ``cond`` carries y when amortized.
 
@@ -140,6 +138,8 @@ class RTBPosterior(nn.Module):
             raise ValueError(f"step_variance_mode must be one of {STEP_VARIANCE_MODES}, got {step_variance_mode!r}")
         if step_mean_shift and step_variance_tau2 is None:
             raise ValueError("step_mean_shift needs step_variance_tau2 (the model's prior variance)")
+        if step_mean_cg_iters < 0 or (step_mean_cg_iters and not step_mean_shift):
+            raise ValueError(f"step_mean_cg_iters must be >= 0 and needs step_mean_shift, got {step_mean_cg_iters!r}")
         self.step_variance_tau2 = None if step_variance_tau2 is None else float(step_variance_tau2)
         self.step_variance_mode, self.step_mean_shift = step_variance_mode, bool(step_mean_shift)
         self.step_mean_cg_iters, self.use_head = int(step_mean_cg_iters), bool(use_head)

@@ -36,7 +36,8 @@ data's optimum along any direction. With ``cg_iters = n > 0`` the shift is inste
 with the whole operator: ``s^2 g A^T W (I + W A diag(alpha) A^T W)^-1 W (y - A x0hat)`` with
 ``W = diag(mask / sigma)``, ``alpha = c + g^2 s^2`` and ``s`` the prior's step std, solved by n
 conjugate-gradient iterations from zero (:func:`cg_mean_shift`); for a diagonal operator it equals the
-undamped diagonal form, and CG stopped early moves less than the full product along every direction.
+undamped diagonal form. For a Gaussian prior whose reverse step has variance ``s^2`` it is the exact
+posterior step's mean; the chain's own reverse std stands in for ``s`` otherwise.
 The narrowed std is used both to draw and to score
 (log q), so log q, the ELBO and log Z stay exact for what is sampled; only how close the step is to the
 posterior's rests on the approximation (pixels are not independent: the PSF and the lens couple them).
@@ -102,8 +103,8 @@ def cg_mean_shift(problem, x0hat: torch.Tensor, y, alpha: torch.Tensor, iters: i
     shift). ``problem``: ``whitened_residual``, ``whitened_A``, ``whitened_AT`` (W = diag(mask / sigma));
     ``x0hat`` (B, *x_shape): the prior's Tweedie estimate; ``alpha``: the variance of x_0 given x_{k-1}
     under the model, ``c + g^2 s^2`` (network units^2), broadcastable to x0hat. The system's matrix is
-    the identity plus a positive semi-definite term, so every iterate is defined and the residual norm
-    falls monotonically in the matrix's norm."""
+    the identity plus a positive semi-definite term, so every iterate is defined, the error falls
+    monotonically in that matrix's norm and the iterate's norm grows towards the solution's."""
     def op(w):
         return w + problem.whitened_A(alpha * problem.whitened_AT(w).reshape(x0hat.shape))
 

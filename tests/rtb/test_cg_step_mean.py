@@ -11,7 +11,7 @@ from pipeline.errors import ConfigError
 from pipeline.problems import DenseLinearProblem
 from pipeline.rtb.config import RTBConfig
 from pipeline.rtb.objective import policy_rollout
-from pipeline.rtb.posterior import build_posterior
+from pipeline.rtb.posterior import RTBPosterior, build_posterior
 from pipeline.rtb.step_variance import cg_mean_shift, likelihood_step, tweedie_x0
 
 from tests.rtb.test_data_step_variance import _assert_rollout_scores_again, _posterior
@@ -103,7 +103,7 @@ def test_one_cg_iteration_moves_along_the_likelihood_gradient():
 
 def test_sampling_without_the_head_is_the_prior_step_plus_the_likelihood_step_and_scores_exactly():
     """use_head false: the step is the prior's (no network call) with the CG-shifted mean and narrowed std;
-    the rollout's log q equals the second pass's; the spec keeps both options; training it is refused."""
+    the rollout's log q equals the second pass's."""
     problem = DenseLinearProblem(torch.tensor([[1.0, 0.4], [0.3, -1.0], [0.5, 0.5]], dtype=torch.float64),
                                  torch.tensor([0.1, 0.1, 0.2]))
     y = torch.tensor([1.0, -0.6, 0.3])
@@ -136,7 +136,12 @@ def test_config_and_spec_carry_the_options(tmp_path):
     assert rc.recipe()["policy"]["step_mean_cg_iters"] == 5 and rc.recipe()["policy"]["use_head"] is False
     plain = RTBConfig()
     assert "step_mean_cg_iters" not in plain.recipe()["policy"] and "use_head" not in plain.recipe()["policy"]
+    cfg.write_text("rtb:\n  policy:\n    use_head: false\n")  # no step variance, no guidance: the prior alone
+    with pytest.raises(ConfigError, match="use_head"):
+        load_section(cfg, "rtb", RTBConfig)
     post = _posterior(1.0)
+    with pytest.raises(ValueError, match="step_mean_cg_iters"):
+        RTBPosterior(post.prior, post.chain, post.model, step_variance_tau2=1.0, step_mean_cg_iters=3)
     spec = posterior_spec(post.prior, post.chain, rc)
     again = build_posterior(post.prior, spec)
     assert again.step_mean_cg_iters == 5 and again.use_head is False and again.step_mean_shift

@@ -22,10 +22,10 @@ GEOM = GeometryConfig(image_npix=12, image_pixscale=0.2, source_npix=12, source_
                       psf_fwhm=0.3, psf_npix=5)
 
 
-@pytest.mark.parametrize("tau2,shift", [(None, False), (0.05, False), (0.05, True)])
-def test_two_pass_equals_naive_on_the_default_lensing_head(tau2, shift):
-    """Also with the likelihood-informed step variance (``tau2``) and step mean (``shift``), which the
-    shipped posterior samples with."""
+@pytest.mark.parametrize("tau2,shift,cg", [(None, False, 0), (0.05, False, 0), (0.05, True, 0), (0.05, True, 10)])
+def test_two_pass_equals_naive_on_the_default_lensing_head(tau2, shift, cg):
+    """Also with the likelihood-informed step variance (``tau2``) and step mean (``shift``, damped diagonal
+    or by ``cg`` iterations on each row's own lens), with the head sampled (what training one needs)."""
     rcfg = load_section("config/config.yaml", "rtb", RTBConfig)
     torch.manual_seed(0)
     prior = NetworkPrior(build_unet("tiny", in_channels=1, image_size=12), NoiseSchedule(), (1, 12, 12), scale=2.0)
@@ -36,10 +36,10 @@ def test_two_pass_equals_naive_on_the_default_lensing_head(tau2, shift):
     pool = MultiLensProblem(probs)
     chain = prior.schedule.chain(5)  # shorter than the configured chain, for time; head, features, VarGrad as configured
     spec = {**posterior_spec(prior, chain, rcfg, cond_channels=2), "step_variance_tau2": tau2,
-            "step_mean_shift": shift}
+            "step_mean_shift": shift, "step_mean_cg_iters": cg, "use_head": True}
     assert spec["model"]["type"] == "unet_head" and spec["learn_variance"] and rcfg.objective.logz == "vargrad"
     post = build_posterior(prior, spec)
-    assert post.step_variance_tau2 == tau2 and post.step_mean_shift is shift
+    assert post.step_variance_tau2 == tau2 and post.step_mean_shift is shift and post.step_mean_cg_iters == cg
     with torch.no_grad():  # move the zero-initialised output off zero: q != p, so the test is not vacuous
         for prm in post.model.parameters():
             prm.add_(0.05 * torch.randn_like(prm))

@@ -172,3 +172,20 @@ def test_a_resumed_run_reads_its_truths_and_ends_where_an_unbroken_run_does(tmp_
         fa, fc = _flat(a.states.get(part)), _flat(c.states.get(part))
         for k in fa:
             assert torch.equal(fa[k], fc[k]) if isinstance(fa[k], torch.Tensor) else fa[k] == fc[k], f"{part}{k}"
+
+
+def test_training_a_head_that_is_not_sampled_is_refused_in_one_line(tmp_path):
+    """rtb.policy.use_head false with steps left to train: a one-line error naming the config file and the
+    field, before any output is written."""
+    import pytest
+
+    from pipeline.errors import ConfigError
+    from pipeline.lensing.finetune import finetune
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(CONFIG.replace("  policy: {head_preset: tiny}", "  policy: {head_preset: tiny, use_head: false}"))
+    with pytest.raises(ConfigError) as exc:
+        finetune(cfg, _prior(), tmp_path / "run", tmp_path / "out")
+    msg = str(exc.value)
+    assert "\n" not in msg and "rtb.policy.use_head" in msg and str(cfg) in msg
+    assert not (tmp_path / "out").exists()

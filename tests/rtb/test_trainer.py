@@ -323,9 +323,9 @@ def test_huber_spike_guard_ignores_the_dead_zone():
     assert trainer._spike_statistic(delta, 0.0, torch.zeros(4, dtype=torch.long)) > 0
 
 
-def test_training_without_the_head_is_refused_but_a_finished_run_loads(tmp_path):
+def test_training_without_the_head_is_refused_but_nothing_to_train_returns(tmp_path):
     """rtb.policy.use_head false: the head is not sampled, so a run with steps left is a one-line config
-    error naming the field; at its last step (nothing to train) the trainer just returns."""
+    error naming the field; asked for no steps (nothing to train) the trainer just returns."""
     from pipeline.errors import ConfigError
     prior, problem, y = _problem()
     cfg = _small_cfg(steps=2, use_head=False)
