@@ -150,7 +150,8 @@ def test_calibrate_then_report(tmp_path):
                "--html", str(tmp_path / "results" / "report.html")])
     assert rc == 0
     text = rep.read_text()
-    table = [l for l in text.splitlines() if l.startswith("| prior") or l.startswith("| heldout")]
+    results = text.split("## Results", 1)[1].split("\n## ", 1)[0]  # the main table (other sections have rows too)
+    table = [l for l in results.splitlines() if l.startswith("| prior") or l.startswith("| heldout")]
     assert len(table) == 4
     assert "20 observations, 24 posterior samples" in text and "5 fixed alpha bins" in text
     assert "conditional on the given lens model" in text
