@@ -107,19 +107,26 @@ def test_resumed_finetune_writes_each_metrics_step_once(tmp_path, caplog):
     assert resumed and "log Z" not in resumed[0] and "(step 2)" in resumed[0]
 
 
-def test_dps_exploration_is_refused_for_lensing_in_one_line(tmp_path):
-    import pytest
-
+@pytest.mark.parametrize("old,new,field", [
+    ("    tempered_rate: 0.3\n", "    tempered_rate: 0.3\n    dps_rate: 0.2\n", "rtb.exploration.dps_rate"),
+    # a head that is not sampled, with steps left to train
+    ("  policy: {head_preset: tiny}", "  policy: {head_preset: tiny, use_head: false}", "rtb.policy.use_head"),
+])
+def test_unsupported_lensing_settings_are_refused_in_one_line(tmp_path, old, new, field):
+    """One line naming the config file and the field, before any output is written."""
     from pipeline.errors import ConfigError
     from pipeline.lensing.finetune import finetune
 
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(CONFIG.replace("    tempered_rate: 0.3\n", "    tempered_rate: 0.3\n    dps_rate: 0.2\n"))
+    assert old in CONFIG
+    cfg.write_text(CONFIG.replace(old, new))
     with pytest.raises(ConfigError) as exc:
         finetune(cfg, _prior(), tmp_path / "run", tmp_path / "out")
     msg = str(exc.value)
-    assert "\n" not in msg and "rtb.exploration.dps_rate" in msg and str(cfg) in msg
-    assert not (tmp_path / "run").exists()  # refused before any work
+    assert "\n" not in msg and field in msg and str(cfg) in msg
+    assert not (tmp_path / "out").exists()
+    if field.endswith("dps_rate"):
+        assert not (tmp_path / "run").exists()  # refused before any work
 
 
 def test_truths_are_drawn_once_and_read_back_when_the_draw_is_the_same(tmp_path, monkeypatch):
@@ -172,20 +179,3 @@ def test_a_resumed_run_reads_its_truths_and_ends_where_an_unbroken_run_does(tmp_
         fa, fc = _flat(a.states.get(part)), _flat(c.states.get(part))
         for k in fa:
             assert torch.equal(fa[k], fc[k]) if isinstance(fa[k], torch.Tensor) else fa[k] == fc[k], f"{part}{k}"
-
-
-def test_training_a_head_that_is_not_sampled_is_refused_in_one_line(tmp_path):
-    """rtb.policy.use_head false with steps left to train: a one-line error naming the config file and the
-    field, before any output is written."""
-    import pytest
-
-    from pipeline.errors import ConfigError
-    from pipeline.lensing.finetune import finetune
-
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(CONFIG.replace("  policy: {head_preset: tiny}", "  policy: {head_preset: tiny, use_head: false}"))
-    with pytest.raises(ConfigError) as exc:
-        finetune(cfg, _prior(), tmp_path / "run", tmp_path / "out")
-    msg = str(exc.value)
-    assert "\n" not in msg and "rtb.policy.use_head" in msg and str(cfg) in msg
-    assert not (tmp_path / "out").exists()
