@@ -40,7 +40,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--step-mean-shift", choices=("on", "off"), default=None,
                         help="sample with the likelihood-informed step mean shift on or off (rtb.policy.step_mean_shift; "
                              "needs a step variance); default: the posterior's own")
-    parser.add_argument("--step-mean-cg-iters", type=_count, default=None, metavar="N",
+    parser.add_argument("--step-mean-cg-iters", type=int_at_least(0), default=None, metavar="N",
                         help="conjugate-gradient iterations of that shift on the whole operator (0: the damped diagonal "
                              "form; rtb.policy.step_mean_cg_iters); default: the posterior's own")
     parser.add_argument("--head", choices=("on", "off"), default=None,
@@ -48,16 +48,6 @@ def add_arguments(parser) -> None:
                              "posterior's own")
     parser.add_argument("--noise-sigma", type=float, default=None,
                         help="noise level (default: the one recorded in the exported posterior)")
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return value
 
 
 def _tau2(text: str):

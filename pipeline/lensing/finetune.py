@@ -220,10 +220,11 @@ def finetune(config_path, prior, run_dir, out_dir, *, sources_path=None, steps=N
     if init_from is not None:
         seed_run_dir(run_dir, init_from, prior)
     done = load_checkpoint(run_dir, names=[]).step if has_checkpoints(run_dir) else 0
-    if not rcfg.policy.use_head and done < (rcfg.run.steps if steps is None else steps):
-        raise ConfigError(config_path, "rtb.policy.use_head", f"false, but {done} of "
-                          f"{rcfg.run.steps if steps is None else steps} steps are trained: the head would not be "
-                          "sampled; set it to true to train one (or posterior_checkpoint to a finished run)")
+    total = rcfg.run.steps if steps is None else steps
+    if not rcfg.policy.use_head and done < total:
+        raise ConfigError(config_path, "rtb.policy.use_head", f"false, but {done} of {total} steps are trained: "
+                          "the head would not be sampled; set it to true to train one (or posterior_checkpoint to "
+                          "a finished run)")
     shear = pool_shear_rule(run_dir)
     pool = LazyPool(lambda: build_lens_pool(lcfg, sigma, pcfg.n_lenses, pcfg.seed, prior.scale, prior.offset,
                                             device, shear=shear), (lcfg.geometry.image_npix,) * 2)
