@@ -1,7 +1,7 @@
 """What inferring the lens costs: the operator per lens, and the pseudo-marginal reference's needs.
 
     python -m pipeline.bench.joint_lensing OUT.json [--config config/config.yaml] [--n-obs 4]
-        [--trajectories 256] [--seed 0]
+        [--trajectories 256] [--seed 0] [--smc-particles N ...] [--smc-runs R] [--skip-operator]
 
 Two measurements, on prior-drawn observations (source from the prior chain, lens from the lens prior,
 the config's noise):
@@ -17,6 +17,9 @@ the config's noise):
    trajectories of the amortized posterior at the true lens it reports the log-weight spread, the
    weights' effective sample size, and Var(log Z^) for N = 1, 4, 16, ... (disjoint groups), with the
    seconds per trajectory, so the N and the cost per MH step follow.
+3. With ``--smc-particles N ...``, the same estimate from twisted SMC over the chain at the true lens
+   (:func:`pipeline.rtb.smc.twisted_smc`, the posterior's own steps as proposals): Var(log Z^) over
+   ``--smc-runs`` independent runs of N particles, each run's smallest ESS, and seconds per particle.
 
 Writes OUT.json and prints one JSON line. Single-threaded unless ``PIPELINE_NUM_THREADS`` says otherwise.
 """
@@ -39,6 +42,7 @@ from pipeline.lensing.lens_prior import LensPrior, draw_lens
 from pipeline.lensing.operator import LensParams, build_simulator, caustics_forward
 from pipeline.lensing.sample import load_setup, method_run
 from pipeline.lensing.simulate import default_psf, make_problem
+from pipeline.rtb.smc import twisted_smc
 from pipeline.runtime import configure_threads
 
 DEFAULT_PRIOR = "data/pretrained/prior"
@@ -120,6 +124,23 @@ def weight_summary(log_w: torch.Tensor) -> dict:
             "var_log_z_hat": log_z_hat_spread(lw)}
 
 
+def smc_spread(run, problem, y, particles: list[int], runs: int, seed: int) -> dict:
+    """Twisted SMC at the observation's true lens: per N, Var and mean of log Z^ over ``runs`` runs, the
+    median over runs of the smallest ESS / N of any step, and seconds per particle."""
+    post, out = run.sampler.post, {}
+    cond = None
+    if run.sampler.cond_fn is not None:
+        cond = run.sampler.cond_fn(problem, torch.as_tensor(y).reshape(1, *problem.y_shape))[0]
+    for n in particles:
+        t0 = time.perf_counter()
+        res = twisted_smc(post, problem, y, n, runs=runs, cond=cond, generator=torch.Generator().manual_seed(seed + n))
+        sec = (time.perf_counter() - t0) / (n * runs)
+        out[str(n)] = {"var_log_z_hat": float(res.log_z.var()), "mean_log_z_hat": float(res.log_z.mean()),
+                       "min_ess_fraction_median": float(res.ess.min(0).values.median()), "runs": runs,
+                       "seconds_per_particle": sec}
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m pipeline.bench.joint_lensing", description=__doc__.split("\n")[0])
     ap.add_argument("out", help="JSON file to write")
@@ -131,11 +152,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--lenses", type=int, default=8, help="lenses for the operator timing")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--smc-particles", type=int, nargs="*", default=[], metavar="N",
+                    help="also run twisted SMC at the true lens with N particles per run (several N allowed)")
+    ap.add_argument("--smc-runs", type=int, default=8, help="independent SMC runs per N")
+    ap.add_argument("--skip-operator", action="store_true", help="skip the operator timing")
     args = ap.parse_args(argv)
     configure_threads()
     setup = load_setup(args.config, args.prior, n=args.trajectories, seed=args.seed)
     lcfg, sigma = setup.lcfg, float(setup.lcfg.noise.sigma)
-    ops = operator_seconds(lcfg, sigma, args.lenses, args.repeats, args.seed)
+    ops = None if args.skip_operator else operator_seconds(lcfg, sigma, args.lenses, args.repeats, args.seed)
     rows, run = [], None
     prior_theta = LensPrior(lcfg.lens)
     for i, obs in enumerate(prior_drawn_observations(setup, args.n_obs, args.seed)):
@@ -150,6 +175,9 @@ def main(argv=None) -> dict:
         row = {"obs": entry["file"], "peak_snr": entry["peak_snr"], "seconds_per_trajectory": seconds,
                "theta": dict(zip(prior_theta.names, prior_theta.to_vector(LensParams(**entry["lens"])).tolist()))}
         row.update(weight_summary(log_w))
+        if args.smc_particles:
+            row["smc"] = smc_spread(run, problem, y, args.smc_particles, args.smc_runs, args.seed * 1000 + i)
+        print(json.dumps(row), flush=True)
         rows.append(row)
     result = {"config": args.config, "threads": torch.get_num_threads(), "operator": ops, "observations": rows}
     Path(args.out).write_text(json.dumps(result, indent=1))

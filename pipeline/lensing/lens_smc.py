@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from pipeline.lensing.lens_head_mvn import CorrelatedLensHead, raw_from_gaussian, weighted_moments
+from pipeline.rtb.smc import systematic_resample
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +52,6 @@ def _next_beta(beta: torch.Tensor, log_l: torch.Tensor, target: float) -> torch.
     # at least a small step, so that a stage always makes progress (the resampling then absorbs the loss)
     step = torch.maximum(lo, torch.minimum(beta + 1e-12, torch.ones_like(beta)))
     return torch.where(done, torch.ones_like(beta), step)
-
-
-def _resample_index(log_w: torch.Tensor, gen) -> torch.Tensor:
-    """Systematic resampling: for each row of log weights (G, n), the n indices of the particles kept (all of
-    them, in order, for a row with no finite weight)."""
-    G, n = log_w.shape
-    w = torch.softmax(log_w, 1)
-    w = torch.where(torch.isfinite(w).all(1, keepdim=True), w, torch.full_like(w, 1.0 / n))
-    cdf = torch.cumsum(w, 1)
-    cdf[:, -1] = 1.0
-    pos = (torch.rand(G, 1, generator=gen, dtype=torch.float64) + torch.arange(n, dtype=torch.float64)) / n
-    return torch.searchsorted(cdf, pos.to(cdf.device)).clamp(max=n - 1)
 
 
 def tempered_smc(head: CorrelatedLensHead, log_likelihood, G: int, *, n: int = 256, moves: int = 5,
@@ -115,7 +104,7 @@ def tempered_smc(head: CorrelatedLensHead, log_likelihood, G: int, *, n: int = 2
         log_z = log_z + torch.logsumexp(inc, 1) - math.log(n)
         beta = new
         ess_inc = _ess(inc)
-        idx = _resample_index(inc, gen)
+        idx = systematic_resample(inc, gen)
         u, theta = (torch.gather(v, 1, idx[..., None].expand_as(v)) for v in (u, theta))
         base, ll = torch.gather(base, 1, idx), torch.gather(ll, 1, idx)
         stages += 1

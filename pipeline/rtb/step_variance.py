@@ -97,29 +97,37 @@ def mean_shift(grad: torch.Tensor, h: torch.Tensor, h_row: torch.Tensor, abar_pr
     return torch.as_tensor(step_std, dtype=h.dtype, device=h.device) ** 2 * g * grad * damp / (1.0 + h * c)
 
 
-def cg_mean_shift(problem, x0hat: torch.Tensor, y, alpha: torch.Tensor, iters: int) -> torch.Tensor:
-    """``A^T W (I + W A diag(alpha) A^T W)^-1 W (y - forward(x0hat))`` by ``iters`` conjugate-gradient
-    iterations from zero, one system per row (network units^-1; times ``s^2 g`` it is the step's mean
-    shift). ``problem``: ``whitened_residual``, ``whitened_A``, ``whitened_AT`` (W = diag(mask / sigma));
-    ``x0hat`` (B, *x_shape): the prior's Tweedie estimate; ``alpha``: the variance of x_0 given x_{k-1}
-    under the model, ``c + g^2 s^2`` (network units^2), broadcastable to x0hat. The system's matrix is
-    the identity plus a positive semi-definite term, so every iterate is defined, the error falls
-    monotonically in that matrix's norm and the iterate's norm grows towards the solution's."""
+def cg_solve(problem, x0hat: torch.Tensor, y, alpha: torch.Tensor, iters: int):
+    """``(v, r)``: ``r = W (y - forward(x0hat))`` and ``v``, ``iters`` conjugate-gradient iterations from zero
+    on ``(I + W A diag(alpha) A^T W) v = r``, one system per row (both image-shaped, units of sigma).
+    ``problem``: ``whitened_residual``, ``whitened_A``, ``whitened_AT`` (W = diag(mask / sigma)); ``x0hat``
+    (B, *x_shape): the prior's Tweedie estimate; ``alpha``: a variance of x_0 under the model (network
+    units^2), broadcastable to x0hat. The system's matrix is the identity plus a positive semi-definite
+    term, so every iterate is defined, the error falls monotonically in that matrix's norm and
+    ``r . v`` grows towards ``r^T (I + W A diag(alpha) A^T W)^-1 r``."""
     def op(w):
         return w + problem.whitened_A(alpha * problem.whitened_AT(w).reshape(x0hat.shape))
 
     def dot(a, b):
         return (a * b).flatten(1).sum(1).reshape(-1, *[1] * (a.ndim - 1))
 
-    res = problem.whitened_residual(x0hat, y)
-    w, p, rs = torch.zeros_like(res), res, dot(res, res)
+    r = problem.whitened_residual(x0hat, y)
+    v, res, p = torch.zeros_like(r), r, r
+    rs = dot(res, res)
     for _ in range(int(iters)):
         ap = op(p)
-        step = rs / dot(p, ap).clamp_min(torch.finfo(res.dtype).tiny)
-        w, res = w + step * p, res - step * ap
+        step = rs / dot(p, ap).clamp_min(torch.finfo(r.dtype).tiny)
+        v, res = v + step * p, res - step * ap
         rs_new = dot(res, res)
-        p, rs = res + rs_new / rs.clamp_min(torch.finfo(res.dtype).tiny) * p, rs_new
-    return problem.whitened_AT(w).reshape(x0hat.shape)
+        p, rs = res + rs_new / rs.clamp_min(torch.finfo(r.dtype).tiny) * p, rs_new
+    return v, r
+
+
+def cg_mean_shift(problem, x0hat: torch.Tensor, y, alpha: torch.Tensor, iters: int) -> torch.Tensor:
+    """``A^T W (I + W A diag(alpha) A^T W)^-1 W (y - forward(x0hat))`` by :func:`cg_solve` (network
+    units^-1; times ``s^2 g`` it is the step's mean shift); ``alpha = c + g^2 s^2`` here, the variance
+    of x_0 given x_{k-1} under the model; the iterate's norm grows towards the solution's."""
+    return problem.whitened_AT(cg_solve(problem, x0hat, y, alpha, iters)[0]).reshape(x0hat.shape)
 
 
 def tweedie_x0(x: torch.Tensor, eps: torch.Tensor, abar) -> torch.Tensor:
