@@ -2,7 +2,8 @@
 
 One job handles many observations, so imports, model loading and guidance-scale tuning are paid once.
 Methods: rtb_amortized (the fine-tuned posterior), rtb_amortized_is (the same, each sample importance-resampled
-from ``posterior.particles`` of its trajectories), rtb_amortized_gn (the same with the Gauss-Newton twisted last
+from ``posterior.particles`` of its trajectories), rtb_amortized_smc (the same steps as SMC proposals: each sample
+drawn from its own twisted SMC run of ``posterior.particles`` particles, :mod:`pipeline.rtb.smc`), rtb_amortized_gn (the same with the Gauss-Newton twisted last
 step, :mod:`pipeline.rtb.twisted_step`: a GPU method), dps, dps_cla, cla, prior_is, fps, fps_smc.
 
 ``--resume`` (what the workflow uses) makes a job stopped by a time limit cheap to rerun: each observation's
@@ -33,7 +34,7 @@ JOB_FILE = "job.json"
 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, metavar="FILE", help="pipeline YAML config")
-    parser.add_argument("--method", required=True, help="sampling method (rtb_amortized, rtb_amortized_is, rtb_amortized_gn, "
+    parser.add_argument("--method", required=True, help="sampling method (rtb_amortized, rtb_amortized_is, rtb_amortized_smc, rtb_amortized_gn, "
                         "dps, dps_cla, cla, prior_is, fps, fps_smc)")
     parser.add_argument("--prior", required=True, metavar="DIR", help="trained prior")
     parser.add_argument("--posterior", metavar="DIR", help="fine-tuned RTB posterior (for the rtb_amortized methods)")

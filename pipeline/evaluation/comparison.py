@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 
 INVERSION = "inversion"
-RTB_ORDER = ("rtb_amortized", "rtb_amortized_is", "rtb_amortized_gn", "rtb")
+RTB_ORDER = ("rtb_amortized", "rtb_amortized_is", "rtb_amortized_smc", "rtb_amortized_gn", "rtb")
 
 
 def _median(values):

@@ -166,6 +166,7 @@ def lens_features(problem, y: torch.Tensor) -> torch.Tensor:
 
 def amortized_sampler(method: str, post, *, batch_size: int, particles: int = 1):
     """The registry's RTB sampler of an amortized lensing posterior ``post``, for observations given as
-    (their own :class:`LensingProblem`, image ``y``); ``particles`` is used by ``rtb_amortized_is`` only."""
-    opts = {"particles": particles} if method == "rtb_amortized_is" else {}
+    (their own :class:`LensingProblem`, image ``y``); ``particles`` is used by ``rtb_amortized_is`` and
+    ``rtb_amortized_smc`` only."""
+    opts = {"particles": particles} if method in ("rtb_amortized_is", "rtb_amortized_smc") else {}
     return make_sampler(method, None, None, posterior=post, cond_fn=lens_features, batch_size=batch_size, **opts)

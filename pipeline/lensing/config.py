@@ -291,8 +291,8 @@ class PosteriorConfig:
     n_truths: int = param(256, "Prior-chain truths in the training pool.", "samples", min=1)
     n_samples: int = param(64, "Posterior samples per observation.", "samples", min=2)
     batch_size: int = param(64, "Trajectories per network call when sampling.", "samples", min=1)
-    particles: int = param(8, "Importance-resampling particles per returned sample (prior_is, "
-                           "rtb_amortized_is).", min=1)
+    particles: int = param(8, "Particles per returned sample: importance resampling (prior_is, rtb_amortized_is) "
+                           "or one twisted SMC run (rtb_amortized_smc).", min=1)
     fps_smc_mode: str = param("runs", "FPS-SMC: one independent run per returned sample (calibrated intervals), "
                               "or one weighted run of n_samples particles (a cheap mean; intervals too narrow).",
                               choices=["runs", "weighted"])

@@ -119,7 +119,7 @@ def _build_sampler(method, config_path, prior, chain, posterior_dir, problem, lc
         if posterior_dir is None:
             raise InputFileError("--posterior", f"{method} needs the fine-tuned posterior directory")
         post, hp = load_amortized(posterior_dir, prior, chain)
-        extra = {"rtb_amortized_is": {"particles": pcfg.particles},
+        extra = {"rtb_amortized_is": {"particles": pcfg.particles}, "rtb_amortized_smc": {"particles": pcfg.particles},
                  "rtb_amortized_gn": {"last_step": "gauss_newton", "iterations": GN_ITERATIONS}}.get(method)
         sampler = amortized_sampler(method, post, batch_size=pcfg.batch_size, particles=pcfg.particles)
         return sampler, {"posterior": str(posterior_dir), **({"options": extra} if extra else {})}, hp

@@ -4,8 +4,10 @@ Every RTB method samples through :class:`RTBSampler` (built by name with
 :func:`pipeline.samplers.make_sampler`): ``rtb`` (one observation), ``rtb_amortized`` (conditioned on y
 through ``cond_fn``), ``rtb_dps`` / ``rtb_dps_cla`` (guidance from the frozen prior inside the
 parameterisation), ``rtb_amortized_is`` (``particles`` trajectories per returned sample, one drawn by
-importance weight within its group) and ``rtb_amortized_gn`` (the last step x_2 -> x_1 replaced by the
-Gauss-Newton twisted step, :mod:`pipeline.rtb.twisted_step`).
+importance weight within its group), ``rtb_amortized_smc`` (one twisted SMC run of ``particles``
+particles per returned sample, :mod:`pipeline.rtb.smc`, one particle drawn from its final weights) and
+``rtb_amortized_gn`` (the last step x_2 -> x_1 replaced by the Gauss-Newton twisted step,
+:mod:`pipeline.rtb.twisted_step`).
 
 Conventions (:class:`~pipeline.samplers.base.Samples`): ``log_q_traj`` / ``log_p_traj`` include the
 start term log N(x_K; 0, I); ``nfe`` per returned sample is K prior evaluations (k = 1..K) plus K - 1
@@ -19,7 +21,8 @@ import torch
 
 from pipeline.diffusion.schedule import gaussian_log_prob
 from pipeline.metrics.logz import estimate_logz
-from pipeline.rtb.objective import policy_rollout
+from pipeline.rtb.objective import expand_obs, policy_rollout
+from pipeline.rtb.smc import twisted_smc
 from pipeline.rtb.twisted_step import GaussNewtonLastStep
 from pipeline.samplers.base import Sampler, Samples
 from pipeline.samplers.registry import RTB_METHODS
@@ -52,7 +55,9 @@ class RTBSampler(Sampler):
     cond (1, ...)`` for amortized posteriors; ``batch_size``
     bounds the trajectories rolled out at once; ``particles`` (m >= 1) trajectories per returned
     sample, one drawn from each group of m by its weight r p / q (``info["particles"]`` keeps all
-    n m of them with their within-group weights, ``info["logz"]`` the estimate over all of them);
+    n m of them with their within-group weights, ``info["logz"]`` the estimate over all of them); for
+    ``rtb_amortized_smc`` each group is one twisted SMC run, and ``info["logz"]`` holds the mean of the
+    runs' log Z^ (``elbo``: a lower bound on log Z in expectation) and the log of their mean Z^ (``iw``);
     ``last_step``: ``"policy"`` (the network's own) or ``"gauss_newton"`` (needs a linear problem with
     a dense matrix).
     """
@@ -68,9 +73,9 @@ class RTBSampler(Sampler):
         if last_step not in ("policy", "gauss_newton"):
             raise ValueError(f"last_step must be 'policy' or 'gauss_newton', got {last_step!r}")
         gn, is_ = last_step == "gauss_newton", int(particles) > 1
-        if gn != (name == "rtb_amortized_gn") or (is_ and name != "rtb_amortized_is"):
+        if gn != (name == "rtb_amortized_gn") or (is_ and name not in ("rtb_amortized_is", "rtb_amortized_smc")):
             raise ValueError(f"{name}: last_step {last_step!r} / particles {particles} belong to rtb_amortized_gn / "
-                             f"rtb_amortized_is")
+                             f"rtb_amortized_is / rtb_amortized_smc")
         self.post, self.name, self.cond_fn, self.batch_size = posterior, name, cond_fn, int(batch_size)
         self.particles, self.last_step = int(particles), last_step
 
@@ -84,6 +89,8 @@ class RTBSampler(Sampler):
         cond = None
         if self.cond_fn is not None:
             cond = self.cond_fn(problem, y.reshape(1, *problem.y_shape))[0]
+        if self.name == "rtb_amortized_smc":
+            return self._smc(problem, y, n, cond, generator)
         x0, lr, lq, lp, start = [], [], [], [], []
         for s in range(0, n * m, self.batch_size):
             b = policy_rollout(post, min(self.batch_size, n * m - s), y, cond, problem=problem, generator=generator,
@@ -107,6 +114,27 @@ class RTBSampler(Sampler):
         sel = idx.to(x0.device)
         return Samples(x0=x0[sel], log_r=lr[sel.to(lr.device)], log_w=torch.zeros(n, dtype=torch.float64),
                        nfe=self._nfe(), info=info)
+
+    def _smc(self, problem, y, n, cond, generator) -> Samples:
+        """n independent twisted SMC runs of ``particles`` particles, ``batch_size`` particles at a time; one
+        sample drawn from each run's final weights."""
+        m = self.particles
+        per_call = max(1, self.batch_size // m)
+        x0, lw, lz = [], [], []
+        for s in range(0, n, per_call):
+            res = twisted_smc(self.post, problem, y, m, runs=min(per_call, n - s), cond=cond, generator=generator)
+            x0.append(res.x0.reshape(-1, *res.x0.shape[2:]))
+            lw.append(res.log_w)
+            lz.append(res.log_z)
+        x0, lw, lz = torch.cat(x0), torch.cat(lw), torch.cat(lz)
+        idx, w = resample_within_groups(lw.reshape(-1), n, generator)
+        sel = idx.to(x0.device)
+        lr = problem.log_likelihood(x0[sel], expand_obs(problem, y, n).to(x0.device)).double()
+        info = {"method": self.name, "K": self.post.chain.K, "mode": self.post.mode, "particles": m,
+                "last_step": self.last_step, "particles_x0": x0, "particles_weights": w, "particles_index": idx,
+                "logz": {"elbo": float(lz.mean()), "elbo_se": float(lz.std() / n ** 0.5) if n > 1 else float("nan"),
+                         "iw": float(torch.logsumexp(lz, 0) - torch.log(torch.tensor(float(n), dtype=torch.float64)))}}
+        return Samples(x0=x0[sel], log_r=lr, log_w=torch.zeros(n, dtype=torch.float64), nfe=self._nfe(), info=info)
 
     def _last_step(self, problem, y):
         if self.last_step == "policy":

@@ -7,6 +7,8 @@ Method names, used everywhere (configs, results files, tables):
 ``rtb_amortized``         RTB posterior conditioned on y (the same, with ``cond_fn``)
 ``rtb_amortized_is``      the same, each returned sample importance-resampled from its own group of
                           ``particles`` RTB trajectories (weights r p / q; lensing ``sample``)
+``rtb_amortized_smc``     the same, each returned sample drawn from its own twisted SMC run of ``particles``
+                          particles over the chain (:mod:`pipeline.rtb.smc`; lensing ``sample``)
 ``rtb_amortized_gn``      the same, its last step x_2 -> x_1 replaced by the prior's kernel times the
                           likelihood, linearised by Gauss-Newton (:mod:`pipeline.rtb.twisted_step`; GPU)
 ``rtb_dps``               RTB with DPS guidance in the parameterisation

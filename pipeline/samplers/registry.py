@@ -71,6 +71,8 @@ _SPECS = (
     MethodSpec("rtb_dps_cla", *_RTB, fixed=_POLICY, trained=True, linear_only=True),
     MethodSpec("rtb_amortized_is", *_RTB, fixed=(("last_step", "policy"),), trained=True, amortized=True,
                particle=True, logz="info"),
+    MethodSpec("rtb_amortized_smc", *_RTB, fixed=(("last_step", "policy"),), trained=True, amortized=True,
+               particle=True, logz="info"),
     MethodSpec("rtb_amortized_gn", *_RTB, fixed=(("last_step", "gauss_newton"), ("particles", 1)), trained=True,
                amortized=True),
     MethodSpec("dps", "pipeline.samplers.dps", "DPSSampler", tuned=True),

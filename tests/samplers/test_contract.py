@@ -34,7 +34,9 @@ ESS_MIN = N // 100  # Kish ESS below this: the weights are too heavy-tailed for 
                     # as what it is in expectation, a lower bound
 NO_CHAIN = ("inversion",)  # its own Gaussian prior, not the diffusion chain's: tests/samplers/test_inversion.py
 OPTS = {"dps": {"scale": 0.3}, "dps_cla": {"scale": 1.0}, "prior_is": {"particles": 8},
-        "fps_smc": {"particles": 8}, "rtb_amortized_is": {"particles": 8}}
+        "fps_smc": {"particles": 8}, "rtb_amortized_is": {"particles": 8}, "rtb_amortized_smc": {"particles": 8}}
+# twisted SMC's twist needs the policy's prior-variance model (the prior's variance is about 1 here)
+FIELDS = {"rtb_amortized_smc": {"step_variance_tau2": 1.0, "step_mean_shift": True, "step_mean_cg_iters": 2}}
 
 MU = torch.tensor([0.5, -0.3], dtype=torch.float64)
 S = torch.tensor([[1.0, 0.3], [0.3, 0.6]], dtype=torch.float64)
@@ -62,7 +64,7 @@ def build(name, prior, chain, problem):
     # DPS+CLA is a score at scale 1; the frozen DPS shift grows like 1/sqrt(abar_k) at high noise
     cfg = RTBConfig().with_fields(guidance=guidance, guidance_scale=0.01 if guidance == "dps" else 1.0,
                                   learn_variance=False, head_hidden=8, head_layers=1, amortized=spec.amortized,
-                                  logz="vargrad" if spec.amortized else "scalar")
+                                  logz="vargrad" if spec.amortized else "scalar", **FIELDS.get(name, {}))
     torch.manual_seed(0)
     post = make_posterior(prior, chain, cfg, cond_dim=1 if spec.amortized else 0)
     opts = {"cond_fn": lambda _problem, yy: yy.reshape(yy.shape[0], -1)} if spec.amortized else {}

@@ -23,7 +23,8 @@ def setup():
 
 
 def test_method_names():
-    assert METHODS == ("rtb", "rtb_amortized", "rtb_dps", "rtb_dps_cla", "rtb_amortized_is", "rtb_amortized_gn",
+    assert METHODS == ("rtb", "rtb_amortized", "rtb_dps", "rtb_dps_cla", "rtb_amortized_is", "rtb_amortized_smc",
+                       "rtb_amortized_gn",
                        "dps", "dps_cla", "cla", "exact_guidance", "prior_is", "fps", "fps_smc", "inversion")
     assert set(TRAINING_FREE) | set(RTB_METHODS) == set(METHODS)
 

@@ -87,7 +87,7 @@ def tuning_input(wildcards):
 
 # scheduling order of the sample jobs (higher first): relative CPU cost per sample, measured on the demo
 # (FPS-SMC with 2 particles per run > DPS, DPS+CLA (a network VJP per step) > amortized RTB)
-SAMPLE_PRIORITY = {"fps_smc": 3, "prior_is": 3, "rtb_amortized_is": 3, "dps": 2, "dps_cla": 2}
+SAMPLE_PRIORITY = {"fps_smc": 3, "prior_is": 3, "rtb_amortized_is": 3, "rtb_amortized_smc": 3, "dps": 2, "dps_cla": 2}
 VISION_DATASETS = list(config.get("vision", {}).get("datasets", ["mnist"]))
 
 
