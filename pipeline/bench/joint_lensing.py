@@ -2,6 +2,7 @@
 
     python -m pipeline.bench.joint_lensing OUT.json [--config config/config.yaml] [--n-obs 4]
         [--trajectories 256] [--seed 0] [--smc-particles N ...] [--smc-runs R] [--skip-operator]
+        [--step-model-chain-x0 on|off]
 
 Two measurements, on prior-drawn observations (source from the prior chain, lens from the lens prior,
 the config's noise):
@@ -156,6 +157,8 @@ def main(argv=None) -> dict:
                     help="also run twisted SMC at the true lens with N particles per run (several N allowed)")
     ap.add_argument("--smc-runs", type=int, default=8, help="independent SMC runs per N")
     ap.add_argument("--skip-operator", action="store_true", help="skip the operator timing")
+    ap.add_argument("--step-model-chain-x0", choices=("on", "off"), default=None,
+                    help="sample with rtb.policy.step_model_chain_x0 on or off (default: the posterior's own)")
     args = ap.parse_args(argv)
     configure_threads()
     setup = load_setup(args.config, args.prior, n=args.trajectories, seed=args.seed)
@@ -167,6 +170,8 @@ def main(argv=None) -> dict:
         problem, y, entry = obs["problem"], obs["y"], obs["entry"]
         if run is None:
             run = method_run(setup, "rtb_amortized", args.prior, args.posterior, problem)
+            if args.step_model_chain_x0 is not None:
+                run.sampler.post.step_model_chain_x0 = args.step_model_chain_x0 == "on"
         gen = torch.Generator().manual_seed(args.seed * 1000 + i)
         t0 = time.perf_counter()
         smp = run.sampler.sample(problem, y, args.trajectories, generator=gen)
@@ -179,7 +184,8 @@ def main(argv=None) -> dict:
             row["smc"] = smc_spread(run, problem, y, args.smc_particles, args.smc_runs, args.seed * 1000 + i)
         print(json.dumps(row), flush=True)
         rows.append(row)
-    result = {"config": args.config, "threads": torch.get_num_threads(), "operator": ops, "observations": rows}
+    result = {"config": args.config, "threads": torch.get_num_threads(), "operator": ops, "observations": rows,
+              "step_model_chain_x0": bool(getattr(run.sampler.post, "step_model_chain_x0", False))}
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
     return result

@@ -46,6 +46,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--head", choices=("on", "off"), default=None,
                         help="sample with the trained correction head or without it (rtb.policy.use_head); default: the "
                              "posterior's own")
+    parser.add_argument("--step-model-chain-x0", choices=("on", "off"), default=None,
+                        help="the step model's x_0 is the chain's final denoise f(x_1) (on) or the forward process's "
+                             "(off) (rtb.policy.step_model_chain_x0); default: the posterior's own")
     parser.add_argument("--noise-sigma", type=float, default=None,
                         help="noise level (default: the one recorded in the exported posterior)")
 
@@ -77,6 +80,8 @@ def run(args) -> int:
                               step_variance_tau2=args.step_variance_tau2, step_variance_mode=args.step_variance_mode,
                               step_mean_shift=None if args.step_mean_shift is None else args.step_mean_shift == "on",
                               step_mean_cg_iters=args.step_mean_cg_iters,
-                              use_head=None if args.head is None else args.head == "on")
+                              use_head=None if args.head is None else args.head == "on",
+                              step_model_chain_x0=None if args.step_model_chain_x0 is None
+                              else args.step_model_chain_x0 == "on")
         print(json.dumps(rec), flush=True)
     return 0

@@ -32,7 +32,8 @@ def evaluate_shipped_posterior(config_path, prior, checkpoint, *, seed: int = 0,
 def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int = 32, seed: int = 42,
                     noise_sigma: float | None = None, last_step: str = "policy", step_variance_tau2=None,
                     step_variance_mode: str | None = None, step_mean_shift: bool | None = None,
-                    step_mean_cg_iters: int | None = None, use_head: bool | None = None) -> dict:
+                    step_mean_cg_iters: int | None = None, use_head: bool | None = None,
+                    step_model_chain_x0: bool | None = None) -> dict:
     """Seeded fit check of an amortized posterior on ``n_obs`` prior-predictive observations (lenses,
     truths and noise from ``seed``; the same set for every checkpoint): per observation the median over
     ``n`` samples of chi2_nu over the image and inside the arc, the mean log r, the ELBO, and the median
@@ -51,7 +52,8 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
     ``step_variance_mode`` (``"prior"``, ``"tweedie"`` or ``"galaxy"``) its mode; ``step_mean_shift``
     (None: the posterior's own) switches the step's likelihood-informed mean shift on or off,
     ``step_mean_cg_iters`` sets its conjugate-gradient iterations (0: the damped diagonal form) and
-    ``use_head`` samples with or without the trained correction head."""
+    ``use_head`` samples with or without the trained correction head; ``step_model_chain_x0`` takes the step
+    model's x_0 as the chain's final denoise or as the forward process's (:mod:`pipeline.rtb.step_variance`)."""
     if step_variance_tau2 == "off" and step_mean_shift:
         raise PipelineError("check-posterior: the step mean shift needs a step variance (not --step-variance-tau2 off)")
     if n_obs < 1 or n < 2:
@@ -84,6 +86,8 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
                 post.step_mean_cg_iters = int(step_mean_cg_iters)
             if use_head is not None:
                 post.use_head = bool(use_head)
+            if step_model_chain_x0 is not None:
+                post.step_model_chain_x0 = bool(step_model_chain_x0)
             if getattr(post, "step_mean_cg_iters", 0) and not getattr(post, "step_mean_shift", False):
                 if step_mean_cg_iters:
                     raise PipelineError(f"{checkpoint}: --step-mean-cg-iters needs the step mean shift "
@@ -111,6 +115,7 @@ def check_posterior(config_path, prior, checkpoint, *, n_obs: int = 16, n: int =
             "step_variance_mode": getattr(post, "step_variance_mode", None),
             "step_mean_shift": getattr(post, "step_mean_shift", None),
             "step_mean_cg_iters": getattr(post, "step_mean_cg_iters", None), "use_head": getattr(post, "use_head", None),
+            "step_model_chain_x0": getattr(post, "step_model_chain_x0", None),
             "n_obs": n_obs, "n_samples": n, "seed": seed,
             "noise_sigma": noise_sigma,
             **{f"{k}_median": float(np.median(v)) for k, v in rows.items()},

@@ -15,6 +15,9 @@ from pipeline.config import config_hash, param
 from pipeline.errors import ConfigError
 
 RECIPE_VERSION = "v2"
+# the policy's closed-form step options with their neutral values: recorded in recipes and specs only when set
+STEP_OPTIONS = (("step_variance_mode", "prior"), ("step_mean_shift", False), ("step_mean_cg_iters", 0),
+                ("use_head", True), ("step_model_chain_x0", False))
 
 
 @dataclass
@@ -45,6 +48,9 @@ class PolicyConfig:
                                          "same diagonal model, damped so no direction overshoots (docs/method.md).")
     step_mean_cg_iters: int = param(0, "With step_mean_shift: conjugate-gradient iterations of that shift on the "
                                        "whole lens operator (0 = the damped diagonal form; docs/method.md).", min=0)
+    step_model_chain_x0: bool = param(False, "With step_variance_tau2: the step model's x_0 is the chain's own final "
+                                             "denoise f(x_1), whose variance given x_k is c_k - c_1 (zero at the last "
+                                             "step), not the forward process's x_0 (docs/method.md).")
     use_head: bool = param(True, "Sample with the trained correction head; false = the prior's step with the "
                                  "likelihood-informed step only (nothing to train; the head stays in checkpoints).")
     guidance: str = param("none", "Frozen-prior guidance added to the policy mean (detached; no double "
@@ -58,6 +64,8 @@ class PolicyConfig:
     def validate(self, source="<config>", prefix: str = "") -> None:
         if self.step_mean_shift and self.step_variance_tau2 is None:
             raise ConfigError(source, prefix + "step_mean_shift", "needs step_variance_tau2 (the model's prior variance)")
+        if self.step_model_chain_x0 and self.step_variance_tau2 is None:
+            raise ConfigError(source, prefix + "step_model_chain_x0", "needs step_variance_tau2 (the step model)")
         if self.step_mean_cg_iters and not self.step_mean_shift:
             raise ConfigError(source, prefix + "step_mean_cg_iters", "needs step_mean_shift: true")
         if not self.use_head and self.step_variance_tau2 is None and self.guidance == "none":
@@ -204,10 +212,7 @@ class RTBConfig:
                        "guidance": p.guidance, "guidance_scale": p.guidance_scale,
                        "learn_guidance_gain": p.learn_guidance_gain, "guidance_gain_init": p.guidance_gain_init,
                        **({"step_variance_tau2": p.step_variance_tau2} if p.step_variance_tau2 is not None else {}),
-                       **({"step_variance_mode": p.step_variance_mode} if p.step_variance_mode != "prior" else {}),
-                       **({"step_mean_shift": True} if p.step_mean_shift else {}),
-                       **({"step_mean_cg_iters": p.step_mean_cg_iters} if p.step_mean_cg_iters else {}),
-                       **({"use_head": False} if not p.use_head else {})},
+                       **{k: getattr(p, k) for k, neutral in STEP_OPTIONS if getattr(p, k) != neutral}},
             "objective": {"amortized": o.amortized, "logz": o.logz, "group_size": o.group_size,
                           "beta_start": o.beta_start, "beta_ramp_steps": o.beta_ramp_steps,
                           "dead_zone": o.dead_zone, **({"huber": o.huber} if o.huber > 0 else {})},
@@ -239,9 +244,7 @@ def legacy_v1_hash(cfg: RTBConfig, K: int, variance: str) -> str:
     for k in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_samples"):
         flat.pop(k)
     for k, neutral in (("lora_rank", 0), ("learn_guidance_gain", False), ("lr_per_step", 1e-2),
-                       ("guidance_gain_init", 1.0), ("huber", 0.0), ("step_variance_tau2", None),
-                       ("step_variance_mode", "prior"), ("step_mean_shift", False), ("step_mean_cg_iters", 0),
-                       ("use_head", True)):
+                       ("guidance_gain_init", 1.0), ("huber", 0.0), ("step_variance_tau2", None), *STEP_OPTIONS):
         if flat[k] == neutral:
             flat.pop(k)
     return config_hash(flat)

@@ -23,7 +23,8 @@ than the prior's, so a fixed-variance q has an irreducible KL (on a 1-D mixture 
 With ``step_variance_tau2`` set, the prior's std is first narrowed per pixel by the data precision of the
 observation's own lens (:mod:`.step_variance`; ``step_variance_mode``: how the model's prior variance is
 set), and the learned offset applies on top; ``step_mean_shift`` moves the step's mean towards the data
-(``step_mean_cg_iters``: by CG on the whole operator); the head's correction applies unless ``use_head`` is off.
+(``step_mean_cg_iters``: by CG on the whole operator; ``step_model_chain_x0``: the model's x_0 is the chain's
+f(x_1)); the head's correction applies unless ``use_head`` is off.
 
 The sample is ``x0 = f(x_1)``, the frozen prior's final denoise; ``cond`` carries y when amortized.
 
@@ -42,6 +43,7 @@ from torch import nn
 
 from pipeline.diffusion.schedule import Chain, gaussian_log_prob
 from pipeline.diffusion.unet import build_unet
+from pipeline.rtb.config import STEP_OPTIONS
 from pipeline.rtb.lora import apply_lora
 from pipeline.rtb.step_variance import MODES as STEP_VARIANCE_MODES, likelihood_step, tweedie_x0
 from pipeline.samplers.guidance import frozen_guidance_shift
@@ -130,7 +132,8 @@ class RTBPosterior(nn.Module):
                  features: tuple[str, ...] = (), guidance=None, learn_variance: bool = False,
                  learn_guidance_gain: bool = False, guidance_gain_init: float = 1.0,
                  step_variance_tau2: float | None = None, step_variance_mode: str = "prior",
-                 step_mean_shift: bool = False, step_mean_cg_iters: int = 0, use_head: bool = True):
+                 step_mean_shift: bool = False, step_mean_cg_iters: int = 0, use_head: bool = True,
+                 step_model_chain_x0: bool = False):
         super().__init__()
         if step_variance_tau2 is not None and not step_variance_tau2 > 0:
             raise ValueError(f"step_variance_tau2 must be > 0 or None, got {step_variance_tau2!r}")
@@ -143,6 +146,7 @@ class RTBPosterior(nn.Module):
         self.step_variance_tau2 = None if step_variance_tau2 is None else float(step_variance_tau2)
         self.step_variance_mode, self.step_mean_shift = step_variance_mode, bool(step_mean_shift)
         self.step_mean_cg_iters, self.use_head = int(step_mean_cg_iters), bool(use_head)
+        self.step_model_chain_x0 = bool(step_model_chain_x0)
         if mode not in ("residual", "replace"):
             raise ValueError(f"posterior mode must be 'residual' or 'replace', got {mode!r}")
         bad = [f for f in features if f not in FEATURES]
@@ -247,7 +251,8 @@ class RTBPosterior(nn.Module):
         return likelihood_step(problem, x, y, eps_p, self._abar(k, x), self._abar(k - 1, x),
                                self.chain.reverse_std(k, like=x), self.step_variance_tau2, self.step_variance_mode,
                                shift=self.step_mean_shift if shift is None else shift,
-                               cg_iters=self.step_mean_cg_iters)
+                               cg_iters=self.step_mean_cg_iters,
+                               abar_end=self._abar(1, x) if self.step_model_chain_x0 else None)
 
     @staticmethod
     def _per_step(param, k, x):
@@ -353,10 +358,7 @@ def posterior_spec(prior, chain: Chain, cfg, cond_dim: int = 0, cond_channels: i
             "guidance": p.guidance, "guidance_scale": p.guidance_scale, "learn_variance": learn_var,
             "learn_guidance_gain": bool(p.learn_guidance_gain), "guidance_gain_init": float(p.guidance_gain_init),
             "step_variance_tau2": p.step_variance_tau2,
-            **({"step_variance_mode": p.step_variance_mode} if p.step_variance_mode != "prior" else {}),
-            **({"step_mean_shift": True} if p.step_mean_shift else {}),
-            **({"step_mean_cg_iters": int(p.step_mean_cg_iters)} if p.step_mean_cg_iters else {}),
-            **({"use_head": False} if not p.use_head else {})}
+            **{k: getattr(p, k) for k, neutral in STEP_OPTIONS if getattr(p, k) != neutral}}
 
 
 def build_model(spec: dict, prior=None) -> nn.Module:
@@ -395,6 +397,4 @@ def build_posterior(prior, spec: dict) -> RTBPosterior:
                         learn_guidance_gain=spec.get("learn_guidance_gain", False),
                         guidance_gain_init=spec.get("guidance_gain_init", 1.0),
                         step_variance_tau2=spec.get("step_variance_tau2"),
-                        step_variance_mode=spec.get("step_variance_mode", "prior"),
-                        step_mean_shift=spec.get("step_mean_shift", False),
-                        step_mean_cg_iters=spec.get("step_mean_cg_iters", 0), use_head=spec.get("use_head", True))
+                        **{k: spec.get(k, neutral) for k, neutral in STEP_OPTIONS})

@@ -11,9 +11,11 @@ policy's closed-form steps as proposals).
 The intermediate targets are ``p(x_k..) psi_k(x_k)`` with a *twist* ``psi_k``, an estimate of the
 likelihood of y given the state x_k. This module's twist is the model the step mean uses
 (:mod:`pipeline.rtb.step_variance`): x_0 given x_k is normal around the prior's Tweedie estimate x0hat
-with variance ``c_k`` per pixel, so y given x_k is normal with covariance ``sigma^2 + c_k A A^T``:
+with variance ``c_k`` per pixel. The chain's x_0 is the final denoise f(x_1), itself the Tweedie
+estimate at x_1, so the variance that remains is ``v_k = c_k - c_1`` (zero at k = 1) and y given x_k is
+normal with covariance ``sigma^2 + v_k A A^T``:
 
-    log psi_k(x_k) = -1/2 r^T (I + c_k W A A^T W)^-1 r,   r = W (y - A x0hat(x_k)),  W = diag(mask / sigma),
+    log psi_k(x_k) = -1/2 r^T (I + v_k W A A^T W)^-1 r,   r = W (y - A x0hat(x_k)),  W = diag(mask / sigma),
 
 from :func:`~pipeline.rtb.step_variance.cg_solve` (the constant normalisers cancel in every estimate
 below, so they are left out). The weight of a particle moved from x_k to x_{k-1} by the policy is
@@ -60,14 +62,19 @@ def ess_fraction(log_w: torch.Tensor) -> torch.Tensor:
     return 1.0 / (w * w).sum(1) / log_w.shape[1]
 
 
-def log_twist(problem, y, x: torch.Tensor, eps: torch.Tensor, abar, tau2: float, mode: str, cg_iters: int
-              ) -> torch.Tensor:
+def log_twist(problem, y, x: torch.Tensor, eps: torch.Tensor, abar, abar_1, tau2: float, mode: str,
+              cg_iters: int) -> torch.Tensor:
     """``log psi(x_k)`` (module docstring) at states x (B, ...) of chain index k, float64 (B,), without
-    its constant normaliser. ``eps``: the prior's eps at x; ``abar``: abar_k (float); ``tau2``, ``mode``: the
-    model's prior variance (:func:`~pipeline.rtb.step_variance.prior_variance`); ``cg_iters``: CG
-    iterations (0: the twist is constant, i.e. plain SMC with the policy's steps)."""
+    its constant normaliser. ``eps``: the prior's eps at x; ``abar``: abar_k and ``abar_1`` the chain's last
+    (floats); ``tau2``, ``mode``: the model's prior variance (:func:`~pipeline.rtb.step_variance.prior_variance`);
+    ``cg_iters``: CG iterations (0: the twist is constant, i.e. plain SMC with the policy's steps).
+
+    The chain's x_0 is f(x_1), the prior's Tweedie estimate at x_1, not a draw around it, so the variance
+    in the twist is that of f(x_1) given x_k: ``c_k - c_1`` by the law of total variance (zero at k = 1,
+    where the twist is then the likelihood of f(x_1) itself, up to its constant)."""
     x0hat = tweedie_x0(x, eps, abar)
-    _, c = gain_and_variance(abar, prior_variance(mode, tau2, x, eps, abar), x)
+    t2 = prior_variance(mode, tau2, x, eps, abar)
+    c = gain_and_variance(abar, t2, x, abar_end=abar_1)[1]
     v, r = cg_solve(problem, x0hat, y, c, cg_iters)
     return -0.5 * (r.double() * v.double()).flatten(1).sum(1)
 
@@ -122,8 +129,8 @@ def twisted_smc(posterior, problem, y, n: int, *, runs: int = 1, cond=None, cg_i
     cond_b = None if cond is None else torch.as_tensor(cond).to(dev).unsqueeze(0).expand(B, *tuple(cond.shape))
 
     def twist(x, eps, k):
-        return log_twist(problem, y_b, x, eps, float(chain.abar[k]), posterior.step_variance_tau2,
-                         posterior.step_variance_mode, iters)
+        return log_twist(problem, y_b, x, eps, float(chain.abar[k]), float(chain.abar[1]),
+                         posterior.step_variance_tau2, posterior.step_variance_mode, iters)
 
     x = torch.randn((B, *prior.event_shape), generator=generator, dtype=dtype).to(dev)
     eps = prior_eps(prior, chain, x, K)

@@ -51,16 +51,25 @@ import torch
 MODES = ("prior", "tweedie", "galaxy")
 
 
-def gain_and_variance(abar_prev, tau2, like: torch.Tensor):
+def gain_and_variance(abar_prev, tau2, like: torch.Tensor, abar_end=None):
     """(g, c) of the model: E[x_0 | x_{k-1}] = g x_{k-1} + const and Var[x_0 | x_{k-1}] = c (network
-    units^2), in ``like``'s dtype and device; ``abar_prev`` = abar_{k-1} and ``tau2`` floats or tensors."""
+    units^2), in ``like``'s dtype and device; ``abar_prev`` = abar_{k-1} and ``tau2`` floats or tensors.
+
+    ``abar_end`` = abar_1 (the chain's last state): x_0 is instead the chain's own final denoise f(x_1), the
+    Tweedie estimate at x_1, whose variance given x_{k-1} is c(abar_{k-1}) - c(abar_1) by the law of total
+    variance (0 at x_1 itself); None: the forward process's x_0."""
     tau2 = torch.as_tensor(tau2, dtype=like.dtype, device=like.device)
     ab = torch.as_tensor(abar_prev, dtype=like.dtype, device=like.device)
     v = (1.0 - ab) / ab
-    return tau2 / (ab.sqrt() * (tau2 + v)), tau2 * v / (tau2 + v)
+    c = tau2 * v / (tau2 + v)
+    if abar_end is not None:
+        ae = torch.as_tensor(abar_end, dtype=like.dtype, device=like.device)
+        ve = (1.0 - ae) / ae
+        c = (c - tau2 * ve / (tau2 + ve)).clamp_min(0.0)
+    return tau2 / (ab.sqrt() * (tau2 + v)), c
 
 
-def data_precision_on_state(h: torch.Tensor, abar_prev, tau2) -> torch.Tensor:
+def data_precision_on_state(h: torch.Tensor, abar_prev, tau2, abar_end=None) -> torch.Tensor:
     """Per-pixel likelihood precision on x_{k-1}, ``g^2 h / (1 + h c)`` (network units^-2).
 
     ``h``: diag(A^T A / sigma^2) on the source grid (network units^-2), any shape; ``abar_prev``:
@@ -70,20 +79,21 @@ def data_precision_on_state(h: torch.Tensor, abar_prev, tau2) -> torch.Tensor:
     tau2 = torch.as_tensor(tau2, dtype=h.dtype, device=h.device)
     if not bool((tau2 > 0).all()):
         raise ValueError(f"tau2 must be > 0, got {tau2.min().item()!r}")
-    g, c = gain_and_variance(abar_prev, tau2, h)
+    g, c = gain_and_variance(abar_prev, tau2, h, abar_end)
     return g * g * h / (1.0 + h * c)
 
 
-def narrowing(h: torch.Tensor, abar_prev, step_std, tau2) -> torch.Tensor:
+def narrowing(h: torch.Tensor, abar_prev, step_std, tau2, abar_end=None) -> torch.Tensor:
     """Factor ``(1 + s_k^2 lambda)^(-1/2)`` in (0, 1] on a step's std (dimensionless), shaped like ``h``.
 
     ``step_std``: the prior chain's std ``s_k`` of the step (network units), a float or a tensor
     broadcastable to ``h``; the rest as in :func:`data_precision_on_state`."""
     s2 = torch.as_tensor(step_std, dtype=h.dtype, device=h.device) ** 2
-    return (1.0 + s2 * data_precision_on_state(h, abar_prev, tau2)).rsqrt()
+    return (1.0 + s2 * data_precision_on_state(h, abar_prev, tau2, abar_end)).rsqrt()
 
 
-def mean_shift(grad: torch.Tensor, h: torch.Tensor, h_row: torch.Tensor, abar_prev, step_std, tau2) -> torch.Tensor:
+def mean_shift(grad: torch.Tensor, h: torch.Tensor, h_row: torch.Tensor, abar_prev, step_std, tau2,
+               abar_end=None) -> torch.Tensor:
     """The data's pull on the step's mean, ``step_std^2 g grad h / ((1 + h c) h_row)`` (network units).
 
     ``grad``: grad_x0 log p(y | x0) at the prior's Tweedie estimate of x_k (network units^-1);
@@ -92,7 +102,7 @@ def mean_shift(grad: torch.Tensor, h: torch.Tensor, h_row: torch.Tensor, abar_pr
     narrowing (network units); ``abar_prev``, ``tau2`` as in :func:`data_precision_on_state`. Without
     the damping ``h / h_row`` this is the mean of the Gaussian product of N(mean, step_std^2) with the
     likelihood of x_{k-1} under the diagonal model, linearised at the prior's mean."""
-    g, c = gain_and_variance(abar_prev, tau2, h)
+    g, c = gain_and_variance(abar_prev, tau2, h, abar_end)
     damp = torch.where(h_row > 0, h / h_row.clamp_min(torch.finfo(h.dtype).tiny), torch.zeros_like(h))
     return torch.as_tensor(step_std, dtype=h.dtype, device=h.device) ** 2 * g * grad * damp / (1.0 + h * c)
 
@@ -170,7 +180,7 @@ def galaxy_tau2(x: torch.Tensor, eps: torch.Tensor, abar, floor: float) -> torch
 
 
 def likelihood_step(problem, x, y, eps, abar_k, abar_prev, step_std, tau2: float, mode: str = "prior", *,
-                    shift: bool = False, cg_iters: int = 0):
+                    shift: bool = False, cg_iters: int = 0, abar_end=None):
     """(narrowing factor on the prior's step std, mean offset or None) at the states x (B, ...) of step k.
 
     ``problem``: the observation's inverse problem (``diag_precision``; with ``shift`` also
@@ -178,17 +188,18 @@ def likelihood_step(problem, x, y, eps, abar_k, abar_prev, step_std, tau2: float
     ``abar_k``, ``abar_prev``: abar_k and abar_{k-1} broadcastable to x; ``step_std``: the prior
     chain's std s_k; ``tau2`` and ``mode`` as in :func:`prior_variance`. Both outputs are functions of
     x_k and y only (detached), so a step that uses them is Gaussian with exact log q. ``cg_iters`` > 0: the
-    shift by :func:`cg_mean_shift` (whitened operator) instead of the damped diagonal form."""
+    shift by :func:`cg_mean_shift` (whitened operator) instead of the damped diagonal form; ``abar_end``: as in
+    :func:`gain_and_variance` (the model's x_0 is the chain's final denoise)."""
     if problem is None or not hasattr(problem, "diag_precision"):
         raise ValueError("the likelihood-informed step needs the observation's problem (with diag_precision)")
     h = problem.diag_precision(y).to(x.dtype).reshape(x.shape)
     t2 = prior_variance(mode, tau2, x, eps, abar_k)
-    narrow = narrowing(h, abar_prev, step_std, t2)
+    narrow = narrowing(h, abar_prev, step_std, t2, abar_end)
     if not shift:
         return narrow, None
     if cg_iters > 0:
         with torch.no_grad():
-            g, c = gain_and_variance(abar_prev, t2, x)
+            g, c = gain_and_variance(abar_prev, t2, x, abar_end)
             s2 = torch.as_tensor(step_std, dtype=x.dtype, device=x.device) ** 2
             pull = cg_mean_shift(problem, tweedie_x0(x, eps, abar_k), y, c + g * g * s2, cg_iters)
             return narrow, (s2 * g * pull).to(x.dtype)
@@ -197,4 +208,4 @@ def likelihood_step(problem, x, y, eps, abar_k, abar_prev, step_std, tau2: float
     with torch.no_grad():
         grad = problem.grad_log_likelihood(tweedie_x0(x, eps, abar_k), y).to(x.dtype).reshape(x.shape)
         h_row = problem.row_precision(y).to(x.dtype).reshape(x.shape)
-        return narrow, mean_shift(grad, h, h_row, abar_prev, step_std * narrow, t2)
+        return narrow, mean_shift(grad, h, h_row, abar_prev, step_std * narrow, t2, abar_end)

@@ -148,3 +148,34 @@ def test_config_and_spec_carry_the_options(tmp_path):
     old = {k: v for k, v in spec.items() if k not in ("step_mean_cg_iters", "use_head")}
     legacy = build_posterior(post.prior, old)
     assert legacy.step_mean_cg_iters == 0 and legacy.use_head is True
+
+
+@pytest.mark.parametrize("tau2", [0.026, 1.0])
+def test_with_the_chains_x0_the_last_step_mean_is_the_exact_posterior_step_mean(tau2):
+    """The chain's sample is x_0 = f(x_1), not a draw around it. For a Gaussian prior N(0, tau2 I) (f linear,
+    the prior's eps exact) and a coupling operator with a masked pixel, the last step x_2 -> x_1 with the
+    model's x_0 taken as f(x_1) (``abar_end`` = abar_1) has the exact mean of p(x_1 | x_2, y) under the chain
+    (rtol 1e-8); with the forward process's x_0 it does not (off by more than 1 %)."""
+    from pipeline.diffusion.gaussian_chain import final_denoise_affine, gaussian_linear_posterior
+    from pipeline.diffusion.prior import GaussianMixturePrior
+    from pipeline.diffusion.sampling import prior_eps
+
+    prior = GaussianMixturePrior([1.0], torch.zeros(1, 4), tau2)
+    chain = prior.schedule.chain(6)
+    problem = DenseLinearProblem(M, SIGMA, MASK)
+    g = torch.Generator().manual_seed(4)
+    x2 = torch.randn(1, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(1, 6, generator=g, dtype=torch.float64)
+    eps = prior_eps(prior, chain, x2, 2)
+    mu, s = chain.reverse_mean(x2, eps, 2)[0], chain.reverse_std(2)
+    F, f = final_denoise_affine(chain, torch.zeros(4), tau2 * torch.eye(4, dtype=torch.float64))
+    A = M[MASK] @ F
+    want, _, _ = gaussian_linear_posterior(mu, s * s * torch.eye(4, dtype=torch.float64), A,
+                                           SIGMA.double()[MASK] ** 2, y[0, MASK] - M[MASK] @ f)
+    ab1, ab2 = float(chain.abar[1]), float(chain.abar[2])
+    got = {}
+    for end in (ab1, None):
+        _, shift = likelihood_step(problem, x2, y, eps, ab2, ab1, s, tau2, shift=True, cg_iters=20, abar_end=end)
+        got[end] = mu + shift[0]
+    torch.testing.assert_close(got[ab1], want, rtol=1e-8, atol=1e-10)
+    assert (got[None] - want).norm() > 0.01 * (want - mu).norm()
