@@ -2,7 +2,7 @@
 
     python -m pipeline.bench.joint_lensing OUT.json [--config config/config.yaml] [--n-obs 4]
         [--trajectories 256] [--seed 0] [--smc-particles N ...] [--smc-runs R] [--skip-operator]
-        [--step-model-chain-x0 on|off]
+        [--smc-proposal policy|gaussian] [--step-model-chain-x0 on|off]
 
 Two measurements, on prior-drawn observations (source from the prior chain, lens from the lens prior,
 the config's noise):
@@ -19,7 +19,8 @@ the config's noise):
    weights' effective sample size, and Var(log Z^) for N = 1, 4, 16, ... (disjoint groups), with the
    seconds per trajectory, so the N and the cost per MH step follow.
 3. With ``--smc-particles N ...``, the same estimate from twisted SMC over the chain at the true lens
-   (:func:`pipeline.rtb.smc.twisted_smc`, the posterior's own steps as proposals): Var(log Z^) over
+   (:func:`pipeline.rtb.smc.twisted_smc`, ``--smc-proposal``: the posterior's own steps or the
+   full-covariance Gaussian step): Var(log Z^) over
    ``--smc-runs`` independent runs of N particles, each run's smallest ESS, and seconds per particle.
 
 Writes OUT.json and prints one JSON line. Single-threaded unless ``PIPELINE_NUM_THREADS`` says otherwise.
@@ -43,7 +44,7 @@ from pipeline.lensing.lens_prior import LensPrior, draw_lens
 from pipeline.lensing.operator import LensParams, build_simulator, caustics_forward
 from pipeline.lensing.sample import load_setup, method_run
 from pipeline.lensing.simulate import default_psf, make_problem
-from pipeline.rtb.smc import twisted_smc
+from pipeline.rtb.smc import PROPOSALS, twisted_smc
 from pipeline.runtime import configure_threads
 
 DEFAULT_PRIOR = "data/pretrained/prior"
@@ -125,7 +126,7 @@ def weight_summary(log_w: torch.Tensor) -> dict:
             "var_log_z_hat": log_z_hat_spread(lw)}
 
 
-def smc_spread(run, problem, y, particles: list[int], runs: int, seed: int) -> dict:
+def smc_spread(run, problem, y, particles: list[int], runs: int, seed: int, proposal: str = "policy") -> dict:
     """Twisted SMC at the observation's true lens: per N, Var and mean of log Z^ over ``runs`` runs, the
     median over runs of the smallest ESS / N of any step, and seconds per particle."""
     post, out = run.sampler.post, {}
@@ -134,7 +135,8 @@ def smc_spread(run, problem, y, particles: list[int], runs: int, seed: int) -> d
         cond = run.sampler.cond_fn(problem, torch.as_tensor(y).reshape(1, *problem.y_shape))[0]
     for n in particles:
         t0 = time.perf_counter()
-        res = twisted_smc(post, problem, y, n, runs=runs, cond=cond, generator=torch.Generator().manual_seed(seed + n))
+        res = twisted_smc(post, problem, y, n, runs=runs, cond=cond, proposal=proposal,
+                          generator=torch.Generator().manual_seed(seed + n))
         sec = (time.perf_counter() - t0) / (n * runs)
         out[str(n)] = {"var_log_z_hat": float(res.log_z.var()), "mean_log_z_hat": float(res.log_z.mean()),
                        "min_ess_fraction_median": float(res.ess.min(0).values.median()), "runs": runs,
@@ -156,6 +158,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--smc-particles", type=int, nargs="*", default=[], metavar="N",
                     help="also run twisted SMC at the true lens with N particles per run (several N allowed)")
     ap.add_argument("--smc-runs", type=int, default=8, help="independent SMC runs per N")
+    ap.add_argument("--smc-proposal", choices=PROPOSALS, default="policy",
+                    help="SMC proposals: the posterior's steps (policy) or the full-covariance Gaussian step (gaussian)")
     ap.add_argument("--skip-operator", action="store_true", help="skip the operator timing")
     ap.add_argument("--step-model-chain-x0", choices=("on", "off"), default=None,
                     help="sample with rtb.policy.step_model_chain_x0 on or off (default: the posterior's own)")
@@ -181,7 +185,9 @@ def main(argv=None) -> dict:
                "theta": dict(zip(prior_theta.names, prior_theta.to_vector(LensParams(**entry["lens"])).tolist()))}
         row.update(weight_summary(log_w))
         if args.smc_particles:
-            row["smc"] = smc_spread(run, problem, y, args.smc_particles, args.smc_runs, args.seed * 1000 + i)
+            row["smc"] = smc_spread(run, problem, y, args.smc_particles, args.smc_runs, args.seed * 1000 + i,
+                                    args.smc_proposal)
+            row["smc_proposal"] = args.smc_proposal
         print(json.dumps(row), flush=True)
         rows.append(row)
     result = {"config": args.config, "threads": torch.get_num_threads(), "operator": ops, "observations": rows,

@@ -2,7 +2,7 @@
 
     python -m pipeline.bench.joint_lensing_pmmh OUT.json [--config config/config.yaml] [--prior DIR]
         [--posterior DIR] [--n-obs 4] [--free rein q phi] [--particles 64] [--iters 2000] [--burn 500]
-        [--var-runs 8] [--seed 0] [--device auto|cpu|cuda]
+        [--var-runs 8] [--proposal gaussian|policy] [--seed 0] [--device auto|cpu|cuda]
 
 The exact reference for a joint posterior over lens parameters theta and source. Observations are drawn
 from the prior chain (sources) and from a lens prior that frees the ``--free`` parameters of the config's
@@ -38,6 +38,7 @@ from pipeline.lensing.lens_prior import LensPrior
 from pipeline.lensing.operator import LensParams
 from pipeline.lensing.sample import load_setup, method_run
 from pipeline.rtb.joint import integrated_autocorr_time
+from pipeline.rtb.smc import PROPOSALS
 from pipeline.runtime import configure_threads
 
 FREE_CHOICES = ("x0", "y0", "rein", "q", "phi", "g1", "g2")
@@ -88,6 +89,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--iters", type=int, default=2000, help="MH iterations after burn-in")
     ap.add_argument("--burn", type=int, default=500, help="burn-in iterations (proposal adapted)")
     ap.add_argument("--var-runs", type=int, default=8, help="estimates at the truth for Var(log Z^)")
+    ap.add_argument("--proposal", choices=PROPOSALS, default="gaussian", help="SMC proposals (pipeline.rtb.smc)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None, help="auto, cpu or cuda (default: the config's)")
     args = ap.parse_args(argv)
@@ -99,7 +101,7 @@ def main(argv=None) -> dict:
     obs = prior_drawn_observations(setup, args.n_obs, args.seed)
     post = method_run(setup, "rtb_amortized", args.prior, args.posterior, obs[0]["problem"]).sampler.post
     evidence = DiffusionSourceEvidence(prior, post, [(o["problem"], o["y"], o["meta"]) for o in obs],
-                                       particles=args.particles, batch=max(1, args.n_obs),
+                                       particles=args.particles, batch=max(1, args.n_obs), proposal=args.proposal,
                                        generator=torch.Generator().manual_seed(args.seed))
     truth = torch.stack([prior.to_vector(LensParams(**o["entry"]["lens"])) for o in obs])
     rows = torch.arange(args.n_obs)
@@ -121,6 +123,7 @@ def main(argv=None) -> dict:
         results.append(row)
         print(json.dumps(row), flush=True)
     out = {"config": args.config, "posterior": args.posterior, "free": prior.names, "particles": args.particles,
+           "proposal": args.proposal,
            "iters": args.iters, "burn": args.burn, "device": str(setup.device), "threads": torch.get_num_threads(),
            "seconds_per_evidence_batch": sec_eval, "seconds_per_iteration": sec_iter,
            "evidence_estimates": evidence.calls, "observations": results,

@@ -34,8 +34,9 @@ def problem_at_lens(problem: LensingProblem, meta: dict, lens: LensParams) -> Le
 class DiffusionSourceEvidence:
     """log Z^(y | theta) [nats, the likelihood's SCI-unit normalisation] for observations under the lens
     prior ``prior`` (theta's columns: ``prior.names``), by ``particles`` particles of twisted SMC over the
-    chain of ``posterior`` (its steps are the proposals: the default's closed-form steps need no training
-    for a new lens).
+    chain of ``posterior``. ``proposal``: ``gaussian`` (default; the full-covariance Gaussian step of the
+    posterior's prior-variance model, built from each lens's operator, so nothing is trained per lens) or
+    ``policy`` (the posterior's own steps).
 
     ``observations``: one (problem, y, meta) per observation. :meth:`log_evidence` takes theta (B, p) and
     the observation index of each row (B,), so that it plugs into a Metropolis sampler that passes those
@@ -43,11 +44,11 @@ class DiffusionSourceEvidence:
     independent estimates, ``batch`` lenses per SMC call."""
 
     def __init__(self, prior: LensPrior, posterior, observations: list, *, particles: int, batch: int = 8,
-                 generator: torch.Generator | None = None):
+                 proposal: str = "gaussian", generator: torch.Generator | None = None):
         if particles < 1 or batch < 1:
             raise ValueError(f"particles and batch must be >= 1, got {particles}, {batch}")
         self.prior, self.posterior, self.obs = prior, posterior, list(observations)
-        self.particles, self.batch = int(particles), int(batch)
+        self.particles, self.batch, self.proposal = int(particles), int(batch), proposal
         self.generator = generator or torch.Generator().manual_seed(0)
         self.calls = 0
 
@@ -71,5 +72,6 @@ class DiffusionSourceEvidence:
         n = self.particles
         batch = MultiLensProblem(problems).take(torch.arange(len(problems)).repeat_interleave(n))
         y = torch.stack(ys).repeat_interleave(n, 0)
-        res = twisted_smc(self.posterior, batch, y, n, runs=len(problems), generator=self.generator)
+        res = twisted_smc(self.posterior, batch, y, n, runs=len(problems), proposal=self.proposal,
+                          generator=self.generator)
         return res.log_z

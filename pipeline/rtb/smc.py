@@ -103,14 +103,125 @@ class SMCResult:
         return torch.stack([self.x0[r, pick[r].to(self.x0.device)] for r in range(R)])
 
 
+class PolicyProposal:
+    """The posterior's own steps (``step_params``: head, closed-form steps, guidance) as proposals, with the
+    twist of :func:`log_twist` by ``cg_iters`` CG iterations."""
+
+    def __init__(self, posterior, problem, y_b, cond_b, cg_iters: int):
+        self.post, self.problem, self.y, self.cond, self.iters = posterior, problem, y_b, cond_b, int(cg_iters)
+
+    def twist(self, x, eps, k):
+        ch = self.post.chain
+        return log_twist(self.problem, self.y, x, eps, float(ch.abar[k]), float(ch.abar[1]),
+                         self.post.step_variance_tau2, self.post.step_variance_mode, self.iters)
+
+    def step(self, x, eps, k, generator):
+        with torch.enable_grad():
+            guide = self.post.guide(x, k, eps, self.y, self.problem)
+        mean, std = self.post.step_params(x, k, eps, self.y, self.cond, guide, self.problem)
+        x_new = (mean + std * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)).detach()
+        return x_new, gaussian_log_prob(x_new, mean, std).double()
+
+
+class GaussianStepProposal:
+    """Every step the exact posterior step of the linear-Gaussian model, with its full covariance.
+
+    Under the model of :mod:`pipeline.rtb.step_variance` with the chain's own x_0 (prior variance ``tau2``
+    per pixel, network units^2), the chain's x_0 given x_{k-1} is N(x0hat + g (x_{k-1} - mu), c I) with
+    c = c_{k-1} - c_1, so the data given x_{k-1} are N(W A (x0hat + g (x_{k-1} - mu)), I + c B B^T) in
+    whitened units (B = W A, dense). Its product with the prior's step N(mu, s^2 I) is Gaussian with
+
+        precision P = I / s^2 + g^2 B^T (I + c B B^T)^-1 B,   mean mu + s^2 g B^T (I + alpha B B^T)^-1 r,
+
+    r = W (y - A x0hat), alpha = c + g^2 s^2. The step is drawn from it and scored exactly (Cholesky of P).
+    The twist at x_k is -1/2 r^T (I + alpha_k B B^T)^-1 r with step k's alpha (0 at x_1, where it is the
+    likelihood of f(x_1) up to its constant), so that a step the model describes exactly has weight 1.
+    Dense linear algebra per lens and step (float64): for d source and m image pixels, Choleskys of
+    (m, m) and (d, d) matrices; a prior variance per sample (``step_variance_mode`` other than
+    ``prior``) would need one per particle and is not supported."""
+
+    def __init__(self, prior, chain, problem, y_b, tau2: float):
+        self.prior, self.chain, self.problem, self.y, self.tau2 = prior, chain, problem, y_b, float(tau2)
+        B = y_b.shape[0]
+        if hasattr(problem, "pool") and hasattr(problem, "index"):  # a per-row LensBatch
+            self.index, probs = problem.index.cpu(), dict(enumerate(problem.pool.problems))
+            probs = {i: probs[i] for i in torch.unique(self.index).tolist()}
+        else:
+            self.index, probs = torch.zeros(B, dtype=torch.long), {0: problem}
+        self.B = {}
+        for i, p in probs.items():
+            w = (p.mask.double() / p.sigma.double()).reshape(-1, 1).cpu()
+            self.B[i] = w * p.dense_matrix().cpu()           # (m, d) whitened operator, network units
+        self._cache = {}
+
+    def _model(self, k: int):
+        """(g, s, c, alpha) of step k (k >= 2); alpha = 0 at k = 1."""
+        if k == 1:
+            return None, None, 0.0, 0.0
+        like = torch.zeros((), dtype=torch.float64)
+        g, c = gain_and_variance(float(self.chain.abar[k - 1]), self.tau2, like, float(self.chain.abar[1]))
+        s = float(self.chain.reverse_std(k))
+        return float(g), s, float(c), float(c) + float(g) ** 2 * s * s
+
+    def _factors(self, k: int, lens: int):
+        key = (k, lens)
+        if key not in self._cache:
+            g, s, c, alpha = self._model(k)
+            Bm = self.B[lens]
+            eye_m = torch.eye(Bm.shape[0], dtype=torch.float64)
+            BBt = Bm @ Bm.T
+            f = {"LG": torch.linalg.cholesky(eye_m + alpha * BBt)}
+            if k >= 2:
+                X = torch.cholesky_solve(Bm, torch.linalg.cholesky(eye_m + c * BBt))
+                P = torch.eye(Bm.shape[1], dtype=torch.float64) / (s * s) + g * g * (Bm.T @ X)
+                f["LP"] = torch.linalg.cholesky(0.5 * (P + P.T))
+            self._cache[key] = f
+        return self._cache[key]
+
+    def _solve(self, x, eps, k):
+        """Per row: r (m,) and (I + alpha_k B B^T)^-1 r, float64 on the CPU."""
+        x0hat = tweedie_x0(x, eps, float(self.chain.abar[k]))
+        r = self.problem.whitened_residual(x0hat, self.y).double().reshape(x.shape[0], -1).cpu()
+        v = torch.empty_like(r)
+        for i in self.B:
+            rows = self.index == i
+            v[rows] = torch.cholesky_solve(r[rows].T, self._factors(k, i)["LG"]).T
+        return r, v
+
+    def twist(self, x, eps, k):
+        r, v = self._solve(x, eps, k)
+        return (-0.5 * (r * v).sum(1)).to(x.device)
+
+    def step(self, x, eps, k, generator):
+        g, s, _, _ = self._model(k)
+        _, v = self._solve(x, eps, k)
+        mean = self.chain.reverse_mean(x, eps, k).double().reshape(x.shape[0], -1).cpu()
+        z = torch.randn(mean.shape, generator=generator, dtype=torch.float64)
+        x_new, log_q = torch.empty_like(mean), torch.empty(x.shape[0], dtype=torch.float64)
+        d = mean.shape[1]
+        for i, Bm in self.B.items():
+            rows, LP = self.index == i, self._factors(k, i)["LP"]
+            m_i = mean[rows] + s * s * g * (v[rows] @ Bm)
+            x_i = (m_i + torch.linalg.solve_triangular(LP.T, z[rows].T, upper=True).T).to(x.dtype).double()
+            zz = (x_i - m_i) @ LP                          # the drawn point's own standardised offset
+            x_new[rows] = x_i
+            log_q[rows] = (-0.5 * (zz * zz).sum(1) + torch.log(torch.diagonal(LP)).sum()
+                           - 0.5 * d * math.log(2 * math.pi))
+        return x_new.to(x.dtype).reshape(x.shape).to(x.device), log_q.to(x.device)
+
+
+PROPOSALS = ("policy", "gaussian")
+
+
 @torch.no_grad()
 def twisted_smc(posterior, problem, y, n: int, *, runs: int = 1, cond=None, cg_iters: int | None = None,
-                ess_min: float = 1.0, generator=None, dtype=torch.float32) -> SMCResult:
+                ess_min: float = 1.0, proposal: str = "policy", generator=None, dtype=torch.float32) -> SMCResult:
     """``runs`` independent twisted SMC runs of ``n`` particles over ``posterior``'s chain for the
-    observation ``y`` of ``problem`` (one observation; ``cond``: its conditioning input for an amortized
-    head). Proposals are the posterior's own steps (``step_params``: head, closed-form steps, guidance);
-    the twist uses the posterior's prior-variance model (``step_variance_tau2``, ``step_variance_mode``)
-    with ``cg_iters`` CG iterations (default the posterior's ``step_mean_cg_iters``).
+    observation ``y`` of ``problem`` (one observation, or one row per particle with a per-row problem;
+    ``cond``: its conditioning input for an amortized head). ``proposal``: ``policy`` (:class:`PolicyProposal`:
+    the posterior's own steps, the twist by ``cg_iters`` CG iterations, default the posterior's
+    ``step_mean_cg_iters``) or ``gaussian`` (:class:`GaussianStepProposal`: the full-covariance Gaussian
+    step of the posterior's prior-variance model, dense; needs ``step_variance_mode: prior``).
 
     ``ess_min``: resample a run when its ESS falls below ``ess_min * n``; 1 (the default) resamples at
     every step, which keeps Z^ unbiased; a smaller value resamples less often (consistent, not unbiased)."""
@@ -118,6 +229,8 @@ def twisted_smc(posterior, problem, y, n: int, *, runs: int = 1, cond=None, cg_i
         raise ValueError(f"particles and runs must be >= 1, got {n}, {runs}")
     if not 0.0 <= ess_min <= 1.0:
         raise ValueError(f"ess_min must be in [0, 1], got {ess_min!r}")
+    if proposal not in PROPOSALS:
+        raise ValueError(f"proposal must be one of {PROPOSALS}, got {proposal!r}")
     if posterior.step_variance_tau2 is None:
         raise ValueError("the twist needs the posterior's prior-variance model (rtb.policy.step_variance_tau2)")
     chain, prior, K = posterior.chain, posterior.prior, posterior.chain.K
@@ -126,16 +239,19 @@ def twisted_smc(posterior, problem, y, n: int, *, runs: int = 1, cond=None, cg_i
         raise ValueError(f"cg_iters must be >= 0, got {iters}")
     B, dev = n * runs, prior.device
     y_b = expand_obs(problem, torch.as_tensor(y), B).to(dev)
-    cond_b = None if cond is None else torch.as_tensor(cond).to(dev).unsqueeze(0).expand(B, *tuple(cond.shape))
-
-    def twist(x, eps, k):
-        return log_twist(problem, y_b, x, eps, float(chain.abar[k]), float(chain.abar[1]),
-                         posterior.step_variance_tau2, posterior.step_variance_mode, iters)
+    if proposal == "gaussian":
+        if posterior.step_variance_mode != "prior":
+            raise ValueError("the Gaussian step proposal needs one prior variance for every pixel and sample "
+                             f"(step_variance_mode 'prior', got {posterior.step_variance_mode!r})")
+        prop = GaussianStepProposal(prior, chain, problem, y_b, posterior.step_variance_tau2)
+    else:
+        cond_b = None if cond is None else torch.as_tensor(cond).to(dev).unsqueeze(0).expand(B, *tuple(cond.shape))
+        prop = PolicyProposal(posterior, problem, y_b, cond_b, iters)
 
     x = torch.randn((B, *prior.event_shape), generator=generator, dtype=dtype).to(dev)
     eps = prior_eps(prior, chain, x, K)
-    lt = twist(x, eps, K)
-    log_w, log_z, ess = lt.reshape(runs, n), torch.zeros(runs, dtype=torch.float64), []
+    lt = prop.twist(x, eps, K)
+    log_w, log_z, ess = lt.cpu().reshape(runs, n), torch.zeros(runs, dtype=torch.float64), []
     for k in range(K, 1, -1):
         ess.append(ess_fraction(log_w))
         again = ess[-1] < ess_min - 1e-12
@@ -146,14 +262,11 @@ def twisted_smc(posterior, problem, y, n: int, *, runs: int = 1, cond=None, cg_i
             flat = (keep + n * torch.arange(runs)[:, None]).reshape(-1).to(dev)
             x, eps, lt = x[flat], eps[flat], lt[flat]
             log_w = torch.where(again[:, None], torch.zeros_like(log_w), log_w)
-        with torch.enable_grad():
-            guide = posterior.guide(x, k, eps, y_b, problem)
-        mean, std = posterior.step_params(x, k, eps, y_b, cond_b, guide, problem)
-        x_new = (mean + std * torch.randn(x.shape, generator=generator, dtype=dtype).to(dev)).detach()
-        step = (gaussian_log_prob(x_new, chain.reverse_mean(x, eps, k), chain.reverse_std(k))
-                - gaussian_log_prob(x_new, mean, std)).double().cpu()
+        x_new, log_q = prop.step(x, eps, k, generator)
+        step = (gaussian_log_prob(x_new, chain.reverse_mean(x, eps, k), chain.reverse_std(k)).double()
+                - log_q).cpu()
         eps = prior_eps(prior, chain, x_new, k - 1)
-        lt_new = twist(x_new, eps, k - 1)
+        lt_new = prop.twist(x_new, eps, k - 1)
         log_w = log_w + (step + (lt_new - lt).cpu()).reshape(runs, n)
         x, lt = x_new, lt_new
     ess.append(ess_fraction(log_w))

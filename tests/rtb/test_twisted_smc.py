@@ -112,3 +112,31 @@ def test_adaptive_resampling_and_bad_arguments():
     post.step_variance_tau2 = None
     with pytest.raises(ValueError, match="step_variance_tau2"):
         twisted_smc(post, problem, y, 4)
+
+
+def test_the_full_covariance_gaussian_step_is_unbiased_and_nearly_exact_on_the_gaussian_chain():
+    """With the Gaussian step proposal (the model's exact posterior step with its full covariance), 400 runs of
+    16 particles give mean Z^ / Z = 1 within 4 standard errors and Var(log Z^) below 0.05 (measured 0.015,
+    against 0.11 with the policy's diagonal steps); 4 runs of 500 particles give the posterior mean within
+    0.1 posterior sd."""
+    post, problem, y, mean, cov, log_z = _setup()
+    res = twisted_smc(post, problem, y, 16, runs=400, proposal="gaussian", generator=torch.Generator().manual_seed(1),
+                      dtype=torch.float64)
+    ratio = torch.exp(res.log_z - log_z)
+    se = float(ratio.std()) / math.sqrt(len(ratio))
+    assert abs(float(ratio.mean()) - 1.0) < 4 * se + 1e-3, (float(ratio.mean()), se)
+    assert float(res.log_z.var()) < 0.05
+    res = twisted_smc(post, problem, y, 500, runs=4, proposal="gaussian", generator=torch.Generator().manual_seed(2),
+                      dtype=torch.float64)
+    w = torch.softmax(res.log_w, 1)
+    m = (w[..., None] * res.x0).sum(1).mean(0)
+    assert ((m - mean).abs() / cov.diagonal().sqrt()).max() < 0.1
+
+
+def test_the_gaussian_step_needs_one_prior_variance():
+    post, problem, y, *_ = _setup()
+    post.step_variance_mode = "galaxy"
+    with pytest.raises(ValueError, match="step_variance_mode 'prior'"):
+        twisted_smc(post, problem, y, 4, proposal="gaussian")
+    with pytest.raises(ValueError, match="proposal must be one of"):
+        twisted_smc(post, problem, y, 4, proposal="exact")
