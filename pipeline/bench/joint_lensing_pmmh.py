@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--config", default="config/config.yaml")
     ap.add_argument("--prior", default="data/pretrained/prior", help="prior checkpoint directory")
     ap.add_argument("--posterior", default="data/pretrained/posterior",
-                    help="posterior whose steps are the SMC proposals (the default's need no training per lens)")
+                    help="posterior whose prior-variance model (or, with --proposal policy, whose steps) sets the SMC proposals")
     ap.add_argument("--n-obs", type=int, default=4, help="prior-drawn observations, one chain each")
     ap.add_argument("--free", nargs="+", default=["rein", "q", "phi"], help=f"free lens parameters {FREE_CHOICES}")
     ap.add_argument("--particles", type=int, default=64, help="SMC particles per evidence estimate")
