@@ -61,9 +61,10 @@ def gaussian_case(sigma: float, seed: int = 5, K: int = 6):
 
 def exact_log_z(problem, y, law) -> float:
     """log p(y) [nats] under the chain's Gaussian x_0 law ``law`` and ``problem``'s linear model and noise."""
-    r = (y - problem.offset_image).double().reshape(-1)
-    s2 = problem.sigma.double().reshape(-1) ** 2
-    return gaussian_linear_posterior(law["x0_mean"], law["x0_cov"], problem.dense_matrix(), s2, r)[2]
+    keep = problem.mask.reshape(-1).bool()
+    r = (y - problem.offset_image).double().reshape(-1)[keep]
+    s2 = problem.sigma.double().reshape(-1)[keep] ** 2
+    return gaussian_linear_posterior(law["x0_mean"], law["x0_cov"], problem.dense_matrix()[keep], s2, r)[2]
 
 
 def main(argv=None) -> dict:

@@ -47,6 +47,9 @@ class DiffusionSourceEvidence:
                  proposal: str = "gaussian", generator: torch.Generator | None = None):
         if particles < 1 or batch < 1:
             raise ValueError(f"particles and batch must be >= 1, got {particles}, {batch}")
+        if proposal == "policy" and getattr(posterior, "use_head", False):
+            raise ValueError("DiffusionSourceEvidence: the policy proposal with a trained head needs each lens's "
+                             "conditioning input, which is not built here; use proposal 'gaussian' or use_head false")
         self.prior, self.posterior, self.obs = prior, posterior, list(observations)
         self.particles, self.batch, self.proposal = int(particles), int(batch), proposal
         self.generator = generator or torch.Generator().manual_seed(0)

@@ -252,7 +252,7 @@ class RTBPosterior(nn.Module):
                                self.chain.reverse_std(k, like=x), self.step_variance_tau2, self.step_variance_mode,
                                shift=self.step_mean_shift if shift is None else shift,
                                cg_iters=self.step_mean_cg_iters,
-                               abar_end=self._abar(1, x) if self.step_model_chain_x0 else None)
+                               chain_x0=(self.chain, k) if self.step_model_chain_x0 else None)
 
     @staticmethod
     def _per_step(param, k, x):

@@ -76,6 +76,9 @@ class RTBSampler(Sampler):
         if gn != (name == "rtb_amortized_gn") or (is_ and name not in ("rtb_amortized_is", "rtb_amortized_smc")):
             raise ValueError(f"{name}: last_step {last_step!r} / particles {particles} belong to rtb_amortized_gn / "
                              f"rtb_amortized_is / rtb_amortized_smc")
+        if name == "rtb_amortized_smc" and getattr(posterior, "step_variance_tau2", None) is None:
+            raise ValueError("rtb_amortized_smc's twist needs the posterior's prior-variance model "
+                             "(rtb.policy.step_variance_tau2)")
         self.post, self.name, self.cond_fn, self.batch_size = posterior, name, cond_fn, int(batch_size)
         self.particles, self.last_step = int(particles), last_step
 
@@ -116,8 +119,8 @@ class RTBSampler(Sampler):
                        nfe=self._nfe(), info=info)
 
     def _smc(self, problem, y, n, cond, generator) -> Samples:
-        """n independent twisted SMC runs of ``particles`` particles, ``batch_size`` particles at a time; one
-        sample drawn from each run's final weights."""
+        """n independent twisted SMC runs of ``particles`` particles, as many whole runs per call as
+        ``batch_size`` particles hold (at least one); one sample drawn from each run's final weights."""
         m = self.particles
         per_call = max(1, self.batch_size // m)
         x0, lw, lz = [], [], []

@@ -11,9 +11,10 @@ policy's closed-form steps as proposals).
 The intermediate targets are ``p(x_k..) psi_k(x_k)`` with a *twist* ``psi_k``, an estimate of the
 likelihood of y given the state x_k. This module's twist is the model the step mean uses
 (:mod:`pipeline.rtb.step_variance`): x_0 given x_k is normal around the prior's Tweedie estimate x0hat
-with variance ``c_k`` per pixel. The chain's x_0 is the final denoise f(x_1), itself the Tweedie
-estimate at x_1, so the variance that remains is ``v_k = c_k - c_1`` (zero at k = 1) and y given x_k is
-normal with covariance ``sigma^2 + v_k A A^T``:
+with a variance per pixel. The chain's x_0 is the final denoise f(x_1), itself the Tweedie estimate at
+x_1 with no noise after it, so the variance is that of f(x_1) given x_k, ``v_k`` =
+:func:`~pipeline.rtb.step_variance.chain_x0_variance` (zero at k = 1), and y given x_k is normal with
+covariance ``sigma^2 + v_k A A^T``:
 
     log psi_k(x_k) = -1/2 r^T (I + v_k W A A^T W)^-1 r,   r = W (y - A x0hat(x_k)),  W = diag(mask / sigma),
 
@@ -40,8 +41,8 @@ import torch
 
 from pipeline.diffusion.sampling import prior_eps
 from pipeline.diffusion.schedule import gaussian_log_prob
-from pipeline.rtb.objective import expand_obs
-from pipeline.rtb.step_variance import cg_solve, gain_and_variance, prior_variance, tweedie_x0
+from pipeline.rtb.objective import _expand, expand_obs
+from pipeline.rtb.step_variance import cg_solve, chain_x0_variance, gain_and_variance, prior_variance, tweedie_x0
 
 
 def systematic_resample(log_w: torch.Tensor, generator=None) -> torch.Tensor:
@@ -62,20 +63,18 @@ def ess_fraction(log_w: torch.Tensor) -> torch.Tensor:
     return 1.0 / (w * w).sum(1) / log_w.shape[1]
 
 
-def log_twist(problem, y, x: torch.Tensor, eps: torch.Tensor, abar, abar_1, tau2: float, mode: str,
+def log_twist(problem, y, x: torch.Tensor, eps: torch.Tensor, chain, k: int, tau2: float, mode: str,
               cg_iters: int) -> torch.Tensor:
     """``log psi(x_k)`` (module docstring) at states x (B, ...) of chain index k, float64 (B,), without
-    its constant normaliser. ``eps``: the prior's eps at x; ``abar``: abar_k and ``abar_1`` the chain's last
-    (floats); ``tau2``, ``mode``: the model's prior variance (:func:`~pipeline.rtb.step_variance.prior_variance`);
-    ``cg_iters``: CG iterations (0: the twist is constant, i.e. plain SMC with the policy's steps).
-
-    The chain's x_0 is f(x_1), the prior's Tweedie estimate at x_1, not a draw around it, so the variance
-    in the twist is that of f(x_1) given x_k: ``c_k - c_1`` by the law of total variance (zero at k = 1,
-    where the twist is then the likelihood of f(x_1) itself, up to its constant)."""
+    its constant normaliser. ``eps``: the prior's eps at x; ``tau2``, ``mode``: the model's prior variance
+    (:func:`~pipeline.rtb.step_variance.prior_variance`); ``cg_iters``: CG iterations (0: the twist is
+    constant, i.e. plain SMC with the policy's steps). The variance v_k of the chain's x_0 given x_k is
+    :func:`~pipeline.rtb.step_variance.chain_x0_variance` (zero at k = 1, where the twist is the likelihood
+    of f(x_1) itself, up to its constant)."""
+    abar = float(chain.abar[k])
     x0hat = tweedie_x0(x, eps, abar)
     t2 = prior_variance(mode, tau2, x, eps, abar)
-    c = gain_and_variance(abar, t2, x, abar_end=abar_1)[1]
-    v, r = cg_solve(problem, x0hat, y, c, cg_iters)
+    v, r = cg_solve(problem, x0hat, y, chain_x0_variance(chain, k, t2, x), cg_iters)
     return -0.5 * (r.double() * v.double()).flatten(1).sum(1)
 
 
@@ -111,9 +110,8 @@ class PolicyProposal:
         self.post, self.problem, self.y, self.cond, self.iters = posterior, problem, y_b, cond_b, int(cg_iters)
 
     def twist(self, x, eps, k):
-        ch = self.post.chain
-        return log_twist(self.problem, self.y, x, eps, float(ch.abar[k]), float(ch.abar[1]),
-                         self.post.step_variance_tau2, self.post.step_variance_mode, self.iters)
+        return log_twist(self.problem, self.y, x, eps, self.post.chain, k, self.post.step_variance_tau2,
+                         self.post.step_variance_mode, self.iters)
 
     def step(self, x, eps, k, generator):
         with torch.enable_grad():
@@ -128,14 +126,16 @@ class GaussianStepProposal:
 
     Under the model of :mod:`pipeline.rtb.step_variance` with the chain's own x_0 (prior variance ``tau2``
     per pixel, network units^2), the chain's x_0 given x_{k-1} is N(x0hat + g (x_{k-1} - mu), c I) with
-    c = c_{k-1} - c_1, so the data given x_{k-1} are N(W A (x0hat + g (x_{k-1} - mu)), I + c B B^T) in
+    c = v_{k-1} (:func:`~pipeline.rtb.step_variance.chain_x0_variance`), so the data given x_{k-1} are
+    N(W A (x0hat + g (x_{k-1} - mu)), I + c B B^T) in
     whitened units (B = W A, dense). Its product with the prior's step N(mu, s^2 I) is Gaussian with
 
         precision P = I / s^2 + g^2 B^T (I + c B B^T)^-1 B,   mean mu + s^2 g B^T (I + alpha B B^T)^-1 r,
 
     r = W (y - A x0hat), alpha = c + g^2 s^2. The step is drawn from it and scored exactly (Cholesky of P).
     The twist at x_k is -1/2 r^T (I + alpha_k B B^T)^-1 r with step k's alpha (0 at x_1, where it is the
-    likelihood of f(x_1) up to its constant), so that a step the model describes exactly has weight 1.
+    likelihood of f(x_1) up to its constant; alpha_k = v_k), so that a step the model describes exactly has
+    weight 1.
     Dense linear algebra per lens and step (float64): for d source and m image pixels, Choleskys of
     (m, m) and (d, d) matrices; a prior variance per sample (``step_variance_mode`` other than
     ``prior``) would need one per particle and is not supported."""
@@ -159,7 +159,8 @@ class GaussianStepProposal:
         if k == 1:
             return None, None, 0.0, 0.0
         like = torch.zeros((), dtype=torch.float64)
-        g, c = gain_and_variance(float(self.chain.abar[k - 1]), self.tau2, like, float(self.chain.abar[1]))
+        g, _ = gain_and_variance(float(self.chain.abar[k - 1]), self.tau2, like)
+        c = chain_x0_variance(self.chain, k - 1, self.tau2, like)
         s = float(self.chain.reverse_std(k))
         return float(g), s, float(c), float(c) + float(g) ** 2 * s * s
 
@@ -213,12 +214,23 @@ class GaussianStepProposal:
 PROPOSALS = ("policy", "gaussian")
 
 
+def _check_one_observation_per_run(problem, y_b, runs: int, n: int) -> None:
+    """Resampling permutes particles within a run: every row of a run must hold the same data and lens."""
+    y = y_b.reshape(runs, n, -1)
+    if not bool((y == y[:, :1]).all()):
+        raise ValueError("twisted_smc: the rows of one run hold different data; give each run of n rows one y")
+    index = getattr(problem, "index", None)
+    if index is not None and not bool((index.reshape(runs, n) == index.reshape(runs, n)[:, :1]).all()):
+        raise ValueError("twisted_smc: the rows of one run use different lenses; give each run of n rows one lens")
+
+
 @torch.no_grad()
 def twisted_smc(posterior, problem, y, n: int, *, runs: int = 1, cond=None, cg_iters: int | None = None,
                 ess_min: float = 1.0, proposal: str = "policy", generator=None, dtype=torch.float32) -> SMCResult:
     """``runs`` independent twisted SMC runs of ``n`` particles over ``posterior``'s chain for the
-    observation ``y`` of ``problem`` (one observation, or one row per particle with a per-row problem;
-    ``cond``: its conditioning input for an amortized head). ``proposal``: ``policy`` (:class:`PolicyProposal`:
+    observation ``y`` of ``problem`` (one observation, or, with a per-row problem and y (runs n, ...), one
+    observation and lens per run of n consecutive rows; ``cond``: the conditioning input of an amortized
+    head). ``proposal``: ``policy`` (:class:`PolicyProposal`:
     the posterior's own steps, the twist by ``cg_iters`` CG iterations, default the posterior's
     ``step_mean_cg_iters``) or ``gaussian`` (:class:`GaussianStepProposal`: the full-covariance Gaussian
     step of the posterior's prior-variance model, dense; needs ``step_variance_mode: prior``).
@@ -239,13 +251,14 @@ def twisted_smc(posterior, problem, y, n: int, *, runs: int = 1, cond=None, cg_i
         raise ValueError(f"cg_iters must be >= 0, got {iters}")
     B, dev = n * runs, prior.device
     y_b = expand_obs(problem, torch.as_tensor(y), B).to(dev)
+    _check_one_observation_per_run(problem, y_b, runs, n)
     if proposal == "gaussian":
         if posterior.step_variance_mode != "prior":
             raise ValueError("the Gaussian step proposal needs one prior variance for every pixel and sample "
                              f"(step_variance_mode 'prior', got {posterior.step_variance_mode!r})")
         prop = GaussianStepProposal(prior, chain, problem, y_b, posterior.step_variance_tau2)
     else:
-        cond_b = None if cond is None else torch.as_tensor(cond).to(dev).unsqueeze(0).expand(B, *tuple(cond.shape))
+        cond_b = None if cond is None else _expand(torch.as_tensor(cond).to(dev), B, posterior.cond_shape)
         prop = PolicyProposal(posterior, problem, y_b, cond_b, iters)
 
     x = torch.randn((B, *prior.event_shape), generator=generator, dtype=dtype).to(dev)

@@ -51,25 +51,40 @@ import torch
 MODES = ("prior", "tweedie", "galaxy")
 
 
-def gain_and_variance(abar_prev, tau2, like: torch.Tensor, abar_end=None):
+def gain_and_variance(abar_prev, tau2, like: torch.Tensor, x0_var=None):
     """(g, c) of the model: E[x_0 | x_{k-1}] = g x_{k-1} + const and Var[x_0 | x_{k-1}] = c (network
     units^2), in ``like``'s dtype and device; ``abar_prev`` = abar_{k-1} and ``tau2`` floats or tensors.
-
-    ``abar_end`` = abar_1 (the chain's last state): x_0 is instead the chain's own final denoise f(x_1), the
-    Tweedie estimate at x_1, whose variance given x_{k-1} is c(abar_{k-1}) - c(abar_1) by the law of total
-    variance (0 at x_1 itself); None: the forward process's x_0."""
+    ``x0_var``: a variance to use as c instead (e.g. :func:`chain_x0_variance`)."""
     tau2 = torch.as_tensor(tau2, dtype=like.dtype, device=like.device)
     ab = torch.as_tensor(abar_prev, dtype=like.dtype, device=like.device)
     v = (1.0 - ab) / ab
-    c = tau2 * v / (tau2 + v)
-    if abar_end is not None:
-        ae = torch.as_tensor(abar_end, dtype=like.dtype, device=like.device)
-        ve = (1.0 - ae) / ae
-        c = (c - tau2 * ve / (tau2 + ve)).clamp_min(0.0)
+    c = tau2 * v / (tau2 + v) if x0_var is None else torch.as_tensor(x0_var, dtype=like.dtype, device=like.device)
     return tau2 / (ab.sqrt() * (tau2 + v)), c
 
 
-def data_precision_on_state(h: torch.Tensor, abar_prev, tau2, abar_end=None) -> torch.Tensor:
+def chain_x0_variance(chain, j, tau2, like: torch.Tensor) -> torch.Tensor:
+    """The model's variance of the chain's own sample x_0 = f(x_1) (the Tweedie estimate at x_1, with no noise
+    after it) given the state x_j, network units^2: ``sum_{i=2..j} g_{i-1}^2 s_i^2``, with g_{i-1} the model's
+    gain at abar_{i-1} (:func:`gain_and_variance`) and s_i the chain's reverse std of step i; 0 at j = 1.
+    For a Gaussian prior N(m, tau2 I) with its exact eps this is exact: each step adds its noise s_i^2 times
+    the squared gain of f(x_1) on x_{i-1}. ``j``: an int or a (B,) tensor of chain indices (rows of ``like``);
+    ``tau2``: a float or a tensor broadcastable to ``like``. Returns a tensor broadcastable to ``like``."""
+    def term(i):
+        g, _ = gain_and_variance(float(chain.abar[i - 1]), tau2, like)
+        return g * g * float(chain.reverse_var[i])
+
+    if not isinstance(j, torch.Tensor):
+        out = torch.zeros((), dtype=like.dtype, device=like.device)
+        for i in range(2, int(j) + 1):
+            out = out + term(i)
+        return out
+    terms = torch.stack([torch.zeros_like(like)] + [term(i).expand_as(like) for i in range(2, chain.K + 1)])
+    total = torch.cumsum(terms, 0)                      # row i - 1: the sum up to step i
+    rows = torch.arange(like.shape[0], device=like.device)
+    return total[(j.to(like.device) - 1).clamp_min(0), rows]
+
+
+def data_precision_on_state(h: torch.Tensor, abar_prev, tau2, x0_var=None) -> torch.Tensor:
     """Per-pixel likelihood precision on x_{k-1}, ``g^2 h / (1 + h c)`` (network units^-2).
 
     ``h``: diag(A^T A / sigma^2) on the source grid (network units^-2), any shape; ``abar_prev``:
@@ -79,21 +94,21 @@ def data_precision_on_state(h: torch.Tensor, abar_prev, tau2, abar_end=None) -> 
     tau2 = torch.as_tensor(tau2, dtype=h.dtype, device=h.device)
     if not bool((tau2 > 0).all()):
         raise ValueError(f"tau2 must be > 0, got {tau2.min().item()!r}")
-    g, c = gain_and_variance(abar_prev, tau2, h, abar_end)
+    g, c = gain_and_variance(abar_prev, tau2, h, x0_var)
     return g * g * h / (1.0 + h * c)
 
 
-def narrowing(h: torch.Tensor, abar_prev, step_std, tau2, abar_end=None) -> torch.Tensor:
+def narrowing(h: torch.Tensor, abar_prev, step_std, tau2, x0_var=None) -> torch.Tensor:
     """Factor ``(1 + s_k^2 lambda)^(-1/2)`` in (0, 1] on a step's std (dimensionless), shaped like ``h``.
 
     ``step_std``: the prior chain's std ``s_k`` of the step (network units), a float or a tensor
     broadcastable to ``h``; the rest as in :func:`data_precision_on_state`."""
     s2 = torch.as_tensor(step_std, dtype=h.dtype, device=h.device) ** 2
-    return (1.0 + s2 * data_precision_on_state(h, abar_prev, tau2, abar_end)).rsqrt()
+    return (1.0 + s2 * data_precision_on_state(h, abar_prev, tau2, x0_var)).rsqrt()
 
 
 def mean_shift(grad: torch.Tensor, h: torch.Tensor, h_row: torch.Tensor, abar_prev, step_std, tau2,
-               abar_end=None) -> torch.Tensor:
+               x0_var=None) -> torch.Tensor:
     """The data's pull on the step's mean, ``step_std^2 g grad h / ((1 + h c) h_row)`` (network units).
 
     ``grad``: grad_x0 log p(y | x0) at the prior's Tweedie estimate of x_k (network units^-1);
@@ -102,7 +117,7 @@ def mean_shift(grad: torch.Tensor, h: torch.Tensor, h_row: torch.Tensor, abar_pr
     narrowing (network units); ``abar_prev``, ``tau2`` as in :func:`data_precision_on_state`. Without
     the damping ``h / h_row`` this is the mean of the Gaussian product of N(mean, step_std^2) with the
     likelihood of x_{k-1} under the diagonal model, linearised at the prior's mean."""
-    g, c = gain_and_variance(abar_prev, tau2, h, abar_end)
+    g, c = gain_and_variance(abar_prev, tau2, h, x0_var)
     damp = torch.where(h_row > 0, h / h_row.clamp_min(torch.finfo(h.dtype).tiny), torch.zeros_like(h))
     return torch.as_tensor(step_std, dtype=h.dtype, device=h.device) ** 2 * g * grad * damp / (1.0 + h * c)
 
@@ -180,7 +195,7 @@ def galaxy_tau2(x: torch.Tensor, eps: torch.Tensor, abar, floor: float) -> torch
 
 
 def likelihood_step(problem, x, y, eps, abar_k, abar_prev, step_std, tau2: float, mode: str = "prior", *,
-                    shift: bool = False, cg_iters: int = 0, abar_end=None):
+                    shift: bool = False, cg_iters: int = 0, chain_x0=None):
     """(narrowing factor on the prior's step std, mean offset or None) at the states x (B, ...) of step k.
 
     ``problem``: the observation's inverse problem (``diag_precision``; with ``shift`` also
@@ -188,18 +203,20 @@ def likelihood_step(problem, x, y, eps, abar_k, abar_prev, step_std, tau2: float
     ``abar_k``, ``abar_prev``: abar_k and abar_{k-1} broadcastable to x; ``step_std``: the prior
     chain's std s_k; ``tau2`` and ``mode`` as in :func:`prior_variance`. Both outputs are functions of
     x_k and y only (detached), so a step that uses them is Gaussian with exact log q. ``cg_iters`` > 0: the
-    shift by :func:`cg_mean_shift` (whitened operator) instead of the damped diagonal form; ``abar_end``: as in
-    :func:`gain_and_variance` (the model's x_0 is the chain's final denoise)."""
+    shift by :func:`cg_mean_shift` (whitened operator) instead of the damped diagonal form. ``chain_x0``:
+    ``(chain, k)``, the model's x_0 is the chain's own f(x_1), whose variance given x_{k-1} is
+    :func:`chain_x0_variance` (None: the forward process's x_0, variance c)."""
     if problem is None or not hasattr(problem, "diag_precision"):
         raise ValueError("the likelihood-informed step needs the observation's problem (with diag_precision)")
     h = problem.diag_precision(y).to(x.dtype).reshape(x.shape)
     t2 = prior_variance(mode, tau2, x, eps, abar_k)
-    narrow = narrowing(h, abar_prev, step_std, t2, abar_end)
+    x0_var = None if chain_x0 is None else chain_x0_variance(chain_x0[0], chain_x0[1] - 1, t2, x)
+    narrow = narrowing(h, abar_prev, step_std, t2, x0_var)
     if not shift:
         return narrow, None
     if cg_iters > 0:
         with torch.no_grad():
-            g, c = gain_and_variance(abar_prev, t2, x, abar_end)
+            g, c = gain_and_variance(abar_prev, t2, x, x0_var)
             s2 = torch.as_tensor(step_std, dtype=x.dtype, device=x.device) ** 2
             pull = cg_mean_shift(problem, tweedie_x0(x, eps, abar_k), y, c + g * g * s2, cg_iters)
             return narrow, (s2 * g * pull).to(x.dtype)
@@ -208,4 +225,4 @@ def likelihood_step(problem, x, y, eps, abar_k, abar_prev, step_std, tau2: float
     with torch.no_grad():
         grad = problem.grad_log_likelihood(tweedie_x0(x, eps, abar_k), y).to(x.dtype).reshape(x.shape)
         h_row = problem.row_precision(y).to(x.dtype).reshape(x.shape)
-        return narrow, mean_shift(grad, h, h_row, abar_prev, step_std * narrow, t2, abar_end)
+        return narrow, mean_shift(grad, h, h_row, abar_prev, step_std * narrow, t2, x0_var)

@@ -154,7 +154,7 @@ def test_config_and_spec_carry_the_options(tmp_path):
 def test_with_the_chains_x0_the_last_step_mean_is_the_exact_posterior_step_mean(tau2):
     """The chain's sample is x_0 = f(x_1), not a draw around it. For a Gaussian prior N(0, tau2 I) (f linear,
     the prior's eps exact) and a coupling operator with a masked pixel, the last step x_2 -> x_1 with the
-    model's x_0 taken as f(x_1) (``abar_end`` = abar_1) has the exact mean of p(x_1 | x_2, y) under the chain
+    model's x_0 taken as f(x_1) (``chain_x0``) has the exact mean of p(x_1 | x_2, y) under the chain
     (rtol 1e-8); with the forward process's x_0 it does not (off by more than 1 %)."""
     from pipeline.diffusion.gaussian_chain import final_denoise_affine, gaussian_linear_posterior
     from pipeline.diffusion.prior import GaussianMixturePrior
@@ -174,8 +174,38 @@ def test_with_the_chains_x0_the_last_step_mean_is_the_exact_posterior_step_mean(
                                            SIGMA.double()[MASK] ** 2, y[0, MASK] - M[MASK] @ f)
     ab1, ab2 = float(chain.abar[1]), float(chain.abar[2])
     got = {}
-    for end in (ab1, None):
-        _, shift = likelihood_step(problem, x2, y, eps, ab2, ab1, s, tau2, shift=True, cg_iters=20, abar_end=end)
-        got[end] = mu + shift[0]
-    torch.testing.assert_close(got[ab1], want, rtol=1e-8, atol=1e-10)
-    assert (got[None] - want).norm() > 0.01 * (want - mu).norm()
+    for own in (True, False):
+        _, shift = likelihood_step(problem, x2, y, eps, ab2, ab1, s, tau2, shift=True, cg_iters=20,
+                                   chain_x0=(chain, 2) if own else None)
+        got[own] = mu + shift[0]
+    torch.testing.assert_close(got[True], want, rtol=1e-8, atol=1e-10)
+    assert (got[False] - want).norm() > 0.01 * (want - mu).norm()
+
+
+@pytest.mark.parametrize("tau2", [0.026, 1.0])
+def test_chain_x0_variance_is_the_chains_own_variance_of_its_sample(tau2):
+    """For a Gaussian prior N(0, tau2 I) with its exact eps, the chain's reverse steps and final denoise are
+    affine, so Var(f(x_1) | x_j) follows by propagating x_j's point mass through steps j..2: it equals
+    ``chain_x0_variance`` at every j (rtol 1e-9), 0 at j = 1; per-row tensor indices give the same values."""
+    from pipeline.diffusion.gaussian_chain import final_denoise_affine, reverse_step_affine
+    from pipeline.rtb.step_variance import chain_x0_variance
+
+    from pipeline.diffusion.prior import GaussianMixturePrior
+    prior = GaussianMixturePrior([1.0], torch.zeros(1, 2), tau2)
+    chain = prior.schedule.chain(8)
+    cov2 = tau2 * torch.eye(2, dtype=torch.float64)
+    F, _ = final_denoise_affine(chain, torch.zeros(2), cov2)
+    like = torch.zeros(1, dtype=torch.float64)
+    for j in range(1, chain.K + 1):
+        cov = torch.zeros(2, 2, dtype=torch.float64)
+        for i in range(j, 1, -1):
+            M, _ = reverse_step_affine(chain, torch.zeros(2), cov2, i)
+            cov = M @ cov @ M.T + float(chain.reverse_var[i]) * torch.eye(2, dtype=torch.float64)
+        want = float((F @ cov @ F.T)[0, 0])
+        got = float(chain_x0_variance(chain, j, tau2, like))
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-15), (j, got, want)
+    ks = torch.tensor([1, 3, 8, 2])
+    rows = chain_x0_variance(chain, ks, tau2, torch.zeros(4, 2, dtype=torch.float64))
+    for r, k in enumerate(ks.tolist()):
+        torch.testing.assert_close(rows[r], torch.full((2,), float(chain_x0_variance(chain, k, tau2, like)),
+                                                       dtype=torch.float64))

@@ -71,7 +71,7 @@ def test_evidence_estimate_is_unbiased_on_the_exact_gaussian_chain(cg_iters):
 
 def test_the_twist_lowers_the_variance_of_log_z():
     """Var(log Z^) with the whole-operator twist is below 0.6 of that without any twist (both with the
-    closed-form steps as proposals, 400 runs of 8 particles; the ratio was 0.30-0.44 over four seeds)."""
+    closed-form steps as proposals, 400 runs of 8 particles; the ratio was 0.27-0.34 over four seeds)."""
     post, problem, y, *_ = _setup()
     var = []
     for iters in (20, 0):
@@ -100,32 +100,54 @@ def test_weighted_particles_match_the_exact_posterior():
     assert ((draws.reshape(-1, 4).mean(0) - mean).abs() / sd).max() < 0.15
 
 
-def test_adaptive_resampling_and_bad_arguments():
-    """ess_min = 0 never resamples (one weight per path: plain importance sampling with the twist
-    cancelling); out-of-range arguments and a posterior without the variance model are refused."""
+@pytest.mark.parametrize("ess_min", [0.0, 0.5])
+def test_without_resampling_and_with_adaptive_resampling_the_evidence_stays_right(ess_min):
+    """ess_min = 0 never resamples: one weight per path, plain importance sampling, still unbiased, and log Z^
+    is then the log-mean of the final weights alone. ess_min = 0.5 resamples some runs and not others at the same step (both
+    happen here); the estimate is then consistent, and its mean Z^ / Z over 400 runs of 16 particles is 1
+    within 4 standard errors plus 0.02."""
+    post, problem, y, _, _, log_z = _setup()
+    res = twisted_smc(post, problem, y, 16, runs=400, ess_min=ess_min, generator=torch.Generator().manual_seed(5),
+                      dtype=torch.float64)
+    ratio = torch.exp(res.log_z - log_z)
+    se = float(ratio.std()) / math.sqrt(len(ratio))
+    assert abs(float(ratio.mean()) - 1.0) < 4 * se + 0.02, (float(ratio.mean()), se)
+    if ess_min == 0.0:
+        torch.testing.assert_close(res.log_z, torch.logsumexp(res.log_w, 1) - math.log(16))
+    else:
+        below = res.ess[:-1] < 0.5
+        assert bool((below.any(1) & ~below.all(1)).any())
+
+
+def test_bad_arguments_are_refused():
+    """Out-of-range arguments, a posterior without the variance model, and runs whose rows hold different
+    data (resampling within a run would move particles between observations) are refused."""
     post, problem, y, *_ = _setup()
-    res = twisted_smc(post, problem, y, 4, runs=2, ess_min=0.0, generator=torch.Generator().manual_seed(5))
-    assert torch.isfinite(res.log_z).all()
     for kw in ({"ess_min": 1.5}, {"runs": 0}, {"cg_iters": -1}):
         with pytest.raises(ValueError):
             twisted_smc(post, problem, y, 4, **kw)
+    mixed = torch.stack([y, y, y + 1, y])
+    with pytest.raises(ValueError, match="different data"):
+        twisted_smc(post, problem, mixed, 2, runs=2)
+    twisted_smc(post, problem, torch.stack([y, y, y + 1, y + 1]), 2, runs=2)  # one y per run is fine
     post.step_variance_tau2 = None
     with pytest.raises(ValueError, match="step_variance_tau2"):
         twisted_smc(post, problem, y, 4)
 
 
 def test_the_full_covariance_gaussian_step_is_unbiased_and_nearly_exact_on_the_gaussian_chain():
-    """With the Gaussian step proposal (the model's exact posterior step with its full covariance), 400 runs of
-    16 particles give mean Z^ / Z = 1 within 4 standard errors and Var(log Z^) below 0.05 (measured 0.015,
-    against 0.11 with the policy's diagonal steps); 4 runs of 500 particles give the posterior mean within
-    0.1 posterior sd."""
+    """With the Gaussian step proposal (the model's exact posterior step with its full covariance, and the
+    chain's own variance of f(x_1) in the model and the twist), every step the model describes exactly has
+    weight 1: on this Gaussian chain 400 runs of 16 particles give mean Z^ / Z = 1 within 4 standard errors,
+    Var(log Z^) below 1e-4 (measured 3.6e-6, against 0.11 with the policy's diagonal steps) and no step's ESS
+    below 0.99 n; 4 runs of 500 particles give the posterior mean within 0.1 posterior sd."""
     post, problem, y, mean, cov, log_z = _setup()
     res = twisted_smc(post, problem, y, 16, runs=400, proposal="gaussian", generator=torch.Generator().manual_seed(1),
                       dtype=torch.float64)
     ratio = torch.exp(res.log_z - log_z)
     se = float(ratio.std()) / math.sqrt(len(ratio))
     assert abs(float(ratio.mean()) - 1.0) < 4 * se + 1e-3, (float(ratio.mean()), se)
-    assert float(res.log_z.var()) < 0.05
+    assert float(res.log_z.var()) < 1e-4 and float(res.ess.min()) > 0.99
     res = twisted_smc(post, problem, y, 500, runs=4, proposal="gaussian", generator=torch.Generator().manual_seed(2),
                       dtype=torch.float64)
     w = torch.softmax(res.log_w, 1)
