@@ -141,7 +141,7 @@ def test_default_posterior_without_its_step_mean_shift_reproduces_the_earlier_re
     assert switched["at_step"] == ck.step and switched["steps_trained_with_it"] == 0
     prior = load_prior(SHIPPED / "prior")
     off = check_posterior(CONFIG, prior, SHIPPED / "posterior", n_obs=1, n=rec["n"], seed=rec["seed"],
-                          noise_sigma=rec["noise_sigma"], step_mean_shift=False, use_head=True)
+                          noise_sigma=rec["noise_sigma"], step_mean_shift=False, use_head=True, step_model_chain_x0=False)
     assert off["step_mean_shift"] is False and off["step_variance_tau2"] == rec["step_variance_tau2"]
     assert off["per_observation"]["chi2_nu"][0] == pytest.approx(rec["step_mean_shift_off"]["chi2_nu_median"],
                                                                  rel=1e-3)
@@ -167,12 +167,38 @@ def test_default_posterior_with_its_head_and_the_diagonal_step_mean_reproduces_t
     assert switched["at_step"] == ck.step and switched["steps_trained_with_it"] == 0
     prior = load_prior(SHIPPED / "prior")
     old = check_posterior(CONFIG, prior, SHIPPED / "posterior", n_obs=1, n=rec["n"], seed=rec["seed"],
-                          noise_sigma=rec["noise_sigma"], step_mean_cg_iters=0, use_head=True)
+                          noise_sigma=rec["noise_sigma"], step_mean_cg_iters=0, use_head=True,
+                          step_model_chain_x0=False)
     assert old["step_mean_cg_iters"] == 0 and old["use_head"] is True
     want = rec["whole_operator_off"]
     assert old["per_observation"]["chi2_nu"][0] == pytest.approx(want["chi2_nu_median"], rel=1e-3)
     assert old["per_observation"]["mean_log_r"][0] == pytest.approx(want["mean_log_r"], rel=1e-4, abs=1e-2)
     assert abs(want["mean_log_r"] - rec["mean_log_r"]) > 1.0
+
+
+@pytest.mark.slow
+def test_default_posterior_with_the_forward_process_x0_reproduces_the_earlier_record():
+    """The step model's x_0 was switched to the chain's own f(x_1) without retraining (a re-stamp recorded in
+    the checkpoint): with the forward process's x_0 back, the one-observation fit is the one recorded before
+    (``chain_x0_off``), and it differs from the default's."""
+    from pipeline.diffusion.network_prior import load_prior
+    from pipeline.io.checkpoint import load_checkpoint
+    from pipeline.lensing.checks import check_posterior
+
+    rec = RECORD["posterior"]
+    ck = load_checkpoint(SHIPPED / "posterior", names=[])
+    assert ck.hparams["spec"]["step_model_chain_x0"] is True and rec["step_model_chain_x0"] is True
+    switched = ck.hparams["chain_x0_step_model_switched_on"]
+    assert switched["at_step"] == ck.step and switched["steps_trained_with_it"] == 0
+    prior = load_prior(SHIPPED / "prior")
+    kw = dict(n_obs=1, n=rec["n"], seed=rec["seed"], noise_sigma=rec["noise_sigma"])
+    old = check_posterior(CONFIG, prior, SHIPPED / "posterior", step_model_chain_x0=False, **kw)
+    assert old["step_model_chain_x0"] is False
+    want = rec["chain_x0_off"]
+    assert old["per_observation"]["chi2_nu"][0] == pytest.approx(want["chi2_nu_median"], rel=1e-3)
+    assert old["per_observation"]["mean_log_r"][0] == pytest.approx(want["mean_log_r"], rel=1e-4, abs=1e-2)
+    new = check_posterior(CONFIG, prior, SHIPPED / "posterior", **kw)
+    assert abs(new["per_observation"]["mean_log_r"][0] - want["mean_log_r"]) > 1.0
 
 
 @pytest.mark.slow
