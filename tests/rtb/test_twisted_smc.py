@@ -162,3 +162,12 @@ def test_the_gaussian_step_needs_one_prior_variance():
         twisted_smc(post, problem, y, 4, proposal="gaussian")
     with pytest.raises(ValueError, match="proposal must be one of"):
         twisted_smc(post, problem, y, 4, proposal="exact")
+
+
+def test_rtb_amortized_smc_refuses_a_posterior_without_the_variance_model_when_built():
+    from pipeline.rtb.sampler import RTBSampler
+
+    post, *_ = _setup()
+    post.step_variance_tau2 = None
+    with pytest.raises(ValueError, match="step_variance_tau2"):
+        RTBSampler(post, "rtb_amortized_smc", cond_fn=lambda p, y: y, particles=4)
