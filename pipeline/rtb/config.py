@@ -48,10 +48,9 @@ class PolicyConfig:
                                          "same diagonal model, damped so no direction overshoots (docs/method.md).")
     step_mean_cg_iters: int = param(0, "With step_mean_shift: conjugate-gradient iterations of that shift on the "
                                        "whole lens operator (0 = the damped diagonal form; docs/method.md).", min=0)
-    step_model_chain_x0: bool = param(False, "With step_variance_tau2: the step model's x_0 is the chain's own final "
-                                             "denoise f(x_1), whose variance given x_k is the sum over the steps left of "
-                                             "gain^2 x step variance (zero at the last step), not the forward "
-                                             "process's x_0 (docs/method.md).")
+    step_model_chain_x0: bool = param(False, "With step_variance_tau2: the step model's x_0 is the chain's own f(x_1), "
+                                             "its variance given x_k summed over the steps left (zero at the last "
+                                             "step), not the forward process's x_0 (docs/method.md).")
     use_head: bool = param(True, "Sample with the trained correction head; false = the prior's step with the "
                                  "likelihood-informed step only (nothing to train; the head stays in checkpoints).")
     guidance: str = param("none", "Frozen-prior guidance added to the policy mean (detached; no double "
