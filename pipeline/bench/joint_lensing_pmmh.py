@@ -17,7 +17,7 @@ its proposal adapted during ``--burn``). Before the chains, Var(log Z^) at the t
 Writes OUT.json (per observation: truth, Var(log Z^) at the truth, acceptance, integrated autocorrelation
 time and effective sample size per parameter, posterior mean and sd per parameter, and seconds per
 iteration) and prints one JSON line per observation. Each iteration costs one SMC run per observation
-(``--particles`` trajectories of K prior-network calls): on the 2-core CPU 0.16-0.46 s per particle, so
+(``--particles`` trajectories of K prior-network calls): on the 2-core CPU 0.15-0.44 s per particle, so
 this is a job for a GPU (``--device cuda``) at production sizes.
 """
 
