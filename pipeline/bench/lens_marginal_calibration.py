@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.bench.joint_lensing_mh import circular_mean, circular_unwrap
+from pipeline.bench.joint_lensing_mh import circular_mean, circular_unwrap, reference_chains
 from pipeline.diffusion.network_prior import load_prior
 from pipeline.diffusion.train import load_training_images
 from pipeline.io.atomic import write_json
@@ -46,6 +46,7 @@ from pipeline.metrics.lens_calibration import lens_calibration
 from pipeline.metrics.sharpness import mean_error
 from pipeline.rtb.loading import load_posterior
 from pipeline.rtb.objective import policy_rollout
+from pipeline.rtb.joint import integrated_autocorr_time
 from pipeline.runtime import configure_threads
 from pipeline.settings import load_config
 
@@ -59,6 +60,41 @@ def chi2_nu(problem, y, x_net: torch.Tensor) -> float:
     return float((r[keep].double() ** 2).mean())
 
 
+def unwrapped_moments(theta: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and sd (p,) of draws theta (n, p), phi (period pi) read around its circular mean."""
+    theta = theta.clone()
+    if "phi" in names:
+        j = names.index("phi")
+        theta[:, j] = circular_unwrap(theta[:, j], circular_mean(theta[:, j], math.pi), math.pi)
+    return theta.mean(0), theta.std(0)
+
+
+def mh_check(ev: GaussianSourceEvidence, recs: list[dict], truths: torch.Tensor, *, n_iter: int, seed: int) -> list:
+    """Adaptive random-walk MH (:func:`pipeline.bench.joint_lensing_mh.reference_chains`, started at the truth,
+    a quarter of the iterations adapting and discarded) on the same exact target for the observations of
+    ``recs``: per parameter the SMC particles' mean error in MH sds, their sd over MH's, and MH's ESS."""
+    class Target:                                   # the observation indices stand in for y
+        prior = ev.prior
+
+        @staticmethod
+        def log_evidence(theta, rows):
+            return ev.log_likelihood(theta, rows)
+
+    rows = torch.tensor([r["row"] for r in recs])
+    chains = reference_chains(Target, rows, truths[rows], n_iter=n_iter, burn=n_iter // 4, seed=seed)["theta"]
+    out = []
+    for b, r in enumerate(recs):
+        mean, sd = unwrapped_moments(chains[:, b], ev.prior.names)
+        sm, ss = torch.tensor(r["particle_mean"]), torch.tensor(r["particle_sd"])
+        if "phi" in ev.prior.names:                 # the two means on one branch of phi's circle
+            j = ev.prior.names.index("phi")
+            sm[j] = circular_unwrap(sm[j:j + 1], float(mean[j]), math.pi)[0]
+        ess = [len(chains) / integrated_autocorr_time(chains[:, b, j].numpy()) for j in range(chains.shape[-1])]
+        out.append({"file": r.get("file"), "mh_mean": mean.tolist(), "mh_sd": sd.tolist(), "mh_ess": ess,
+                    "mean_error_in_mh_sd": ((sm - mean) / sd).tolist(), "sd_ratio": (ss / sd).tolist()})
+    return out
+
+
 def infer_group(ev: GaussianSourceEvidence, head: CorrelatedLensHead, rows: list[int], *, particles: int,
                 moves: int, samples: int, seed: int) -> list[dict]:
     """Tempered SMC for the observations ``rows`` of ``ev`` at once; one record per observation."""
@@ -68,18 +104,21 @@ def infer_group(ev: GaussianSourceEvidence, head: CorrelatedLensHead, rows: list
     def log_likelihood(theta, group_rows):             # the SMC's rows 0..G-1 -> the observations' own
         return ev.log_likelihood(theta, index[group_rows])
 
+    names = ev.prior.names
     out = tempered_smc(head, log_likelihood, len(rows), n=particles, moves=moves, seed=seed)
     seconds = (time.perf_counter() - t0) / len(rows)
     gen = torch.Generator().manual_seed(seed + 1)
     recs = []
     for g, i in enumerate(rows):
         theta = out["theta"][g]
+        mean, sd = unwrapped_moments(theta, names)
         pick = torch.randperm(theta.shape[0], generator=gen)[:samples]
         recs.append({"row": i, "samples": theta[pick].tolist(), "log_z": float(out["log_z"][g]),
                      "beta": float(out["beta"][g]), "failed": bool(out["failed"][g]),
                      "collapsed": int(out["collapsed"][g]), "acceptance": float(out["acceptance"][g]),
                      "stages": int(out["stages"]), "evaluations": int(out["evaluations"]),
-                     "seconds": seconds, "median": theta.median(0).values.tolist()})
+                     "seconds": seconds, "median": theta.median(0).values.tolist(),
+                     "particle_mean": mean.tolist(), "particle_sd": sd.tolist()})
     return recs
 
 
@@ -132,6 +171,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--samples", type=int, default=32, help="particles scored per observation")
     ap.add_argument("--group", type=int, default=8, help="observations run together (one checkpoint each)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mh-obs", type=int, default=0, help="check the SMC against MH on the first N observations")
+    ap.add_argument("--mh-iter", type=int, default=20000, help="MH iterations per chain (a quarter adapting)")
     ap.add_argument("--prior", help="diffusion prior checkpoint: with --posterior, draw a source per lens sample")
     ap.add_argument("--posterior", help="RTB posterior checkpoint (its known-lens draws are scored beside)")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -193,10 +234,12 @@ def main(argv=None) -> dict:
             r["source_truth"] = {"chi2_nu": float(c["chi2_nu"][0]), "chi2_arc_nu": float(c["chi2_arc_nu"][0])}
             log.info("%s: RMS inferred lens %.3g, known lens %.3g", r["file"], r["source_inferred_lens"]["mean_err"],
                      r["source_known_lens"]["mean_err"])
+    mh = mh_check(ev, recs[:args.mh_obs], truths, n_iter=args.mh_iter, seed=args.seed + 5) if args.mh_obs else []
     result = {"command": "python -m pipeline.bench.lens_marginal_calibration " + " ".join(argv),
               "args": vars(args), "names": prior.names, "rank": args.rank, "explained": source.explained,
               "seconds_per_observation": float(np.mean([r["seconds"] for r in recs])),
-              "calibration": summarise(recs, truths[:len(recs)], prior.names, args.seed + 3), "records": recs}
+              "calibration": summarise(recs, truths[:len(recs)], prior.names, args.seed + 3), "mh_check": mh,
+              "records": recs}
     write_json(args.out, result)
     return result
 
