@@ -180,26 +180,26 @@ class GaussianSourceEvidence:
                 out[sel] = self._log_likelihood(theta[sel], row)
         return out
 
-    def _log_likelihood(self, theta: torch.Tensor, row: int) -> torch.Tensor:
+    def _system(self, theta: torch.Tensor, row: int):
+        """(G (B, m, r), res (B, m), C = I + G^T G (B, r, r)), float64, whitened by mask / sigma."""
         o = self.obs[row]
-        img = self.image_basis(theta, row).double() * o["w"][None, :, None]      # whitened: (B, m, r + 1)
+        img = self.image_basis(theta, row).double() * o["w"][None, :, None]
         G, res = img[..., :-1], o["wy"][None] - img[..., -1]
         C = G.transpose(1, 2) @ G
         C.diagonal(dim1=-2, dim2=-1).add_(1.0)
+        return G, res, C
+
+    def _log_likelihood(self, theta: torch.Tensor, row: int) -> torch.Tensor:
+        G, res, C = self._system(theta, row)
         L, info = torch.linalg.cholesky_ex(C)
         z = torch.linalg.solve_triangular(L, (G.transpose(1, 2) @ res[..., None]), upper=False)[..., 0]
         ll = (-0.5 * res.pow(2).sum(1) + 0.5 * z.pow(2).sum(1)
-              - torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(1) + o["const"])
+              - torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(1) + self.obs[row]["const"])
         return torch.where(info == 0, ll, torch.full_like(ll, -math.inf))
 
     def posterior_mean(self, theta: torch.Tensor, row: int) -> torch.Tensor:
         """E[x | y, theta] (B, d) in network units for lenses theta (B, p) of observation ``row``:
         m0 + B (I + G^T G)^-1 G^T res."""
-        o = self.obs[row]
-        img = self.image_basis(torch.as_tensor(theta, dtype=torch.float64).reshape(-1, self.prior.dim),
-                               row).double() * o["w"][None, :, None]
-        G, res = img[..., :-1], o["wy"][None] - img[..., -1]
-        C = G.transpose(1, 2) @ G
-        C.diagonal(dim1=-2, dim2=-1).add_(1.0)
+        G, res, C = self._system(torch.as_tensor(theta, dtype=torch.float64).reshape(-1, self.prior.dim), row)
         coef = torch.linalg.solve(C, G.transpose(1, 2) @ res[..., None])[..., 0]
         return self.source.mean + coef @ self.source.basis.T

@@ -47,15 +47,17 @@ def _masked_observation(tmp_path):
     return load_observation(edit_fits(src, tmp_path / "masked.fits", edit), LensingConfig(geometry=GEOM))
 
 
-def _dense_log_evidence(problem, y, meta, source, lens) -> float:
+def _dense_log_evidence(problem, y, meta, source, lens, mean: bool = False):
     """log N(y; A(scale m0 + offset), A scale^2 S0 A^T + sigma^2) over the unmasked pixels, from the dense
-    matrix of the problem rebuilt at ``lens`` (the pipeline's single-lens operator)."""
+    matrix of the problem rebuilt at ``lens`` (the pipeline's single-lens operator); with ``mean`` the
+    source's posterior mean in network units instead."""
     p = problem_at_lens(problem, meta, lens)
     keep = p.mask.reshape(-1).bool()
     A = p.dense_matrix()[keep] / p.scale
     r = (y.double().reshape(-1) - p.offset_image.double().reshape(-1))[keep]
     s2 = p.sigma.double().reshape(-1)[keep] ** 2
-    return float(gaussian_linear_posterior(p.scale * source.mean, p.scale ** 2 * source.covariance(), A, s2, r)[2])
+    post_mean, _, log_z = gaussian_linear_posterior(p.scale * source.mean, p.scale ** 2 * source.covariance(), A, s2, r)
+    return post_mean / p.scale if mean else float(log_z)
 
 
 def test_the_evidence_is_the_dense_gaussian_marginal_at_any_lens(tmp_path):
@@ -79,6 +81,8 @@ def test_the_evidence_is_the_dense_gaussian_marginal_at_any_lens(tmp_path):
     for i in range(8):
         want = _dense_log_evidence(problem, (y, y2)[i % 2], meta, source, PRIOR.to_lens(theta[i]))
         assert math.isclose(float(got[i]), want, rel_tol=1e-6, abs_tol=1e-3), (i, float(got[i]), want)
+    want = _dense_log_evidence(problem, y, meta, source, PRIOR.to_lens(theta[2]), mean=True)
+    torch.testing.assert_close(ev.posterior_mean(theta[2:3], 0)[0], want, rtol=1e-5, atol=1e-6)
     # with the true source (network units) as the Gaussian's one direction, the file's lens wins by far
     truth = (torch.as_tensor(small_source(), dtype=torch.float64).reshape(-1) - 0.1) / 2.5
     exact = GaussianSourceEvidence([(problem, y, meta)], PRIOR, SourceGaussian(0 * truth, truth[:, None]))
