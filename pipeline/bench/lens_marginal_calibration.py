@@ -8,8 +8,11 @@ evidence under a rank-r Gaussian fitted to the prior's training galaxies
 observation's particles against the true lens with :func:`pipeline.metrics.lens_calibration.lens_calibration`
 (per-parameter coverage and bias against the exact sampler's bands, TARP), phi unwrapped around each
 observation's circular mean. Per observation it records log Z, the SMC's stages, acceptance and evaluations,
-the seconds spent, and chi2_nu of the Gaussian source's posterior mean at the true lens and at the particles'
-median lens (how well the rank-r source can fit the data at all).
+the seconds spent, and at the true lens and at the particles' median lens both log p(y | theta) and chi2_nu
+of the Gaussian source's posterior mean (how well the rank-r source fits the data there: with the number of
+unmasked pixels, the data-fit part of the evidence difference between the two lenses). ``--mh-obs N`` checks
+the SMC against adaptive MH on the same target for the first N observations; ``--prior`` and
+``--posterior`` draw one RTB source per lens sample, scored beside the known-lens sampler's draws.
 
 Run: ``python -m pipeline.bench.lens_marginal_calibration OUT.json --config CFG --sources SOURCES.fits
 --obs DIR`` (``--help``). Observations are processed ``--group`` at a time and each finished group is written
@@ -30,11 +33,13 @@ import numpy as np
 import torch
 
 from pipeline.bench.joint_lensing_mh import circular_mean, circular_unwrap, reference_chains
+from pipeline.config import load_section
 from pipeline.diffusion.network_prior import load_prior
+from pipeline.diffusion.prior_config import PriorConfig
 from pipeline.diffusion.train import load_training_images
 from pipeline.io.atomic import write_json
 from pipeline.lensing.amortized import MultiLensProblem, lens_features
-from pipeline.lensing.config import BrightnessConfig
+from pipeline.lensing.config import BrightnessConfig, load_lensing_config
 from pipeline.lensing.lens_evidence import problem_at_lens
 from pipeline.lensing.lens_head_mvn import CorrelatedLensHead
 from pipeline.lensing.lens_marginal import GaussianSourceEvidence, SourceGaussian
@@ -48,7 +53,6 @@ from pipeline.rtb.loading import load_posterior
 from pipeline.rtb.objective import policy_rollout
 from pipeline.rtb.joint import integrated_autocorr_time
 from pipeline.runtime import configure_threads
-from pipeline.settings import load_config
 
 log = logging.getLogger(__name__)
 
@@ -179,17 +183,17 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     configure_threads()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.config, log_defaults=False)
+    lcfg, pcfg = load_lensing_config(args.config), load_section(args.config, "prior", PriorConfig)
     files = sorted(Path(args.obs).glob("*.fits"))[:args.n_obs]
     if not files:
         raise SystemExit(f"{args.obs}: no .fits files")
-    images, _ = load_training_images(args.sources, cfg.prior.data_hdu, cfg.prior.scale, cfg.prior.offset)
+    images, _ = load_training_images(args.sources, pcfg.data_hdu, pcfg.scale, pcfg.offset)
     source = SourceGaussian.from_images(images, args.rank)
     log.info("source Gaussian: rank %d holds %.4f of the training images' variance", args.rank, source.explained)
     # sources in the prior's network units, as the pipeline's samplers load them
-    brightness = BrightnessConfig(scale=cfg.prior.scale, offset=cfg.prior.offset)
-    observations = [load_observation(f, cfg.lensing, brightness=brightness) for f in files]
-    prior = LensPrior(cfg.lensing.lens)
+    brightness = BrightnessConfig(scale=pcfg.scale, offset=pcfg.offset)
+    observations = [load_observation(f, lcfg, brightness=brightness) for f in files]
+    prior = LensPrior(lcfg.lens)
     truths = torch.stack([prior.to_vector(meta["lens"]) for _, _, meta in observations])
     ev = GaussianSourceEvidence(observations, prior, source)
     head = CorrelatedLensHead(prior, embed_dim=1)
@@ -213,9 +217,10 @@ def main(argv=None) -> dict:
         problem, y, _ = observations[r["row"]]
         r["file"] = files[r["row"]].name
         r["truth"] = truths[r["row"]].tolist()
-        for key, theta in (("chi2_nu_at_truth", truths[r["row"]]), ("chi2_nu_at_median", torch.tensor(r["median"]))):
-            x = ev.posterior_mean(theta[None], r["row"])[0]
-            r[key] = chi2_nu(problem, y, x)
+        for at, theta in (("truth", truths[r["row"]]), ("median", torch.tensor(r["median"]))):
+            r[f"chi2_nu_at_{at}"] = chi2_nu(problem, y, ev.posterior_mean(theta[None], r["row"])[0])
+            r[f"log_evidence_at_{at}"] = float(ev.log_likelihood(theta[None], torch.tensor([r["row"]]))[0])
+        r["n_pixels"] = int((problem.mask > 0).sum())
     if args.posterior:
         prior_net = load_prior(args.prior)
         if (prior_net.scale, prior_net.offset) != (brightness.scale, brightness.offset):
