@@ -8,9 +8,9 @@ evidence under a rank-r Gaussian fitted to the prior's training galaxies
 observation's particles against the true lens with :func:`pipeline.metrics.lens_calibration.lens_calibration`
 (per-parameter coverage and bias against the exact sampler's bands, TARP), phi unwrapped around each
 observation's circular mean. Per observation it records log Z, the SMC's stages, acceptance and evaluations,
-the seconds spent, and at the true lens and at the particles' median lens both log p(y | theta) and chi2_nu
-of the Gaussian source's posterior mean (how well the rank-r source fits the data there: with the number of
-unmasked pixels, the data-fit part of the evidence difference between the two lenses). ``--mh-obs N`` checks
+the seconds spent, and at the true lens and at the particles' mean lens both log p(y | theta) and chi2_nu
+of the Gaussian source's posterior mean imaged through that lens (how well the rank-r source fits the data
+there: with the number of unmasked pixels, the data-fit part of the evidence difference between the lenses). ``--mh-obs N`` checks
 the SMC against adaptive MH on the same target for the first N observations; ``--prior`` and
 ``--posterior`` draw one RTB source per lens sample, scored beside the known-lens sampler's draws.
 
@@ -62,6 +62,16 @@ def chi2_nu(problem, y, x_net: torch.Tensor) -> float:
     r = (y - problem.forward(x_net.reshape(1, *problem.x_shape).float())[0]) / problem.sigma
     keep = problem.mask > 0
     return float((r[keep].double() ** 2).mean())
+
+
+def in_range(theta: torch.Tensor, prior: LensPrior) -> torch.Tensor:
+    """theta (p,) with phi (period pi) moved into the prior's range."""
+    theta = theta.clone()
+    if "phi" in prior.names:
+        lo = prior.box["phi"][0]
+        j = prior.names.index("phi")
+        theta[j] = lo + torch.remainder(theta[j] - lo, math.pi)
+    return theta
 
 
 def unwrapped_moments(theta: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,8 +131,7 @@ def infer_group(ev: GaussianSourceEvidence, head: CorrelatedLensHead, rows: list
                      "beta": float(out["beta"][g]), "failed": bool(out["failed"][g]),
                      "collapsed": int(out["collapsed"][g]), "acceptance": float(out["acceptance"][g]),
                      "stages": int(out["stages"]), "evaluations": int(out["evaluations"]),
-                     "seconds": seconds, "median": theta.median(0).values.tolist(),
-                     "particle_mean": mean.tolist(), "particle_sd": sd.tolist()})
+                     "seconds": seconds, "particle_mean": mean.tolist(), "particle_sd": sd.tolist()})
     return recs
 
 
@@ -181,6 +190,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--posterior", help="RTB posterior checkpoint (its known-lens draws are scored beside)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
+    if bool(args.prior) != bool(args.posterior):
+        ap.error("--prior and --posterior go together")
     configure_threads()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     lcfg, pcfg = load_lensing_config(args.config), load_section(args.config, "prior", PriorConfig)
@@ -213,12 +224,15 @@ def main(argv=None) -> dict:
                             seed=args.seed + s)
         write_json(partial, {"settings": settings, "records": recs})
         log.info("observations %d/%d done (%.1f s each)", len(recs), len(files), recs[-1]["seconds"])
+    recs = recs[:len(files)]
     for r in recs:
-        problem, y, _ = observations[r["row"]]
+        problem, y, meta = observations[r["row"]]
         r["file"] = files[r["row"]].name
         r["truth"] = truths[r["row"]].tolist()
-        for at, theta in (("truth", truths[r["row"]]), ("median", torch.tensor(r["median"]))):
-            r[f"chi2_nu_at_{at}"] = chi2_nu(problem, y, ev.posterior_mean(theta[None], r["row"])[0])
+        for at, theta in (("truth", truths[r["row"]]), ("mean", in_range(torch.tensor(r["particle_mean"]), prior))):
+            # the Gaussian source's posterior mean at that lens, imaged through that lens's own operator
+            x = ev.posterior_mean(theta[None], r["row"])[0]
+            r[f"chi2_nu_at_{at}"] = chi2_nu(problem_at_lens(problem, meta, prior.to_lens(theta)), y, x)
             r[f"log_evidence_at_{at}"] = float(ev.log_likelihood(theta[None], torch.tensor([r["row"]]))[0])
         r["n_pixels"] = int((problem.mask > 0).sum())
     if args.posterior:

@@ -105,9 +105,26 @@ def test_the_image_basis_is_the_batched_operator(tmp_path):
     torch.testing.assert_close(ev.image_basis(theta, 0), A @ V, rtol=1e-9, atol=1e-9)
 
 
-def test_the_pixel_kernel_sums_to_one_and_even_psfs_keep_the_image_shape():
-    k = pixel_kernel(np.ones((4, 4)), 2)
-    assert k.shape == (5, 5) and math.isclose(k.sum(), 1.0)
+@pytest.mark.parametrize("ss", [1, 2, 3])
+@pytest.mark.parametrize("psf_shape", [(5, 5), (4, 4), (3, 6)])
+def test_the_strided_correlation_with_the_pixel_kernel_is_the_pool_conv_matrix(ss, psf_shape):
+    """On the padded supersampled grid, a stride-ss correlation with :func:`pixel_kernel`, cropped to the image,
+    equals ``pool_conv_matrix`` (the operator's K) for asymmetric PSFs, odd and even, at supersampling 1-3:
+    a flipped or transposed kernel would fail."""
+    import torch.nn.functional as F
+    from pipeline.lensing.lens_batch import pool_conv_matrix
+
+    rng = np.random.default_rng(sum(psf_shape) + ss)
+    psf = rng.random(psf_shape) + np.linspace(0, 2, psf_shape[1])[None]
+    ny, nx = 6, 7
+    hy, hx = psf_shape[0] // 2, psf_shape[1] // 2
+    Ny, Nx = ny * ss + 2 * hy, nx * ss + 2 * hx
+    mu = rng.standard_normal((Ny, Nx))
+    want = (pool_conv_matrix((ny, nx), ss, psf) @ mu.reshape(-1)).reshape(ny, nx)
+    k = torch.as_tensor(pixel_kernel(psf, ss).copy())[None, None]
+    got = F.conv2d(torch.as_tensor(mu)[None, None], k, stride=ss)[0, 0, :ny, :nx]
+    assert math.isclose(float(k.sum()), 1.0)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-12)
 
 
 def test_the_source_gaussian_has_the_images_moments():
