@@ -226,6 +226,7 @@ def main(argv=None) -> dict:
         log.info("observations %d/%d done (%.1f s each)", len(recs), len(files), recs[-1]["seconds"])
     recs = recs[:len(files)]
     for r in recs:
+        r.pop("median", None)           # written by earlier versions, with phi read off its circle
         problem, y, meta = observations[r["row"]]
         r["file"] = files[r["row"]].name
         r["truth"] = truths[r["row"]].tolist()
