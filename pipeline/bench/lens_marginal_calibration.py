@@ -3,8 +3,8 @@
 For every observation in a directory (the pipeline's simulated sets: the lens is in the file's keywords and
 is read only to score the result) this infers the free parameters of the configured lens prior by tempered
 SMC (:func:`pipeline.lensing.lens_smc.tempered_smc`) on p(theta) p(y | theta), where p(y | theta) is the exact
-evidence under a rank-r Gaussian fitted to the prior's training galaxies
-(:class:`pipeline.lensing.lens_marginal.GaussianSourceEvidence`). It then scores ``--samples`` of each
+evidence under a rank-r Gaussian fitted to the prior's training galaxies, optionally a mixture over their
+amplitudes (:class:`pipeline.lensing.lens_marginal.GaussianSourceEvidence`). It then scores ``--samples`` of each
 observation's particles against the true lens with :func:`pipeline.metrics.lens_calibration.lens_calibration`
 (per-parameter coverage and bias against the exact sampler's bands, TARP), phi unwrapped around each
 observation's circular mean. Per observation it records log Z, the SMC's stages, acceptance and evaluations,
@@ -179,6 +179,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--obs", required=True, help="directory of observation FITS files (true lens in the keywords)")
     ap.add_argument("--n-obs", type=int, default=64, help="first N files (sorted by name)")
     ap.add_argument("--rank", type=int, default=128, help="principal components of the source Gaussian")
+    ap.add_argument("--amplitudes", type=int, default=1,
+                    help="K > 1: the source Gaussian is a mixture over K amplitudes (the training fluxes' histogram)")
     ap.add_argument("--particles", type=int, default=128)
     ap.add_argument("--moves", type=int, default=5, help="random-walk moves per SMC stage")
     ap.add_argument("--samples", type=int, default=32, help="particles scored per observation")
@@ -199,8 +201,9 @@ def main(argv=None) -> dict:
     if not files:
         raise SystemExit(f"{args.obs}: no .fits files")
     images, _ = load_training_images(args.sources, pcfg.data_hdu, pcfg.scale, pcfg.offset)
-    source = SourceGaussian.from_images(images, args.rank)
-    log.info("source Gaussian: rank %d holds %.4f of the training images' variance", args.rank, source.explained)
+    source = SourceGaussian.from_images(images, args.rank, amplitudes=args.amplitudes)
+    log.info("source Gaussian: rank %d holds %.4f of the training images' variance, %d amplitudes in [%.3g, %.3g]",
+             args.rank, source.explained, len(source.amplitudes), source.amplitudes.min(), source.amplitudes.max())
     # sources in the prior's network units, as the pipeline's samplers load them
     brightness = BrightnessConfig(scale=pcfg.scale, offset=pcfg.offset)
     observations = [load_observation(f, lcfg, brightness=brightness) for f in files]
@@ -210,8 +213,8 @@ def main(argv=None) -> dict:
     head = CorrelatedLensHead(prior, embed_dim=1)
     partial = Path(str(args.out) + ".partial")
     # the SMC's settings: a partial file made with others is refused rather than mixed in
-    settings = {k: getattr(args, k) for k in ("config", "sources", "obs", "rank", "particles", "moves", "samples",
-                                             "group", "seed")}
+    settings = {k: getattr(args, k) for k in ("config", "sources", "obs", "rank", "amplitudes", "particles", "moves",
+                                             "samples", "group", "seed")}
     recs = []
     if partial.exists():
         saved = json.loads(partial.read_text())
@@ -257,6 +260,7 @@ def main(argv=None) -> dict:
     mh = mh_check(ev, recs[:args.mh_obs], truths, n_iter=args.mh_iter, seed=args.seed + 5) if args.mh_obs else []
     result = {"command": "python -m pipeline.bench.lens_marginal_calibration " + " ".join(argv),
               "args": vars(args), "names": prior.names, "rank": args.rank, "explained": source.explained,
+              "amplitudes": source.amplitudes.tolist(), "amplitude_weights": source.weights.tolist(),
               "seconds_per_observation": float(np.mean([r["seconds"] for r in recs])),
               "calibration": summarise(recs, truths[:len(recs)], prior.names, args.seed + 3), "mh_check": mh,
               "records": recs}

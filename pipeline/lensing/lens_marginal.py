@@ -7,23 +7,27 @@ it is exact and cheap. This is the evidence that classic pixelated lens modellin
 
 * :class:`SourceGaussian` is N(m0, S0) in network units with S0 = B B^T of rank r: the mean and the
   leading r principal components of a set of galaxy images (the prior's training set, with the 8 dihedral
-  symmetries), so that the Gaussian has the galaxies' first two moments within the r components.
+  symmetries), so that the Gaussian has the galaxies' first two moments within the r components. Optionally
+  it is a scale mixture x = a g, g ~ N(m0, S0), with the amplitude a on K log-spaced values of prior
+  weights pi_k: the images' fluxes spread over decades, and a single Gaussian would then favour lenses
+  whose magnification makes the reconstructed source's flux typical.
 * :class:`GaussianSourceEvidence` gives, for an observation y = A(theta)(scale x + offset) + n with
-  n ~ N(0, diag(sigma^2)) on the unmasked pixels,
+  n ~ N(0, diag(sigma^2)) on the unmasked pixels and one amplitude a,
 
-      log p(y | theta) = log N(y; A (scale m0 + offset), scale^2 A S0 A^T + diag(sigma^2)),
+      log p(y | theta, a) = log N(y; A (scale a m0 + offset), scale^2 a^2 A S0 A^T + diag(sigma^2)),
 
   by Woodbury in the r-dimensional source space: with G = diag(mask / sigma) A scale B (m, r),
-  res = diag(mask / sigma)(y - A (scale m0 + offset)) and L L^T = I + G^T G,
+  res = diag(mask / sigma)(y - A (scale a m0 + offset)) and L L^T = I + a^2 G^T G,
 
-      log p(y | theta) = -1/2 |res|^2 + 1/2 |L^-1 G^T res|^2 - sum log diag L - sum log sigma - m/2 log 2 pi
+      log p(y | theta, a) = -1/2 |res|^2 + 1/2 a^2 |L^-1 G^T res|^2 - sum log diag L - sum log sigma - m/2 log 2 pi
 
-  (m the unmasked pixels; nats, the likelihood's SCI-unit normalisation). A(theta) B for a batch of lenses
+  (m the unmasked pixels; nats, the likelihood's SCI-unit normalisation), and log p(y | theta) =
+  logsumexp_k (log pi_k + log p(y | theta, a_k)). A(theta) B for a batch of lenses
   is a gather of B's rows at each lens's ray-traced sub-pixels (bilinear weights,
   :func:`pipeline.lensing.lens_batch.bilinear_weights`) followed by one strided convolution with the
   supersampled PSF-and-pixel kernel, the same operator as :class:`~pipeline.lensing.lens_batch.LensBatchOperator`
   (checked against it in the tests). The cost per lens is O(N r) for the gather and convolution (N
-  sub-pixels) plus O(m r^2) for G^T G.
+  sub-pixels) plus O(m r^2) for G^T G and O(K r^3) for the K Cholesky factors.
 
 This is not the evidence under the diffusion prior: galaxies are not Gaussian. How far lens posteriors
 under it are calibrated when the sources are real galaxies is measured by
@@ -49,22 +53,50 @@ _LOG_2PI = math.log(2.0 * math.pi)
 
 @dataclass
 class SourceGaussian:
-    """N(mean, basis basis^T) over flat sources (d,) in network units; ``basis`` (d, r); ``explained``: the
-    fraction of the images' total variance that the r components hold (1 when none were dropped)."""
+    """x = a g over flat sources (d,) in network units, g ~ N(mean, basis basis^T) with ``basis`` (d, r), and
+    the amplitude a = ``amplitudes[k]`` with probability ``weights[k]`` (one amplitude 1 by default: a plain
+    Gaussian). ``explained``: the fraction of the (amplitude-normalised) images' total variance that the r
+    components hold (1 when none were dropped)."""
 
     mean: torch.Tensor
     basis: torch.Tensor
     explained: float = 1.0
+    amplitudes: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+
+    def __post_init__(self):
+        a = torch.ones(1) if self.amplitudes is None else torch.as_tensor(self.amplitudes)
+        w = torch.ones(len(a)) if self.weights is None else torch.as_tensor(self.weights)
+        a, w = a.double().reshape(-1), w.double().reshape(-1)
+        if a.shape != w.shape or not bool((a > 0).all()) or not bool((w >= 0).all()) or float(w.sum()) <= 0:
+            raise ValueError("SourceGaussian: amplitudes must be > 0 and weights >= 0 (not all 0), of one length")
+        keep = w > 0                                  # a zero-weight amplitude adds nothing to the evidence
+        self.amplitudes, self.weights = a[keep], w[keep] / w.sum()
 
     @classmethod
-    def from_images(cls, images: torch.Tensor, rank: int, dihedral: bool = True) -> "SourceGaussian":
+    def from_images(cls, images: torch.Tensor, rank: int, dihedral: bool = True,
+                    amplitudes: int = 1) -> "SourceGaussian":
         """The mean and leading ``rank`` principal components of ``images`` (n, ..., H, W) in network units,
         over the 8 dihedral symmetries of every image when ``dihedral`` (a prior trained with dihedral
-        augmentation is invariant under them)."""
+        augmentation is invariant under them). With ``amplitudes`` K > 1 each image's amplitude is its flux
+        over the median flux (fluxes must be positive), the components are those of the images divided by
+        their amplitudes, and the amplitudes' distribution is their histogram over K bins equally wide in
+        log a, each bin's images at its geometric centre."""
         x = torch.as_tensor(images, dtype=torch.float64)
         x = x.reshape(x.shape[0], *x.shape[-2:])
         if x.shape[-1] != x.shape[-2]:
             raise ValueError(f"SourceGaussian.from_images needs square images, got {tuple(x.shape[-2:])}")
+        amp, weights = torch.ones(1, dtype=torch.float64), None
+        if amplitudes > 1:
+            flux = x.sum((-2, -1))
+            if not bool((flux > 0).all()):
+                raise ValueError(f"SourceGaussian.from_images: {int((flux <= 0).sum())} images have flux <= 0 "
+                                 "in network units; amplitudes need positive fluxes")
+            a = flux / flux.median()
+            x = x / a[:, None, None]
+            edges = torch.linspace(float(a.log().min()), float(a.log().max()) + 1e-9, amplitudes + 1, dtype=torch.float64)
+            amp = ((edges[1:] + edges[:-1]) / 2).exp()
+            weights = torch.bincount(torch.bucketize(a.log(), edges[1:-1]), minlength=amplitudes).double()
         if dihedral:
             rots = [torch.rot90(x, k, (-2, -1)) for k in range(4)]
             x = torch.cat(rots + [r.flip(-1) for r in rots])
@@ -78,7 +110,7 @@ class SourceGaussian:
         evals, evecs = torch.linalg.eigh(cov)
         evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1)
         explained = float(evals[:rank].sum() / evals.sum().clamp(min=1e-300))
-        return cls(mean, evecs[:, :rank] * evals[:rank].sqrt(), explained)
+        return cls(mean, evecs[:, :rank] * evals[:rank].sqrt(), explained, amp, weights)
 
     @property
     def rank(self) -> int:
@@ -89,7 +121,8 @@ class SourceGaussian:
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         z = torch.randn(n, self.rank, generator=generator, dtype=torch.float64)
-        return self.mean + z @ self.basis.T
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        return self.amplitudes[k, None] * (self.mean + z @ self.basis.T)
 
 
 def pixel_kernel(psf, supersample: int) -> np.ndarray:
@@ -128,8 +161,8 @@ class GaussianSourceEvidence:
         mask = problem.mask.double().reshape(-1) > 0
         sigma = problem.sigma.double().reshape(-1)
         w = torch.where(mask, 1.0 / torch.where(mask, sigma, torch.ones_like(sigma)), torch.zeros_like(sigma))
-        basis = torch.cat([problem.scale * self.source.basis,
-                           (problem.scale * self.source.mean + problem.offset)[:, None]], 1)
+        basis = torch.cat([problem.scale * self.source.basis, problem.scale * self.source.mean[:, None],
+                           torch.full((problem.d, 1), float(problem.offset), dtype=torch.float64)], 1)
         ny, nx = problem.image_shape
         ss = int(meta["supersample"])
         hy, hx = (k // 2 for k in normalised_psf(psf).shape)
@@ -148,8 +181,8 @@ class GaussianSourceEvidence:
                                                                    dtype=torch.float64) for k in LENS_KEYS}
 
     def image_basis(self, theta: torch.Tensor, row: int) -> torch.Tensor:
-        """(B, m, r + 1): A(theta_b) applied to scale x basis (first r columns) and to the mean source
-        scale m0 + offset (last column), SCI units, for the lenses theta (B, p) of observation ``row``."""
+        """(B, m, r + 2): A(theta_b) applied to scale x basis (first r columns), to scale m0 and to the
+        offset's flat source (last two columns), SCI units, for the lenses theta (B, p) of observation ``row``."""
         o = self.obs[row]
         bx, by = raytrace(self.lenses(theta.double()), o["gx"], o["gy"])
         idx, wts, _ = bilinear_weights(bx, by, o["source_npix"], o["source_pixscale"])
@@ -160,7 +193,7 @@ class GaussianSourceEvidence:
                                     (B * N, o["basis"].shape[0]), check_invariants=False)
         with warnings.catch_warnings():  # "sparse CSR support is in beta": one product is all we use
             warnings.simplefilter("ignore", UserWarning)
-            mu = (W.to_sparse_csr() @ o["basis"]).view(B, N, -1)                # (B, N, r + 1)
+            mu = (W.to_sparse_csr() @ o["basis"]).view(B, N, -1)                # (B, N, r + 2)
         R = mu.shape[-1]
         (Ny, Nx), (ny, nx) = o["sub_shape"], o["image_shape"]
         # Pool . Crop . Conv(PSF): the same kernel on every channel (a grouped, strided correlation)
@@ -180,26 +213,41 @@ class GaussianSourceEvidence:
                 out[sel] = self._log_likelihood(theta[sel], row)
         return out
 
-    def _system(self, theta: torch.Tensor, row: int):
-        """(G (B, m, r), res (B, m), C = I + G^T G (B, r, r)), float64, whitened by mask / sigma."""
+    def _spectral(self, theta: torch.Tensor, row: int) -> dict:
+        """For the lenses theta (B, p) of observation ``row``, whitened by mask / sigma, in float64: the
+        eigenvalues lam (B, r) and vectors V (B, r, r) of G^T G, the projections p = V^T G^T u and
+        q = V^T G^T v (B, r) of u = w (y - A offset) and v = w A scale m0, and u.u, u.v, v.v (B,). At amplitude
+        a the residual is u - a v, C = I + a^2 G^T G = V (I + a^2 lam) V^T and a G^T res = V a (p - a q), so
+        every amplitude costs O(r) once G^T G is diagonalised."""
         o = self.obs[row]
         img = self.image_basis(theta, row).double() * o["w"][None, :, None]
-        G, res = img[..., :-1], o["wy"][None] - img[..., -1]
-        C = G.transpose(1, 2) @ G
-        C.diagonal(dim1=-2, dim2=-1).add_(1.0)
-        return G, res, C
+        G, v, u = img[..., :-2], img[..., -2], o["wy"][None] - img[..., -1]
+        lam, V = torch.linalg.eigh(G.transpose(1, 2) @ G)
+        Vt_Gt = V.transpose(1, 2) @ G.transpose(1, 2)                                  # (B, r, m)
+        return {"lam": lam.clamp(min=0), "V": V, "p": (Vt_Gt @ u[..., None])[..., 0],
+                "q": (Vt_Gt @ v[..., None])[..., 0], "uu": u.pow(2).sum(1), "uv": (u * v).sum(1),
+                "vv": v.pow(2).sum(1)}
 
-    def _log_likelihood(self, theta: torch.Tensor, row: int) -> torch.Tensor:
-        G, res, C = self._system(theta, row)
-        L, info = torch.linalg.cholesky_ex(C)
-        z = torch.linalg.solve_triangular(L, (G.transpose(1, 2) @ res[..., None]), upper=False)[..., 0]
-        ll = (-0.5 * res.pow(2).sum(1) + 0.5 * z.pow(2).sum(1)
-              - torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(1) + self.obs[row]["const"])
-        return torch.where(info == 0, ll, torch.full_like(ll, -math.inf))
+    def _log_likelihood(self, theta: torch.Tensor, row: int, per_amplitude: bool = False) -> torch.Tensor:
+        """log p(y | theta) (B,), or log pi_k + log p(y | theta, a_k) (B, K) with ``per_amplitude``."""
+        sp = self._spectral(theta, row)
+        a = self.source.amplitudes[None, :, None]                                       # (1, K, 1)
+        b = a * (sp["p"][:, None] - a * sp["q"][:, None])                                # (B, K, r)
+        d = 1.0 + a.pow(2) * sp["lam"][:, None]                                          # C's eigenvalues
+        a = a[..., 0]
+        res2 = sp["uu"][:, None] - 2 * a * sp["uv"][:, None] + a.pow(2) * sp["vv"][:, None]
+        ll = -0.5 * res2 + 0.5 * (b.pow(2) / d).sum(-1) - 0.5 * d.log().sum(-1) + self.obs[row]["const"]
+        ll = ll + self.source.weights.log()[None]
+        return ll if per_amplitude else torch.logsumexp(ll, 1)
 
     def posterior_mean(self, theta: torch.Tensor, row: int) -> torch.Tensor:
         """E[x | y, theta] (B, d) in network units for lenses theta (B, p) of observation ``row``:
-        m0 + B (I + G^T G)^-1 G^T res."""
-        G, res, C = self._system(torch.as_tensor(theta, dtype=torch.float64).reshape(-1, self.prior.dim), row)
-        coef = torch.linalg.solve(C, G.transpose(1, 2) @ res[..., None])[..., 0]
-        return self.source.mean + coef @ self.source.basis.T
+        sum_k p(a_k | y, theta) a_k (m0 + B (I + a_k^2 G^T G)^-1 a_k G^T res_k)."""
+        theta = torch.as_tensor(theta, dtype=torch.float64).reshape(-1, self.prior.dim)
+        sp = self._spectral(theta, row)
+        a = self.source.amplitudes[None, :, None]
+        coef = (a * (sp["p"][:, None] - a * sp["q"][:, None]) / (1.0 + a.pow(2) * sp["lam"][:, None])) \
+            @ sp["V"].transpose(1, 2)                                                    # (B, K, r)
+        p_k = torch.softmax(self._log_likelihood(theta, row, per_amplitude=True), 1)       # (B, K)
+        g = self.source.mean + coef @ self.source.basis.T                                   # (B, K, d)
+        return ((p_k * self.source.amplitudes[None])[..., None] * g).sum(1)

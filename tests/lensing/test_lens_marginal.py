@@ -47,16 +47,18 @@ def _masked_observation(tmp_path):
     return load_observation(edit_fits(src, tmp_path / "masked.fits", edit), LensingConfig(geometry=GEOM))
 
 
-def _dense_log_evidence(problem, y, meta, source, lens, mean: bool = False):
-    """log N(y; A(scale m0 + offset), A scale^2 S0 A^T + sigma^2) over the unmasked pixels, from the dense
-    matrix of the problem rebuilt at ``lens`` (the pipeline's single-lens operator); with ``mean`` the
+def _dense_log_evidence(problem, y, meta, source, lens, mean: bool = False, amplitude: float = 1.0):
+    """log N(y; A(scale a m0 + offset), A scale^2 a^2 S0 A^T + sigma^2) over the unmasked pixels, from the
+    dense matrix of the problem rebuilt at ``lens`` (the pipeline's single-lens operator); with ``mean`` the
     source's posterior mean in network units instead."""
     p = problem_at_lens(problem, meta, lens)
     keep = p.mask.reshape(-1).bool()
     A = p.dense_matrix()[keep] / p.scale
     r = (y.double().reshape(-1) - p.offset_image.double().reshape(-1))[keep]
     s2 = p.sigma.double().reshape(-1)[keep] ** 2
-    post_mean, _, log_z = gaussian_linear_posterior(p.scale * source.mean, p.scale ** 2 * source.covariance(), A, s2, r)
+    a = amplitude
+    post_mean, _, log_z = gaussian_linear_posterior(p.scale * a * source.mean,
+                                                    (p.scale * a) ** 2 * source.covariance(), A, s2, r)
     return post_mean / p.scale if mean else float(log_z)
 
 
@@ -90,6 +92,53 @@ def test_the_evidence_is_the_dense_gaussian_marginal_at_any_lens(tmp_path):
     assert float(ll[0]) > float(ll[1:].max()) + 100, ll
 
 
+def test_the_amplitude_mixture_is_the_weighted_sum_of_dense_marginals(tmp_path):
+    """With three amplitudes (one of weight 0, dropped) the evidence is log sum_k pi_k N_k(y) of the dense
+    marginals at each amplitude, at two lenses with a mask, per-pixel sigma and offset, and the posterior
+    mean is the mixture of the dense posterior means weighted by p(a_k | y, theta)."""
+    problem, y, meta = _masked_observation(tmp_path)
+    problem.set_brightness(2.5, 0.1)
+    plain = _source(problem.d, rank=6, seed=2)
+    source = SourceGaussian(plain.mean, plain.basis, amplitudes=torch.tensor([0.3, 1.0, 4.0], dtype=torch.float64),
+                            weights=torch.tensor([0.2, 0.0, 0.6]))
+    assert torch.allclose(source.amplitudes, torch.tensor([0.3, 4.0], dtype=torch.float64))
+    ev = GaussianSourceEvidence([(problem, y, meta)], PRIOR, source, dtype=torch.float64)
+    thetas = torch.stack([PRIOR.to_vector(LENS), PRIOR.to_vector(LENS) + 0.02]).double()
+    got = ev.log_likelihood(thetas, torch.zeros(2, dtype=torch.long))
+    for i in range(2):
+        lens = PRIOR.to_lens(thetas[i])
+        parts = torch.tensor([math.log(w) + _dense_log_evidence(problem, y, meta, plain, lens, amplitude=a)
+                              for a, w in ((0.3, 0.25), (4.0, 0.75))])
+        assert math.isclose(float(got[i]), float(torch.logsumexp(parts, 0)), rel_tol=1e-6, abs_tol=1e-3)
+        post = torch.softmax(parts, 0)
+        want = sum(post[k] * _dense_log_evidence(problem, y, meta, plain, lens, mean=True, amplitude=a)
+                   for k, a in enumerate((0.3, 4.0)))
+        torch.testing.assert_close(ev.posterior_mean(thetas[i:i + 1], 0)[0], want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="amplitudes must be > 0"):
+        SourceGaussian(plain.mean, plain.basis, amplitudes=torch.tensor([0.0, 1.0]))
+
+
+def test_from_images_amplitudes_are_the_flux_histogram():
+    """Images that are one of two shapes times fluxes from two well-separated groups: the amplitudes' weights
+    are the groups' shares, their values the groups' fluxes over the median to within half a log-bin, and the
+    flux-normalised components hold the two shapes (explained 1 at rank 1 for one shape's copies)."""
+    side = 8
+    yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    blob = torch.exp(-((yy - 3.5) ** 2 + (xx - 3.5) ** 2) / 4.0).double()
+    flux = torch.cat([torch.full((30,), 1.0), torch.full((10,), 20.0)]) * torch.linspace(0.95, 1.05, 40)
+    images = flux[:, None, None] * blob / blob.sum()
+    fit = SourceGaussian.from_images(images, rank=1, amplitudes=4)
+    assert torch.allclose(fit.weights, torch.tensor([0.75, 0.25], dtype=torch.float64))
+    half_bin = (math.log(21.0 / 0.95) / 4) / 2
+    for a, want in zip(fit.amplitudes, (1.0, 20.0)):
+        assert abs(math.log(float(a)) - math.log(want)) < half_bin + 0.06
+    # every normalised image is the same blob (fluxes divided out): the mean holds it, no variance is left
+    assert float((fit.mean - (blob / blob.sum() * flux.median()).reshape(-1)).abs().max()) < 1e-12
+    assert float(fit.basis.abs().max()) < 1e-8
+    with pytest.raises(ValueError, match="flux <= 0"):
+        SourceGaussian.from_images(torch.cat([images, -images[:1]]), rank=1, amplitudes=4)
+
+
 def test_the_image_basis_is_the_batched_operator(tmp_path):
     """A(theta) applied to the basis by gather + strided convolution equals LensBatchOperator's dense matrix
     (the pipeline's operator, checked against caustics elsewhere) times the basis, for two lenses."""
@@ -101,7 +150,8 @@ def test_the_image_basis_is_the_batched_operator(tmp_path):
                            source_npix=problem.source_npix, source_pixscale=meta["source_pixscale"],
                            supersample=meta["supersample"], psf=meta["psf_used"], unit_factor=meta["unit_factor"])
     A = op.bind({**ev.lenses(theta), "model": "SIE"}).dense()
-    V = torch.cat([problem.scale * source.basis, (problem.scale * source.mean + problem.offset)[:, None]], 1)
+    V = torch.cat([problem.scale * source.basis, problem.scale * source.mean[:, None],
+                   torch.full((problem.d, 1), float(problem.offset), dtype=torch.float64)], 1)
     torch.testing.assert_close(ev.image_basis(theta, 0), A @ V, rtol=1e-9, atol=1e-9)
 
 
