@@ -130,7 +130,7 @@ def infer_group(ev: GaussianSourceEvidence, head: CorrelatedLensHead, rows: list
         recs.append({"row": i, "samples": theta[pick].tolist(), "log_z": float(out["log_z"][g]),
                      "beta": float(out["beta"][g]), "failed": bool(out["failed"][g]),
                      "collapsed": int(out["collapsed"][g]), "acceptance": float(out["acceptance"][g]),
-                     "stages": int(out["stages"]), "evaluations": int(out["evaluations"]),
+                     "stages": int(out["stages"]), "evaluations": int(out["evaluations"][g]),
                      "seconds": seconds, "particle_mean": mean.tolist(), "particle_sd": sd.tolist()})
     return recs
 

@@ -68,67 +68,74 @@ def tempered_smc(head: CorrelatedLensHead, log_likelihood, G: int, *, n: int = 2
 
     Returns a dict: ``theta`` (G, n, dim) particles at the final beta, ``beta`` (G,), ``log_z`` (G,) nats (up to
     ``log_likelihood``'s constant; -inf where failed), ``failed`` (G,) bool, ``collapsed`` (G,) int, ``stages``
-    (int), ``acceptance`` (G,) mean acceptance rate of the last stage's moves, ``evaluations`` (likelihood
-    evaluations per observation)."""
+    (int, the most any row took), ``acceptance`` (G,) mean acceptance rate of each row's last stage's moves,
+    ``evaluations`` (G,) int64 likelihood evaluations per observation. A row that has reached beta = 1 and
+    made that stage's moves is finished: it is not moved or evaluated again while other rows go on."""
     if n < 4 or moves < 1 or not 0 < min_ess < 1 or max_stages < 1:
         raise ValueError(f"tempered_smc needs n >= 4, moves >= 1, 0 < min_ess < 1 and max_stages >= 1, got {n}, "
                          f"{moves}, {min_ess}, {max_stages}")
     gen = torch.Generator().manual_seed(seed)
     prior, p = head.prior, head.p
-    rows = torch.arange(G).repeat_interleave(n)
 
-    def evaluate(u):                    # (G, n, p) -> log p(T(u)) + log|det dT/du|, log p(y | T(u)), theta
-        theta = head._from_u(u.reshape(G * n, p))
+    def evaluate(u, sel):   # (S, n, p) for rows sel (S,) -> log p(T(u)) + log|det dT/du|, log p(y | T(u)), theta
+        theta = head._from_u(u.reshape(-1, p))
         log_jac = head._to_u(theta)[1]
         with torch.no_grad():
-            ll = log_likelihood(theta, rows).double()
+            ll = log_likelihood(theta, sel.repeat_interleave(n)).double()
         ll = torch.where(torch.isnan(ll) | (ll == math.inf), torch.full_like(ll, -math.inf), ll)
-        return ((prior.log_prob(theta) + log_jac).view(G, n), ll.view(G, n), theta.view(G, n, -1))
+        S = len(sel)
+        return ((prior.log_prob(theta) + log_jac).view(S, n), ll.view(S, n), theta.view(S, n, -1))
 
     theta0 = prior.sample(G * n, np.random.default_rng(seed))
     u = head._to_u(theta0)[0].view(G, n, p)
-    base, ll, theta = evaluate(u)
+    base, ll, theta = evaluate(u, torch.arange(G))
     beta = torch.zeros(G, dtype=torch.float64)
     log_z = torch.zeros(G, dtype=torch.float64)
     scale = torch.full((G,), 2.38 / math.sqrt(p), dtype=torch.float64)
     failed = ~torch.isfinite(ll).any(1)
     collapsed = torch.zeros(G, dtype=torch.long)
     L = None
-    evaluations, stages, acc = n, 0, torch.zeros(G, dtype=torch.float64)
+    evaluations, stages, acc = torch.full((G,), n, dtype=torch.long), 0, torch.zeros(G, dtype=torch.float64)
     for _ in range(max_stages):
-        if bool(((beta >= 1) | failed).all()):
+        # rows at beta = 1 are finished: their particles no longer change and cost no evaluations
+        sel = torch.nonzero((beta < 1) & ~failed).flatten()
+        if len(sel) == 0:
             break
-        new = torch.where(failed, beta, _next_beta(beta, ll, min_ess * n))
-        inc = (new - beta)[:, None] * ll
-        inc = torch.where((new > beta)[:, None], inc, torch.zeros_like(inc))
-        log_z = log_z + torch.logsumexp(inc, 1) - math.log(n)
-        beta = new
+        new = _next_beta(beta[sel], ll[sel], min_ess * n)
+        inc = (new - beta[sel])[:, None] * ll[sel]
+        inc = torch.where((new > beta[sel])[:, None], inc, torch.zeros_like(inc))
+        log_z[sel] = log_z[sel] + torch.logsumexp(inc, 1) - math.log(n)
+        beta[sel] = new
         ess_inc = _ess(inc)
         idx = systematic_resample(inc, gen)
-        u, theta = (torch.gather(v, 1, idx[..., None].expand_as(v)) for v in (u, theta))
-        base, ll = torch.gather(base, 1, idx), torch.gather(ll, 1, idx)
+        u_s, theta_s = (torch.gather(v[sel], 1, idx[..., None].expand_as(v[sel])) for v in (u, theta))
+        base_s, ll_s = torch.gather(base[sel], 1, idx), torch.gather(ll[sel], 1, idx)
         stages += 1
-        _, cov = weighted_moments(head, theta, torch.full((G, n), 1.0 / n, dtype=torch.float64))
+        _, cov = weighted_moments(head, theta_s, torch.full((len(sel), n), 1.0 / n, dtype=torch.float64))
         jitter = 1e-12 * (1 + torch.diagonal(cov, dim1=-2, dim2=-1).mean(-1))[:, None, None]
         L_new = torch.linalg.cholesky_ex(cov + jitter * torch.eye(p, dtype=torch.float64))[0]
         few = ess_inc < p + 2
-        collapsed += few.long()
-        L = L_new if L is None else torch.where(few[:, None, None], L, L_new)
-        acc = torch.zeros(G, dtype=torch.float64)
+        collapsed[sel] += few.long()
+        L_s = L_new if L is None else torch.where(few[:, None, None], L[sel], L_new)
+        L = L_new.new_zeros(G, p, p) if L is None else L
+        L[sel] = L_s
+        acc_s = torch.zeros(len(sel), dtype=torch.float64)
         for _ in range(moves):
-            z = torch.randn(G, n, p, generator=gen, dtype=torch.float64)
-            u_new = u + scale[:, None, None] * torch.einsum("gij,gnj->gni", L, z)
-            base_new, ll_new, theta_new = evaluate(u_new)
-            evaluations += n
-            log_a = (base_new + beta[:, None] * ll_new) - (base + beta[:, None] * ll)
-            take = torch.log(torch.rand(G, n, generator=gen, dtype=torch.float64)) < torch.nan_to_num(log_a, nan=-math.inf)
-            u = torch.where(take[..., None], u_new, u)
-            base, ll = torch.where(take, base_new, base), torch.where(take, ll_new, ll)
-            theta = torch.where(take[..., None], theta_new, theta)
-            acc = acc + take.double().mean(1) / moves
-        scale = scale * torch.exp(acc - 0.3)             # towards about 30 % acceptance
-        log.info("tempered SMC stage %d: beta median %.3g (min %.3g), acceptance median %.2f", stages,
-                 float(beta.median()), float(beta.min()), float(acc.median()))
+            z = torch.randn(len(sel), n, p, generator=gen, dtype=torch.float64)
+            u_new = u_s + scale[sel][:, None, None] * torch.einsum("gij,gnj->gni", L_s, z)
+            base_new, ll_new, theta_new = evaluate(u_new, sel)
+            evaluations[sel] += n
+            b = beta[sel][:, None]
+            log_a = (base_new + b * ll_new) - (base_s + b * ll_s)
+            take = torch.log(torch.rand(len(sel), n, generator=gen, dtype=torch.float64)) < torch.nan_to_num(log_a, nan=-math.inf)
+            u_s = torch.where(take[..., None], u_new, u_s)
+            base_s, ll_s = torch.where(take, base_new, base_s), torch.where(take, ll_new, ll_s)
+            theta_s = torch.where(take[..., None], theta_new, theta_s)
+            acc_s = acc_s + take.double().mean(1) / moves
+        u[sel], theta[sel], base[sel], ll[sel], acc[sel] = u_s, theta_s, base_s, ll_s, acc_s
+        scale[sel] = scale[sel] * torch.exp(acc_s - 0.3)             # towards about 30 % acceptance
+        log.info("tempered SMC stage %d: %d of %d observations moving, beta median %.3g (min %.3g), acceptance "
+                 "median %.2f", stages, len(sel), G, float(beta.median()), float(beta.min()), float(acc_s.median()))
     log_z = torch.where(failed, torch.full_like(log_z, -math.inf), log_z)
     if bool((failed | (beta < 1)).any()):
         log.warning("tempered SMC: %d observation(s) with no finite likelihood among %d prior draws, %d stopped "
