@@ -110,7 +110,7 @@ def mh_check(ev: GaussianSourceEvidence, recs: list[dict], truths: torch.Tensor,
 
 
 def infer_group(ev: GaussianSourceEvidence, head: CorrelatedLensHead, rows: list[int], *, particles: int,
-                moves: int, samples: int, seed: int) -> list[dict]:
+                moves: int, samples: int, seed: int, final_moves: int = 0) -> list[dict]:
     """Tempered SMC for the observations ``rows`` of ``ev`` at once; one record per observation."""
     t0 = time.perf_counter()
     index = torch.tensor(rows)
@@ -119,7 +119,7 @@ def infer_group(ev: GaussianSourceEvidence, head: CorrelatedLensHead, rows: list
         return ev.log_likelihood(theta, index[group_rows])
 
     names = ev.prior.names
-    out = tempered_smc(head, log_likelihood, len(rows), n=particles, moves=moves, seed=seed)
+    out = tempered_smc(head, log_likelihood, len(rows), n=particles, moves=moves, final_moves=final_moves, seed=seed)
     seconds = (time.perf_counter() - t0) / len(rows)
     gen = torch.Generator().manual_seed(seed + 1)
     recs = []
@@ -183,6 +183,8 @@ def main(argv=None) -> dict:
                     help="K > 1: the source Gaussian is a mixture over K amplitudes (the training fluxes' histogram)")
     ap.add_argument("--particles", type=int, default=128)
     ap.add_argument("--moves", type=int, default=5, help="random-walk moves per SMC stage")
+    ap.add_argument("--final-moves", type=int, default=0,
+                    help="extra random-walk moves when an observation reaches beta = 1 (decorrelate the resampled cloud)")
     ap.add_argument("--samples", type=int, default=32, help="particles scored per observation")
     ap.add_argument("--group", type=int, default=8, help="observations run together (one checkpoint each)")
     ap.add_argument("--seed", type=int, default=0)
@@ -214,7 +216,7 @@ def main(argv=None) -> dict:
     partial = Path(str(args.out) + ".partial")
     # the SMC's settings: a partial file made with others is refused rather than mixed in
     settings = {k: getattr(args, k) for k in ("config", "sources", "obs", "rank", "amplitudes", "particles", "moves",
-                                             "samples", "group", "seed")}
+                                             "final_moves", "samples", "group", "seed")}
     recs = []
     if partial.exists():
         saved = json.loads(partial.read_text())
@@ -224,7 +226,7 @@ def main(argv=None) -> dict:
     for s in range(len(recs), len(files), args.group):
         rows = list(range(s, min(len(files), s + args.group)))
         recs += infer_group(ev, head, rows, particles=args.particles, moves=args.moves, samples=args.samples,
-                            seed=args.seed + s)
+                            seed=args.seed + s, final_moves=args.final_moves)
         write_json(partial, {"settings": settings, "records": recs})
         log.info("observations %d/%d done (%.1f s each)", len(recs), len(files), recs[-1]["seconds"])
     recs = recs[:len(files)]

@@ -55,12 +55,14 @@ def _next_beta(beta: torch.Tensor, log_l: torch.Tensor, target: float) -> torch.
 
 
 def tempered_smc(head: CorrelatedLensHead, log_likelihood, G: int, *, n: int = 256, moves: int = 5,
-                 min_ess: float = 0.5, max_stages: int = 500, seed: int = 0) -> dict:
+                 final_moves: int = 0, min_ess: float = 0.5, max_stages: int = 500, seed: int = 0) -> dict:
     """Tempered SMC for the lens parameters of G observations at once (the module docstring).
 
     ``head`` supplies the prior (``head.prior``) and the map T between theta and u; its network is not used.
     ``log_likelihood(theta (N, dim), rows (N,) int64) -> (N,)``: log p(y_row | theta) in nats, a constant per
-    observation allowed; NaN and +inf count as -inf. ``moves`` random-walk steps per stage; ``max_stages`` bounds
+    observation allowed; NaN and +inf count as -inf. ``moves`` random-walk steps per stage, and ``final_moves``
+    more at the stage that reaches beta = 1 (resampling leaves duplicates, which a few moves do not
+    decorrelate: the cloud's spread and mean then vary from run to run more than draws would); ``max_stages`` bounds
     the stages. A row whose particles all have likelihood -inf is given up (``failed``, log Z = -inf); a row
     that has not reached beta = 1 after ``max_stages`` keeps its beta and a warning is logged. Where resampling
     left fewer effective particles than p + 2, the walk keeps the previous stage's covariance rather than
@@ -71,9 +73,9 @@ def tempered_smc(head: CorrelatedLensHead, log_likelihood, G: int, *, n: int = 2
     (int, the most any row took), ``acceptance`` (G,) mean acceptance rate of each row's last stage's moves,
     ``evaluations`` (G,) int64 likelihood evaluations per observation. A row that has reached beta = 1 and
     made that stage's moves is finished: it is not moved or evaluated again while other rows go on."""
-    if n < 4 or moves < 1 or not 0 < min_ess < 1 or max_stages < 1:
-        raise ValueError(f"tempered_smc needs n >= 4, moves >= 1, 0 < min_ess < 1 and max_stages >= 1, got {n}, "
-                         f"{moves}, {min_ess}, {max_stages}")
+    if n < 4 or moves < 1 or final_moves < 0 or not 0 < min_ess < 1 or max_stages < 1:
+        raise ValueError(f"tempered_smc needs n >= 4, moves >= 1, final_moves >= 0, 0 < min_ess < 1 and "
+                         f"max_stages >= 1, got {n}, {moves}, {final_moves}, {min_ess}, {max_stages}")
     gen = torch.Generator().manual_seed(seed)
     prior, p = head.prior, head.p
 
@@ -119,19 +121,24 @@ def tempered_smc(head: CorrelatedLensHead, log_likelihood, G: int, *, n: int = 2
         L_s = L_new if L is None else torch.where(few[:, None, None], L[sel], L_new)
         L = L_new.new_zeros(G, p, p) if L is None else L
         L[sel] = L_s
+        budget = moves + final_moves * (beta[sel] >= 1).long()     # moves per row at this stage
         acc_s = torch.zeros(len(sel), dtype=torch.float64)
-        for _ in range(moves):
+        for i in range(int(budget.max())):
+            go = budget > i                                           # rows still moving at this step
             z = torch.randn(len(sel), n, p, generator=gen, dtype=torch.float64)
             u_new = u_s + scale[sel][:, None, None] * torch.einsum("gij,gnj->gni", L_s, z)
-            base_new, ll_new, theta_new = evaluate(u_new, sel)
-            evaluations[sel] += n
+            base_new, ll_new, theta_new = (torch.full_like(base_s, -math.inf), torch.full_like(ll_s, -math.inf),
+                                           theta_s.clone())
+            base_new[go], ll_new[go], theta_new[go] = evaluate(u_new[go], sel[go])
+            evaluations[sel[go]] += n
             b = beta[sel][:, None]
             log_a = (base_new + b * ll_new) - (base_s + b * ll_s)
             take = torch.log(torch.rand(len(sel), n, generator=gen, dtype=torch.float64)) < torch.nan_to_num(log_a, nan=-math.inf)
+            take &= go[:, None]
             u_s = torch.where(take[..., None], u_new, u_s)
             base_s, ll_s = torch.where(take, base_new, base_s), torch.where(take, ll_new, ll_s)
             theta_s = torch.where(take[..., None], theta_new, theta_s)
-            acc_s = acc_s + take.double().mean(1) / moves
+            acc_s = acc_s + take.double().mean(1) / budget
         u[sel], theta[sel], base[sel], ll[sel], acc[sel] = u_s, theta_s, base_s, ll_s, acc_s
         scale[sel] = scale[sel] * torch.exp(acc_s - 0.3)             # towards about 30 % acceptance
         log.info("tempered SMC stage %d: %d of %d observations moving, beta median %.3g (min %.3g), acceptance "

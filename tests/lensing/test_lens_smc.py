@@ -155,3 +155,27 @@ def test_a_finished_observation_is_not_evaluated_while_a_slower_one_goes_on():
     assert torch.equal(calls, out["evaluations"]) and int(calls[0]) < int(calls[1])
     assert int(calls[1]) == 256 * (1 + 3 * out["stages"]) and (int(calls[0]) - 256) % (256 * 3) == 0
     assert bool(((out["theta"][0].mean(0) - means[0]).abs() < 0.5 * sd).all())
+
+
+def test_final_moves_are_made_once_per_row_at_the_stage_that_reaches_beta_one():
+    """With a slow and a fast row, each row's calls are n (1 + moves x its stages + final_moves): the final
+    moves come once, when that row reaches beta = 1; the particles after them still hold the posterior
+    (means within 0.25 sd, sds within 15 %)."""
+    prior, means, sd, log_likelihood, _ = _q_shear_problem()
+    head = CorrelatedLensHead(prior, 5)
+    calls = torch.zeros(2, dtype=torch.long)
+
+    def counted(theta, rows):
+        calls.add_(torch.bincount(rows, minlength=2))
+        narrow = log_likelihood(theta, rows)
+        return torch.where(rows == 1, 400.0 * narrow, narrow)
+
+    out = tempered_smc(head, counted, 2, n=512, moves=2, final_moves=7, seed=1)
+    assert torch.equal(calls, out["evaluations"])
+    assert int(calls[1]) == 512 * (1 + 2 * out["stages"] + 7)
+    assert (int(calls[0]) - 512 * (1 + 7)) % (512 * 2) == 0 and int(calls[0]) < int(calls[1])
+    s = out["theta"][0]
+    assert bool(((s.mean(0) - means[0]).abs() < 0.25 * sd).all())
+    assert bool((((s.std(0) / sd) - 1).abs() < 0.15).all()), s.std(0) / sd
+    with pytest.raises(ValueError, match="final_moves >= 0"):
+        tempered_smc(head, counted, 1, final_moves=-1)
