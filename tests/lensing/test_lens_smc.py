@@ -136,19 +136,26 @@ def test_an_observation_without_a_finite_likelihood_is_given_up_without_stalling
     assert bool(((out["theta"][1].mean(0) - means[1]).abs() < 0.5 * sd).all())
 
 
-def test_a_finished_observation_is_not_evaluated_while_a_slower_one_goes_on():
-    """Two observations, the second's likelihood 20x narrower (more stages to beta = 1): once the first has
-    reached beta = 1 and made that stage's moves, the likelihood is never called for it again. The calls per
-    row are what ``evaluations`` reports, n (1 + moves x its own stages), and the first row's particles
-    still hold its posterior."""
+def _slow_and_fast():
+    """The q-shear problem with the second observation's likelihood 20x narrower (more stages to beta = 1):
+    head, means, sds, the likelihood and the (2,) tensor counting its calls per observation."""
     prior, means, sd, log_likelihood, _ = _q_shear_problem()
-    head = CorrelatedLensHead(prior, 5)
     calls = torch.zeros(2, dtype=torch.long)
 
     def counted(theta, rows):
         calls.add_(torch.bincount(rows, minlength=2))
         narrow = log_likelihood(theta, rows)
         return torch.where(rows == 1, 400.0 * narrow, narrow)
+
+    return CorrelatedLensHead(prior, 5), means, sd, counted, calls
+
+
+def test_a_finished_observation_is_not_evaluated_while_a_slower_one_goes_on():
+    """Two observations, the second's likelihood 20x narrower (more stages to beta = 1): once the first has
+    reached beta = 1 and made that stage's moves, the likelihood is never called for it again. The calls per
+    row are what ``evaluations`` reports, n (1 + moves x its own stages), and the first row's particles
+    still hold its posterior."""
+    head, means, sd, counted, calls = _slow_and_fast()
 
     out = tempered_smc(head, counted, 2, n=256, moves=3, seed=0)
     assert out["beta"].tolist() == [1.0, 1.0]
@@ -161,14 +168,7 @@ def test_final_moves_are_made_once_per_row_at_the_stage_that_reaches_beta_one():
     """With a slow and a fast row, each row's calls are n (1 + moves x its stages + final_moves): the final
     moves come once, when that row reaches beta = 1; the particles after them still hold the posterior
     (means within 0.25 sd, sds within 15 %)."""
-    prior, means, sd, log_likelihood, _ = _q_shear_problem()
-    head = CorrelatedLensHead(prior, 5)
-    calls = torch.zeros(2, dtype=torch.long)
-
-    def counted(theta, rows):
-        calls.add_(torch.bincount(rows, minlength=2))
-        narrow = log_likelihood(theta, rows)
-        return torch.where(rows == 1, 400.0 * narrow, narrow)
+    head, means, sd, counted, calls = _slow_and_fast()
 
     out = tempered_smc(head, counted, 2, n=512, moves=2, final_moves=7, seed=1)
     assert torch.equal(calls, out["evaluations"])
