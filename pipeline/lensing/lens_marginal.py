@@ -10,16 +10,19 @@ it is exact and cheap. This is the evidence that classic pixelated lens modellin
   symmetries), so that the Gaussian has the galaxies' first two moments within the r components. Optionally
   it is a scale mixture x = a g, g ~ N(m0, S0), with the amplitude a on K log-spaced values of prior
   weights pi_k: the images' fluxes spread over decades, and a single Gaussian would then favour lenses
-  whose magnification makes the reconstructed source's flux typical.
+  whose magnification makes the reconstructed source's flux typical. (x = a g scales network units; with
+  the prior's offset 0, as shipped, a scales the brightness.)
 * :class:`GaussianSourceEvidence` gives, for an observation y = A(theta)(scale x + offset) + n with
   n ~ N(0, diag(sigma^2)) on the unmasked pixels and one amplitude a,
 
       log p(y | theta, a) = log N(y; A (scale a m0 + offset), scale^2 a^2 A S0 A^T + diag(sigma^2)),
 
-  by Woodbury in the r-dimensional source space: with G = diag(mask / sigma) A scale B (m, r),
-  res = diag(mask / sigma)(y - A (scale a m0 + offset)) and L L^T = I + a^2 G^T G,
+  by Woodbury in the r-dimensional source space. Whitened by mask / sigma, let G = w A scale B (m, r),
+  u = w (y - A offset), v = w A scale m0, and G^T G = V diag(lam) V^T. Then res = u - a v,
+  b = a V^T G^T res and
 
-      log p(y | theta, a) = -1/2 |res|^2 + 1/2 a^2 |L^-1 G^T res|^2 - sum log diag L - sum log sigma - m/2 log 2 pi
+      log p(y | theta, a) = -1/2 |res|^2 + 1/2 sum_j b_j^2 / (1 + a^2 lam_j) - 1/2 sum_j log(1 + a^2 lam_j)
+                            - sum log sigma - m/2 log 2 pi
 
   (m the unmasked pixels; nats, the likelihood's SCI-unit normalisation), and log p(y | theta) =
   logsumexp_k (log pi_k + log p(y | theta, a_k)). A(theta) B for a batch of lenses
@@ -27,7 +30,7 @@ it is exact and cheap. This is the evidence that classic pixelated lens modellin
   :func:`pipeline.lensing.lens_batch.bilinear_weights`) followed by one strided convolution with the
   supersampled PSF-and-pixel kernel, the same operator as :class:`~pipeline.lensing.lens_batch.LensBatchOperator`
   (checked against it in the tests). The cost per lens is O(N r) for the gather and convolution (N
-  sub-pixels) plus O(m r^2) for G^T G and O(K r^3) for the K Cholesky factors.
+  sub-pixels), O(m r^2) for G^T G, one O(r^3) eigendecomposition and O(K r) for the amplitudes.
 
 This is not the evidence under the diffusion prior: galaxies are not Gaussian. How far lens posteriors
 under it are calibrated when the sources are real galaxies is measured by
@@ -79,9 +82,10 @@ class SourceGaussian:
         """The mean and leading ``rank`` principal components of ``images`` (n, ..., H, W) in network units,
         over the 8 dihedral symmetries of every image when ``dihedral`` (a prior trained with dihedral
         augmentation is invariant under them). With ``amplitudes`` K > 1 each image's amplitude is its flux
-        over the median flux (fluxes must be positive), the components are those of the images divided by
-        their amplitudes, and the amplitudes' distribution is their histogram over K bins equally wide in
-        log a, each bin's images at its geometric centre."""
+        over the median flux (fluxes must be positive); the amplitudes' distribution is their histogram over
+        K bins equally wide in log a, at the bins' geometric centres, and the components are those of the
+        images divided by their bin's centre, so that g keeps the fluxes' spread within a bin (dividing by
+        each image's own amplitude would give every g the same flux and allow only K fluxes)."""
         x = torch.as_tensor(images, dtype=torch.float64)
         x = x.reshape(x.shape[0], *x.shape[-2:])
         if x.shape[-1] != x.shape[-2]:
@@ -93,10 +97,11 @@ class SourceGaussian:
                 raise ValueError(f"SourceGaussian.from_images: {int((flux <= 0).sum())} images have flux <= 0 "
                                  "in network units; amplitudes need positive fluxes")
             a = flux / flux.median()
-            x = x / a[:, None, None]
             edges = torch.linspace(float(a.log().min()), float(a.log().max()) + 1e-9, amplitudes + 1, dtype=torch.float64)
             amp = ((edges[1:] + edges[:-1]) / 2).exp()
-            weights = torch.bincount(torch.bucketize(a.log(), edges[1:-1]), minlength=amplitudes).double()
+            bins = torch.bucketize(a.log(), edges[1:-1])
+            weights = torch.bincount(bins, minlength=amplitudes).double()
+            x = x / amp[bins, None, None]
         if dihedral:
             rots = [torch.rot90(x, k, (-2, -1)) for k in range(4)]
             x = torch.cat(rots + [r.flip(-1) for r in rots])
@@ -121,6 +126,8 @@ class SourceGaussian:
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         z = torch.randn(n, self.rank, generator=generator, dtype=torch.float64)
+        if len(self.amplitudes) == 1:
+            return self.amplitudes[0] * (self.mean + z @ self.basis.T)
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         return self.amplitudes[k, None] * (self.mean + z @ self.basis.T)
 
@@ -141,7 +148,7 @@ class GaussianSourceEvidence:
     are theta's columns (the fixed ones at their single value); ``source``: the source Gaussian on the
     observations' source grid. :meth:`log_likelihood` has the signature that
     :func:`pipeline.lensing.lens_smc.tempered_smc` takes. ``chunk`` lenses are traced and convolved at once
-    (memory about chunk x sub-pixels x (rank + 1) x 4 bytes). The gather and convolution run in ``dtype``
+    (memory about chunk x sub-pixels x (rank + 2) x 4 bytes). The gather and convolution run in ``dtype``
     (float32 by default: 2e-5 nats from float64 at the shipped geometry), the rest in float64."""
 
     def __init__(self, observations: list, prior: LensPrior, source: SourceGaussian, *, chunk: int = 16,
@@ -216,38 +223,43 @@ class GaussianSourceEvidence:
     def _spectral(self, theta: torch.Tensor, row: int) -> dict:
         """For the lenses theta (B, p) of observation ``row``, whitened by mask / sigma, in float64: the
         eigenvalues lam (B, r) and vectors V (B, r, r) of G^T G, the projections p = V^T G^T u and
-        q = V^T G^T v (B, r) of u = w (y - A offset) and v = w A scale m0, and u.u, u.v, v.v (B,). At amplitude
-        a the residual is u - a v, C = I + a^2 G^T G = V (I + a^2 lam) V^T and a G^T res = V a (p - a q), so
-        every amplitude costs O(r) once G^T G is diagonalised."""
+        q = V^T G^T v (B, r) of u = w (y - A offset) and v = w A scale m0, u.u, u.v, v.v (B,), and ``ok`` (B,)
+        False where the lens or its images are not finite (its terms are then zeros). At amplitude a the residual
+        is u - a v, C = I + a^2 G^T G = V (I + a^2 lam) V^T and a G^T res = V a (p - a q), so every amplitude
+        costs O(r) once G^T G is diagonalised."""
         o = self.obs[row]
         img = self.image_basis(theta, row).double() * o["w"][None, :, None]
+        ok = torch.isfinite(img).all(2).all(1) & torch.isfinite(theta).all(1)
+        img = torch.where(ok[:, None, None], img, torch.zeros_like(img))
         G, v, u = img[..., :-2], img[..., -2], o["wy"][None] - img[..., -1]
         lam, V = torch.linalg.eigh(G.transpose(1, 2) @ G)
         Vt_Gt = V.transpose(1, 2) @ G.transpose(1, 2)                                  # (B, r, m)
         return {"lam": lam.clamp(min=0), "V": V, "p": (Vt_Gt @ u[..., None])[..., 0],
                 "q": (Vt_Gt @ v[..., None])[..., 0], "uu": u.pow(2).sum(1), "uv": (u * v).sum(1),
-                "vv": v.pow(2).sum(1)}
+                "vv": v.pow(2).sum(1), "ok": ok}
 
-    def _log_likelihood(self, theta: torch.Tensor, row: int, per_amplitude: bool = False) -> torch.Tensor:
-        """log p(y | theta) (B,), or log pi_k + log p(y | theta, a_k) (B, K) with ``per_amplitude``."""
-        sp = self._spectral(theta, row)
+    def _per_amplitude(self, sp: dict, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """From :meth:`_spectral`: log pi_k + log p(y | theta, a_k) (B, K), -inf where not ``ok``, and the
+        source coefficients' posterior means E[z | y, theta, a_k] = V b / (1 + a_k^2 lam) in V's basis (B, K, r)."""
         a = self.source.amplitudes[None, :, None]                                       # (1, K, 1)
         b = a * (sp["p"][:, None] - a * sp["q"][:, None])                                # (B, K, r)
         d = 1.0 + a.pow(2) * sp["lam"][:, None]                                          # C's eigenvalues
         a = a[..., 0]
         res2 = sp["uu"][:, None] - 2 * a * sp["uv"][:, None] + a.pow(2) * sp["vv"][:, None]
         ll = -0.5 * res2 + 0.5 * (b.pow(2) / d).sum(-1) - 0.5 * d.log().sum(-1) + self.obs[row]["const"]
-        ll = ll + self.source.weights.log()[None]
-        return ll if per_amplitude else torch.logsumexp(ll, 1)
+        ll = torch.where(sp["ok"][:, None], ll + self.source.weights.log()[None], torch.full_like(ll, -math.inf))
+        return ll, b / d
+
+    def _log_likelihood(self, theta: torch.Tensor, row: int) -> torch.Tensor:
+        return torch.logsumexp(self._per_amplitude(self._spectral(theta, row), row)[0], 1)
 
     def posterior_mean(self, theta: torch.Tensor, row: int) -> torch.Tensor:
         """E[x | y, theta] (B, d) in network units for lenses theta (B, p) of observation ``row``:
-        sum_k p(a_k | y, theta) a_k (m0 + B (I + a_k^2 G^T G)^-1 a_k G^T res_k)."""
+        sum_k p(a_k | y, theta) a_k (m0 + B (I + a_k^2 G^T G)^-1 a_k G^T res_k); NaN for a lens that is
+        not finite or whose images are not."""
         theta = torch.as_tensor(theta, dtype=torch.float64).reshape(-1, self.prior.dim)
         sp = self._spectral(theta, row)
-        a = self.source.amplitudes[None, :, None]
-        coef = (a * (sp["p"][:, None] - a * sp["q"][:, None]) / (1.0 + a.pow(2) * sp["lam"][:, None])) \
-            @ sp["V"].transpose(1, 2)                                                    # (B, K, r)
-        p_k = torch.softmax(self._log_likelihood(theta, row, per_amplitude=True), 1)       # (B, K)
-        g = self.source.mean + coef @ self.source.basis.T                                   # (B, K, d)
+        ll, coef = self._per_amplitude(sp, row)
+        p_k = torch.softmax(ll, 1)                                                         # (B, K)
+        g = self.source.mean + (coef @ sp["V"].transpose(1, 2)) @ self.source.basis.T      # (B, K, d)
         return ((p_k * self.source.amplitudes[None])[..., None] * g).sum(1)

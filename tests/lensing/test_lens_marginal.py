@@ -118,25 +118,47 @@ def test_the_amplitude_mixture_is_the_weighted_sum_of_dense_marginals(tmp_path):
         SourceGaussian(plain.mean, plain.basis, amplitudes=torch.tensor([0.0, 1.0]))
 
 
-def test_from_images_amplitudes_are_the_flux_histogram():
-    """Images that are one of two shapes times fluxes from two well-separated groups: the amplitudes' weights
-    are the groups' shares, their values the groups' fluxes over the median to within half a log-bin, and the
-    flux-normalised components hold the two shapes (explained 1 at rank 1 for one shape's copies)."""
+def test_from_images_amplitudes_are_the_flux_histogram_and_g_keeps_the_spread_within_a_bin():
+    """One blob shape times fluxes from two well-separated groups, each spread by +-5 %: the amplitudes'
+    weights are the groups' shares and their values the groups' fluxes over the median to within half a
+    log-bin; the images divided by their bin's centre keep the spread within each bin, so the rank-1
+    component is the blob with the sd of those normalised fluxes (dividing each image by its own
+    amplitude would leave no variance and allow only the bins' fluxes)."""
     side = 8
     yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
     blob = torch.exp(-((yy - 3.5) ** 2 + (xx - 3.5) ** 2) / 4.0).double()
-    flux = torch.cat([torch.full((30,), 1.0), torch.full((10,), 20.0)]) * torch.linspace(0.95, 1.05, 40)
-    images = flux[:, None, None] * blob / blob.sum()
-    fit = SourceGaussian.from_images(images, rank=1, amplitudes=4)
+    blob = blob / blob.sum()
+    flux = torch.cat([torch.full((30,), 1.0), torch.full((10,), 20.0)]).double() * torch.linspace(0.95, 1.05, 40,
+                                                                                                   dtype=torch.float64)
+    fit = SourceGaussian.from_images(flux[:, None, None] * blob, rank=1, amplitudes=4)
     assert torch.allclose(fit.weights, torch.tensor([0.75, 0.25], dtype=torch.float64))
-    half_bin = (math.log(21.0 / 0.95) / 4) / 2
+    half_bin = (math.log(flux.max() / flux.min()) / 4) / 2
     for a, want in zip(fit.amplitudes, (1.0, 20.0)):
         assert abs(math.log(float(a)) - math.log(want)) < half_bin + 0.06
-    # every normalised image is the same blob (fluxes divided out): the mean holds it, no variance is left
-    assert float((fit.mean - (blob / blob.sum() * flux.median()).reshape(-1)).abs().max()) < 1e-12
-    assert float(fit.basis.abs().max()) < 1e-8
+    # g's fluxes: each image's flux divided by its bin's centre (about the median flux, spread within a bin)
+    g_flux = flux / fit.amplitudes[(flux / flux.median() > 5).long()]
+    assert float(g_flux.std()) > 0.02
+    torch.testing.assert_close(float(fit.basis.sum(0).abs()[0]), float(g_flux.repeat(8).std()), rtol=1e-6, atol=0)
+    torch.testing.assert_close(fit.mean, g_flux.mean() * blob.reshape(-1), rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="flux <= 0"):
-        SourceGaussian.from_images(torch.cat([images, -images[:1]]), rank=1, amplitudes=4)
+        SourceGaussian.from_images(torch.cat([flux[:, None, None] * blob, -blob[None]]), rank=1, amplitudes=4)
+
+
+def test_a_non_finite_lens_has_minus_infinite_evidence(tmp_path):
+    """A NaN lens parameter in a batch (whose rays fall nowhere, an empty image of finite evidence, if not
+    caught) gives -inf for that lens, tempered SMC's convention, and leaves the others' evidence as it is
+    alone, with one amplitude and with a mixture."""
+    problem, y, meta = load_observation(write_small_observation(tmp_path / "obs.fits"), LensingConfig(geometry=GEOM))
+    plain = _source(problem.d, rank=4, seed=1)
+    truth = PRIOR.to_vector(LENS).double()
+    bad = truth.clone()
+    bad[2] = math.nan
+    for source in (plain, SourceGaussian(plain.mean, plain.basis, amplitudes=torch.tensor([0.5, 2.0]),
+                                         weights=torch.tensor([0.5, 0.5]))):
+        ev = GaussianSourceEvidence([(problem, y, meta)], PRIOR, source, dtype=torch.float64)
+        both = ev.log_likelihood(torch.stack([truth, bad]), torch.zeros(2, dtype=torch.long))
+        alone = ev.log_likelihood(truth[None], torch.zeros(1, dtype=torch.long))
+        assert float(both[1]) == -math.inf and float(both[0]) == float(alone[0]) and math.isfinite(float(alone[0]))
 
 
 def test_the_image_basis_is_the_batched_operator(tmp_path):

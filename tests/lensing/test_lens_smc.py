@@ -160,7 +160,7 @@ def test_a_finished_observation_is_not_evaluated_while_a_slower_one_goes_on():
     out = tempered_smc(head, counted, 2, n=256, moves=3, seed=0)
     assert out["beta"].tolist() == [1.0, 1.0]
     assert torch.equal(calls, out["evaluations"]) and int(calls[0]) < int(calls[1])
-    assert int(calls[1]) == 256 * (1 + 3 * out["stages"]) and (int(calls[0]) - 256) % (256 * 3) == 0
+    assert int(calls[1]) == 256 * (1 + 3 * out["stages"])
     assert bool(((out["theta"][0].mean(0) - means[0]).abs() < 0.5 * sd).all())
 
 
@@ -177,5 +177,9 @@ def test_final_moves_are_made_once_per_row_at_the_stage_that_reaches_beta_one():
     s = out["theta"][0]
     assert bool(((s.mean(0) - means[0]).abs() < 0.25 * sd).all())
     assert bool((((s.std(0) / sd) - 1).abs() < 0.15).all()), s.std(0) / sd
+    # the final moves refresh the resampled duplicates: nearly every particle distinct, fewer without them
+    distinct = len(torch.unique(s, dim=0))
+    without = tempered_smc(head, counted, 2, n=512, moves=2, seed=1)["theta"][0]
+    assert distinct > 0.95 * 512 and distinct > len(torch.unique(without, dim=0)) + 50, distinct
     with pytest.raises(ValueError, match="final_moves >= 0"):
         tempered_smc(head, counted, 1, final_moves=-1)
