@@ -203,7 +203,10 @@ def main(argv=None) -> dict:
     if not files:
         raise SystemExit(f"{args.obs}: no .fits files")
     images, _ = load_training_images(args.sources, pcfg.data_hdu, pcfg.scale, pcfg.offset)
-    source = SourceGaussian.from_images(images, args.rank, amplitudes=args.amplitudes)
+    try:
+        source = SourceGaussian.from_images(images, args.rank, amplitudes=args.amplitudes)
+    except ValueError as err:                       # e.g. an image with flux <= 0, a rank too large
+        raise SystemExit(f"{args.sources}: HDU {pcfg.data_hdu}: {err}") from None
     log.info("source Gaussian: rank %d holds %.4f of the training images' variance, %d amplitudes in [%.3g, %.3g]",
              args.rank, source.explained, len(source.amplitudes), source.amplitudes.min(), source.amplitudes.max())
     # sources in the prior's network units, as the pipeline's samplers load them

@@ -243,3 +243,21 @@ def test_tempered_smc_on_the_gaussian_source_evidence_finds_the_hidden_lens(tmp_
     assert float(gap.max()) < 3, dict(zip(PRIOR.names, gap.tolist()))
     cal = summarise(recs, truth[None], PRIOR.names, seed=0)
     assert set(cal["parameters"]) == set(PRIOR.names) and len(cal["largest_abs_z_per_observation"]) == 1
+
+
+def test_the_bench_names_the_sources_file_and_hdu_when_the_images_cannot_fit(tmp_path, monkeypatch):
+    """A sources file whose training images include one of flux <= 0 stops the bench with one line naming
+    the file and HDU (no traceback), before any observation is read."""
+    from pipeline.bench import lens_marginal_calibration as bench
+
+    bad = tmp_path / "sources.fits"
+    images = np.ones((4, 8, 8), np.float32)
+    images[1] = -1.0
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(images, name="TRAIN")]).writeto(bad)
+    obs = tmp_path / "obs"
+    obs.mkdir()
+    write_small_observation(obs / "obs-0000.fits")
+    with pytest.raises(SystemExit, match=rf"{bad}: HDU TRAIN: .*flux <= 0"):
+        bench.main([str(tmp_path / "out.json"), "--config", "config/config.yaml", "--sources", str(bad),
+                    "--obs", str(obs), "--rank", "2", "--amplitudes", "4"])
+    assert not (tmp_path / "out.json").exists()
