@@ -181,6 +181,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--rank", type=int, default=128, help="principal components of the source Gaussian")
     ap.add_argument("--amplitudes", type=int, default=1,
                     help="K > 1: the source Gaussian is a mixture over K amplitudes (the training fluxes' histogram)")
+    ap.add_argument("--shapes", type=int, default=1,
+                    help="C > 1: a mixture over C shapes, a Gaussian mixture fitted to the components' coefficients")
     ap.add_argument("--particles", type=int, default=128)
     ap.add_argument("--moves", type=int, default=5, help="random-walk moves per SMC stage")
     ap.add_argument("--final-moves", type=int, default=0,
@@ -204,11 +206,13 @@ def main(argv=None) -> dict:
         raise SystemExit(f"{args.obs}: no .fits files")
     images, _ = load_training_images(args.sources, pcfg.data_hdu, pcfg.scale, pcfg.offset)
     try:
-        source = SourceGaussian.from_images(images, args.rank, amplitudes=args.amplitudes)
+        source = SourceGaussian.from_images(images, args.rank, amplitudes=args.amplitudes, shapes=args.shapes,
+                                            seed=args.seed)
     except ValueError as err:                       # e.g. an image with flux <= 0, a rank too large
         raise SystemExit(f"{args.sources}: HDU {pcfg.data_hdu}: {err}") from None
-    log.info("source Gaussian: rank %d holds %.4f of the training images' variance, %d amplitudes in [%.3g, %.3g]",
-             args.rank, source.explained, len(source.amplitudes), source.amplitudes.min(), source.amplitudes.max())
+    log.info("source Gaussian: rank %d holds %.4f of the training images' variance, %d amplitudes in [%.3g, %.3g], "
+             "%d shapes", args.rank, source.explained, len(source.amplitudes), source.amplitudes.min(),
+             source.amplitudes.max(), len(source.shape_means))
     # sources in the prior's network units, as the pipeline's samplers load them
     brightness = BrightnessConfig(scale=pcfg.scale, offset=pcfg.offset)
     observations = [load_observation(f, lcfg, brightness=brightness) for f in files]
@@ -218,8 +222,8 @@ def main(argv=None) -> dict:
     head = CorrelatedLensHead(prior, embed_dim=1)
     partial = Path(str(args.out) + ".partial")
     # the SMC's settings: a partial file made with others is refused rather than mixed in
-    settings = {k: getattr(args, k) for k in ("config", "sources", "obs", "rank", "amplitudes", "particles", "moves",
-                                             "final_moves", "samples", "group", "seed")}
+    settings = {k: getattr(args, k) for k in ("config", "sources", "obs", "rank", "amplitudes", "shapes", "particles",
+                                             "moves", "final_moves", "samples", "group", "seed")}
     recs = []
     if partial.exists():
         saved = json.loads(partial.read_text())
@@ -265,7 +269,8 @@ def main(argv=None) -> dict:
     mh = mh_check(ev, recs[:args.mh_obs], truths, n_iter=args.mh_iter, seed=args.seed + 5) if args.mh_obs else []
     result = {"command": "python -m pipeline.bench.lens_marginal_calibration " + " ".join(argv),
               "args": vars(args), "names": prior.names, "rank": args.rank, "explained": source.explained,
-              "amplitudes": source.amplitudes.tolist(), "amplitude_weights": source.weights.tolist(),
+              "amplitudes": source.amplitudes.tolist(), "amplitude_weights": source.weights.sum(0).tolist(),
+              "shape_weights": source.weights.sum(1).tolist(),
               "seconds_per_observation": float(np.mean([r["seconds"] for r in recs])),
               "calibration": summarise(recs, truths[:len(recs)], prior.names, args.seed + 3), "mh_check": mh,
               "records": recs}

@@ -56,41 +56,59 @@ _LOG_2PI = math.log(2.0 * math.pi)
 
 @dataclass
 class SourceGaussian:
-    """x = a g over flat sources (d,) in network units, g ~ N(mean, basis basis^T) with ``basis`` (d, r), and
-    the amplitude a = ``amplitudes[k]`` with probability ``weights[k]`` (one amplitude 1 by default: a plain
-    Gaussian). ``explained``: the fraction of the (amplitude-normalised) images' total variance that the r
-    components hold (1 when none were dropped)."""
+    """x = a g over flat sources (d,) in network units. g is a mixture over C shapes: with shape c,
+    g = mean + basis (shape_means[c] + shape_chol[c] z), z ~ N(0, I_r), ``basis`` (d, r); the amplitude a is
+    ``amplitudes[k]``; (c, k) has probability ``weights[c, k]``. The defaults are one shape (mean 0, chol I)
+    and one amplitude 1: the plain Gaussian N(mean, basis basis^T). ``weights`` may be (K,) for one shape.
+    ``explained``: the fraction of the (amplitude-normalised) images' total variance that the r components
+    hold (1 when none were dropped)."""
 
     mean: torch.Tensor
     basis: torch.Tensor
     explained: float = 1.0
     amplitudes: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    shape_means: torch.Tensor | None = None
+    shape_chol: torch.Tensor | None = None
 
     def __post_init__(self):
+        r = self.basis.shape[1]
+        mu = torch.zeros(1, r) if self.shape_means is None else torch.as_tensor(self.shape_means)
+        chol = torch.eye(r)[None].expand(len(mu), r, r) if self.shape_chol is None else torch.as_tensor(self.shape_chol)
         a = torch.ones(1) if self.amplitudes is None else torch.as_tensor(self.amplitudes)
-        w = torch.ones(len(a)) if self.weights is None else torch.as_tensor(self.weights)
-        a, w = a.double().reshape(-1), w.double().reshape(-1)
-        if a.shape != w.shape or not bool((a > 0).all()) or not bool((w >= 0).all()) or float(w.sum()) <= 0:
-            raise ValueError("SourceGaussian: amplitudes must be > 0 and weights >= 0 (not all 0), of one length")
-        keep = w > 0                                  # a zero-weight amplitude adds nothing to the evidence
-        self.amplitudes, self.weights = a[keep], w[keep] / w.sum()
+        w = torch.ones(len(mu), len(a)) if self.weights is None else torch.as_tensor(self.weights)
+        a, mu, chol = a.double().reshape(-1), mu.double(), chol.double()
+        w = w.double().reshape(len(mu), -1)
+        if mu.shape[1:] != (r,) or chol.shape != (len(mu), r, r):
+            raise ValueError(f"SourceGaussian: shape_means must be (C, {r}) and shape_chol (C, {r}, {r}), got "
+                             f"{tuple(mu.shape)} and {tuple(chol.shape)}")
+        if w.shape[1] != len(a) or not bool((a > 0).all()) or not bool((w >= 0).all()) or float(w.sum()) <= 0:
+            raise ValueError("SourceGaussian: amplitudes must be > 0 and weights >= 0 (not all 0), (C, K) for K "
+                             "amplitudes")
+        keep = w.sum(0) > 0                           # a zero-weight amplitude or shape adds nothing
+        w = w[:, keep]
+        shapes = w.sum(1) > 0
+        self.amplitudes, self.weights = a[keep], w[shapes] / w.sum()
+        self.shape_means, self.shape_chol = mu[shapes], chol[shapes]
 
     @classmethod
-    def from_images(cls, images: torch.Tensor, rank: int, dihedral: bool = True,
-                    amplitudes: int = 1) -> "SourceGaussian":
+    def from_images(cls, images: torch.Tensor, rank: int, dihedral: bool = True, amplitudes: int = 1,
+                    shapes: int = 1, seed: int = 0) -> "SourceGaussian":
         """The mean and leading ``rank`` principal components of ``images`` (n, ..., H, W) in network units,
         over the 8 dihedral symmetries of every image when ``dihedral`` (a prior trained with dihedral
         augmentation is invariant under them). With ``amplitudes`` K > 1 each image's amplitude is its flux
         over the median flux (fluxes must be positive); the amplitudes' distribution is their histogram over
         K bins equally wide in log a, at the bins' geometric centres, and the components are those of the
         images divided by their bin's centre, so that g keeps the fluxes' spread within a bin (dividing by
-        each image's own amplitude would give every g the same flux and allow only K fluxes)."""
+        each image's own amplitude would give every g the same flux and allow only K fluxes). With ``shapes``
+        C > 1 the components' coefficients (whitened) are fitted by a C-component Gaussian mixture
+        (:func:`gaussian_mixture_em`, seeded by ``seed``), and (shape, amplitude) get the joint weights
+        sum_i resp_ic [bin_i = k] / n, so that shape and flux may be related."""
         x = torch.as_tensor(images, dtype=torch.float64)
         x = x.reshape(x.shape[0], *x.shape[-2:])
         if x.shape[-1] != x.shape[-2]:
             raise ValueError(f"SourceGaussian.from_images needs square images, got {tuple(x.shape[-2:])}")
-        amp, weights = torch.ones(1, dtype=torch.float64), None
+        amp, bins = torch.ones(1, dtype=torch.float64), torch.zeros(x.shape[0], dtype=torch.long)
         if amplitudes > 1:
             flux = x.sum((-2, -1))
             if not bool((flux > 0).all()):
@@ -100,11 +118,11 @@ class SourceGaussian:
             edges = torch.linspace(float(a.log().min()), float(a.log().max()) + 1e-9, amplitudes + 1, dtype=torch.float64)
             amp = ((edges[1:] + edges[:-1]) / 2).exp()
             bins = torch.bucketize(a.log(), edges[1:-1])
-            weights = torch.bincount(bins, minlength=amplitudes).double()
             x = x / amp[bins, None, None]
         if dihedral:
             rots = [torch.rot90(x, k, (-2, -1)) for k in range(4)]
             x = torch.cat(rots + [r.flip(-1) for r in rots])
+            bins = bins.repeat(8)
         x = x.reshape(x.shape[0], -1)
         n, d = x.shape
         if not 1 <= rank <= min(n - 1, d):
@@ -115,21 +133,67 @@ class SourceGaussian:
         evals, evecs = torch.linalg.eigh(cov)
         evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1)
         explained = float(evals[:rank].sum() / evals.sum().clamp(min=1e-300))
-        return cls(mean, evecs[:, :rank] * evals[:rank].sqrt(), explained, amp, weights)
+        basis = evecs[:, :rank] * evals[:rank].sqrt()
+        resp, mu, chol = torch.ones(n, 1, dtype=torch.float64), None, None
+        if shapes > 1:
+            z = (x - mean) @ evecs[:, :rank] / evals[:rank].sqrt().clamp(min=1e-300)   # whitened coefficients
+            _, mu, chol, resp = gaussian_mixture_em(z, shapes, seed=seed)
+        weights = resp.T @ F.one_hot(bins, len(amp)).double() / n                          # (C, K)
+        return cls(mean, basis, explained, amp, weights, mu, chol)
 
     @property
     def rank(self) -> int:
         return int(self.basis.shape[1])
 
-    def covariance(self) -> torch.Tensor:
-        return self.basis @ self.basis.T
+    def covariance(self, shape: int = 0) -> torch.Tensor:
+        """basis L_c L_c^T basis^T (d, d): g's covariance within shape c (amplitude 1)."""
+        bl = self.basis @ self.shape_chol[shape]
+        return bl @ bl.T
+
+    def shape_mean(self, shape: int = 0) -> torch.Tensor:
+        """mean + basis mu_c (d,): g's mean within shape c."""
+        return self.mean + self.basis @ self.shape_means[shape]
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        z = torch.randn(n, self.rank, generator=generator, dtype=torch.float64)
-        if len(self.amplitudes) == 1:
-            return self.amplitudes[0] * (self.mean + z @ self.basis.T)
-        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        return self.amplitudes[k, None] * (self.mean + z @ self.basis.T)
+        z = torch.randn(n, self.rank, 1, generator=generator, dtype=torch.float64)
+        ck = torch.multinomial(self.weights.reshape(-1), n, replacement=True, generator=generator)
+        c, k = ck // len(self.amplitudes), ck % len(self.amplitudes)
+        coef = self.shape_means[c] + (self.shape_chol[c] @ z)[..., 0]
+        return self.amplitudes[k, None] * (self.mean + coef @ self.basis.T)
+
+
+def gaussian_mixture_em(z: torch.Tensor, components: int, *, iters: int = 200, tol: float = 1e-6,
+                        reg: float = 1e-3, seed: int = 0):
+    """Maximum-likelihood C-component Gaussian mixture with full covariances on the rows of z (n, r) by EM,
+    started from k-means++ seeds (``seed``), each covariance plus ``reg`` I, stopped when the mean log
+    likelihood per row gains less than ``tol`` nats. Returns weights (C,), means (C, r), Cholesky factors
+    of the covariances (C, r, r) and the rows' responsibilities (n, C)."""
+    z = torch.as_tensor(z, dtype=torch.float64)
+    n, r = z.shape
+    if not 1 <= components <= n:
+        raise ValueError(f"gaussian_mixture_em: components must be in [1, {n}], got {components}")
+    g = torch.Generator().manual_seed(seed)
+    centres = z[torch.randint(n, (1,), generator=g)]
+    for _ in range(1, components):
+        d2 = torch.cdist(z, centres).pow(2).min(1).values
+        centres = torch.cat([centres, z[torch.multinomial(d2 + 1e-300, 1, generator=g)]])
+    resp = F.one_hot(torch.cdist(z, centres).argmin(1), components).double()
+    prev = -math.inf
+    for _ in range(iters):
+        nk = resp.sum(0).clamp(min=1e-12)
+        weights, means = nk / n, resp.T @ z / nk[:, None]
+        diff = z[None] - means[:, None]                                                  # (C, n, r)
+        cov = (resp.T[..., None] * diff).transpose(1, 2) @ diff / nk[:, None, None]
+        chol = torch.linalg.cholesky(cov + reg * torch.eye(r, dtype=torch.float64))
+        white = torch.linalg.solve_triangular(chol, diff.transpose(1, 2), upper=False)    # (C, r, n)
+        logp = (weights.log()[:, None] - 0.5 * white.pow(2).sum(1) - chol.diagonal(dim1=1, dim2=2).log().sum(1)[:, None]
+                - 0.5 * r * _LOG_2PI).T                                                    # (n, C)
+        ll = float(torch.logsumexp(logp, 1).mean())
+        resp = torch.softmax(logp, 1)
+        if ll - prev < tol:
+            break
+        prev = ll
+    return weights, means, chol, resp
 
 
 def pixel_kernel(psf, supersample: int) -> np.ndarray:
@@ -221,45 +285,54 @@ class GaussianSourceEvidence:
         return out
 
     def _spectral(self, theta: torch.Tensor, row: int) -> dict:
-        """For the lenses theta (B, p) of observation ``row``, whitened by mask / sigma, in float64: the
-        eigenvalues lam (B, r) and vectors V (B, r, r) of G^T G, the projections p = V^T G^T u and
-        q = V^T G^T v (B, r) of u = w (y - A offset) and v = w A scale m0, u.u, u.v, v.v (B,), and ``ok`` (B,)
-        False where the lens or its images are not finite (its terms are then zeros). At amplitude a the residual
-        is u - a v, C = I + a^2 G^T G = V (I + a^2 lam) V^T and a G^T res = V a (p - a q), so every amplitude
-        costs O(r) once G^T G is diagonalised."""
+        """For the lenses theta (B, p) of observation ``row``, whitened by mask / sigma, in float64, and each
+        shape c of the source (mean mu_c and Cholesky factor L_c in the basis's coefficients): G = w A scale
+        basis, G_c = G L_c, the eigenvalues lam (B, C, r) and vectors V (B, C, r, r) of G_c^T G_c, the
+        projections p = V^T G_c^T u and q = V^T G_c^T v_c (B, C, r) of u = w (y - A offset) and
+        v_c = w A scale (m0 + basis mu_c), u.u (B,), u.v_c and v_c.v_c (B, C), and ``ok`` (B,) False where the
+        lens or its images are not finite (its terms are then zeros). At amplitude a the residual is u - a v_c,
+        C = I + a^2 G_c^T G_c = V (I + a^2 lam) V^T and a G_c^T res = V a (p - a q), so every amplitude costs
+        O(r) once G_c^T G_c is diagonalised, and every shape O(r^3) once G^T G is formed."""
         o = self.obs[row]
         img = self.image_basis(theta, row).double() * o["w"][None, :, None]
         ok = torch.isfinite(img).all(2).all(1) & torch.isfinite(theta).all(1)
         img = torch.where(ok[:, None, None], img, torch.zeros_like(img))
         G, v, u = img[..., :-2], img[..., -2], o["wy"][None] - img[..., -1]
-        lam, V = torch.linalg.eigh(G.transpose(1, 2) @ G)
-        Vt_Gt = V.transpose(1, 2) @ G.transpose(1, 2)                                  # (B, r, m)
-        return {"lam": lam.clamp(min=0), "V": V, "p": (Vt_Gt @ u[..., None])[..., 0],
-                "q": (Vt_Gt @ v[..., None])[..., 0], "uu": u.pow(2).sum(1), "uv": (u * v).sum(1),
-                "vv": v.pow(2).sum(1), "ok": ok}
+        M, gu, gv = G.transpose(1, 2) @ G, (u[:, None] @ G)[:, 0], (v[:, None] @ G)[:, 0]      # (B, r, r), (B, r)
+        mu, L = self.source.shape_means, self.source.shape_chol                                # (C, r), (C, r, r)
+        lam, V = torch.linalg.eigh(L.transpose(1, 2)[None] @ M[:, None] @ L[None])            # (B, C, r), (B, C, r, r)
+        VtLt = V.transpose(2, 3) @ L.transpose(1, 2)[None]
+        M_mu = (M[:, None] @ mu[None, :, :, None])[..., 0]                                     # (B, C, r)
+        uv, vv = (u * v).sum(1), v.pow(2).sum(1)
+        return {"lam": lam.clamp(min=0), "V": V, "p": (VtLt @ gu[:, None, :, None])[..., 0],
+                "q": (VtLt @ (gv[:, None] + M_mu)[..., None])[..., 0], "uu": u.pow(2).sum(1),
+                "uv": uv[:, None] + gu @ mu.T, "vv": vv[:, None] + 2 * gv @ mu.T + (mu[None] * M_mu).sum(-1),
+                "ok": ok}
 
     def _per_amplitude(self, sp: dict, row: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """From :meth:`_spectral`: log pi_k + log p(y | theta, a_k) (B, K), -inf where not ``ok``, and the
-        source coefficients' posterior means E[z | y, theta, a_k] = V b / (1 + a_k^2 lam) in V's basis (B, K, r)."""
-        a = self.source.amplitudes[None, :, None]                                       # (1, K, 1)
-        b = a * (sp["p"][:, None] - a * sp["q"][:, None])                                # (B, K, r)
-        d = 1.0 + a.pow(2) * sp["lam"][:, None]                                          # C's eigenvalues
+        """From :meth:`_spectral`: log pi_ck + log p(y | theta, c, a_k) (B, C, K), -inf where not ``ok``, and
+        the coefficients' posterior means E[z | y, theta, c, a_k] = V b / (1 + a_k^2 lam) in V's basis (B, C, K, r)."""
+        a = self.source.amplitudes[None, None, :, None]                                  # (1, 1, K, 1)
+        b = a * (sp["p"][:, :, None] - a * sp["q"][:, :, None])                           # (B, C, K, r)
+        d = 1.0 + a.pow(2) * sp["lam"][:, :, None]                                        # C's eigenvalues
         a = a[..., 0]
-        res2 = sp["uu"][:, None] - 2 * a * sp["uv"][:, None] + a.pow(2) * sp["vv"][:, None]
+        res2 = sp["uu"][:, None, None] - 2 * a * sp["uv"][..., None] + a.pow(2) * sp["vv"][..., None]
         ll = -0.5 * res2 + 0.5 * (b.pow(2) / d).sum(-1) - 0.5 * d.log().sum(-1) + self.obs[row]["const"]
-        ll = torch.where(sp["ok"][:, None], ll + self.source.weights.log()[None], torch.full_like(ll, -math.inf))
+        ll = torch.where(sp["ok"][:, None, None], ll + self.source.weights.log()[None], torch.full_like(ll, -math.inf))
         return ll, b / d
 
     def _log_likelihood(self, theta: torch.Tensor, row: int) -> torch.Tensor:
-        return torch.logsumexp(self._per_amplitude(self._spectral(theta, row), row)[0], 1)
+        return torch.logsumexp(self._per_amplitude(self._spectral(theta, row), row)[0].flatten(1), 1)
 
     def posterior_mean(self, theta: torch.Tensor, row: int) -> torch.Tensor:
-        """E[x | y, theta] (B, d) in network units for lenses theta (B, p) of observation ``row``:
-        sum_k p(a_k | y, theta) a_k (m0 + B (I + a_k^2 G^T G)^-1 a_k G^T res_k); NaN for a lens that is
-        not finite or whose images are not."""
+        """E[x | y, theta] (B, d) in network units for lenses theta (B, p) of observation ``row``: the sum over
+        shapes c and amplitudes a_k of p(c, a_k | y, theta) a_k (m0 + basis (mu_c + L_c E[z | y, theta, c, a_k]));
+        NaN for a lens that is not finite or whose images are not."""
         theta = torch.as_tensor(theta, dtype=torch.float64).reshape(-1, self.prior.dim)
         sp = self._spectral(theta, row)
         ll, coef = self._per_amplitude(sp, row)
-        p_k = torch.softmax(ll, 1)                                                         # (B, K)
-        g = self.source.mean + (coef @ sp["V"].transpose(1, 2)) @ self.source.basis.T      # (B, K, d)
-        return ((p_k * self.source.amplitudes[None])[..., None] * g).sum(1)
+        B, C, K = ll.shape
+        p_ck = torch.softmax(ll.flatten(1), 1).reshape(B, C, K)
+        z = self.source.shape_means[None, :, None] + coef @ (self.source.shape_chol[None] @ sp["V"]).transpose(2, 3)
+        g = self.source.mean + z @ self.source.basis.T                                     # (B, C, K, d)
+        return ((p_ck * self.source.amplitudes)[..., None] * g).sum((1, 2))

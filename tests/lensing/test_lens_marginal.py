@@ -14,7 +14,7 @@ from pipeline.diffusion.gaussian_chain import gaussian_linear_posterior
 from pipeline.lensing.config import LensConfig, LensingConfig
 from pipeline.lensing.lens_batch import LensBatchOperator
 from pipeline.lensing.lens_evidence import problem_at_lens
-from pipeline.lensing.lens_marginal import GaussianSourceEvidence, SourceGaussian, pixel_kernel
+from pipeline.lensing.lens_marginal import GaussianSourceEvidence, SourceGaussian, gaussian_mixture_em, pixel_kernel
 from pipeline.lensing.lens_prior import LensPrior
 from pipeline.lensing.observation import load_observation
 
@@ -47,18 +47,18 @@ def _masked_observation(tmp_path):
     return load_observation(edit_fits(src, tmp_path / "masked.fits", edit), LensingConfig(geometry=GEOM))
 
 
-def _dense_log_evidence(problem, y, meta, source, lens, mean: bool = False, amplitude: float = 1.0):
-    """log N(y; A(scale a m0 + offset), A scale^2 a^2 S0 A^T + sigma^2) over the unmasked pixels, from the
-    dense matrix of the problem rebuilt at ``lens`` (the pipeline's single-lens operator); with ``mean`` the
-    source's posterior mean in network units instead."""
+def _dense_log_evidence(problem, y, meta, source, lens, mean: bool = False, amplitude: float = 1.0, shape: int = 0):
+    """log N(y; A(scale a m_c + offset), A scale^2 a^2 S_c A^T + sigma^2) over the unmasked pixels for the
+    source's shape c, from the dense matrix of the problem rebuilt at ``lens`` (the pipeline's single-lens
+    operator); with ``mean`` the source's posterior mean in network units instead."""
     p = problem_at_lens(problem, meta, lens)
     keep = p.mask.reshape(-1).bool()
     A = p.dense_matrix()[keep] / p.scale
     r = (y.double().reshape(-1) - p.offset_image.double().reshape(-1))[keep]
     s2 = p.sigma.double().reshape(-1)[keep] ** 2
     a = amplitude
-    post_mean, _, log_z = gaussian_linear_posterior(p.scale * a * source.mean,
-                                                    (p.scale * a) ** 2 * source.covariance(), A, s2, r)
+    post_mean, _, log_z = gaussian_linear_posterior(p.scale * a * source.shape_mean(shape),
+                                                    (p.scale * a) ** 2 * source.covariance(shape), A, s2, r)
     return post_mean / p.scale if mean else float(log_z)
 
 
@@ -116,6 +116,81 @@ def test_the_amplitude_mixture_is_the_weighted_sum_of_dense_marginals(tmp_path):
         torch.testing.assert_close(ev.posterior_mean(thetas[i:i + 1], 0)[0], want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="amplitudes must be > 0"):
         SourceGaussian(plain.mean, plain.basis, amplitudes=torch.tensor([0.0, 1.0]))
+
+
+def test_the_shape_mixture_is_the_weighted_sum_of_dense_marginals(tmp_path):
+    """Two shapes (own mean and covariance in the basis's coefficients) times two amplitudes: the evidence is
+    log sum_ck pi_ck N_ck(y) of the dense marginals, and the posterior mean their mixture weighted by
+    p(c, a_k | y, theta), at two lenses with a mask, per-pixel sigma and offset."""
+    problem, y, meta = _masked_observation(tmp_path)
+    problem.set_brightness(2.5, 0.1)
+    plain = _source(problem.d, rank=5, seed=3)
+    g = torch.Generator().manual_seed(4)
+    mu = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    chol = torch.linalg.cholesky(torch.eye(5, dtype=torch.float64)
+                                 + (lambda m: m @ m.mT)(torch.randn(2, 5, 5, generator=g, dtype=torch.float64)) / 5)
+    amps, w = (0.5, 2.0), torch.tensor([[0.1, 0.4], [0.3, 0.2]])
+    source = SourceGaussian(plain.mean, plain.basis, amplitudes=torch.tensor(amps), weights=w, shape_means=mu,
+                            shape_chol=chol)
+    ev = GaussianSourceEvidence([(problem, y, meta)], PRIOR, source, dtype=torch.float64)
+    thetas = torch.stack([PRIOR.to_vector(LENS), PRIOR.to_vector(LENS) - 0.02]).double()
+    got = ev.log_likelihood(thetas, torch.zeros(2, dtype=torch.long))
+    for i in range(2):
+        lens = PRIOR.to_lens(thetas[i])
+        ck = [(c, k) for c in range(2) for k in range(2)]
+        parts = torch.tensor([math.log(w[c, k]) + _dense_log_evidence(problem, y, meta, source, lens,
+                                                                      amplitude=amps[k], shape=c) for c, k in ck],
+                             dtype=torch.float64)
+        assert math.isclose(float(got[i]), float(torch.logsumexp(parts, 0)), rel_tol=1e-6, abs_tol=1e-3)
+        post = torch.softmax(parts, 0)
+        want = sum(post[j] * _dense_log_evidence(problem, y, meta, source, lens, mean=True, amplitude=amps[k], shape=c)
+                   for j, (c, k) in enumerate(ck))
+        torch.testing.assert_close(ev.posterior_mean(thetas[i:i + 1], 0)[0], want, rtol=1e-5, atol=1e-6)
+    draws = source.sample(20000, torch.Generator().manual_seed(0))
+    want_mean = sum(w[c, k] * amps[k] * source.shape_mean(c) for c in range(2) for k in range(2))
+    assert float((draws.mean(0) - want_mean).abs().max()) < 0.05 * float(want_mean.abs().max()) + 0.02
+
+
+def test_gaussian_mixture_em_recovers_a_known_mixture():
+    """Two well-separated correlated Gaussians in 3-D, weights 0.3 and 0.7: EM finds the weights to 0.02, the
+    means to 0.05 and the covariances to 0.1 from 6,000 draws."""
+    g = torch.Generator().manual_seed(1)
+    means = torch.tensor([[4.0, 0.0, 0.0], [-2.0, 1.0, 0.0]], dtype=torch.float64)
+    chols = torch.tensor([[[1.0, 0, 0], [0.5, 0.5, 0], [0, 0, 0.3]], [[0.5, 0, 0], [0, 1.0, 0], [0.2, -0.4, 1.0]]],
+                         dtype=torch.float64)
+    c = (torch.rand(6000, generator=g) < 0.7).long()
+    z = means[c] + (chols[c] @ torch.randn(6000, 3, 1, generator=g, dtype=torch.float64))[..., 0]
+    w, mu, chol, resp = gaussian_mixture_em(z, 2, reg=1e-6, seed=0)
+    order = mu[:, 0].argsort(descending=True)
+    w, mu, chol = w[order], mu[order], chol[order]
+    assert torch.allclose(w, torch.tensor([0.3, 0.7], dtype=torch.float64), atol=0.02), w
+    assert torch.allclose(mu, means, atol=0.05), mu
+    assert torch.allclose(chol @ chol.transpose(1, 2), chols @ chols.transpose(1, 2), atol=0.1)
+    assert torch.allclose(resp.sum(1), torch.ones(6000, dtype=torch.float64))
+    with pytest.raises(ValueError, match="components must be in"):
+        gaussian_mixture_em(z[:3], 4)
+
+
+def test_from_images_shapes_have_joint_shape_and_flux_weights():
+    """Round faint and elongated bright blobs: two shapes split them, and the joint (shape, amplitude) weights
+    put each shape's mass on its own flux bins; every weight sums to one."""
+    g = torch.Generator().manual_seed(2)
+    yy, xx = torch.meshgrid(torch.arange(16.0) - 7.5, torch.arange(16.0) - 7.5, indexing="ij")
+    n = 300
+    width = 1.5 + 0.3 * torch.rand(n, generator=g)
+    elong = torch.arange(n) % 3 == 0                                   # a third elongated
+    sx = torch.where(elong, 3.0 * width, width)
+    flux = torch.where(elong, 20.0, 1.0) * (1 + 0.2 * torch.rand(n, generator=g))
+    img = torch.exp(-0.5 * ((xx / sx[:, None, None]) ** 2 + (yy / width[:, None, None]) ** 2))
+    img = img / img.sum((-2, -1), keepdim=True) * flux[:, None, None]
+    src = SourceGaussian.from_images(img, rank=8, dihedral=False, amplitudes=4, shapes=2, seed=0)
+    assert src.weights.shape == (2, len(src.amplitudes))
+    assert math.isclose(float(src.weights.sum()), 1.0, rel_tol=1e-12)
+    assert sorted(round(float(v), 2) for v in src.weights.sum(1)) == [0.33, 0.67]
+    # each shape holds one flux class: its bright-half (or faint-half) mass is ~all of it
+    bright = src.amplitudes > src.amplitudes.median()
+    frac_bright = src.weights[:, bright].sum(1) / src.weights.sum(1)
+    assert sorted(round(float(v), 2) for v in frac_bright) == [0.0, 1.0]
 
 
 def test_from_images_amplitudes_are_the_flux_histogram_and_g_keeps_the_spread_within_a_bin():
