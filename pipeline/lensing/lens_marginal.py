@@ -11,7 +11,10 @@ it is exact and cheap. This is the evidence that classic pixelated lens modellin
   it is a scale mixture x = a g, g ~ N(m0, S0), with the amplitude a on K log-spaced values of prior
   weights pi_k: the images' fluxes spread over decades, and a single Gaussian would then favour lenses
   whose magnification makes the reconstructed source's flux typical. (x = a g scales network units; with
-  the prior's offset 0, as shipped, a scales the brightness.)
+  the prior's offset 0, as shipped, a scales the brightness.) Optionally g is itself a mixture over C
+  shapes, g = m0 + B (mu_c + L_c z): a Gaussian mixture fitted to the components' whitened coefficients,
+  so that the source's density need not be one ellipsoid (compact and extended, round and elongated
+  galaxies), with joint weights pi_ck over shapes and amplitudes.
 * :class:`GaussianSourceEvidence` gives, for an observation y = A(theta)(scale x + offset) + n with
   n ~ N(0, diag(sigma^2)) on the unmasked pixels and one amplitude a,
 
@@ -25,12 +28,14 @@ it is exact and cheap. This is the evidence that classic pixelated lens modellin
                             - sum log sigma - m/2 log 2 pi
 
   (m the unmasked pixels; nats, the likelihood's SCI-unit normalisation), and log p(y | theta) =
-  logsumexp_k (log pi_k + log p(y | theta, a_k)). A(theta) B for a batch of lenses
+  logsumexp_k (log pi_k + log p(y | theta, a_k)). A shape c replaces B by B L_c and m0 by m0 + B mu_c;
+  G^T G is formed once per lens and L_c^T G^T G L_c diagonalised per shape, and log p(y | theta) is the
+  logsumexp over (c, k). A(theta) B for a batch of lenses
   is a gather of B's rows at each lens's ray-traced sub-pixels (bilinear weights,
   :func:`pipeline.lensing.lens_batch.bilinear_weights`) followed by one strided convolution with the
   supersampled PSF-and-pixel kernel, the same operator as :class:`~pipeline.lensing.lens_batch.LensBatchOperator`
   (checked against it in the tests). The cost per lens is O(N r) for the gather and convolution (N
-  sub-pixels), O(m r^2) for G^T G, one O(r^3) eigendecomposition and O(K r) for the amplitudes.
+  sub-pixels), O(m r^2) for G^T G, C O(r^3) eigendecompositions and O(C K r) for the amplitudes.
 
 This is not the evidence under the diffusion prior: galaxies are not Gaussian. How far lens posteriors
 under it are calibrated when the sources are real galaxies is measured by
