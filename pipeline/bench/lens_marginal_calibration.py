@@ -2,9 +2,10 @@
 
 For every observation in a directory (the pipeline's simulated sets: the lens is in the file's keywords and
 is read only to score the result) this infers the free parameters of the configured lens prior by tempered
-SMC (:func:`pipeline.lensing.lens_smc.tempered_smc`) on p(theta) p(y | theta), where p(y | theta) is the exact
+SMC (:func:`pipeline.lensing.lens_smc.tempered_smc`; with ``--runs`` R, R independent runs pooled by their
+evidence, :func:`pipeline.lensing.lens_smc.pool_runs`) on p(theta) p(y | theta), where p(y | theta) is the exact
 evidence under a rank-r Gaussian fitted to the prior's training galaxies, optionally a mixture over their
-amplitudes (:class:`pipeline.lensing.lens_marginal.GaussianSourceEvidence`). It then scores ``--samples`` of each
+amplitudes and shapes (:class:`pipeline.lensing.lens_marginal.GaussianSourceEvidence`). It then scores ``--samples`` of each
 observation's particles against the true lens with :func:`pipeline.metrics.lens_calibration.lens_calibration`
 (per-parameter coverage and bias against the exact sampler's bands, TARP), phi unwrapped around each
 observation's circular mean. Per observation it records log Z, the SMC's stages, acceptance and evaluations,
@@ -44,7 +45,7 @@ from pipeline.lensing.lens_evidence import problem_at_lens
 from pipeline.lensing.lens_head_mvn import CorrelatedLensHead
 from pipeline.lensing.lens_marginal import GaussianSourceEvidence, SourceGaussian
 from pipeline.lensing.lens_prior import LensPrior
-from pipeline.lensing.lens_smc import tempered_smc
+from pipeline.lensing.lens_smc import pool_runs, tempered_smc
 from pipeline.lensing.observation import load_observation
 from pipeline.metrics.chi2 import chi2_per_sample
 from pipeline.metrics.lens_calibration import lens_calibration
@@ -110,27 +111,33 @@ def mh_check(ev: GaussianSourceEvidence, recs: list[dict], truths: torch.Tensor,
 
 
 def infer_group(ev: GaussianSourceEvidence, head: CorrelatedLensHead, rows: list[int], *, particles: int,
-                moves: int, samples: int, seed: int, final_moves: int = 0) -> list[dict]:
-    """Tempered SMC for the observations ``rows`` of ``ev`` at once; one record per observation."""
+                moves: int, samples: int, seed: int, final_moves: int = 0, runs: int = 1) -> list[dict]:
+    """Tempered SMC for the observations ``rows`` of ``ev`` at once, ``runs`` independent runs each pooled by
+    their evidence (:func:`pipeline.lensing.lens_smc.pool_runs`); one record per observation."""
     t0 = time.perf_counter()
-    index = torch.tensor(rows)
+    index = torch.tensor(rows).repeat_interleave(runs)        # SMC row g * runs + j: run j of observation g
 
-    def log_likelihood(theta, group_rows):             # the SMC's rows 0..G-1 -> the observations' own
-        return ev.log_likelihood(theta, index[group_rows])
+    def log_likelihood(theta, smc_rows):                      # the SMC's rows -> the observations' own
+        return ev.log_likelihood(theta, index[smc_rows])
 
     names = ev.prior.names
-    out = tempered_smc(head, log_likelihood, len(rows), n=particles, moves=moves, final_moves=final_moves, seed=seed)
+    out = tempered_smc(head, log_likelihood, len(index), n=particles, moves=moves, final_moves=final_moves, seed=seed)
     seconds = (time.perf_counter() - t0) / len(rows)
     gen = torch.Generator().manual_seed(seed + 1)
     recs = []
     for g, i in enumerate(rows):
-        theta = out["theta"][g]
+        mine = slice(g * runs, (g + 1) * runs)
+        log_z_runs = out["log_z"][mine]
+        failed = bool(out["failed"][mine].all())
+        theta = out["theta"][mine][0] if failed else pool_runs(out["theta"][mine], log_z_runs, gen)
         mean, sd = unwrapped_moments(theta, names)
         pick = torch.randperm(theta.shape[0], generator=gen)[:samples]
-        recs.append({"row": i, "samples": theta[pick].tolist(), "log_z": float(out["log_z"][g]),
-                     "beta": float(out["beta"][g]), "failed": bool(out["failed"][g]),
-                     "collapsed": int(out["collapsed"][g]), "acceptance": float(out["acceptance"][g]),
-                     "stages": int(out["stages"]), "evaluations": int(out["evaluations"][g]),
+        recs.append({"row": i, "samples": theta[pick].tolist(),
+                     "log_z": float(torch.logsumexp(log_z_runs, 0) - math.log(runs)),
+                     "log_z_runs": log_z_runs.tolist(), "beta": float(out["beta"][mine].min()), "failed": failed,
+                     "collapsed": int(out["collapsed"][mine].sum()),
+                     "acceptance": float(out["acceptance"][mine].mean()),
+                     "stages": int(out["stages"]), "evaluations": int(out["evaluations"][mine].sum()),
                      "seconds": seconds, "particle_mean": mean.tolist(), "particle_sd": sd.tolist()})
     return recs
 
@@ -187,6 +194,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--moves", type=int, default=5, help="random-walk moves per SMC stage")
     ap.add_argument("--final-moves", type=int, default=0,
                     help="extra random-walk moves when an observation reaches beta = 1 (decorrelate the resampled cloud)")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="independent SMC runs per observation, pooled by their evidence "
+                         "(a spread of their log Z flags a lost mode)")
     ap.add_argument("--samples", type=int, default=32, help="particles scored per observation")
     ap.add_argument("--group", type=int, default=8, help="observations run together (one checkpoint each)")
     ap.add_argument("--seed", type=int, default=0)
@@ -198,6 +208,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if bool(args.prior) != bool(args.posterior):
         ap.error("--prior and --posterior go together")
+    if args.runs < 1:
+        ap.error(f"--runs must be >= 1, got {args.runs}")
     configure_threads()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     lcfg, pcfg = load_lensing_config(args.config), load_section(args.config, "prior", PriorConfig)
@@ -223,7 +235,7 @@ def main(argv=None) -> dict:
     partial = Path(str(args.out) + ".partial")
     # the SMC's settings: a partial file made with others is refused rather than mixed in
     settings = {k: getattr(args, k) for k in ("config", "sources", "obs", "rank", "amplitudes", "shapes", "particles",
-                                             "moves", "final_moves", "samples", "group", "seed")}
+                                             "moves", "final_moves", "runs", "samples", "group", "seed")}
     recs = []
     if partial.exists():
         saved = json.loads(partial.read_text())
@@ -233,7 +245,7 @@ def main(argv=None) -> dict:
     for s in range(len(recs), len(files), args.group):
         rows = list(range(s, min(len(files), s + args.group)))
         recs += infer_group(ev, head, rows, particles=args.particles, moves=args.moves, samples=args.samples,
-                            seed=args.seed + s, final_moves=args.final_moves)
+                            seed=args.seed + s, final_moves=args.final_moves, runs=args.runs)
         write_json(partial, {"settings": settings, "records": recs})
         log.info("observations %d/%d done (%.1f s each)", len(recs), len(files), recs[-1]["seconds"])
     recs = recs[:len(files)]

@@ -152,6 +152,25 @@ def tempered_smc(head: CorrelatedLensHead, log_likelihood, G: int, *, n: int = 2
             "evaluations": evaluations}
 
 
+def pool_runs(theta: torch.Tensor, log_z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One cloud (m, p) from R independent SMC runs of one target: ``theta`` (R, m, p), their log evidence
+    estimates ``log_z`` (R,) nats. Run j contributes round(m w_j) of its particles (a random subset; the
+    rounding by largest remainders), w_j = Z_j / sum_i Z_i: each run's cloud estimates the posterior and its Z
+    the mass it found, so a run that lost the mode holding most of the posterior gets a weight near 0 (and
+    the spread of log_z flags that it happened). One run is returned as it is. ValueError if no log_z is
+    finite."""
+    R, m, _ = theta.shape
+    if R == 1:
+        return theta[0]
+    if not bool(torch.isfinite(log_z).any()):
+        raise ValueError("pool_runs: no run has a finite evidence")
+    share = torch.softmax(log_z.double(), 0) * m
+    counts = share.floor().long()
+    counts[torch.argsort(share - counts, descending=True)[:m - int(counts.sum())]] += 1
+    parts = [theta[j, torch.randperm(m, generator=generator)[:int(counts[j])]] for j in range(R)]
+    return torch.cat(parts)
+
+
 def smc_start(head: CorrelatedLensHead, log_likelihood, G: int, **kw) -> tuple[torch.Tensor, dict]:
     """Head outputs (G, R) for :func:`~pipeline.lensing.lens_head.refine`: per observation the normal in u-space
     with the mean and covariance of its :func:`tempered_smc` particles (keywords ``kw``); and the SMC's

@@ -10,7 +10,7 @@ from pipeline.lensing.config import LensConfig
 from pipeline.lensing.lens_head import importance_check
 from pipeline.lensing.lens_head_mvn import CorrelatedLensHead
 from pipeline.lensing.lens_prior import LensPrior
-from pipeline.lensing.lens_smc import smc_start, tempered_smc
+from pipeline.lensing.lens_smc import pool_runs, smc_start, tempered_smc
 
 
 def _gaussian_log_likelihood(prior, means, sd, corr, wrap_phi=False):
@@ -183,3 +183,47 @@ def test_final_moves_are_made_once_per_row_at_the_stage_that_reaches_beta_one():
     assert distinct > 0.95 * 512 and distinct > len(torch.unique(without, dim=0)) + 50, distinct
     with pytest.raises(ValueError, match="final_moves >= 0"):
         tempered_smc(head, counted, 1, final_moves=-1)
+
+
+def test_pool_runs_weights_each_run_by_its_evidence():
+    """Runs with Z in the ratio 1 : 3 : 0 give 25 and 75 of a 100-particle cloud, each a subset of its own
+    run's particles without repeats; one run is returned unchanged; no finite evidence is an error."""
+    theta = torch.arange(3 * 100 * 2, dtype=torch.float64).reshape(3, 100, 2)
+    cloud = pool_runs(theta, torch.tensor([0.0, math.log(3.0), -math.inf]), torch.Generator().manual_seed(0))
+    assert cloud.shape == (100, 2)
+    run = (cloud[:, 0] // 200).long()
+    assert torch.bincount(run, minlength=3).tolist() == [25, 75, 0]
+    assert len(torch.unique(cloud[:, 0])) == 100
+    cloud = pool_runs(theta, torch.tensor([0.0, math.log(2.0), math.log(2.0)]), torch.Generator().manual_seed(0))
+    assert torch.bincount((cloud[:, 0] // 200).long(), minlength=3).tolist() == [20, 40, 40]
+    assert pool_runs(theta[:1], torch.tensor([-math.inf])) is not None
+    assert torch.equal(pool_runs(theta[:1], torch.tensor([1.0])), theta[0])
+    with pytest.raises(ValueError, match="no run has a finite evidence"):
+        pool_runs(theta, torch.full((3,), -math.inf))
+
+
+def test_the_bench_pools_independent_runs_per_observation():
+    """The calibration bench's ``infer_group`` with three runs on two observations: each record keeps its three
+    log Z, their log-mean-exp as log Z, the evaluations of all three runs, and samples at its own posterior."""
+    from pipeline.bench.lens_marginal_calibration import infer_group
+
+    prior, means, sd, log_likelihood, _ = _q_shear_problem()
+
+    class Evidence:            # what infer_group uses of GaussianSourceEvidence, on observations 5 and 9
+        def __init__(self):
+            self.prior = prior
+
+        def log_likelihood(self, theta, rows):
+            return log_likelihood(theta, (rows == 9).long())
+
+    head = CorrelatedLensHead(prior, 5, components=2, hidden=16)
+    recs = infer_group(Evidence(), head, [5, 9], particles=128, moves=3, samples=32, seed=0, runs=3)
+    one = infer_group(Evidence(), head, [5, 9], particles=128, moves=3, samples=32, seed=0)
+    for b, (r, r1) in enumerate(zip(recs, one)):
+        assert r["row"] == (5, 9)[b] and len(r["log_z_runs"]) == 3 and len(r["samples"]) == 32
+        runs = torch.tensor(r["log_z_runs"], dtype=torch.float64)
+        assert math.isclose(r["log_z"], float(torch.logsumexp(runs, 0)) - math.log(3))
+        assert max(r["log_z_runs"]) - min(r["log_z_runs"]) < 2.0              # one mode: the runs agree
+        assert r["evaluations"] > 2.5 * r1["evaluations"]
+        s = torch.tensor(r["samples"])
+        assert bool(((s.mean(0) - means[b]).abs() < 0.6 * sd).all()), (b, s.mean(0), means[b])
