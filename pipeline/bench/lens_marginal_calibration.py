@@ -129,12 +129,16 @@ def infer_group(ev: GaussianSourceEvidence, head: CorrelatedLensHead, rows: list
         mine = slice(g * runs, (g + 1) * runs)
         log_z_runs = out["log_z"][mine]
         failed = bool(out["failed"][mine].all())
-        theta = out["theta"][mine][0] if failed else pool_runs(out["theta"][mine], log_z_runs, gen)
+        # a run stopped at beta < 1 carries a tempered Z: pooled only when no run finished
+        done = (out["beta"][mine] >= 1) & ~out["failed"][mine]
+        log_z = torch.where(done, log_z_runs, torch.full_like(log_z_runs, -math.inf)) if bool(done.any()) else log_z_runs
+        theta = out["theta"][mine][0] if failed else pool_runs(out["theta"][mine], log_z, gen)
         mean, sd = unwrapped_moments(theta, names)
         pick = torch.randperm(theta.shape[0], generator=gen)[:samples]
         recs.append({"row": i, "samples": theta[pick].tolist(),
-                     "log_z": float(torch.logsumexp(log_z_runs, 0) - math.log(runs)),
-                     "log_z_runs": log_z_runs.tolist(), "beta": float(out["beta"][mine].min()), "failed": failed,
+                     "log_z": float(torch.logsumexp(log_z, 0) - math.log(int(done.sum()) or runs)),
+                     "log_z_runs": log_z_runs.tolist(), "failed": failed,
+                     "beta": 1.0 if bool(done.any()) else float(out["beta"][mine].min()),
                      "collapsed": int(out["collapsed"][mine].sum()),
                      "acceptance": float(out["acceptance"][mine].mean()),
                      "stages": int(out["stages"]), "evaluations": int(out["evaluations"][mine].sum()),

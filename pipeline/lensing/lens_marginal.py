@@ -82,14 +82,17 @@ class SourceGaussian:
         chol = torch.eye(r)[None].expand(len(mu), r, r) if self.shape_chol is None else torch.as_tensor(self.shape_chol)
         a = torch.ones(1) if self.amplitudes is None else torch.as_tensor(self.amplitudes)
         w = torch.ones(len(mu), len(a)) if self.weights is None else torch.as_tensor(self.weights)
-        a, mu, chol = a.double().reshape(-1), mu.double(), chol.double()
-        w = w.double().reshape(len(mu), -1)
+        a, mu, chol, w = a.double().reshape(-1), mu.double(), chol.double(), w.double()
+        if w.dim() == 1 and len(mu) == 1:                # (K,): one shape
+            w = w[None]
+        if w.shape != (len(mu), len(a)):
+            raise ValueError(f"SourceGaussian: weights must be ({len(mu)}, {len(a)}) for {len(mu)} shapes and "
+                             f"{len(a)} amplitudes (or ({len(a)},) for one shape), got {tuple(w.shape)}")
         if mu.shape[1:] != (r,) or chol.shape != (len(mu), r, r):
             raise ValueError(f"SourceGaussian: shape_means must be (C, {r}) and shape_chol (C, {r}, {r}), got "
                              f"{tuple(mu.shape)} and {tuple(chol.shape)}")
-        if w.shape[1] != len(a) or not bool((a > 0).all()) or not bool((w >= 0).all()) or float(w.sum()) <= 0:
-            raise ValueError("SourceGaussian: amplitudes must be > 0 and weights >= 0 (not all 0), (C, K) for K "
-                             "amplitudes")
+        if not bool((a > 0).all()) or not bool((w >= 0).all()) or float(w.sum()) <= 0:
+            raise ValueError("SourceGaussian: amplitudes must be > 0 and weights >= 0 (not all 0)")
         keep = w.sum(0) > 0                           # a zero-weight amplitude or shape adds nothing
         w = w[:, keep]
         shapes = w.sum(1) > 0
@@ -141,7 +144,10 @@ class SourceGaussian:
         basis = evecs[:, :rank] * evals[:rank].sqrt()
         resp, mu, chol = torch.ones(n, 1, dtype=torch.float64), None, None
         if shapes > 1:
-            z = (x - mean) @ evecs[:, :rank] / evals[:rank].sqrt().clamp(min=1e-300)   # whitened coefficients
+            if float(evals[rank - 1]) <= 1e-12 * float(evals[0]):
+                raise ValueError(f"SourceGaussian.from_images: the images span fewer than rank = {rank} "
+                                 "directions; lower the rank to fit shapes")
+            z = (x - mean) @ evecs[:, :rank] / evals[:rank].sqrt()                     # whitened coefficients
             _, mu, chol, resp = gaussian_mixture_em(z, shapes, seed=seed)
         weights = resp.T @ F.one_hot(bins, len(amp)).double() / n                          # (C, K)
         return cls(mean, basis, explained, amp, weights, mu, chol)
@@ -161,7 +167,10 @@ class SourceGaussian:
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         z = torch.randn(n, self.rank, 1, generator=generator, dtype=torch.float64)
-        ck = torch.multinomial(self.weights.reshape(-1), n, replacement=True, generator=generator)
+        if self.weights.numel() == 1:
+            ck = torch.zeros(n, dtype=torch.long)
+        else:
+            ck = torch.multinomial(self.weights.reshape(-1), n, replacement=True, generator=generator)
         c, k = ck // len(self.amplitudes), ck % len(self.amplitudes)
         coef = self.shape_means[c] + (self.shape_chol[c] @ z)[..., 0]
         return self.amplitudes[k, None] * (self.mean + coef @ self.basis.T)
@@ -171,8 +180,9 @@ def gaussian_mixture_em(z: torch.Tensor, components: int, *, iters: int = 200, t
                         reg: float = 1e-3, seed: int = 0):
     """Maximum-likelihood C-component Gaussian mixture with full covariances on the rows of z (n, r) by EM,
     started from k-means++ seeds (``seed``), each covariance plus ``reg`` I, stopped when the mean log
-    likelihood per row gains less than ``tol`` nats. Returns weights (C,), means (C, r), Cholesky factors
-    of the covariances (C, r, r) and the rows' responsibilities (n, C)."""
+    likelihood per row gains less than ``tol`` nats. A component left with fewer than r + 1 rows' worth of
+    responsibility is dropped. Returns weights (C',), means (C', r), Cholesky factors of the covariances
+    (C', r, r) and the rows' responsibilities (n, C'), C' <= C the components kept."""
     z = torch.as_tensor(z, dtype=torch.float64)
     n, r = z.shape
     if not 1 <= components <= n:
@@ -185,8 +195,10 @@ def gaussian_mixture_em(z: torch.Tensor, components: int, *, iters: int = 200, t
     resp = F.one_hot(torch.cdist(z, centres).argmin(1), components).double()
     prev = -math.inf
     for _ in range(iters):
-        nk = resp.sum(0).clamp(min=1e-12)
-        weights, means = nk / n, resp.T @ z / nk[:, None]
+        nk = resp.sum(0)
+        keep = nk >= min(r + 1, float(nk.max()))          # a component with too few rows for a covariance goes
+        resp, nk = resp[:, keep], nk[keep]
+        weights, means = nk / nk.sum(), resp.T @ z / nk[:, None]
         diff = z[None] - means[:, None]                                                  # (C, n, r)
         cov = (resp.T[..., None] * diff).transpose(1, 2) @ diff / nk[:, None, None]
         chol = torch.linalg.cholesky(cov + reg * torch.eye(r, dtype=torch.float64))

@@ -157,14 +157,16 @@ def pool_runs(theta: torch.Tensor, log_z: torch.Tensor, generator: torch.Generat
     estimates ``log_z`` (R,) nats. Run j contributes round(m w_j) of its particles (a random subset; the
     rounding by largest remainders), w_j = Z_j / sum_i Z_i: each run's cloud estimates the posterior and its Z
     the mass it found, so a run that lost the mode holding most of the posterior gets a weight near 0 (and
-    the spread of log_z flags that it happened). One run is returned as it is. ValueError if no log_z is
-    finite."""
+    the spread of log_z flags that it happened). A run whose log Z is not finite (NaN, +-inf) gets weight 0.
+    One run is returned as it is, whatever its log Z. ValueError if R > 1 and no log Z is finite."""
     R, m, _ = theta.shape
     if R == 1:
         return theta[0]
+    log_z = log_z.double()
+    log_z = torch.where(torch.isfinite(log_z), log_z, torch.full_like(log_z, -math.inf))
     if not bool(torch.isfinite(log_z).any()):
         raise ValueError("pool_runs: no run has a finite evidence")
-    share = torch.softmax(log_z.double(), 0) * m
+    share = torch.softmax(log_z, 0) * m
     counts = share.floor().long()
     counts[torch.argsort(share - counts, descending=True)[:m - int(counts.sum())]] += 1
     parts = [theta[j, torch.randperm(m, generator=generator)[:int(counts[j])]] for j in range(R)]

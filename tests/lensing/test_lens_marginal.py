@@ -119,17 +119,18 @@ def test_the_amplitude_mixture_is_the_weighted_sum_of_dense_marginals(tmp_path):
 
 
 def test_the_shape_mixture_is_the_weighted_sum_of_dense_marginals(tmp_path):
-    """Two shapes (own mean and covariance in the basis's coefficients) times two amplitudes: the evidence is
+    """Three shapes (own mean and covariance in the basis's coefficients) times two amplitudes, one pair of
+    weight 0: the evidence is
     log sum_ck pi_ck N_ck(y) of the dense marginals, and the posterior mean their mixture weighted by
     p(c, a_k | y, theta), at two lenses with a mask, per-pixel sigma and offset."""
     problem, y, meta = _masked_observation(tmp_path)
     problem.set_brightness(2.5, 0.1)
     plain = _source(problem.d, rank=5, seed=3)
     g = torch.Generator().manual_seed(4)
-    mu = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    mu = torch.randn(3, 5, generator=g, dtype=torch.float64)
     chol = torch.linalg.cholesky(torch.eye(5, dtype=torch.float64)
-                                 + (lambda m: m @ m.mT)(torch.randn(2, 5, 5, generator=g, dtype=torch.float64)) / 5)
-    amps, w = (0.5, 2.0), torch.tensor([[0.1, 0.4], [0.3, 0.2]])
+                                 + (lambda m: m @ m.mT)(torch.randn(3, 5, 5, generator=g, dtype=torch.float64)) / 5)
+    amps, w = (0.5, 2.0), torch.tensor([[0.1, 0.25], [0.3, 0.0], [0.15, 0.2]])
     source = SourceGaussian(plain.mean, plain.basis, amplitudes=torch.tensor(amps), weights=w, shape_means=mu,
                             shape_chol=chol)
     ev = GaussianSourceEvidence([(problem, y, meta)], PRIOR, source, dtype=torch.float64)
@@ -137,7 +138,7 @@ def test_the_shape_mixture_is_the_weighted_sum_of_dense_marginals(tmp_path):
     got = ev.log_likelihood(thetas, torch.zeros(2, dtype=torch.long))
     for i in range(2):
         lens = PRIOR.to_lens(thetas[i])
-        ck = [(c, k) for c in range(2) for k in range(2)]
+        ck = [(c, k) for c in range(3) for k in range(2) if w[c, k] > 0]
         parts = torch.tensor([math.log(w[c, k]) + _dense_log_evidence(problem, y, meta, source, lens,
                                                                       amplitude=amps[k], shape=c) for c, k in ck],
                              dtype=torch.float64)
@@ -147,8 +148,11 @@ def test_the_shape_mixture_is_the_weighted_sum_of_dense_marginals(tmp_path):
                    for j, (c, k) in enumerate(ck))
         torch.testing.assert_close(ev.posterior_mean(thetas[i:i + 1], 0)[0], want, rtol=1e-5, atol=1e-6)
     draws = source.sample(20000, torch.Generator().manual_seed(0))
-    want_mean = sum(w[c, k] * amps[k] * source.shape_mean(c) for c in range(2) for k in range(2))
+    want_mean = sum(w[c, k] * amps[k] * source.shape_mean(c) for c in range(3) for k in range(2))
     assert float((draws.mean(0) - want_mean).abs().max()) < 0.05 * float(want_mean.abs().max()) + 0.02
+    with pytest.raises(ValueError, match=r"weights must be \(3, 2\) for 3 shapes and 2 amplitudes"):
+        SourceGaussian(plain.mean, plain.basis, amplitudes=torch.tensor(amps), weights=w.reshape(-1), shape_means=mu,
+                       shape_chol=chol)
 
 
 def test_gaussian_mixture_em_recovers_a_known_mixture():
@@ -169,6 +173,9 @@ def test_gaussian_mixture_em_recovers_a_known_mixture():
     assert torch.allclose(resp.sum(1), torch.ones(6000, dtype=torch.float64))
     with pytest.raises(ValueError, match="components must be in"):
         gaussian_mixture_em(z[:3], 4)
+    # identical points give the second seed no rows of its own: that component is dropped, not kept empty
+    w, mu, chol, resp = gaussian_mixture_em(z[:1].expand(50, 3), 2, seed=0)
+    assert len(w) == 1 and resp.shape == (50, 1) and math.isclose(float(w[0]), 1.0)
 
 
 def test_from_images_shapes_have_joint_shape_and_flux_weights():

@@ -187,7 +187,8 @@ def test_final_moves_are_made_once_per_row_at_the_stage_that_reaches_beta_one():
 
 def test_pool_runs_weights_each_run_by_its_evidence():
     """Runs with Z in the ratio 1 : 3 : 0 give 25 and 75 of a 100-particle cloud, each a subset of its own
-    run's particles without repeats; one run is returned unchanged; no finite evidence is an error."""
+    run's particles without repeats; a NaN or +inf log Z counts as 0; one run is returned unchanged whatever
+    its log Z; no finite evidence among several runs is an error."""
     theta = torch.arange(3 * 100 * 2, dtype=torch.float64).reshape(3, 100, 2)
     cloud = pool_runs(theta, torch.tensor([0.0, math.log(3.0), -math.inf]), torch.Generator().manual_seed(0))
     assert cloud.shape == (100, 2)
@@ -196,8 +197,9 @@ def test_pool_runs_weights_each_run_by_its_evidence():
     assert len(torch.unique(cloud[:, 0])) == 100
     cloud = pool_runs(theta, torch.tensor([0.0, math.log(2.0), math.log(2.0)]), torch.Generator().manual_seed(0))
     assert torch.bincount((cloud[:, 0] // 200).long(), minlength=3).tolist() == [20, 40, 40]
-    assert pool_runs(theta[:1], torch.tensor([-math.inf])) is not None
-    assert torch.equal(pool_runs(theta[:1], torch.tensor([1.0])), theta[0])
+    cloud = pool_runs(theta, torch.tensor([0.0, math.nan, math.inf]), torch.Generator().manual_seed(0))
+    assert torch.bincount((cloud[:, 0] // 200).long(), minlength=3).tolist() == [100, 0, 0]
+    assert torch.equal(pool_runs(theta[:1], torch.tensor([-math.inf])), theta[0])
     with pytest.raises(ValueError, match="no run has a finite evidence"):
         pool_runs(theta, torch.full((3,), -math.inf))
 
@@ -227,3 +229,28 @@ def test_the_bench_pools_independent_runs_per_observation():
         assert r["evaluations"] > 2.5 * r1["evaluations"]
         s = torch.tensor(r["samples"])
         assert bool(((s.mean(0) - means[b]).abs() < 0.6 * sd).all()), (b, s.mean(0), means[b])
+
+
+def test_the_bench_pools_only_runs_that_reached_beta_one(monkeypatch):
+    """A run stopped at beta < 1 carries the evidence of a tempered target (here far above the finished run's):
+    the bench pools and averages only the finished runs, and keeps every run's log Z in the record."""
+    from pipeline.bench import lens_marginal_calibration as bench
+
+    prior = _q_shear_problem()[0]
+    theta = torch.stack([torch.full((16, 3), 0.1), torch.full((16, 3), 0.9)]).double()   # run 0, run 1
+
+    def fake_smc(head, log_likelihood, G, **kw):
+        return {"theta": theta, "beta": torch.tensor([1.0, 0.4], dtype=torch.float64),
+                "log_z": torch.tensor([-50.0, -5.0], dtype=torch.float64), "failed": torch.tensor([False, False]),
+                "collapsed": torch.zeros(2, dtype=torch.long), "stages": 3,
+                "acceptance": torch.full((2,), 0.3, dtype=torch.float64), "evaluations": torch.full((2,), 64)}
+
+    class Evidence:
+        def __init__(self):
+            self.prior = prior
+
+    monkeypatch.setattr(bench, "tempered_smc", fake_smc)
+    rec = bench.infer_group(Evidence(), None, [0], particles=16, moves=1, samples=8, seed=0, runs=2)[0]
+    assert rec["log_z"] == -50.0 and rec["log_z_runs"] == [-50.0, -5.0] and rec["beta"] == 1.0
+    assert torch.allclose(torch.tensor(rec["samples"], dtype=torch.float64), torch.full((8, 3), 0.1, dtype=torch.float64))
+    assert rec["evaluations"] == 128
