@@ -131,7 +131,9 @@ def infer_group(ev: GaussianSourceEvidence, head: CorrelatedLensHead, rows: list
         failed = bool(out["failed"][mine].all())
         # a run stopped at beta < 1 carries a tempered Z: pooled only when no run finished
         done = (out["beta"][mine] >= 1) & ~out["failed"][mine]
-        log_z = torch.where(done, log_z_runs, torch.full_like(log_z_runs, -math.inf)) if bool(done.any()) else log_z_runs
+        log_z = log_z_runs
+        if bool(done.any()):
+            log_z = torch.where(done, log_z_runs, torch.full_like(log_z_runs, -math.inf))
         theta = out["theta"][mine][0] if failed else pool_runs(out["theta"][mine], log_z, gen)
         mean, sd = unwrapped_moments(theta, names)
         pick = torch.randperm(theta.shape[0], generator=gen)[:samples]

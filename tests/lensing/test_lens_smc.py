@@ -252,5 +252,6 @@ def test_the_bench_pools_only_runs_that_reached_beta_one(monkeypatch):
     monkeypatch.setattr(bench, "tempered_smc", fake_smc)
     rec = bench.infer_group(Evidence(), None, [0], particles=16, moves=1, samples=8, seed=0, runs=2)[0]
     assert rec["log_z"] == -50.0 and rec["log_z_runs"] == [-50.0, -5.0] and rec["beta"] == 1.0
-    assert torch.allclose(torch.tensor(rec["samples"], dtype=torch.float64), torch.full((8, 3), 0.1, dtype=torch.float64))
+    samples = torch.tensor(rec["samples"], dtype=torch.float64)
+    assert torch.allclose(samples, torch.full((8, 3), 0.1, dtype=torch.float64))
     assert rec["evaluations"] == 128
