@@ -15,11 +15,17 @@ ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "data" / "pretrained"
 CONFIG = ROOT / "config" / "config.yaml"
 RECORD = json.loads((SHIPPED / "metrics.json").read_text())
-# A seeded fit reproduces its record to float rounding on one machine; across CPUs (AVX-512 kernels on an
-# Intel Xeon against AVX2 on an AMD EPYC) the 40-step chain amplifies rounding to 0.05-0.37 nats in the mean
-# log r (measured on the two records made on the Xeon), so records are compared within 0.5 nats. Every
-# switched-off variant differs from the default by more than 1 nat, which the tests check too.
-LOG_R_TOL = {"rel": 1e-4, "abs": 0.5}
+# A seeded fit reproduces its record to float rounding on one machine. Across machines (CPU kernels and the
+# installed numerical libraries) the 40-step chain amplifies rounding: 0.05-0.37 nats in the mean log r
+# between an Intel Xeon and an AMD EPYC, and 1.03 nats with the forward process's x_0 (-74.79 against the
+# recorded -73.76) on a later AMD EPYC machine, where one observation's chi2_nu moved by 1.5e-3 relative
+# (1.0130 against 1.0146). Records are therefore compared within 1.25 nats, half the smallest gap between
+# two recorded variants (2.5 nats: x_0 off against the step's mean shift off), so that no record can pass
+# for another, and every switched-off variant must differ from the default by more than twice that.
+# chi2_nu is compared within 5e-3 relative (the default and the whole-operator-off variant differ by 1.6 %).
+LOG_R_TOL = {"rel": 1e-4, "abs": 1.25}
+VARIANT_GAP = 2 * LOG_R_TOL["abs"]
+CHI2_TOL = {"rel": 5e-3}
 V1 = SHIPPED / "v1"
 V1_CONFIG = V1 / "config.yaml"
 V1_RECORD = json.loads((V1 / "metrics.json").read_text())
@@ -102,7 +108,7 @@ def test_default_posterior_is_its_config_recipe_at_its_last_step_and_reproduces_
     assert rec["step"] == ck.step
     got = evaluate_shipped_posterior(CONFIG, prior, SHIPPED / "posterior", seed=rec["seed"], n=rec["n"],
                                      noise_sigma=rec["noise_sigma"])
-    assert got["chi2_nu_median"] == pytest.approx(rec["chi2_nu_median"], rel=1e-3)
+    assert got["chi2_nu_median"] == pytest.approx(rec["chi2_nu_median"], **CHI2_TOL)
     assert got["mean_log_r"] == pytest.approx(rec["mean_log_r"], **LOG_R_TOL)
 
 
@@ -125,9 +131,9 @@ def test_default_posterior_without_its_step_variance_reproduces_the_network_alon
     off = check_posterior(CONFIG, prior, SHIPPED / "posterior", n_obs=1, n=rec["n"], seed=rec["seed"],
                           noise_sigma=rec["noise_sigma"], step_variance_tau2="off", use_head=True)
     assert off["step_variance_tau2"] is None
-    assert off["per_observation"]["chi2_nu"][0] == pytest.approx(rec["step_variance_off"]["chi2_nu_median"], rel=1e-3)
+    assert off["per_observation"]["chi2_nu"][0] == pytest.approx(rec["step_variance_off"]["chi2_nu_median"], **CHI2_TOL)
     assert off["per_observation"]["mean_log_r"][0] == pytest.approx(rec["step_variance_off"]["mean_log_r"], **LOG_R_TOL)
-    assert abs(rec["step_variance_off"]["mean_log_r"] - rec["mean_log_r"]) > 1.0
+    assert abs(rec["step_variance_off"]["mean_log_r"] - rec["mean_log_r"]) > VARIANT_GAP
 
 
 @pytest.mark.slow
@@ -148,10 +154,10 @@ def test_default_posterior_without_its_step_mean_shift_reproduces_the_earlier_re
                           noise_sigma=rec["noise_sigma"], step_mean_shift=False, use_head=True, step_model_chain_x0=False)
     assert off["step_mean_shift"] is False and off["step_variance_tau2"] == rec["step_variance_tau2"]
     assert off["per_observation"]["chi2_nu"][0] == pytest.approx(rec["step_mean_shift_off"]["chi2_nu_median"],
-                                                                 rel=1e-3)
+                                                                 **CHI2_TOL)
     assert off["per_observation"]["mean_log_r"][0] == pytest.approx(rec["step_mean_shift_off"]["mean_log_r"],
                                                                     **LOG_R_TOL)
-    assert abs(rec["step_mean_shift_off"]["mean_log_r"] - rec["mean_log_r"]) > 1.0
+    assert abs(rec["step_mean_shift_off"]["mean_log_r"] - rec["mean_log_r"]) > VARIANT_GAP
 
 
 @pytest.mark.slow
@@ -175,9 +181,9 @@ def test_default_posterior_with_its_head_and_the_diagonal_step_mean_reproduces_t
                           step_model_chain_x0=False)
     assert old["step_mean_cg_iters"] == 0 and old["use_head"] is True
     want = rec["whole_operator_off"]
-    assert old["per_observation"]["chi2_nu"][0] == pytest.approx(want["chi2_nu_median"], rel=1e-3)
+    assert old["per_observation"]["chi2_nu"][0] == pytest.approx(want["chi2_nu_median"], **CHI2_TOL)
     assert old["per_observation"]["mean_log_r"][0] == pytest.approx(want["mean_log_r"], **LOG_R_TOL)
-    assert abs(want["mean_log_r"] - rec["mean_log_r"]) > 1.0
+    assert abs(want["mean_log_r"] - rec["mean_log_r"]) > VARIANT_GAP
 
 
 @pytest.mark.slow
@@ -199,10 +205,10 @@ def test_default_posterior_with_the_forward_process_x0_reproduces_the_earlier_re
     old = check_posterior(CONFIG, prior, SHIPPED / "posterior", step_model_chain_x0=False, **kw)
     assert old["step_model_chain_x0"] is False
     want = rec["chain_x0_off"]
-    assert old["per_observation"]["chi2_nu"][0] == pytest.approx(want["chi2_nu_median"], rel=1e-3)
+    assert old["per_observation"]["chi2_nu"][0] == pytest.approx(want["chi2_nu_median"], **CHI2_TOL)
     assert old["per_observation"]["mean_log_r"][0] == pytest.approx(want["mean_log_r"], **LOG_R_TOL)
     new = check_posterior(CONFIG, prior, SHIPPED / "posterior", **kw)
-    assert abs(new["per_observation"]["mean_log_r"][0] - want["mean_log_r"]) > 1.0
+    assert abs(new["per_observation"]["mean_log_r"][0] - want["mean_log_r"]) > VARIANT_GAP
 
 
 @pytest.mark.slow
@@ -233,7 +239,7 @@ def test_v1_posterior_matches_its_config_and_reproduces_its_fit():
 
     got = evaluate_shipped_posterior(V1_CONFIG, prior, ROOT / cfg["posterior_checkpoint"], seed=rec["seed"],
                                      n=rec["n"], noise_sigma=rec["noise_sigma"])
-    assert got["chi2_nu_median"] == pytest.approx(rec["chi2_nu_median"], rel=1e-3)
+    assert got["chi2_nu_median"] == pytest.approx(rec["chi2_nu_median"], **CHI2_TOL)
     assert got["mean_log_r"] == pytest.approx(rec["mean_log_r"], **LOG_R_TOL)
 
 
@@ -271,7 +277,7 @@ def test_check_posterior_draws_the_same_observations_as_the_v1_record():
                           noise_sigma=rec["noise_sigma"])
     per = got["per_observation"]
     assert all(len(v) == 2 for v in per.values())
-    assert per["chi2_nu"][0] == pytest.approx(rec["chi2_nu_median"], rel=1e-3)
+    assert per["chi2_nu"][0] == pytest.approx(rec["chi2_nu_median"], **CHI2_TOL)
     assert per["chi2_nu"][0] != pytest.approx(per["chi2_nu"][1], rel=1e-3)  # a second, different observation
     assert np.isfinite([per["elbo"], per["chi2_arc_nu"], per["std"]]).all()
     # the truths' own fit, the level exact posterior samples would reach: chi2_nu over 1024 pixels is
