@@ -180,7 +180,7 @@ def gaussian_mixture_em(z: torch.Tensor, components: int, *, iters: int = 200, t
                         reg: float = 1e-3, seed: int = 0):
     """Maximum-likelihood C-component Gaussian mixture with full covariances on the rows of z (n, r) by EM,
     started from k-means++ seeds (``seed``), each covariance plus ``reg`` I, stopped when the mean log
-    likelihood per row gains less than ``tol`` nats. A component left with fewer than r + 1 rows' worth of
+    likelihood per row gains less than ``tol`` nats. A component left with less than one row's worth of
     responsibility is dropped. Returns weights (C',), means (C', r), Cholesky factors of the covariances
     (C', r, r) and the rows' responsibilities (n, C'), C' <= C the components kept."""
     z = torch.as_tensor(z, dtype=torch.float64)
@@ -196,7 +196,7 @@ def gaussian_mixture_em(z: torch.Tensor, components: int, *, iters: int = 200, t
     prev = -math.inf
     for _ in range(iters):
         nk = resp.sum(0)
-        keep = nk >= min(r + 1, float(nk.max()))          # a component with too few rows for a covariance goes
+        keep = nk >= min(1.0, float(nk.max()))            # a component left without rows goes
         resp, nk = resp[:, keep], nk[keep]
         weights, means = nk / nk.sum(), resp.T @ z / nk[:, None]
         diff = z[None] - means[:, None]                                                  # (C, n, r)
