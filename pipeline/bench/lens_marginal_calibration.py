@@ -2,12 +2,12 @@
 
 For every observation in a directory (the pipeline's simulated sets: the lens is in the file's keywords and
 is read only to score the result) this infers the free parameters of the configured lens prior by tempered
-SMC (:func:`pipeline.lensing.lens_smc.tempered_smc`; with ``--runs`` R, R independent runs pooled by their
-evidence, :func:`pipeline.lensing.lens_smc.pool_runs`) on p(theta) p(y | theta), where p(y | theta) is the exact
-evidence under a rank-r Gaussian fitted to the prior's training galaxies, optionally a mixture over their
-amplitudes and shapes (:class:`pipeline.lensing.lens_marginal.GaussianSourceEvidence`). It then scores ``--samples`` of each
-observation's particles against the true lens with :func:`pipeline.metrics.lens_calibration.lens_calibration`
-(per-parameter coverage and bias against the exact sampler's bands, TARP), phi unwrapped around each
+SMC (:func:`pipeline.lensing.lens_smc.tempered_smc`; with ``--runs`` R, R independent runs pooled by
+their evidence, :func:`pipeline.lensing.lens_smc.pool_runs`) on p(theta) p(y | theta), where p(y | theta) is
+the exact evidence under a rank-r Gaussian fitted to the prior's training galaxies, optionally a mixture over
+their amplitudes and shapes (:class:`pipeline.lensing.lens_marginal.GaussianSourceEvidence`). It then scores
+``--samples`` of each observation's particles against the true lens with
+:func:`pipeline.metrics.lens_calibration.lens_calibration` (per-parameter coverage and bias against the exact sampler's bands, TARP), phi unwrapped around each
 observation's circular mean. Per observation it records log Z, the SMC's stages, acceptance and evaluations,
 the seconds spent, and at the true lens and at the particles' mean lens both log p(y | theta) and chi2_nu
 of the Gaussian source's posterior mean imaged through that lens (how well the rank-r source fits the data
@@ -214,8 +214,9 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if bool(args.prior) != bool(args.posterior):
         ap.error("--prior and --posterior go together")
-    if args.runs < 1:
-        ap.error(f"--runs must be >= 1, got {args.runs}")
+    for flag in ("runs", "amplitudes", "shapes"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     configure_threads()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     lcfg, pcfg = load_lensing_config(args.config), load_section(args.config, "prior", PriorConfig)
